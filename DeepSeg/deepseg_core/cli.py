@@ -1,0 +1,172 @@
+"""The ``deepseg`` command line (also ``python -m deepseg_core``).
+
+Exit codes: 0 success, 2 bad input or usage, 3 model problem, 130 cancelled.
+Human-readable results go to stdout; diagnostics go through :mod:`logging` to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import DeepSegError
+
+EXIT_OK, EXIT_INPUT, EXIT_MODEL, EXIT_CANCELLED = 0, 2, 3, 130
+log = logging.getLogger("deepseg")
+
+
+def _finite(data: object) -> object:
+    """Replace inf/nan by strings so the output is strict JSON."""
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    if isinstance(data, float) and not math.isfinite(data):
+        return str(data)
+    return data
+
+
+def _print_json(data: object) -> None:
+    print(json.dumps(_finite(data), indent=2))
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from . import io
+
+    volume = io.read_image(args.image)
+    array = volume.array_zyx
+    _print_json(
+        {
+            "path": str(args.image),
+            "shape_zyx": list(volume.shape_zyx),
+            "spacing_xyz_mm": list(volume.spacing_xyz_mm),
+            "origin_lps": list(volume.origin_lps),
+            "direction_lps": volume.direction_lps.round(6).tolist(),
+            "dtype": str(array.dtype),
+            "intensity": {"min": float(array.min()), "max": float(array.max()), "mean": float(array.mean())},
+        }
+    )
+    return EXIT_OK
+
+
+def _phantom_segments() -> list:
+    from .io import SegmentInfo
+    from .phantoms import PHANTOM_LABELS
+
+    return [
+        SegmentInfo(
+            name=lab["name"],
+            label_value=lab["value"],
+            color_rgb=lab["color"],
+            terminology={
+                "contextName": "Segmentation category and type - 3D Slicer General Anatomy list",
+                "category": ["SCT", "123037004", "Anatomical Structure"]
+                if not lab["thing"]
+                else ["SCT", "49755003", "Morphologically Altered Structure"],
+                "type": [lab["code"]["scheme"], lab["code"]["value"], lab["code"]["meaning"]],
+            },
+        )
+        for lab in PHANTOM_LABELS
+    ]
+
+
+def cmd_phantom(args: argparse.Namespace) -> int:
+    from . import io, phantoms
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i in range(args.count):
+        seed = args.seed + i
+        case = phantoms.generate_phantom(
+            seed=seed, profile=args.profile, shape_zyx=tuple(args.shape), spacing_xyz_mm=tuple(args.spacing)
+        )
+        stem = f"phantom_{args.profile}_{seed:04d}"
+        io.write_image(case.image, out / f"{stem}.nrrd")
+        io.write_segmentation(out / f"{stem}.seg.nrrd", case.labels, _phantom_segments())
+        written.append({"case": stem, "lesions": len(case.lesion_radii_mm)})
+    _print_json({"output": str(out), "cases": written})
+    return EXIT_OK
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from . import io, metrics
+
+    pred, ref = io.read_segmentation(args.prediction), io.read_segmentation(args.reference)
+    if not pred.grid.same_grid(ref.grid):
+        raise DeepSegError(
+            "the two segmentations are on different grids",
+            expected=f"shape {ref.grid.shape_zyx} with the reference's geometry",
+            found=f"shape {pred.grid.shape_zyx}",
+            hint="Resample the prediction onto the reference image first.",
+        )
+    spacing = ref.grid.spacing_zyx_mm
+    result = {}
+    for seg in ref.segments:
+        pred_mask = pred.mask(seg.name) if seg.name in {s.name for s in pred.segments} else None
+        if pred_mask is None:
+            log.warning("segment %r is missing from the prediction; scored as empty", seg.name)
+            pred_mask = ref.mask(seg.name) & False
+        result[seg.name] = metrics.compute_all(pred_mask, ref.mask(seg.name), spacing, args.tolerance_mm).as_dict()
+    _print_json(result)
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    summary = run_demo(Path(args.output))
+    print(summary.as_text())
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deepseg", description="Deep-learning segmentation of CT and MR volumes.")
+    parser.add_argument("--version", action="version", version=f"deepseg {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="show an image's geometry and intensity range")
+    p.add_argument("image", help="NRRD / NIfTI / MHA file or DICOM folder")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("phantom", help="generate synthetic cases with ground truth")
+    p.add_argument("--output", required=True, help="folder to write <case>.nrrd and <case>.seg.nrrd into")
+    p.add_argument("--profile", default="ct-A", help="scanner profile (ct-A, ct-B, ct-C, mr-A, mr-B, mr-C)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--shape", type=int, nargs=3, default=(40, 96, 96), metavar=("Z", "Y", "X"))
+    p.add_argument("--spacing", type=float, nargs=3, default=(1.5, 1.5, 2.5), metavar=("X_MM", "Y_MM", "Z_MM"))
+    p.set_defaults(func=cmd_phantom)
+
+    p = sub.add_parser("compare", help="metrics of a predicted .seg.nrrd against a reference .seg.nrrd")
+    p.add_argument("prediction")
+    p.add_argument("reference")
+    p.add_argument("--tolerance-mm", type=float, default=2.0, help="surface Dice tolerance")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("demo", help="the README's main job on the bundled sample")
+    p.add_argument("--output", default="deepseg_demo", help="folder for the results")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except DeepSegError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("cancelled", file=sys.stderr)
+        return EXIT_CANCELLED

@@ -1,0 +1,46 @@
+"""Network registry: ``build_net(name, config)`` rebuilds any DeepSeg network from plain data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import from_dict
+from ..errors import ConfigError
+from .unet import UNet, UNetConfig, pad_to_divisor, unet_config
+
+#: name -> (config class, network class). Model cards store the name and the config dict.
+NET_REGISTRY: dict[str, tuple[type, type[nn.Module]]] = {"unet": (UNetConfig, UNet)}
+
+
+def build_net(name: str, config: dict[str, Any] | UNetConfig, seed: int | None = None) -> nn.Module:
+    """Build network ``name`` from its config (dataclass or dict as stored in a model card).
+
+    Args:
+        name: registry name; the error lists the valid ones.
+        config: the architecture config.
+        seed: when given, weights are initialised from this seed without disturbing the global
+            random state, so two builds with one seed are identical.
+    """
+    try:
+        config_cls, net_cls = NET_REGISTRY[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown network architecture {name!r}", expected=f"one of {sorted(NET_REGISTRY)}", found=name
+        ) from None
+    cfg = config if isinstance(config, config_cls) else from_dict(config_cls, dict(config))  # type: ignore[arg-type]
+    if seed is None:
+        return net_cls(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return net_cls(cfg)
+
+
+def count_parameters(net: nn.Module, trainable_only: bool = True) -> int:
+    """Number of (trainable) parameters."""
+    return sum(p.numel() for p in net.parameters() if p.requires_grad or not trainable_only)
+
+
+__all__ = ["NET_REGISTRY", "UNet", "UNetConfig", "build_net", "count_parameters", "pad_to_divisor", "unet_config"]

@@ -1,0 +1,1 @@
+"""Slicer glue for DeepSegTraining: runs training subprocesses and reads their events."""

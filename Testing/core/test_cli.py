@@ -1,0 +1,61 @@
+"""The ``deepseg`` command line: real runs in subprocesses and in-process, exit codes, messages."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from deepseg_core import io
+from deepseg_core.cli import EXIT_INPUT, EXIT_OK, main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "deepseg_core", *args], capture_output=True, text=True, cwd=REPO / "DeepSeg")
+
+
+def test_demo_writes_volume_segmentation_preview_and_summary(tmp_path):
+    result = run_cli("demo", "--output", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "liver lesion" in result.stdout and "ml" in result.stdout
+    seg = io.read_segmentation(tmp_path / "sample_ct.seg.nrrd")
+    image = io.read_image(tmp_path / "sample_ct.nrrd")
+    assert seg.grid.same_grid(image)
+    assert [s.name for s in seg.segments] == ["liver", "liver lesion"]
+    assert (tmp_path / "sample_ct_preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_phantom_and_compare(tmp_path, capsys):
+    assert main(["phantom", "--output", str(tmp_path), "--count", "2", "--shape", "16", "40", "40", "--seed", "3"]) == EXIT_OK
+    capsys.readouterr()
+    a, b = tmp_path / "phantom_ct-A_0003.seg.nrrd", tmp_path / "phantom_ct-A_0004.seg.nrrd"
+    assert main(["compare", str(a), str(a)]) == EXIT_OK
+    same = json.loads(capsys.readouterr().out)
+    assert same["liver"]["dice"] == 1.0 and same["liver lesion"]["hd95_mm"] == 0.0
+    assert main(["compare", str(a), str(b)]) == EXIT_OK
+    other = json.loads(capsys.readouterr().out)
+    assert 0.0 < other["liver"]["dice"] < 1.0
+
+
+def test_info_reports_geometry(tmp_path, capsys):
+    volume = io.Volume(np.zeros((3, 4, 5), np.int16), spacing_xyz_mm=(0.5, 0.6, 2.0), origin_lps=(1, 2, 3))
+    path = io.write_image(volume, tmp_path / "v.nrrd")
+    assert main(["info", str(path)]) == EXIT_OK
+    info = json.loads(capsys.readouterr().out)
+    assert info["shape_zyx"] == [3, 4, 5] and info["spacing_xyz_mm"] == [0.5, 0.6, 2.0]
+
+
+def test_bad_input_exits_2_with_one_clear_message(tmp_path):
+    result = run_cli("info", str(tmp_path / "missing.nrrd"))
+    assert result.returncode == EXIT_INPUT
+    assert (
+        result.stderr.strip()
+        == f"error: {tmp_path / 'missing.nrrd'}: file not found. Check the path; DeepSeg never downloads inputs."
+    )
+    result = run_cli("phantom", "--output", str(tmp_path), "--profile", "nope")
+    assert result.returncode == EXIT_INPUT and "one of ['ct-A'" in result.stderr

@@ -1,0 +1,285 @@
+"""Image and segmentation I/O through SimpleITK and slicerio: exact geometry, clear errors."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from deepseg_core import io
+from deepseg_core.errors import DeepSegError, ImageError
+from deepseg_core.io import SegmentInfo, Volume
+
+
+def oblique_direction(angle_deg: float = 20.0) -> np.ndarray:
+    a = np.deg2rad(angle_deg)
+    rot_z = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rot_x = np.array([[1, 0, 0], [0, np.cos(a / 2), -np.sin(a / 2)], [0, np.sin(a / 2), np.cos(a / 2)]])
+    return rot_z @ rot_x
+
+
+def sample_volume(dtype=np.float32) -> Volume:
+    rng = np.random.default_rng(0)
+    return Volume(
+        array_zyx=(rng.normal(size=(5, 6, 7)) * 100).astype(dtype),
+        spacing_xyz_mm=(0.7, 0.9, 2.5),
+        origin_lps=(-12.5, 30.25, 101.0),
+        direction_lps=oblique_direction(),
+    )
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".nii.gz", ".nii", ".mha"])
+def test_round_trip_preserves_voxels_and_geometry(tmp_path, suffix):
+    volume = sample_volume()
+    path = io.write_image(volume, tmp_path / f"img{suffix}")
+    back = io.read_image(path)
+    np.testing.assert_array_equal(back.array_zyx, volume.array_zyx)
+    # NIfTI stores geometry as float32 qform/sform; the others as text / double
+    tolerance = 1e-4 if suffix.startswith(".nii") else 1e-9
+    np.testing.assert_allclose(back.ijk_to_lps(), volume.ijk_to_lps(), atol=tolerance)
+    assert back.same_grid(volume)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind
+
+
+def test_ras_is_lps_with_x_and_y_negated():
+    volume = sample_volume()
+    lps, ras = volume.ijk_to_lps(), volume.ijk_to_ras()
+    np.testing.assert_allclose(ras[:2], -lps[:2])
+    np.testing.assert_allclose(ras[2:], lps[2:])
+    # voxel (i, j, k) = (x, y, z) index into array_zyx[k, j, i]
+    point = volume.ijk_to_lps() @ np.array([1, 2, 3, 1])
+    expected = np.array(volume.origin_lps) + volume.direction_lps @ (np.array([1, 2, 3]) * np.array(volume.spacing_xyz_mm))
+    np.testing.assert_allclose(point[:3], expected)
+    image = volume.to_sitk()
+    np.testing.assert_allclose(image.TransformIndexToPhysicalPoint((1, 2, 3)), expected)
+
+
+def write_dicom_series(volume: Volume, folder: Path, series_uid: str = "1.2.826.0.1.3680043.2.1125.1") -> None:
+    """A real CT DICOM series written by SimpleITK/GDCM, one file per slice."""
+    folder.mkdir()
+    image = sitk.Cast(volume.to_sitk(), sitk.sitkInt16)
+    direction = image.GetDirection()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(image.GetDepth()):
+        slice_k = image[:, :, k]
+        tags = {
+            "0008|0060": "CT",
+            "0020|000d": "1.2.826.0.1.3680043.2.1125.2",
+            "0020|000e": series_uid,
+            "0020|0013": str(k + 1),
+            "0020|0032": "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
+            "0020|0037": "\\".join(
+                f"{v:.6f}" for v in (direction[0], direction[3], direction[6], direction[1], direction[4], direction[7])
+            ),
+            "0018|0050": f"{volume.spacing_xyz_mm[2]:.6f}",
+            "0008|0018": f"{series_uid}.{k + 1}",
+        }
+        for tag, value in tags.items():
+            slice_k.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(slice_k)
+
+
+def test_dicom_series_folder(tmp_path):
+    volume = sample_volume(np.int16)
+    write_dicom_series(volume, tmp_path / "dicom")
+    back = io.read_image(tmp_path / "dicom")
+    np.testing.assert_array_equal(back.array_zyx, volume.array_zyx)
+    np.testing.assert_allclose(back.ijk_to_lps(), volume.ijk_to_lps(), atol=1e-4)
+
+
+def test_dicom_folder_with_two_series_asks_which(tmp_path):
+    volume = sample_volume(np.int16)
+    write_dicom_series(volume, tmp_path / "dicom", series_uid="1.2.3.4")
+    write_dicom_series(volume, tmp_path / "other", series_uid="1.2.3.5")
+    for f in (tmp_path / "other").iterdir():
+        f.rename(tmp_path / "dicom" / f"b_{f.name}")
+    with pytest.raises(ImageError, match="several DICOM series.*1.2.3.4.*--series-uid"):
+        io.read_image(tmp_path / "dicom")
+    assert io.read_image(tmp_path / "dicom", series_uid="1.2.3.5").shape_zyx == volume.shape_zyx
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ImageError, match=r"missing\.nrrd: file not found"):
+        io.read_image(tmp_path / "missing.nrrd")
+
+
+def test_corrupt_file(tmp_path):
+    path = tmp_path / "junk.nrrd"
+    path.write_bytes(os.urandom(256))
+    with pytest.raises(ImageError, match="junk.nrrd: cannot be read as an image"):
+        io.read_image(path)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
+def test_truncated_file(tmp_path, suffix):
+    """ITK itself zero-fills a truncated NIfTI silently; DeepSeg must refuse it."""
+    path = io.write_image(sample_volume(), tmp_path / f"img{suffix}")
+    if suffix == ".nii.gz":
+        data = gzip.decompress(path.read_bytes())
+        path.write_bytes(gzip.compress(data[: len(data) // 2]))
+    else:
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) - 100])
+    with pytest.raises(ImageError, match=f"img{suffix}: (is truncated|cannot be read as an image)"):
+        io.read_image(path)
+
+
+def test_cut_gzip_stream(tmp_path):
+    path = io.write_image(sample_volume(), tmp_path / "img.nii.gz")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match="img.nii.gz: cannot be read as an image"):
+        io.read_image(path)
+
+
+def test_4d_image_is_refused_with_advice(tmp_path):
+    path = tmp_path / "series.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((2, 3, 4, 5), np.float32), isVector=False), str(path))
+    with pytest.raises(ImageError, match="4D image.*one 3D file per channel"):
+        io.read_image(path)
+
+
+def test_2d_image_is_refused(tmp_path):
+    path = tmp_path / "slice.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 4), np.float32)), str(path))
+    with pytest.raises(ImageError, match="2D image"):
+        io.read_image(path)
+
+
+def test_vector_image_is_refused(tmp_path):
+    path = tmp_path / "rgb.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 4, 5, 3), np.uint8), isVector=True), str(path))
+    with pytest.raises(ImageError, match="3 components per voxel"):
+        io.read_image(path)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_voxels_are_refused(tmp_path, bad):
+    array = np.zeros((3, 4, 5), np.float32)
+    array[1, 2, 3] = bad
+    path = tmp_path / "nan.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    with pytest.raises(ImageError, match="NaN or Inf.*1 non-finite voxel"):
+        io.read_image(path)
+
+
+def test_zero_sized_axis_is_refused(tmp_path):
+    path = tmp_path / "empty.mha"
+    path.write_text("ObjectType = Image\nNDims = 3\nDimSize = 4 0 4\nElementType = MET_FLOAT\nElementDataFile = LOCAL\n")
+    with pytest.raises(ImageError, match="empty.mha: has a zero-sized axis"):
+        io.read_image(path)
+
+
+def test_sheared_direction_is_refused(tmp_path):
+    import nrrd
+
+    path = tmp_path / "sheared.nrrd"
+    directions = np.array([[1.0, 0, 0], [0.5, 1.0, 0], [0, 0, 1.0]])
+    nrrd.write(
+        str(path),
+        np.zeros((4, 4, 4), np.float32),
+        {"space": "left-posterior-superior", "space directions": directions, "space origin": np.zeros(3)},
+    )
+    with pytest.raises(ImageError, match="non-orthogonal"):
+        io.read_image(path)
+
+
+def test_write_errors_leave_nothing_behind(tmp_path):
+    with pytest.raises(DeepSegError, match="output folder does not exist"):
+        io.write_image(sample_volume(), tmp_path / "nope" / "x.nrrd")
+    with pytest.raises(ImageError, match="unsupported output file type"):
+        io.write_image(sample_volume(), tmp_path / "x.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores folder permissions")
+def test_read_only_folder(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    with pytest.raises(DeepSegError, match="not writable"):
+        io.write_image(sample_volume(), folder / "x.nrrd")
+
+
+def test_failed_write_keeps_the_existing_file(tmp_path):
+    good = io.write_image(sample_volume(), tmp_path / "x.nrrd")
+    before = good.read_bytes()
+    bad = sample_volume().with_array(np.full((5, 6, 7), np.nan, np.float32))
+    with pytest.raises(ImageError, match="NaN"):
+        io.write_image(bad, good)
+    assert good.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["x.nrrd"]
+
+
+SEGMENTS = (
+    SegmentInfo(
+        "liver",
+        1,
+        (0.87, 0.51, 0.4),
+        {
+            "contextName": "Segmentation category and type - 3D Slicer General Anatomy list",
+            "category": ["SCT", "123037004", "Anatomical Structure"],
+            "type": ["SCT", "10200004", "Liver"],
+        },
+    ),
+    SegmentInfo("liver lesion", 2, (0.56, 0.93, 0.56)),
+)
+
+
+def test_seg_nrrd_round_trip(tmp_path):
+    volume = sample_volume()
+    labels = np.zeros(volume.shape_zyx, np.uint8)
+    labels[1:4, 2:5, 1:6] = 1
+    labels[2, 3, 3] = 2
+    path = io.write_segmentation(tmp_path / "out.seg.nrrd", volume.with_array(labels), SEGMENTS)
+    seg = io.read_segmentation(path)
+    assert [s.name for s in seg.segments] == ["liver", "liver lesion"]
+    assert seg.segment("liver").label_value == 1
+    assert seg.segment("liver").color_rgb == pytest.approx((0.87, 0.51, 0.4))
+    assert seg.segment("liver").terminology["type"] == ["SCT", "10200004", "Liver"]
+    np.testing.assert_array_equal(seg.to_labelmap().array_zyx, labels)
+    np.testing.assert_array_equal(seg.mask("liver lesion"), labels == 2)
+    np.testing.assert_allclose(seg.grid.ijk_to_lps(), volume.ijk_to_lps(), atol=1e-9)
+    header = path.read_bytes()[:4000].decode("latin-1")
+    assert "Segment0_Name:=liver" in header and "Segment1_LabelValue:=2" in header
+    assert "Segment0_Extent:=1 5 2 4 1 3" in header  # i (x), j (y), k (z) ranges
+
+
+def test_seg_nrrd_overlapping_segments_in_layers(tmp_path):
+    volume = sample_volume()
+    layers = np.zeros((2, *volume.shape_zyx), np.uint8)
+    layers[0, 1:4] = 1
+    layers[1, 2:5] = 1
+    segments = (SegmentInfo("a", 1, layer=0), SegmentInfo("b", 1, layer=1))
+    path = io.write_segmentation(tmp_path / "ov.seg.nrrd", volume.with_array(layers), segments)
+    seg = io.read_segmentation(path)
+    np.testing.assert_array_equal(seg.mask("a"), layers[0] == 1)
+    np.testing.assert_array_equal(seg.mask("b"), layers[1] == 1)
+    with pytest.raises(ImageError, match="overlaps"):
+        seg.to_labelmap()
+
+
+def test_seg_nrrd_bad_segments_refused(tmp_path):
+    volume = sample_volume()
+    labels = volume.with_array(np.zeros(volume.shape_zyx, np.uint8))
+    with pytest.raises(ImageError, match="duplicate segment names"):
+        io.write_segmentation(tmp_path / "d.seg.nrrd", labels, (SegmentInfo("a", 1), SegmentInfo("a", 2)))
+    with pytest.raises(ImageError, match="invalid layer"):
+        io.write_segmentation(tmp_path / "d.seg.nrrd", labels, (SegmentInfo("a", 1, layer=1),))
+    with pytest.raises(ImageError, match="integer voxels"):
+        io.write_segmentation(tmp_path / "d.seg.nrrd", volume, SEGMENTS)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_corrupt_seg_nrrd(tmp_path):
+    path = tmp_path / "bad.seg.nrrd"
+    path.write_text("NRRD0004\ntype: what\n")
+    with pytest.raises(ImageError, match="bad.seg.nrrd: cannot be read as a Slicer segmentation"):
+        io.read_segmentation(path)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import DeepSegError
+from .model_card import ModelError
 
 EXIT_OK, EXIT_INPUT, EXIT_MODEL, EXIT_CANCELLED = 0, 2, 3, 130
 log = logging.getLogger("deepseg")
@@ -55,27 +56,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _phantom_segments() -> list:
-    from .io import SegmentInfo
-    from .phantoms import PHANTOM_LABELS
-
-    return [
-        SegmentInfo(
-            name=lab["name"],
-            label_value=lab["value"],
-            color_rgb=lab["color"],
-            terminology={
-                "contextName": "Segmentation category and type - 3D Slicer General Anatomy list",
-                "category": ["SCT", "123037004", "Anatomical Structure"]
-                if not lab["thing"]
-                else ["SCT", "49755003", "Morphologically Altered Structure"],
-                "type": [lab["code"]["scheme"], lab["code"]["value"], lab["code"]["meaning"]],
-            },
-        )
-        for lab in PHANTOM_LABELS
-    ]
-
-
 def cmd_phantom(args: argparse.Namespace) -> int:
     from . import io, phantoms
 
@@ -89,7 +69,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
         )
         stem = f"phantom_{args.profile}_{seed:04d}"
         io.write_image(case.image, out / f"{stem}.nrrd")
-        io.write_segmentation(out / f"{stem}.seg.nrrd", case.labels, _phantom_segments())
+        io.write_segmentation(out / f"{stem}.seg.nrrd", case.labels, [lab.segment_info() for lab in phantoms.PHANTOM_LABELS])
         written.append({"case": stem, "lesions": len(case.lesion_radii_mm)})
     _print_json({"output": str(out), "cases": written})
     return EXIT_OK
@@ -121,8 +101,67 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    summary = run_demo(Path(args.output))
+    summary = run_demo(Path(args.output), device=args.device)
     print(summary.as_text())
+    return EXIT_OK
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from .cli_segment import run_segment
+    from .events import EventSink
+
+    ok, failed = run_segment(args, EventSink(json_mode=args.json))
+    if failed:
+        print(f"{failed} of {ok + failed} case(s) failed; see the messages above", file=sys.stderr)
+        return EXIT_INPUT
+    return EXIT_OK
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .model_store import ModelStore, bundled_models, read_model_folder, resolve_model
+
+    store = ModelStore(args.models_dir)
+    if args.action == "list":
+        rows = store.list()
+        stored = {r["name"] for r in rows}
+        for name, folder in bundled_models().items():
+            if name not in stored:
+                card = read_model_folder(folder)
+                rows.append(
+                    {
+                        "name": name,
+                        "version": card.version,
+                        "parent_version": card.parent_version,
+                        "active": True,
+                        "created": card.created,
+                        "labels": [lab.name for lab in card.labels],
+                        "description": card.description,
+                        "bundled": True,
+                    }
+                )
+        if args.json:
+            _print_json(rows)
+        else:
+            print(f"store: {store.root}")
+            for row in rows:
+                flag = "*" if row["active"] else " "
+                origin = " (bundled)" if row.get("bundled") else ""
+                print(f" {flag} {row['name']}:{row['version']}{origin}  parent={row['parent_version']}  labels={row['labels']}")
+        return EXIT_OK
+    if args.action == "show":
+        card = read_model_folder(resolve_model(args.ref, store))
+        _print_json(card.to_json_dict())
+        return EXIT_OK
+    if args.action == "import":
+        card = store.import_folder(args.ref, activate=not args.no_activate)
+        print(f"imported {card.ref} into {store.root}")
+        return EXIT_OK
+    if args.action == "activate":
+        version = store.activate(args.ref)
+        print(f"{args.ref.split(':')[0]}: active version is now {version}")
+        return EXIT_OK
+    version = store.rollback(args.ref)
+    print(f"{args.ref}: rolled back to version {version}")
     return EXIT_OK
 
 
@@ -151,22 +190,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance-mm", type=float, default=2.0, help="surface Dice tolerance")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("demo", help="the README's main job on the bundled sample")
+    p = sub.add_parser("demo", help="the README's main job: segment the bundled sample with the bundled model")
     p.add_argument("--output", default="deepseg_demo", help="folder for the results")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=cmd_demo)
+
+    from .cli_segment import add_segment_parser
+
+    add_segment_parser(sub)
+    sub.choices["segment"].set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("models", help="the versioned model store: list, show, import, activate, rollback")
+    p.add_argument("action", choices=["list", "show", "import", "activate", "rollback"])
+    p.add_argument("ref", nargs="?", help="NAME[:VERSION] (show, activate), a model FOLDER (import), NAME (rollback)")
+    p.add_argument("--models-dir", default=None, help="model store folder (default $DEEPSEG_MODELS or ~/.deepseg/models)")
+    p.add_argument("--no-activate", action="store_true", help="import without making it the active version")
+    p.add_argument("--json", action="store_true", help="machine-readable output (list)")
+    p.set_defaults(func=cmd_models)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
+    import signal
+
+    from .inference.sliding_window import Cancelled
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "func", None) is cmd_models and args.action != "list" and not args.ref:
+        parser.error(f"models {args.action} needs a NAME[:VERSION] or FOLDER argument")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    def terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)  # the Slicer module's Cancel terminates us
     try:
         return int(args.func(args))
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_MODEL
+    except (Cancelled, KeyboardInterrupt):
+        print("cancelled: nothing was written for the unfinished case", file=sys.stderr)
+        return EXIT_CANCELLED
     except DeepSegError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INPUT
-    except KeyboardInterrupt:
-        print("cancelled", file=sys.stderr)
-        return EXIT_CANCELLED
+    finally:
+        signal.signal(signal.SIGTERM, previous)

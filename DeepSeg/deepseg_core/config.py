@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -69,7 +70,7 @@ def _coerce(hint: Any, value: Any) -> Any:
         if args and len(args) == len(value):
             return tuple(_coerce(a, v) for a, v in zip(args, value, strict=True))
         return tuple(value)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         for arg in args:
             if arg is type(None):
                 if value is None:
@@ -77,6 +78,8 @@ def _coerce(hint: Any, value: Any) -> Any:
                 continue
             if isinstance(value, (list, tuple)) and typing.get_origin(arg) is tuple:
                 return _coerce(arg, value)
+            if isinstance(value, dict) and dataclasses.is_dataclass(arg):
+                return from_dict(arg, value)  # type: ignore[arg-type]
         return value
     return value
 

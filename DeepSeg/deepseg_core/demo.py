@@ -1,20 +1,37 @@
-"""The README's main job: the sample case, its segmentation, a PNG preview and a summary."""
+"""The README's main job: segment the bundled sample with the bundled default model.
+
+Writes ``sample_ct.seg.nrrd`` (segments named and coloured from the model card, lesions as separate
+instances), ``sample_ct_preview.png`` (axial, coronal, sagittal slices with the overlay) and returns
+a summary: segments, voxels, millilitres, instances, and Dice against the phantom's ground truth.
+"""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-from scipy import ndimage
-
-from . import io, phantoms
+from . import io, metrics, phantoms
+from .inference import Segmenter, SegmentOptions
+from .outputs import write_segmentation_result
 from .preview import write_preview
 
-#: The bundled sample: a CT-like phantom from scanner profile A.
+BUNDLED = Path(__file__).with_name("bundled")
+SAMPLE_VOLUME = BUNDLED / "sample_ct.nrrd"
+SAMPLE_TRUTH = BUNDLED / "sample_ct_truth.seg.nrrd"
+DEFAULT_MODEL = BUNDLED / "models" / "phantom-liver"
+
+#: How the bundled sample was generated (scripts/train_default_model.py writes it).
 SAMPLE_SEED = 2026
 SAMPLE_SHAPE_ZYX = (48, 112, 112)
 SAMPLE_SPACING_XYZ_MM = (1.5, 1.5, 2.5)
+
+
+def sample_case() -> phantoms.Phantom:
+    """The deterministic phantom behind the bundled sample volume (CT, scanner profile A)."""
+    return phantoms.generate_phantom(
+        seed=SAMPLE_SEED, profile="ct-A", shape_zyx=SAMPLE_SHAPE_ZYX, spacing_xyz_mm=SAMPLE_SPACING_XYZ_MM, n_lesions=5
+    )
 
 
 @dataclass
@@ -22,51 +39,46 @@ class DemoSummary:
     """What the demo wrote and measured."""
 
     output: Path
+    model: str
+    device: str
+    seconds: float
     files: dict[str, Path]
     segments: list[dict] = field(default_factory=list)
 
     def as_text(self) -> str:
-        lines = [f"DeepSeg demo -> {self.output}"]
+        lines = [f"DeepSeg demo: model {self.model} on {self.device}, {self.seconds:.1f} s -> {self.output}"]
         lines += [f"  {kind:<13} {path}" for kind, path in self.files.items()]
-        lines.append(f"  {'segment':<14}{'voxels':>9}{'ml':>9}{'instances':>11}")
+        lines.append(f"  {'segment':<14}{'voxels':>9}{'ml':>9}{'instances':>11}{'Dice vs truth':>15}")
         for seg in self.segments:
-            lines.append(f"  {seg['name']:<14}{seg['voxels']:>9}{seg['ml']:>9.2f}{seg['instances']:>11}")
+            lines.append(f"  {seg['name']:<14}{seg['voxels']:>9}{seg['ml']:>9.2f}{seg['instances']:>11}{seg['dice']:>15.3f}")
         return "\n".join(lines)
 
 
-def sample_case() -> phantoms.Phantom:
-    """The deterministic sample case the demo and the self-tests use."""
-    return phantoms.generate_phantom(
-        seed=SAMPLE_SEED, profile="ct-A", shape_zyx=SAMPLE_SHAPE_ZYX, spacing_xyz_mm=SAMPLE_SPACING_XYZ_MM, n_lesions=5
-    )
-
-
-def run_demo(output: Path) -> DemoSummary:
-    """Write the sample volume, its segmentation (.seg.nrrd) and a PNG preview; summarise the segments."""
-    from .cli import _phantom_segments
-
+def run_demo(output: Path, device: str = "auto") -> DemoSummary:
+    """Segment the bundled sample with the bundled model; write .seg.nrrd + PNG; summarise."""
     output.mkdir(parents=True, exist_ok=True)
-    case = sample_case()
-    segments = _phantom_segments()
-    files = {
-        "volume": io.write_image(case.image, output / "sample_ct.nrrd"),
-        "segmentation": io.write_segmentation(output / "sample_ct.seg.nrrd", case.labels, segments),
-    }
-    colors = {s.label_value: s.color_rgb for s in segments}
-    files["preview"] = write_preview(
-        output / "sample_ct_preview.png", case.image, case.labels.array_zyx, colors, window=(-160, 240)
-    )
-    seg = io.read_segmentation(files["segmentation"])
-    summary = DemoSummary(output=output, files=files)
-    for info in seg.segments:
-        mask = seg.mask(info.name)
-        _, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    started = time.perf_counter()
+    segmenter = Segmenter.load(DEFAULT_MODEL, device=device)
+    image = io.read_image(SAMPLE_VOLUME)
+    result = segmenter.segment([image], SegmentOptions(instances=True, min_instance_mm3=20.0), subjects=[str(SAMPLE_VOLUME)])
+    seconds = time.perf_counter() - started
+    card = segmenter.card
+    files = {"segmentation": write_segmentation_result(output / "sample_ct.seg.nrrd", result)}
+    colors = {label.value: label.color for label in card.labels}
+    files["preview"] = write_preview(output / "sample_ct_preview.png", image, result.labels.array_zyx, colors, window=(-160, 240))
+    truth = io.read_segmentation(SAMPLE_TRUTH).to_labelmap().array_zyx
+    summary = DemoSummary(output=output, model=card.ref, device=str(segmenter.device), seconds=seconds, files=files)
+    labels = result.labels.array_zyx
+    for label in card.labels:
+        mask = labels == label.value
+        count = sum(1 for inst in result.instances if inst.label == label.value) if label.thing else int(mask.any())
         summary.segments.append(
             {
-                "name": info.name,
+                "name": label.name,
                 "voxels": int(mask.sum()),
-                "ml": float(mask.sum() * seg.grid.voxel_volume_ml),
-                "instances": int(count),
+                "ml": float(mask.sum() * image.voxel_volume_ml),
+                "instances": count,
+                "dice": metrics.dice(mask, truth == label.value),
             }
         )
     return summary

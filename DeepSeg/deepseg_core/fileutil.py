@@ -37,6 +37,20 @@ def check_writable_folder(path: Path) -> None:
         )
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(is_dir: bool = False) -> int:
+    """Permissions a newly created file (0o666) or folder (0o777) gets under the current umask.
+
+    ``tempfile`` creates private (0o600 / 0o700) files; results must get ordinary permissions.
+    """
+    return (0o777 if is_dir else 0o666) & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path`` with the same suffix; rename it over ``path`` on success.
@@ -50,6 +64,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -21,23 +21,19 @@ from scipy import ndimage
 
 from .errors import ConfigError
 from .io import Volume
+from .model_card import LabelSpec, TerminologyCode
 
 #: Label values, names, colours (Slicer's liver / lesion colours) and SNOMED CT codes of the phantom.
-PHANTOM_LABELS: tuple[dict, ...] = (
-    {
-        "value": 1,
-        "name": "liver",
-        "color": (221 / 255, 130 / 255, 101 / 255),
-        "code": {"scheme": "SCT", "value": "10200004", "meaning": "Liver"},
-        "thing": False,
-    },
-    {
-        "value": 2,
-        "name": "liver lesion",
-        "color": (144 / 255, 238 / 255, 144 / 255),
-        "code": {"scheme": "SCT", "value": "52988006", "meaning": "Lesion"},
-        "thing": True,
-    },
+PHANTOM_LABELS: tuple[LabelSpec, ...] = (
+    LabelSpec(1, "liver", (221 / 255, 130 / 255, 101 / 255), TerminologyCode("SCT", "10200004", "Liver")),
+    LabelSpec(
+        2,
+        "liver lesion",
+        (144 / 255, 238 / 255, 144 / 255),
+        TerminologyCode("SCT", "52988006", "Lesion"),
+        category=TerminologyCode("SCT", "49755003", "Morphologically Altered Structure"),
+        thing=True,
+    ),
 )
 ORGAN_LABEL = 1
 LESION_LABEL = 2

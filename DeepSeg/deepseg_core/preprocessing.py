@@ -1,14 +1,88 @@
-"""Turning volumes into network inputs.
+"""Turning volumes into network inputs: resampling, intensity normalisation, 2.5D stacking.
 
-Only the 2.5D slice stacking lives here so far; resampling and normalisation follow with the
-inference engine.
+All functions take and return arrays in ``(Z, Y, X)`` order (``(C, Z, Y, X)`` for several
+channels); physical geometry travels in :class:`~deepseg_core.io.Volume`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+import SimpleITK as sitk
 
 from .errors import ConfigError, ShapeError
+from .io import Volume
+from .model_card import Normalization
+
+#: Relative spacing difference below which no resampling is done (avoids needless interpolation).
+SPACING_TOLERANCE = 1e-3
+
+
+def needs_resampling(spacing_xyz_mm: Sequence[float], target_xyz_mm: Sequence[float]) -> bool:
+    """True when the spacings differ by more than :data:`SPACING_TOLERANCE` (relative) on any axis."""
+    return any(abs(s - t) > SPACING_TOLERANCE * t for s, t in zip(spacing_xyz_mm, target_xyz_mm, strict=True))
+
+
+def resample_to_spacing(volume: Volume, target_xyz_mm: Sequence[float], *, is_label: bool = False) -> Volume:
+    """Resample onto a grid with ``target_xyz_mm`` spacing, same origin and direction.
+
+    Images use linear interpolation, labels nearest neighbour. The new size covers the same
+    physical extent (rounded to whole voxels).
+    """
+    if not needs_resampling(volume.spacing_xyz_mm, target_xyz_mm):
+        return volume
+    size_xyz = volume.shape_zyx[::-1]
+    new_size = [max(1, int(round(n * s / t))) for n, s, t in zip(size_xyz, volume.spacing_xyz_mm, target_xyz_mm, strict=True)]
+    reference = sitk.Image(new_size, sitk.sitkUInt8)
+    reference.SetSpacing(tuple(float(t) for t in target_xyz_mm))
+    reference.SetOrigin(volume.origin_lps)
+    reference.SetDirection(tuple(volume.direction_lps.reshape(-1)))
+    return _resample(volume, reference, is_label)
+
+
+def resample_to_grid(volume: Volume, reference: Volume, *, is_label: bool = False) -> Volume:
+    """Resample ``volume`` onto ``reference``'s grid (shape, spacing, origin, direction)."""
+    if volume.same_grid(reference):
+        return volume
+    ref_image = sitk.Image(list(reference.shape_zyx[::-1]), sitk.sitkUInt8)
+    ref_image.SetSpacing(reference.spacing_xyz_mm)
+    ref_image.SetOrigin(reference.origin_lps)
+    ref_image.SetDirection(tuple(reference.direction_lps.reshape(-1)))
+    return _resample(volume, ref_image, is_label)
+
+
+def _resample(volume: Volume, reference: sitk.Image, is_label: bool) -> Volume:
+    source = volume.to_sitk()
+    interpolator = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
+    out_type = source.GetPixelID() if is_label else sitk.sitkFloat32
+    resampled = sitk.Resample(source, reference, sitk.Transform(), interpolator, 0.0, out_type)
+    return Volume.from_sitk(resampled)
+
+
+def normalize(array_zyx: np.ndarray, norm: Normalization) -> np.ndarray:
+    """Normalised float32 copy of ``array_zyx`` (see :class:`~deepseg_core.model_card.Normalization`)."""
+    data = np.asarray(array_zyx, dtype=np.float32)
+    if norm.scheme == "ct":
+        if norm.window is None or norm.mean is None or norm.std is None:
+            raise ConfigError("CT normalisation needs window, mean and std", found=str(norm))
+        out = np.clip(data, norm.window[0], norm.window[1])
+        out -= np.float32(norm.mean)
+        out /= np.float32(norm.std)
+        return out
+    if norm.scheme == "zscore":
+        floor = np.percentile(data, 1.0)
+        body = data[data > floor]
+        body = body if body.size > 0.05 * data.size else data.ravel()
+        return ((data - body.mean()) / max(float(body.std()), 1e-6)).astype(np.float32)
+    if norm.scheme == "percentile":
+        low_p, high_p = norm.percentiles or (0.5, 99.5)
+        low, high = np.percentile(data, [low_p, high_p])
+        clipped = np.clip(data, low, high)
+        return ((clipped - clipped.mean()) / max(float(clipped.std()), 1e-6)).astype(np.float32)
+    raise ConfigError(
+        f"unknown normalisation {norm.scheme!r}", expected="one of ['ct', 'zscore', 'percentile']", found=norm.scheme
+    )
 
 
 def stack_neighbour_slices(volume_czyx: np.ndarray, context_slices: int) -> np.ndarray:
@@ -30,6 +104,26 @@ def stack_neighbour_slices(volume_czyx: np.ndarray, context_slices: int) -> np.n
     offsets = np.arange(-half, half + 1)
     index = np.clip(np.arange(depth)[:, None] + offsets[None, :], 0, depth - 1)  # (Z, k)
     stacked = volume_czyx[:, index]  # (C, Z, k, Y, X)
-    return np.ascontiguousarray(
-        stacked.transpose(1, 2, 0, 3, 4).reshape(depth, context_slices * channels, *volume_czyx.shape[2:])
-    )
+    out_shape = (depth, context_slices * channels, *volume_czyx.shape[2:])
+    return np.ascontiguousarray(stacked.transpose(1, 2, 0, 3, 4).reshape(out_shape))
+
+
+def intensity_fingerprint(arrays: Sequence[np.ndarray], masks: Sequence[np.ndarray] | None = None) -> dict[str, float]:
+    """Mean, std and percentiles (0.5, 5, 50, 95, 99.5) of intensities, inside ``masks`` when given."""
+    samples = []
+    for i, array in enumerate(arrays):
+        values = array[masks[i]] if masks is not None else array.ravel()
+        if values.size > 200_000:
+            values = values[:: values.size // 200_000 + 1]
+        samples.append(values.astype(np.float64))
+    data = np.concatenate(samples) if samples else np.zeros(1)
+    p = np.percentile(data, [0.5, 5, 50, 95, 99.5])
+    return {
+        "mean": float(data.mean()),
+        "std": float(data.std()),
+        "p00_5": float(p[0]),
+        "p05": float(p[1]),
+        "p50": float(p[2]),
+        "p95": float(p[3]),
+        "p99_5": float(p[4]),
+    }

@@ -48,6 +48,7 @@ def render_overlay(
     colors: Mapping[int, Sequence[float]],
     window: tuple[float, float] | None = None,
     opacity: float = 0.45,
+    scale: int = 2,
 ) -> np.ndarray:
     """Axial, coronal and sagittal slices through the labelled region, side by side.
 
@@ -57,6 +58,7 @@ def render_overlay(
         colors: label value -> RGB in [0, 1].
         window: display window (low, high); default the 1st-99th intensity percentiles.
         opacity: label fill opacity.
+        scale: integer magnification of the picture (small volumes are hard to see at 1).
 
     Returns:
         ``(H, W, 3)`` uint8 picture; views are stretched to square millimetres.
@@ -86,7 +88,8 @@ def render_overlay(
         panels.append(_physical_aspect(rgb.astype(np.uint8), row_mm, col_mm))
     height = max(p.shape[0] for p in panels)
     padded = [np.pad(p, ((0, height - p.shape[0]), (0, 4), (0, 0))) for p in panels]
-    return np.concatenate(padded, axis=1)
+    picture = np.concatenate(padded, axis=1)
+    return np.repeat(np.repeat(picture, scale, axis=0), scale, axis=1)
 
 
 def write_preview(

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from deepseg_core import io
+from deepseg_core import demo, io
 from deepseg_core.cli import EXIT_INPUT, EXIT_OK, main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -19,15 +20,30 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "deepseg_core", *args], capture_output=True, text=True, cwd=REPO / "DeepSeg")
 
 
-def test_demo_writes_volume_segmentation_preview_and_summary(tmp_path):
-    result = run_cli("demo", "--output", str(tmp_path))
+def test_demo_segments_the_bundled_sample_with_the_bundled_model(tmp_path):
+    result = run_cli("demo", "--output", str(tmp_path), "--device", "cpu")
     assert result.returncode == 0, result.stderr
-    assert "liver lesion" in result.stdout and "ml" in result.stdout
+    assert "model phantom-liver:1" in result.stdout and "Dice vs truth" in result.stdout
     seg = io.read_segmentation(tmp_path / "sample_ct.seg.nrrd")
-    image = io.read_image(tmp_path / "sample_ct.nrrd")
+    image = io.read_image(demo.SAMPLE_VOLUME)
     assert seg.grid.same_grid(image)
-    assert [s.name for s in seg.segments] == ["liver", "liver lesion"]
+    names = [s.name for s in seg.segments]
+    assert names[0] == "liver" and len(names) >= 3 and all(n.startswith("liver lesion ") for n in names[1:])
     assert (tmp_path / "sample_ct_preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bundled_model_segments_the_sample_well():
+    """The shipped model must actually work: Dice against the sample's ground truth."""
+    summary = demo.run_demo(Path(tempfile.mkdtemp()), device="cpu")
+    dice = {seg["name"]: seg["dice"] for seg in summary.segments}
+    assert dice["liver"] > 0.9
+    assert dice["liver lesion"] > 0.6
+    lesions = next(seg for seg in summary.segments if seg["name"] == "liver lesion")
+    truth = io.read_segmentation(demo.SAMPLE_TRUTH)
+    from scipy import ndimage
+
+    _, true_count = ndimage.label(truth.mask("liver lesion"), structure=np.ones((3, 3, 3)))
+    assert abs(lesions["instances"] - true_count) <= 1
 
 
 def test_phantom_and_compare(tmp_path, capsys):

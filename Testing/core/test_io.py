@@ -283,3 +283,13 @@ def test_corrupt_seg_nrrd(tmp_path):
     path.write_text("NRRD0004\ntype: what\n")
     with pytest.raises(ImageError, match="bad.seg.nrrd: cannot be read as a Slicer segmentation"):
         io.read_segmentation(path)
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    """Atomic writes go through a private temporary file; the result must not stay private (0600)."""
+    import stat as stat_module
+
+    from deepseg_core.fileutil import default_mode
+
+    path = io.write_image(sample_volume(), tmp_path / "x.nrrd")
+    assert stat_module.S_IMODE(path.stat().st_mode) == default_mode()

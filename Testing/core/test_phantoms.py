@@ -106,7 +106,7 @@ def test_unknown_profile_lists_valid_names():
 def test_phantom_round_trips_through_files(tmp_path):
     p = phantoms.generate_phantom(seed=1, origin_lps=(10.0, -20.0, 5.0), **SMALL)
     image_path = io.write_image(p.image, tmp_path / "case.nii.gz")
-    segments = [io.SegmentInfo(lab["name"], lab["value"], lab["color"]) for lab in phantoms.PHANTOM_LABELS]
+    segments = [lab.segment_info() for lab in phantoms.PHANTOM_LABELS]
     seg_path = io.write_segmentation(tmp_path / "case.seg.nrrd", p.labels, segments)
     image, seg = io.read_image(image_path), io.read_segmentation(seg_path)
     np.testing.assert_array_equal(image.array_zyx, p.image.array_zyx)

@@ -1,0 +1,304 @@
+"""Model folders (``model.json`` + ``weights.safetensors``) and the versioned model store.
+
+Store layout (default ``~/.deepseg/models``, or ``$DEEPSEG_MODELS``, or ``--models-dir``)::
+
+    <root>/<name>/<version>/model.json
+    <root>/<name>/<version>/weights.safetensors
+    <root>/<name>/state.json          {"active": 3, "history": [1, 2, 3]}
+
+A version folder is written under a temporary name and renamed into place, and never written
+again: saving over an existing version is refused. ``history`` records activations, so
+``rollback`` returns to the version that was active before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .fileutil import atomic_write_text, default_mode
+from .model_card import ModelCard, ModelError
+
+CARD_FILE = "model.json"
+WEIGHTS_FILE = "weights.safetensors"
+STATE_FILE = "state.json"
+ENV_MODELS_DIR = "DEEPSEG_MODELS"
+#: Models shipped inside the package; found by name when the store does not hold that name.
+BUNDLED_MODELS = Path(__file__).with_name("bundled") / "models"
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_model_folder(folder: Path, card: ModelCard, net: nn.Module) -> ModelCard:
+    """Write ``net``'s weights and ``card`` (with the weights' checksum filled in) into a new folder.
+
+    Returns the card as written. Refuses an existing folder (versions are immutable).
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    if folder.exists():
+        raise ModelError("refusing to overwrite an existing model folder", subject=folder, hint="Model versions are immutable.")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
+        save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt", "model": card.name})
+        card = dataclasses.replace(card, weights_sha256=sha256_file(staging / WEIGHTS_FILE))
+        (staging / CARD_FILE).write_text(json.dumps(card.to_json_dict(), indent=2) + "\n", encoding="utf-8")
+        os.chmod(staging, default_mode(is_dir=True))
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return card
+
+
+def read_model_folder(folder: str | Path) -> ModelCard:
+    """Read and validate a model folder's card and check its weights' checksum (no weights loaded)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelError(
+            "model folder not found", subject=folder, hint="Give a model folder, or NAME[:VERSION] from `deepseg models list`."
+        )
+    card = ModelCard.read(folder / CARD_FILE)
+    weights = folder / WEIGHTS_FILE
+    if not weights.exists():
+        raise ModelError("weights file missing", subject=weights, expected=WEIGHTS_FILE)
+    actual = sha256_file(weights)
+    if actual != card.weights_sha256:
+        raise ModelError(
+            "weights checksum mismatch: the file is corrupt or was changed after the card was written",
+            subject=weights,
+            expected=f"sha256 {card.weights_sha256}",
+            found=f"sha256 {actual}",
+            hint="Re-import the model from its original folder.",
+        )
+    return card
+
+
+def load_network(
+    folder: str | Path, card: ModelCard | None = None, device: str | torch.device = "cpu"
+) -> tuple[ModelCard, nn.Module]:
+    """Card and network (eval mode, on ``device``) of a model folder. Never unpickles."""
+    from safetensors.torch import load_file
+
+    from .errors import ConfigError
+    from .nets import build_net
+
+    folder = Path(folder)
+    card = card or read_model_folder(folder)
+    try:
+        net = build_net(card.architecture.name, card.architecture.config)
+    except ConfigError as exc:
+        raise ModelError(f"cannot build the model's network: {exc}", subject=folder / CARD_FILE) from None
+    try:
+        state = load_file(str(folder / WEIGHTS_FILE), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types for a bad file
+        raise ModelError("weights file cannot be read as safetensors", subject=folder / WEIGHTS_FILE, found=str(exc)) from None
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or mismatched:
+        raise ModelError(
+            "weights do not fit the architecture in the card",
+            subject=folder,
+            found=f"missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {mismatched[:3]}",
+            hint="The card and weights.safetensors come from different models.",
+        )
+    net.load_state_dict(state, strict=True)
+    return card, net.to(device).eval()
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    """``"name"`` or ``"name:3"`` -> (name, version or None)."""
+    name, _, version = ref.partition(":")
+    if version and not version.isdigit():
+        raise ModelError(f"invalid model reference {ref!r}", expected="NAME or NAME:VERSION (VERSION a number)", found=ref)
+    return name, int(version) if version else None
+
+
+class ModelStore:
+    """Versioned models on disk (see module docstring)."""
+
+    def __init__(self, root: str | Path | None = None) -> None:
+        self.root = Path(root or os.environ.get(ENV_MODELS_DIR) or Path.home() / ".deepseg" / "models").expanduser()
+
+    # ---------------------------------------------------------------- queries
+    def names(self) -> list[str]:
+        """Model names in the store."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def versions(self, name: str) -> list[int]:
+        """Stored versions of ``name``, ascending."""
+        folder = self.root / name
+        if not folder.is_dir():
+            return []
+        return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+
+    def _state(self, name: str) -> dict:
+        path = self.root / name / STATE_FILE
+        if not path.exists():
+            versions = self.versions(name)
+            return {"active": versions[-1] if versions else None, "history": versions[-1:]}
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    def active_version(self, name: str) -> int | None:
+        """The version ``name`` resolves to without an explicit version."""
+        return self._state(name)["active"]
+
+    def folder(self, ref: str) -> Path:
+        """Folder of ``NAME[:VERSION]`` (active version when none is given)."""
+        name, version = parse_ref(ref)
+        if name not in self.names():
+            raise ModelError(
+                f"unknown model {name!r}",
+                subject=self.root,
+                expected=f"one of {self.names()}" if self.names() else "a model in the store",
+                found=name,
+                hint="Import it with `deepseg models import FOLDER`; DeepSeg never downloads models.",
+            )
+        version = version or self.active_version(name)
+        if version not in self.versions(name):
+            raise ModelError(
+                f"model {name!r} has no version {version}", expected=f"one of {self.versions(name)}", found=str(version)
+            )
+        return self.root / name / str(version)
+
+    def card(self, ref: str) -> ModelCard:
+        """Validated card (checksum checked) of ``NAME[:VERSION]``."""
+        return read_model_folder(self.folder(ref))
+
+    def list(self) -> list[dict]:
+        """One row per stored version: name, version, parent, active, created, description."""
+        rows = []
+        for name in self.names():
+            active = self.active_version(name)
+            for version in self.versions(name):
+                card = ModelCard.read(self.root / name / str(version) / CARD_FILE)
+                rows.append(
+                    {
+                        "name": name,
+                        "version": version,
+                        "parent_version": card.parent_version,
+                        "active": version == active,
+                        "created": card.created,
+                        "labels": [label.name for label in card.labels],
+                        "description": card.description,
+                    }
+                )
+        return rows
+
+    # ---------------------------------------------------------------- changes
+    def _write_state(self, name: str, state: dict) -> None:
+        atomic_write_text(self.root / name / STATE_FILE, json.dumps(state, indent=2) + "\n")
+
+    def add_version(self, card: ModelCard, net: nn.Module, activate: bool = False) -> ModelCard:
+        """Store ``net`` as the next version of ``card.name`` (parent = ``card.parent_version``)."""
+        existing = self.versions(card.name)
+        version = (existing[-1] + 1) if existing else 1
+        written = write_model_folder(self.root / card.name / str(version), dataclasses.replace(card, version=version), net)
+        if activate or len(existing) == 0:
+            self.activate(f"{card.name}:{version}")
+        return written
+
+    def import_folder(self, folder: str | Path, activate: bool = True) -> ModelCard:
+        """Copy a validated model folder into the store under its card's name and version."""
+        card = read_model_folder(folder)
+        target = self.root / card.name / str(card.version)
+        if target.exists():
+            if sha256_file(target / WEIGHTS_FILE) == card.weights_sha256:
+                return card
+            raise ModelError(
+                f"{card.ref} already exists in the store with different weights",
+                subject=target,
+                hint="Versions are immutable; give the new model another version number or name.",
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{card.version}.", dir=target.parent))
+        try:
+            for file in (CARD_FILE, WEIGHTS_FILE):
+                shutil.copy2(Path(folder) / file, staging / file)
+            os.chmod(staging, default_mode(is_dir=True))
+            os.replace(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        read_model_folder(target)
+        if activate:
+            self.activate(card.ref)
+        return card
+
+    def activate(self, ref: str) -> int:
+        """Make ``NAME:VERSION`` the active version; returns it."""
+        name, version = parse_ref(ref)
+        self.folder(ref)
+        if version is None:
+            raise ModelError("activate needs an explicit version", expected="NAME:VERSION", found=ref)
+        state = self._state(name)
+        if state["active"] != version or not (self.root / name / STATE_FILE).exists():
+            history = state["history"] if state["history"][-1:] == [version] else [*state["history"], version]
+            self._write_state(name, {"active": version, "history": history})
+        return version
+
+    def rollback(self, name: str) -> int:
+        """Return to the version active before the current one; returns it."""
+        state = self._state(name)
+        history = list(state["history"])
+        if len(history) < 2:
+            raise ModelError(f"nothing to roll back for {name!r}", found=f"activation history {history}")
+        history.pop()
+        state = {"active": history[-1], "history": history}
+        self._write_state(name, state)
+        return history[-1]
+
+
+def bundled_models() -> dict[str, Path]:
+    """Name -> folder of the models shipped with DeepSeg."""
+    if not BUNDLED_MODELS.is_dir():
+        return {}
+    return {p.name: p for p in sorted(BUNDLED_MODELS.iterdir()) if (p / CARD_FILE).exists()}
+
+
+def resolve_model(ref: str | Path, store: ModelStore | None = None) -> Path:
+    """Folder of a model: a path to a folder, ``NAME[:VERSION]`` in the store, or a bundled model's name.
+
+    The store wins over a bundled model of the same name (an imported or retrained version).
+    """
+    path = Path(ref)
+    if path.is_dir() or os.sep in str(ref) or str(ref).startswith("."):
+        if not path.is_dir():
+            raise ModelError("model folder not found", subject=path)
+        return path
+    store = store or ModelStore()
+    name, version = parse_ref(str(ref))
+    bundled = bundled_models()
+    if name not in store.names() and name in bundled:
+        card = ModelCard.read(bundled[name] / CARD_FILE)
+        if version not in (None, card.version):
+            raise ModelError(f"bundled model {name!r} has only version {card.version}", found=str(version))
+        return bundled[name]
+    try:
+        return store.folder(str(ref))
+    except ModelError as exc:
+        if bundled:
+            exc.args = (f"{exc.args[0]} Bundled models: {sorted(bundled)}.",)
+        raise

@@ -1,0 +1,104 @@
+"""Random training patches with foreground oversampling and light augmentation.
+
+Rare foreground (small lesions) is the normal case: a uniformly drawn patch almost never holds a
+lesion. A fraction ``foreground_fraction`` of patches is therefore centred on a voxel of a randomly
+chosen foreground class present in the case (each class equally likely), the rest anywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class TrainingCase:
+    """One case ready for training: normalised image ``(C, Z, Y, X)`` float32, labels ``(Z, Y, X)``."""
+
+    image_czyx: np.ndarray
+    labels_zyx: np.ndarray
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        self._class_voxels: dict[int, np.ndarray] = {}
+        for value in np.unique(self.labels_zyx):
+            if value > 0:
+                coords = np.argwhere(self.labels_zyx == value)
+                if len(coords) > 4096:
+                    coords = coords[:: len(coords) // 4096 + 1]
+                self._class_voxels[int(value)] = coords
+
+    @property
+    def foreground_classes(self) -> list[int]:
+        return sorted(self._class_voxels)
+
+    def class_voxels(self, value: int) -> np.ndarray:
+        return self._class_voxels[value]
+
+
+class PatchSampler:
+    """Draws ``(image_patch, label_patch)`` pairs; deterministic under the generator it is given."""
+
+    def __init__(
+        self,
+        cases: Sequence[TrainingCase],
+        patch_size_zyx: Sequence[int],
+        foreground_fraction: float = 0.5,
+        flip_axes: Sequence[int] = (1, 2),
+        intensity_jitter: float = 0.1,
+    ) -> None:
+        if not cases:
+            raise ValueError("no training cases")
+        self.cases = list(cases)
+        self.patch = tuple(int(p) for p in patch_size_zyx)
+        self.foreground_fraction = foreground_fraction
+        self.flip_axes = tuple(flip_axes)
+        self.intensity_jitter = intensity_jitter
+
+    def _start(self, rng: np.random.Generator, case: TrainingCase, shape: tuple[int, ...]) -> list[int]:
+        classes = case.foreground_classes
+        if classes and rng.random() < self.foreground_fraction:
+            coords = case.class_voxels(classes[rng.integers(len(classes))])
+            centre = coords[rng.integers(len(coords))]
+            jitter = [int(rng.integers(-p // 4, p // 4 + 1)) for p in self.patch]
+            return [int(c) - p // 2 + j for c, p, j in zip(centre, self.patch, jitter, strict=True)]
+        return [int(rng.integers(0, max(s - p, 0) + 1)) for s, p in zip(shape, self.patch, strict=True)]
+
+    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """One augmented patch: image ``(C, *patch)`` float32, labels ``patch`` int64."""
+        case = self.cases[rng.integers(len(self.cases))]
+        shape = case.labels_zyx.shape
+        start = self._start(rng, case, shape)
+        image = _crop_pad(case.image_czyx, start, self.patch, channel_axis=True)
+        labels = _crop_pad(case.labels_zyx, start, self.patch, channel_axis=False)
+        for axis in self.flip_axes:
+            if rng.random() < 0.5:
+                image = np.flip(image, axis + 1)
+                labels = np.flip(labels, axis)
+        if self.intensity_jitter > 0:
+            scale = 1.0 + rng.uniform(-self.intensity_jitter, self.intensity_jitter)
+            shift = rng.uniform(-self.intensity_jitter, self.intensity_jitter)
+            image = image * np.float32(scale) + np.float32(shift)
+        return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(labels, dtype=np.int64)
+
+    def batch(self, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """``size`` patches stacked: ``(B, C, *patch)`` and ``(B, *patch)``."""
+        pairs = [self.sample(rng) for _ in range(size)]
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+def _crop_pad(array: np.ndarray, start: Sequence[int], patch: Sequence[int], channel_axis: bool) -> np.ndarray:
+    """Crop ``patch`` at ``start`` (may reach outside: zero padding)."""
+    spatial = array.shape[1:] if channel_axis else array.shape
+    src, dst = [], []
+    for s, p, n in zip(start, patch, spatial, strict=True):
+        lo, hi = max(s, 0), min(s + p, n)
+        src.append(slice(lo, max(hi, lo)))
+        dst.append(slice(lo - s, lo - s + max(hi - lo, 0)))
+    out_shape = ((array.shape[0],) if channel_axis else ()) + tuple(patch)
+    out = np.zeros(out_shape, dtype=array.dtype)
+    lead = (slice(None),) if channel_axis else ()
+    out[lead + tuple(dst)] = array[lead + tuple(src)]
+    return out

@@ -1,0 +1,129 @@
+"""Peak memory and time of `Segmenter.segment` from 128^3 to a 512 x 512 x 300 CT, 10-class model.
+
+    python Testing/Benchmarks/bench_memory.py [--json] [--device cpu] [--sizes 128,128,128 300,512,512]
+
+Each size runs in a fresh subprocess so its peak RSS (getrusage ru_maxrss) is its own. The model is
+a DeepSeg 3D U-Net (features 16-32-64-128, 10 classes, patch 64 x 128 x 128, batch 2) with random
+weights; the input is a CT-like int16 volume. Reported against the input's own size and against
+what a whole-volume float32 accumulator of 10 classes alone would need.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "DeepSeg"))
+sys.path.insert(0, str(REPO / "Testing" / "core"))
+
+DEFAULT_SIZES = ["128,128,128", "128,256,256", "150,512,512", "300,512,512"]
+CLASSES = 10
+
+
+def make_model(folder: Path) -> Path:
+    from deepseg_core.config import to_dict
+    from deepseg_core.model_card import (
+        Architecture,
+        InferenceDefaults,
+        Inputs,
+        LabelSpec,
+        ModelCard,
+        Normalization,
+        Preprocessing,
+    )
+    from deepseg_core.model_store import write_model_folder
+    from deepseg_core.nets import UNetConfig, build_net
+
+    cfg = UNetConfig(spatial_dims=3, in_channels=1, num_classes=CLASSES, features=(16, 32, 64, 128))
+    labels = tuple(LabelSpec(v, f"structure {v}", (v / CLASSES, 0.5, 1 - v / CLASSES)) for v in range(1, CLASSES))
+    card = ModelCard(
+        name="bench10",
+        version=1,
+        architecture=Architecture("unet", to_dict(cfg)),
+        inputs=Inputs("CT", ("CT",)),
+        labels=labels,
+        preprocessing=Preprocessing((1.0, 1.0, 1.0), Normalization("ct", (-200.0, 300.0), 50.0, 100.0)),
+        inference=InferenceDefaults((64, 128, 128), overlap=0.25, batch_size=2),
+        weights_sha256="0" * 64,
+    )
+    write_model_folder(folder, card, build_net("unet", cfg, seed=0))
+    return folder
+
+
+def child(model: str, size: str, device: str) -> None:
+    import numpy as np
+
+    from deepseg_core.inference import Segmenter, SegmentOptions
+    from deepseg_core.io import Volume
+
+    z, y, x = (int(v) for v in size.split(","))
+    rng = np.random.default_rng(0)
+    array = rng.normal(40, 30, size=(z, y, x)).astype(np.int16)
+    array[:, :, : x // 8] = -1000
+    volume = Volume(array, (1.0, 1.0, 1.0))
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    segmenter = Segmenter.load(model, device=device)
+    start = time.perf_counter()
+    result = segmenter.segment([volume], SegmentOptions())
+    seconds = time.perf_counter() - start
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(
+        json.dumps(
+            {
+                "shape_zyx": [z, y, x],
+                "voxels": z * y * x,
+                "seconds": seconds,
+                "timings_s": result.timings_s,
+                "peak_rss_mb": peak_kb / 1024,
+                "rss_before_model_mb": baseline / 1024,
+                "input_int16_mb": array.nbytes / 2**20,
+                "input_float32_mb": array.size * 4 / 2**20,
+                "whole_volume_float32_probs_mb": array.size * CLASSES * 4 / 2**20,
+            }
+        )
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sizes", nargs="*", default=DEFAULT_SIZES, help="Z,Y,X sizes")
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], args.child[1], args.device)
+        return 0
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model = make_model(Path(tmp) / "bench10")
+        for size in args.sizes:
+            out = subprocess.run(
+                [sys.executable, __file__, "--device", args.device, "--child", str(model), size],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        header = ("shape (z,y,x)", "seconds", "peak RSS MB", "input f32 MB", "RSS/input", "10-class f32 acc MB")
+        print(" ".join(f"{h:>{w}}" for h, w in zip(header, (16, 8, 12, 13, 10, 20), strict=True)))
+        for r in rows:
+            print(
+                f"{str(tuple(r['shape_zyx'])):>16} {r['seconds']:>8.1f} {r['peak_rss_mb']:>12.0f} {r['input_float32_mb']:>13.0f}"
+                f" {r['peak_rss_mb'] / r['input_float32_mb']:>10.2f} {r['whole_volume_float32_probs_mb']:>20.0f}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

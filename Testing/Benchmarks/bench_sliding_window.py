@@ -1,0 +1,144 @@
+"""DeepSeg's sliding window vs MONAI's sliding_window_inference: same net, weights, volume, patch, overlap.
+
+    python Testing/Benchmarks/bench_sliding_window.py [--json] [--device cpu|cuda] [--repeats 2]
+
+Net: MONAI UNet(3, 1, 2, (16, 32, 64, 128, 256), (2, 2, 2, 2), num_res_units=2) with fixed random
+weights (ENVIRONMENT.md's reference). Volume 192 x 192 x 160 (x, y, z), patch 96^3, overlap 0.25,
+Gaussian blending (sigma = patch / 8 in both). MONAI is timed with its default sw_batch_size=1 and
+with the same tile batch DeepSeg uses. Reports the time ratio, the FLOP rate against a measured
+matmul ceiling, and how often the two label maps agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "DeepSeg"))
+
+from deepseg_core.inference import SlidingWindowConfig, sliding_window_predict
+
+SHAPE_ZYX = (160, 192, 192)
+PATCH = (96, 96, 96)
+OVERLAP = 0.25
+
+
+def reference_net() -> torch.nn.Module:
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(0)
+    return UNet(3, 1, 2, (16, 32, 64, 128, 256), (2, 2, 2, 2), num_res_units=2).eval()
+
+
+def forward_flops(net: torch.nn.Module, device: torch.device) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        net(torch.zeros(1, 1, *PATCH, device=device))
+    return float(counter.get_total_flops())
+
+
+def matmul_ceiling_gflops(device: torch.device, seconds: float = 2.0) -> float:
+    a = torch.randn(2048, 2048, device=device)
+    b = torch.randn(2048, 2048, device=device)
+    a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * 2048**3 * count / (time.perf_counter() - start) / 1e9
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_monai(net, image, batch, device, repeats):
+    from monai.inferers import sliding_window_inference
+
+    best, labels = float("inf"), None
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = sliding_window_inference(
+                image[None].to(device), PATCH, batch, net, overlap=OVERLAP, mode="gaussian", sigma_scale=0.125
+            )
+            labels = out[0].argmax(0).cpu().numpy().astype(np.uint8)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best, labels
+
+
+def time_deepseg(net, image, batch, device, repeats):
+    best, labels, stats = float("inf"), np.zeros(SHAPE_ZYX, np.uint8), {}
+    config = SlidingWindowConfig(patch_size_zyx=PATCH, overlap=OVERLAP, batch_size=batch, sigma_scale=0.125)
+
+    def on_slab(z0, z1, probs):
+        labels[z0:z1] = probs.argmax(0)
+
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        stats = sliding_window_predict(net, image, 2, config, on_slab, device=device)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best, labels, stats
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=4, help="DeepSeg tile batch (and MONAI's second run)")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    net = reference_net().to(device)
+    image = torch.from_numpy(np.random.default_rng(0).normal(size=(1, *SHAPE_ZYX)).astype(np.float32))
+    with torch.inference_mode():
+        net(torch.zeros(2, 1, *PATCH, device=device))  # warm-up
+    flops = forward_flops(net, device)
+    ceiling = matmul_ceiling_gflops(device)
+    monai_default, monai_labels = time_monai(net, image, 1, device, args.repeats)
+    monai_batched, _ = time_monai(net, image, args.batch, device, args.repeats)
+    deepseg_time, deepseg_labels, stats = time_deepseg(net, image, args.batch, device, args.repeats)
+    achieved = stats["tiles"] * flops / deepseg_time / 1e9
+    result = {
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "volume_zyx": SHAPE_ZYX,
+        "patch": PATCH,
+        "overlap": OVERLAP,
+        "tiles": stats["tiles"],
+        "gflop_per_tile": flops / 1e9,
+        "monai_s_batch1": monai_default,
+        f"monai_s_batch{args.batch}": monai_batched,
+        f"deepseg_s_batch{args.batch}": deepseg_time,
+        "ratio_vs_monai_default": deepseg_time / monai_default,
+        "ratio_vs_monai_same_batch": deepseg_time / monai_batched,
+        "deepseg_gflops": achieved,
+        "matmul_ceiling_gflops": ceiling,
+        "fraction_of_ceiling": achieved / ceiling,
+        "label_agreement": float((monai_labels == deepseg_labels).mean()),
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>28}: {value:.4g}" if isinstance(value, float) else f"{key:>28}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""``deepseg segment`` and ``deepseg models`` end to end: real files, real subprocesses, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from model_fixtures import tiny_model_folder
+
+from deepseg_core import io, phantoms
+from deepseg_core.cli import EXIT_CANCELLED, EXIT_INPUT, EXIT_MODEL, EXIT_OK, main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "deepseg_core", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO / "DeepSeg",
+        env={**os.environ, **(env or {})},
+    )
+
+
+def write_case(path: Path, seed: int = 1, shape=(12, 24, 24)) -> Path:
+    case = phantoms.generate_phantom(
+        seed=seed, shape_zyx=shape, spacing_xyz_mm=(1.5, 1.5, 2.5), n_lesions=2, origin_lps=(5.0, -7.0, 11.0)
+    )
+    return io.write_image(case.image, path)
+
+
+def test_segment_one_case_to_seg_nrrd(tmp_path, capsys):
+    model = tiny_model_folder(tmp_path / "model")
+    image = write_case(tmp_path / "case.nrrd")
+    out = tmp_path / "case.seg.nrrd"
+    assert main(["segment", str(image), "--model", str(model), "--output", str(out)]) == EXIT_OK
+    assert "liver lesion" in capsys.readouterr().out
+    seg = io.read_segmentation(out)
+    assert [s.name for s in seg.segments] == ["liver", "liver lesion"]
+    assert seg.segment("liver").color_rgb == tuple(float(c) for c in phantoms.PHANTOM_LABELS[0].color)
+    assert seg.segment("liver").terminology["type"][1] == "10200004"
+    assert seg.grid.same_grid(io.read_image(image))
+
+
+def test_json_events(tmp_path):
+    model = tiny_model_folder(tmp_path / "model")
+    image = write_case(tmp_path / "case.nrrd")
+    result = cli("segment", str(image), "--model", str(model), "--output", str(tmp_path / "o.seg.nrrd"), "--json")
+    assert result.returncode == EXIT_OK, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-2:] == ["case_done", "done"]
+    progress = [e for e in events if e["event"] == "progress"]
+    assert progress and progress[-1]["done"] == progress[-1]["total"] and "eta_s" in progress[0]
+    done = events[-2]
+    assert {s["name"] for s in done["segments"]} == {"liver", "liver lesion"} and done["seconds"] > 0
+
+
+def test_batch_continues_past_a_bad_case(tmp_path):
+    model = tiny_model_folder(tmp_path / "model")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_case(inputs / "a.nrrd", 1)
+    write_case(inputs / "c.nii.gz", 2)
+    (inputs / "b.nrrd").write_bytes(b"NRRD0004\ngarbage")
+    result = cli("segment", str(inputs), "--model", str(model), "--output", str(tmp_path / "out"), "--json")
+    assert result.returncode == EXIT_INPUT
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    failed = [e for e in events if e["event"] == "case_failed"]
+    assert [e["case"] for e in failed] == ["b"] and "cannot be read" in failed[0]["error"]
+    assert events[-1] == {"event": "done", "ok": 2, "failed": 1}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.seg.nrrd", "c.seg.nrrd"]
+
+
+def test_labelmap_instances_and_probabilities(tmp_path, capsys):
+    model = tiny_model_folder(tmp_path / "model")
+    image = write_case(tmp_path / "case.nrrd")
+    out = tmp_path / "labels.nii.gz"
+    probs = tmp_path / "probs.nii.gz"
+    code = main(
+        [
+            "segment",
+            str(image),
+            "--model",
+            str(model),
+            "--output",
+            str(out),
+            "--instances",
+            "--min-instance-mm3",
+            "0",
+            "--probabilities",
+            str(probs),
+        ]
+    )
+    assert code == EXIT_OK
+    labels = io.read_image(out)
+    assert labels.same_grid(io.read_image(image), tolerance_mm=1e-4)
+    instances = io.read_image(tmp_path / "labels_instances.nii.gz")
+    np.testing.assert_array_equal(instances.array_zyx > 0, labels.array_zyx == 2)
+    p = sitk.ReadImage(str(probs))
+    assert p.GetDimension() == 4 and p.GetSize()[3] == 3
+
+
+def test_instances_become_separate_segments(tmp_path):
+    model = tiny_model_folder(tmp_path / "model")
+    image = write_case(tmp_path / "case.nrrd")
+    out = tmp_path / "case.seg.nrrd"
+    assert (
+        main(["segment", str(image), "--model", str(model), "--output", str(out), "--instances", "--min-instance-mm3", "0"]) == 0
+    )
+    names = [s.name for s in io.read_segmentation(out).segments]
+    assert names[0] == "liver" and all(n.startswith("liver lesion ") for n in names[1:])
+
+
+def test_model_problems_exit_3(tmp_path):
+    image = write_case(tmp_path / "case.nrrd")
+    result = cli(
+        "segment",
+        str(image),
+        "--model",
+        "no-such-model",
+        "--output",
+        str(tmp_path / "o.seg.nrrd"),
+        "--models-dir",
+        str(tmp_path / "store"),
+    )
+    assert result.returncode == EXIT_MODEL and "unknown model 'no-such-model'" in result.stderr
+    model = tiny_model_folder(tmp_path / "model")
+    weights = model / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    result = cli("segment", str(image), "--model", str(model), "--output", str(tmp_path / "o.seg.nrrd"))
+    assert result.returncode == EXIT_MODEL and "checksum mismatch" in result.stderr
+    assert not (tmp_path / "o.seg.nrrd").exists()
+
+
+def test_bad_output_path_exit_2_and_nothing_written(tmp_path):
+    model = tiny_model_folder(tmp_path / "model")
+    image = write_case(tmp_path / "case.nrrd")
+    result = cli("segment", str(image), "--model", str(model), "--output", str(tmp_path / "missing" / "o.seg.nrrd"))
+    assert result.returncode == EXIT_INPUT and "output folder does not exist" in result.stderr
+    result = cli("segment", str(image), "--model", str(model), "--output", str(tmp_path / "o.png"))
+    assert result.returncode == EXIT_INPUT and "unsupported output file type" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case.nrrd", "model"]
+
+
+def test_cancel_by_sigterm_exits_130_and_writes_nothing(tmp_path):
+    model = tiny_model_folder(tmp_path / "model")
+    image = write_case(tmp_path / "big.nrrd", shape=(64, 160, 160))
+    out = tmp_path / "big.seg.nrrd"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "deepseg_core",
+            "segment",
+            str(image),
+            "--model",
+            str(model),
+            "--output",
+            str(out),
+            "--json",
+            "--tta",
+            "--batch-size",
+            "1",
+        ],
+        cwd=REPO / "DeepSeg",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 60
+    for line in process.stdout:
+        if json.loads(line)["event"] == "progress" or time.time() > deadline:
+            break
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == EXIT_CANCELLED, stderr
+    assert "cancelled" in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.nrrd", "model"]
+
+
+def test_models_commands(tmp_path, capsys):
+    store = tmp_path / "store"
+    model = tiny_model_folder(tmp_path / "model")
+    assert main(["models", "import", str(model), "--models-dir", str(store)]) == EXIT_OK
+    assert main(["models", "list", "--models-dir", str(store), "--json"]) == EXIT_OK
+    capsys.readouterr()
+    main(["models", "list", "--models-dir", str(store), "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert {(r["name"], r["version"], r["active"]) for r in rows} >= {("tiny", 1, True)}
+    assert main(["models", "show", "tiny:1", "--models-dir", str(store)]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["labels"][1]["name"] == "liver lesion"
+    assert main(["models", "rollback", "tiny", "--models-dir", str(store)]) == EXIT_MODEL
+    assert "nothing to roll back" in capsys.readouterr().err

@@ -67,12 +67,12 @@ class DeepSegLogic(ScriptedLoadableModuleLogic):
 
     def loadSampleCase(self, folder=None):
         """Write the bundled sample case with its reference segmentation and load both into the scene."""
-        from deepseg_core.demo import run_demo
+        from deepseg_core.demo import SAMPLE_VOLUME, run_demo
 
         folder = folder or os.path.join(tempfile.gettempdir(), "DeepSegSample")
         summary = run_demo(pathlib.Path(folder))
         logging.info("DeepSeg sample written to %s", folder)
-        volumeNode = slicer.util.loadVolume(str(summary.files["volume"]))
+        volumeNode = slicer.util.loadVolume(str(SAMPLE_VOLUME))
         segmentationNode = slicer.util.loadSegmentation(str(summary.files["segmentation"]))
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
         return volumeNode, segmentationNode

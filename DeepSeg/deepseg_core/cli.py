@@ -200,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_segment_parser(sub)
     sub.choices["segment"].set_defaults(func=cmd_segment)
 
+    from .cli_dataset import add_dataset_parser
+
+    add_dataset_parser(sub)
+
     p = sub.add_parser("models", help="the versioned model store: list, show, import, activate, rollback")
     p.add_argument("action", choices=["list", "show", "import", "activate", "rollback"])
     p.add_argument("ref", nargs="?", help="NAME[:VERSION] (show, activate), a model FOLDER (import), NAME (rollback)")

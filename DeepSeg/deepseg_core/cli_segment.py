@@ -153,10 +153,10 @@ def run_segment(args: argparse.Namespace, sink: EventSink) -> tuple[int, int]:
             }
         )
         if not sink.json_mode:
-            print(f"{case.name}: {out} ({time.perf_counter() - started:.1f} s)")  # noqa: T201
+            print(f"{case.name}: {out} ({time.perf_counter() - started:.1f} s)")
             for seg in segments:
                 extra = f", {seg['instances']} instance(s)" if "instances" in seg else ""
-                print(f"  {seg['name']:<20} {seg['voxels']:>9} voxels {seg['ml']:>9.2f} ml{extra}")  # noqa: T201
+                print(f"  {seg['name']:<20} {seg['voxels']:>9} voxels {seg['ml']:>9.2f} ml{extra}")
     sink.emit({"event": "done", "ok": ok, "failed": failed})
     return ok, failed
 

@@ -1,0 +1,202 @@
+"""MRML <-> deepseg_core: volume nodes to :class:`io.Volume`, results into segmentation nodes.
+
+Needs ``slicer`` (Slicer itself, or the Qt-free ``slicer-core`` wheel the tests use) but no Qt.
+Geometry: MRML stores IJK-to-RAS; ``deepseg_core`` works in LPS, so the first two rows flip.
+Segments DeepSeg writes carry the tag ``DeepSeg.Source`` (the model reference); a re-run replaces
+exactly those, so segments the user added by hand survive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from deepseg_core import io
+
+SOURCE_TAG = "DeepSeg.Source"
+LABEL_TAG = "DeepSeg.LabelValue"
+TERMINOLOGY_TAG = "TerminologyEntry"
+_RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    """What one output segment should look like.
+
+    Attributes:
+        name: segment name.
+        color: RGB in [0, 1].
+        terminology: Slicer terminology entry string (``TerminologyEntry`` tag) or "".
+        label_value: the model label it came from.
+    """
+
+    name: str
+    color: tuple[float, float, float]
+    terminology: str = ""
+    label_value: int = 0
+
+
+def _matrix_to_numpy(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _numpy_to_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r, c]))
+    return matrix
+
+
+def _image_data(array_zyx: np.ndarray) -> vtk.vtkImageData:
+    array_zyx = np.ascontiguousarray(array_zyx)
+    image = vtk.vtkImageData()
+    image.SetDimensions(array_zyx.shape[2], array_zyx.shape[1], array_zyx.shape[0])
+    scalars = numpy_support.numpy_to_vtk(array_zyx.ravel(), deep=True)
+    image.GetPointData().SetScalars(scalars)
+    return image
+
+
+def volume_from_node(volume_node: slicer.vtkMRMLScalarVolumeNode) -> io.Volume:
+    """The node's voxels ``(Z, Y, X)`` and LPS geometry. Parent transforms must be hardened first."""
+    if volume_node is None or volume_node.GetImageData() is None:
+        raise io.ImageError("no volume selected or the volume has no voxels", expected="a loaded scalar volume")
+    if volume_node.GetParentTransformNode() is not None:
+        raise io.ImageError(
+            "the volume is under a transform",
+            subject=volume_node.GetName(),
+            hint="Harden the transform (Data module, right-click > Harden transform) before segmenting.",
+        )
+    image = volume_node.GetImageData()
+    dims = image.GetDimensions()
+    array = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    if image.GetNumberOfScalarComponents() != 1:
+        raise io.ImageError("multi-component volumes are not supported", subject=volume_node.GetName())
+    array_zyx = array.reshape(dims[2], dims[1], dims[0]).copy()
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(ijk_to_ras)
+    return io.Volume.from_ijk_to_lps(array_zyx, _RAS_FROM_LPS @ _matrix_to_numpy(ijk_to_ras))
+
+
+def node_from_volume(
+    scene: slicer.vtkMRMLScene, volume: io.Volume, name: str, labelmap: bool = False
+) -> slicer.vtkMRMLScalarVolumeNode:
+    """A new volume node holding ``volume`` (geometry converted to RAS)."""
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode", name)
+    node.SetAndObserveImageData(_image_data(volume.array_zyx))
+    node.SetIJKToRASMatrix(_numpy_to_matrix(volume.ijk_to_ras()))
+    return node
+
+
+def oriented_mask(mask_zyx: np.ndarray, grid: io.Volume) -> slicer.vtkOrientedImageData:
+    """A binary ``vtkOrientedImageData`` (uint8 0/1) of ``mask_zyx`` on ``grid``."""
+    image = slicer.vtkOrientedImageData()
+    image.ShallowCopy(_image_data(mask_zyx.astype(np.uint8)))
+    image.SetImageToWorldMatrix(_numpy_to_matrix(grid.ijk_to_ras()))
+    return image
+
+
+def deepseg_segment_ids(segmentation_node: slicer.vtkMRMLSegmentationNode) -> list[str]:
+    """IDs of the segments an earlier DeepSeg run wrote (tagged), in order."""
+    segmentation = segmentation_node.GetSegmentation()
+    ids = []
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(index)
+        value = vtk.mutable("")
+        if segment.GetTag(SOURCE_TAG, value):
+            ids.append(segmentation.GetNthSegmentID(index))
+    return ids
+
+
+def write_result_segments(
+    segmentation_node: slicer.vtkMRMLSegmentationNode,
+    labels_zyx: np.ndarray,
+    grid: io.Volume,
+    specs: Sequence[tuple[int, SegmentSpec]],
+    source: str,
+) -> list[str]:
+    """Replace the segments of an earlier DeepSeg run by this result; keep every other segment.
+
+    Args:
+        segmentation_node: output node; its reference geometry becomes ``grid``'s.
+        labels_zyx: integer map ``(Z, Y, X)`` on ``grid`` (semantic labels or instance ids).
+        grid: the input volume's geometry.
+        specs: ``(value in labels_zyx, segment)`` pairs, one per output segment, in display order.
+        source: model reference recorded in each segment's ``DeepSeg.Source`` tag.
+
+    Returns:
+        The new segment IDs, in ``specs`` order (empty segments are created too, so that the
+        list of segments always matches the model card).
+    """
+    segmentation = segmentation_node.GetSegmentation()
+    was_modifying = segmentation_node.StartModify()
+    try:
+        for segment_id in deepseg_segment_ids(segmentation_node):
+            segmentation.RemoveSegment(segment_id)
+        reference_image = oriented_mask(np.zeros(grid.shape_zyx, np.uint8), grid)
+        geometry = slicer.vtkSegmentationConverter.SerializeImageGeometry(reference_image)
+        segmentation.SetConversionParameter(slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(), geometry)
+        new_ids = []
+        for value, spec in specs:
+            mask = oriented_mask(labels_zyx == value, grid)
+            segment_id = segmentation.GenerateUniqueSegmentID(spec.name)
+            segment = slicer.vtkSegment()
+            segment.SetName(spec.name)
+            segment.SetColor(*spec.color)
+            segment.SetTag(SOURCE_TAG, source)
+            segment.SetTag(LABEL_TAG, str(spec.label_value))
+            if spec.terminology:
+                segment.SetTag(TERMINOLOGY_TAG, spec.terminology)
+            segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(), mask)
+            segmentation.AddSegment(segment, segment_id)
+            new_ids.append(segment_id)
+    finally:
+        segmentation_node.EndModify(was_modifying)
+    return new_ids
+
+
+def segment_mask(segmentation_node: slicer.vtkMRMLSegmentationNode, segment_id: str, grid: io.Volume) -> np.ndarray:
+    """Boolean mask ``(Z, Y, X)`` of one segment resampled (nearest) onto ``grid``."""
+    labelmap = slicer.vtkOrientedImageData()
+    if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+        segmentation_node, segment_id, labelmap, False
+    ):
+        raise io.ImageError(f"segment {segment_id!r} has no labelmap", subject=segmentation_node.GetName())
+    reference = oriented_mask(np.zeros(grid.shape_zyx, np.uint8), grid)
+    resampled = slicer.vtkOrientedImageData()
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, reference, resampled, False, True)
+    dims = resampled.GetDimensions()
+    if resampled.GetPointData().GetScalars() is None:
+        return np.zeros(grid.shape_zyx, bool)
+    array = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(dims[2], dims[1], dims[0])
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    # Shared labelmap layers hold several segments: a segment is its own label value in the layer.
+    return array == segment.GetLabelValue()
+
+
+def segments_by_name(segmentation_node: slicer.vtkMRMLSegmentationNode) -> dict[str, str]:
+    """Segment name -> segment ID."""
+    segmentation = segmentation_node.GetSegmentation()
+    return {
+        segmentation.GetNthSegment(i).GetName(): segmentation.GetNthSegmentID(i)
+        for i in range(segmentation.GetNumberOfSegments())
+    }
+
+
+class SegmentationSnapshot:
+    """A copy of a segmentation's segments, to restore after a cancelled or undone run."""
+
+    def __init__(self, segmentation_node: slicer.vtkMRMLSegmentationNode) -> None:
+        self.node = segmentation_node
+        self.copy = slicer.vtkSegmentation()
+        self.copy.DeepCopy(segmentation_node.GetSegmentation())
+
+    def restore(self) -> None:
+        """Put the segments back exactly as they were."""
+        self.node.GetSegmentation().DeepCopy(self.copy)
+        self.node.Modified()

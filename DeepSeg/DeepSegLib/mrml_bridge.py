@@ -113,25 +113,35 @@ def deepseg_segment_ids(segmentation_node: slicer.vtkMRMLSegmentationNode) -> li
     return ids
 
 
+def specs_from_segmentation(segmentation: io.Segmentation) -> list[tuple[SegmentSpec, np.ndarray]]:
+    """``(spec, mask_zyx)`` for every segment of a file DeepSeg wrote (names, colours, terminology)."""
+    from slicerio.segmentation import terminology_entry_to_string
+
+    out = []
+    for info in segmentation.segments:
+        terminology = terminology_entry_to_string(info.terminology) if info.terminology else ""
+        spec = SegmentSpec(info.name, tuple(info.color_rgb), terminology, info.label_value)
+        out.append((spec, segmentation.mask(info.name)))
+    return out
+
+
 def write_result_segments(
     segmentation_node: slicer.vtkMRMLSegmentationNode,
-    labels_zyx: np.ndarray,
+    segments: Sequence[tuple[SegmentSpec, np.ndarray]],
     grid: io.Volume,
-    specs: Sequence[tuple[int, SegmentSpec]],
     source: str,
 ) -> list[str]:
     """Replace the segments of an earlier DeepSeg run by this result; keep every other segment.
 
     Args:
         segmentation_node: output node; its reference geometry becomes ``grid``'s.
-        labels_zyx: integer map ``(Z, Y, X)`` on ``grid`` (semantic labels or instance ids).
+        segments: ``(segment, boolean mask (Z, Y, X) on grid)`` in display order; empty masks make
+            empty segments, so the list of segments always matches the model card.
         grid: the input volume's geometry.
-        specs: ``(value in labels_zyx, segment)`` pairs, one per output segment, in display order.
         source: model reference recorded in each segment's ``DeepSeg.Source`` tag.
 
     Returns:
-        The new segment IDs, in ``specs`` order (empty segments are created too, so that the
-        list of segments always matches the model card).
+        The new segment IDs, in order.
     """
     segmentation = segmentation_node.GetSegmentation()
     was_modifying = segmentation_node.StartModify()
@@ -141,23 +151,34 @@ def write_result_segments(
         reference_image = oriented_mask(np.zeros(grid.shape_zyx, np.uint8), grid)
         geometry = slicer.vtkSegmentationConverter.SerializeImageGeometry(reference_image)
         segmentation.SetConversionParameter(slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(), geometry)
-        new_ids = []
-        for value, spec in specs:
-            mask = oriented_mask(labels_zyx == value, grid)
-            segment_id = segmentation.GenerateUniqueSegmentID(spec.name)
-            segment = slicer.vtkSegment()
-            segment.SetName(spec.name)
-            segment.SetColor(*spec.color)
-            segment.SetTag(SOURCE_TAG, source)
-            segment.SetTag(LABEL_TAG, str(spec.label_value))
-            if spec.terminology:
-                segment.SetTag(TERMINOLOGY_TAG, spec.terminology)
-            segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(), mask)
-            segmentation.AddSegment(segment, segment_id)
-            new_ids.append(segment_id)
+        new_ids = [add_segment(segmentation_node, spec, mask_zyx, grid, source) for spec, mask_zyx in segments]
     finally:
         segmentation_node.EndModify(was_modifying)
     return new_ids
+
+
+def add_segment(
+    segmentation_node: slicer.vtkMRMLSegmentationNode,
+    spec: SegmentSpec,
+    mask_zyx: np.ndarray,
+    grid: io.Volume,
+    source: str | None = None,
+) -> str:
+    """Add one segment with a boolean mask ``(Z, Y, X)`` on ``grid``; tagged as DeepSeg's when ``source``."""
+    segmentation = segmentation_node.GetSegmentation()
+    segment_id = segmentation.GenerateUniqueSegmentID(spec.name)
+    segment = slicer.vtkSegment()
+    segment.SetName(spec.name)
+    segment.SetColor(*spec.color)
+    if source is not None:
+        segment.SetTag(SOURCE_TAG, source)
+        segment.SetTag(LABEL_TAG, str(spec.label_value))
+    if spec.terminology:
+        segment.SetTag(TERMINOLOGY_TAG, spec.terminology)
+    representation = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    segment.AddRepresentation(representation, oriented_mask(np.asarray(mask_zyx, bool), grid))
+    segmentation.AddSegment(segment, segment_id)
+    return segment_id
 
 
 def segment_mask(segmentation_node: slicer.vtkMRMLSegmentationNode, segment_id: str, grid: io.Volume) -> np.ndarray:

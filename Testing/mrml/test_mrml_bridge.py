@@ -62,10 +62,10 @@ def test_result_segments_match_labels_on_an_oblique_grid(mrml_scene):
     labels[2:4, 3:5, 4:6] = 2
     node = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "out")
     specs = [
-        (1, SegmentSpec("liver", (0.8, 0.4, 0.3), label_value=1)),
-        (2, SegmentSpec("liver lesion", (0.2, 0.8, 0.2), label_value=2)),
+        (SegmentSpec("liver", (0.8, 0.4, 0.3), label_value=1), labels == 1),
+        (SegmentSpec("liver lesion", (0.2, 0.8, 0.2), label_value=2), labels == 2),
     ]
-    ids = write_result_segments(node, labels, volume, specs, "phantom-liver:1")
+    ids = write_result_segments(node, specs, volume, "phantom-liver:1")
     assert [node.GetSegmentation().GetSegment(i).GetName() for i in ids] == ["liver", "liver lesion"]
     assert node.GetSegmentation().GetSegment(ids[0]).GetColor() == pytest.approx((0.8, 0.4, 0.3))
     for value, segment_id in zip((1, 2), ids, strict=True):
@@ -77,11 +77,11 @@ def test_rerun_replaces_deepseg_segments_and_keeps_hand_added_ones(mrml_scene):
     labels = np.zeros(volume.shape_zyx, np.uint8)
     labels[1:3, 1:3, 1:3] = 1
     node = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "out")
-    write_result_segments(node, labels, volume, [(1, SegmentSpec("liver", (1, 0, 0), label_value=1))], "m:1")
+    write_result_segments(node, [(SegmentSpec("liver", (1, 0, 0), label_value=1), labels == 1)], volume, "m:1")
     node.GetSegmentation().AddEmptySegment("my note", "my note", [0, 0, 1])
     labels2 = np.zeros_like(labels)
     labels2[4:6, 4:6, 4:6] = 1
-    write_result_segments(node, labels2, volume, [(1, SegmentSpec("liver", (1, 0, 0), label_value=1))], "m:2")
+    write_result_segments(node, [(SegmentSpec("liver", (1, 0, 0), label_value=1), labels2 == 1)], volume, "m:2")
     names = segments_by_name(node)
     assert sorted(names) == ["liver", "my note"]
     assert len(deepseg_segment_ids(node)) == 1
@@ -93,9 +93,9 @@ def test_snapshot_restores_segments_exactly(mrml_scene):
     labels = np.zeros(volume.shape_zyx, np.uint8)
     labels[1:3, 1:3, 1:3] = 1
     node = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "out")
-    write_result_segments(node, labels, volume, [(1, SegmentSpec("liver", (1, 0, 0), label_value=1))], "m:1")
+    write_result_segments(node, [(SegmentSpec("liver", (1, 0, 0), label_value=1), labels == 1)], volume, "m:1")
     snapshot = SegmentationSnapshot(node)
-    write_result_segments(node, np.zeros_like(labels), volume, [(1, SegmentSpec("other", (1, 0, 0), label_value=1))], "m:2")
+    write_result_segments(node, [(SegmentSpec("other", (1, 0, 0), label_value=1), labels == 9)], volume, "m:2")
     snapshot.restore()
     names = segments_by_name(node)
     assert list(names) == ["liver"]

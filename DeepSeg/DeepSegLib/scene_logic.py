@@ -1,0 +1,171 @@
+"""What the DeepSeg panel and the Segment Editor effect do to the scene (no Qt).
+
+- :func:`apply_segmentation_file`: a finished job's ``.seg.nrrd`` into the output segmentation node
+  (DeepSeg's earlier segments replaced, hand-added ones kept, prediction remembered for export).
+- :func:`apply_in_segment_editor`: one model label into the editor's selected segment, through the
+  editor logic so masking and overwrite settings apply, after ``SaveStateForUndo``.
+- :func:`export_corrected_case`: the corrected segmentation and its image into a dataset, checked
+  against the dataset's label schema, with provenance and correction effort.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import slicer
+
+from deepseg_core import io
+from deepseg_core.datasets import CaseProvenance, CaseRecord, Dataset, DatasetError, correction_effort
+
+from .mrml_bridge import (
+    SegmentationSnapshot,
+    oriented_mask,
+    segment_mask,
+    specs_from_segmentation,
+    volume_from_node,
+    write_result_segments,
+)
+
+MODEL_ATTRIBUTE = "DeepSeg.Model"
+PREDICTION_ATTRIBUTE = "DeepSeg.PredictionPath"
+_INSTANCE_NAME = re.compile(r"^(?P<base>.+) (?P<index>\d+)$")
+
+
+def prediction_cache_folder() -> Path:
+    """Where predictions are kept so an export can measure what the user changed."""
+    folder = Path.home() / ".deepseg" / "predictions"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def apply_segmentation_file(
+    seg_path: str | Path,
+    segmentation_node: slicer.vtkMRMLSegmentationNode,
+    volume_node: slicer.vtkMRMLScalarVolumeNode,
+    model_ref: str,
+    keep_prediction: bool = True,
+) -> tuple[list[str], SegmentationSnapshot]:
+    """Put a result file's segments into ``segmentation_node`` on ``volume_node``'s grid.
+
+    Returns:
+        ``(new segment ids, snapshot of the node before)``; ``snapshot.restore()`` undoes the run.
+    """
+    grid = volume_from_node(volume_node)
+    result = io.read_segmentation(seg_path)
+    if not result.grid.same_grid(grid, tolerance_mm=1e-3):
+        raise io.ImageError(
+            "the result is not on the input volume's grid",
+            subject=seg_path,
+            expected=f"{grid.shape_zyx} at {grid.origin_lps}",
+            found=f"{result.grid.shape_zyx} at {result.grid.origin_lps}",
+        )
+    snapshot = SegmentationSnapshot(segmentation_node)
+    ids = write_result_segments(segmentation_node, specs_from_segmentation(result), grid, model_ref)
+    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    segmentation_node.SetNodeReferenceID("DeepSeg.InputVolume", volume_node.GetID())
+    segmentation_node.SetAttribute(MODEL_ATTRIBUTE, model_ref)
+    if keep_prediction:
+        kept = prediction_cache_folder() / f"{uuid.uuid4().hex}.seg.nrrd"
+        shutil.copyfile(seg_path, kept)
+        segmentation_node.SetAttribute(PREDICTION_ATTRIBUTE, str(kept))
+    return ids, snapshot
+
+
+def apply_in_segment_editor(
+    editor_logic: slicer.vtkSlicerSegmentEditorLogic,
+    mask_zyx: np.ndarray,
+    grid: io.Volume,
+    segment_id: str | None = None,
+) -> None:
+    """Write ``mask_zyx`` into the editor's selected segment as a single undoable edit.
+
+    The editor's editable area (mask mode), intensity range and overwrite mode apply, exactly as for
+    Slicer's own effects, because the change goes through ``ModifySegmentByLabelmap``.
+    """
+    editor_node = editor_logic.GetSegmentEditorNode()
+    segmentation_node = editor_logic.GetSegmentationNode()
+    segment_id = segment_id or editor_node.GetSelectedSegmentID()
+    if segmentation_node is None or not segment_id:
+        raise io.ImageError("no segment selected in the Segment Editor", hint="Select or add a segment first.")
+    editor_logic.SaveStateForUndo()
+    modifier = oriented_mask(np.asarray(mask_zyx, bool), grid)
+    editor_logic.ModifySegmentByLabelmap(segmentation_node, segment_id, modifier, editor_logic.ModificationModeSet, False, False)
+
+
+def _schema_value(dataset: Dataset, name: str) -> int:
+    """Schema value of a segment name; ``"liver lesion 3"`` (an instance) maps to its thing label."""
+    try:
+        return dataset.label_by_name(name).value
+    except DatasetError:
+        match = _INSTANCE_NAME.match(name)
+        if match:
+            for label in dataset.labels:
+                if label.thing and label.name == match["base"]:
+                    return label.value
+        raise
+
+
+def labelmap_from_segments(segmentation_node: slicer.vtkMRMLSegmentationNode, grid: io.Volume, dataset: Dataset) -> np.ndarray:
+    """The node's segments as one labelmap ``(Z, Y, X)`` of the dataset's values.
+
+    Every segment name must be in the schema (instances map to their thing label). Where segments
+    overlap, the higher schema value wins (a lesion drawn over the organ stays a lesion).
+    """
+    segmentation = segmentation_node.GetSegmentation()
+    entries = []
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment_id = segmentation.GetNthSegmentID(index)
+        entries.append((_schema_value(dataset, segmentation.GetSegment(segment_id).GetName()), segment_id))
+    labels = np.zeros(grid.shape_zyx, np.uint8)
+    for value, segment_id in sorted(entries):
+        labels[segment_mask(segmentation_node, segment_id, grid)] = value
+    return labels
+
+
+def _prediction_labelmap(path: Path, grid: io.Volume, dataset: Dataset) -> np.ndarray | None:
+    if not path.exists():
+        return None
+    prediction = io.read_segmentation(path)
+    if not prediction.grid.same_grid(grid, tolerance_mm=1e-3):
+        return None
+    labels = np.zeros(grid.shape_zyx, np.uint8)
+    for value, name in sorted((_schema_value(dataset, s.name), s.name) for s in prediction.segments):
+        labels[prediction.mask(name)] = value
+    return labels
+
+
+def export_corrected_case(
+    dataset_folder: str | Path,
+    case_id: str,
+    volume_node: slicer.vtkMRMLScalarVolumeNode,
+    segmentation_node: slicer.vtkMRMLSegmentationNode,
+    overwrite: bool = False,
+    split: str | None = None,
+    additional_volume_nodes: Sequence[slicer.vtkMRMLScalarVolumeNode] = (),
+) -> CaseRecord:
+    """Write the corrected segmentation and its image as a dataset case.
+
+    Provenance: the volume's name and file, the model version that predicted it (node attribute),
+    and, when the prediction is still cached, the voxels changed and the Dice between prediction and
+    correction. Refuses unknown segment names (with how to add them), an existing case without
+    ``overwrite``, and images whose channel count does not match the dataset.
+    """
+    dataset = Dataset.open(dataset_folder)
+    grid = volume_from_node(volume_node)
+    labels = labelmap_from_segments(segmentation_node, grid, dataset)
+    storage = volume_node.GetStorageNode()
+    source = volume_node.GetName() + (f" ({storage.GetFileName()})" if storage is not None and storage.GetFileName() else "")
+    provenance = CaseProvenance(source=source, predicted_by=segmentation_node.GetAttribute(MODEL_ATTRIBUTE))
+    prediction_path = segmentation_node.GetAttribute(PREDICTION_ATTRIBUTE)
+    if prediction_path:
+        predicted = _prediction_labelmap(Path(prediction_path), grid, dataset)
+        if predicted is not None:
+            effort = correction_effort(predicted, labels, [label.value for label in dataset.labels], grid.voxel_volume_ml)
+            provenance = CaseProvenance(**{**provenance.__dict__, **effort})
+    images = [grid, *(volume_from_node(node) for node in additional_volume_nodes)]
+    return dataset.add_case(case_id, images, labels, provenance, split=split, overwrite=overwrite)

@@ -201,8 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["segment"].set_defaults(func=cmd_segment)
 
     from .cli_dataset import add_dataset_parser
+    from .cli_train import add_train_parsers
 
     add_dataset_parser(sub)
+    add_train_parsers(sub)
 
     p = sub.add_parser("models", help="the versioned model store: list, show, import, activate, rollback")
     p.add_argument("action", choices=["list", "show", "import", "activate", "rollback"])

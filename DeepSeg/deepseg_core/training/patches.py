@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .augment import AugmentConfig, augment_patch
+
 
 @dataclass
 class TrainingCase:
@@ -48,7 +50,9 @@ class PatchSampler:
         foreground_fraction: float = 0.5,
         flip_axes: Sequence[int] = (1, 2),
         intensity_jitter: float = 0.1,
+        augment: AugmentConfig | None = None,
     ) -> None:
+        """``augment`` replaces the light default (flips + ``intensity_jitter``) by :mod:`.augment`."""
         if not cases:
             raise ValueError("no training cases")
         self.cases = list(cases)
@@ -56,6 +60,7 @@ class PatchSampler:
         self.foreground_fraction = foreground_fraction
         self.flip_axes = tuple(flip_axes)
         self.intensity_jitter = intensity_jitter
+        self.augment = augment
 
     def _start(self, rng: np.random.Generator, case: TrainingCase, shape: tuple[int, ...]) -> list[int]:
         classes = case.foreground_classes
@@ -73,6 +78,9 @@ class PatchSampler:
         start = self._start(rng, case, shape)
         image = _crop_pad(case.image_czyx, start, self.patch, channel_axis=True)
         labels = _crop_pad(case.labels_zyx, start, self.patch, channel_axis=False)
+        if self.augment is not None:
+            image, labels = augment_patch(rng, image, labels, self.augment)
+            return image, np.ascontiguousarray(labels, dtype=np.int64)
         for axis in self.flip_axes:
             if rng.random() < 0.5:
                 image = np.flip(image, axis + 1)

@@ -1,0 +1,120 @@
+"""``deepseg train`` and ``deepseg evaluate``: retraining on a dataset and measuring a model on it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from .events import EventSink
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a new version (fine-tune with ``--base``, else from scratch) and store it."""
+    from .model_store import ModelStore
+    from .training.engine import RetrainConfig, Stopped, retrain
+
+    config = RetrainConfig(
+        epochs=args.epochs,
+        steps_per_epoch=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        loss=args.loss,
+        arch=args.arch,
+        freeze_encoder_epochs=args.freeze_encoder_epochs,
+        validate_every=args.validate_every,
+        seed=args.seed,
+    )
+    sink = EventSink(json_mode=args.json)
+    checkpoints = Path(args.checkpoints or Path(tempfile.gettempdir()) / f"deepseg-train-{args.name}")
+
+    def on_event(event: dict) -> None:
+        sink.emit(event)
+        if not args.json and event.get("event") == "epoch_end":
+            val = event.get("validation")
+            dice = " ".join(f"{k} {v['dice']:.3f}" for k, v in val.items()) if val else ""
+            print(f"epoch {event['epoch']}/{event['epochs']} loss {event['loss']:.4f} {dice} (ETA {event['eta_s']:.0f} s)")
+
+    try:
+        outcome = retrain(
+            args.dataset,
+            args.name,
+            config,
+            checkpoints,
+            base=args.base,
+            store=ModelStore(args.models_dir),
+            resume=args.resume,
+            device=args.device if args.device != "auto" else ("cuda" if _cuda() else "cpu"),
+            on_event=on_event,
+            activate=not args.no_activate,
+        )
+    except Stopped as exc:
+        print(str(exc), file=sys.stderr)
+        return 130
+    if not args.json:
+        print(f"stored {outcome.card.ref} (parent {outcome.card.parent_version}); checkpoints in {checkpoints}")
+        print(f"{'label':<16}{'new Dice':>10}{'parent Dice':>13}")
+        for name, value in outcome.validation["mean"].items():
+            parent = outcome.parent_validation["mean"][name]["dice"] if outcome.parent_validation else float("nan")
+            print(f"{name:<16}{value['dice']:>10.3f}{parent:>13.3f}")
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Per-case and mean metrics of a model on a dataset split, as JSON."""
+    from .datasets import Dataset
+    from .inference import Segmenter
+    from .model_store import ModelStore
+    from .training.engine import evaluate_model
+
+    dataset = Dataset.open(args.dataset)
+    split = dataset.split()
+    ids = sorted(dataset.cases) if args.split == "all" else split[args.split]
+    segmenter = Segmenter.load(args.model, device=args.device, store=ModelStore(args.models_dir))
+    result = evaluate_model(segmenter, dataset, ids)
+    result["model"] = segmenter.card.ref
+    result["split"] = args.split
+    from .cli import _finite
+
+    print(json.dumps(_finite(result), indent=2))
+    return 0
+
+
+def add_train_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register ``deepseg train`` and ``deepseg evaluate``."""
+    p = sub.add_parser("train", help="train a new model version on a dataset (fine-tune with --base)")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--name", required=True, help="model name of the new version")
+    p.add_argument("--base", default=None, help="NAME[:VERSION] or folder to fine-tune; omit to train from scratch")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--steps", type=int, default=20, help="optimiser steps per epoch")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--loss", default="dice_ce")
+    p.add_argument("--arch", default="3d", choices=["3d", "2.5d", "2d"], help="from scratch only")
+    p.add_argument("--freeze-encoder-epochs", type=int, default=0)
+    p.add_argument("--validate-every", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoints", default=None, help="checkpoint folder (default: a temp folder named after --name)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint folder's last checkpoint")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-activate", action="store_true", help="store the new version without making it active")
+    p.add_argument("--models-dir", default=None)
+    p.add_argument("--json", action="store_true", help="JSON-lines events on stdout")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics of a model on a dataset split (JSON)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--split", default="validation", choices=["validation", "train", "all"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--models-dir", default=None)
+    p.set_defaults(func=cmd_evaluate)

@@ -1,0 +1,410 @@
+"""Train a new model version from a dataset: fine-tune a base version (or start from scratch),
+validate on the dataset's fixed split, checkpoint every epoch, resume after a kill, and store the
+result as a new immutable version whose card records its parent and both models' metrics.
+
+Checkpoints (``CHECKPOINT_DIR/last`` and ``/best``) hold the weights and the optimiser tensors as
+safetensors and everything else (epoch, scheduler, numpy and torch RNG states, history) as JSON,
+so resuming replays exactly the run that was interrupted: the epoch in flight at the kill is
+recomputed from the same random state and the result equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import metrics
+from ..config import to_dict
+from ..datasets import Dataset, DatasetError
+from ..errors import ConfigError
+from ..inference import Segmenter, SegmentOptions
+from ..losses import DeepSupervisionLoss, build_loss
+from ..model_card import Architecture, InferenceDefaults, Inputs, ModelCard, Normalization, Preprocessing
+from ..model_store import ModelStore, load_network, resolve_model
+from ..nets import UNetConfig, build_net
+from ..preprocessing import intensity_fingerprint, normalize, resample_to_spacing
+from .augment import AugmentConfig
+from .patches import PatchSampler, TrainingCase
+
+log = logging.getLogger(__name__)
+EventCallback = Callable[[dict[str, Any]], None]
+
+
+class Stopped(Exception):
+    """The caller's stop callback asked to stop; the last checkpoint is kept for ``resume``."""
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    """A training run on a dataset.
+
+    Attributes:
+        epochs: epochs of ``steps_per_epoch`` optimiser steps.
+        batch_size: patches per step.
+        learning_rate: AdamW learning rate, cosine-decayed to 5 % (fine-tuning wants it lower).
+        loss: loss registry name; the dataset's ignore value is passed as ``ignore_index``.
+        arch: ``3d``, ``2.5d`` or ``2d`` for a model from scratch (ignored when fine-tuning).
+        freeze_encoder_epochs: keep the encoder fixed for the first epochs of a fine-tune.
+        validate_every: validate on the fixed split every N epochs (and after the last).
+        foreground_fraction: share of patches centred on foreground.
+        augment: augmentation settings.
+        seed: everything random derives from it.
+    """
+
+    epochs: int = 10
+    steps_per_epoch: int = 20
+    batch_size: int = 2
+    learning_rate: float = 5e-4
+    weight_decay: float = 1e-4
+    loss: str = "dice_ce"
+    arch: str = "3d"
+    freeze_encoder_epochs: int = 0
+    validate_every: int = 1
+    foreground_fraction: float = 0.6
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    seed: int = 0
+
+
+def _prepare_cases(dataset: Dataset, ids: list[str], card: ModelCard) -> list[TrainingCase]:
+    """Cases resampled to the card's spacing and normalised as the card says."""
+    out = []
+    for case_id in ids:
+        images, label = dataset.load_case(case_id)
+        target = card.preprocessing.target_spacing_xyz_mm
+        channels = [normalize(resample_to_spacing(v, target).array_zyx, card.preprocessing.normalization) for v in images]
+        labels = resample_to_spacing(label, target, is_label=True).array_zyx.astype(np.uint8)
+        image = np.stack(channels).astype(np.float32)
+        out.append(TrainingCase(image, labels, name=case_id))
+    return out
+
+
+def _scratch_card(dataset: Dataset, name: str, config: RetrainConfig) -> tuple[ModelCard, nn.Module]:
+    """A card and an initialised U-Net for a model trained from scratch on ``dataset``."""
+    train_ids = dataset.split()["train"]
+    loaded = [dataset.load_case(c) for c in train_ids]
+    spacing = tuple(float(v) for v in np.median([imgs[0].spacing_xyz_mm for imgs, _ in loaded], axis=0))
+    modality = dataset.channel_names[0].upper()
+    if modality == "CT":
+        fp = intensity_fingerprint([imgs[0].array_zyx for imgs, _ in loaded], [lab.array_zyx > 0 for _, lab in loaded])
+        norm = Normalization(scheme="ct", window=(fp["p00_5"], fp["p99_5"]), mean=fp["mean"], std=fp["std"])
+    else:
+        norm = Normalization(scheme="zscore")
+    if config.arch not in ("3d", "2.5d", "2d"):
+        raise ConfigError("unknown architecture", expected="3d, 2.5d or 2d", found=config.arch)
+    num_classes = max(label.value for label in dataset.labels) + 1
+    channels = len(dataset.channel_names)
+    if config.arch == "3d":
+        net_config = UNetConfig(
+            spatial_dims=3,
+            in_channels=channels,
+            num_classes=num_classes,
+            features=(12, 24, 48, 96),
+            strides=((1, 2, 2), (2, 2, 2), (2, 2, 2)),
+            deep_supervision=True,
+        )
+        patch = (32, 64, 64)
+    else:
+        k = 3 if config.arch == "2.5d" else 1
+        net_config = UNetConfig(
+            spatial_dims=2,
+            in_channels=channels,
+            num_classes=num_classes,
+            features=(16, 32, 64, 128),
+            context_slices=k,
+            deep_supervision=True,
+        )
+        patch = (1, 96, 96)
+    card = ModelCard(
+        name=name,
+        version=1,
+        architecture=Architecture("unet", to_dict(net_config)),
+        inputs=Inputs(modality if modality in ("CT", "MR") else "MR", tuple(dataset.channel_names)),
+        labels=dataset.labels,
+        preprocessing=Preprocessing(target_spacing_xyz_mm=spacing, normalization=norm),
+        inference=InferenceDefaults(patch_size_zyx=patch, overlap=0.5, batch_size=2),
+        weights_sha256="0" * 64,
+    )
+    return card, build_net("unet", net_config, seed=config.seed)
+
+
+def evaluate_model(segmenter: Segmenter, dataset: Dataset, case_ids: list[str], hd95: bool = True) -> dict[str, Any]:
+    """Per-case and mean Dice (and HD95, mm) per label of ``segmenter`` on ``case_ids``."""
+    per_case = {}
+    for case_id in case_ids:
+        images, label = dataset.load_case(case_id)
+        result = segmenter.segment(images, SegmentOptions(check_modality=False))
+        scores = {}
+        for spec in dataset.labels:
+            pred, ref = result.labels.array_zyx == spec.value, label.array_zyx == spec.value
+            entry = {"dice": metrics.dice(pred, ref)}
+            if hd95:
+                entry["hd95_mm"] = metrics.hausdorff95(pred, ref, label.spacing_zyx_mm)
+            scores[spec.name] = entry
+        per_case[case_id] = scores
+    mean = {}
+    for spec in dataset.labels:
+        dice = [per_case[c][spec.name]["dice"] for c in case_ids]
+        mean[spec.name] = {"dice": float(np.mean(dice)) if dice else float("nan")}
+        if hd95:
+            finite = [per_case[c][spec.name]["hd95_mm"] for c in case_ids if np.isfinite(per_case[c][spec.name]["hd95_mm"])]
+            mean[spec.name]["hd95_mm"] = float(np.mean(finite)) if finite else float("inf")
+    return {"cases": per_case, "mean": mean, "case_ids": case_ids}
+
+
+def _save_checkpoint(folder: Path, net: nn.Module, optimiser: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    staging = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(staging / "weights.safetensors"))
+    opt = optimiser.state_dict()
+    tensors = {"__torch_rng": torch.get_rng_state()}
+    plain_state = {}
+    for param_id, entries in opt["state"].items():
+        plain_state[str(param_id)] = {}
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"{param_id}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                plain_state[str(param_id)][key] = value
+    save_file(tensors, str(staging / "optimizer.safetensors"))
+    state = {**state, "optimizer": {"param_groups": opt["param_groups"], "state": plain_state}}
+    (staging / "state.json").write_text(json.dumps(state, indent=1))
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(staging, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(folder: Path, net: nn.Module, optimiser: torch.optim.Optimizer) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    net.load_state_dict(load_file(str(folder / "weights.safetensors")))
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    state = json.loads((folder / "state.json").read_text())
+    opt_state: dict[int, dict[str, Any]] = {}
+    for param_id, entries in state["optimizer"]["state"].items():
+        opt_state[int(param_id)] = dict(entries)
+    for key, value in tensors.items():
+        if key == "__torch_rng":
+            continue
+        param_id, name = key.split(".", 1)
+        opt_state.setdefault(int(param_id), {})[name] = value
+    optimiser.load_state_dict({"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
+    torch.set_rng_state(tensors["__torch_rng"])
+    return state
+
+
+def _encoder_parameters(net: nn.Module) -> list[nn.Parameter]:
+    encoder = getattr(net, "encoder", None)
+    return list(encoder.parameters()) if isinstance(encoder, nn.Module) else []
+
+
+@dataclass
+class RetrainOutcome:
+    """What a run produced."""
+
+    card: ModelCard | None
+    history: list[dict[str, Any]]
+    validation: dict[str, Any]
+    parent_validation: dict[str, Any] | None
+
+
+def retrain(
+    dataset_dir: str | Path,
+    name: str,
+    config: RetrainConfig,
+    checkpoint_dir: str | Path,
+    *,
+    base: str | Path | None = None,
+    store: ModelStore | None = None,
+    resume: bool = False,
+    device: str = "cpu",
+    on_event: EventCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    activate: bool = True,
+) -> RetrainOutcome:
+    """Train a new version of ``name`` on ``dataset_dir`` and add it to ``store``.
+
+    Args:
+        dataset_dir: a DeepSeg dataset; its validation split is fixed on first use.
+        name: model name of the new version (the base's name continues its version line).
+        config: the run's settings.
+        checkpoint_dir: where ``last/`` and ``best/`` checkpoints go.
+        base: ``NAME[:VERSION]`` or folder to fine-tune; None trains from scratch (``config.arch``).
+        store: model store (default: ``$DEEPSEG_MODELS`` or ``~/.deepseg/models``).
+        resume: continue from ``checkpoint_dir/last`` (same dataset and config).
+        device: ``cpu``, ``cuda`` ... (AMP is used on CUDA).
+        on_event: receives ``epoch_end`` / ``validation`` / ``done`` event dicts.
+        should_stop: checked after every epoch; True stops after checkpointing (raises
+            :class:`Stopped`; call again with ``resume=True`` to continue).
+        activate: make the new version the active one (``deepseg models rollback`` undoes it).
+    """
+    store = store or ModelStore()
+    emit = on_event or (lambda event: None)
+    dataset = Dataset.open(dataset_dir)
+    split = dataset.ensure_split()
+    if not split["train"]:
+        raise DatasetError("no training cases", subject=dataset.root)
+    torch.manual_seed(config.seed)
+    parent_card = None
+    if base is not None:
+        parent_card, net = load_network(resolve_model(base, store))
+        missing = [label.name for label in dataset.labels if label.name not in {x.name for x in parent_card.labels}]
+        if missing or len(parent_card.inputs.channels) != len(dataset.channel_names):
+            raise ConfigError(
+                "the dataset does not match the base model",
+                expected=f"labels {[x.name for x in parent_card.labels]}, {len(parent_card.inputs.channels)} channel(s)",
+                found=f"labels {[x.name for x in dataset.labels]}, {len(dataset.channel_names)} channel(s)",
+            )
+        card = dataclasses.replace(
+            parent_card, name=name, parent_version=parent_card.version if parent_card.name == name else None
+        )
+    else:
+        card, net = _scratch_card(dataset, name, config)
+    device_t = torch.device(device)
+    net = net.to(device_t)
+    spatial_dims = int(card.architecture.config.get("spatial_dims", 3))
+    context = int(card.architecture.config.get("context_slices", 1))
+    train_cases = _prepare_cases(dataset, split["train"], card)
+    patch = tuple(card.inference.patch_size_zyx)
+    if spatial_dims == 2:
+        patch = (context, patch[-2], patch[-1])
+    sampler = PatchSampler(train_cases, patch, foreground_fraction=config.foreground_fraction, augment=config.augment)
+    loss_options = {"ignore_index": dataset.ignore_value} if dataset.ignore_value is not None else {}
+    loss_fn = DeepSupervisionLoss(build_loss(config.loss, **loss_options))
+    optimiser = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    total = max(1, config.epochs * config.steps_per_epoch)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=total, eta_min=0.05 * config.learning_rate)
+    rng = np.random.default_rng(config.seed)
+    checkpoint_dir = Path(checkpoint_dir)
+    history: list[dict[str, Any]] = []
+    start_epoch, best_score = 1, -1.0
+    if resume:
+        if not (checkpoint_dir / "last" / "state.json").exists():
+            raise ConfigError(
+                "nothing to resume", subject=checkpoint_dir, expected="last/state.json", hint="Start without --resume."
+            )
+        state = _load_checkpoint(checkpoint_dir / "last", net, optimiser)
+        schedule.load_state_dict(state["scheduler"])
+        rng.bit_generator.state = state["numpy_rng"]
+        start_epoch, history, best_score = state["epoch"] + 1, state["history"], state["best_score"]
+        emit({"event": "resumed", "epoch": state["epoch"]})
+    use_amp = device_t.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    encoder_params = _encoder_parameters(net)
+    started = time.perf_counter()
+
+    def validate() -> dict[str, Any]:
+        segmenter = Segmenter(dataclasses.replace(card), net, device_t)
+        result = evaluate_model(segmenter, dataset, split["validation"], hd95=True)
+        net.train()
+        return result["mean"]
+
+    for epoch in range(start_epoch, config.epochs + 1):
+        frozen = base is not None and epoch <= config.freeze_encoder_epochs
+        for param in encoder_params:
+            param.requires_grad_(not frozen)
+        net.train()
+        losses = []
+        epoch_start = time.perf_counter()
+        for _ in range(config.steps_per_epoch):
+            images, labels = sampler.batch(rng, config.batch_size)
+            x, y = torch.from_numpy(images).to(device_t), torch.from_numpy(labels).to(device_t)
+            if spatial_dims == 2:
+                x = x.permute(0, 2, 1, 3, 4).reshape(x.shape[0], -1, x.shape[-2], x.shape[-1])
+                y = y[:, y.shape[1] // 2]
+            optimiser.zero_grad(set_to_none=True)
+            with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
+                loss = loss_fn(net(x), y)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimiser)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
+            scaler.step(optimiser)
+            scaler.update()
+            schedule.step()
+            losses.append(float(loss.detach()))
+        record: dict[str, Any] = {
+            "event": "epoch_end",
+            "epoch": epoch,
+            "epochs": config.epochs,
+            "loss": float(np.mean(losses)),
+            "seconds": time.perf_counter() - epoch_start,
+            "encoder_frozen": frozen,
+        }
+        if epoch % config.validate_every == 0 or epoch == config.epochs:
+            record["validation"] = validate()
+            score = float(np.mean([v["dice"] for v in record["validation"].values()]))
+            record["mean_dice"] = score
+            if score > best_score:
+                best_score = score
+                _save_checkpoint(checkpoint_dir / "best", net, optimiser, {"epoch": epoch, "score": score})
+        elapsed = time.perf_counter() - started
+        record["eta_s"] = elapsed / (epoch - start_epoch + 1) * (config.epochs - epoch)
+        history.append(record)
+        state = {
+            "epoch": epoch,
+            "history": history,
+            "best_score": best_score,
+            "scheduler": schedule.state_dict(),
+            "numpy_rng": rng.bit_generator.state,
+            "config": to_dict(config),
+        }
+        _save_checkpoint(checkpoint_dir / "last", net, optimiser, state)
+        emit(record)
+        if should_stop is not None and should_stop() and epoch < config.epochs:
+            raise Stopped(f"stopped after epoch {epoch}; resume with the same checkpoint folder")
+    net.eval()
+    validation = evaluate_model(Segmenter(card, net, device_t), dataset, split["validation"])
+    parent_validation = None
+    if parent_card is not None:
+        parent_validation = evaluate_model(
+            Segmenter.load(resolve_model(base, store), device=device), dataset, split["validation"]
+        )
+    train_ids = split["train"]
+    card = dataclasses.replace(
+        card,
+        description=(card.description + f" Fine-tuned on {dataset.name}.").strip() if base is not None else card.description,
+        metrics={
+            "validation": {
+                "dice": {k: v["dice"] for k, v in validation["mean"].items()},
+                "cases": split["validation"],
+                "dataset": str(dataset.root),
+            },
+            "parent_validation": {"dice": {k: v["dice"] for k, v in parent_validation["mean"].items()}}
+            if parent_validation
+            else None,
+            "training": {
+                "epochs": config.epochs,
+                "final_loss": history[-1]["loss"] if history else None,
+                "cases": train_ids,
+                "base": str(base) if base is not None else None,
+            },
+        },
+    )
+    stored = store.add_version(card, net.cpu(), activate=activate)
+    emit(
+        {
+            "event": "done",
+            "model": stored.ref,
+            "parent": parent_card.ref if parent_card else None,
+            "validation": validation["mean"],
+            "parent_validation": parent_validation["mean"] if parent_validation else None,
+        }
+    )
+    return RetrainOutcome(stored, history, validation, parent_validation)

@@ -1,0 +1,118 @@
+"""Retraining on a dataset: fine-tune from the bundled model, fixed split, checkpoints, resume, new version."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from deepseg_core.datasets import Dataset
+from deepseg_core.demo import DEFAULT_MODEL, SAMPLE_SPACING_XYZ_MM
+from deepseg_core.model_store import ModelStore, load_network
+from deepseg_core.phantoms import PHANTOM_LABELS, generate_phantom
+from deepseg_core.training import AugmentConfig, augment_patch
+from deepseg_core.training.engine import RetrainConfig, Stopped, retrain
+
+
+@pytest.fixture(scope="module")
+def site_b_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "siteB"
+    dataset = Dataset.create(root, "siteB", PHANTOM_LABELS, ("CT",))
+    for seed in range(3):
+        p = generate_phantom(seed=500 + seed, profile="ct-B", shape_zyx=(32, 64, 64), spacing_xyz_mm=SAMPLE_SPACING_XYZ_MM)
+        dataset.add_case(f"b{seed}", [p.image], p.labels.array_zyx.astype(np.uint8))
+    return root
+
+
+CONFIG = RetrainConfig(epochs=2, steps_per_epoch=2, batch_size=1, learning_rate=1e-3, seed=3)
+
+
+def _weights(store, ref):
+    return load_network(store.folder(ref))[1].state_dict()
+
+
+def test_finetune_makes_a_new_version_with_parent_metrics(site_b_dataset, tmp_path):
+    store = ModelStore(tmp_path / "store")
+    events = []
+    outcome = retrain(
+        site_b_dataset, "phantom-liver", CONFIG, tmp_path / "ckpt", base=DEFAULT_MODEL, store=store, on_event=events.append
+    )
+    assert outcome.card.ref == "phantom-liver:1" and outcome.card.parent_version == 1
+    assert [e["epoch"] for e in events if e["event"] == "epoch_end"] == [1, 2]
+    assert all("validation" in e and "eta_s" in e for e in events if e["event"] == "epoch_end")
+    split = Dataset.open(site_b_dataset).split()
+    assert outcome.card.metrics["validation"]["cases"] == split["validation"] and len(split["validation"]) == 1
+    assert set(outcome.card.metrics["parent_validation"]["dice"]) == {"liver", "liver lesion"}
+    assert (tmp_path / "ckpt" / "last" / "weights.safetensors").exists() and (tmp_path / "ckpt" / "best").exists()
+    # A second run continues the version line and never overwrites; rollback returns to the first.
+    second = retrain(site_b_dataset, "phantom-liver", CONFIG, tmp_path / "ckpt2", base="phantom-liver:1", store=store)
+    assert second.card.version == 2 and second.card.parent_version == 1
+    assert store.active_version("phantom-liver") == 2
+    store.rollback("phantom-liver")
+    assert store.active_version("phantom-liver") == 1
+
+
+def test_resume_after_a_stop_equals_an_uninterrupted_run(site_b_dataset, tmp_path):
+    store_a, store_b = ModelStore(tmp_path / "a"), ModelStore(tmp_path / "b")
+    retrain(site_b_dataset, "m", CONFIG, tmp_path / "ck_a", base=DEFAULT_MODEL, store=store_a)
+    with pytest.raises(Stopped):
+        retrain(site_b_dataset, "m", CONFIG, tmp_path / "ck_b", base=DEFAULT_MODEL, store=store_b, should_stop=lambda: True)
+    assert store_b.names() == []  # nothing stored by a stopped run
+    retrain(site_b_dataset, "m", CONFIG, tmp_path / "ck_b", base=DEFAULT_MODEL, store=store_b, resume=True)
+    a, b = _weights(store_a, "m:1"), _weights(store_b, "m:1")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_augmentation_keeps_shapes_labels_and_is_seeded():
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(1, 8, 32, 32)).astype(np.float32)
+    labels = np.zeros((8, 32, 32), np.int64)
+    labels[2:6, 10:20, 10:20] = 2
+    always = AugmentConfig(p_rotate_scale=1, p_contrast=1, p_gamma=1, p_noise=1, p_blur=1, p_bias=1)
+    out1 = augment_patch(np.random.default_rng(5), image, labels, always)
+    out2 = augment_patch(np.random.default_rng(5), image, labels, always)
+    assert out1[0].shape == image.shape and out1[1].shape == labels.shape
+    np.testing.assert_array_equal(out1[0], out2[0])
+    assert set(np.unique(out1[1])) <= {0, 2}  # nearest-neighbour labels: no invented values
+    assert 0.6 < (out1[1] == 2).sum() / (labels == 2).sum() < 1.6  # rotation/scaling keeps the object
+    assert not np.allclose(out1[0], image)
+    same = augment_patch(np.random.default_rng(5), image, labels, AugmentConfig.none())
+    np.testing.assert_array_equal(same[0], image)
+
+
+def test_train_and_evaluate_cli(site_b_dataset, tmp_path, capsys):
+    import json
+
+    from deepseg_core.cli import main
+
+    store = str(tmp_path / "store")
+    args = ["train", "--dataset", str(site_b_dataset), "--name", "liver-b", "--base", str(DEFAULT_MODEL), "--epochs", "1"]
+    args += ["--steps", "1", "--batch-size", "1", "--models-dir", store, "--checkpoints", str(tmp_path / "ck"), "--json"]
+    assert main(args) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [e["event"] for e in events] == ["epoch_end", "done"]
+    assert events[-1]["model"] == "liver-b:1" and events[-1]["parent"] == "phantom-liver:1"
+    assert (
+        main(["evaluate", "--model", "liver-b", "--dataset", str(site_b_dataset), "--models-dir", store, "--device", "cpu"]) == 0
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"] == "liver-b:1" and list(report["cases"]) == report["case_ids"]
+    assert 0.0 <= report["mean"]["liver"]["dice"] <= 1.0
+    assert main(["train", "--dataset", str(tmp_path / "missing"), "--name", "x", "--models-dir", store]) == 2
+    assert "dataset folder not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["2.5d", "3d"])
+def test_from_scratch_builds_a_working_model(site_b_dataset, tmp_path, arch):
+    from deepseg_core.inference import Segmenter
+
+    store = ModelStore(tmp_path / "store")
+    config = RetrainConfig(epochs=1, steps_per_epoch=1, batch_size=1, arch=arch)
+    outcome = retrain(site_b_dataset, f"scratch-{arch}", config, tmp_path / "ck", store=store)
+    assert outcome.card.parent_version is None and outcome.parent_validation is None
+    assert outcome.card.architecture.config["spatial_dims"] == (2 if arch == "2.5d" else 3)
+    images, _ = Dataset.open(site_b_dataset).load_case("b0")
+    labels = Segmenter.load(store.folder(outcome.card.ref), device="cpu", store=store).segment(images).labels
+    assert labels.same_grid(images[0])

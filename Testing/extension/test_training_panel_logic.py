@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
+from deepseg_core.datasets import Dataset
+from deepseg_core.phantoms import PHANTOM_LABELS
 from DeepSegTrainingLib.dataset_summary import describe_dataset_folder
 
 
 def test_describes_dataset_folders(tmp_path):
     assert describe_dataset_folder(tmp_path / "none").startswith("Dataset folder not found")
     assert "expected imagesTr/ and labelsTr/" in describe_dataset_folder(tmp_path)
-    (tmp_path / "imagesTr").mkdir()
-    (tmp_path / "labelsTr").mkdir()
-    for case in ("a", "b"):
-        (tmp_path / "labelsTr" / f"{case}.nii.gz").write_bytes(b"")
-    assert describe_dataset_folder(tmp_path).startswith("2 training case(s)")
+    Dataset.create(tmp_path / "ds", "ds", PHANTOM_LABELS, ("CT",))
+    text = describe_dataset_folder(tmp_path / "ds")
+    assert text.startswith("0 case(s) (0 training, 0 validation, split drawn on first training)")
+    assert "labels 1=liver, 2=liver lesion; channels CT" in text
+    (tmp_path / "ds" / "dataset.json").write_text(json.dumps({"labels": {}}))
+    assert "lacks a field" in describe_dataset_folder(tmp_path / "ds")

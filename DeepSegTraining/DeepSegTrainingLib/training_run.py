@@ -1,0 +1,144 @@
+"""The DeepSegTraining panel's logic (no Qt): run ``deepseg train --json`` as a subprocess, turn its
+events into live MRML table + plot nodes, build the old-vs-new comparison table, promote or keep.
+
+The training always stores the new version *without* activating it, so nothing changes for users
+of the model until **Promote**; **Keep old** leaves the active version as it was (the new version
+stays in the store and can be promoted later).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import slicer
+
+from deepseg_core.model_store import ModelStore
+from DeepSegLib.segment_job import MODULE_DIR, SegmentJob, python_executable
+
+
+@dataclass(frozen=True)
+class TrainingRequest:
+    """The panel's settings (the CLI's flags)."""
+
+    dataset: str
+    name: str
+    base: str | None = None
+    epochs: int = 10
+    steps_per_epoch: int = 20
+    loss: str = "dice_ce"
+    arch: str = "3d"
+    freeze_encoder_epochs: int = 0
+    checkpoints: str | None = None
+    resume: bool = False
+    device: str = "auto"
+    models_dir: str | None = None
+
+
+def start_training(request: TrainingRequest, python: str | None = None) -> SegmentJob:
+    """Start ``deepseg train --json --no-activate``; poll the returned job for events.
+
+    Cancelling it (SIGTERM) keeps the last finished epoch's checkpoint; start again with
+    ``resume=True`` and the same ``checkpoints`` folder to continue.
+    """
+    import os
+
+    checkpoints = request.checkpoints or str(Path(tempfile.gettempdir()) / f"deepseg-train-{request.name}")
+    command = [python or python_executable(), "-m", "deepseg_core", "train", "--dataset", request.dataset, "--name", request.name]
+    command += ["--epochs", str(request.epochs), "--steps", str(request.steps_per_epoch), "--loss", request.loss]
+    command += ["--arch", request.arch, "--freeze-encoder-epochs", str(request.freeze_encoder_epochs)]
+    command += ["--checkpoints", checkpoints, "--device", request.device, "--json", "--no-activate"]
+    if request.base:
+        command += ["--base", request.base]
+    if request.resume:
+        command.append("--resume")
+    if request.models_dir:
+        command += ["--models-dir", request.models_dir]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(MODULE_DIR), env.get("PYTHONPATH", "")) if p)
+    workdir = Path(tempfile.mkdtemp(prefix="deepseg-train-job-"))
+    return SegmentJob(command, workdir, Path(checkpoints), env)
+
+
+class TrainingCurves:
+    """Loss and validation Dice per epoch in a table node, drawn by a plot chart node."""
+
+    def __init__(self, scene: slicer.vtkMRMLScene, label_names: Sequence[str], name: str = "DeepSeg training") -> None:
+        self.scene = scene
+        self.label_names = list(label_names)
+        self.table = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{name} curves")
+        for column in ["epoch", "loss", *(f"Dice {n}" for n in self.label_names)]:
+            array = self.table.AddColumn()
+            array.SetName(column)
+            self.table.SetColumnType(column, 10)  # VTK_DOUBLE: numeric columns for plotting
+        self.chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{name} chart")
+        self.chart.SetTitle("Training loss and validation Dice")
+        self.chart.SetXAxisTitle("epoch")
+        self.series = []
+        for column in ["loss", *(f"Dice {n}" for n in self.label_names)]:
+            series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{name} {column}")
+            series.SetAndObserveTableNodeID(self.table.GetID())
+            series.SetXColumnName("epoch")
+            series.SetYColumnName(column)
+            series.SetPlotType(series.PlotTypeScatter)
+            self.chart.AddAndObservePlotSeriesNodeID(series.GetID())
+            self.series.append(series)
+
+    def add_event(self, event: dict) -> bool:
+        """Append a row for an ``epoch_end`` event (Dice left empty on epochs without validation)."""
+        if event.get("event") != "epoch_end":
+            return False
+        table = self.table.GetTable()
+        row = table.InsertNextBlankRow()
+        table.SetValue(row, 0, float(event["epoch"]))
+        table.SetValue(row, 1, float(event["loss"]))
+        validation = event.get("validation") or {}
+        for index, name in enumerate(self.label_names):
+            value = validation.get(name, {}).get("dice")
+            table.SetValue(row, 2 + index, float(value) if value is not None else float("nan"))
+        table.Modified()
+        self.table.Modified()
+        return True
+
+
+def status_text(event: dict) -> str:
+    """The panel's status line for one event."""
+    kind = event.get("event")
+    if kind == "epoch_end":
+        return f"Epoch {event['epoch']}/{event['epochs']}: loss {event['loss']:.4f}, about {event.get('eta_s', 0):.0f} s left"
+    if kind == "resumed":
+        return f"Resumed after epoch {event['epoch']}."
+    if kind == "done":
+        return f"Done: {event['model']} stored (not active yet). Compare, then Promote or Keep old."
+    return ""
+
+
+def comparison_table(scene: slicer.vtkMRMLScene, done_event: dict) -> slicer.vtkMRMLTableNode:
+    """Old vs new Dice per label on the fixed validation split, from the ``done`` event."""
+    table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{done_event['model']} vs {done_event.get('parent') or 'none'}")
+    new = done_event["validation"]
+    old = done_event.get("parent_validation") or {}
+    columns = ["label", f"Dice {done_event.get('parent') or 'parent'}", f"Dice {done_event['model']}", "change"]
+    for column in columns:
+        table_node.AddColumn().SetName(column)
+    table = table_node.GetTable()
+    for name, scores in new.items():
+        row = table.InsertNextBlankRow()
+        before = old.get(name, {}).get("dice")
+        table.SetValue(row, 0, name)
+        table.SetValue(row, 1, f"{before:.3f}" if before is not None else "-")
+        table.SetValue(row, 2, f"{scores['dice']:.3f}")
+        table.SetValue(row, 3, f"{scores['dice'] - before:+.3f}" if before is not None else "-")
+    table_node.Modified()
+    return table_node
+
+
+def promote(model_ref: str, models_dir: str | None = None) -> str:
+    """Make ``NAME:VERSION`` the active version; returns the version that was active before."""
+    store = ModelStore(models_dir)
+    name = model_ref.split(":")[0]
+    previous = store.active_version(name)
+    store.activate(model_ref)
+    return f"{name}:{previous}" if previous is not None else ""

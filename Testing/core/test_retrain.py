@@ -116,3 +116,25 @@ def test_from_scratch_builds_a_working_model(site_b_dataset, tmp_path, arch):
     images, _ = Dataset.open(site_b_dataset).load_case("b0")
     labels = Segmenter.load(store.folder(outcome.card.ref), device="cpu", store=store).segment(images).labels
     assert labels.same_grid(images[0])
+
+
+def test_two_process_ddp_on_cpu_finishes_with_ranks_in_agreement(site_b_dataset, tmp_path):
+    """`torchrun --nproc_per_node 2 -m deepseg_core train ...` with gloo: same code path as one process."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2] / "DeepSeg"), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "deepseg_core"]
+    command += ["train", "--dataset", str(site_b_dataset), "--name", "ddp", "--base", str(DEFAULT_MODEL), "--epochs", "2"]
+    command += ["--steps", "2", "--batch-size", "1", "--device", "cpu", "--json", "--models-dir", str(tmp_path / "store")]
+    command += ["--checkpoints", str(tmp_path / "ck")]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    digests = {e["rank"]: e["weights_sha256"] for e in events if e["event"] == "rank_done"}
+    assert sorted(digests) == [0, 1] and digests[0] == digests[1]  # DDP kept the replicas identical
+    assert [e["epoch"] for e in events if e["event"] == "epoch_end"] == [1, 2]  # one event stream (rank 0)
+    assert ModelStore(tmp_path / "store").versions("ddp") == [1]

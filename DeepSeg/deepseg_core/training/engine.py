@@ -277,8 +277,23 @@ def retrain(
         )
     else:
         card, net = _scratch_card(dataset, name, config)
+    rank, world = _distributed_rank_world()
     device_t = torch.device(device)
+    if world > 1 and device_t.type == "cuda":
+        device_t = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     net = net.to(device_t)
+    model: nn.Module = net
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Frozen encoder epochs leave parameters without gradients, which DDP must be told about.
+        model = DistributedDataParallel(
+            net,
+            device_ids=[device_t.index] if device_t.type == "cuda" else None,
+            find_unused_parameters=config.freeze_encoder_epochs > 0 and base is not None,
+        )
+    if rank != 0:
+        emit = lambda event: None  # noqa: E731  (one event stream: rank 0's)
     spatial_dims = int(card.architecture.config.get("spatial_dims", 3))
     context = int(card.architecture.config.get("context_slices", 1))
     train_cases = _prepare_cases(dataset, split["train"], card)
@@ -291,7 +306,8 @@ def retrain(
     optimiser = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     total = max(1, config.epochs * config.steps_per_epoch)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=total, eta_min=0.05 * config.learning_rate)
-    rng = np.random.default_rng(config.seed)
+    # Each rank draws its own patches; with one process the stream is the plain seed's.
+    rng = np.random.default_rng(config.seed if world == 1 else [config.seed, rank])
     checkpoint_dir = Path(checkpoint_dir)
     history: list[dict[str, Any]] = []
     start_epoch, best_score = 1, -1.0
@@ -331,7 +347,7 @@ def retrain(
                 y = y[:, y.shape[1] // 2]
             optimiser.zero_grad(set_to_none=True)
             with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
-                loss = loss_fn(net(x), y)
+                loss = loss_fn(model(x), y)
             scaler.scale(loss).backward()
             scaler.unscale_(optimiser)
             torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
@@ -347,7 +363,7 @@ def retrain(
             "seconds": time.perf_counter() - epoch_start,
             "encoder_frozen": frozen,
         }
-        if epoch % config.validate_every == 0 or epoch == config.epochs:
+        if rank == 0 and (epoch % config.validate_every == 0 or epoch == config.epochs):
             record["validation"] = validate()
             score = float(np.mean([v["dice"] for v in record["validation"].values()]))
             record["mean_dice"] = score
@@ -365,11 +381,19 @@ def retrain(
             "numpy_rng": rng.bit_generator.state,
             "config": to_dict(config),
         }
-        _save_checkpoint(checkpoint_dir / "last", net, optimiser, state)
+        if rank == 0:
+            _save_checkpoint(checkpoint_dir / "last", net, optimiser, state)
         emit(record)
         if should_stop is not None and should_stop() and epoch < config.epochs:
             raise Stopped(f"stopped after epoch {epoch}; resume with the same checkpoint folder")
     net.eval()
+    if world > 1:
+        if on_event is not None:
+            on_event({"event": "rank_done", "rank": rank, "weights_sha256": _weights_digest(net)})
+        if rank != 0:
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+            return RetrainOutcome(None, history, {}, None)
     validation = evaluate_model(Segmenter(card, net, device_t), dataset, split["validation"])
     parent_validation = None
     if parent_card is not None:
@@ -407,4 +431,31 @@ def retrain(
             "parent_validation": parent_validation["mean"] if parent_validation else None,
         }
     )
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return RetrainOutcome(stored, history, validation, parent_validation)
+
+
+def _distributed_rank_world() -> tuple[int, int]:
+    """``(rank, world size)``; under ``torchrun`` (WORLD_SIZE > 1) the process group is started.
+
+    One code path for one process and many: gloo on CPU, NCCL when CUDA is present.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _weights_digest(net: nn.Module) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key, value in sorted(net.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,19 +21,11 @@ EXIT_OK, EXIT_INPUT, EXIT_MODEL, EXIT_CANCELLED = 0, 2, 3, 130
 log = logging.getLogger("deepseg")
 
 
-def _finite(data: object) -> object:
-    """Replace inf/nan by strings so the output is strict JSON."""
-    if isinstance(data, dict):
-        return {k: _finite(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [_finite(v) for v in data]
-    if isinstance(data, float) and not math.isfinite(data):
-        return str(data)
-    return data
+def print_json(data: object) -> None:
+    """Print ``data`` as indented strict JSON (inf/nan as strings)."""
+    from .events import strict_json
 
-
-def _print_json(data: object) -> None:
-    print(json.dumps(_finite(data), indent=2))
+    print(json.dumps(strict_json(data), indent=2))
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -42,7 +33,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     volume = io.read_image(args.image)
     array = volume.array_zyx
-    _print_json(
+    print_json(
         {
             "path": str(args.image),
             "shape_zyx": list(volume.shape_zyx),
@@ -71,7 +62,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
         io.write_image(case.image, out / f"{stem}.nrrd")
         io.write_segmentation(out / f"{stem}.seg.nrrd", case.labels, [lab.segment_info() for lab in phantoms.PHANTOM_LABELS])
         written.append({"case": stem, "lesions": len(case.lesion_radii_mm)})
-    _print_json({"output": str(out), "cases": written})
+    print_json({"output": str(out), "cases": written})
     return EXIT_OK
 
 
@@ -94,7 +85,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             log.warning("segment %r is missing from the prediction; scored as empty", seg.name)
             pred_mask = ref.mask(seg.name) & False
         result[seg.name] = metrics.compute_all(pred_mask, ref.mask(seg.name), spacing, args.tolerance_mm).as_dict()
-    _print_json(result)
+    print_json(result)
     return EXIT_OK
 
 
@@ -140,7 +131,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                     }
                 )
         if args.json:
-            _print_json(rows)
+            print_json(rows)
         else:
             print(f"store: {store.root}")
             for row in rows:
@@ -150,7 +141,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.action == "show":
         card = read_model_folder(resolve_model(args.ref, store))
-        _print_json(card.to_json_dict())
+        print_json(card.to_json_dict())
         return EXIT_OK
     if args.action == "import":
         card = store.import_folder(args.ref, activate=not args.no_activate)

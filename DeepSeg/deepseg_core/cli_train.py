@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -82,9 +81,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate_model(segmenter, dataset, ids)
     result["model"] = segmenter.card.ref
     result["split"] = args.split
-    from .cli import _finite
+    from .cli import print_json
 
-    print(json.dumps(_finite(result), indent=2))
+    print_json(result)
     return 0
 
 

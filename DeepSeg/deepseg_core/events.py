@@ -13,11 +13,12 @@ import time
 from typing import Any, TextIO
 
 
-def _strict(value: Any) -> Any:
+def strict_json(value: Any) -> Any:
+    """``value`` with every inf/nan float replaced by its string, so ``json.dumps`` writes strict JSON."""
     if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
+        return {k: strict_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
+        return [strict_json(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
@@ -25,7 +26,7 @@ def _strict(value: Any) -> Any:
 
 def to_json_line(event: dict[str, Any]) -> str:
     """One strict-JSON line (inf/nan written as strings), no trailing newline."""
-    return json.dumps(_strict(event), separators=(",", ":"))
+    return json.dumps(strict_json(event), separators=(",", ":"))
 
 
 class EventSink:

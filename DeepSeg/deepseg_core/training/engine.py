@@ -36,6 +36,7 @@ from ..model_store import ModelStore, load_network, resolve_model
 from ..nets import UNetConfig, build_net
 from ..preprocessing import intensity_fingerprint, normalize, resample_to_spacing
 from .augment import AugmentConfig
+from .loop import network_batch, optimisation_step
 from .patches import PatchSampler, TrainingCase
 
 log = logging.getLogger(__name__)
@@ -321,13 +322,12 @@ def retrain(
         rng.bit_generator.state = state["numpy_rng"]
         start_epoch, history, best_score = state["epoch"] + 1, state["history"], state["best_score"]
         emit({"event": "resumed", "epoch": state["epoch"]})
-    use_amp = device_t.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=device_t.type == "cuda")
     encoder_params = _encoder_parameters(net)
     started = time.perf_counter()
 
     def validate() -> dict[str, Any]:
-        segmenter = Segmenter(dataclasses.replace(card), net, device_t)
+        segmenter = Segmenter(card, net, device_t)
         result = evaluate_model(segmenter, dataset, split["validation"], hd95=True)
         net.train()
         return result["mean"]
@@ -340,21 +340,8 @@ def retrain(
         losses = []
         epoch_start = time.perf_counter()
         for _ in range(config.steps_per_epoch):
-            images, labels = sampler.batch(rng, config.batch_size)
-            x, y = torch.from_numpy(images).to(device_t), torch.from_numpy(labels).to(device_t)
-            if spatial_dims == 2:
-                x = x.permute(0, 2, 1, 3, 4).reshape(x.shape[0], -1, x.shape[-2], x.shape[-1])
-                y = y[:, y.shape[1] // 2]
-            optimiser.zero_grad(set_to_none=True)
-            with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
-                loss = loss_fn(model(x), y)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimiser)
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
-            scaler.step(optimiser)
-            scaler.update()
-            schedule.step()
-            losses.append(float(loss.detach()))
+            x, y = network_batch(*sampler.batch(rng, config.batch_size), spatial_dims, device_t)
+            losses.append(optimisation_step(model, net, x, y, loss_fn, optimiser, schedule, scaler))
         record: dict[str, Any] = {
             "event": "epoch_end",
             "epoch": epoch,

@@ -50,6 +50,56 @@ class TrainConfig:
     seed: int = 0
 
 
+def network_batch(
+    images: np.ndarray, labels: np.ndarray, spatial_dims: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampler output as network input and target.
+
+    Args:
+        images: patches ``(B, C, Z, Y, X)``; for 2D / 2.5D nets ``Z = k`` context slices.
+        labels: ``(B, Z, Y, X)``.
+        spatial_dims: 3, or 2 for 2D / 2.5D nets.
+        device: where the tensors go.
+
+    Returns:
+        3D: the tensors as they are. 2D: input ``(B, k * C, Y, X)`` with channel ``j * C + c`` for
+        modality ``c`` at slice ``j`` (the order of ``stack_neighbour_slices``), and the centre
+        slice's labels ``(B, Y, X)``.
+    """
+    x, y = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
+    if spatial_dims == 2:
+        x = x.permute(0, 2, 1, 3, 4).reshape(x.shape[0], -1, x.shape[-2], x.shape[-1])
+        y = y[:, y.shape[1] // 2]
+    return x, y
+
+
+def optimisation_step(
+    model: nn.Module,
+    net: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: nn.Module,
+    optimiser: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+) -> float:
+    """One step: forward (float16 autocast when ``scaler`` is enabled), backward, clip, step.
+
+    ``model`` is what runs forward (``net`` itself, or its DistributedDataParallel wrapper);
+    gradients of ``net``'s parameters are clipped to norm 12. Returns the loss.
+    """
+    optimiser.zero_grad(set_to_none=True)
+    with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=scaler.is_enabled()):
+        loss = loss_fn(model(x), y)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimiser)
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
+    scaler.step(optimiser)
+    scaler.update()
+    schedule.step()
+    return float(loss.detach())
+
+
 def train(
     net: nn.Module,
     cases: list[TrainingCase],
@@ -81,6 +131,7 @@ def train(
         optimiser, T_max=max(total_steps, 1), eta_min=0.05 * config.learning_rate
     )
     spatial_dims = getattr(getattr(net, "config", None), "spatial_dims", 3)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
     history: list[dict[str, Any]] = []
     started = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
@@ -88,18 +139,8 @@ def train(
         losses = []
         epoch_start = time.perf_counter()
         for _ in range(config.steps_per_epoch):
-            images, labels = sampler.batch(rng, config.batch_size)
-            x = torch.from_numpy(images).to(device)
-            y = torch.from_numpy(labels).to(device)
-            if spatial_dims == 2:
-                x, y = x[:, :, 0], y[:, 0]
-            optimiser.zero_grad(set_to_none=True)
-            loss = loss_fn(net(x), y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
-            optimiser.step()
-            schedule.step()
-            losses.append(float(loss.detach()))
+            x, y = network_batch(*sampler.batch(rng, config.batch_size), spatial_dims, device)
+            losses.append(optimisation_step(net, net, x, y, loss_fn, optimiser, schedule, scaler))
         record: dict[str, Any] = {
             "event": "epoch_end",
             "epoch": epoch,

@@ -1,6 +1,7 @@
-"""Run ``deepseg segment`` out of the GUI thread: a subprocess that speaks JSON-lines events.
+"""Run ``deepseg`` commands out of the GUI thread: subprocesses that speak JSON-lines events.
 
-No Slicer or Qt imports: the panel polls :meth:`SegmentJob.poll` from a timer, so the GUI never
+:func:`launch` starts any ``deepseg ... --json`` command (segment here, train in DeepSegTraining).
+No Slicer or Qt imports: the panel polls :meth:`DeepSegJob.poll` from a timer, so the GUI never
 blocks, and **Cancel** terminates the process (SIGTERM; the CLI stops within one tile batch, exits
 130 and leaves no output file). Inside Slicer the interpreter is ``PythonSlicer``; here it is the
 running Python.
@@ -57,8 +58,8 @@ def python_executable() -> str:
     return sys.executable
 
 
-class SegmentJob:
-    """One running segmentation; ``poll()`` returns the events that arrived since the last call."""
+class DeepSegJob:
+    """One running ``deepseg`` command; ``poll()`` returns the events that arrived since the last call."""
 
     def __init__(self, command: Sequence[str], workdir: Path, output: Path, env: dict[str, str]) -> None:
         self.command = list(command)
@@ -148,7 +149,7 @@ class SegmentJob:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def start_segmentation(channels: Sequence[io.Volume], request: SegmentRequest, python: str | None = None) -> SegmentJob:
+def start_segmentation(channels: Sequence[io.Volume], request: SegmentRequest, python: str | None = None) -> DeepSegJob:
     """Write the input channels to a temporary folder and start ``deepseg segment --json`` on them.
 
     Args:
@@ -164,17 +165,30 @@ def start_segmentation(channels: Sequence[io.Volume], request: SegmentRequest, p
     for index, volume in enumerate(channels):
         inputs.append(io.write_image(volume, workdir / f"input_{index}.nrrd", compress=False))
     output = workdir / "result.seg.nrrd"
-    command = [python or python_executable(), "-m", "deepseg_core", "segment", ",".join(str(p) for p in inputs)]
-    command += ["--model", request.model, "--output", str(output), "--device", request.device, "--json"]
+    arguments = ["segment", ",".join(str(p) for p in inputs)]
+    arguments += ["--model", request.model, "--output", str(output), "--device", request.device, "--json"]
     if request.overlap is not None:
-        command += ["--overlap", str(request.overlap)]
+        arguments += ["--overlap", str(request.overlap)]
     if request.tta:
-        command.append("--tta")
+        arguments.append("--tta")
     if request.instances:
-        command.append("--instances")
+        arguments.append("--instances")
     if request.models_dir:
-        command += ["--models-dir", request.models_dir]
+        arguments += ["--models-dir", request.models_dir]
+    return launch(arguments, workdir, output, python)
+
+
+def launch(arguments: Sequence[str], workdir: Path, output: Path, python: str | None = None) -> DeepSegJob:
+    """Start ``python -m deepseg_core ARGUMENTS`` in ``workdir`` with this module's folder importable.
+
+    Args:
+        arguments: the ``deepseg`` command line after the program name (include ``--json``).
+        workdir: the job's temporary folder (removed by :meth:`DeepSegJob.cleanup`).
+        output: what the command writes (a file or a folder), kept on the job.
+        python: interpreter (default :func:`python_executable`).
+    """
+    command = [python or python_executable(), "-m", "deepseg_core", *arguments]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(MODULE_DIR), env.get("PYTHONPATH", "")) if p)
     log.info("DeepSeg: %s", " ".join(command))
-    return SegmentJob(command, workdir, output, env)
+    return DeepSegJob(command, workdir, output, env)

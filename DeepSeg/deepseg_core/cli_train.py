@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 from .events import EventSink
@@ -13,7 +12,7 @@ from .events import EventSink
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a new version (fine-tune with ``--base``, else from scratch) and store it."""
     from .model_store import ModelStore
-    from .training.engine import RetrainConfig, Stopped, retrain
+    from .training.engine import RetrainConfig, Stopped, default_checkpoint_dir, retrain
 
     config = RetrainConfig(
         epochs=args.epochs,
@@ -27,7 +26,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     sink = EventSink(json_mode=args.json)
-    checkpoints = Path(args.checkpoints or Path(tempfile.gettempdir()) / f"deepseg-train-{args.name}")
+    checkpoints = Path(args.checkpoints) if args.checkpoints else default_checkpoint_dir(args.name)
 
     def on_event(event: dict) -> None:
         sink.emit(event)

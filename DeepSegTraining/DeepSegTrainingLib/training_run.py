@@ -16,7 +16,8 @@ from pathlib import Path
 import slicer
 
 from deepseg_core.model_store import ModelStore
-from DeepSegLib.segment_job import MODULE_DIR, SegmentJob, python_executable
+from deepseg_core.training.engine import default_checkpoint_dir
+from DeepSegLib.segment_job import DeepSegJob, launch
 
 
 @dataclass(frozen=True)
@@ -37,29 +38,24 @@ class TrainingRequest:
     models_dir: str | None = None
 
 
-def start_training(request: TrainingRequest, python: str | None = None) -> SegmentJob:
+def start_training(request: TrainingRequest, python: str | None = None) -> DeepSegJob:
     """Start ``deepseg train --json --no-activate``; poll the returned job for events.
 
     Cancelling it (SIGTERM) keeps the last finished epoch's checkpoint; start again with
     ``resume=True`` and the same ``checkpoints`` folder to continue.
     """
-    import os
-
-    checkpoints = request.checkpoints or str(Path(tempfile.gettempdir()) / f"deepseg-train-{request.name}")
-    command = [python or python_executable(), "-m", "deepseg_core", "train", "--dataset", request.dataset, "--name", request.name]
-    command += ["--epochs", str(request.epochs), "--steps", str(request.steps_per_epoch), "--loss", request.loss]
-    command += ["--arch", request.arch, "--freeze-encoder-epochs", str(request.freeze_encoder_epochs)]
-    command += ["--checkpoints", checkpoints, "--device", request.device, "--json", "--no-activate"]
+    checkpoints = request.checkpoints or str(default_checkpoint_dir(request.name))
+    arguments = ["train", "--dataset", request.dataset, "--name", request.name]
+    arguments += ["--epochs", str(request.epochs), "--steps", str(request.steps_per_epoch), "--loss", request.loss]
+    arguments += ["--arch", request.arch, "--freeze-encoder-epochs", str(request.freeze_encoder_epochs)]
+    arguments += ["--checkpoints", checkpoints, "--device", request.device, "--json", "--no-activate"]
     if request.base:
-        command += ["--base", request.base]
+        arguments += ["--base", request.base]
     if request.resume:
-        command.append("--resume")
+        arguments.append("--resume")
     if request.models_dir:
-        command += ["--models-dir", request.models_dir]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(MODULE_DIR), env.get("PYTHONPATH", "")) if p)
-    workdir = Path(tempfile.mkdtemp(prefix="deepseg-train-job-"))
-    return SegmentJob(command, workdir, Path(checkpoints), env)
+        arguments += ["--models-dir", request.models_dir]
+    return launch(arguments, Path(tempfile.mkdtemp(prefix="deepseg-train-job-")), Path(checkpoints), python)
 
 
 class TrainingCurves:

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-import re
+import functools
 import shutil
 import uuid
 from collections.abc import Sequence
@@ -20,7 +20,7 @@ import numpy as np
 import slicer
 
 from deepseg_core import io
-from deepseg_core.datasets import CaseProvenance, CaseRecord, Dataset, DatasetError, correction_effort
+from deepseg_core.datasets import CaseProvenance, CaseRecord, Dataset, correction_effort
 
 from .mrml_bridge import (
     SegmentationSnapshot,
@@ -33,7 +33,6 @@ from .mrml_bridge import (
 
 MODEL_ATTRIBUTE = "DeepSeg.Model"
 PREDICTION_ATTRIBUTE = "DeepSeg.PredictionPath"
-_INSTANCE_NAME = re.compile(r"^(?P<base>.+) (?P<index>\d+)$")
 
 
 def prediction_cache_folder() -> Path:
@@ -97,19 +96,6 @@ def apply_in_segment_editor(
     editor_logic.ModifySegmentByLabelmap(segmentation_node, segment_id, modifier, editor_logic.ModificationModeSet, False, False)
 
 
-def _schema_value(dataset: Dataset, name: str) -> int:
-    """Schema value of a segment name; ``"liver lesion 3"`` (an instance) maps to its thing label."""
-    try:
-        return dataset.label_by_name(name).value
-    except DatasetError:
-        match = _INSTANCE_NAME.match(name)
-        if match:
-            for label in dataset.labels:
-                if label.thing and label.name == match["base"]:
-                    return label.value
-        raise
-
-
 def labelmap_from_segments(segmentation_node: slicer.vtkMRMLSegmentationNode, grid: io.Volume, dataset: Dataset) -> np.ndarray:
     """The node's segments as one labelmap ``(Z, Y, X)`` of the dataset's values.
 
@@ -117,14 +103,12 @@ def labelmap_from_segments(segmentation_node: slicer.vtkMRMLSegmentationNode, gr
     overlap, the higher schema value wins (a lesion drawn over the organ stays a lesion).
     """
     segmentation = segmentation_node.GetSegmentation()
-    entries = []
+    segments = []
     for index in range(segmentation.GetNumberOfSegments()):
         segment_id = segmentation.GetNthSegmentID(index)
-        entries.append((_schema_value(dataset, segmentation.GetSegment(segment_id).GetName()), segment_id))
-    labels = np.zeros(grid.shape_zyx, np.uint8)
-    for value, segment_id in sorted(entries):
-        labels[segment_mask(segmentation_node, segment_id, grid)] = value
-    return labels
+        mask_of = functools.partial(segment_mask, segmentation_node, segment_id, grid)
+        segments.append((segmentation.GetSegment(segment_id).GetName(), mask_of))
+    return dataset.labelmap_from_segments(grid.shape_zyx, segments)
 
 
 def _prediction_labelmap(path: Path, grid: io.Volume, dataset: Dataset) -> np.ndarray | None:
@@ -133,10 +117,8 @@ def _prediction_labelmap(path: Path, grid: io.Volume, dataset: Dataset) -> np.nd
     prediction = io.read_segmentation(path)
     if not prediction.grid.same_grid(grid, tolerance_mm=1e-3):
         return None
-    labels = np.zeros(grid.shape_zyx, np.uint8)
-    for value, name in sorted((_schema_value(dataset, s.name), s.name) for s in prediction.segments):
-        labels[prediction.mask(name)] = value
-    return labels
+    segments = [(s.name, functools.partial(prediction.mask, s.name)) for s in prediction.segments]
+    return dataset.labelmap_from_segments(grid.shape_zyx, segments)
 
 
 def export_corrected_case(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -33,10 +34,8 @@ def _read_labelmap(path: Path, dataset: Dataset, grid: io.Volume) -> np.ndarray:
     """A ``.seg.nrrd`` (segments mapped to schema values by name) or a labelmap image."""
     if path.name.endswith(".seg.nrrd"):
         segmentation = io.read_segmentation(path)
-        out = np.zeros(segmentation.layers.shape_zyx, np.uint8)
-        for segment in segmentation.segments:
-            out[segmentation.mask(segment.name)] = dataset.label_by_name(segment.name).value
-        volume = segmentation.grid.with_array(out)
+        segments = [(s.name, functools.partial(segmentation.mask, s.name)) for s in segmentation.segments]
+        volume = segmentation.grid.with_array(dataset.labelmap_from_segments(segmentation.grid.shape_zyx, segments))
     else:
         volume = io.read_image(path)
     if not volume.same_grid(grid):

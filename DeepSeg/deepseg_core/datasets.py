@@ -27,7 +27,7 @@ import datetime as _dt
 import json
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 MANIFEST_NAME = "deepseg.json"
 MANIFEST_FORMAT = 1
 CASE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+INSTANCE_NAME_PATTERN = re.compile(r"^(?P<base>.+) (?P<index>\d+)$")
 SPLITS = ("train", "validation")
 
 
@@ -324,6 +325,40 @@ class Dataset:
                 f"`deepseg dataset add-label {self.root} --name '{name}' --value N`."
             ),
         )
+
+    def value_for_segment(self, name: str) -> int:
+        """Schema value of a segment name; ``"liver lesion 3"`` (an instance) maps to its thing label."""
+        try:
+            return self.label_by_name(name).value
+        except DatasetError:
+            match = INSTANCE_NAME_PATTERN.match(name)
+            if match:
+                for label in self.labels:
+                    if label.thing and label.name == match["base"]:
+                        return label.value
+            raise
+
+    def labelmap_from_segments(
+        self, shape_zyx: tuple[int, int, int], segments: Iterable[tuple[str, Callable[[], np.ndarray]]]
+    ) -> np.ndarray:
+        """Named segments as one uint8 labelmap ``(Z, Y, X)`` of the schema's values.
+
+        Args:
+            shape_zyx: the grid's shape.
+            segments: ``(segment name, function returning its boolean mask)``; every name must be
+                in the schema (instances map to their thing label) before any mask is computed.
+
+        Where segments overlap the higher schema value wins (a lesion drawn over the organ stays a
+        lesion).
+        """
+        valued = sorted(
+            ((self.value_for_segment(name), index, mask_of) for index, (name, mask_of) in enumerate(segments)),
+            key=lambda entry: entry[:2],
+        )
+        labels = np.zeros(shape_zyx, np.uint8)
+        for value, _, mask_of in valued:
+            labels[mask_of()] = value
+        return labels
 
     def add_label(self, label: LabelSpec) -> None:
         """Extend the schema by one label (existing cases keep their values)."""

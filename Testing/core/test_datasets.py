@@ -163,3 +163,23 @@ def test_dataset_cli(tmp_path, capsys):
     (root / "labelsTr" / "s1.nii.gz").write_bytes(b"garbage")
     assert main(["dataset", "validate", str(root)]) == 2
     assert "s1: unreadable" in capsys.readouterr().out
+
+
+def test_segment_names_map_to_schema_values_and_lesions_win_overlaps(dataset):
+    assert dataset.value_for_segment("liver lesion 3") == 2  # an instance of the thing label
+    with pytest.raises(DatasetError, match="not in the dataset's label schema"):
+        dataset.value_for_segment("liver 2")  # liver is not a thing label: no instances of it
+    liver = np.zeros((2, 3, 3), bool)
+    liver[:, :2] = True
+    lesion = np.zeros_like(liver)
+    lesion[0, 0, 0] = True
+    computed = []
+    masks = [
+        ("liver lesion 1", lambda: computed.append("lesion") or lesion),
+        ("liver", lambda: computed.append("liver") or liver),
+    ]
+    labels = dataset.labelmap_from_segments(liver.shape, masks)
+    assert labels[0, 0, 0] == 2 and labels[1, 0, 0] == 1 and labels[:, 2].sum() == 0
+    with pytest.raises(DatasetError, match="'spleen'"):
+        dataset.labelmap_from_segments(liver.shape, [*masks, ("spleen", lambda: liver)])
+    assert computed == ["liver", "lesion"]  # names checked before any mask is computed

@@ -131,11 +131,11 @@ class DeepSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def refreshModels(self):
         from DeepSegLib.panel_support import available_models
 
+        self._entries = {entry.ref: entry for entry in available_models()}
         self.ui.modelComboBox.clear()
-        for entry in available_models():
+        for entry in self._entries.values():
             self.ui.modelComboBox.addItem(entry.label, entry.ref)
             self.ui.modelComboBox.setItemData(self.ui.modelComboBox.count - 1, entry.description, qt.Qt.ToolTipRole)
-        self._entries = {entry.ref: entry for entry in available_models()}
 
     def onModelChanged(self, index):
         ref = self.ui.modelComboBox.itemData(index)

@@ -101,6 +101,15 @@ def oriented_mask(mask_zyx: np.ndarray, grid: io.Volume) -> slicer.vtkOrientedIm
     return image
 
 
+def reference_geometry(grid: io.Volume) -> slicer.vtkOrientedImageData:
+    """An oriented image with ``grid``'s extent and IJK-to-RAS matrix but no voxels (geometry only)."""
+    image = slicer.vtkOrientedImageData()
+    z, y, x = grid.shape_zyx
+    image.SetExtent(0, x - 1, 0, y - 1, 0, z - 1)
+    image.SetImageToWorldMatrix(_numpy_to_matrix(grid.ijk_to_ras()))
+    return image
+
+
 def deepseg_segment_ids(segmentation_node: slicer.vtkMRMLSegmentationNode) -> list[str]:
     """IDs of the segments an earlier DeepSeg run wrote (tagged), in order."""
     segmentation = segmentation_node.GetSegmentation()
@@ -148,8 +157,7 @@ def write_result_segments(
     try:
         for segment_id in deepseg_segment_ids(segmentation_node):
             segmentation.RemoveSegment(segment_id)
-        reference_image = oriented_mask(np.zeros(grid.shape_zyx, np.uint8), grid)
-        geometry = slicer.vtkSegmentationConverter.SerializeImageGeometry(reference_image)
+        geometry = slicer.vtkSegmentationConverter.SerializeImageGeometry(reference_geometry(grid))
         segmentation.SetConversionParameter(slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(), geometry)
         new_ids = [add_segment(segmentation_node, spec, mask_zyx, grid, source) for spec, mask_zyx in segments]
     finally:
@@ -188,7 +196,7 @@ def segment_mask(segmentation_node: slicer.vtkMRMLSegmentationNode, segment_id: 
         segmentation_node, segment_id, labelmap, False
     ):
         raise io.ImageError(f"segment {segment_id!r} has no labelmap", subject=segmentation_node.GetName())
-    reference = oriented_mask(np.zeros(grid.shape_zyx, np.uint8), grid)
+    reference = reference_geometry(grid)
     resampled = slicer.vtkOrientedImageData()
     slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, reference, resampled, False, True)
     dims = resampled.GetDimensions()

@@ -32,12 +32,11 @@ from deepseg_core.model_card import (  # noqa: E402
     InferenceDefaults,
     Inputs,
     ModelCard,
-    Normalization,
     Preprocessing,
 )
 from deepseg_core.model_store import write_model_folder  # noqa: E402
 from deepseg_core.nets import UNetConfig, build_net, count_parameters  # noqa: E402
-from deepseg_core.preprocessing import intensity_fingerprint, normalize  # noqa: E402
+from deepseg_core.preprocessing import ct_normalization, intensity_fingerprint, normalize  # noqa: E402
 from deepseg_core.training import TrainConfig, TrainingCase, train  # noqa: E402
 
 TRAIN_SEEDS = range(100, 116)
@@ -80,8 +79,7 @@ def main() -> int:
 
     train_cases = make_cases(TRAIN_SEEDS)
     print_fp = fingerprint(train_cases)
-    fg = print_fp["intensity_foreground"]
-    norm = Normalization(scheme="ct", window=(fg["p00_5"], fg["p99_5"]), mean=fg["mean"], std=fg["std"])
+    norm = ct_normalization(print_fp["intensity_foreground"])
     cases = [
         TrainingCase(normalize(c.image.array_zyx, norm)[None], c.labels.array_zyx.astype(np.uint8), name=f"ct-A-{c.seed}")
         for c in train_cases

@@ -127,3 +127,10 @@ def intensity_fingerprint(arrays: Sequence[np.ndarray], masks: Sequence[np.ndarr
         "p95": float(p[3]),
         "p99_5": float(p[4]),
     }
+
+
+def ct_normalization(foreground_fingerprint: dict[str, float]) -> Normalization:
+    """nnU-Net's CT scheme from an :func:`intensity_fingerprint` of the foreground: clip to its
+    0.5-99.5 percentiles, then subtract its mean and divide by its std."""
+    fp = foreground_fingerprint
+    return Normalization(scheme="ct", window=(fp["p00_5"], fp["p99_5"]), mean=fp["mean"], std=fp["std"])

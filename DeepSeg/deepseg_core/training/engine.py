@@ -34,7 +34,7 @@ from ..losses import DeepSupervisionLoss, build_loss
 from ..model_card import Architecture, InferenceDefaults, Inputs, ModelCard, Normalization, Preprocessing
 from ..model_store import ModelStore, load_network, resolve_model
 from ..nets import UNetConfig, build_net
-from ..preprocessing import intensity_fingerprint, normalize, resample_to_spacing
+from ..preprocessing import ct_normalization, intensity_fingerprint, normalize, resample_to_spacing
 from .augment import AugmentConfig
 from .loop import network_batch, optimisation_step
 from .patches import PatchSampler, TrainingCase
@@ -99,7 +99,7 @@ def _scratch_card(dataset: Dataset, name: str, config: RetrainConfig) -> tuple[M
     modality = dataset.channel_names[0].upper()
     if modality == "CT":
         fp = intensity_fingerprint([imgs[0].array_zyx for imgs, _ in loaded], [lab.array_zyx > 0 for _, lab in loaded])
-        norm = Normalization(scheme="ct", window=(fp["p00_5"], fp["p99_5"]), mean=fp["mean"], std=fp["std"])
+        norm = ct_normalization(fp)
     else:
         norm = Normalization(scheme="zscore")
     if config.arch not in ("3d", "2.5d", "2d"):

@@ -59,6 +59,8 @@ class DeepSegParameterNode:
     overlap: float = 0.5
     tta: bool = False
     instances: bool = True
+    uncertainty: bool = False
+    measurements: bool = True
     datasetFolder: pathlib.Path = pathlib.Path()
     caseId: str = ""
     overwriteCase: bool = False
@@ -72,6 +74,7 @@ class DeepSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._job = None
         self._snapshot = None
+        self._review = None
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
         self._timer.connect("timeout()", self.onPoll)
@@ -93,6 +96,8 @@ class DeepSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.editButton.connect("clicked(bool)", self.onEdit)
         self.ui.exportButton.connect("clicked(bool)", self.onExport)
         self.ui.loadSampleButton.connect("clicked(bool)", self.onLoadSample)
+        self.ui.nextUncertainButton.connect("clicked(bool)", self.onNextUncertain)
+        self.ui.showMeasurementsButton.connect("clicked(bool)", self.onShowMeasurements)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.refreshModels()
@@ -163,15 +168,22 @@ class DeepSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.cancelButton.enabled = True
             self.ui.progressBar.value = 0
             self.ui.statusLabel.text = "Starting..."
+            self.ui.domainCheckLabel.text = ""
             self._timer.start()
 
     def onPoll(self):
         from DeepSegLib.panel_support import progress_text
+        from DeepSegLib.result_review import domain_check_text
 
         if self._job is None:
             self._timer.stop()
             return
         for event in self._job.poll():
+            if event.get("event") == "domain_check":
+                verdict, text = domain_check_text(event)
+                colour = {"ok": "green", "caution": "darkorange", "out_of_distribution": "red"}.get(verdict, "black")
+                self.ui.domainCheckLabel.text = text
+                self.ui.domainCheckLabel.setStyleSheet(f"color: {colour}")
             percent, text = progress_text(event)
             if percent is not None:
                 self.ui.progressBar.value = percent
@@ -188,7 +200,13 @@ class DeepSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if job.returncode == 0:
                 p = self._parameterNode
                 self._snapshot = self.logic.applyResult(job, p)
+                self._review = self.logic.loadReview(job, p, self._review)
                 self.ui.undoButton.enabled = True
+                self.ui.nextUncertainButton.enabled = bool(self._review.navigator and len(self._review.navigator))
+                self.ui.showMeasurementsButton.enabled = self._review.table_node is not None
+                self.ui.uncertainRegionLabel.text = (
+                    f"{len(self._review.navigator)} uncertain region(s)." if self._review.navigator else ""
+                )
                 self.ui.statusLabel.text += f" Segments written to {p.outputSegmentation.GetName()}."
             elif job.returncode == 130:
                 self.ui.statusLabel.text = "Cancelled; the scene is unchanged."
@@ -196,6 +214,20 @@ class DeepSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.statusLabel.text = f"Failed: {job.error}"
         finally:
             job.cleanup()
+
+    def onNextUncertain(self):
+        if self._review is None or self._review.navigator is None:
+            return
+        region = self._review.navigator.next_region(slicer.mrmlScene)
+        self.ui.uncertainRegionLabel.text = self._review.navigator.status(region)
+
+    def onShowMeasurements(self):
+        if self._review is None or self._review.table_node is None:
+            return
+        layout_manager = slicer.app.layoutManager()
+        layout_manager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
+        slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(self._review.table_node.GetID())
+        slicer.app.applicationLogic().PropagateTableSelection()
 
     def onCancel(self):
         if self._job is not None:
@@ -278,7 +310,15 @@ class DeepSegLogic(ScriptedLoadableModuleLogic):
         if not p.model:
             raise ValueError("Choose a model first.")
         channels = [volume_from_node(p.inputVolume)] + [volume_from_node(n) for n in additionalVolumeNodes]
-        request = SegmentRequest(model=p.model, device=p.device, overlap=p.overlap, tta=p.tta, instances=p.instances)
+        request = SegmentRequest(
+            model=p.model,
+            device=p.device,
+            overlap=p.overlap,
+            tta=p.tta,
+            instances=p.instances,
+            uncertainty=p.uncertainty,
+            measurements=p.measurements,
+        )
         return start_segmentation(channels, request)
 
     def applyResult(self, job, p):
@@ -287,6 +327,11 @@ class DeepSegLogic(ScriptedLoadableModuleLogic):
         model = next((e.get("model") for e in job.events if e.get("event") == "start"), p.model)
         _, snapshot = apply_segmentation_file(job.output, p.outputSegmentation, p.inputVolume, model)
         return snapshot
+
+    def loadReview(self, job, p, previous=None):
+        from DeepSegLib.result_review import load_review
+
+        return load_review(slicer.mrmlScene, job.workdir, p.inputVolume, previous)
 
     def exportCorrected(self, p):
         from DeepSegLib.scene_logic import export_corrected_case

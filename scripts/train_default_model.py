@@ -1,6 +1,7 @@
 """Train the bundled default model ("phantom-liver") and write the bundled sample, reproducibly.
 
     python scripts/train_default_model.py [--epochs 40] [--output DeepSeg/deepseg_core/bundled]
+    python scripts/train_default_model.py --fingerprint-only   # recompute the card's fingerprint only
 
 Trains a small 3D U-Net on CT phantoms of scanner profile A (liver + lesions) with the project's
 own training loop, measures it on held-out phantoms with the full inference pipeline, and writes:
@@ -12,6 +13,7 @@ own training loop, measures it on held-out phantoms with the full inference pipe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -26,12 +28,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "DeepSeg"))
 
 from deepseg_core import demo, io, metrics, phantoms  # noqa: E402
+from deepseg_core.domain_shift import training_fingerprint  # noqa: E402
+from deepseg_core.fileutil import atomic_path  # noqa: E402
 from deepseg_core.inference import Segmenter, SegmentOptions  # noqa: E402
 from deepseg_core.model_card import (  # noqa: E402
     Architecture,
     InferenceDefaults,
     Inputs,
     ModelCard,
+    Normalization,
     Preprocessing,
 )
 from deepseg_core.model_store import write_model_folder  # noqa: E402
@@ -49,23 +54,26 @@ def make_cases(seeds: range, profile: str = "ct-A") -> list[phantoms.Phantom]:
     return [phantoms.generate_phantom(seed=s, profile=profile, shape_zyx=CASE_SHAPE, spacing_xyz_mm=SPACING) for s in seeds]
 
 
-def fingerprint(cases: list[phantoms.Phantom]) -> dict:
-    spacings = np.array([c.image.spacing_xyz_mm for c in cases])
-    return {
-        "num_cases": len(cases),
-        "modality": "CT",
-        "spacing_xyz_mm": {
-            "min": spacings.min(0).tolist(),
-            "median": np.median(spacings, 0).tolist(),
-            "max": spacings.max(0).tolist(),
-        },
-        "shape_zyx_median": np.median([c.image.shape_zyx for c in cases], 0).tolist(),
-        "intensity_foreground": intensity_fingerprint(
-            [c.image.array_zyx for c in cases], [c.labels.array_zyx > 0 for c in cases]
-        ),
-        "intensity_all": intensity_fingerprint([c.image.array_zyx for c in cases]),
-        "profiles": sorted({c.profile.name for c in cases}),
-    }
+def normalisation_and_fingerprint(cases: list[phantoms.Phantom]) -> tuple[Normalization, dict]:
+    foreground = intensity_fingerprint([c.image.array_zyx for c in cases], [c.labels.array_zyx > 0 for c in cases])
+    norm = ct_normalization(foreground)
+    fingerprint = training_fingerprint(
+        [[c.image] for c in cases],
+        [c.labels.array_zyx for c in cases],
+        "CT",
+        ("CT",),
+        norm,
+        profiles=[c.profile.name for c in cases],
+    )
+    return norm, fingerprint
+
+
+def rewrite_fingerprint(folder: Path) -> None:
+    card = ModelCard.read(folder / "model.json")
+    _, fingerprint = normalisation_and_fingerprint(make_cases(TRAIN_SEEDS))
+    card = dataclasses.replace(card, fingerprint=fingerprint)
+    with atomic_path(folder / "model.json") as tmp:
+        tmp.write_text(json.dumps(card.to_json_dict(), indent=2) + "\n", encoding="utf-8")
 
 
 def main() -> int:
@@ -73,13 +81,16 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--output", type=Path, default=REPO / "DeepSeg" / "deepseg_core" / "bundled")
+    parser.add_argument("--fingerprint-only", action="store_true", help="only recompute the model card's fingerprint")
     args = parser.parse_args()
+    if args.fingerprint_only:
+        rewrite_fingerprint(args.output / "models" / "phantom-liver")
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     train_cases = make_cases(TRAIN_SEEDS)
-    print_fp = fingerprint(train_cases)
-    norm = ct_normalization(print_fp["intensity_foreground"])
+    norm, print_fp = normalisation_and_fingerprint(train_cases)
     cases = [
         TrainingCase(normalize(c.image.array_zyx, norm)[None], c.labels.array_zyx.astype(np.uint8), name=f"ct-A-{c.seed}")
         for c in train_cases
@@ -134,8 +145,6 @@ def main() -> int:
     print(json.dumps({"validation_dice": validation}))
     final = args.output / "models" / "phantom-liver"
     shutil.rmtree(final, ignore_errors=True)
-    import dataclasses
-
     card = dataclasses.replace(
         card, metrics={**card.metrics, "validation": {"dice": validation, "cases": len(VALIDATION_SEEDS), "profile": "ct-A"}}
     )

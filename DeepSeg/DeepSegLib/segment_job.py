@@ -26,6 +26,8 @@ from deepseg_core import io
 
 log = logging.getLogger(__name__)
 MODULE_DIR = Path(__file__).resolve().parents[1]
+UNCERTAINTY_FILE = "uncertainty.nrrd"
+STATS_FILE = "stats.csv"
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ class SegmentRequest:
         overlap: sliding-window overlap, None for the model card's.
         tta: mirror test-time augmentation.
         instances: one segment per lesion (thing labels).
+        uncertainty: also compute the voxel-wise uncertainty map (``uncertainty.nrrd`` in the job folder).
+        measurements: also measure every segment and instance (``stats.csv`` in the job folder).
         models_dir: model store folder, None for the default.
     """
 
@@ -46,6 +50,8 @@ class SegmentRequest:
     overlap: float | None = None
     tta: bool = False
     instances: bool = False
+    uncertainty: bool = False
+    measurements: bool = True
     models_dir: str | None = None
 
 
@@ -119,6 +125,12 @@ class DeepSegJob:
         return self.process.poll()
 
     @property
+    def domain_check(self) -> dict | None:
+        """The last ``domain_check`` event (verdict, reasons, findings), or None before it arrives."""
+        checks = [e for e in self.events if e.get("event") == "domain_check"]
+        return checks[-1] if checks else None
+
+    @property
     def error(self) -> str:
         """The CLI's error message (last stderr lines), for the status line."""
         lines = [line for line in self._stderr if line.strip()]
@@ -173,6 +185,10 @@ def start_segmentation(channels: Sequence[io.Volume], request: SegmentRequest, p
         arguments.append("--tta")
     if request.instances:
         arguments.append("--instances")
+    if request.uncertainty:
+        arguments += ["--uncertainty", str(workdir / UNCERTAINTY_FILE)]
+    if request.measurements:
+        arguments += ["--stats", str(workdir / STATS_FILE)]
     if request.models_dir:
         arguments += ["--models-dir", request.models_dir]
     return launch(arguments, workdir, output, python)

@@ -8,10 +8,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import io
+from . import io, measurements, uncertainty
 from .errors import DeepSegError, ImageError
 from .events import EventSink
-from .inference import Segmenter, SegmentOptions
+from .inference import SegmentationResult, Segmenter, SegmentOptions
 from .inference.sliding_window import Cancelled
 from .model_card import ModelError
 from .model_store import ModelStore
@@ -74,6 +74,40 @@ def options_from(args: argparse.Namespace) -> SegmentOptions:
         fill_holes=args.fill_holes,
         keep_probabilities=args.probabilities is not None,
         check_modality=not args.skip_modality_check,
+        uncertainty=args.uncertainty_method if args.uncertainty else None,
+    )
+
+
+def side_output(value: str | None, case: Case, batch: bool, suffix: str) -> Path | None:
+    """Where an extra output goes: the given file for one case, ``FOLDER/<case><suffix>`` for a batch."""
+    if value is None:
+        return None
+    return Path(value) / f"{case.name}{suffix}" if batch else Path(value)
+
+
+def _check_side_output(value: str | None, batch: bool, suffixes: tuple[str, ...], option: str) -> None:
+    if value is None:
+        return
+    path = Path(value)
+    if batch:
+        if path.exists() and not path.is_dir():
+            raise ImageError(f"{option} needs a folder when several cases are segmented", subject=path, found="a file")
+        path.mkdir(parents=True, exist_ok=True)
+        return
+    if not path.name.lower().endswith(suffixes):
+        raise ImageError(f"unsupported {option} file type", subject=path, expected=" or ".join(suffixes), found=path.name)
+    if not path.parent.is_dir():
+        raise ImageError("the output folder does not exist", subject=path.parent, hint="Create it first.")
+
+
+def _measure(result: SegmentationResult, channels: list[io.Volume]) -> list[measurements.SegmentMeasurement]:
+    card = result.card
+    return measurements.measure_segments(
+        result.labels,
+        [label.segment_info() for label in card.labels],
+        intensity=channels[0],
+        instance_ids_zyx=result.instance_ids,
+        thing_values=[label.value for label in card.labels if label.thing],
     )
 
 
@@ -99,6 +133,8 @@ def run_segment(args: argparse.Namespace, sink: EventSink) -> tuple[int, int]:
     _check_output(args, batch)
     if args.probabilities and batch:
         raise ImageError("--probabilities takes one file and needs a single input", found=f"{len(cases)} inputs")
+    _check_side_output(args.uncertainty, batch, (".nrrd", ".nii.gz", ".nii", ".mha"), "--uncertainty")
+    _check_side_output(args.stats, batch, (".csv",), "--stats")
     store = ModelStore(args.models_dir) if args.models_dir else None
     segmenter = Segmenter.load(args.model, device=args.device, store=store)
     options = options_from(args)
@@ -112,10 +148,23 @@ def run_segment(args: argparse.Namespace, sink: EventSink) -> tuple[int, int]:
             def progress(done: int, total: int, eta: float, case_name: str = case.name) -> None:
                 sink.emit({"event": "progress", "case": case_name, "done": done, "total": total, "eta_s": round(eta, 2)})
 
-            result = segmenter.segment(channels, options, subjects=[str(p) for p in case.channels], on_progress=progress)
+            report = segmenter.check_inputs(channels)
+            sink.emit({"event": "domain_check", "case": case.name, "index": index, **report.to_json()})
+            if report.verdict != "ok":
+                log.warning("%s: %s", case.name, report.summary())
+            result = segmenter.segment(
+                channels, options, subjects=[str(p) for p in case.channels], on_progress=progress, domain_check=report
+            )
             out = write_segmentation_result(output_path(args, case, batch), result)
             if args.probabilities:
                 write_probabilities(args.probabilities, result)
+            uncertainty_path = side_output(args.uncertainty, case, batch, "_uncertainty.nrrd")
+            if uncertainty_path is not None and result.uncertainty is not None:
+                io.write_image(result.uncertainty, uncertainty_path)
+            stats_path = side_output(args.stats, case, batch, "_stats.csv")
+            rows = _measure(result, channels) if stats_path is not None else []
+            if stats_path is not None:
+                measurements.write_measurements_csv(stats_path, rows)
         except (Cancelled, KeyboardInterrupt):
             raise
         except ModelError:
@@ -127,6 +176,16 @@ def run_segment(args: argparse.Namespace, sink: EventSink) -> tuple[int, int]:
             continue
         ok += 1
         grid = result.labels
+        per_segment_uncertainty = (
+            {
+                u.label_value: u
+                for u in uncertainty.segment_uncertainty(
+                    grid, result.uncertainty.array_zyx, [label.segment_info() for label in result.card.labels]
+                )
+            }
+            if result.uncertainty is not None
+            else {}
+        )
         segments = [
             {
                 "name": label.name,
@@ -138,9 +197,21 @@ def run_segment(args: argparse.Namespace, sink: EventSink) -> tuple[int, int]:
                     if label.thing and options.instances
                     else {}
                 ),
+                **(
+                    {
+                        "mean_entropy": per_segment_uncertainty[label.value].mean_entropy,
+                        "uncertain_ml": per_segment_uncertainty[label.value].uncertain_ml,
+                    }
+                    if per_segment_uncertainty
+                    else {}
+                ),
             }
             for label in result.card.labels
         ]
+        extra_outputs = {
+            **({"uncertainty": str(uncertainty_path)} if uncertainty_path is not None else {}),
+            **({"stats": str(stats_path)} if stats_path is not None else {}),
+        }
         sink.emit(
             {
                 "event": "case_done",
@@ -150,13 +221,20 @@ def run_segment(args: argparse.Namespace, sink: EventSink) -> tuple[int, int]:
                 "seconds": round(time.perf_counter() - started, 3),
                 "timings_s": {k: round(v, 3) for k, v in result.timings_s.items()},
                 "segments": segments,
+                "domain_check": report.verdict,
+                **extra_outputs,
             }
         )
         if not sink.json_mode:
             print(f"{case.name}: {out} ({time.perf_counter() - started:.1f} s)")
+            print(f"  {report.summary()}")
             for seg in segments:
                 extra = f", {seg['instances']} instance(s)" if "instances" in seg else ""
+                if "mean_entropy" in seg:
+                    extra += f", mean uncertainty {seg['mean_entropy']:.3f}, uncertain {seg['uncertain_ml']:.2f} ml"
                 print(f"  {seg['name']:<20} {seg['voxels']:>9} voxels {seg['ml']:>9.2f} ml{extra}")
+            for name, path in extra_outputs.items():
+                print(f"  {name}: {path}")
     sink.emit({"event": "done", "ok": ok, "failed": failed})
     return ok, failed
 
@@ -182,6 +260,24 @@ def add_segment_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--largest-component", action="store_true", help="keep only the largest component of organ labels")
     p.add_argument("--fill-holes", action="store_true", help="fill enclosed holes of organ labels")
     p.add_argument("--probabilities", default=None, metavar="FILE", help="also write class probabilities (4D, float32)")
+    p.add_argument(
+        "--uncertainty",
+        default=None,
+        metavar="OUT.nrrd",
+        help="also write voxel-wise uncertainty (normalised predictive entropy, 0..1); a folder for a batch",
+    )
+    p.add_argument(
+        "--uncertainty-method",
+        default="tta",
+        choices=["tta", "mc_dropout"],
+        help="tta: mirrors + intensity perturbations (any model); mc_dropout: needs a model trained with dropout",
+    )
+    p.add_argument(
+        "--stats",
+        default=None,
+        metavar="OUT.csv",
+        help="per-segment and per-instance measurements (volume, surface, diameter, intensities); a folder for a batch",
+    )
     p.add_argument(
         "--skip-modality-check", action="store_true", help="segment even if the image does not look like the model's modality"
     )

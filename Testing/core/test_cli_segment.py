@@ -200,3 +200,57 @@ def test_models_commands(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["labels"][1]["name"] == "liver lesion"
     assert main(["models", "rollback", "tiny", "--models-dir", str(store)]) == EXIT_MODEL
     assert "nothing to roll back" in capsys.readouterr().err
+
+
+def test_uncertainty_stats_and_domain_check_from_the_cli(tmp_path):
+    model = tiny_model_folder(tmp_path / "model")
+    image = write_case(tmp_path / "case.nrrd")
+    out, unc, stats = tmp_path / "o.seg.nrrd", tmp_path / "u.nrrd", tmp_path / "s.csv"
+    result = cli(
+        "segment", str(image), "--model", str(model), "--output", str(out), "--uncertainty", str(unc), "--stats", str(stats),
+        "--instances", "--json",
+    )  # fmt: skip
+    assert result.returncode == EXIT_OK, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    check = next(e for e in events if e["event"] == "domain_check")
+    assert check["verdict"] == "caution" and "no training-data fingerprint" in check["reasons"][0]
+    done = next(e for e in events if e["event"] == "case_done")
+    assert done["domain_check"] == "caution" and done["uncertainty"] == str(unc) and done["stats"] == str(stats)
+    assert all("mean_entropy" in s and s["uncertain_ml"] >= 0 for s in done["segments"])
+    u = io.read_image(unc)
+    assert u.same_grid(io.read_image(image)) and 0.0 <= u.array_zyx.min() and u.array_zyx.max() <= 1.0
+    rows = stats.read_text().splitlines()
+    assert rows[0].startswith("Segment,Label value,Instance,Instance count,Number of voxels")
+    assert rows[1].startswith("liver,1,0,") and any(r.startswith("liver lesion,2,0,") for r in rows[2:])
+
+
+def test_batch_writes_one_uncertainty_map_and_table_per_case(tmp_path, capsys):
+    model = tiny_model_folder(tmp_path / "model")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for seed in (1, 2):
+        write_case(inputs / f"case{seed}.nrrd", seed=seed)
+    code = main(
+        ["segment", str(inputs), "--model", str(model), "--output", str(tmp_path / "out"), "--uncertainty", str(tmp_path / "unc"),
+         "--stats", str(tmp_path / "stats")]
+    )  # fmt: skip
+    assert code == EXIT_OK
+    assert sorted(p.name for p in (tmp_path / "unc").iterdir()) == ["case1_uncertainty.nrrd", "case2_uncertainty.nrrd"]
+    assert sorted(p.name for p in (tmp_path / "stats").iterdir()) == ["case1_stats.csv", "case2_stats.csv"]
+    assert "Domain check: caution" in capsys.readouterr().out
+
+
+def test_bad_side_outputs_are_refused_before_any_work(tmp_path):
+    model = tiny_model_folder(tmp_path / "model")
+    image = write_case(tmp_path / "case.nrrd")
+    out = tmp_path / "o.seg.nrrd"
+    bad_stats = cli("segment", str(image), "--model", str(model), "--output", str(out), "--stats", str(tmp_path / "s.txt"))
+    assert bad_stats.returncode == EXIT_INPUT and "unsupported --stats file type" in bad_stats.stderr
+    bad_unc = cli(
+        "segment", str(image), "--model", str(model), "--output", str(out), "--uncertainty", str(tmp_path / "x" / "u.nrrd")
+    )
+    assert bad_unc.returncode == EXIT_INPUT and "output folder does not exist" in bad_unc.stderr
+    mc = cli("segment", str(image), "--model", str(model), "--output", str(out), "--uncertainty", str(tmp_path / "u.nrrd"),
+             "--uncertainty-method", "mc_dropout")  # fmt: skip
+    assert mc.returncode != EXIT_OK and "no dropout layers" in mc.stderr and "--uncertainty-method tta" in mc.stderr
+    assert not out.exists() and not (tmp_path / "u.nrrd").exists()

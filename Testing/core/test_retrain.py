@@ -44,9 +44,14 @@ def test_finetune_makes_a_new_version_with_parent_metrics(site_b_dataset, tmp_pa
     assert outcome.card.metrics["validation"]["cases"] == split["validation"] and len(split["validation"]) == 1
     assert set(outcome.card.metrics["parent_validation"]["dice"]) == {"liver", "liver lesion"}
     assert (tmp_path / "ckpt" / "last" / "weights.safetensors").exists() and (tmp_path / "ckpt" / "best").exists()
+    # The new version's fingerprint describes the site data and still knows the original domain.
+    fingerprint = outcome.card.fingerprint
+    assert fingerprint["profiles"] == ["siteB"] and fingerprint["num_cases"] == len(split["train"])
+    assert [d["profiles"] for d in fingerprint["previous_domains"]] == [["ct-A"]]
     # A second run continues the version line and never overwrites; rollback returns to the first.
     second = retrain(site_b_dataset, "phantom-liver", CONFIG, tmp_path / "ckpt2", base="phantom-liver:1", store=store)
     assert second.card.version == 2 and second.card.parent_version == 1
+    assert [d["profiles"] for d in second.card.fingerprint["previous_domains"]] == [["siteB"], ["ct-A"]]
     assert store.active_version("phantom-liver") == 2
     store.rollback("phantom-liver")
     assert store.active_version("phantom-liver") == 1

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,12 +25,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import postprocessing
-from ..errors import DeepSegError, ImageError
+from .. import domain_shift, postprocessing
+from ..domain_shift import DomainReport
+from ..errors import ConfigError, DeepSegError, ImageError
 from ..io import Volume
 from ..model_card import ModelCard, ModelError
 from ..model_store import ModelStore, load_network, resolve_model
 from ..preprocessing import needs_resampling, normalize, resample_to_grid, resample_to_spacing, stack_neighbour_slices
+from ..uncertainty import normalised_entropy
 from .sliding_window import ProgressCallback, SlidingWindowConfig, sliding_window_predict
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,12 @@ def choose_device(requested: str = "auto") -> torch.device:
         raise DeepSegError("unknown device", expected="auto, cpu, cuda or cuda:N", found=requested) from None
 
 
+#: ``tta``: all mirror combinations plus these (gain, shift) perturbations of the normalised input;
+#: ``mc_dropout``: ``uncertainty_passes`` passes with the network's dropout layers active.
+UNCERTAINTY_METHODS = ("tta", "mc_dropout")
+UNCERTAINTY_INTENSITY_PERTURBATIONS: tuple[tuple[float, float], ...] = ((0.9, 0.0), (1.1, 0.0), (1.0, -0.2), (1.0, 0.2))
+
+
 @dataclass(frozen=True)
 class SegmentOptions:
     """Per-run choices; ``None`` means the model card's default."""
@@ -66,6 +75,17 @@ class SegmentOptions:
     fill_holes: bool = False
     keep_probabilities: bool = False
     check_modality: bool = True
+    uncertainty: str | None = None
+    uncertainty_passes: int = 8
+    uncertainty_perturbations: tuple[tuple[float, float], ...] = UNCERTAINTY_INTENSITY_PERTURBATIONS
+
+    def __post_init__(self) -> None:
+        if self.uncertainty not in (None, *UNCERTAINTY_METHODS):
+            raise ConfigError(
+                "unknown uncertainty method", expected=f"one of {list(UNCERTAINTY_METHODS)}", found=str(self.uncertainty)
+            )
+        if self.uncertainty_passes < 2:
+            raise ConfigError("Monte-Carlo dropout needs at least 2 passes", found=str(self.uncertainty_passes))
 
 
 @dataclass
@@ -77,6 +97,9 @@ class SegmentationResult:
         probabilities: ``(K, Z, Y, X)`` float16 class probabilities on the input grid, or None.
         instance_ids: ``(Z, Y, X)`` int32 instance ids of thing classes (0 = none), or None.
         instances: one summary per instance.
+        uncertainty: normalised predictive entropy (float32, 0..1) on the input grid, or None
+            (see :mod:`deepseg_core.uncertainty`).
+        domain_check: the input-versus-training-data report (see :mod:`deepseg_core.domain_shift`).
         card: the model card used.
         timings_s: seconds per stage.
     """
@@ -86,6 +109,8 @@ class SegmentationResult:
     probabilities: np.ndarray | None = None
     instance_ids: np.ndarray | None = None
     instances: list[postprocessing.Instance] = field(default_factory=list)
+    uncertainty: Volume | None = None
+    domain_check: DomainReport | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
 
 
@@ -150,13 +175,20 @@ class Segmenter:
         patch = tuple(defaults.patch_size_zyx)
         if self.spatial_dims == 2:
             patch = (1, patch[-2], patch[-1])
-        mirror = ((1, 2) if self.spatial_dims == 2 else (0, 1, 2)) if options.tta else ()
+        all_axes = (1, 2) if self.spatial_dims == 2 else (0, 1, 2)
+        mirror = all_axes if options.tta or options.uncertainty == "tta" else ()
         return SlidingWindowConfig(
             patch_size_zyx=patch,  # type: ignore[arg-type]
             overlap=defaults.overlap if options.overlap is None else options.overlap,
             batch_size=options.batch_size or defaults.batch_size,
             mirror_axes=mirror,
+            intensity_perturbations=options.uncertainty_perturbations if options.uncertainty == "tta" else (),
+            repeats=options.uncertainty_passes if options.uncertainty == "mc_dropout" else 1,
         )
+
+    def check_inputs(self, channels: Sequence[Volume]) -> DomainReport:
+        """Compare the input channels with the training-data fingerprint of the card (never raises for a shift)."""
+        return domain_shift.check_input(self.card, channels)
 
     def prepare(self, channels: Sequence[Volume], options: SegmentOptions, subjects: Sequence[str]) -> tuple[np.ndarray, Volume]:
         """Normalised network input ``(C_net, Z, Y, X)`` on the model grid, and that grid."""
@@ -197,12 +229,18 @@ class Segmenter:
         subjects: Sequence[str] | None = None,
         on_progress: ProgressCallback | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        domain_check: DomainReport | None = None,
     ) -> SegmentationResult:
-        """Segment one case (one :class:`Volume` per input channel, all on one grid)."""
+        """Segment one case (one :class:`Volume` per input channel, all on one grid).
+
+        ``domain_check``: a report already made by :meth:`check_inputs` (made here when None).
+        """
         timings: dict[str, float] = {}
         clock = time.perf_counter()
         subjects = list(subjects or [f"channel {i}" for i in range(len(channels))])
         image, model_grid = self.prepare(channels, options, subjects)
+        if domain_check is None:
+            domain_check = self.check_inputs(channels)
         timings["preprocess"] = time.perf_counter() - clock
         reference = channels[0]
         resampled = needs_resampling(reference.spacing_xyz_mm, model_grid.spacing_xyz_mm) or not model_grid.same_grid(reference)
@@ -211,23 +249,27 @@ class Segmenter:
         label_dtype = np.uint8 if num_classes <= 256 else np.uint16
         labels_model = np.zeros(model_grid.shape_zyx, dtype=label_dtype)
         probs_model = np.zeros((max(num_classes, 2), *model_grid.shape_zyx), dtype=np.float16) if keep_probs else None
+        entropy_model = np.zeros(model_grid.shape_zyx, dtype=np.float32) if options.uncertainty else None
 
         def on_slab(z0: int, z1: int, probs: np.ndarray) -> None:
             labels_model[z0:z1] = np.argmax(probs, axis=0)
             if probs_model is not None:
                 probs_model[:, z0:z1] = probs
+            if entropy_model is not None:
+                entropy_model[z0:z1] = normalised_entropy(probs)
 
         clock = time.perf_counter()
-        sliding_window_predict(
-            self.net,
-            image,
-            num_classes,
-            self.window_config(options),
-            on_slab,
-            device=self.device,
-            on_progress=on_progress,
-            should_cancel=should_cancel,
-        )
+        with _mc_dropout(self.net, options.uncertainty == "mc_dropout", self.card.ref):
+            sliding_window_predict(
+                self.net,
+                image,
+                num_classes,
+                self.window_config(options),
+                on_slab,
+                device=self.device,
+                on_progress=on_progress,
+                should_cancel=should_cancel,
+            )
         timings["network"] = time.perf_counter() - clock
         clock = time.perf_counter()
         probabilities = None
@@ -239,6 +281,12 @@ class Segmenter:
         labels_array = labels_array.astype(label_dtype, copy=False)
         result = self._postprocess(reference.with_array(labels_array), options)
         result.probabilities = probabilities
+        result.domain_check = domain_check
+        if entropy_model is not None:
+            entropy = model_grid.with_array(entropy_model)
+            if resampled:
+                entropy = resample_to_grid(entropy, reference)
+            result.uncertainty = reference.with_array(np.clip(entropy.array_zyx, 0.0, 1.0).astype(np.float32))
         timings["postprocess"] = time.perf_counter() - clock
         result.timings_s = timings
         return result
@@ -257,6 +305,29 @@ class Segmenter:
                 array, things, labels.spacing_zyx_mm, options.min_instance_mm3
             )
         return result
+
+
+@contextmanager
+def _mc_dropout(net: nn.Module, enable: bool, ref: str) -> Iterator[None]:
+    """Dropout layers in training mode (stochastic) for the duration; everything else stays in eval."""
+    if not enable:
+        yield
+        return
+    dropouts = [m for m in net.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
+    if not dropouts:
+        raise ConfigError(
+            f"model {ref} has no dropout layers, so Monte-Carlo dropout cannot vary its output",
+            expected="a network trained with dropout > 0",
+            found="dropout 0 in every layer",
+            hint="Use the test-time-augmentation method (CLI: --uncertainty-method tta).",
+        )
+    for module in dropouts:
+        module.train()
+    try:
+        yield
+    finally:
+        for module in dropouts:
+            module.eval()
 
 
 def _probabilities_to_grid(

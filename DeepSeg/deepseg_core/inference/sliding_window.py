@@ -52,6 +52,10 @@ class SlidingWindowConfig:
         sigma_scale: Gaussian sigma as a fraction of the patch size (nnU-Net: 1/8).
         mirror_axes: spatial axes (0 = z, 1 = y, 2 = x) to mirror for test-time augmentation;
             every combination is run (``2 ** len(mirror_axes)`` passes).
+        intensity_perturbations: extra unmirrored passes, each ``(gain, shift)`` applied to the
+            normalised input (``x * gain + shift``); used for uncertainty.
+        repeats: times the unmirrored, unperturbed pass is run; > 1 only makes sense with
+            stochastic layers (Monte-Carlo dropout).
         amp: float16 autocast on CUDA (ignored on CPU).
     """
 
@@ -60,7 +64,20 @@ class SlidingWindowConfig:
     batch_size: int = 2
     sigma_scale: float = 0.125
     mirror_axes: tuple[int, ...] = ()
+    intensity_perturbations: tuple[tuple[float, float], ...] = ()
+    repeats: int = 1
     amp: bool = True
+
+    def passes(self) -> list[tuple[tuple[int, ...], float, float]]:
+        """Every network pass per tile as ``(mirrored axes, gain, shift)``; the probabilities are averaged."""
+        axes = self.mirror_axes
+        combos = [c for r in range(1, len(axes) + 1) for c in itertools.combinations(axes, r)]
+        plain: tuple[int, ...] = ()
+        return (
+            [(plain, 1.0, 0.0)] * self.repeats
+            + [(c, 1.0, 0.0) for c in combos]
+            + [(plain, float(g), float(b)) for g, b in self.intensity_perturbations]
+        )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.overlap < 1.0:
@@ -71,6 +88,8 @@ class SlidingWindowConfig:
             )
         if any(a not in (0, 1, 2) for a in self.mirror_axes):
             raise ShapeError("mirror axes must be among 0 (z), 1 (y), 2 (x)", found=str(self.mirror_axes))
+        if self.repeats < 1:
+            raise ShapeError("sliding-window repeats must be >= 1", found=str(self.repeats))
 
 
 def tile_starts(length: int, patch: int, overlap: float) -> list[int]:
@@ -214,7 +233,7 @@ def sliding_window_predict(
             batch = starts[index : index + batch_size]
             try:
                 calls += 1
-                probs = _predict_batch(net, image, batch, patch, num_classes, config.mirror_axes, device, use_amp)
+                probs = _predict_batch(net, image, batch, patch, num_classes, config.passes(), device, use_amp)
                 for start, tile_probs in zip(batch, probs, strict=True):
                     accumulator.add(start, tile_probs.to(accumulator.device), gaussian.to(accumulator.device))
             except torch.cuda.OutOfMemoryError:
@@ -254,23 +273,24 @@ def _predict_batch(
     starts: Sequence[tuple[int, int, int]],
     patch: tuple[int, int, int],
     num_classes: int,
-    mirror_axes: Sequence[int],
+    passes: Sequence[tuple[tuple[int, ...], float, float]],
     device: torch.device,
     use_amp: bool,
 ) -> torch.Tensor:
-    """Softmax probabilities ``(B, K, *patch)`` of a batch of tiles, averaged over mirror passes."""
+    """Softmax probabilities ``(B, K, *patch)`` of a batch of tiles, averaged over ``passes``."""
     tiles = torch.stack([image[:, z : z + patch[0], y : y + patch[1], x : x + patch[2]] for z, y, x in starts]).to(device)
-    combos = [()] + [c for r in range(1, len(mirror_axes) + 1) for c in itertools.combinations(mirror_axes, r)]
     total = None
-    for combo in combos:
+    for combo, gain, shift in passes:
         dims = [a + 2 for a in combo]
         inputs = torch.flip(tiles, dims) if dims else tiles
+        if gain != 1.0 or shift != 0.0:
+            inputs = inputs * gain + shift
         with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
             logits = net(inputs)
         probs = _probabilities(logits.float(), num_classes)
         probs = torch.flip(probs, dims) if dims else probs
         total = probs if total is None else total.add_(probs)
-    return total / len(combos)
+    return total / len(passes)
 
 
 def _probabilities(logits: torch.Tensor, num_classes: int) -> torch.Tensor:

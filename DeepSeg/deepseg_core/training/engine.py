@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import metrics
+from .. import domain_shift, metrics
 from ..config import to_dict
 from ..datasets import Dataset, DatasetError
 from ..errors import ConfigError
@@ -89,6 +89,20 @@ def _prepare_cases(dataset: Dataset, ids: list[str], card: ModelCard) -> list[Tr
         image = np.stack(channels).astype(np.float32)
         out.append(TrainingCase(image, labels, name=case_id))
     return out
+
+
+def _dataset_fingerprint(dataset: Dataset, ids: list[str], card: ModelCard, parent: ModelCard | None) -> dict:
+    """The new version's training-data fingerprint; a fine-tune also keeps its parent's domains."""
+    loaded = [dataset.load_case(case_id) for case_id in ids]
+    own = domain_shift.training_fingerprint(
+        [images for images, _ in loaded],
+        [label.array_zyx for _, label in loaded],
+        card.inputs.modality,
+        card.inputs.channels,
+        card.preprocessing.normalization,
+        profiles=[dataset.name],
+    )
+    return domain_shift.merge_with_parent(own, parent.fingerprint) if parent is not None else own
 
 
 def _scratch_card(dataset: Dataset, name: str, config: RetrainConfig) -> tuple[ModelCard, nn.Module]:
@@ -390,6 +404,7 @@ def retrain(
     train_ids = split["train"]
     card = dataclasses.replace(
         card,
+        fingerprint=_dataset_fingerprint(dataset, train_ids, card, parent_card),
         description=(card.description + f" Fine-tuned on {dataset.name}.").strip() if base is not None else card.description,
         metrics={
             "validation": {

@@ -1,0 +1,283 @@
+"""Per-segment and per-instance measurements: size, shape, position and the input's intensities.
+
+Conventions follow Slicer's Segment Statistics module so numbers can be compared with it:
+
+- volumes from the voxel count (labelmap representation): ``Volume [mm3]`` and ``Volume [cm3]``
+  (1 cm^3 = 1 ml);
+- ``Surface area [mm2]``: ITK's estimate from the binary labelmap (Crofton / Cauchy formula on the
+  voxel boundary, as Segment Statistics' labelmap plugin), not the area of the blocky voxel faces;
+- ``Feret diameter [mm]``: the largest distance between two boundary voxel centres (the maximum 3D
+  diameter, as RECIST-style measurements want it in 3D);
+- ``Sphericity``: ``pi^(1/3) (6 V)^(2/3) / A`` (1 for a sphere, lower for elongated or ragged shapes);
+- centroids are given both in RAS (Slicer's world coordinates) and LPS (DICOM / ITK), in mm;
+- intensity statistics are of the input image voxels inside the segment, in the image's units (HU
+  for CT); percentiles use linear interpolation.
+
+Instances of "thing" classes (lesions) are measured one by one; a class row carries the instance
+count of that class.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import ImageError
+from .fileutil import atomic_path
+from .io import SegmentInfo, Volume
+
+#: percentiles reported for intensities (Segment Statistics' scalar plugin reports 5 and 95 too).
+PERCENTILES = (5.0, 25.0, 50.0, 75.0, 95.0)
+_LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class SegmentMeasurement:
+    """One row: a whole segment (``instance == 0``) or one instance of a thing class.
+
+    Lengths in mm, areas in mm^2, volumes in mm^3 and ml; intensities in the input image's units.
+    Intensity fields are NaN when no input image was given.
+    """
+
+    segment: str
+    label_value: int
+    instance: int
+    instance_count: int
+    voxel_count: int
+    volume_mm3: float
+    volume_ml: float
+    surface_area_mm2: float
+    feret_diameter_mm: float
+    sphericity: float
+    centroid_r_mm: float
+    centroid_a_mm: float
+    centroid_s_mm: float
+    centroid_l_mm: float
+    centroid_p_mm: float
+    centroid_s_lps_mm: float
+    intensity_mean: float
+    intensity_std: float
+    intensity_min: float
+    intensity_max: float
+    intensity_p05: float
+    intensity_p25: float
+    intensity_median: float
+    intensity_p75: float
+    intensity_p95: float
+
+    @property
+    def centroid_ras_mm(self) -> tuple[float, float, float]:
+        return (self.centroid_r_mm, self.centroid_a_mm, self.centroid_s_mm)
+
+
+#: display titles (Slicer Segment Statistics style, with units), in column order.
+COLUMN_TITLES: dict[str, str] = {
+    "segment": "Segment",
+    "label_value": "Label value",
+    "instance": "Instance",
+    "instance_count": "Instance count",
+    "voxel_count": "Number of voxels [voxels]",
+    "volume_mm3": "Volume [mm3]",
+    "volume_ml": "Volume [cm3]",
+    "surface_area_mm2": "Surface area [mm2]",
+    "feret_diameter_mm": "Feret diameter [mm]",
+    "sphericity": "Sphericity",
+    "centroid_r_mm": "Centroid R [mm] (RAS)",
+    "centroid_a_mm": "Centroid A [mm] (RAS)",
+    "centroid_s_mm": "Centroid S [mm] (RAS)",
+    "centroid_l_mm": "Centroid L [mm] (LPS)",
+    "centroid_p_mm": "Centroid P [mm] (LPS)",
+    "centroid_s_lps_mm": "Centroid S [mm] (LPS)",
+    "intensity_mean": "Mean",
+    "intensity_std": "Standard deviation",
+    "intensity_min": "Minimum",
+    "intensity_max": "Maximum",
+    "intensity_p05": "Percentile 5",
+    "intensity_p25": "Percentile 25",
+    "intensity_median": "Median",
+    "intensity_p75": "Percentile 75",
+    "intensity_p95": "Percentile 95",
+}
+
+
+def intensity_statistics(values: np.ndarray) -> dict[str, float]:
+    """Mean, population std, min, max and :data:`PERCENTILES` of ``values`` (NaN when empty)."""
+    keys = ("intensity_mean", "intensity_std", "intensity_min", "intensity_max")
+    pct_keys = ("intensity_p05", "intensity_p25", "intensity_median", "intensity_p75", "intensity_p95")
+    if values.size == 0:
+        return dict.fromkeys(keys + pct_keys, math.nan)
+    values = values.astype(np.float64, copy=False)
+    pct = np.percentile(values, PERCENTILES)
+    return {
+        "intensity_mean": float(values.mean()),
+        "intensity_std": float(values.std()),
+        "intensity_min": float(values.min()),
+        "intensity_max": float(values.max()),
+        **{k: float(v) for k, v in zip(pct_keys, pct, strict=True)},
+    }
+
+
+def _shape_rows(mask_ids: np.ndarray, grid: Volume) -> dict[int, dict[str, float]]:
+    """Shape statistics of every non-zero id in ``mask_ids`` (one ITK pass)."""
+    image = grid.with_array(mask_ids.astype(np.uint32)).to_sitk()
+    shape = sitk.LabelShapeStatisticsImageFilter()
+    shape.ComputeFeretDiameterOn()
+    shape.ComputePerimeterOn()
+    shape.Execute(image)
+    out = {}
+    for label in shape.GetLabels():
+        volume = float(shape.GetPhysicalSize(label))
+        area = float(shape.GetPerimeter(label))
+        centroid_lps = np.array(shape.GetCentroid(label), dtype=float)
+        centroid_ras = centroid_lps * _LPS_TO_RAS
+        sphericity = math.pi ** (1 / 3) * (6 * volume) ** (2 / 3) / area if area > 0 else math.nan
+        out[int(label)] = {
+            "voxel_count": int(shape.GetNumberOfPixels(label)),
+            "volume_mm3": volume,
+            "volume_ml": volume / 1000.0,
+            "surface_area_mm2": area,
+            "feret_diameter_mm": float(shape.GetFeretDiameter(label)),
+            "sphericity": float(sphericity),
+            "centroid_r_mm": float(centroid_ras[0]),
+            "centroid_a_mm": float(centroid_ras[1]),
+            "centroid_s_mm": float(centroid_ras[2]),
+            "centroid_l_mm": float(centroid_lps[0]),
+            "centroid_p_mm": float(centroid_lps[1]),
+            "centroid_s_lps_mm": float(centroid_lps[2]),
+        }
+    return out
+
+
+def _empty_shape() -> dict[str, float]:
+    return {
+        "voxel_count": 0,
+        "volume_mm3": 0.0,
+        "volume_ml": 0.0,
+        **dict.fromkeys(
+            (
+                "surface_area_mm2",
+                "feret_diameter_mm",
+                "sphericity",
+                "centroid_r_mm",
+                "centroid_a_mm",
+                "centroid_s_mm",
+                "centroid_l_mm",
+                "centroid_p_mm",
+                "centroid_s_lps_mm",
+            ),
+            math.nan,
+        ),
+    }
+
+
+def measure_segments(
+    labels: Volume,
+    segments: Sequence[SegmentInfo],
+    *,
+    intensity: Volume | None = None,
+    instance_ids_zyx: np.ndarray | None = None,
+    thing_values: Sequence[int] = (),
+) -> list[SegmentMeasurement]:
+    """Measure every segment of a labelmap, and every instance of the thing classes.
+
+    Args:
+        labels: label values on the image grid, ``array_zyx`` of shape ``(Z, Y, X)``.
+        segments: the segments to report (name and label value); a segment with no voxel gets a
+            row with zero volume and NaN shape values.
+        intensity: the input image on the same grid, for intensity statistics (optional).
+        instance_ids_zyx: instance ids ``(Z, Y, X)`` (0 = none) of the thing classes, or None.
+        thing_values: label values whose instances are measured one by one.
+
+    Returns:
+        One row per segment, in ``segments`` order, each followed by its instances (largest first).
+    """
+    if intensity is not None and not intensity.same_grid(labels):
+        raise ImageError(
+            "the intensity image is not on the segmentation's grid",
+            expected=f"shape {labels.shape_zyx}, spacing {labels.spacing_xyz_mm} mm",
+            found=f"shape {intensity.shape_zyx}, spacing {intensity.spacing_xyz_mm} mm",
+            hint="Measure against the image that was segmented (or resample it first).",
+        )
+    if instance_ids_zyx is not None and instance_ids_zyx.shape != labels.shape_zyx:
+        raise ImageError("instance ids and labels differ in shape", found=f"{instance_ids_zyx.shape} vs {labels.shape_zyx}")
+    array = labels.array_zyx
+    values = np.asarray(intensity.array_zyx) if intensity is not None else None
+    class_shapes = _shape_rows(array, labels)
+    instance_shapes = _shape_rows(instance_ids_zyx, labels) if instance_ids_zyx is not None else {}
+    rows: list[SegmentMeasurement] = []
+    for seg in segments:
+        mask = array == seg.label_value
+        instance_rows = []
+        if instance_ids_zyx is not None and seg.label_value in thing_values:
+            ids = np.unique(instance_ids_zyx[mask])
+            for instance_id in ids[ids > 0]:
+                inst_mask = instance_ids_zyx == instance_id
+                stats = intensity_statistics(values[inst_mask]) if values is not None else intensity_statistics(np.empty(0))
+                instance_rows.append((instance_shapes[int(instance_id)], stats, int(instance_id)))
+            instance_rows.sort(key=lambda r: -r[0]["volume_mm3"])
+        stats = intensity_statistics(values[mask]) if values is not None else intensity_statistics(np.empty(0))
+        shape = class_shapes.get(seg.label_value, _empty_shape())
+        rows.append(
+            SegmentMeasurement(
+                segment=seg.name,
+                label_value=seg.label_value,
+                instance=0,
+                instance_count=len(instance_rows),
+                **shape,
+                **stats,
+            )
+        )
+        for number, (inst_shape, inst_stats, _) in enumerate(instance_rows, start=1):
+            rows.append(
+                SegmentMeasurement(
+                    segment=f"{seg.name} {number}",
+                    label_value=seg.label_value,
+                    instance=number,
+                    instance_count=0,
+                    **inst_shape,
+                    **inst_stats,
+                )
+            )
+    return rows
+
+
+def measurements_csv(rows: Sequence[SegmentMeasurement]) -> str:
+    """CSV text with the :data:`COLUMN_TITLES` header (floats with 6 significant digits)."""
+    buffer = _io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(COLUMN_TITLES.values())
+    for row in rows:
+        writer.writerow(_format(v) for v in asdict(row).values())
+    return buffer.getvalue()
+
+
+def _format(value: object) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return str(value)
+
+
+def write_measurements_csv(path: str | Path, rows: Sequence[SegmentMeasurement]) -> Path:
+    """Write :func:`measurements_csv` to ``path`` all at once (a failed write leaves no partial file)."""
+    path = Path(path)
+    if not path.name.lower().endswith(".csv"):
+        raise ImageError("unsupported measurement file type", subject=path, expected="a .csv file", found=path.name)
+    if not path.parent.is_dir():
+        raise ImageError("the output folder does not exist", subject=path.parent, hint="Create it first.")
+    with atomic_path(path) as tmp:
+        tmp.write_text(measurements_csv(rows), encoding="utf-8")
+    return path
+
+
+def read_measurements_csv(path: str | Path) -> list[dict[str, str]]:
+    """Rows of a measurement CSV keyed by field name (the inverse of the titles), values as text."""
+    by_title = {title: key for key, title in COLUMN_TITLES.items()}
+    with open(path, encoding="utf-8", newline="") as handle:
+        return [{by_title[k]: v for k, v in row.items()} for row in csv.DictReader(handle)]

@@ -1,0 +1,105 @@
+"""The domain-shift check: graded verdicts with reasons, from the card's training fingerprint."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from model_fixtures import tiny_card
+
+from deepseg_core import domain_shift, phantoms
+from deepseg_core.demo import DEFAULT_MODEL
+from deepseg_core.inference import Segmenter
+from deepseg_core.model_card import ModelCard
+
+
+@pytest.fixture(scope="module")
+def bundled_card() -> ModelCard:
+    return ModelCard.read(DEFAULT_MODEL / "model.json")
+
+
+def case(profile="ct-A", spacing=(1.5, 1.5, 2.5), seed=1200, shape=(24, 64, 64), **kw):
+    return phantoms.generate_phantom(seed=seed, profile=profile, shape_zyx=shape, spacing_xyz_mm=spacing, **kw)
+
+
+def test_training_profile_is_ok(bundled_card):
+    report = domain_shift.check_input(bundled_card, [case().image])
+    assert report.verdict == "ok", report.summary()
+    assert report.intensity_distance < domain_shift.INTENSITY_CAUTION
+    assert report.reasons == []
+
+
+def test_verdict_rises_with_intensity_shift(bundled_card):
+    a, c = phantoms.PROFILES["ct-A"], phantoms.PROFILES["ct-C"]
+    distances, verdicts = [], []
+    for t in (0.0, 0.5, 1.0):
+        report = domain_shift.check_input(bundled_card, [case(profile=phantoms.interpolate_profiles(a, c, t)).image])
+        distances.append(report.intensity_distance)
+        verdicts.append(domain_shift.VERDICTS.index(report.verdict))
+    assert distances == sorted(distances) and distances[-1] > domain_shift.INTENSITY_OOD
+    assert verdicts == sorted(verdicts) and verdicts[-1] == 2
+    report = domain_shift.check_input(bundled_card, [case(profile="ct-C").image])
+    assert any("intensities differ from the training data" in r for r in report.reasons)
+
+
+def test_spacing_far_outside_the_trained_range(bundled_card):
+    coarse = domain_shift.check_input(bundled_card, [case(spacing=(1.5, 1.5, 10.0), shape=(8, 64, 64)).image])
+    assert coarse.verdict == "out_of_distribution"
+    assert any("coarser along z" in r for r in coarse.reasons)
+    mild = domain_shift.check_input(bundled_card, [case(spacing=(1.5, 1.5, 5.0), shape=(12, 64, 64)).image])
+    assert mild.verdict == "caution" and any("2.0x coarser along z" in r for r in mild.reasons)
+
+
+def test_wrong_modality_and_missing_channel_are_out_of_distribution(bundled_card):
+    mr = domain_shift.check_input(bundled_card, [case(profile="mr-A").image])
+    assert mr.verdict == "out_of_distribution"
+    assert any("does not look like a CT" in r for r in mr.reasons)
+    none = domain_shift.check_input(bundled_card, [])
+    assert none.verdict == "out_of_distribution" and "needs 1 image(s) (CT); 0 given" in none.reasons[0]
+
+
+def test_other_acquisition_plane_is_a_caution(bundled_card):
+    image = case().image
+    sagittal = dataclasses.replace(image, direction_lps=np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    report = domain_shift.check_input(bundled_card, [sagittal])
+    assert report.verdict in ("caution", "out_of_distribution")
+    assert any("different acquisition plane" in r for r in report.reasons)
+    flipped = dataclasses.replace(image, direction_lps=np.diag([-1.0, -1.0, 1.0]))
+    assert not any(
+        f.check == "orientation" and f.level != "ok" for f in domain_shift.check_input(bundled_card, [flipped]).findings
+    )
+
+
+def test_a_card_without_fingerprint_gets_a_caution_not_a_block():
+    card, _ = tiny_card()
+    report = domain_shift.check_input(card, [case().image])
+    assert report.verdict == "caution" and "no training-data fingerprint" in report.reasons[0]
+
+
+def test_fine_tuned_fingerprint_keeps_the_original_domain(bundled_card):
+    site_b = [case(profile="ct-B", seed=s) for s in (600, 601)]
+    own = domain_shift.training_fingerprint(
+        [[c.image] for c in site_b],
+        [c.labels.array_zyx for c in site_b],
+        "CT",
+        ("CT",),
+        bundled_card.preprocessing.normalization,
+        profiles=["ct-B"],
+    )
+    before = domain_shift.check_input(bundled_card, [case(profile="ct-B").image])
+    assert before.verdict == "out_of_distribution"
+    merged = domain_shift.merge_with_parent(own, bundled_card.fingerprint)
+    tuned = dataclasses.replace(bundled_card, fingerprint=merged)
+    assert domain_shift.check_input(tuned, [case(profile="ct-B").image]).verdict == "ok"
+    assert domain_shift.check_input(tuned, [case(profile="ct-A").image]).verdict == "ok"
+    assert merged["previous_domains"][0]["profiles"] == ["ct-A"]
+
+
+def test_report_json_and_segmenter_entry_point(bundled_card):
+    segmenter = Segmenter.load(DEFAULT_MODEL, device="cpu")
+    report = segmenter.check_inputs([case(profile="ct-C").image])
+    data = report.to_json()
+    assert data["verdict"] == "out_of_distribution" and data["reasons"] and data["findings"][0]["check"] == "modality"
+    assert "OUT OF DISTRIBUTION" in report.summary()
+    assert domain_shift.axis_codes(np.eye(3)) == "LPS" and domain_shift.axis_codes(np.diag([-1.0, -1.0, 1.0])) == "RAS"

@@ -1,0 +1,140 @@
+"""Per-segment and per-instance measurements against shapes whose answers are known analytically."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from deepseg_core import io, measurements, phantoms
+from deepseg_core.errors import ImageError
+from deepseg_core.io import SegmentInfo, Volume
+
+
+def ball(shape_zyx, centre_zyx_mm, radius_mm, spacing_xyz_mm) -> np.ndarray:
+    sz, sy, sx = spacing_xyz_mm[::-1]
+    z, y, x = np.meshgrid(*(np.arange(n) for n in shape_zyx), indexing="ij")
+    cz, cy, cx = centre_zyx_mm
+    return ((z * sz - cz) ** 2 + (y * sy - cy) ** 2 + (x * sx - cx) ** 2) <= radius_mm**2
+
+
+def test_sphere_volume_surface_diameter_sphericity_and_centroid():
+    spacing = (0.5, 0.5, 0.5)
+    mask = ball((60, 60, 60), (15.0, 15.0, 15.0), 10.0, spacing)
+    origin = (-20.0, 30.0, 5.0)
+    grid = Volume(mask.astype(np.uint8), spacing_xyz_mm=spacing, origin_lps=origin)
+    intensity = grid.with_array(np.where(mask, 50.0, -100.0).astype(np.float32))
+    (row,) = measurements.measure_segments(grid, [SegmentInfo("ball", 1)], intensity=intensity)
+    assert row.volume_ml == pytest.approx(4 / 3 * math.pi * 1000 / 1000, rel=0.01)
+    assert row.volume_mm3 == pytest.approx(row.voxel_count * 0.125)
+    assert row.surface_area_mm2 == pytest.approx(4 * math.pi * 100, rel=0.02)
+    assert row.feret_diameter_mm == pytest.approx(20.0, abs=1.0)
+    assert row.sphericity == pytest.approx(1.0, abs=0.03)
+    # centre of the ball: origin + 15 mm along each axis (identity direction), LPS then RAS
+    assert (row.centroid_l_mm, row.centroid_p_mm, row.centroid_s_lps_mm) == pytest.approx((-5.0, 45.0, 20.0), abs=0.05)
+    assert row.centroid_ras_mm == pytest.approx((5.0, -45.0, 20.0), abs=0.05)
+    assert row.intensity_mean == 50.0 and row.intensity_std == 0.0 and row.intensity_min == row.intensity_max == 50.0
+
+
+def test_elongated_shape_is_less_spherical_and_its_diameter_is_its_length():
+    mask = np.zeros((20, 20, 80), dtype=np.uint8)
+    mask[8:12, 8:12, 10:70] = 1
+    grid = Volume(mask, spacing_xyz_mm=(1.0, 1.0, 1.0))
+    (row,) = measurements.measure_segments(grid, [SegmentInfo("rod", 1)])
+    assert row.sphericity < 0.6
+    assert row.feret_diameter_mm == pytest.approx(math.sqrt(59**2 + 3**2 + 3**2), abs=0.01)
+    assert math.isnan(row.intensity_mean)
+
+
+def test_intensity_statistics_match_numpy_on_a_phantom():
+    case = phantoms.generate_phantom(seed=4, shape_zyx=(24, 48, 48), n_lesions=3)
+    segments = [label.segment_info() for label in phantoms.PHANTOM_LABELS]
+    rows = measurements.measure_segments(case.labels, segments, intensity=case.image)
+    values = case.image.array_zyx[case.labels.array_zyx == 1].astype(np.float64)
+    liver = rows[0]
+    assert liver.segment == "liver"
+    assert liver.intensity_mean == pytest.approx(values.mean())
+    assert liver.intensity_std == pytest.approx(values.std())
+    assert liver.intensity_median == pytest.approx(np.median(values))
+    assert liver.intensity_p95 == pytest.approx(np.percentile(values, 95))
+    assert liver.voxel_count == values.size
+
+
+def test_instances_are_measured_one_by_one_largest_first():
+    case = phantoms.generate_phantom(seed=7, shape_zyx=(30, 64, 64), n_lesions=4, lesion_radius_mm=(3.0, 8.0))
+    segments = [label.segment_info() for label in phantoms.PHANTOM_LABELS]
+    rows = measurements.measure_segments(
+        case.labels, segments, intensity=case.image, instance_ids_zyx=case.instances, thing_values=[2]
+    )
+    lesion_rows = [r for r in rows if r.label_value == 2]
+    whole, instances = lesion_rows[0], lesion_rows[1:]
+    count = len(np.unique(case.instances)) - 1
+    assert whole.instance_count == count == len(instances)
+    assert [r.segment for r in instances] == [f"liver lesion {i}" for i in range(1, count + 1)]
+    volumes = [r.volume_mm3 for r in instances]
+    assert volumes == sorted(volumes, reverse=True)
+    assert sum(r.voxel_count for r in instances) == whole.voxel_count
+
+
+def test_empty_segment_row_and_csv_round_trip(tmp_path):
+    grid = Volume(np.zeros((5, 6, 7), dtype=np.uint8))
+    grid.array_zyx[1:3, 1:3, 1:3] = 1
+    rows = measurements.measure_segments(grid, [SegmentInfo("a", 1), SegmentInfo("missing", 2)])
+    assert rows[1].voxel_count == 0 and rows[1].volume_ml == 0.0 and math.isnan(rows[1].surface_area_mm2)
+    path = measurements.write_measurements_csv(tmp_path / "stats.csv", rows)
+    header = path.read_text().splitlines()[0]
+    assert "Volume [cm3]" in header and "Centroid R [mm] (RAS)" in header and "Surface area [mm2]" in header
+    back = measurements.read_measurements_csv(path)
+    assert back[0]["segment"] == "a" and int(back[0]["voxel_count"]) == 8 and back[1]["surface_area_mm2"] == ""
+
+
+def test_bad_inputs_are_refused_and_nothing_is_written(tmp_path):
+    grid = Volume(np.ones((4, 4, 4), dtype=np.uint8))
+    other = Volume(np.ones((4, 4, 5), dtype=np.float32))
+    with pytest.raises(ImageError, match="not on the segmentation's grid"):
+        measurements.measure_segments(grid, [SegmentInfo("a", 1)], intensity=other)
+    rows = measurements.measure_segments(grid, [SegmentInfo("a", 1)])
+    with pytest.raises(ImageError, match="Expected a .csv file"):
+        measurements.write_measurements_csv(tmp_path / "stats.txt", rows)
+    with pytest.raises(ImageError, match="folder does not exist"):
+        measurements.write_measurements_csv(tmp_path / "nope" / "stats.csv", rows)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.1, 0.25])
+def test_background_in_a_tumour_roi_shifts_its_mean_by_eps_times_the_contrast(eps):
+    """Design note: a fraction eps of background (mean muB) in a tumour ROI (mean muT) moves the
+    measured mean by eps * (muB - muT). Measured here through the project's own statistics."""
+    case = phantoms.generate_phantom(seed=11, shape_zyx=(40, 96, 96), n_lesions=1, lesion_radius_mm=(9.0, 10.0))
+    tumour = case.labels.array_zyx == phantoms.LESION_LABEL
+    background = case.labels.array_zyx == phantoms.ORGAN_LABEL
+    n_tumour = int(tumour.sum())
+    n_extra = round(eps * n_tumour / (1 - eps))
+    rng = np.random.default_rng(0)
+    candidates = np.flatnonzero(background)
+    extra = np.zeros(tumour.size, dtype=bool)
+    extra[rng.choice(candidates, size=n_extra, replace=False)] = True
+    extra = extra.reshape(tumour.shape)
+    labels = np.zeros(tumour.shape, dtype=np.uint8)
+    labels[tumour] = 1
+    labels[extra] = 2
+    labels_roi = np.where(tumour | extra, 3, 0).astype(np.uint8)
+    segs = [SegmentInfo("tumour", 1), SegmentInfo("background sample", 2)]
+    mu_t, mu_b = (
+        r.intensity_mean for r in measurements.measure_segments(case.labels.with_array(labels), segs, intensity=case.image)
+    )
+    (roi,) = measurements.measure_segments(case.labels.with_array(labels_roi), [SegmentInfo("roi", 3)], intensity=case.image)
+    eps_actual = n_extra / (n_tumour + n_extra)
+    assert eps_actual == pytest.approx(eps, abs=1e-3)
+    assert roi.intensity_mean - mu_t == pytest.approx(eps_actual * (mu_b - mu_t), rel=1e-9)
+    # the bias is material: the lesion contrast is tens of HU, so even 5 % contamination moves the mean by > 1 HU
+    assert abs(roi.intensity_mean - mu_t) > 1.0
+
+
+def test_measurement_io_is_on_the_image_grid(tmp_path):
+    case = phantoms.generate_phantom(seed=2, shape_zyx=(16, 32, 32), spacing_xyz_mm=(0.8, 0.8, 2.0), origin_lps=(3, 4, 5))
+    path = io.write_image(case.labels, tmp_path / "labels.nrrd")
+    labels = io.read_image(path)
+    (row, _) = measurements.measure_segments(labels, [label.segment_info() for label in phantoms.PHANTOM_LABELS])
+    assert row.volume_ml == pytest.approx((case.labels.array_zyx == 1).sum() * 0.8 * 0.8 * 2.0 / 1000)

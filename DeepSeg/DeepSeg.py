@@ -200,14 +200,14 @@ class DeepSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if job.returncode == 0:
                 p = self._parameterNode
                 self._snapshot = self.logic.applyResult(job, p)
-                self._review = self.logic.loadReview(job, p, self._review)
                 self.ui.undoButton.enabled = True
-                self.ui.nextUncertainButton.enabled = bool(self._review.navigator and len(self._review.navigator))
-                self.ui.showMeasurementsButton.enabled = self._review.table_node is not None
-                self.ui.uncertainRegionLabel.text = (
-                    f"{len(self._review.navigator)} uncertain region(s)." if self._review.navigator else ""
-                )
                 self.ui.statusLabel.text += f" Segments written to {p.outputSegmentation.GetName()}."
+                with slicer.util.tryWithErrorDisplay("The uncertainty map or the measurements could not be shown."):
+                    self._review = self.logic.loadReview(job, p, self._review)
+                navigator = self._review.navigator if self._review else None
+                self.ui.nextUncertainButton.enabled = navigator is not None and len(navigator) > 0
+                self.ui.showMeasurementsButton.enabled = self._review is not None and self._review.table_node is not None
+                self.ui.uncertainRegionLabel.text = f"{len(navigator)} uncertain region(s)." if navigator is not None else ""
             elif job.returncode == 130:
                 self.ui.statusLabel.text = "Cancelled; the scene is unchanged."
             else:

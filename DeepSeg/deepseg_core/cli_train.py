@@ -24,6 +24,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         freeze_encoder_epochs=args.freeze_encoder_epochs,
         validate_every=args.validate_every,
         seed=args.seed,
+        label_mapping=parse_label_mapping(args.map_label),
     )
     sink = EventSink(json_mode=args.json)
     checkpoints = Path(args.checkpoints) if args.checkpoints else default_checkpoint_dir(args.name)
@@ -71,19 +72,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .datasets import Dataset
     from .inference import Segmenter
     from .model_store import ModelStore
-    from .training.engine import evaluate_model
+    from .training.engine import evaluate_model, match_labels
 
     dataset = Dataset.open(args.dataset)
     split = dataset.split()
     ids = sorted(dataset.cases) if args.split == "all" else split[args.split]
     segmenter = Segmenter.load(args.model, device=args.device, store=ModelStore(args.models_dir))
-    result = evaluate_model(segmenter, dataset, ids)
+    value_map = match_labels(dataset, segmenter.card, parse_label_mapping(args.map_label))
+    result = evaluate_model(segmenter, dataset, ids, value_map=value_map)
     result["model"] = segmenter.card.ref
     result["split"] = args.split
     from .cli import print_json
 
     print_json(result)
     return 0
+
+
+def parse_label_mapping(items: list[str] | None) -> dict[str, str]:
+    """``["tumor=liver lesion", ...]`` -> ``{"tumor": "liver lesion"}`` (dataset name -> model name)."""
+    from .errors import ConfigError
+
+    mapping = {}
+    for item in items or []:
+        dataset_name, sep, model_name = item.partition("=")
+        if not sep or not dataset_name.strip() or not model_name.strip():
+            raise ConfigError("invalid --map-label", expected="'DATASET LABEL=MODEL LABEL'", found=item)
+        mapping[dataset_name.strip()] = model_name.strip()
+    return mapping
 
 
 def add_train_parsers(sub: argparse._SubParsersAction) -> None:
@@ -99,6 +114,12 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loss", default="dice_ce")
     p.add_argument("--arch", default="3d", choices=["3d", "2.5d", "2d"], help="from scratch only")
     p.add_argument("--freeze-encoder-epochs", type=int, default=0)
+    p.add_argument(
+        "--map-label",
+        action="append",
+        metavar="'DATASET=MODEL'",
+        help="fine-tune on a dataset that names a label differently from the base model (repeatable)",
+    )
     p.add_argument("--validate-every", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoints", default=None, help="checkpoint folder (default: a temp folder named after --name)")
@@ -113,6 +134,7 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--dataset", required=True)
     p.add_argument("--split", default="validation", choices=["validation", "train", "all"])
+    p.add_argument("--map-label", action="append", metavar="'DATASET=MODEL'", help="dataset label -> model label")
     p.add_argument("--device", default="auto")
     p.add_argument("--models-dir", default=None)
     p.set_defaults(func=cmd_evaluate)

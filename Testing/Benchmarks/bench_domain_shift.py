@@ -82,7 +82,7 @@ def main() -> int:
         )
         print(json.dumps({"event": "row_done", **table[-1]}), file=sys.stderr, flush=True)
     if args.json:
-        print(json.dumps({"model": DEFAULT_MODEL, "cases_per_row": args.cases, "rows": table}))
+        print(json.dumps({"model": str(DEFAULT_MODEL), "cases_per_row": args.cases, "rows": table}))
         return 0
     print(f"{'input':<30}{'distance':>9}  {'verdicts':<34}{'liver':>7}{'lesion':>8}")
     for row in table:

@@ -78,7 +78,7 @@ def main() -> int:
             table.append(row)
             print(json.dumps({"event": "row_done", **row}), file=sys.stderr, flush=True)
     if args.json:
-        print(json.dumps({"model": DEFAULT_MODEL, "cases_per_row": args.cases, "rows": table}))
+        print(json.dumps({"model": str(DEFAULT_MODEL), "cases_per_row": args.cases, "rows": table}))
         return 0
     header = f"{'method':<8}{'profile':<22}{'errors':>8}{'AUROC all':>11}{'top5 all':>10}"
     print(header + f"{'AUROC body':>12}{'top5 body':>11}{'s/case':>8}")

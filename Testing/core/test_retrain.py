@@ -143,3 +143,92 @@ def test_two_process_ddp_on_cpu_finishes_with_ranks_in_agreement(site_b_dataset,
     assert sorted(digests) == [0, 1] and digests[0] == digests[1]  # DDP kept the replicas identical
     assert [e["epoch"] for e in events if e["event"] == "epoch_end"] == [1, 2]  # one event stream (rank 0)
     assert ModelStore(tmp_path / "store").versions("ddp") == [1]
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one_and_resume_continues(site_b_dataset, tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    import safetensors.torch
+
+    from deepseg_core.errors import DeepSegError
+
+    ckpt = tmp_path / "ckpt"
+    real_save = safetensors.torch.save_file
+    before: dict[str, bytes] = {}
+
+    def disk_full_after_first_checkpoint(tensors, filename, *args, **kwargs):
+        if Path(filename).parent.name == "last.tmp" and (ckpt / "last").exists():
+            before.update({p.name: p.read_bytes() for p in (ckpt / "last").iterdir()})
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full_after_first_checkpoint)
+    store = ModelStore(tmp_path / "store")
+    with pytest.raises(DeepSegError, match="No space left on device") as failure:
+        retrain(site_b_dataset, "site", CONFIG, ckpt, base=DEFAULT_MODEL, store=store)
+    assert "previous checkpoint there is intact" in str(failure.value) and "--resume" in str(failure.value)
+    assert before and {p.name: p.read_bytes() for p in (ckpt / "last").iterdir()} == before
+    assert not (ckpt / "last.tmp").exists()
+    assert store.names() == []  # no half-made model version
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    events = []
+    outcome = retrain(site_b_dataset, "site", CONFIG, ckpt, base=DEFAULT_MODEL, store=store, resume=True, on_event=events.append)
+    assert [e["epoch"] for e in events if e["event"] == "resumed"] == [1]
+    assert outcome.card.ref == "site:1"
+
+
+def test_a_kill_between_the_checkpoint_renames_is_recovered_on_resume(site_b_dataset, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    store = ModelStore(tmp_path / "store")
+    with pytest.raises(Stopped):
+        retrain(site_b_dataset, "site", CONFIG, ckpt, base=DEFAULT_MODEL, store=store, should_stop=lambda: True)
+    (ckpt / "last").rename(ckpt / "last.old")  # the state a kill after the first rename leaves
+    events = []
+    retrain(site_b_dataset, "site", CONFIG, ckpt, base=DEFAULT_MODEL, store=store, resume=True, on_event=events.append)
+    assert [e["epoch"] for e in events if e["event"] == "resumed"] == [1]
+
+
+def _renamed_dataset(root, labels):
+    dataset = Dataset.create(root, "renamed", labels, ("CT",))
+    for seed in range(2):
+        p = generate_phantom(seed=520 + seed, profile="ct-A", shape_zyx=(32, 96, 96), spacing_xyz_mm=SAMPLE_SPACING_XYZ_MM)
+        truth = p.labels.array_zyx
+        # write the phantom's organ / lesion with this dataset's own values
+        values = {label.name.lower(): label.value for label in labels}
+        organ = values.get("liver", values.get("organ", 0))
+        lesion = values.get("tumor", values.get("liver lesion", 0))
+        array = np.where(truth == 1, organ, np.where(truth == 2, lesion, 0)).astype(np.uint8)
+        dataset.add_case(f"r{seed}", [p.image], array)
+    return root
+
+
+def test_base_labels_that_differ_are_explained_and_mapped(tmp_path):
+    import dataclasses
+
+    from deepseg_core.errors import ConfigError
+    from deepseg_core.model_card import ModelCard
+    from deepseg_core.training.engine import match_labels
+
+    liver, lesion = PHANTOM_LABELS
+    # the site calls the lesion "tumor" and stores it as value 1, the liver as value 2
+    labels = (dataclasses.replace(lesion, name="tumor", value=1), dataclasses.replace(liver, name="Liver", value=2))
+    root = _renamed_dataset(tmp_path / "renamed", labels)
+    dataset = Dataset.open(root)
+    card = ModelCard.read(DEFAULT_MODEL / "model.json")
+    with pytest.raises(ConfigError) as refused:
+        match_labels(dataset, card)
+    message = str(refused.value)
+    assert "['tumor'] are not labels of the base model" in message and "--map-label 'tumor=liver lesion'" in message
+    assert match_labels(dataset, card, {"tumor": "liver lesion"}) == {1: 2, 2: 1}
+    with pytest.raises(ConfigError, match="does not have"):
+        match_labels(dataset, card, {"tumour": "liver lesion"})
+    store = ModelStore(tmp_path / "store")
+    with pytest.raises(ConfigError, match="tumor"):
+        retrain(root, "site", CONFIG, tmp_path / "ckpt0", base=DEFAULT_MODEL, store=store)
+    assert store.names() == []
+    mapped = dataclasses.replace(CONFIG, label_mapping={"tumor": "liver lesion"}, epochs=1)
+    outcome = retrain(root, "site", mapped, tmp_path / "ckpt", base=DEFAULT_MODEL, store=store)
+    # the parent scores well on the swapped-value dataset only because values were mapped, not compared raw
+    assert outcome.parent_validation["mean"]["Liver"]["dice"] > 0.9
+    assert set(outcome.validation["mean"]) == {"tumor", "Liver"}

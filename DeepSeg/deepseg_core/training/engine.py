@@ -28,7 +28,7 @@ from torch import nn
 from .. import domain_shift, metrics
 from ..config import to_dict
 from ..datasets import Dataset, DatasetError
-from ..errors import ConfigError
+from ..errors import ConfigError, DeepSegError
 from ..inference import Segmenter, SegmentOptions
 from ..losses import DeepSupervisionLoss, build_loss
 from ..model_card import Architecture, InferenceDefaults, Inputs, ModelCard, Normalization, Preprocessing
@@ -62,6 +62,8 @@ class RetrainConfig:
         foreground_fraction: share of patches centred on foreground.
         augment: augmentation settings.
         seed: everything random derives from it.
+        label_mapping: dataset label name -> base model label name, for a fine-tune whose dataset
+            names its labels differently (labels with equal names need no entry).
     """
 
     epochs: int = 10
@@ -76,16 +78,82 @@ class RetrainConfig:
     foreground_fraction: float = 0.6
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     seed: int = 0
+    label_mapping: dict[str, str] = field(default_factory=dict)
 
 
-def _prepare_cases(dataset: Dataset, ids: list[str], card: ModelCard) -> list[TrainingCase]:
-    """Cases resampled to the card's spacing and normalised as the card says."""
+def match_labels(dataset: Dataset, card: ModelCard, mapping: dict[str, str] | None = None) -> dict[int, int]:
+    """Dataset label value -> model output value, by name (case-insensitive) after ``mapping``.
+
+    Raises :class:`ConfigError` saying how the label sets differ and which ``--map-label`` entries
+    would match them (same terminology code, else same value), when a dataset label has no model
+    label. Model labels the dataset lacks are allowed: their voxels count as background there.
+    """
+    mapping = mapping or {}
+    by_name = {label.name.lower(): label for label in card.labels}
+    unknown_keys = sorted(set(mapping) - {label.name for label in dataset.labels})
+    if unknown_keys:
+        raise ConfigError(
+            "label mapping names labels the dataset does not have",
+            expected=f"dataset labels {[x.name for x in dataset.labels]}",
+            found=str(unknown_keys),
+        )
+    values: dict[int, int] = {}
+    unmatched = []
+    for label in dataset.labels:
+        target = by_name.get(mapping.get(label.name, label.name).lower())
+        if target is None:
+            unmatched.append(label)
+        else:
+            values[label.value] = target.value
+    if unmatched:
+        suggestions = []
+        for label in unmatched:
+            same_code = [x for x in card.labels if label.code is not None and x.code == label.code]
+            same_value = [x for x in card.labels if x.value == label.value]
+            guess = (same_code or same_value or [None])[0]
+            if guess is not None:
+                suggestions.append(f"--map-label '{label.name}={guess.name}'")
+        raise ConfigError(
+            f"the dataset's labels {[x.name for x in unmatched]} are not labels of the base model {card.ref}",
+            expected=f"model labels {[x.name for x in card.labels]}",
+            found=f"dataset labels {[x.name for x in dataset.labels]}",
+            hint=(
+                "Map them onto the model's labels: " + " ".join(suggestions) + "."
+                if suggestions
+                else "Map each one with --map-label 'DATASET NAME=MODEL NAME', or train from scratch (omit --base)"
+                " for new classes."
+            ),
+        )
+    if len(set(values.values())) != len(values):
+        raise ConfigError("two dataset labels map onto the same model label", found=str(mapping))
+    return values
+
+
+def _label_lut(value_map: dict[int, int] | None, ignore_value: int | None) -> np.ndarray | None:
+    """Lookup table dataset value -> model value (unmapped values -> 0, the ignore value kept), or None for identity."""
+    if value_map is None or all(k == v for k, v in value_map.items()):
+        return None
+    lut = np.zeros(256, dtype=np.uint8)
+    for dataset_value, model_value in value_map.items():
+        lut[dataset_value] = model_value
+    if ignore_value is not None:
+        lut[ignore_value] = ignore_value
+    return lut
+
+
+def _prepare_cases(
+    dataset: Dataset, ids: list[str], card: ModelCard, value_map: dict[int, int] | None = None
+) -> list[TrainingCase]:
+    """Cases resampled to the card's spacing and normalised as the card says; labels in model values."""
     out = []
+    lut = _label_lut(value_map, dataset.ignore_value)
     for case_id in ids:
         images, label = dataset.load_case(case_id)
         target = card.preprocessing.target_spacing_xyz_mm
         channels = [normalize(resample_to_spacing(v, target).array_zyx, card.preprocessing.normalization) for v in images]
         labels = resample_to_spacing(label, target, is_label=True).array_zyx.astype(np.uint8)
+        if lut is not None:
+            labels = lut[labels]
         image = np.stack(channels).astype(np.float32)
         out.append(TrainingCase(image, labels, name=case_id))
     return out
@@ -154,15 +222,23 @@ def _scratch_card(dataset: Dataset, name: str, config: RetrainConfig) -> tuple[M
     return card, build_net("unet", net_config, seed=config.seed)
 
 
-def evaluate_model(segmenter: Segmenter, dataset: Dataset, case_ids: list[str], hd95: bool = True) -> dict[str, Any]:
-    """Per-case and mean Dice (and HD95, mm) per label of ``segmenter`` on ``case_ids``."""
+def evaluate_model(
+    segmenter: Segmenter, dataset: Dataset, case_ids: list[str], hd95: bool = True, value_map: dict[int, int] | None = None
+) -> dict[str, Any]:
+    """Per-case and mean Dice (and HD95, mm) per dataset label of ``segmenter`` on ``case_ids``.
+
+    ``value_map``: dataset label value -> model output value (:func:`match_labels`); default: by
+    name, i.e. ``match_labels(dataset, segmenter.card)``.
+    """
+    value_map = match_labels(dataset, segmenter.card) if value_map is None else value_map
     per_case = {}
     for case_id in case_ids:
         images, label = dataset.load_case(case_id)
         result = segmenter.segment(images, SegmentOptions(check_modality=False))
         scores = {}
         for spec in dataset.labels:
-            pred, ref = result.labels.array_zyx == spec.value, label.array_zyx == spec.value
+            model_value = value_map.get(spec.value, -1)
+            pred, ref = result.labels.array_zyx == model_value, label.array_zyx == spec.value
             entry = {"dice": metrics.dice(pred, ref)}
             if hd95:
                 entry["hd95_mm"] = metrics.hausdorff95(pred, ref, label.spacing_zyx_mm)
@@ -179,9 +255,36 @@ def evaluate_model(segmenter: Segmenter, dataset: Dataset, case_ids: list[str], 
 
 
 def _save_checkpoint(folder: Path, net: nn.Module, optimiser: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Write a checkpoint next to ``folder`` and swap it in; the previous one survives any write failure."""
+    staging = folder.with_name(folder.name + ".tmp")
+    try:
+        _write_checkpoint_files(staging, net, optimiser, state)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        previous = "The previous checkpoint there is intact" if folder.exists() else "No earlier checkpoint exists"
+        raise DeepSegError(
+            f"could not write the checkpoint ({exc.strerror or exc})",
+            subject=folder,
+            hint=f"{previous}. Free disk space (or choose another --checkpoints folder), then run again with --resume.",
+        ) from exc
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(staging, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover_checkpoint(folder: Path) -> None:
+    """A kill between the two renames of :func:`_save_checkpoint` leaves only ``<folder>.old``: put it back."""
+    old = folder.with_name(folder.name + ".old")
+    if not folder.exists() and (old / "state.json").exists():
+        os.replace(old, folder)
+
+
+def _write_checkpoint_files(staging: Path, net: nn.Module, optimiser: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
-    staging = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(staging / "weights.safetensors"))
@@ -198,12 +301,6 @@ def _save_checkpoint(folder: Path, net: nn.Module, optimiser: torch.optim.Optimi
     save_file(tensors, str(staging / "optimizer.safetensors"))
     state = {**state, "optimizer": {"param_groups": opt["param_groups"], "state": plain_state}}
     (staging / "state.json").write_text(json.dumps(state, indent=1))
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(staging, folder)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _load_checkpoint(folder: Path, net: nn.Module, optimiser: torch.optim.Optimizer) -> dict[str, Any]:
@@ -280,18 +377,22 @@ def retrain(
     parent_card = None
     if base is not None:
         parent_card, net = load_network(resolve_model(base, store))
-        missing = [label.name for label in dataset.labels if label.name not in {x.name for x in parent_card.labels}]
-        if missing or len(parent_card.inputs.channels) != len(dataset.channel_names):
+        if len(parent_card.inputs.channels) != len(dataset.channel_names):
             raise ConfigError(
-                "the dataset does not match the base model",
-                expected=f"labels {[x.name for x in parent_card.labels]}, {len(parent_card.inputs.channels)} channel(s)",
-                found=f"labels {[x.name for x in dataset.labels]}, {len(dataset.channel_names)} channel(s)",
+                "the dataset's channels do not match the base model's",
+                expected=f"{len(parent_card.inputs.channels)} channel(s) {list(parent_card.inputs.channels)}",
+                found=f"{len(dataset.channel_names)} channel(s) {list(dataset.channel_names)}",
             )
+        value_map = match_labels(dataset, parent_card, config.label_mapping)
+        absent = [x.name for x in parent_card.labels if x.value not in value_map.values()]
+        if absent:
+            log.warning("labels of %s missing from the dataset count as background there: %s", parent_card.ref, absent)
         card = dataclasses.replace(
             parent_card, name=name, parent_version=parent_card.version if parent_card.name == name else None
         )
     else:
         card, net = _scratch_card(dataset, name, config)
+        value_map = {label.value: label.value for label in dataset.labels}
     rank, world = _distributed_rank_world()
     device_t = torch.device(device)
     if world > 1 and device_t.type == "cuda":
@@ -311,7 +412,7 @@ def retrain(
         emit = lambda event: None  # noqa: E731  (one event stream: rank 0's)
     spatial_dims = int(card.architecture.config.get("spatial_dims", 3))
     context = int(card.architecture.config.get("context_slices", 1))
-    train_cases = _prepare_cases(dataset, split["train"], card)
+    train_cases = _prepare_cases(dataset, split["train"], card, value_map)
     patch = tuple(card.inference.patch_size_zyx)
     if spatial_dims == 2:
         patch = (context, patch[-2], patch[-1])
@@ -327,6 +428,7 @@ def retrain(
     history: list[dict[str, Any]] = []
     start_epoch, best_score = 1, -1.0
     if resume:
+        _recover_checkpoint(checkpoint_dir / "last")
         if not (checkpoint_dir / "last" / "state.json").exists():
             raise ConfigError(
                 "nothing to resume", subject=checkpoint_dir, expected="last/state.json", hint="Start without --resume."
@@ -342,7 +444,7 @@ def retrain(
 
     def validate() -> dict[str, Any]:
         segmenter = Segmenter(card, net, device_t)
-        result = evaluate_model(segmenter, dataset, split["validation"], hd95=True)
+        result = evaluate_model(segmenter, dataset, split["validation"], hd95=True, value_map=value_map)
         net.train()
         return result["mean"]
 
@@ -395,11 +497,11 @@ def retrain(
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
             return RetrainOutcome(None, history, {}, None)
-    validation = evaluate_model(Segmenter(card, net, device_t), dataset, split["validation"])
+    validation = evaluate_model(Segmenter(card, net, device_t), dataset, split["validation"], value_map=value_map)
     parent_validation = None
     if parent_card is not None:
         parent_validation = evaluate_model(
-            Segmenter.load(resolve_model(base, store), device=device), dataset, split["validation"]
+            Segmenter.load(resolve_model(base, store), device=device), dataset, split["validation"], value_map=value_map
         )
     train_ids = split["train"]
     card = dataclasses.replace(

@@ -61,7 +61,12 @@ class DeepSegTrainingWidget(ScriptedLoadableModuleWidget):
 
     def onStart(self):
         from deepseg_core.datasets import Dataset
-        from DeepSegTrainingLib.training_run import TrainingCurves, TrainingRequest, start_training
+        from DeepSegTrainingLib.training_run import (
+            TrainingCurves,
+            TrainingRequest,
+            parse_label_mapping_text,
+            start_training,
+        )
 
         with slicer.util.tryWithErrorDisplay("Training could not start.", waitCursor=True):
             dataset = Dataset.open(self.ui.datasetPathLineEdit.currentPath)
@@ -77,6 +82,7 @@ class DeepSegTrainingWidget(ScriptedLoadableModuleWidget):
                 loss=self.ui.lossComboBox.currentText,
                 arch=self.ui.archComboBox.currentText,
                 freeze_encoder_epochs=self.ui.freezeSpinBox.value,
+                label_mapping=parse_label_mapping_text(self.ui.labelMappingLineEdit.text),
                 resume=self.ui.resumeCheckBox.checked,
             )
             self._curves = TrainingCurves(slicer.mrmlScene, [label.name for label in dataset.labels])

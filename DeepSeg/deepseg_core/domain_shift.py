@@ -51,6 +51,7 @@ SPACING_FINER_CAUTION = 4.0
 CT_BODY_HU = -500.0
 MR_BODY_FRACTION_OF_P99 = 0.2
 _MAX_SAMPLES = 400_000
+_MAX_VOXELS_SCANNED = 4_000_000
 _AXIS_LETTERS = (("L", "R"), ("P", "A"), ("S", "I"))
 
 
@@ -140,9 +141,21 @@ def _subsample(values: np.ndarray) -> np.ndarray:
     return values[:: values.size // _MAX_SAMPLES + 1] if values.size > _MAX_SAMPLES else values
 
 
+def voxel_sample(array_zyx: np.ndarray) -> np.ndarray:
+    """A regular 1-D sample of at most ~4 M voxels (a view), so a 512 x 512 x 300 CT costs no full-size copy."""
+    flat = np.asarray(array_zyx).reshape(-1)
+    return flat[:: flat.size // _MAX_VOXELS_SCANNED + 1]
+
+
+def body_values(array_zyx: np.ndarray, modality: str, norm: Normalization) -> np.ndarray:
+    """Normalised (unclipped) intensities of the body voxels of :func:`voxel_sample`."""
+    sample = voxel_sample(array_zyx)
+    return distance_normalisation(sample, norm)[body_mask(sample, modality)]
+
+
 def body_quantiles(array_zyx: np.ndarray, modality: str, norm: Normalization) -> np.ndarray:
     """1st..99th percentiles of the normalised body voxels of one image (NaN when no body voxel)."""
-    values = distance_normalisation(array_zyx, norm)[body_mask(array_zyx, modality)]
+    values = body_values(array_zyx, modality, norm)
     if values.size == 0:
         return np.full(len(QUANTILE_LEVELS), np.nan)
     return np.percentile(_subsample(values), QUANTILE_LEVELS)
@@ -240,7 +253,7 @@ def _worst(levels: Sequence[str]) -> str:
 
 
 def _check_modality(card: ModelCard, image: np.ndarray, name: str) -> Finding:
-    low = float(np.percentile(image, 0.5))
+    low = float(np.percentile(voxel_sample(image), 0.5))
     if card.inputs.modality == "CT":
         if float(image.min()) >= 0 or low > CT_BODY_HU:
             return Finding(

@@ -32,6 +32,7 @@ class TrainingRequest:
     loss: str = "dice_ce"
     arch: str = "3d"
     freeze_encoder_epochs: int = 0
+    label_mapping: tuple[str, ...] = ()
     checkpoints: str | None = None
     resume: bool = False
     device: str = "auto"
@@ -51,11 +52,18 @@ def start_training(request: TrainingRequest, python: str | None = None) -> DeepS
     arguments += ["--checkpoints", checkpoints, "--device", request.device, "--json", "--no-activate"]
     if request.base:
         arguments += ["--base", request.base]
+    for entry in request.label_mapping:
+        arguments += ["--map-label", entry]
     if request.resume:
         arguments.append("--resume")
     if request.models_dir:
         arguments += ["--models-dir", request.models_dir]
     return launch(arguments, Path(tempfile.mkdtemp(prefix="deepseg-train-job-")), Path(checkpoints), python)
+
+
+def parse_label_mapping_text(text: str) -> tuple[str, ...]:
+    """The panel's mapping field, ``"tumor=liver lesion; Leber=liver"``, as ``--map-label`` entries."""
+    return tuple(entry.strip() for entry in text.split(";") if entry.strip())
 
 
 class TrainingCurves:

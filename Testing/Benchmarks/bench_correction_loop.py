@@ -3,7 +3,8 @@
     python Testing/Benchmarks/bench_correction_loop.py [--json] [--epochs 30] [--seeds 0 1 2] [--oracle] [--device cpu]
 
 Base model: the bundled ``phantom-liver`` (trained on scanner profile ct-A by
-scripts/train_default_model.py, which reproduces it in ~9 CPU minutes). Held-out test sets: 4
+scripts/train_default_model.py, which reproduces it in ~9 CPU minutes), or with ``--train-base`` the
+same recipe trained inside the benchmark. Held-out test sets: 4
 profile-A and 4 profile-B phantoms never used in training. The "site" dataset: 5 profile-B cases
 whose ground truth stands in for the user's corrections (training split) plus 1 validation case,
 written through the dataset API. Fine-tuning runs the same engine as ``deepseg train --base``.
@@ -36,7 +37,8 @@ from deepseg_core import metrics
 from deepseg_core.datasets import Dataset
 from deepseg_core.demo import DEFAULT_MODEL, SAMPLE_SPACING_XYZ_MM
 from deepseg_core.inference import Segmenter, SegmentOptions
-from deepseg_core.model_store import ModelStore
+from deepseg_core.model_card import ModelCard
+from deepseg_core.model_store import ModelStore, write_model_folder
 from deepseg_core.phantoms import PHANTOM_LABELS, generate_phantom
 from deepseg_core.training.engine import RetrainConfig, retrain
 
@@ -63,15 +65,15 @@ def test_dice(segmenter: Segmenter) -> dict[str, dict[str, float]]:
     return out
 
 
-def train_oracle(device: str) -> dict:
-    """The in-domain reference: the default model's recipe, trained on ct-B phantoms."""
+def train_reference(profile: str, device: str) -> tuple[ModelCard, Segmenter, float]:
+    """The default model's recipe (scripts/train_default_model.py) trained on 16 phantoms of ``profile``."""
     from deepseg_core.config import to_dict
-    from deepseg_core.model_card import Architecture, InferenceDefaults, Inputs, ModelCard, Preprocessing
+    from deepseg_core.model_card import Architecture, InferenceDefaults, Inputs, Preprocessing
     from deepseg_core.nets import UNetConfig, build_net
     from deepseg_core.preprocessing import ct_normalization, intensity_fingerprint, normalize
     from deepseg_core.training import TrainConfig, TrainingCase, train
 
-    cases = [phantom(seed, "ct-B") for seed in range(100, 116)]
+    cases = [phantom(seed, profile) for seed in range(100, 116)]
     norm = ct_normalization(intensity_fingerprint([c.image.array_zyx for c in cases], [c.labels.array_zyx > 0 for c in cases]))
     training = [
         TrainingCase(normalize(c.image.array_zyx, norm)[None], c.labels.array_zyx.astype(np.uint8), name=str(c.seed))
@@ -90,7 +92,7 @@ def train_oracle(device: str) -> dict:
     train(net, training, TrainConfig(patch_size_zyx=(32, 64, 64), batch_size=2, epochs=40, steps_per_epoch=25), device=device)
     seconds = time.perf_counter() - started
     card = ModelCard(
-        name="oracle-ct-B",
+        name=f"reference-{profile}",
         version=1,
         architecture=Architecture("unet", to_dict(net_config)),
         inputs=Inputs("CT", ("CT",)),
@@ -99,8 +101,13 @@ def train_oracle(device: str) -> dict:
         inference=InferenceDefaults(patch_size_zyx=(32, 64, 64), overlap=0.5, batch_size=4),
         weights_sha256="0" * 64,
     )
-    dice = test_dice(Segmenter(card, net, torch.device(device)))["ct-B"]
-    return {"dice": dice, "train_seconds": seconds, "cases": len(cases)}
+    return card, Segmenter(card, net, torch.device(device)), seconds
+
+
+def train_oracle(device: str) -> dict:
+    """The in-domain reference for the new site: the same recipe trained on ct-B phantoms."""
+    _, segmenter, seconds = train_reference("ct-B", device)
+    return {"dice": test_dice(segmenter)["ct-B"], "train_seconds": seconds, "cases": 16}
 
 
 def summarise(values: list[float]) -> dict[str, float]:
@@ -126,12 +133,21 @@ def main() -> int:
     parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--oracle", action="store_true", help="also train the in-domain ct-B reference model")
+    parser.add_argument(
+        "--train-base", action="store_true", help="train the ct-A base here (~10 min) instead of using the bundled one"
+    )
     args = parser.parse_args()
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         dataset_dir = site_dataset(root)
-        before = test_dice(Segmenter.load(DEFAULT_MODEL, device=args.device))
+        base = DEFAULT_MODEL
+        base_seconds = None
+        if args.train_base:
+            card, segmenter, base_seconds = train_reference("ct-A", args.device)
+            write_model_folder(root / "base", card, segmenter.net)
+            base = root / "base"
+        before = test_dice(Segmenter.load(base, device=args.device))
         for seed in args.seeds:
             store = ModelStore(root / f"store{seed}")
             config = RetrainConfig(
@@ -139,7 +155,7 @@ def main() -> int:
             )
             started = time.perf_counter()
             outcome = retrain(
-                dataset_dir, "phantom-liver", config, root / f"ckpt{seed}", base=DEFAULT_MODEL, store=store, device=args.device
+                dataset_dir, "phantom-liver", config, root / f"ckpt{seed}", base=base, store=store, device=args.device
             )
             seconds = time.perf_counter() - started
             after = test_dice(Segmenter.load(store.folder(outcome.card.ref), device=args.device))
@@ -152,7 +168,8 @@ def main() -> int:
     }
     recovered = {name: summarise([r["dice_after"]["ct-B"][name] / before["ct-A"][name] for r in runs]) for name in before["ct-A"]}
     result = {
-        "base": "phantom-liver:1 (bundled, trained on ct-A)",
+        "base": "trained here on 16 ct-A phantoms" if args.train_base else "phantom-liver:1 (bundled, trained on ct-A)",
+        "base_train_seconds": base_seconds,
         "site_training_cases": len(SITE_TRAIN_SEEDS),
         "epochs": args.epochs,
         "steps_per_epoch": args.steps,

@@ -18,6 +18,7 @@ from DeepSegTrainingLib.training_run import (  # noqa: E402
     TrainingCurves,
     TrainingRequest,
     comparison_table,
+    parse_label_mapping_text,
     promote,
     start_training,
     status_text,
@@ -124,3 +125,26 @@ def test_stop_keeps_the_checkpoint_and_resume_finishes(mrml_scene, dataset_dir, 
     epochs = [e["epoch"] for e in resumed.events if e["event"] == "epoch_end"]
     assert first >= 1 and epochs == list(range(first + 1, 7))
     assert ModelStore(store_dir).versions("phantom-liver") == [1, 2]
+
+
+def test_the_panels_label_mapping_reaches_the_trainer_and_its_error_reaches_the_panel(dataset_dir, store_dir, tmp_path):
+    assert parse_label_mapping_text(" tumor=liver lesion; ;Leber=liver ") == ("tumor=liver lesion", "Leber=liver")
+    request = TrainingRequest(
+        dataset_dir,
+        "phantom-liver",
+        base="phantom-liver:1",
+        epochs=1,
+        steps_per_epoch=1,
+        label_mapping=parse_label_mapping_text("tumour=liver lesion"),
+        checkpoints=str(tmp_path / "ck"),
+        device="cpu",
+        models_dir=store_dir,
+    )
+    job = start_training(request)
+    try:
+        assert job.command[job.command.index("--map-label") + 1] == "tumour=liver lesion"
+        assert job.wait(120) == 2
+        assert "label mapping names labels the dataset does not have" in job.error and "tumour" in job.error
+    finally:
+        job.cleanup()
+    assert ModelStore(store_dir).versions("phantom-liver") == [1]

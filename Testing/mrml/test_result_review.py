@@ -12,7 +12,7 @@ slicer = pytest.importorskip("slicer")
 
 from deepseg_core import io, phantoms  # noqa: E402
 from deepseg_core.demo import DEFAULT_MODEL  # noqa: E402
-from deepseg_core.measurements import COLUMN_TITLES  # noqa: E402
+from deepseg_core.measurements import COLUMN_TITLES, read_measurements_csv  # noqa: E402
 from deepseg_core.uncertainty import uncertain_regions  # noqa: E402
 from DeepSegLib.mrml_bridge import node_from_volume  # noqa: E402
 from DeepSegLib.result_review import (  # noqa: E402
@@ -42,6 +42,7 @@ def finished_job(tmp_path_factory):
     kept = tmp_path_factory.mktemp("job")
     for name in (UNCERTAINTY_FILE, STATS_FILE):
         (kept / name).write_bytes((job.workdir / name).read_bytes())
+    (kept / "result.seg.nrrd").write_bytes(job.output.read_bytes())
     check = job.domain_check
     job.cleanup()
     return case, kept, check
@@ -107,6 +108,17 @@ def test_review_loads_overlay_navigator_and_table(mrml_scene, finished_job):
     again = load_review(mrml_scene, folder, volume_node, previous=review)
     assert mrml_scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == 1
     assert again.uncertainty_node.GetID() != overlay.GetID() and mrml_scene.GetNodeByID(overlay.GetID()) is None
+
+
+def test_measured_lesions_are_the_segments_the_panel_shows(finished_job):
+    """Row "liver lesion N" of the table measures segment "liver lesion N" of the result."""
+    _, folder, _ = finished_job
+    segmentation = io.read_segmentation(folder / "result.seg.nrrd")
+    rows = {r["segment"]: r for r in read_measurements_csv(folder / STATS_FILE)}
+    lesions = [s for s in segmentation.segments if s.name.startswith("liver lesion ")]
+    assert lesions and int(rows["liver lesion"]["instance_count"]) == len(lesions)
+    for segment in lesions:
+        assert int(rows[segment.name]["voxel_count"]) == int(segmentation.mask(segment.name).sum())
 
 
 def test_navigator_without_uncertain_voxels_says_so(mrml_scene):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import io, metrics, phantoms
 from .inference import Segmenter, SegmentOptions
+from .measurements import measure_segments, write_measurements_csv
 from .outputs import write_segmentation_result
 from .preview import write_preview
 
@@ -44,10 +45,13 @@ class DemoSummary:
     seconds: float
     files: dict[str, Path]
     segments: list[dict] = field(default_factory=list)
+    domain_check: str = ""
 
     def as_text(self) -> str:
         lines = [f"DeepSeg demo: model {self.model} on {self.device}, {self.seconds:.1f} s -> {self.output}"]
         lines += [f"  {kind:<13} {path}" for kind, path in self.files.items()]
+        if self.domain_check:
+            lines.append(f"  {self.domain_check}")
         lines.append(f"  {'segment':<14}{'voxels':>9}{'ml':>9}{'instances':>11}{'Dice vs truth':>15}")
         for seg in self.segments:
             lines.append(f"  {seg['name']:<14}{seg['voxels']:>9}{seg['ml']:>9.2f}{seg['instances']:>11}{seg['dice']:>15.3f}")
@@ -66,8 +70,23 @@ def run_demo(output: Path, device: str = "auto") -> DemoSummary:
     files = {"segmentation": write_segmentation_result(output / "sample_ct.seg.nrrd", result)}
     colors = {label.value: label.color for label in card.labels}
     files["preview"] = write_preview(output / "sample_ct_preview.png", image, result.labels.array_zyx, colors, window=(-160, 240))
+    rows = measure_segments(
+        result.labels,
+        [label.segment_info() for label in card.labels],
+        intensity=image,
+        instance_ids_zyx=result.instance_ids,
+        thing_values=[label.value for label in card.labels if label.thing],
+    )
+    files["measurements"] = write_measurements_csv(output / "sample_ct_stats.csv", rows)
     truth = io.read_segmentation(SAMPLE_TRUTH).to_labelmap().array_zyx
-    summary = DemoSummary(output=output, model=card.ref, device=str(segmenter.device), seconds=seconds, files=files)
+    summary = DemoSummary(
+        output=output,
+        model=card.ref,
+        device=str(segmenter.device),
+        seconds=seconds,
+        files=files,
+        domain_check=result.domain_check.summary() if result.domain_check else "",
+    )
     labels = result.labels.array_zyx
     for label in card.labels:
         mask = labels == label.value

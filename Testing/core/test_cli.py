@@ -30,6 +30,9 @@ def test_demo_segments_the_bundled_sample_with_the_bundled_model(tmp_path):
     names = [s.name for s in seg.segments]
     assert names[0] == "liver" and len(names) >= 3 and all(n.startswith("liver lesion ") for n in names[1:])
     assert (tmp_path / "sample_ct_preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Domain check: input looks like the training data." in result.stdout
+    stats = (tmp_path / "sample_ct_stats.csv").read_text().splitlines()
+    assert stats[1].startswith("liver,1,0,") and sum(r.startswith("liver lesion ") for r in stats) == len(names) - 1
 
 
 def test_bundled_model_segments_the_sample_well():

@@ -234,9 +234,16 @@ class DeepSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job.cancel()
 
     def onUndo(self):
+        from DeepSegLib.result_review import remove_review
+
         if self._snapshot is not None:
             self._snapshot.restore()
             self._snapshot = None
+            remove_review(slicer.mrmlScene, self._review)
+            self._review = None
+            self.ui.nextUncertainButton.enabled = False
+            self.ui.showMeasurementsButton.enabled = False
+            self.ui.uncertainRegionLabel.text = ""
             self.ui.undoButton.enabled = False
             self.ui.statusLabel.text = "Last Segment undone."
 

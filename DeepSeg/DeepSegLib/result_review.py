@@ -6,6 +6,7 @@
   most uncertain connected region (:func:`deepseg_core.uncertainty.uncertain_regions`), cycling.
 - :func:`measurements_table`: per-segment / per-instance measurements into a table node, with the
   column titles and units of Slicer's Segment Statistics.
+- :func:`remove_review`: takes them out again (Undo last Segment).
 - :func:`domain_check_text`: the domain-check event as the panel's verdict line.
 """
 
@@ -169,6 +170,17 @@ def load_review(
             scene, read_measurements_csv(stats_file), f"{base} measurements", replace=previous.table_node
         )
     return out
+
+
+def remove_review(scene: slicer.vtkMRMLScene, review: ReviewOutputs | None) -> None:
+    """Take a run's overlay and table out of the scene (with **Undo last Segment**); slice views drop the overlay."""
+    if review is None:
+        return
+    for node in (review.uncertainty_node, review.table_node):
+        if node is not None and scene.GetNodeByID(node.GetID()) is not None:
+            scene.RemoveNode(node)
+    review.uncertainty_node = review.table_node = None
+    review.navigator = None
 
 
 def domain_check_text(event: Mapping[str, Any]) -> tuple[str, str]:

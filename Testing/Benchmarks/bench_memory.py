@@ -57,7 +57,7 @@ def make_model(folder: Path) -> Path:
     return folder
 
 
-def child(model: str, size: str, device: str) -> None:
+def child(model: str, size: str, device: str, uncertainty: bool = False) -> None:
     import numpy as np
 
     from deepseg_core.inference import Segmenter, SegmentOptions
@@ -71,13 +71,14 @@ def child(model: str, size: str, device: str) -> None:
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     segmenter = Segmenter.load(model, device=device)
     start = time.perf_counter()
-    result = segmenter.segment([volume], SegmentOptions())
+    result = segmenter.segment([volume], SegmentOptions(uncertainty="tta" if uncertainty else None))
     seconds = time.perf_counter() - start
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(
         json.dumps(
             {
                 "shape_zyx": [z, y, x],
+                "uncertainty": uncertainty,
                 "voxels": z * y * x,
                 "seconds": seconds,
                 "timings_s": result.timings_s,
@@ -96,17 +97,19 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sizes", nargs="*", default=DEFAULT_SIZES, help="Z,Y,X sizes")
+    parser.add_argument("--uncertainty", action="store_true", help="with the 12-pass uncertainty (TTA)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child[0], args.child[1], args.device)
+        child(args.child[0], args.child[1], args.device, args.uncertainty)
         return 0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model = make_model(Path(tmp) / "bench10")
         for size in args.sizes:
             out = subprocess.run(
-                [sys.executable, __file__, "--device", args.device, "--child", str(model), size],
+                [sys.executable, __file__, "--device", args.device, "--child", str(model), size]
+                + (["--uncertainty"] if args.uncertainty else []),
                 capture_output=True,
                 text=True,
                 check=True,

@@ -21,6 +21,7 @@ from DeepSegLib.result_review import (  # noqa: E402
     domain_check_text,
     load_review,
     measurements_table,
+    remove_review,
 )
 from DeepSegLib.segment_job import STATS_FILE, UNCERTAINTY_FILE, SegmentRequest, start_segmentation  # noqa: E402
 
@@ -108,6 +109,13 @@ def test_review_loads_overlay_navigator_and_table(mrml_scene, finished_job):
     again = load_review(mrml_scene, folder, volume_node, previous=review)
     assert mrml_scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == 1
     assert again.uncertainty_node.GetID() != overlay.GetID() and mrml_scene.GetNodeByID(overlay.GetID()) is None
+
+    # Undo last Segment takes the overlay and the table out; the slice views drop the overlay
+    overlay_id = again.uncertainty_node.GetID()
+    remove_review(mrml_scene, again)
+    assert mrml_scene.GetNodeByID(overlay_id) is None and mrml_scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == 0
+    assert all(not c.GetForegroundVolumeID() for _, c in views)
+    assert again.navigator is None
 
 
 def test_measured_lesions_are_the_segments_the_panel_shows(finished_job):

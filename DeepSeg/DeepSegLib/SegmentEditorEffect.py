@@ -79,7 +79,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
         source = self.scriptedEffect.parameterSetNode().GetSourceVolumeNode()
         with slicer.util.tryWithErrorDisplay("DeepSeg could not start.", waitCursor=True):
-            self._job = start_segmentation([volume_from_node(source)], SegmentRequest(model=self.modelComboBox.currentData))
+            request = SegmentRequest(model=self.modelComboBox.currentData, measurements=False)
+            self._job = start_segmentation([volume_from_node(source)], request)
             self._grid = volume_from_node(source)
             self.applyButton.enabled = False
             self.statusLabel.text = "Running..."
@@ -102,6 +103,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 self.statusLabel.text = f"Failed: {job.error}"
                 return
             self._write(job.output)
+            if job.domain_check is not None:
+                from DeepSegLib.result_review import domain_check_text
+
+                verdict, text = domain_check_text(job.domain_check)
+                if verdict != "ok":
+                    self.statusLabel.text += f" {text}"
         finally:
             job.cleanup()
 

@@ -8,14 +8,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import io, measurements, uncertainty
+from . import io, uncertainty
 from .errors import DeepSegError, ImageError
 from .events import EventSink
-from .inference import SegmentationResult, Segmenter, SegmentOptions
+from .inference import Segmenter, SegmentOptions
 from .inference.sliding_window import Cancelled
 from .model_card import ModelError
 from .model_store import ModelStore
-from .outputs import LABELMAP_SUFFIXES, write_probabilities, write_segmentation_result
+from .outputs import LABELMAP_SUFFIXES, write_measurements, write_probabilities, write_segmentation_result
 
 log = logging.getLogger("deepseg")
 
@@ -100,17 +100,6 @@ def _check_side_output(value: str | None, batch: bool, suffixes: tuple[str, ...]
         raise ImageError("the output folder does not exist", subject=path.parent, hint="Create it first.")
 
 
-def _measure(result: SegmentationResult, channels: list[io.Volume]) -> list[measurements.SegmentMeasurement]:
-    card = result.card
-    return measurements.measure_segments(
-        result.labels,
-        [label.segment_info() for label in card.labels],
-        intensity=channels[0],
-        instance_ids_zyx=result.instance_ids,
-        thing_values=[label.value for label in card.labels if label.thing],
-    )
-
-
 def _check_output(args: argparse.Namespace, batch: bool) -> None:
     out = Path(args.output)
     if batch:
@@ -162,9 +151,8 @@ def run_segment(args: argparse.Namespace, sink: EventSink) -> tuple[int, int]:
             if uncertainty_path is not None and result.uncertainty is not None:
                 io.write_image(result.uncertainty, uncertainty_path)
             stats_path = side_output(args.stats, case, batch, "_stats.csv")
-            rows = _measure(result, channels) if stats_path is not None else []
             if stats_path is not None:
-                measurements.write_measurements_csv(stats_path, rows)
+                write_measurements(stats_path, result, channels[0])
         except (Cancelled, KeyboardInterrupt):
             raise
         except ModelError:

@@ -13,8 +13,7 @@ from pathlib import Path
 
 from . import io, metrics, phantoms
 from .inference import Segmenter, SegmentOptions
-from .measurements import measure_segments, write_measurements_csv
-from .outputs import write_segmentation_result
+from .outputs import write_measurements, write_segmentation_result
 from .preview import write_preview
 
 BUNDLED = Path(__file__).with_name("bundled")
@@ -70,14 +69,7 @@ def run_demo(output: Path, device: str = "auto") -> DemoSummary:
     files = {"segmentation": write_segmentation_result(output / "sample_ct.seg.nrrd", result)}
     colors = {label.value: label.color for label in card.labels}
     files["preview"] = write_preview(output / "sample_ct_preview.png", image, result.labels.array_zyx, colors, window=(-160, 240))
-    rows = measure_segments(
-        result.labels,
-        [label.segment_info() for label in card.labels],
-        intensity=image,
-        instance_ids_zyx=result.instance_ids,
-        thing_values=[label.value for label in card.labels if label.thing],
-    )
-    files["measurements"] = write_measurements_csv(output / "sample_ct_stats.csv", rows)
+    files["measurements"] = write_measurements(output / "sample_ct_stats.csv", result, image)
     truth = io.read_segmentation(SAMPLE_TRUTH).to_labelmap().array_zyx
     summary = DemoSummary(
         output=output,

@@ -13,6 +13,7 @@ from .errors import ImageError
 from .fileutil import atomic_path
 from .inference import SegmentationResult
 from .io import SegmentInfo
+from .measurements import measure_segments, write_measurements_csv
 
 LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 
@@ -75,6 +76,20 @@ def write_segmentation_result(path: str | Path, result: SegmentationResult) -> P
     raise ImageError(
         "unsupported output file type", subject=path, expected=".seg.nrrd or " + ", ".join(LABELMAP_SUFFIXES), found=path.name
     )
+
+
+def write_measurements(path: str | Path, result: SegmentationResult, intensity: io.Volume) -> Path:
+    """Measure every label of the card (and each instance of its thing labels, when computed) against
+    ``intensity`` (the segmented image) and write the table as CSV (see :mod:`.measurements`)."""
+    card = result.card
+    rows = measure_segments(
+        result.labels,
+        [label.segment_info() for label in card.labels],
+        intensity=intensity,
+        instance_ids_zyx=result.instance_ids,
+        thing_values=[label.value for label in card.labels if label.thing],
+    )
+    return write_measurements_csv(path, rows)
 
 
 def write_probabilities(path: str | Path, result: SegmentationResult) -> Path:

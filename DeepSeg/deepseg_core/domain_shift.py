@@ -155,10 +155,13 @@ def body_values(array_zyx: np.ndarray, modality: str, norm: Normalization) -> np
 
 def body_quantiles(array_zyx: np.ndarray, modality: str, norm: Normalization) -> np.ndarray:
     """1st..99th percentiles of the normalised body voxels of one image (NaN when no body voxel)."""
-    values = body_values(array_zyx, modality, norm)
+    return _quantiles(_subsample(body_values(array_zyx, modality, norm)))
+
+
+def _quantiles(values: np.ndarray) -> np.ndarray:
     if values.size == 0:
         return np.full(len(QUANTILE_LEVELS), np.nan)
-    return np.percentile(_subsample(values), QUANTILE_LEVELS)
+    return np.percentile(values, QUANTILE_LEVELS)
 
 
 def wasserstein_from_quantiles(a: Sequence[float], b: Sequence[float]) -> float:
@@ -182,16 +185,9 @@ def training_fingerprint(
     spacings = np.array([v.spacing_xyz_mm for v in first])
     body = []
     for c in range(len(channel_names)):
-        per_case = [body_quantiles(channels[c].array_zyx, modality, normalization) for channels in cases]
-        pooled_values = np.concatenate(
-            [
-                _subsample(distance_normalisation(ch[c].array_zyx, normalization)[body_mask(ch[c].array_zyx, modality)]).astype(
-                    np.float64
-                )
-                for ch in cases
-            ]
-        )
-        pooled = np.percentile(pooled_values, QUANTILE_LEVELS) if pooled_values.size else np.full(len(QUANTILE_LEVELS), np.nan)
+        values = [_subsample(body_values(channels[c].array_zyx, modality, normalization)) for channels in cases]
+        per_case = [_quantiles(v) for v in values]
+        pooled = _quantiles(np.concatenate(values).astype(np.float64))
         spread = max((wasserstein_from_quantiles(q, pooled) for q in per_case), default=0.0)
         body.append(
             {

@@ -19,6 +19,7 @@ import logging
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "DeepSeg"))
 
 from deepseg_core import demo, io, metrics, phantoms  # noqa: E402
+from deepseg_core.config import to_dict  # noqa: E402
 from deepseg_core.domain_shift import training_fingerprint  # noqa: E402
 from deepseg_core.fileutil import atomic_path  # noqa: E402
 from deepseg_core.inference import Segmenter, SegmentOptions  # noqa: E402
@@ -40,9 +42,10 @@ from deepseg_core.model_card import (  # noqa: E402
     Preprocessing,
 )
 from deepseg_core.model_store import write_model_folder  # noqa: E402
-from deepseg_core.nets import UNetConfig, build_net, count_parameters  # noqa: E402
+from deepseg_core.nets import build_net, count_parameters  # noqa: E402
 from deepseg_core.preprocessing import ct_normalization, intensity_fingerprint, normalize  # noqa: E402
 from deepseg_core.training import TrainConfig, TrainingCase, train  # noqa: E402
+from deepseg_core.training.engine import DEFAULT_PATCH_3D, default_unet_3d  # noqa: E402
 
 TRAIN_SEEDS = range(100, 116)
 VALIDATION_SEEDS = range(900, 904)
@@ -76,6 +79,55 @@ def rewrite_fingerprint(folder: Path) -> None:
         tmp.write_text(json.dumps(card.to_json_dict(), indent=2) + "\n", encoding="utf-8")
 
 
+def train_phantom_model(
+    profile: str,
+    name: str,
+    description: str,
+    *,
+    epochs: int = 40,
+    steps: int = 25,
+    device: str = "cpu",
+    on_event: Callable[[dict], None] | None = None,
+) -> tuple[ModelCard, torch.nn.Module]:
+    """The default model's recipe on the 16 training phantoms of ``profile``: its card and trained net.
+
+    Deterministic on CPU, so ``profile="ct-A"`` reproduces the bundled model.
+    """
+    train_cases = make_cases(TRAIN_SEEDS, profile)
+    norm, fingerprint = normalisation_and_fingerprint(train_cases)
+    cases = [
+        TrainingCase(normalize(c.image.array_zyx, norm)[None], c.labels.array_zyx.astype(np.uint8), name=f"{profile}-{c.seed}")
+        for c in train_cases
+    ]
+    net_config = default_unet_3d(in_channels=1, num_classes=3)
+    net = build_net("unet", net_config, seed=0)
+    train_config = TrainConfig(patch_size_zyx=DEFAULT_PATCH_3D, batch_size=2, epochs=epochs, steps_per_epoch=steps)
+    started = time.perf_counter()
+    history = train(net, cases, train_config, device=device, on_event=on_event)
+    train_seconds = time.perf_counter() - started
+    card = ModelCard(
+        name=name,
+        version=1,
+        architecture=Architecture("unet", to_dict(net_config)),
+        inputs=Inputs("CT", ("CT",)),
+        labels=phantoms.PHANTOM_LABELS,
+        preprocessing=Preprocessing(target_spacing_xyz_mm=SPACING, normalization=norm),
+        inference=InferenceDefaults(patch_size_zyx=DEFAULT_PATCH_3D, overlap=0.5, batch_size=4),
+        weights_sha256="0" * 64,
+        description=description,
+        fingerprint=fingerprint,
+        metrics={
+            "training": {
+                "epochs": epochs,
+                "final_loss": history[-1]["loss"],
+                "seconds": train_seconds,
+                "parameters": count_parameters(net),
+            }
+        },
+    )
+    return card, net
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=40)
@@ -89,48 +141,14 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    train_cases = make_cases(TRAIN_SEEDS)
-    norm, print_fp = normalisation_and_fingerprint(train_cases)
-    cases = [
-        TrainingCase(normalize(c.image.array_zyx, norm)[None], c.labels.array_zyx.astype(np.uint8), name=f"ct-A-{c.seed}")
-        for c in train_cases
-    ]
-    net_config = UNetConfig(
-        spatial_dims=3,
-        in_channels=1,
-        num_classes=3,
-        features=(12, 24, 48, 96),
-        strides=((1, 2, 2), (2, 2, 2), (2, 2, 2)),
-        deep_supervision=True,
-    )
-    net = build_net("unet", net_config, seed=0)
-    train_config = TrainConfig(patch_size_zyx=(32, 64, 64), batch_size=2, epochs=args.epochs, steps_per_epoch=args.steps)
-    started = time.perf_counter()
-    history = train(net, cases, train_config, on_event=lambda e: print(json.dumps({k: v for k, v in e.items() if k != "event"})))
-    train_seconds = time.perf_counter() - started
-
-    from deepseg_core.config import to_dict
-
-    card = ModelCard(
-        name="phantom-liver",
-        version=1,
-        architecture=Architecture("unet", to_dict(net_config)),
-        inputs=Inputs("CT", ("CT",)),
-        labels=phantoms.PHANTOM_LABELS,
-        preprocessing=Preprocessing(target_spacing_xyz_mm=SPACING, normalization=norm),
-        inference=InferenceDefaults(patch_size_zyx=(32, 64, 64), overlap=0.5, batch_size=4),
-        weights_sha256="0" * 64,
-        description="Default DeepSeg model: liver and liver lesions on CT phantoms of scanner profile A "
+    card, net = train_phantom_model(
+        "ct-A",
+        "phantom-liver",
+        "Default DeepSeg model: liver and liver lesions on CT phantoms of scanner profile A "
         "(trained by scripts/train_default_model.py). A demonstration model, not for clinical use.",
-        fingerprint=print_fp,
-        metrics={
-            "training": {
-                "epochs": args.epochs,
-                "final_loss": history[-1]["loss"],
-                "seconds": train_seconds,
-                "parameters": count_parameters(net),
-            }
-        },
+        epochs=args.epochs,
+        steps=args.steps,
+        on_event=lambda e: print(json.dumps({k: v for k, v in e.items() if k != "event"})),
     )
     staging = args.output / "models" / ".staging-phantom-liver"
     shutil.rmtree(staging, ignore_errors=True)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "DeepSeg"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
 from deepseg_core import metrics
 from deepseg_core.datasets import Dataset
@@ -66,42 +67,11 @@ def test_dice(segmenter: Segmenter) -> dict[str, dict[str, float]]:
 
 
 def train_reference(profile: str, device: str) -> tuple[ModelCard, Segmenter, float]:
-    """The default model's recipe (scripts/train_default_model.py) trained on 16 phantoms of ``profile``."""
-    from deepseg_core.config import to_dict
-    from deepseg_core.model_card import Architecture, InferenceDefaults, Inputs, Preprocessing
-    from deepseg_core.nets import UNetConfig, build_net
-    from deepseg_core.preprocessing import ct_normalization, intensity_fingerprint, normalize
-    from deepseg_core.training import TrainConfig, TrainingCase, train
+    """The default model's recipe (scripts/train_default_model.py) trained on its 16 phantoms of ``profile``."""
+    from train_default_model import train_phantom_model
 
-    cases = [phantom(seed, profile) for seed in range(100, 116)]
-    norm = ct_normalization(intensity_fingerprint([c.image.array_zyx for c in cases], [c.labels.array_zyx > 0 for c in cases]))
-    training = [
-        TrainingCase(normalize(c.image.array_zyx, norm)[None], c.labels.array_zyx.astype(np.uint8), name=str(c.seed))
-        for c in cases
-    ]
-    net_config = UNetConfig(
-        spatial_dims=3,
-        in_channels=1,
-        num_classes=3,
-        features=(12, 24, 48, 96),
-        strides=((1, 2, 2), (2, 2, 2), (2, 2, 2)),
-        deep_supervision=True,
-    )
-    net = build_net("unet", net_config, seed=0)
-    started = time.perf_counter()
-    train(net, training, TrainConfig(patch_size_zyx=(32, 64, 64), batch_size=2, epochs=40, steps_per_epoch=25), device=device)
-    seconds = time.perf_counter() - started
-    card = ModelCard(
-        name=f"reference-{profile}",
-        version=1,
-        architecture=Architecture("unet", to_dict(net_config)),
-        inputs=Inputs("CT", ("CT",)),
-        labels=PHANTOM_LABELS,
-        preprocessing=Preprocessing(target_spacing_xyz_mm=SAMPLE_SPACING_XYZ_MM, normalization=norm),
-        inference=InferenceDefaults(patch_size_zyx=(32, 64, 64), overlap=0.5, batch_size=4),
-        weights_sha256="0" * 64,
-    )
-    return card, Segmenter(card, net, torch.device(device)), seconds
+    card, net = train_phantom_model(profile, f"reference-{profile}", f"benchmark reference on {profile}", device=device)
+    return card, Segmenter(card, net, torch.device(device)), card.metrics["training"]["seconds"]
 
 
 def train_oracle(device: str) -> dict:

@@ -34,10 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "DeepSeg"))
 from deepseg_core.demo import DEFAULT_MODEL, SAMPLE_SPACING_XYZ_MM
 from deepseg_core.losses import build_loss
 from deepseg_core.model_card import ModelCard
-from deepseg_core.nets import UNetConfig, build_net
+from deepseg_core.nets import build_net
 from deepseg_core.phantoms import generate_phantom
 from deepseg_core.preprocessing import normalize
 from deepseg_core.training import AugmentConfig
+from deepseg_core.training.engine import default_unet_3d
 from deepseg_core.training.loop import network_batch, optimisation_step
 from deepseg_core.training.patches import PatchSampler, TrainingCase
 
@@ -57,15 +58,7 @@ def cases() -> list[TrainingCase]:
 
 
 def network() -> torch.nn.Module:
-    config = UNetConfig(
-        spatial_dims=3,
-        in_channels=1,
-        num_classes=3,
-        features=(12, 24, 48, 96),
-        strides=((1, 2, 2), (2, 2, 2), (2, 2, 2)),
-        deep_supervision=False,
-    )
-    return build_net("unet", config, seed=0)
+    return build_net("unet", default_unet_3d(in_channels=1, num_classes=3, deep_supervision=False), seed=0)
 
 
 def deepseg_steps(data: list[TrainingCase], augment: AugmentConfig, device: torch.device) -> Step:

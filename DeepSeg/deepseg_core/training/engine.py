@@ -30,6 +30,7 @@ from ..config import to_dict
 from ..datasets import Dataset, DatasetError
 from ..errors import ConfigError, DeepSegError
 from ..inference import Segmenter, SegmentOptions
+from ..io import Volume
 from ..losses import DeepSupervisionLoss, build_loss
 from ..model_card import Architecture, InferenceDefaults, Inputs, ModelCard, Normalization, Preprocessing
 from ..model_store import ModelStore, load_network, resolve_model
@@ -141,14 +142,16 @@ def _label_lut(value_map: dict[int, int] | None, ignore_value: int | None) -> np
     return lut
 
 
+LoadedCase = tuple[list[Volume], Volume]
+
+
 def _prepare_cases(
-    dataset: Dataset, ids: list[str], card: ModelCard, value_map: dict[int, int] | None = None
+    loaded: dict[str, LoadedCase], card: ModelCard, ignore_value: int | None, value_map: dict[int, int] | None = None
 ) -> list[TrainingCase]:
     """Cases resampled to the card's spacing and normalised as the card says; labels in model values."""
     out = []
-    lut = _label_lut(value_map, dataset.ignore_value)
-    for case_id in ids:
-        images, label = dataset.load_case(case_id)
+    lut = _label_lut(value_map, ignore_value)
+    for case_id, (images, label) in loaded.items():
         target = card.preprocessing.target_spacing_xyz_mm
         channels = [normalize(resample_to_spacing(v, target).array_zyx, card.preprocessing.normalization) for v in images]
         labels = resample_to_spacing(label, target, is_label=True).array_zyx.astype(np.uint8)
@@ -159,24 +162,40 @@ def _prepare_cases(
     return out
 
 
-def _dataset_fingerprint(dataset: Dataset, ids: list[str], card: ModelCard, parent: ModelCard | None) -> dict:
+def _dataset_fingerprint(dataset_name: str, loaded: dict[str, LoadedCase], card: ModelCard, parent: ModelCard | None) -> dict:
     """The new version's training-data fingerprint; a fine-tune also keeps its parent's domains."""
-    loaded = [dataset.load_case(case_id) for case_id in ids]
     own = domain_shift.training_fingerprint(
-        [images for images, _ in loaded],
-        [label.array_zyx for _, label in loaded],
+        [images for images, _ in loaded.values()],
+        [label.array_zyx for _, label in loaded.values()],
         card.inputs.modality,
         card.inputs.channels,
         card.preprocessing.normalization,
-        profiles=[dataset.name],
+        profiles=[dataset_name],
     )
     return domain_shift.merge_with_parent(own, parent.fingerprint) if parent is not None else own
 
 
-def _scratch_card(dataset: Dataset, name: str, config: RetrainConfig) -> tuple[ModelCard, nn.Module]:
-    """A card and an initialised U-Net for a model trained from scratch on ``dataset``."""
-    train_ids = dataset.split()["train"]
-    loaded = [dataset.load_case(c) for c in train_ids]
+#: patch ``(Z, Y, X)`` of DeepSeg's default 3D network (the bundled model's).
+DEFAULT_PATCH_3D = (32, 64, 64)
+
+
+def default_unet_3d(in_channels: int, num_classes: int, deep_supervision: bool = True) -> UNetConfig:
+    """DeepSeg's default 3D U-Net (the bundled model's): 12-24-48-96 features, in-plane-only first stride."""
+    return UNetConfig(
+        spatial_dims=3,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        features=(12, 24, 48, 96),
+        strides=((1, 2, 2), (2, 2, 2), (2, 2, 2)),
+        deep_supervision=deep_supervision,
+    )
+
+
+def _scratch_card(
+    dataset: Dataset, name: str, config: RetrainConfig, training_cases: dict[str, LoadedCase]
+) -> tuple[ModelCard, nn.Module]:
+    """A card and an initialised U-Net for a model trained from scratch on ``dataset``'s training cases."""
+    loaded = list(training_cases.values())
     spacing = tuple(float(v) for v in np.median([imgs[0].spacing_xyz_mm for imgs, _ in loaded], axis=0))
     modality = dataset.channel_names[0].upper()
     if modality == "CT":
@@ -189,15 +208,8 @@ def _scratch_card(dataset: Dataset, name: str, config: RetrainConfig) -> tuple[M
     num_classes = max(label.value for label in dataset.labels) + 1
     channels = len(dataset.channel_names)
     if config.arch == "3d":
-        net_config = UNetConfig(
-            spatial_dims=3,
-            in_channels=channels,
-            num_classes=num_classes,
-            features=(12, 24, 48, 96),
-            strides=((1, 2, 2), (2, 2, 2), (2, 2, 2)),
-            deep_supervision=True,
-        )
-        patch = (32, 64, 64)
+        net_config = default_unet_3d(channels, num_classes)
+        patch = DEFAULT_PATCH_3D
     else:
         k = 3 if config.arch == "2.5d" else 1
         net_config = UNetConfig(
@@ -374,6 +386,7 @@ def retrain(
     if not split["train"]:
         raise DatasetError("no training cases", subject=dataset.root)
     torch.manual_seed(config.seed)
+    loaded = {case_id: dataset.load_case(case_id) for case_id in split["train"]}
     parent_card = None
     if base is not None:
         parent_card, net = load_network(resolve_model(base, store))
@@ -391,7 +404,7 @@ def retrain(
             parent_card, name=name, parent_version=parent_card.version if parent_card.name == name else None
         )
     else:
-        card, net = _scratch_card(dataset, name, config)
+        card, net = _scratch_card(dataset, name, config, loaded)
         value_map = {label.value: label.value for label in dataset.labels}
     rank, world = _distributed_rank_world()
     device_t = torch.device(device)
@@ -412,7 +425,9 @@ def retrain(
         emit = lambda event: None  # noqa: E731  (one event stream: rank 0's)
     spatial_dims = int(card.architecture.config.get("spatial_dims", 3))
     context = int(card.architecture.config.get("context_slices", 1))
-    train_cases = _prepare_cases(dataset, split["train"], card, value_map)
+    train_cases = _prepare_cases(loaded, card, dataset.ignore_value, value_map)
+    fingerprint = _dataset_fingerprint(dataset.name, loaded, card, parent_card)
+    del loaded  # the raw volumes are not needed once resampled, normalised and fingerprinted
     patch = tuple(card.inference.patch_size_zyx)
     if spatial_dims == 2:
         patch = (context, patch[-2], patch[-1])
@@ -506,7 +521,7 @@ def retrain(
     train_ids = split["train"]
     card = dataclasses.replace(
         card,
-        fingerprint=_dataset_fingerprint(dataset, train_ids, card, parent_card),
+        fingerprint=fingerprint,
         description=(card.description + f" Fine-tuned on {dataset.name}.").strip() if base is not None else card.description,
         metrics={
             "validation": {

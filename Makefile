@@ -3,10 +3,17 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The Slicer-side suites also run in Python 3.12 (Slicer 5.10 / 5.12's Python) without torch.
+PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) $(shell command -v python3.12))
+SLICER_VENV ?= .venv-slicer
+SLICER_PY := $(SLICER_VENV)/bin/python
+SLICER_STAMP := $(SLICER_VENV)/.installed
 
-.PHONY: setup demo test test-slow bench lint clean
+.PHONY: setup setup-slicer demo test test-slow bench lint clean
 
 setup: $(STAMP)
+
+setup-slicer: $(SLICER_STAMP)
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,15 +21,25 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PY) -m pip install --quiet -c requirements/constraints.txt -e ".[test]"
 	touch $(STAMP)
 
+$(SLICER_STAMP): requirements/slicer-side.txt requirements/constraints.txt
+	@test -n "$(PYTHON312)" || { echo "Python 3.12 not found: install it or run make PYTHON312=/path/to/python3.12"; exit 1; }
+	$(PYTHON312) -m venv $(SLICER_VENV)
+	$(SLICER_PY) -m pip install --quiet --upgrade pip
+	$(SLICER_PY) -m pip install --quiet -c requirements/constraints.txt -r requirements/slicer-side.txt
+	touch $(SLICER_STAMP)
+
 ## the main job: segment the bundled sample, write .seg.nrrd + PNG preview, print a summary
 demo: setup
 	$(VENV)/bin/deepseg demo --output deepseg_demo
 
-## the test suite (what CI runs): lint, then every test not marked slow
-test: setup
+## the test suite (what CI runs): lint, every test not marked slow, then the Slicer-side suites
+## again in Python 3.12 without torch (engine subprocesses use the first environment's Python)
+test: setup setup-slicer
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q -m "not slow" Testing
+	DEEPSEG_REQUIRE_PY39=1 $(PY) -m pytest -q -m "not slow" Testing
+	DEEPSEG_REQUIRE_PY39=1 DEEPSEG_SLICER_SIDE_RUN=1 DEEPSEG_ENGINE_PYTHON=$(abspath $(PY)) \
+		$(SLICER_PY) -m pytest -q -m "not slow" -p no:cacheprovider Testing/mrml Testing/extension
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow Testing
@@ -36,4 +53,4 @@ lint: setup
 	$(PY) -m ruff format --check .
 
 clean:
-	rm -rf $(VENV) deepseg_demo .pytest_cache
+	rm -rf $(VENV) $(SLICER_VENV) deepseg_demo .pytest_cache

@@ -1,17 +1,23 @@
 """DeepSeg: deep-learning segmentation of CT and MR volumes (3D Slicer module, thin shell).
 
-The panel keeps its state in a typed parameter node and delegates everything to ``DeepSegLib``
-(scene glue, no Qt) and ``deepseg_core`` (the engine, run as a ``deepseg`` subprocess so the GUI
-never blocks). The module also registers the **DeepSeg** Segment Editor effect.
+Every decision of the panel lives in ``DeepSegLib.panel_logic.DeepSegPanelLogic`` (Qt-free, tested
+on real MRML scenes); this file binds widgets to it. The engine runs as a ``deepseg`` process tree
+(``PythonSlicer``), so the GUI never blocks and nothing here imports torch. The module also
+registers the **DeepSeg** Segment Editor effect (``SegmentEditorDeepSegLib``).
+
+This file is parsed by Python 3.9 too (Slicer 5.8), so that an unsupported Slicer shows one clear
+message: keep its syntax 3.9-compatible.
 """
 
 import logging
 import os
 import pathlib
+import sys
+from typing import Annotated
 
 import qt
 import slicer
-from slicer.parameterNodeWrapper import parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -20,7 +26,14 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-EFFECT_SOURCE = os.path.join(os.path.dirname(__file__), "DeepSegLib", "SegmentEditorEffect.py")
+EFFECT_SOURCE = os.path.join(os.path.dirname(__file__), "SegmentEditorDeepSegLib", "SegmentEditorEffect.py")
+
+
+def unsupportedReason():
+    """None in a supported Slicer, else the one message shown instead of the panel."""
+    from DeepSegLib.compatibility import unsupported_reason
+
+    return unsupported_reason(sys.version_info[:2], (slicer.app.majorVersion, slicer.app.minorVersion))
 
 
 class DeepSeg(ScriptedLoadableModule):
@@ -35,11 +48,16 @@ class DeepSeg(ScriptedLoadableModule):
             "and export corrections for retraining in DeepSegTraining."
         )
         self.parent.acknowledgementText = "DeepSeg is an open-source 3D Slicer extension."
+        reason = unsupportedReason()
+        if reason:
+            self.parent.helpText = reason
+            logging.warning("DeepSeg: %s", reason)
+            return
         slicer.app.connect("startupCompleted()", registerSegmentEditorEffect)
 
 
 def registerSegmentEditorEffect():
-    """Register the DeepSeg scripted effect with the Segment Editor."""
+    """Register the DeepSeg scripted effect (Slicer loads it as module ``SegmentEditorDeepSegLib``)."""
     import qSlicerSegmentationsEditorEffectsPythonQt as effects
 
     effect = effects.qSlicerSegmentEditorScriptedEffect(None)
@@ -49,13 +67,13 @@ def registerSegmentEditorEffect():
 
 @parameterNodeWrapper
 class DeepSegParameterNode:
-    """Everything the panel shows; saved with the scene."""
+    """Everything the panel shows; saved with the scene (same fields as ``panel_logic.PanelSettings``)."""
 
     inputVolume: slicer.vtkMRMLScalarVolumeNode
     additionalVolume: slicer.vtkMRMLScalarVolumeNode
     outputSegmentation: slicer.vtkMRMLSegmentationNode
     model: str = ""
-    device: str = "auto"
+    device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
     overlap: float = 0.5
     tta: bool = False
     instances: bool = True
@@ -71,25 +89,31 @@ class DeepSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
+        self.panel = None
         self._parameterNode = None
-        self._job = None
-        self._snapshot = None
-        self._review = None
+        self._guiConnections = None
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
         self._timer.connect("timeout()", self.onPoll)
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
+        reason = unsupportedReason()
+        if reason:
+            label = qt.QLabel(reason)
+            label.wordWrap = True
+            self.layout.addWidget(label)
+            return
+        from DeepSegLib.panel_logic import DeepSegPanelLogic
+
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/DeepSeg.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = DeepSegLogic()
-        self.ui.engineVersionLabel.text = self.logic.engineVersion()
-        self.ui.deviceInfoLabel.text = self.logic.deviceInfo()
+        self.panel = DeepSegPanelLogic(slicer.mrmlScene)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
-        self.ui.refreshModelsButton.connect("clicked(bool)", self.refreshModels)
+        self.ui.refreshModelsButton.connect("clicked(bool)", self.onRefreshModels)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegment)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.undoButton.connect("clicked(bool)", self.onUndo)
@@ -100,152 +124,121 @@ class DeepSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.showMeasurementsButton.connect("clicked(bool)", self.onShowMeasurements)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.refreshModels()
         self.initializeParameterNode()
+        self.panel.refresh_device_info()
+        self.panel.refresh_models(self._parameterNode)
+        self.render()
 
     def cleanup(self):
-        self.onCancel()
+        self._timer.stop()
+        if self.panel is not None:
+            self.panel.close()
         self.removeObservers()
 
     def enter(self):
-        self.initializeParameterNode()
+        if self.panel is not None:
+            self.initializeParameterNode()
+            self.render()
+
+    def exit(self):
+        self.setParameterNode(None)
 
     def onSceneStartClose(self, caller, event):
-        self.onCancel()
+        self.panel.abandon()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
             self.initializeParameterNode()
+            self.render()
 
     def initializeParameterNode(self):
-        self.setParameterNode(DeepSegParameterNode(self.logic.getParameterNode()))
+        self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
             self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        self.panel.sync_model(self._parameterNode)
 
     def setParameterNode(self, parameterNode):
-        if self._parameterNode:
+        if self._parameterNode and self._guiConnections is not None:
             self._parameterNode.disconnectGui(self._guiConnections)
+            self._guiConnections = None
         self._parameterNode = parameterNode
         if self._parameterNode:
             self._guiConnections = self._parameterNode.connectGui(self.ui)
-            index = self.ui.modelComboBox.findData(self._parameterNode.model)
-            if index >= 0:
-                self.ui.modelComboBox.currentIndex = index
 
-    def refreshModels(self):
-        from DeepSegLib.panel_support import available_models
-
-        self._entries = {entry.ref: entry for entry in available_models()}
-        self.ui.modelComboBox.clear()
-        for entry in self._entries.values():
-            self.ui.modelComboBox.addItem(entry.label, entry.ref)
-            self.ui.modelComboBox.setItemData(self.ui.modelComboBox.count - 1, entry.description, qt.Qt.ToolTipRole)
+    def render(self):
+        """Copy the panel logic's view into the widgets (the only place widgets change)."""
+        view = self.panel.view
+        combo = self.ui.modelComboBox
+        wasBlocked = combo.blockSignals(True)
+        if [combo.itemData(i) for i in range(combo.count)] != [entry.ref for entry in view.models]:
+            combo.clear()
+            for entry in view.models:
+                combo.addItem(entry.label, entry.ref)
+                combo.setItemData(combo.count - 1, entry.description, qt.Qt.ToolTipRole)
+        combo.currentIndex = view.model_index
+        combo.blockSignals(wasBlocked)
+        self.ui.modelDescriptionLabel.text = view.model_description
+        self.ui.additionalVolumeSelector.visible = self.ui.additionalVolumeLabel.visible = view.second_channel_visible
+        self.ui.deviceInfoLabel.text = view.device_info
+        self.ui.segmentButton.enabled = view.segment_enabled
+        self.ui.cancelButton.enabled = view.cancel_enabled
+        self.ui.undoButton.enabled = view.undo_enabled
+        self.ui.nextUncertainButton.enabled = view.next_uncertain_enabled
+        self.ui.showMeasurementsButton.enabled = view.show_measurements_enabled
+        self.ui.progressBar.value = view.progress_percent
+        self.ui.statusLabel.text = view.status
+        self.ui.domainCheckLabel.text = view.domain_text
+        self.ui.domainCheckLabel.setStyleSheet(f"color: {view.domain_colour}")
+        self.ui.uncertainRegionLabel.text = view.uncertain_regions_text
+        self.ui.exportStatusLabel.text = view.export_status
 
     def onModelChanged(self, index):
-        ref = self.ui.modelComboBox.itemData(index)
-        entry = self._entries.get(ref) if ref else None
-        self.ui.modelDescriptionLabel.text = entry.description if entry else ""
-        multi = entry is not None and len(entry.channels) > 1
-        self.ui.additionalVolumeSelector.visible = multi
-        self.ui.additionalVolumeLabel.visible = multi
-        if self._parameterNode and ref:
-            self._parameterNode.model = ref
+        self.panel.choose_model(self._parameterNode, index)
+        self.render()
+
+    def onRefreshModels(self):
+        self.panel.refresh_models(self._parameterNode)
+        self.render()
 
     def onSegment(self):
-        p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("DeepSeg could not start.", waitCursor=True):
-            if not self.logic.ensureDependencies():
-                return
-            if not p.outputSegmentation:
-                p.outputSegmentation = slicer.mrmlScene.AddNewNodeByClass(
-                    "vtkMRMLSegmentationNode", f"{p.inputVolume.GetName()} DeepSeg"
-                )
-                p.outputSegmentation.CreateDefaultDisplayNodes()
-            extra = [p.additionalVolume] if self.ui.additionalVolumeSelector.visible and p.additionalVolume else []
-            self._job = self.logic.startSegmentation(p, extra)
-            self.ui.segmentButton.enabled = False
-            self.ui.cancelButton.enabled = True
-            self.ui.progressBar.value = 0
-            self.ui.statusLabel.text = "Starting..."
-            self.ui.domainCheckLabel.text = ""
-            self._timer.start()
+        try:
+            with slicer.util.tryWithErrorDisplay("DeepSeg could not start.", waitCursor=True):
+                offer = self.panel.install_offer()
+                if offer is not None and not self.logic.installDependencies(offer):
+                    return
+                self.panel.start_segment(self._parameterNode)
+                self._timer.start()
+        finally:
+            self.render()
 
     def onPoll(self):
-        from DeepSegLib.panel_support import progress_text
-        from DeepSegLib.result_review import domain_check_text
-
-        if self._job is None:
-            self._timer.stop()
-            return
-        for event in self._job.poll():
-            if event.get("event") == "domain_check":
-                verdict, text = domain_check_text(event)
-                colour = {"ok": "green", "caution": "darkorange", "out_of_distribution": "red"}.get(verdict, "black")
-                self.ui.domainCheckLabel.text = text
-                self.ui.domainCheckLabel.setStyleSheet(f"color: {colour}")
-            percent, text = progress_text(event)
-            if percent is not None:
-                self.ui.progressBar.value = percent
-            if text:
-                self.ui.statusLabel.text = text
-        if not self._job.finished:
-            return
-        self._timer.stop()
-        job, self._job = self._job, None
-        job.wait(5)
-        self.ui.segmentButton.enabled = True
-        self.ui.cancelButton.enabled = False
         try:
-            if job.returncode == 0:
-                p = self._parameterNode
-                self._snapshot = self.logic.applyResult(job, p)
-                self.ui.undoButton.enabled = True
-                self.ui.statusLabel.text += f" Segments written to {p.outputSegmentation.GetName()}."
-                with slicer.util.tryWithErrorDisplay("The uncertainty map or the measurements could not be shown."):
-                    self._review = self.logic.loadReview(job, p, self._review)
-                navigator = self._review.navigator if self._review else None
-                self.ui.nextUncertainButton.enabled = navigator is not None and len(navigator) > 0
-                self.ui.showMeasurementsButton.enabled = self._review is not None and self._review.table_node is not None
-                self.ui.uncertainRegionLabel.text = f"{len(navigator)} uncertain region(s)." if navigator is not None else ""
-            elif job.returncode == 130:
-                self.ui.statusLabel.text = "Cancelled; the scene is unchanged."
-            else:
-                self.ui.statusLabel.text = f"Failed: {job.error}"
+            with slicer.util.tryWithErrorDisplay("The result could not be put into the scene."):
+                if not self.panel.poll(self._parameterNode):
+                    self._timer.stop()
         finally:
-            job.cleanup()
-
-    def onNextUncertain(self):
-        if self._review is None or self._review.navigator is None:
-            return
-        region = self._review.navigator.next_region(slicer.mrmlScene)
-        self.ui.uncertainRegionLabel.text = self._review.navigator.status(region)
-
-    def onShowMeasurements(self):
-        if self._review is None or self._review.table_node is None:
-            return
-        layout_manager = slicer.app.layoutManager()
-        layout_manager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
-        slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(self._review.table_node.GetID())
-        slicer.app.applicationLogic().PropagateTableSelection()
+            self.render()
 
     def onCancel(self):
-        if self._job is not None:
-            self._job.cancel()
+        self.panel.cancel()
+        self.render()
 
     def onUndo(self):
-        from DeepSegLib.result_review import remove_review
+        self.panel.undo()
+        self.render()
 
-        if self._snapshot is not None:
-            self._snapshot.restore()
-            self._snapshot = None
-            remove_review(slicer.mrmlScene, self._review)
-            self._review = None
-            self.ui.nextUncertainButton.enabled = False
-            self.ui.showMeasurementsButton.enabled = False
-            self.ui.uncertainRegionLabel.text = ""
-            self.ui.undoButton.enabled = False
-            self.ui.statusLabel.text = "Last Segment undone."
+    def onNextUncertain(self):
+        self.panel.next_uncertain()
+        self.render()
+
+    def onShowMeasurements(self):
+        table = self.panel.measurement_table
+        if table is None:
+            return
+        slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
+        slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table.GetID())
+        slicer.app.applicationLogic().PropagateTableSelection()
 
     def onEdit(self):
         p = self._parameterNode
@@ -255,105 +248,45 @@ class DeepSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         editor.setSourceVolumeNode(p.inputVolume)
 
     def onExport(self):
-        p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Export failed; nothing was written.", waitCursor=True):
-            record = self.logic.exportCorrected(p)
-            effort = record.provenance
-            changed = f"{effort.changed_voxels} voxels changed" if effort.changed_voxels is not None else "no prediction"
-            self.ui.exportStatusLabel.text = f"Case {record.case_id} added to {record.split} ({changed})."
+        try:
+            with slicer.util.tryWithErrorDisplay("Export failed; nothing was written.", waitCursor=True):
+                self.panel.export(self._parameterNode)
+        finally:
+            self.render()
 
     def onLoadSample(self):
         with slicer.util.tryWithErrorDisplay("Failed to load the DeepSeg sample case.", waitCursor=True):
             volumeNode = self.logic.loadSampleVolume()
             self._parameterNode.inputVolume = volumeNode
-            slicer.util.setSliceViewerLayers(background=volumeNode)
+            slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
 
 
 class DeepSegLogic(ScriptedLoadableModuleLogic):
-    """Facade of the panel, the Segment Editor effect and scripts; delegates to DeepSegLib."""
+    """Facade for the panel, the Segment Editor effect and scripts: the Slicer-application parts
+    (dialogs, pip inside Slicer) and scripting helpers; the rest is in DeepSegLib."""
 
     def getParameterNode(self):
-        return ScriptedLoadableModuleLogic.getParameterNode(self)
+        return DeepSegParameterNode(super().getParameterNode())
 
-    def engineVersion(self):
-        import deepseg_core
+    def installDependencies(self, offer):
+        """Ask, then install (PyTorch extension or pip, Slicer's packages pinned). True when done."""
+        import importlib
 
-        return f"deepseg_core {deepseg_core.__version__}"
+        from DeepSegLib import dependencies
 
-    def deviceInfo(self):
-        try:
-            import torch
-        except ImportError:
-            return "PyTorch is not installed yet; it is offered on the first Segment."
-        if torch.cuda.is_available():
-            free, total = torch.cuda.mem_get_info()
-            return f"CUDA: {torch.cuda.get_device_name(0)}, {free / 2**30:.1f} of {total / 2**30:.1f} GB free"
-        return "No CUDA GPU: segmentation runs on the CPU."
-
-    def ensureDependencies(self):
-        """Offer to install missing packages (never silently). True when everything is importable."""
-        from DeepSegLib.panel_support import install_plan, missing_packages, nvidia_cuda_version
-
-        missing = missing_packages()
-        if not missing:
-            return True
-        plans = install_plan(missing, nvidia_cuda_version())
-        commands = "\n".join("pip install " + " ".join(args) for args in plans)
-        if not slicer.util.confirmOkCancelDisplay(
-            f"DeepSeg needs Python packages that are not installed in Slicer: {', '.join(missing)}.\n\n"
-            f"Install them now? This runs:\n{commands}\n\nIt can take several minutes and downloads up to a few GB.",
-            "DeepSeg: install dependencies",
-        ):
+        if not slicer.util.confirmOkCancelDisplay(offer.message(), "DeepSeg: install Python packages"):
             return False
-        for args in plans:
-            logging.info("DeepSeg: pip install %s", " ".join(args))
-            slicer.util.pip_install(args)
-        return not missing_packages()
-
-    def startSegmentation(self, p, additionalVolumeNodes=()):
-        from DeepSegLib.mrml_bridge import volume_from_node
-        from DeepSegLib.segment_job import SegmentRequest, start_segmentation
-
-        if not p.model:
-            raise ValueError("Choose a model first.")
-        channels = [volume_from_node(p.inputVolume)] + [volume_from_node(n) for n in additionalVolumeNodes]
-        request = SegmentRequest(
-            model=p.model,
-            device=p.device,
-            overlap=p.overlap,
-            tta=p.tta,
-            instances=p.instances,
-            uncertainty=p.uncertainty,
-            measurements=p.measurements,
-        )
-        return start_segmentation(channels, request)
-
-    def applyResult(self, job, p):
-        from DeepSegLib.scene_logic import apply_segmentation_file
-
-        model = next((e.get("model") for e in job.events if e.get("event") == "start"), p.model)
-        _, snapshot = apply_segmentation_file(job.output, p.outputSegmentation, p.inputVolume, model)
-        return snapshot
-
-    def loadReview(self, job, p, previous=None):
-        from DeepSegLib.result_review import load_review
-
-        return load_review(slicer.mrmlScene, job.workdir, p.inputVolume, previous)
-
-    def exportCorrected(self, p):
-        from DeepSegLib.scene_logic import export_corrected_case
-
-        if not p.caseId:
-            raise ValueError("Enter a case id for the exported case.")
-        extra = [p.additionalVolume] if p.additionalVolume else []
-        return export_corrected_case(
-            str(p.datasetFolder),
-            p.caseId,
-            p.inputVolume,
-            p.outputSegmentation,
-            overwrite=p.overwriteCase,
-            additional_volume_nodes=extra,
-        )
+        try:
+            import PyTorchUtils
+        except ImportError:
+            PyTorchUtils = None
+        with slicer.util.WaitCursor():
+            dependencies.run_install(offer, slicer.util.pip_install, PyTorchUtils)
+        importlib.invalidate_caches()
+        still = dependencies.missing_packages()
+        if still:
+            raise RuntimeError(f"These packages are still missing after the install: {', '.join(still)}.")
+        return True
 
     def loadSampleVolume(self):
         from deepseg_core.demo import SAMPLE_VOLUME
@@ -361,7 +294,7 @@ class DeepSegLogic(ScriptedLoadableModuleLogic):
         return slicer.util.loadVolume(str(SAMPLE_VOLUME))
 
     def segmentBlocking(self, volumeNode, model, outputSegmentation=None, **options):
-        """Scripting: segment ``volumeNode`` and wait (for the self-test and the Python console)."""
+        """Scripting: segment ``volumeNode`` and wait (Python console, self-tests)."""
         from DeepSegLib.mrml_bridge import volume_from_node
         from DeepSegLib.scene_logic import apply_segmentation_file
         from DeepSegLib.segment_job import SegmentRequest, start_segmentation
@@ -378,21 +311,82 @@ class DeepSegLogic(ScriptedLoadableModuleLogic):
 
 
 class DeepSegTest(ScriptedLoadableModuleTest):
+    """End to end in Slicer, through the real widgets (``ctest -R py_DeepSeg`` or
+    ``Testing/Slicer/run_in_slicer.sh /path/to/Slicer``): sample, Segment, edit, export, train one
+    short epoch, promote, roll back."""
+
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
-        self.test_SegmentSample()
+        self.test_SegmentEditExportTrainPromoteRollback()
 
-    def test_SegmentSample(self):
-        from deepseg_core.demo import DEFAULT_MODEL
+    def waitFor(self, condition, timeout_s=600):
+        import time
 
-        self.delayDisplay("Segmenting the DeepSeg sample with the bundled model")
-        logic = DeepSegLogic()
-        volumeNode = logic.loadSampleVolume()
-        segmentationNode = logic.segmentBlocking(volumeNode, str(DEFAULT_MODEL), device="cpu")
-        segmentation = segmentationNode.GetSegmentation()
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError("timed out")
+            slicer.app.processEvents()
+            time.sleep(0.05)
+
+    def test_SegmentEditExportTrainPromoteRollback(self):
+        import tempfile
+
+        import numpy as np
+
+        from deepseg_core.datasets import Dataset
+        from deepseg_core.model_card import LabelSpec
+
+        models = tempfile.mkdtemp(prefix="deepseg-selftest-models-")
+        os.environ["DEEPSEG_MODELS"] = models
+        slicer.util.selectModule("DeepSeg")
+        widget = slicer.modules.deepseg.widgetRepresentation().self()
+        self.delayDisplay("Segment the sample through the panel")
+        widget.onLoadSample()
+        widget.onRefreshModels()
+        params = widget._parameterNode
+        self.assertTrue(params.model, "the model shown must be saved in the parameter node")
+        params.device = "cpu"
+        widget.ui.segmentButton.click()
+        self.waitFor(lambda: widget.panel.job is None and not widget._timer.isActive())
+        self.assertIn("Segments written", widget.ui.statusLabel.text)
+        segmentation = params.outputSegmentation.GetSegmentation()
         names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
-        self.assertEqual(names, ["liver", "liver lesion"])
-        self.assertEqual(volumeNode.GetImageData().GetDimensions(), (112, 112, 48))
+        self.assertEqual(names[0], "liver")
+
+        self.delayDisplay("Edit: erase the first lesion, then export the case")
+        liverId = segmentation.GetSegmentIdBySegmentName("liver")
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(params.outputSegmentation, liverId, params.inputVolume)
+        mask[: mask.shape[0] // 2] = 0
+        slicer.util.updateSegmentBinaryLabelmapFromArray(mask, params.outputSegmentation, liverId, params.inputVolume)
+        dataset = os.path.join(tempfile.mkdtemp(prefix="deepseg-selftest-"), "site")
+        labels = [LabelSpec(1, "liver", (0.8, 0.5, 0.4)), LabelSpec(2, "liver lesion", (0.5, 0.9, 0.5), thing=True)]
+        Dataset.create(dataset, "site", labels, ("CT",))
+        params.datasetFolder = pathlib.Path(dataset)
+        for caseId in ("case1", "case2"):
+            params.caseId = caseId
+            widget.ui.exportButton.click()
+            self.assertIn(f"Case {caseId} added", widget.ui.exportStatusLabel.text)
+        self.assertEqual(len(Dataset.open(dataset).cases), 2)
+        self.assertTrue(np.any(mask))
+
+        self.delayDisplay("Train one short epoch in DeepSegTraining, promote, roll back")
+        slicer.util.selectModule("DeepSegTraining")
+        training = slicer.modules.deepsegtraining.widgetRepresentation().self()
+        tparams = training._parameterNode
+        tparams.datasetFolder = pathlib.Path(dataset)
+        tparams.epochs = 1
+        tparams.device = "cpu"
+        training.onRefreshModels()
+        training.ui.startButton.click()
+        self.waitFor(lambda: training.panel.job is None and not training._timer.isActive())
+        self.assertTrue(training.ui.promoteButton.enabled, training.ui.statusLabel.text)
+        newRef = training.panel.done_event["model"]
+        training.ui.promoteButton.click()
+        self.assertIn(f"{newRef} is now active", training.ui.statusLabel.text)
+        training.ui.rollbackButton.click()
+        self.assertIn("active version is", training.ui.statusLabel.text)
+        self.delayDisplay("Test passed")

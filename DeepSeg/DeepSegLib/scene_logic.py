@@ -2,8 +2,6 @@
 
 - :func:`apply_segmentation_file`: a finished job's ``.seg.nrrd`` into the output segmentation node
   (DeepSeg's earlier segments replaced, hand-added ones kept, prediction remembered for export).
-- :func:`apply_in_segment_editor`: one model label into the editor's selected segment, through the
-  editor logic so masking and overwrite settings apply, after ``SaveStateForUndo``.
 - :func:`export_corrected_case`: the corrected segmentation and its image into a dataset, checked
   against the dataset's label schema, with provenance and correction effort.
 """
@@ -24,7 +22,6 @@ from deepseg_core.datasets import CaseProvenance, CaseRecord, Dataset, correctio
 
 from .mrml_bridge import (
     SegmentationSnapshot,
-    oriented_mask,
     segment_mask,
     specs_from_segmentation,
     volume_from_node,
@@ -73,27 +70,6 @@ def apply_segmentation_file(
         shutil.copyfile(seg_path, kept)
         segmentation_node.SetAttribute(PREDICTION_ATTRIBUTE, str(kept))
     return ids, snapshot
-
-
-def apply_in_segment_editor(
-    editor_logic: slicer.vtkSlicerSegmentEditorLogic,
-    mask_zyx: np.ndarray,
-    grid: io.Volume,
-    segment_id: str | None = None,
-) -> None:
-    """Write ``mask_zyx`` into the editor's selected segment as a single undoable edit.
-
-    The editor's editable area (mask mode), intensity range and overwrite mode apply, exactly as for
-    Slicer's own effects, because the change goes through ``ModifySegmentByLabelmap``.
-    """
-    editor_node = editor_logic.GetSegmentEditorNode()
-    segmentation_node = editor_logic.GetSegmentationNode()
-    segment_id = segment_id or editor_node.GetSelectedSegmentID()
-    if segmentation_node is None or not segment_id:
-        raise io.ImageError("no segment selected in the Segment Editor", hint="Select or add a segment first.")
-    editor_logic.SaveStateForUndo()
-    modifier = oriented_mask(np.asarray(mask_zyx, bool), grid)
-    editor_logic.ModifySegmentByLabelmap(segmentation_node, segment_id, modifier, editor_logic.ModificationModeSet, False, False)
 
 
 def labelmap_from_segments(segmentation_node: slicer.vtkMRMLSegmentationNode, grid: io.Volume, dataset: Dataset) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,7 +128,9 @@ def run_segment(args: argparse.Namespace, sink: EventSink) -> tuple[int, int]:
     store = ModelStore(args.models_dir) if args.models_dir else None
     segmenter = Segmenter.load(args.model, device=args.device, store=store)
     options = options_from(args)
-    sink.emit({"event": "start", "model": segmenter.card.ref, "device": str(segmenter.device), "cases": len(cases)})
+    sink.emit(
+        {"event": "start", "model": segmenter.card.ref, "device": str(segmenter.device), "cases": len(cases), "pid": os.getpid()}
+    )
     ok = failed = 0
     for index, case in enumerate(cases, start=1):
         started = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -11,8 +12,9 @@ from .events import EventSink
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a new version (fine-tune with ``--base``, else from scratch) and store it."""
+    from .locations import default_checkpoint_dir
     from .model_store import ModelStore
-    from .training.engine import RetrainConfig, Stopped, default_checkpoint_dir, retrain
+    from .training.engine import RetrainConfig, Stopped, retrain
 
     config = RetrainConfig(
         epochs=args.epochs,
@@ -36,6 +38,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             dice = " ".join(f"{k} {v['dice']:.3f}" for k, v in val.items()) if val else ""
             print(f"epoch {event['epoch']}/{event['epochs']} loss {event['loss']:.4f} {dice} (ETA {event['eta_s']:.0f} s)")
 
+    sink.emit({"event": "start", "name": args.name, "base": args.base, "pid": os.getpid()})
     try:
         outcome = retrain(
             args.dataset,

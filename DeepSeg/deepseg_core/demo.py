@@ -12,9 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import io, metrics, phantoms
-from .inference import Segmenter, SegmentOptions
-from .outputs import write_measurements, write_segmentation_result
-from .preview import write_preview
 
 BUNDLED = Path(__file__).with_name("bundled")
 SAMPLE_VOLUME = BUNDLED / "sample_ct.nrrd"
@@ -61,6 +58,12 @@ def run_demo(output: Path, device: str = "auto") -> DemoSummary:
     """Segment the bundled sample with the bundled model; write .seg.nrrd + PNG; summarise."""
     output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    # The engine is imported here, not at module level: the Slicer panels read the sample's paths
+    # from this module before torch is installed.
+    from .inference import Segmenter, SegmentOptions
+    from .outputs import write_measurements, write_segmentation_result
+    from .preview import write_preview
+
     segmenter = Segmenter.load(DEFAULT_MODEL, device=device)
     image = io.read_image(SAMPLE_VOLUME)
     result = segmenter.segment([image], SegmentOptions(instances=True, min_instance_mm3=20.0), subjects=[str(SAMPLE_VOLUME)])

@@ -7,7 +7,8 @@ Conventions follow Slicer's Segment Statistics module so numbers can be compared
 - ``Surface area [mm2]``: ITK's estimate from the binary labelmap (Crofton / Cauchy formula on the
   voxel boundary, as Segment Statistics' labelmap plugin), not the area of the blocky voxel faces;
 - ``Feret diameter [mm]``: the largest distance between two boundary voxel centres (the maximum 3D
-  diameter, as RECIST-style measurements want it in 3D);
+  diameter, as RECIST-style measurements want it in 3D), found on their convex hull (the same
+  number as ITK's all-pairs search, in seconds instead of minutes for an organ);
 - ``Sphericity``: ``pi^(1/3) (6 V)^(2/3) / A`` (1 for a sphere, lower for elongated or ragged shapes);
 - centroids are given both in RAS (Slicer's world coordinates) and LPS (DICOM / ITK), in mm;
 - intensity statistics are of the input image voxels inside the segment, in the image's units (HU
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from .errors import ImageError
 from .fileutil import atomic_path
@@ -124,11 +126,14 @@ def intensity_statistics(values: np.ndarray) -> dict[str, float]:
     }
 
 
-def _shape_rows(mask_ids: np.ndarray, grid: Volume) -> dict[int, dict[str, float]]:
-    """Shape statistics of every non-zero id in ``mask_ids`` (one ITK pass)."""
-    image = grid.with_array(mask_ids.astype(np.uint32)).to_sitk()
+def _shape_rows(ids_zyx: np.ndarray, grid: Volume) -> dict[int, dict[str, float]]:
+    """Volume, surface, sphericity and centroid of every non-zero id in ``ids_zyx`` (one ITK pass).
+
+    ITK's own Feret diameter is not asked for: it compares every pair of boundary voxels (minutes on
+    a liver-sized segment); :func:`feret_diameter_mm` gives the same number from the convex hull.
+    """
+    image = grid.with_array(ids_zyx.astype(np.uint32)).to_sitk()
     shape = sitk.LabelShapeStatisticsImageFilter()
-    shape.ComputeFeretDiameterOn()
     shape.ComputePerimeterOn()
     shape.Execute(image)
     out = {}
@@ -143,7 +148,6 @@ def _shape_rows(mask_ids: np.ndarray, grid: Volume) -> dict[int, dict[str, float
             "volume_mm3": volume,
             "volume_ml": volume / 1000.0,
             "surface_area_mm2": area,
-            "feret_diameter_mm": float(shape.GetFeretDiameter(label)),
             "sphericity": float(sphericity),
             "centroid_r_mm": float(centroid_ras[0]),
             "centroid_a_mm": float(centroid_ras[1]),
@@ -153,6 +157,44 @@ def _shape_rows(mask_ids: np.ndarray, grid: Volume) -> dict[int, dict[str, float
             "centroid_s_lps_mm": float(centroid_lps[2]),
         }
     return out
+
+
+#: largest number of hull vertices compared pairwise at once (bounds the distance matrix's memory).
+_FERET_CHUNK = 2048
+
+
+def feret_diameter_mm(mask_zyx: np.ndarray, grid: Volume, offset_zyx: Sequence[int] = (0, 0, 0)) -> float:
+    """Largest distance in mm between the centres of two voxels of ``mask_zyx`` (maximum 3D diameter).
+
+    The same quantity as ITK's ``GetFeretDiameter`` (boundary voxel centres in physical space), found
+    on the convex hull of the boundary voxels: the farthest pair of a point set is a pair of its
+    hull vertices, so the cost is that of the hull (seconds for a whole liver), not of all pairs.
+
+    Args:
+        mask_zyx: boolean mask ``(Z, Y, X)``, usually the segment's bounding box crop.
+        grid: the image geometry the mask's voxel indices refer to.
+        offset_zyx: index of ``mask_zyx[0, 0, 0]`` in ``grid`` (the crop's start).
+    """
+    from scipy.spatial import ConvexHull, QhullError
+
+    mask = np.asarray(mask_zyx, bool)
+    boundary = mask & ~ndimage.binary_erosion(mask, border_value=0)
+    index_zyx = np.argwhere(boundary) + np.asarray(offset_zyx, dtype=np.int64)
+    if len(index_zyx) < 2:
+        return 0.0
+    spacing = np.asarray(grid.spacing_xyz_mm, dtype=float)
+    points = (index_zyx[:, ::-1] * spacing) @ np.asarray(grid.direction_lps, dtype=float).reshape(3, 3).T
+    if len(points) > 64:
+        try:
+            points = points[ConvexHull(points).vertices]
+        except QhullError:  # flat or collinear sets (one slice, one row): joggled input finds the hull
+            points = points[ConvexHull(points, qhull_options="QJ").vertices]
+    best = 0.0
+    for start in range(0, len(points), _FERET_CHUNK):
+        block = points[start : start + _FERET_CHUNK]
+        squared = ((block[:, None, :] - points[None, start:, :]) ** 2).sum(axis=-1)
+        best = max(best, float(squared.max()))
+    return math.sqrt(best)
 
 
 def _empty_shape() -> dict[str, float]:
@@ -210,20 +252,27 @@ def measure_segments(
     array = labels.array_zyx
     values = np.asarray(intensity.array_zyx) if intensity is not None else None
     class_shapes = _shape_rows(array, labels)
+    class_boxes = ndimage.find_objects(array.astype(np.int32, copy=False))
     instance_shapes = _shape_rows(instance_ids_zyx, labels) if instance_ids_zyx is not None else {}
+    instance_boxes = ndimage.find_objects(instance_ids_zyx.astype(np.int32, copy=False)) if instance_ids_zyx is not None else []
     rows: list[SegmentMeasurement] = []
     for seg in segments:
-        mask = array == seg.label_value
+        box = class_boxes[seg.label_value - 1] if 0 < seg.label_value <= len(class_boxes) else None
+        shape = dict(class_shapes.get(seg.label_value, _empty_shape()))
+        stats = intensity_statistics(np.empty(0))
         instance_rows = []
-        if instance_ids_zyx is not None and seg.label_value in thing_values:
-            ids = np.unique(instance_ids_zyx[mask])
-            for instance_id in ids[ids > 0]:
-                inst_mask = instance_ids_zyx == instance_id
-                stats = intensity_statistics(values[inst_mask]) if values is not None else intensity_statistics(np.empty(0))
-                instance_rows.append((instance_shapes[int(instance_id)], stats, int(instance_id)))
-            instance_rows.sort(key=lambda r: -r[0]["volume_mm3"])
-        stats = intensity_statistics(values[mask]) if values is not None else intensity_statistics(np.empty(0))
-        shape = class_shapes.get(seg.label_value, _empty_shape())
+        if box is not None:
+            mask = array[box] == seg.label_value
+            shape["feret_diameter_mm"] = feret_diameter_mm(mask, labels, [s.start for s in box])
+            if values is not None:
+                stats = intensity_statistics(values[box][mask])
+            if instance_ids_zyx is not None and seg.label_value in thing_values:
+                ids = np.unique(instance_ids_zyx[box][mask])
+                for instance_id in ids[ids > 0]:
+                    instance_rows.append(
+                        _instance_row(int(instance_id), instance_ids_zyx, instance_boxes, instance_shapes, labels, values)
+                    )
+                instance_rows.sort(key=lambda r: -r[0]["volume_mm3"])
         rows.append(
             SegmentMeasurement(
                 segment=seg.name,
@@ -234,7 +283,7 @@ def measure_segments(
                 **stats,
             )
         )
-        for number, (inst_shape, inst_stats, _) in enumerate(instance_rows, start=1):
+        for number, (inst_shape, inst_stats) in enumerate(instance_rows, start=1):
             rows.append(
                 SegmentMeasurement(
                     segment=f"{seg.name} {number}",
@@ -246,6 +295,22 @@ def measure_segments(
                 )
             )
     return rows
+
+
+def _instance_row(
+    instance_id: int,
+    instance_ids_zyx: np.ndarray,
+    boxes: list,
+    shapes: dict[int, dict[str, float]],
+    grid: Volume,
+    values: np.ndarray | None,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Shape (with Feret diameter) and intensity statistics of one instance, from its bounding box."""
+    box = boxes[instance_id - 1]
+    mask = instance_ids_zyx[box] == instance_id
+    shape = {**shapes[instance_id], "feret_diameter_mm": feret_diameter_mm(mask, grid, [s.start for s in box])}
+    stats = intensity_statistics(values[box][mask]) if values is not None else intensity_statistics(np.empty(0))
+    return shape, stats
 
 
 def measurements_csv(rows: Sequence[SegmentMeasurement]) -> str:

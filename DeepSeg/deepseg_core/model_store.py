@@ -1,14 +1,12 @@
 """Model folders (``model.json`` + ``weights.safetensors``) and the versioned model store.
 
-Store layout (default ``~/.deepseg/models``, or ``$DEEPSEG_MODELS``, or ``--models-dir``)::
+The store's layout is described (and read as plain JSON) in :mod:`.model_catalog`. A version folder
+is written under a temporary name and renamed into place, and never written again: saving over an
+existing version is refused. ``history`` in ``state.json`` records activations, so ``rollback``
+returns to the version that was active before.
 
-    <root>/<name>/<version>/model.json
-    <root>/<name>/<version>/weights.safetensors
-    <root>/<name>/state.json          {"active": 3, "history": [1, 2, 3]}
-
-A version folder is written under a temporary name and renamed into place, and never written
-again: saving over an existing version is refused. ``history`` records activations, so
-``rollback`` returns to the version that was active before.
+Importing this module does not import torch (the Slicer panels promote and roll back versions in
+Slicer's own process); reading and writing weights does.
 """
 
 from __future__ import annotations
@@ -20,19 +18,24 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .fileutil import atomic_write_text, default_mode
 from .model_card import ModelCard, ModelError
+from .model_catalog import (
+    CARD_FILE,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    bundled_model_folders,
+    store_names,
+    store_root,
+    store_state,
+    store_versions,
+)
 
-CARD_FILE = "model.json"
-WEIGHTS_FILE = "weights.safetensors"
-STATE_FILE = "state.json"
-ENV_MODELS_DIR = "DEEPSEG_MODELS"
-#: Models shipped inside the package; found by name when the store does not hold that name.
-BUNDLED_MODELS = Path(__file__).with_name("bundled") / "models"
+if TYPE_CHECKING:  # torch is imported where weights are read or written, so listing and activating stay light
+    import torch
+    from torch import nn
 
 
 def sha256_file(path: Path) -> str:
@@ -138,28 +141,19 @@ class ModelStore:
     """Versioned models on disk (see module docstring)."""
 
     def __init__(self, root: str | Path | None = None) -> None:
-        self.root = Path(root or os.environ.get(ENV_MODELS_DIR) or Path.home() / ".deepseg" / "models").expanduser()
+        self.root = store_root(root)
 
     # ---------------------------------------------------------------- queries
     def names(self) -> list[str]:
         """Model names in the store."""
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return store_names(self.root)
 
     def versions(self, name: str) -> list[int]:
         """Stored versions of ``name``, ascending."""
-        folder = self.root / name
-        if not folder.is_dir():
-            return []
-        return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+        return store_versions(self.root, name)
 
     def _state(self, name: str) -> dict:
-        path = self.root / name / STATE_FILE
-        if not path.exists():
-            versions = self.versions(name)
-            return {"active": versions[-1] if versions else None, "history": versions[-1:]}
-        return json.loads(path.read_text(encoding="utf-8"))
+        return store_state(self.root, name)
 
     def active_version(self, name: str) -> int | None:
         """The version ``name`` resolves to without an explicit version."""
@@ -273,9 +267,7 @@ class ModelStore:
 
 def bundled_models() -> dict[str, Path]:
     """Name -> folder of the models shipped with DeepSeg."""
-    if not BUNDLED_MODELS.is_dir():
-        return {}
-    return {p.name: p for p in sorted(BUNDLED_MODELS.iterdir()) if (p / CARD_FILE).exists()}
+    return bundled_model_folders()
 
 
 def resolve_model(ref: str | Path, store: ModelStore | None = None) -> Path:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import slicer
 
+from deepseg_core.locations import default_checkpoint_dir
 from deepseg_core.model_store import ModelStore
-from deepseg_core.training.engine import default_checkpoint_dir
 from DeepSegLib.segment_job import DeepSegJob, launch
 
 

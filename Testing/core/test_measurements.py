@@ -138,3 +138,32 @@ def test_measurement_io_is_on_the_image_grid(tmp_path):
     labels = io.read_image(path)
     (row, _) = measurements.measure_segments(labels, [label.segment_info() for label in phantoms.PHANTOM_LABELS])
     assert row.volume_ml == pytest.approx((case.labels.array_zyx == 1).sum() * 0.8 * 0.8 * 2.0 / 1000)
+
+
+@pytest.mark.parametrize("shape", ["blob", "flat", "single voxel"])
+def test_the_convex_hull_feret_diameter_equals_itks_all_pairs_search(shape):
+    """The same number as ITK's GetFeretDiameter (which compares every boundary pair: minutes on an organ)."""
+    import SimpleITK as sitk
+    from scipy import ndimage
+
+    rng = np.random.default_rng(7)
+    if shape == "blob":
+        mask = ndimage.gaussian_filter(rng.random((20, 30, 30)), 2) > 0.52
+        mask[0] = False
+    elif shape == "flat":  # one slice: a plane set of points, where the plain 3D hull fails
+        mask = np.zeros((6, 30, 30), bool)
+        mask[3, 4:25, 10] = mask[3, 12, 2:28] = True
+    else:
+        mask = np.zeros((5, 5, 5), bool)
+        mask[2, 2, 2] = True
+    angle = np.deg2rad(20)
+    direction = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    grid = Volume(mask.astype(np.uint8), (0.7, 0.9, 2.5), (1.0, 2.0, 3.0), tuple(direction.ravel()))
+    itk = sitk.LabelShapeStatisticsImageFilter()
+    itk.ComputeFeretDiameterOn()
+    itk.Execute(sitk.Cast(grid.to_sitk(), sitk.sitkUInt32))
+    assert measurements.feret_diameter_mm(mask, grid) == pytest.approx(itk.GetFeretDiameter(1), abs=1e-9)
+    # a crop and its offset give the same answer as the whole grid
+    box = ndimage.find_objects(mask.astype(int))[0]
+    cropped = measurements.feret_diameter_mm(mask[box], grid, [s.start for s in box])
+    assert cropped == pytest.approx(itk.GetFeretDiameter(1), abs=1e-9)

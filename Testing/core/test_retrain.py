@@ -97,7 +97,7 @@ def test_train_and_evaluate_cli(site_b_dataset, tmp_path, capsys):
     args += ["--steps", "1", "--batch-size", "1", "--models-dir", store, "--checkpoints", str(tmp_path / "ck"), "--json"]
     assert main(args) == 0
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert [e["event"] for e in events] == ["epoch_end", "done"]
+    assert [e["event"] for e in events] == ["start", "epoch_end", "done"]
     assert events[-1]["model"] == "liver-b:1" and events[-1]["parent"] == "phantom-liver:1"
     assert (
         main(["evaluate", "--model", "liver-b", "--dataset", str(site_b_dataset), "--models-dir", store, "--device", "cpu"]) == 0

@@ -43,7 +43,6 @@ def test_top_level_cmake_has_extension_metadata():
         "EXTENSION_DEPENDS",
     ):
         assert re.search(rf"set\({field}\s+\S", text), field
-    assert 'set(EXTENSION_CATEGORY "Segmentation")' in text
     assert re.search(r"project\(DeepSeg\)", text)
     for module in MODULES:
         assert f"add_subdirectory({module})" in text

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import re
+import sys
 import warnings
 from pathlib import Path
 
 import pytest
+from PySide6 import QtCore, QtUiTools, QtWidgets
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts"))
 MODULES = ("DeepSeg", "DeepSegTraining")
-
-QtWidgets = pytest.importorskip("PySide6.QtWidgets")
-QtUiTools = pytest.importorskip("PySide6.QtUiTools")
-QtCore = pytest.importorskip("PySide6.QtCore")
 
 
 @pytest.fixture(scope="module")
@@ -49,46 +48,43 @@ def test_ui_loads_and_has_every_widget_the_code_uses(app, module):
     assert used <= present, f"missing in {module}.ui: {sorted(used - present)}"
 
 
+SCREENSHOT_BUTTONS = {
+    "DeepSeg": ("segmentButton", "exportButton", "loadSampleButton"),
+    "DeepSegTraining": ("startButton", "refreshModelsButton"),
+}
+
+
+def distinct_colours(image, rect) -> int:
+    colours = set()
+    for y in range(rect.top(), rect.bottom() + 1):
+        for x in range(rect.left(), rect.right() + 1):
+            colours.add(image.pixel(x, y))
+    return len(colours)
+
+
 @pytest.mark.parametrize("module", MODULES)
-def test_ui_renders_offscreen(app, module, tmp_path):
-    widget = load_ui(REPO / module / "Resources" / "UI" / f"{module}.ui")
-    widget.resize(360, 260)
-    image = widget.grab().toImage()
-    path = tmp_path / f"{module}.png"
-    assert image.save(str(path))
-    assert image.width() == 360 and path.stat().st_size > 500
+def test_the_panel_renders_with_its_widgets_drawn_and_the_committed_screenshot_is_current(app, module):
+    import panel_screenshots
+    from PySide6 import QtGui
 
-
-def _parameter_node_fields(module_file: Path, class_name: str) -> set[str]:
-    import ast
-
-    tree = ast.parse(module_file.read_text(encoding="utf-8"))
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ClassDef) and node.name == class_name:
-            return {stmt.target.id for stmt in node.body if isinstance(stmt, ast.AnnAssign)}
-    raise AssertionError(f"{class_name} not found in {module_file}")
-
-
-def test_every_gui_bound_widget_names_a_parameter_node_field(app):
-    """connectGui binds widgets by their SlicerParameterName; a typo would silently not save state."""
-    widget = load_ui(REPO / "DeepSeg" / "Resources" / "UI" / "DeepSeg.ui")
-    bound = {
-        str(child.property("SlicerParameterName"))
-        for child in widget.findChildren(QtCore.QObject)
-        if child.property("SlicerParameterName")
-    }
-    fields = _parameter_node_fields(REPO / "DeepSeg" / "DeepSeg.py", "DeepSegParameterNode")
-    assert {"inputVolume", "outputSegmentation", "device", "overlap", "tta", "instances", "datasetFolder"} <= bound
-    assert bound <= fields, f"bound to unknown fields: {sorted(bound - fields)}"
+    widget, image = panel_screenshots.render(module)
+    assert image.width() == panel_screenshots.PANEL_WIDTH and image.height() > 500
+    for name in SCREENSHOT_BUTTONS[module]:
+        button = widget.findChild(QtWidgets.QPushButton, name)
+        rect = QtCore.QRect(button.mapTo(widget, QtCore.QPoint(0, 0)), button.size())
+        assert button.isVisibleTo(widget) and button.text()
+        assert distinct_colours(image, rect) > 8, f"{name} ({button.text()!r}) is drawn without its label"
+    committed = QtGui.QImage(str(REPO / "Resources" / "Screenshots" / f"{module}Panel.png"))
+    assert not committed.isNull(), "run: python scripts/panel_screenshots.py"
+    assert (committed.width(), committed.height()) == (image.width(), image.height()), "screenshot outdated: rerun the script"
 
 
 def test_module_logic_library_has_no_qt_imports():
-    """DeepSegLib runs headless (tests, scripts); only the Segment Editor effect file may use Qt."""
+    """DeepSegLib and DeepSegTrainingLib run headless (tests, scripts): Qt only in module files and the effect."""
     import ast
 
-    for path in (REPO / "DeepSeg" / "DeepSegLib").glob("*.py"):
-        if path.name == "SegmentEditorEffect.py":
-            continue
+    libraries = [REPO / "DeepSeg" / "DeepSegLib", REPO / "DeepSegTraining" / "DeepSegTrainingLib"]
+    for path in [p for library in libraries for p in library.glob("*.py")]:
         tree = ast.parse(path.read_text(encoding="utf-8"))
         imported = {alias.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for alias in n.names}
         imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}

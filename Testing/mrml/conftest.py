@@ -8,8 +8,7 @@ labelmap/closed-surface converter rules). The scene is cleared between tests.
 from __future__ import annotations
 
 import pytest
-
-slicer = pytest.importorskip("slicer")
+import slicer
 
 
 class _SlicerCore:

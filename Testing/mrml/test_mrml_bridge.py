@@ -6,9 +6,6 @@ import numpy as np
 import pytest
 
 from deepseg_core import io
-
-pytest.importorskip("slicer")
-
 from DeepSegLib.mrml_bridge import (
     SegmentationSnapshot,
     SegmentSpec,

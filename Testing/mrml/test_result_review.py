@@ -8,14 +8,12 @@ import math
 import numpy as np
 import pytest
 
-slicer = pytest.importorskip("slicer")
-
-from deepseg_core import io, phantoms  # noqa: E402
-from deepseg_core.demo import DEFAULT_MODEL  # noqa: E402
-from deepseg_core.measurements import COLUMN_TITLES, read_measurements_csv  # noqa: E402
-from deepseg_core.uncertainty import uncertain_regions  # noqa: E402
-from DeepSegLib.mrml_bridge import node_from_volume  # noqa: E402
-from DeepSegLib.result_review import (  # noqa: E402
+from deepseg_core import io, phantoms
+from deepseg_core.demo import DEFAULT_MODEL
+from deepseg_core.measurements import COLUMN_TITLES, read_measurements_csv
+from deepseg_core.uncertainty import uncertain_regions
+from DeepSegLib.mrml_bridge import node_from_volume
+from DeepSegLib.result_review import (
     UNCERTAINTY_ATTRIBUTE,
     UncertaintyNavigator,
     domain_check_text,
@@ -23,7 +21,7 @@ from DeepSegLib.result_review import (  # noqa: E402
     measurements_table,
     remove_review,
 )
-from DeepSegLib.segment_job import STATS_FILE, UNCERTAINTY_FILE, SegmentRequest, start_segmentation  # noqa: E402
+from DeepSegLib.segment_job import STATS_FILE, UNCERTAINTY_FILE, SegmentRequest, start_segmentation
 
 
 def shifted_case() -> phantoms.Phantom:
@@ -35,10 +33,10 @@ def shifted_case() -> phantoms.Phantom:
 
 
 @pytest.fixture(scope="module")
-def finished_job(tmp_path_factory):
+def finished_job(tmp_path_factory, engine_python):
     case = shifted_case()
     request = SegmentRequest(model=str(DEFAULT_MODEL), device="cpu", instances=True, uncertainty=True, measurements=True)
-    job = start_segmentation([case.image], request)
+    job = start_segmentation([case.image], request, engine_python)
     assert job.wait(300) == 0, job.error
     kept = tmp_path_factory.mktemp("job")
     for name in (UNCERTAINTY_FILE, STATS_FILE):

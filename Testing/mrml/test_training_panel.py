@@ -1,5 +1,5 @@
-"""DeepSegTraining's logic on a real MRML scene: a real `deepseg train` subprocess, events -> table and
-plot nodes, stop and resume, the comparison table, promote / keep old."""
+"""DeepSegTraining's panel logic on a real MRML scene: a real `deepseg train` process tree, events ->
+table and plot nodes, Stop and Resume, the comparison table, Promote / Keep old / Roll back."""
 
 from __future__ import annotations
 
@@ -8,21 +8,12 @@ import time
 import numpy as np
 import pytest
 
-slicer = pytest.importorskip("slicer")
-
-from deepseg_core.datasets import Dataset  # noqa: E402
-from deepseg_core.demo import DEFAULT_MODEL, SAMPLE_SPACING_XYZ_MM  # noqa: E402
-from deepseg_core.model_store import ModelStore  # noqa: E402
-from deepseg_core.phantoms import PHANTOM_LABELS, generate_phantom  # noqa: E402
-from DeepSegTrainingLib.training_run import (  # noqa: E402
-    TrainingCurves,
-    TrainingRequest,
-    comparison_table,
-    parse_label_mapping_text,
-    promote,
-    start_training,
-    status_text,
-)
+from deepseg_core.datasets import Dataset
+from deepseg_core.demo import DEFAULT_MODEL, SAMPLE_SPACING_XYZ_MM
+from deepseg_core.model_store import ModelStore
+from deepseg_core.phantoms import PHANTOM_LABELS, generate_phantom
+from DeepSegTrainingLib.training_panel_logic import FROM_SCRATCH_REF, TrainingPanelError, TrainingPanelLogic, TrainingSettings
+from DeepSegTrainingLib.training_run import TrainingRequest, parse_label_mapping_text, start_training
 
 LABELS = [label.name for label in PHANTOM_LABELS]
 
@@ -44,90 +35,93 @@ def store_dir(tmp_path):
     return str(tmp_path / "store")
 
 
-def _drain(job, curves, timeout_s=300):
+def run_panel(panel: TrainingPanelLogic, settings: TrainingSettings, timeout_s: float = 300) -> None:
     deadline = time.monotonic() + timeout_s
-    while not job.finished and time.monotonic() < deadline:
-        for event in job.poll():
-            curves.add_event(event)
+    while panel.poll(settings):
+        assert time.monotonic() < deadline, "training did not finish"
         time.sleep(0.05)
-    job.wait(30)
-    for event in job.poll():
-        curves.add_event(event)
-    return job.returncode
 
 
-def test_training_run_fills_curves_and_comparison_then_promote(mrml_scene, dataset_dir, store_dir, tmp_path):
-    request = TrainingRequest(
-        dataset_dir,
-        "phantom-liver",
-        base="phantom-liver:1",
-        epochs=2,
-        steps_per_epoch=1,
-        checkpoints=str(tmp_path / "ck"),
-        device="cpu",
-        models_dir=store_dir,
-    )
-    job = start_training(request)
-    curves = TrainingCurves(mrml_scene, LABELS)
-    try:
-        assert _drain(job, curves) == 0, job.error
-    finally:
-        job.cleanup()
-    table = curves.table.GetTable()
+def test_base_models_and_the_saved_choice(mrml_scene, store_dir):
+    panel = TrainingPanelLogic(mrml_scene, models_dir=store_dir)
+    settings = TrainingSettings()
+    panel.refresh_models(settings)
+    assert panel.view.base_models == [("(from scratch)", FROM_SCRATCH_REF), ("phantom-liver v1 (active)", "phantom-liver:1")]
+    assert settings.baseModel == "phantom-liver:1" and panel.view.base_index == 1
+    assert not panel.view.rollback_enabled  # one activation in the history: nothing to go back to
+    panel.choose_base(settings, 0)
+    assert settings.baseModel == FROM_SCRATCH_REF
+    panel.refresh_models(settings)
+    assert settings.baseModel == FROM_SCRATCH_REF, "a deliberate 'from scratch' stays chosen"
+    with pytest.raises(TrainingPanelError, match="Choose a dataset folder"):
+        panel.training_request(settings)
+
+
+def test_train_compare_keep_old_promote_and_roll_back_through_the_panel(
+    mrml_scene, dataset_dir, store_dir, engine_python, tmp_path
+):
+    panel = TrainingPanelLogic(mrml_scene, models_dir=store_dir, python=engine_python, checkpoints_root=str(tmp_path))
+    settings = TrainingSettings(datasetFolder=dataset_dir, epochs=2, stepsPerEpoch=1, device="cpu")
+    panel.refresh_models(settings)
+    panel.dataset_changed(settings)
+    assert panel.view.dataset_info.startswith("3 case(s)")
+    request = panel.training_request(settings)
+    assert (request.name, request.base, request.epochs) == ("phantom-liver", "phantom-liver:1", 2)
+    panel.start(settings)
+    assert not panel.view.start_enabled and panel.view.stop_enabled
+    run_panel(panel, settings)
+    assert panel.view.start_enabled and not panel.view.stop_enabled and panel.view.progress_percent == 100
+    table = panel.curves.table.GetTable()
     assert table.GetNumberOfRows() == 2 and table.GetValue(1, 0).ToDouble() == 2.0
-    assert 0.0 <= table.GetValue(1, 2).ToDouble() <= 1.0  # validation Dice of the liver
-    assert curves.chart.GetNumberOfPlotSeriesNodes() == 1 + len(LABELS)
-    assert curves.series[0].GetTableNodeID() == curves.table.GetID()
-    done = next(e for e in job.events if e["event"] == "done")
+    assert panel.curves.chart.GetNumberOfPlotSeriesNodes() == 1 + len(LABELS)
+    done = panel.done_event
     assert done["model"] == "phantom-liver:2" and done["parent"] == "phantom-liver:1"
-    assert "not active yet" in status_text(done)
-    compare = comparison_table(mrml_scene, done).GetTable()
+    assert "not active yet" in panel.view.status and panel.view.promote_enabled and panel.view.keep_old_enabled
+    compare = panel.view.comparison_table.GetTable()
     assert compare.GetNumberOfRows() == len(LABELS) and compare.GetValue(0, 0).ToString() == "liver"
     assert float(compare.GetValue(0, 2).ToString()) == pytest.approx(done["validation"]["liver"]["dice"], abs=5e-4)
     store = ModelStore(store_dir)
-    assert store.active_version("phantom-liver") == 1  # Keep old: nothing changed for users
-    assert promote("phantom-liver:2", store_dir) == "phantom-liver:1"
+    assert store.active_version("phantom-liver") == 1  # nothing changed for users before Promote
+    panel.keep_old()
+    assert store.active_version("phantom-liver") == 1 and not panel.view.promote_enabled
+    panel.done_event = done
+    panel.promote(settings)
     assert store.active_version("phantom-liver") == 2
-    store.rollback("phantom-liver")
-    assert store.active_version("phantom-liver") == 1
+    assert panel.view.status == "phantom-liver:2 is now active (was phantom-liver:1). Roll back returns to it."
+    settings.baseModel = "phantom-liver:2"
+    panel.refresh_models(settings)
+    assert panel.view.rollback_enabled
+    panel.rollback(settings)
+    assert store.active_version("phantom-liver") == 1 and settings.baseModel == "phantom-liver:1"
+    assert panel.view.status == "phantom-liver: active version is 1 again (was 2)."
 
 
-def test_stop_keeps_the_checkpoint_and_resume_finishes(mrml_scene, dataset_dir, store_dir, tmp_path):
-    checkpoints = str(tmp_path / "ck")
-    request = TrainingRequest(
-        dataset_dir,
-        "phantom-liver",
-        base="phantom-liver:1",
-        epochs=6,
-        steps_per_epoch=2,
-        checkpoints=checkpoints,
-        device="cpu",
-        models_dir=store_dir,
-    )
-    job = start_training(request)
-    curves = TrainingCurves(mrml_scene, LABELS)
-    try:
-        deadline = time.monotonic() + 300
-        while not any(curves.add_event(e) for e in job.poll()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not job.finished, "training finished before Stop could be pressed"
-        job.cancel()
-        assert job.wait(60) == 130
-    finally:
-        job.cleanup()
+def test_stop_keeps_the_checkpoint_ticks_resume_and_resume_finishes(mrml_scene, dataset_dir, store_dir, engine_python, tmp_path):
+    panel = TrainingPanelLogic(mrml_scene, models_dir=store_dir, python=engine_python, checkpoints_root=str(tmp_path))
+    settings = TrainingSettings(datasetFolder=dataset_dir, epochs=6, stepsPerEpoch=2, device="cpu")
+    panel.refresh_models(settings)
+    job = panel.start(settings)
+    deadline = time.monotonic() + 300
+    while not any(e.get("event") == "epoch_end" for e in job.events):
+        assert panel.poll(settings), "training finished before Stop could be pressed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    panel.stop()
+    run_panel(panel, settings, timeout_s=60)
+    assert job.outcome == "cancelled" and settings.resume
+    assert panel.view.status.startswith("Stopped; the last finished epoch is checkpointed.")
     assert ModelStore(store_dir).versions("phantom-liver") == [1]  # a stopped run stores nothing
-    resumed = start_training(TrainingRequest(**{**request.__dict__, "resume": True}))
-    try:
-        assert _drain(resumed, curves) == 0, resumed.error
-    finally:
-        resumed.cleanup()
+    resumed = panel.start(settings)
+    run_panel(panel, settings)
     first = next(e for e in resumed.events if e["event"] == "resumed")["epoch"]
     epochs = [e["epoch"] for e in resumed.events if e["event"] == "epoch_end"]
     assert first >= 1 and epochs == list(range(first + 1, 7))
     assert ModelStore(store_dir).versions("phantom-liver") == [1, 2]
 
 
-def test_the_panels_label_mapping_reaches_the_trainer_and_its_error_reaches_the_panel(dataset_dir, store_dir, tmp_path):
+def test_the_panels_label_mapping_reaches_the_trainer_and_its_error_reaches_the_panel(
+    dataset_dir, store_dir, tmp_path, engine_python
+):
     assert parse_label_mapping_text(" tumor=liver lesion; ;Leber=liver ") == ("tumor=liver lesion", "Leber=liver")
     request = TrainingRequest(
         dataset_dir,
@@ -140,7 +134,7 @@ def test_the_panels_label_mapping_reaches_the_trainer_and_its_error_reaches_the_
         device="cpu",
         models_dir=store_dir,
     )
-    job = start_training(request)
+    job = start_training(request, engine_python)
     try:
         assert job.command[job.command.index("--map-label") + 1] == "tumour=liver lesion"
         assert job.wait(120) == 2

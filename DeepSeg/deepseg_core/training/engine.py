@@ -556,13 +556,6 @@ def retrain(
     return RetrainOutcome(stored, history, validation, parent_validation)
 
 
-def default_checkpoint_dir(name: str) -> Path:
-    """Where ``deepseg train --name NAME`` keeps checkpoints unless told otherwise."""
-    import tempfile
-
-    return Path(tempfile.gettempdir()) / f"deepseg-train-{name}"
-
-
 def _distributed_rank_world() -> tuple[int, int]:
     """``(rank, world size)``; under ``torchrun`` (WORLD_SIZE > 1) the process group is started.
 

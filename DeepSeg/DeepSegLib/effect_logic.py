@@ -1,0 +1,230 @@
+"""What the DeepSeg Segment Editor effect decides, without Qt, tested with Slicer's editor logic.
+
+The effect (``SegmentEditorDeepSegLib/SegmentEditorEffect.py``) forwards Apply, Cancel, activation
+changes and its timer here. Decided here:
+
+- the model list and each model's labels (plain JSON: works before anything is installed);
+- what Apply captures: the segmentation node, the *segment selected at Apply*, the source volume's
+  grid and the model label. The result goes into that segment even if the user selects another
+  one while the model runs; if the segment was deleted meanwhile, nothing is written;
+- the job (a ``deepseg segment`` process tree): progress text, Cancel (non-blocking), and what a
+  deactivated or destroyed effect does (cancel, never write later);
+- the write itself: one undoable edit through the editor (``saveStateForUndo`` then
+  ``modifySegmentByLabelmap``), so the editor's editable area, intensity range and overwrite
+  settings apply as for Slicer's own effects.
+
+The editor is reached through an :class:`EditorTarget`: in Slicer the effect's own
+``scriptedEffect`` methods (which forward to ``vtkSlicerSegmentEditorLogic``, Slicer >= 5.10), in
+tests and scripts :class:`EditorLogicTarget` on that same logic class.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import slicer
+
+from . import dependencies
+from .model_choices import ModelEntry, available_models
+from .panel_logic import progress_text
+from .segment_job import DeepSegJob, SegmentRequest, start_segmentation
+
+
+class EffectError(Exception):
+    """Something the user must fix before Apply can run; the message says what."""
+
+
+class EditorTarget(Protocol):
+    """The two editor operations the effect needs."""
+
+    def save_state_for_undo(self) -> None:
+        """Record the segmentation's state so one Undo restores it."""
+
+    def modify_segment(
+        self, segmentation_node: slicer.vtkMRMLSegmentationNode, segment_id: str, labelmap: slicer.vtkOrientedImageData
+    ) -> None:
+        """Set ``segment_id`` to ``labelmap`` (masking and overwrite settings of the editor apply)."""
+
+
+class EditorLogicTarget:
+    """:class:`EditorTarget` on a ``vtkSlicerSegmentEditorLogic`` (what the effect's C++ methods call)."""
+
+    def __init__(self, logic: slicer.vtkSlicerSegmentEditorLogic) -> None:
+        self.logic = logic
+
+    def save_state_for_undo(self) -> None:
+        self.logic.SaveStateForUndo()
+
+    def modify_segment(
+        self, segmentation_node: slicer.vtkMRMLSegmentationNode, segment_id: str, labelmap: slicer.vtkOrientedImageData
+    ) -> None:
+        self.logic.ModifySegmentByLabelmap(segmentation_node, segment_id, labelmap, self.logic.ModificationModeSet, False, False)
+
+
+@dataclass
+class EffectView:
+    """What the effect's options widgets show."""
+
+    models: list[ModelEntry] = field(default_factory=list)
+    model_index: int = -1
+    label_names: tuple[str, ...] = ()
+    label_index: int = -1
+    apply_enabled: bool = True
+    cancel_enabled: bool = False
+    status: str = ""
+
+
+@dataclass(frozen=True)
+class ApplyTarget:
+    """Where the result goes, fixed when Apply was clicked."""
+
+    segmentation_node: slicer.vtkMRMLSegmentationNode
+    segment_id: str
+    segment_name: str
+    label_name: str
+    grid: object  # deepseg_core.io.Volume of the source volume
+
+
+class DeepSegEffectLogic:
+    """The effect's decisions and state (see the module docstring)."""
+
+    def __init__(
+        self,
+        models_dir: str | None = None,
+        python: str | list[str] | None = None,
+        find_spec: Callable[[str], object | None] = importlib.util.find_spec,
+    ) -> None:
+        self.models_dir = models_dir
+        self.python = python
+        self.find_spec = find_spec
+        self.view = EffectView()
+        self.job: DeepSegJob | None = None
+        self.target: ApplyTarget | None = None
+        self._stop_reason = ""
+
+    def refresh_models(self) -> None:
+        """Re-read the model list (JSON only) and keep the chosen model when it is still there."""
+        chosen = self.view.models[self.view.model_index].ref if 0 <= self.view.model_index < len(self.view.models) else None
+        self.view.models, problems = available_models(self.models_dir)
+        refs = [entry.ref for entry in self.view.models]
+        self.choose_model(refs.index(chosen) if chosen in refs else (0 if refs else -1))
+        if problems:
+            self.view.status = "Some model folders could not be read: " + " ".join(problems)
+
+    def choose_model(self, index: int) -> None:
+        """The user picked model ``index``: its labels fill the label selector."""
+        self.view.model_index = index
+        entry = self.view.models[index] if 0 <= index < len(self.view.models) else None
+        self.view.label_names = entry.label_names if entry else ()
+        self.view.label_index = 0 if self.view.label_names else -1
+
+    def install_offer(self) -> dependencies.InstallOffer | None:
+        """What must be installed before the model can run (None: nothing)."""
+        return dependencies.install_offer(self.find_spec, self.python)
+
+    def start(
+        self,
+        source_volume_node: slicer.vtkMRMLScalarVolumeNode | None,
+        segmentation_node: slicer.vtkMRMLSegmentationNode | None,
+        segment_id: str | None,
+        label_index: int,
+    ) -> DeepSegJob:
+        """Apply: run the chosen model on the source volume; the result will go into ``segment_id``."""
+        from .mrml_bridge import volume_from_node
+
+        if self.job is not None:
+            raise EffectError("DeepSeg is already running; wait for it or click Cancel.")
+        if not (0 <= self.view.model_index < len(self.view.models)):
+            raise EffectError("Choose a model first (import one in the DeepSeg module if the list is empty).")
+        if not (0 <= label_index < len(self.view.label_names)):
+            raise EffectError("Choose which of the model's labels to write into the segment.")
+        if source_volume_node is None or segmentation_node is None:
+            raise EffectError("Choose a segmentation and a source volume in the Segment Editor first.")
+        segment = segmentation_node.GetSegmentation().GetSegment(segment_id) if segment_id else None
+        if segment is None:
+            raise EffectError("Select the segment to write into (add one with Add if there is none).")
+        missing = dependencies.engine_missing_packages(self.python, self.find_spec)
+        if missing:
+            raise EffectError(f"DeepSeg's packages are not installed yet ({', '.join(missing)}); accept the install offer.")
+        entry = self.view.models[self.view.model_index]
+        if len(entry.channels) != 1:
+            raise EffectError(f"{entry.label} needs {len(entry.channels)} input volumes; use the DeepSeg module for it.")
+        grid = volume_from_node(source_volume_node)
+        request = SegmentRequest(model=entry.ref, measurements=False, models_dir=self.models_dir)
+        self.job = start_segmentation([grid], request, self.python)
+        self.target = ApplyTarget(segmentation_node, segment_id, segment.GetName(), self.view.label_names[label_index], grid)
+        self._stop_reason = ""
+        self.view.apply_enabled = False
+        self.view.cancel_enabled = True
+        self.view.status = f"Running {entry.label} for segment {segment.GetName()!r}..."
+        return self.job
+
+    def poll(self, editor: EditorTarget) -> bool:
+        """Read new events; when the job has finished, write its result through ``editor``. True while running."""
+        job = self.job
+        if job is None:
+            return False
+        for event in job.poll():
+            _, text = progress_text(event)
+            if text and not job.cancel_requested:
+                self.view.status = text
+        if not job.finished:
+            return True
+        job.wait(5)
+        self.job = None
+        target, self.target = self.target, None
+        self.view.apply_enabled = True
+        self.view.cancel_enabled = False
+        try:
+            if job.outcome == "cancelled":
+                self.view.status = self._stop_reason or "Cancelled; nothing was written."
+            elif job.outcome != "succeeded":
+                self.view.status = f"Failed: {job.error or f'the engine exited with code {job.returncode}'}"
+            else:
+                self.view.status = self._write(job, target, editor)
+        finally:
+            job.cleanup()
+        return False
+
+    def _write(self, job: DeepSegJob, target: ApplyTarget, editor: EditorTarget) -> str:
+        from deepseg_core import io
+
+        from .mrml_bridge import oriented_mask
+        from .result_review import domain_check_text
+
+        node = target.segmentation_node
+        if node.GetScene() is None or node.GetSegmentation().GetSegment(target.segment_id) is None:
+            return f"Segment {target.segment_name!r} was removed while DeepSeg ran; nothing was written."
+        result = io.read_segmentation(job.output)
+        mask = result.mask(target.label_name)
+        editor.save_state_for_undo()
+        editor.modify_segment(node, target.segment_id, oriented_mask(np.asarray(mask, bool), target.grid))
+        text = f"{int(mask.sum())} voxels of {target.label_name} written into {target.segment_name!r} (masking applied)."
+        if job.domain_check is not None:
+            verdict, check = domain_check_text(job.domain_check)
+            if verdict != "ok":
+                text += f" {check}"
+        return text
+
+    def cancel(self, reason: str = "") -> None:
+        """Stop the run (non-blocking); ``reason`` replaces the *Cancelled* message."""
+        if self.job is not None and not self.job.cancel_requested:
+            self._stop_reason = reason
+            self.job.cancel()
+            self.view.cancel_enabled = False
+            self.view.status = "Cancelling..."
+
+    def close(self) -> None:
+        """The editor is being destroyed: stop the tree now, write nothing, remove the job folder."""
+        if self.job is not None:
+            self.job.kill()
+            try:
+                self.job.wait(10)
+            finally:
+                self.job.cleanup()
+            self.job = None
+            self.target = None

@@ -1,0 +1,354 @@
+"""Everything the DeepSeg panel decides, without Qt, tested on real MRML scenes.
+
+``DeepSeg.py``'s widget only forwards clicks here and copies :class:`PanelView` into its widgets,
+so what no test can run (the Qt widget code) is a line or two per button. This class decides:
+
+- which models the selector lists and which one the parameter node holds (also on first open and
+  after a scene close: the model shown is the model saved);
+- whether Segment may run, what it starts (a ``deepseg segment`` process tree, never a thread);
+- the job's lifecycle: progress and ETA, the domain-check verdict, Cancel (non-blocking; the
+  panel says *Cancelled* and the scene stays as it was), Failed with the engine's message;
+- what a finished run puts into the scene (segments, uncertainty overlay, measurement table), and
+  Undo of the last run;
+- export of the corrected segmentation into a dataset.
+
+Before the first Segment nothing here imports torch or jsonschema: models are listed from
+``model.json`` files read as JSON (:mod:`.model_choices`), the device line comes from
+``nvidia-smi`` (:mod:`.dependencies`), and engine modules are imported only once a run starts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import slicer
+
+from . import dependencies
+from .model_choices import ModelEntry, available_models
+from .segment_job import DeepSegJob, SegmentRequest, start_segmentation
+
+DOMAIN_COLOURS = {"ok": "green", "caution": "darkorange", "out_of_distribution": "red"}
+
+
+class PanelError(Exception):
+    """Something the user must fix before the action can run; the message says what."""
+
+
+@dataclass
+class PanelSettings:
+    """The panel's saved state: the fields of ``DeepSegParameterNode`` in ``DeepSeg.py`` (a test
+    checks that names, types and defaults agree). The widget passes its parameter node, which has
+    the same attributes; tests pass this class."""
+
+    inputVolume: slicer.vtkMRMLScalarVolumeNode | None = None
+    additionalVolume: slicer.vtkMRMLScalarVolumeNode | None = None
+    outputSegmentation: slicer.vtkMRMLSegmentationNode | None = None
+    model: str = ""
+    device: str = "auto"
+    overlap: float = 0.5
+    tta: bool = False
+    instances: bool = True
+    uncertainty: bool = False
+    measurements: bool = True
+    datasetFolder: Path = field(default_factory=Path)
+    caseId: str = ""
+    overwriteCase: bool = False
+
+
+#: the choices of the Device selector (the parameter node's ``Choice``).
+DEVICE_CHOICES = ("auto", "cuda", "cpu")
+
+
+@dataclass
+class PanelView:
+    """What the widgets show; the widget copies it after every action and poll."""
+
+    models: list[ModelEntry] = field(default_factory=list)
+    model_index: int = -1
+    model_description: str = ""
+    second_channel_visible: bool = False
+    device_info: str = ""
+    segment_enabled: bool = True
+    cancel_enabled: bool = False
+    undo_enabled: bool = False
+    next_uncertain_enabled: bool = False
+    show_measurements_enabled: bool = False
+    progress_percent: int = 0
+    status: str = ""
+    domain_text: str = ""
+    domain_colour: str = "black"
+    uncertain_regions_text: str = ""
+    export_status: str = ""
+
+
+def progress_text(event: dict) -> tuple[int | None, str]:
+    """``(percent or None, status line)`` for one ``deepseg segment --json`` event."""
+    kind = event.get("event")
+    if kind == "start":
+        return 0, f"Segmenting with {event.get('model')} on {event.get('device')}..."
+    if kind == "progress":
+        done, total = int(event.get("done", 0)), max(1, int(event.get("total", 1)))
+        return round(100 * done / total), f"Tile {done}/{total}, about {float(event.get('eta_s', 0.0)):.0f} s left"
+    if kind == "case_done":
+        return 100, f"Done in {float(event.get('seconds', 0.0)):.1f} s."
+    if kind == "case_failed":
+        return None, f"Failed: {event.get('error')}"
+    return None, ""
+
+
+class DeepSegPanelLogic:
+    """The DeepSeg panel's decisions and state (see the module docstring).
+
+    Args:
+        scene: the MRML scene the panel works on.
+        models_dir: model store folder (None: ``$DEEPSEG_MODELS`` or ``~/.deepseg/models``).
+        python: interpreter or launcher command for the engine (None: ``PythonSlicer`` in Slicer).
+        find_spec: how to check that a package is importable (tests make packages unimportable).
+    """
+
+    def __init__(
+        self,
+        scene: slicer.vtkMRMLScene,
+        models_dir: str | None = None,
+        python: str | list[str] | None = None,
+        find_spec: Callable[[str], object | None] = importlib.util.find_spec,
+    ) -> None:
+        self.scene = scene
+        self.models_dir = models_dir
+        self.python = python
+        self.find_spec = find_spec
+        self.view = PanelView()
+        self.job: DeepSegJob | None = None
+        self.problems: list[str] = []
+        self._snapshot = None
+        self._review = None
+        self._discard_result = False
+        self._created_output: slicer.vtkMRMLSegmentationNode | None = None
+
+    # ------------------------------------------------------------------ models and device
+    def refresh_models(self, settings: PanelSettings | None) -> None:
+        """Re-read the model list and keep ``settings.model`` on a listed model (the first when unset)."""
+        self.view.models, self.problems = available_models(self.models_dir)
+        if self.problems:
+            self.view.status = "Some model folders could not be read: " + " ".join(self.problems)
+        self.sync_model(settings)
+
+    def sync_model(self, settings: PanelSettings | None) -> None:
+        """Make the parameter node hold the model the selector shows (first open, scene close, refresh)."""
+        refs = [entry.ref for entry in self.view.models]
+        if settings is not None and refs and settings.model not in refs:
+            settings.model = refs[0]
+        index = refs.index(settings.model) if settings is not None and settings.model in refs else (0 if refs else -1)
+        self._show_model(index)
+
+    def choose_model(self, settings: PanelSettings | None, index: int) -> None:
+        """The user picked entry ``index`` of the selector."""
+        if 0 <= index < len(self.view.models) and settings is not None:
+            settings.model = self.view.models[index].ref
+        self._show_model(index)
+
+    def _show_model(self, index: int) -> None:
+        entry = self.view.models[index] if 0 <= index < len(self.view.models) else None
+        self.view.model_index = index
+        self.view.model_description = entry.description if entry else "No model found. Import one with Import model..."
+        self.view.second_channel_visible = entry is not None and len(entry.channels) > 1
+
+    def refresh_device_info(self) -> None:
+        """The device line, from ``nvidia-smi`` and torch's installed version string (no CUDA here)."""
+        torch_version = dependencies.installed_torch_build() if dependencies.importable("torch", self.find_spec) else None
+        self.view.device_info = dependencies.device_summary(dependencies.nvidia_gpu(), torch_version)
+
+    def install_offer(self) -> dependencies.InstallOffer | None:
+        """What must be installed before the engine can run (None: nothing), for the consent dialog."""
+        return dependencies.install_offer(self.find_spec, self.python)
+
+    # ------------------------------------------------------------------ Segment and the job
+    def segment_request(self, settings: PanelSettings) -> SegmentRequest:
+        """The run the settings ask for; :class:`PanelError` names what is missing."""
+        refs = [entry.ref for entry in self.view.models]
+        if not settings.model or settings.model not in refs:
+            raise PanelError("Choose a model first (the list is empty: import a model or click Refresh).")
+        if settings.inputVolume is None:
+            raise PanelError("Choose an input volume first (load one, or the sample case under Sample data).")
+        if settings.device not in DEVICE_CHOICES:
+            raise PanelError(f"Unknown device {settings.device!r}; choose one of {', '.join(DEVICE_CHOICES)}.")
+        entry = self.view.models[refs.index(settings.model)]
+        if len(entry.channels) > 1 and settings.additionalVolume is None:
+            raise PanelError(f"This model needs {len(entry.channels)} input volumes ({', '.join(entry.channels)}).")
+        return SegmentRequest(
+            model=settings.model,
+            device=settings.device,
+            overlap=settings.overlap,
+            tta=settings.tta,
+            instances=settings.instances,
+            uncertainty=settings.uncertainty,
+            measurements=settings.measurements,
+            models_dir=self.models_dir,
+        )
+
+    def start_segment(self, settings: PanelSettings) -> DeepSegJob:
+        """Start Segment (dependencies must be installed; see :meth:`install_offer`)."""
+        from .mrml_bridge import volume_from_node
+
+        if self.job is not None:
+            raise PanelError("A segmentation is already running; wait for it or click Cancel.")
+        missing = dependencies.engine_missing_packages(self.python, self.find_spec)
+        if missing:
+            raise PanelError(f"DeepSeg's packages are not installed yet ({', '.join(missing)}); accept the install offer.")
+        request = self.segment_request(settings)
+        channels = [volume_from_node(settings.inputVolume)]
+        if self.view.second_channel_visible:
+            channels.append(volume_from_node(settings.additionalVolume))
+        self.job = start_segmentation(channels, request, self.python)
+        self._created_output = None
+        if settings.outputSegmentation is None:
+            node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{settings.inputVolume.GetName()} DeepSeg")
+            node.CreateDefaultDisplayNodes()
+            settings.outputSegmentation = self._created_output = node
+        self._discard_result = False
+        self.view.segment_enabled = False
+        self.view.cancel_enabled = True
+        self.view.progress_percent = 0
+        self.view.status = "Starting..."
+        self.view.domain_text = ""
+        self.view.domain_colour = "black"
+        return self.job
+
+    def poll(self, settings: PanelSettings | None) -> bool:
+        """Read new events; when the job has finished, apply or report it. True while it still runs."""
+        from .result_review import domain_check_text
+
+        job = self.job
+        if job is None:
+            return False
+        for event in job.poll():
+            if event.get("event") == "domain_check":
+                verdict, self.view.domain_text = domain_check_text(event)
+                self.view.domain_colour = DOMAIN_COLOURS.get(verdict, "black")
+            percent, text = progress_text(event)
+            if percent is not None:
+                self.view.progress_percent = percent
+            if text and not job.cancel_requested:
+                self.view.status = text
+        if not job.finished:
+            return True
+        job.wait(5)
+        self.job = None
+        self.view.segment_enabled = True
+        self.view.cancel_enabled = False
+        try:
+            self._finish(job, settings)
+        finally:
+            job.cleanup()
+        return False
+
+    def _finish(self, job: DeepSegJob, settings: PanelSettings | None) -> None:
+        from .result_review import load_review
+        from .scene_logic import apply_segmentation_file
+
+        outcome = job.outcome
+        created, self._created_output = self._created_output, None
+        if outcome != "succeeded" or self._discard_result or settings is None:
+            if created is not None and self.scene.IsNodePresent(created):
+                displays = [created.GetNthDisplayNode(i) for i in range(created.GetNumberOfDisplayNodes())]
+                for node in [*displays, created]:  # the node made for this run goes with it
+                    self.scene.RemoveNode(node)
+                if settings is not None and settings.outputSegmentation is created:
+                    settings.outputSegmentation = None
+            self.view.progress_percent = 0
+            if outcome == "cancelled" or self._discard_result or settings is None:
+                self.view.status = "Cancelled; the scene is unchanged."
+            else:
+                self.view.status = f"Failed: {job.error or f'the engine exited with code {job.returncode}'}"
+            return
+        model = next((e.get("model") for e in job.events if e.get("event") == "start"), settings.model)
+        _, self._snapshot = apply_segmentation_file(job.output, settings.outputSegmentation, settings.inputVolume, model)
+        self.view.undo_enabled = True
+        self.view.status += f" Segments written to {settings.outputSegmentation.GetName()}."
+        try:
+            self._review = load_review(self.scene, job.workdir, settings.inputVolume, self._review)
+        except Exception as exc:  # the segments are in; a broken overlay or table must not hide that
+            self.view.status += f" The uncertainty map or measurements could not be shown: {exc}"
+            self._review = None
+        navigator = self._review.navigator if self._review else None
+        self.view.next_uncertain_enabled = navigator is not None and len(navigator) > 0
+        self.view.show_measurements_enabled = self._review is not None and self._review.table_node is not None
+        self.view.uncertain_regions_text = f"{len(navigator)} uncertain region(s)." if navigator is not None else ""
+
+    def cancel(self) -> None:
+        """Cancel returns at once; :meth:`poll` reports *Cancelled* when the process tree has exited."""
+        if self.job is not None and not self.job.cancel_requested:
+            self.job.cancel()
+            self.view.cancel_enabled = False
+            self.view.status = "Cancelling..."
+
+    def abandon(self) -> None:
+        """The scene is closing: stop the job and never apply its result."""
+        self._discard_result = True
+        self.cancel()
+        self._snapshot = None
+        self._review = None
+        self.view.undo_enabled = self.view.next_uncertain_enabled = self.view.show_measurements_enabled = False
+
+    def close(self) -> None:
+        """The module is being destroyed (application exit): stop the tree now and remove its folder."""
+        if self.job is not None:
+            self.job.kill()
+            try:
+                self.job.wait(10)
+            finally:
+                self.job.cleanup()
+            self.job = None
+
+    # ------------------------------------------------------------------ after a run
+    def undo(self) -> None:
+        """Undo last Segment: segments as before the run; its overlay and table removed."""
+        from .result_review import remove_review
+
+        if self._snapshot is None:
+            return
+        self._snapshot.restore()
+        self._snapshot = None
+        remove_review(self.scene, self._review)
+        self._review = None
+        self.view.undo_enabled = self.view.next_uncertain_enabled = self.view.show_measurements_enabled = False
+        self.view.uncertain_regions_text = ""
+        self.view.status = "Last Segment undone."
+
+    def next_uncertain(self) -> None:
+        """Centre the slice views on the next uncertain region."""
+        if self._review is None or self._review.navigator is None:
+            return
+        region = self._review.navigator.next_region(self.scene)
+        self.view.uncertain_regions_text = self._review.navigator.status(region)
+
+    @property
+    def measurement_table(self) -> slicer.vtkMRMLTableNode | None:
+        """The last run's measurement table node, if any."""
+        return self._review.table_node if self._review is not None else None
+
+    def export(self, settings: PanelSettings) -> None:
+        """Export the corrected segmentation as a dataset case (nothing is written on any error)."""
+        from .scene_logic import export_corrected_case
+
+        if settings.inputVolume is None or settings.outputSegmentation is None:
+            raise PanelError("Segment a volume (or choose a segmentation as Output) before exporting.")
+        if not settings.caseId.strip():
+            raise PanelError("Enter a case id for the exported case.")
+        if not str(settings.datasetFolder) or str(settings.datasetFolder) == ".":
+            raise PanelError("Choose the dataset folder to export into (create one with `deepseg dataset create`).")
+        extra = [settings.additionalVolume] if self.view.second_channel_visible and settings.additionalVolume else []
+        record = export_corrected_case(
+            str(settings.datasetFolder),
+            settings.caseId.strip(),
+            settings.inputVolume,
+            settings.outputSegmentation,
+            overwrite=settings.overwriteCase,
+            additional_volume_nodes=extra,
+        )
+        effort = record.provenance
+        changed = f"{effort.changed_voxels} voxels changed" if effort.changed_voxels is not None else "no prediction to compare"
+        self.view.export_status = f"Case {record.case_id} added to {record.split} ({changed})."

@@ -1,0 +1,156 @@
+"""The Segment Editor effect's code path on a real MRML scene: Apply captures the segment, a real
+``deepseg segment`` run, the write through Slicer's editor logic (masking, overwrite, one undo),
+a segment deleted meanwhile, Cancel, and a destroyed editor.
+
+``EditorLogicTarget`` drives ``vtkSlicerSegmentEditorLogic``, the class the effect's own
+``saveStateForUndo`` / ``modifySegmentByLabelmap`` forward to in Slicer 5.10
+(``qSlicerSegmentEditorAbstractEffect.cxx:279-310``, ``qMRMLSegmentEditorWidget.cxx:1978-1982``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import slicer
+
+from deepseg_core import io
+from deepseg_core.demo import DEFAULT_MODEL, SAMPLE_VOLUME
+from DeepSegLib.effect_logic import DeepSegEffectLogic, EditorLogicTarget, EffectError
+from DeepSegLib.mrml_bridge import SegmentSpec, add_segment, node_from_volume, segment_mask, segments_by_name
+from DeepSegLib.segment_job import SegmentRequest, start_segmentation
+
+
+@pytest.fixture(scope="module")
+def sample() -> io.Volume:
+    return io.read_image(SAMPLE_VOLUME)
+
+
+@pytest.fixture(scope="module")
+def reference_liver(sample, engine_python) -> np.ndarray:
+    """What the bundled model says is liver on the sample (a separate, plain run)."""
+    job = start_segmentation([sample], SegmentRequest(model=str(DEFAULT_MODEL), device="cpu", measurements=False), engine_python)
+    try:
+        assert job.wait(300) == 0, job.error
+        return io.read_segmentation(job.output).mask("liver")
+    finally:
+        job.cleanup()
+
+
+def editor(scene, volume_node, segmentation_node):
+    editor_node = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    logic = slicer.vtkSlicerSegmentEditorLogic()
+    logic.SetMRMLScene(scene)
+    logic.SetSegmentEditorNode(editor_node)
+    logic.SetSegmentationNode(segmentation_node)
+    logic.SetSourceVolumeNode(volume_node)
+    return editor_node, logic
+
+
+def effect_logic(engine_python, tmp_path) -> DeepSegEffectLogic:
+    logic = DeepSegEffectLogic(models_dir=str(tmp_path / "store"), python=engine_python)
+    logic.refresh_models()
+    assert [entry.label for entry in logic.view.models] == ["phantom-liver v1 (bundled)"]
+    assert logic.view.label_names == ("liver", "liver lesion")
+    return logic
+
+
+def run_to_end(logic: DeepSegEffectLogic, target, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while logic.poll(target):
+        assert time.monotonic() < deadline, "the effect's job did not finish"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("overwrite", ["none", "all"])
+def test_apply_writes_into_the_segment_selected_at_apply_with_masking_overwrite_and_one_undo(
+    mrml_scene, sample, reference_liver, engine_python, tmp_path, overwrite
+):
+    volume_node = node_from_volume(mrml_scene, sample, "CT")
+    seg = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s")
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    region = np.zeros(sample.shape_zyx, bool)
+    region[:, :56] = True  # editable area: the anterior half
+    other = np.zeros(sample.shape_zyx, bool)
+    other[:, :, :60] = True  # an existing segment the liver overlaps
+    add_segment(seg, SegmentSpec("region", (1, 0, 0)), region, sample)
+    add_segment(seg, SegmentSpec("other", (0, 0, 1)), other, sample)
+    target = seg.GetSegmentation().AddEmptySegment("target", "target", [0, 1, 0])
+    editor_node, editor_logic = editor(mrml_scene, volume_node, seg)
+    editor_node.SetSelectedSegmentID(target)
+    editor_node.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment)
+    editor_node.SetMaskSegmentID(segments_by_name(seg)["region"])
+    editor_node.SetOverwriteMode(editor_node.OverwriteNone if overwrite == "none" else editor_node.OverwriteAllSegments)
+
+    logic = effect_logic(engine_python, tmp_path)
+    logic.start(volume_node, seg, editor_node.GetSelectedSegmentID(), label_index=0)
+    editor_node.SetSelectedSegmentID(segments_by_name(seg)["other"])  # the user moves on while it runs
+    run_to_end(logic, EditorLogicTarget(editor_logic))
+
+    written = reference_liver & region
+    assert written.sum() > 1000
+    np.testing.assert_array_equal(segment_mask(seg, target, sample), written)
+    other_now = segment_mask(seg, segments_by_name(seg)["other"], sample)
+    if overwrite == "none":
+        np.testing.assert_array_equal(other_now, other)
+    else:
+        np.testing.assert_array_equal(other_now, other & ~written)
+    assert logic.view.status.startswith(f"{int(reference_liver.sum())} voxels of liver written into 'target'")
+    assert logic.view.apply_enabled and not logic.view.cancel_enabled
+    editor_logic.Undo()  # one undo restores everything
+    assert not segment_mask(seg, target, sample).any()
+    np.testing.assert_array_equal(segment_mask(seg, segments_by_name(seg)["other"], sample), other)
+
+
+def test_a_segment_deleted_while_the_model_runs_gets_nothing_and_says_so(mrml_scene, sample, engine_python, tmp_path):
+    volume_node = node_from_volume(mrml_scene, sample, "CT")
+    seg = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s")
+    target = seg.GetSegmentation().AddEmptySegment("target", "target", [0, 1, 0])
+    keep = seg.GetSegmentation().AddEmptySegment("keep", "keep", [0, 0, 1])
+    _, editor_logic = editor(mrml_scene, volume_node, seg)
+    logic = effect_logic(engine_python, tmp_path)
+    logic.start(volume_node, seg, target, label_index=0)
+    seg.GetSegmentation().RemoveSegment(target)
+    run_to_end(logic, EditorLogicTarget(editor_logic))
+    assert logic.view.status == "Segment 'target' was removed while DeepSeg ran; nothing was written."
+    assert not segment_mask(seg, keep, sample).any()
+
+
+def test_cancel_writes_nothing_and_close_kills_a_running_job(mrml_scene, sample, engine_python, tmp_path):
+    volume_node = node_from_volume(mrml_scene, sample, "CT")
+    seg = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s")
+    target = seg.GetSegmentation().AddEmptySegment("target", "target", [0, 1, 0])
+    _, editor_logic = editor(mrml_scene, volume_node, seg)
+    logic = effect_logic(engine_python, tmp_path)
+    job = logic.start(volume_node, seg, target, label_index=0)
+    with pytest.raises(EffectError, match="already running"):
+        logic.start(volume_node, seg, target, label_index=0)
+    logic.cancel("Cancelled because the DeepSeg effect was deactivated; nothing was written.")
+    assert not logic.view.cancel_enabled
+    run_to_end(logic, EditorLogicTarget(editor_logic), timeout_s=60)
+    assert logic.view.status == "Cancelled because the DeepSeg effect was deactivated; nothing was written."
+    assert not segment_mask(seg, target, sample).any() and not job.workdir.exists()
+
+    job = logic.start(volume_node, seg, target, label_index=0)
+    logic.close()  # the Segment Editor widget is destroyed
+    assert logic.job is None and job.finished and not job.workdir.exists()
+    assert not segment_mask(seg, target, sample).any()
+
+
+def test_apply_refuses_without_a_segment_or_without_the_engine_packages(mrml_scene, sample, engine_python, tmp_path):
+    volume_node = node_from_volume(mrml_scene, sample, "CT")
+    seg = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s")
+    logic = effect_logic(engine_python, tmp_path)
+    with pytest.raises(EffectError, match="Select the segment to write into"):
+        logic.start(volume_node, seg, None, label_index=0)
+    target = seg.GetSegmentation().AddEmptySegment("target", "target", [0, 1, 0])
+    no_torch = DeepSegEffectLogic(
+        models_dir=str(tmp_path / "store"), find_spec=lambda name: None if name in ("torch", "PyTorchUtils") else object()
+    )
+    no_torch.refresh_models()
+    offer = no_torch.install_offer()
+    assert offer is not None and offer.missing == ("torch",)
+    with pytest.raises(EffectError, match=r"not installed yet \(torch\)"):
+        no_torch.start(volume_node, seg, target, label_index=0)
+    assert no_torch.job is None

@@ -1,0 +1,196 @@
+"""The DeepSeg panel's decisions on a real MRML scene: the model list and the saved choice, a fresh
+Slicer (no torch, no jsonschema) that still lists models and offers the install, Segment through
+the panel with a real engine process, Cancel, Undo, scene close and export."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deepseg_core import io
+from deepseg_core.datasets import Dataset
+from deepseg_core.demo import DEFAULT_MODEL, SAMPLE_VOLUME
+from deepseg_core.phantoms import PHANTOM_LABELS
+from DeepSegLib.mrml_bridge import node_from_volume, segment_mask, segments_by_name
+from DeepSegLib.panel_logic import DeepSegPanelLogic, PanelError, PanelSettings, progress_text
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture()
+def store_dir(tmp_path) -> str:
+    return str(tmp_path / "store")
+
+
+@pytest.fixture(autouse=True)
+def _prediction_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+
+def copy_model(store: Path, name: str, version: int, active: int | None = None) -> None:
+    """A store entry made of the bundled model's files (the catalog reads only model.json)."""
+    folder = store / name / str(version)
+    folder.mkdir(parents=True)
+    card = json.loads((DEFAULT_MODEL / "model.json").read_text())
+    card.update(name=name, version=version)
+    (folder / "model.json").write_text(json.dumps(card))
+    (folder / "weights.safetensors").write_bytes((DEFAULT_MODEL / "weights.safetensors").read_bytes())
+    if active is not None:
+        (store / name / "state.json").write_text(json.dumps({"active": active, "history": [active]}))
+
+
+def run_panel(panel: DeepSegPanelLogic, settings: PanelSettings, timeout_s: float = 300) -> list[int]:
+    """Poll as the panel's timer does; returns the progress values seen."""
+    seen = []
+    deadline = time.monotonic() + timeout_s
+    while panel.poll(settings):
+        seen.append(panel.view.progress_percent)
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return seen
+
+
+def test_the_model_shown_is_the_model_saved_on_first_open_and_after_a_scene_close(mrml_scene, store_dir):
+    copy_model(Path(store_dir), "liver-site", 1)
+    copy_model(Path(store_dir), "liver-site", 2, active=1)
+    panel = DeepSegPanelLogic(mrml_scene, models_dir=store_dir)
+    settings = PanelSettings()  # a new parameter node: model ""
+    panel.refresh_models(settings)
+    labels = [entry.label for entry in panel.view.models]
+    assert labels == ["liver-site v1 (active)", "liver-site v2", "phantom-liver v1 (bundled)"]
+    assert settings.model == "liver-site:1" and panel.view.model_index == 0
+    panel.choose_model(settings, 2)
+    assert settings.model == panel.view.models[2].ref and "Validation Dice: liver 0.998" in panel.view.model_description
+    after_close = PanelSettings()  # the scene was closed: a fresh parameter node
+    panel.sync_model(after_close)
+    assert after_close.model == "liver-site:1"
+    kept = PanelSettings(model="liver-site:2")  # a saved scene's choice is kept when still listed
+    panel.sync_model(kept)
+    assert kept.model == "liver-site:2" and panel.view.model_index == 1
+
+
+def test_an_unreadable_model_folder_is_reported_and_hides_nothing(mrml_scene, store_dir):
+    copy_model(Path(store_dir), "good", 1)
+    broken = Path(store_dir) / "broken" / "1"
+    broken.mkdir(parents=True)
+    (broken / "model.json").write_text("{not json")
+    panel = DeepSegPanelLogic(mrml_scene, models_dir=store_dir)
+    panel.refresh_models(PanelSettings())
+    assert [entry.ref for entry in panel.view.models][:1] == ["good:1"]
+    assert "broken/1/model.json: model card cannot be read as JSON" in panel.view.status
+
+
+def test_a_fresh_slicer_without_torch_or_jsonschema_lists_models_and_offers_the_install(tmp_path):
+    """Run as a separate interpreter in which torch, jsonschema, safetensors and slicerio cannot be imported."""
+    copy_model(tmp_path / "store", "liver-site", 3)
+    probe = REPO / "Testing" / "probes" / "fresh_slicer_panels.py"
+    result = subprocess.run(
+        [sys.executable, str(probe), str(REPO), str(tmp_path / "store")], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["loaded"] == [], "a Slicer-side module imported an engine-only package"
+    assert {"DeepSegLib.panel_logic", "DeepSegLib.effect_logic", "DeepSegTrainingLib.training_panel_logic"} <= set(
+        seen["imported"]
+    )
+    assert seen["models"] == ["liver-site v3 (active)", "phantom-liver v1 (bundled)"]
+    assert seen["model_saved"] == "liver-site:3" and "labels: 1=liver, 2=liver lesion" in seen["description"]
+    assert {"torch", "jsonschema", "safetensors", "slicerio"} <= set(seen["offer_missing"])
+    assert "Install them now?" in seen["offer_message"] and "torch>=2.2" in seen["offer_message"]
+    assert "not installed yet" in seen["refusal"] and not seen["job_started"]
+    assert seen["training_base_models"][1:] == seen["models"] and seen["training_base_saved"] == "liver-site:3"
+    assert seen["effect_labels"] == ["liver", "liver lesion"]
+    assert seen["device_info"]
+
+
+def test_segment_requests_name_what_is_missing(mrml_scene, store_dir):
+    panel = DeepSegPanelLogic(mrml_scene, models_dir=store_dir)
+    settings = PanelSettings()
+    with pytest.raises(PanelError, match="Choose a model first"):
+        panel.segment_request(settings)
+    panel.refresh_models(settings)
+    with pytest.raises(PanelError, match="Choose an input volume first"):
+        panel.segment_request(settings)
+    settings.inputVolume = mrml_scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    settings.device = "gpu"
+    with pytest.raises(PanelError, match="Unknown device 'gpu'; choose one of auto, cuda, cpu"):
+        panel.segment_request(settings)
+    settings.device = "cpu"
+    request = panel.segment_request(settings)
+    assert (request.model, request.device, request.instances, request.measurements) == (str(DEFAULT_MODEL), "cpu", True, True)
+
+
+def test_progress_text():
+    assert progress_text({"event": "progress", "done": 9, "total": 18, "eta_s": 3.2}) == (50, "Tile 9/18, about 3 s left")
+    assert progress_text({"event": "case_failed", "error": "bad"})[1] == "Failed: bad"
+
+
+def test_segment_through_the_panel_then_undo_then_export(mrml_scene, store_dir, engine_python, tmp_path):
+    volume = io.read_image(SAMPLE_VOLUME)
+    volume_node = node_from_volume(mrml_scene, volume, "sample")
+    panel = DeepSegPanelLogic(mrml_scene, models_dir=store_dir, python=engine_python)
+    settings = PanelSettings(inputVolume=volume_node, device="cpu", uncertainty=True)
+    panel.refresh_models(settings)
+    panel.start_segment(settings)
+    assert not panel.view.segment_enabled and panel.view.cancel_enabled
+    with pytest.raises(PanelError, match="already running"):
+        panel.start_segment(settings)
+    progress = run_panel(panel, settings)
+    assert progress and max(progress) == 100 and panel.view.segment_enabled and not panel.view.cancel_enabled
+    assert panel.view.status.startswith("Done in ") and "Segments written to sample DeepSeg" in panel.view.status
+    assert panel.view.domain_text == "Input looks like the model's training data." and panel.view.domain_colour == "green"
+    output = settings.outputSegmentation
+    names = sorted(segments_by_name(output))
+    assert names[0] == "liver" and all(n.startswith("liver lesion ") for n in names[1:])
+    assert panel.view.undo_enabled and panel.view.show_measurements_enabled and panel.measurement_table is not None
+    assert panel.view.uncertain_regions_text.endswith("uncertain region(s).")
+    liver = segment_mask(output, segments_by_name(output)["liver"], volume)
+
+    dataset = tmp_path / "ds"
+    Dataset.create(dataset, "site", PHANTOM_LABELS, ("CT",))
+    with pytest.raises(PanelError, match="Enter a case id"):
+        panel.export(settings)
+    settings.datasetFolder, settings.caseId = dataset, "case01"
+    panel.export(settings)
+    assert panel.view.export_status.startswith("Case case01 added to ") and "(0 voxels changed)" in panel.view.export_status
+    np.testing.assert_array_equal(Dataset.open(dataset).load_case("case01")[1].array_zyx == 1, liver)
+
+    panel.undo()
+    assert output.GetSegmentation().GetNumberOfSegments() == 0 and panel.measurement_table is None
+    assert panel.view.status == "Last Segment undone." and not panel.view.undo_enabled
+
+
+def test_cancel_through_the_panel_says_cancelled_and_leaves_the_scene_as_it_was(mrml_scene, store_dir, engine_python):
+    volume_node = node_from_volume(mrml_scene, io.read_image(SAMPLE_VOLUME), "sample")
+    nodes_before = mrml_scene.GetNumberOfNodes()
+    panel = DeepSegPanelLogic(mrml_scene, models_dir=store_dir, python=engine_python)
+    settings = PanelSettings(inputVolume=volume_node, device="cpu", uncertainty=True)
+    panel.refresh_models(settings)
+    job = panel.start_segment(settings)
+    deadline = time.monotonic() + 120
+    while not any(e.get("event") == "progress" for e in job.events):
+        assert panel.poll(settings) and time.monotonic() < deadline
+        time.sleep(0.05)
+    panel.cancel()
+    assert panel.view.status == "Cancelling..." and not panel.view.cancel_enabled
+    run_panel(panel, settings, timeout_s=60)
+    assert panel.view.status == "Cancelled; the scene is unchanged." and panel.view.segment_enabled
+    assert job.outcome == "cancelled" and not job.workdir.exists()
+    assert mrml_scene.GetNumberOfNodes() == nodes_before and settings.outputSegmentation is None
+
+
+def test_a_scene_close_during_a_run_never_applies_its_result(mrml_scene, store_dir, engine_python):
+    volume_node = node_from_volume(mrml_scene, io.read_image(SAMPLE_VOLUME), "sample")
+    panel = DeepSegPanelLogic(mrml_scene, models_dir=store_dir, python=engine_python)
+    settings = PanelSettings(inputVolume=volume_node, device="cpu")
+    panel.refresh_models(settings)
+    panel.start_segment(settings)
+    panel.abandon()
+    run_panel(panel, None, timeout_s=60)
+    assert panel.view.status == "Cancelled; the scene is unchanged." and panel.job is None

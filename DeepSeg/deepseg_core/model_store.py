@@ -171,6 +171,14 @@ class ModelStore:
                 hint="Import it with `deepseg models import FOLDER`; DeepSeg never downloads models.",
             )
         version = version or self.active_version(name)
+        if version is None:
+            raise ModelError(
+                f"model {name!r} has no active version",
+                expected="NAME:VERSION",
+                found=name,
+                hint=f"Give a version ({', '.join(f'{name}:{v}' for v in self.versions(name))}) or activate one: "
+                f"deepseg models activate {name}:N.",
+            )
         if version not in self.versions(name):
             raise ModelError(
                 f"model {name!r} has no version {version}", expected=f"one of {self.versions(name)}", found=str(version)
@@ -206,13 +214,51 @@ class ModelStore:
         atomic_write_text(self.root / name / STATE_FILE, json.dumps(state, indent=2) + "\n")
 
     def add_version(self, card: ModelCard, net: nn.Module, activate: bool = False) -> ModelCard:
-        """Store ``net`` as the next version of ``card.name`` (parent = ``card.parent_version``)."""
+        """Store ``net`` as the next version of ``card.name`` (parent = ``card.parent_version``).
+
+        The new version becomes active only when ``activate`` is True, also for a name the store
+        does not hold yet (``NAME`` then has no active version until ``activate``).
+        """
         existing = self.versions(card.name)
+        state = self._state(card.name)
         version = (existing[-1] + 1) if existing else 1
         written = write_model_folder(self.root / card.name / str(version), dataclasses.replace(card, version=version), net)
-        if activate or len(existing) == 0:
+        if activate:
             self.activate(f"{card.name}:{version}")
+        elif not (self.root / card.name / STATE_FILE).exists():
+            # Record what was active before this version existed, so nothing resolves to it by default.
+            self._write_state(card.name, {"active": state["active"], "history": state["history"]})
         return written
+
+    def keep_parent(self, folder: str | Path, check_only: bool = False) -> ModelCard:
+        """Make the model a fine-tune starts from a version in the store, so rollback can return to it.
+
+        A bundled model (or any folder outside the store) of a name the store does not hold yet is
+        imported under its own version and made active: users keep getting the model they had,
+        now as a real store version. A store version is returned as it is. ``check_only``: raise the
+        error below, if any, but import nothing (before a long training run).
+
+        Raises:
+            ModelError: the store holds a *different* model under the same name and version.
+        """
+        folder = Path(folder)
+        card = read_model_folder(folder)
+        target = self.root / card.name / str(card.version)
+        if target.exists() and target.resolve() == folder.resolve():
+            return card
+        if target.exists():
+            if sha256_file(target / WEIGHTS_FILE) == card.weights_sha256:
+                return card
+            raise ModelError(
+                f"the base model {card.ref} is not the store's {card.ref}",
+                subject=folder,
+                expected=f"weights sha256 {sha256_file(target / WEIGHTS_FILE)[:12]}... (the store's version)",
+                found=f"weights sha256 {card.weights_sha256[:12]}...",
+                hint="Fine-tune the store's version (NAME:VERSION), or give the new model another name.",
+            )
+        if check_only:
+            return card
+        return self.import_folder(folder, activate=card.name not in self.names())
 
     def import_folder(self, folder: str | Path, activate: bool = True) -> ModelCard:
         """Copy a validated model folder into the store under its card's name and version."""
@@ -249,7 +295,7 @@ class ModelStore:
             raise ModelError("activate needs an explicit version", expected="NAME:VERSION", found=ref)
         state = self._state(name)
         if state["active"] != version or not (self.root / name / STATE_FILE).exists():
-            history = state["history"] if state["history"][-1:] == [version] else [*state["history"], version]
+            history = list(state["history"]) if state["history"][-1:] == [version] else [*state["history"], version]
             self._write_state(name, {"active": version, "history": history})
         return version
 

@@ -82,7 +82,11 @@ def test_store_versions_are_immutable_and_rollback_works(tmp_path):
     store = ModelStore(tmp_path / "store")
     card, net = tiny_card()
     first = store.add_version(card, net)
-    assert first.version == 1 and store.active_version("tiny") == 1
+    assert first.version == 1 and store.active_version("tiny") is None  # never active unless asked
+    with pytest.raises(ModelError, match="has no active version.*tiny:1"):
+        store.folder("tiny")
+    store.activate("tiny:1")
+    assert store.active_version("tiny") == 1
     second = store.add_version(card.__class__(**{**card.__dict__, "parent_version": 1}), net)
     assert second.version == 2 and second.parent_version == 1
     assert store.active_version("tiny") == 1  # a new version is not active until activated

@@ -8,7 +8,8 @@ import torch
 
 from deepseg_core.datasets import Dataset
 from deepseg_core.demo import DEFAULT_MODEL, SAMPLE_SPACING_XYZ_MM
-from deepseg_core.model_store import ModelStore, load_network
+from deepseg_core.model_card import ModelError
+from deepseg_core.model_store import ModelStore, load_network, read_model_folder, resolve_model
 from deepseg_core.phantoms import PHANTOM_LABELS, generate_phantom
 from deepseg_core.training import AugmentConfig, augment_patch
 from deepseg_core.training.engine import RetrainConfig, Stopped, retrain
@@ -32,12 +33,25 @@ def _weights(store, ref):
 
 
 def test_finetune_makes_a_new_version_with_parent_metrics(site_b_dataset, tmp_path):
-    store = ModelStore(tmp_path / "store")
+    store = ModelStore(tmp_path / "store")  # the default case: the store does not hold the bundled model's name
     events = []
     outcome = retrain(
-        site_b_dataset, "phantom-liver", CONFIG, tmp_path / "ckpt", base=DEFAULT_MODEL, store=store, on_event=events.append
+        site_b_dataset,
+        "phantom-liver",
+        CONFIG,
+        tmp_path / "ckpt",
+        base=DEFAULT_MODEL,
+        store=store,
+        on_event=events.append,
+        activate=False,
     )
-    assert outcome.card.ref == "phantom-liver:1" and outcome.card.parent_version == 1
+    # The bundled model became a real store version (the parent), still the active one; the new one is not.
+    assert outcome.card.ref == "phantom-liver:2" and outcome.card.parent_version == 1
+    assert store.versions("phantom-liver") == [1, 2] and store.active_version("phantom-liver") == 1
+    assert store.card("phantom-liver:1").weights_sha256 == read_model_folder(DEFAULT_MODEL).weights_sha256
+    assert resolve_model("phantom-liver", store) == store.folder("phantom-liver:1")
+    with pytest.raises(ModelError, match="nothing to roll back"):
+        store.rollback("phantom-liver")
     assert [e["epoch"] for e in events if e["event"] == "epoch_end"] == [1, 2]
     assert all("validation" in e and "eta_s" in e for e in events if e["event"] == "epoch_end")
     split = Dataset.open(site_b_dataset).split()
@@ -48,12 +62,13 @@ def test_finetune_makes_a_new_version_with_parent_metrics(site_b_dataset, tmp_pa
     fingerprint = outcome.card.fingerprint
     assert fingerprint["profiles"] == ["siteB"] and fingerprint["num_cases"] == len(split["train"])
     assert [d["profiles"] for d in fingerprint["previous_domains"]] == [["ct-A"]]
-    # A second run continues the version line and never overwrites; rollback returns to the first.
-    second = retrain(site_b_dataset, "phantom-liver", CONFIG, tmp_path / "ckpt2", base="phantom-liver:1", store=store)
-    assert second.card.version == 2 and second.card.parent_version == 1
+    # A second run continues the version line and never overwrites; activated, rollback returns to
+    # what users had before it: the bundled original.
+    second = retrain(site_b_dataset, "phantom-liver", CONFIG, tmp_path / "ckpt2", base="phantom-liver:2", store=store)
+    assert second.card.version == 3 and second.card.parent_version == 2
     assert [d["profiles"] for d in second.card.fingerprint["previous_domains"]] == [["siteB"], ["ct-A"]]
-    assert store.active_version("phantom-liver") == 2
-    store.rollback("phantom-liver")
+    assert store.active_version("phantom-liver") == 3
+    assert store.rollback("phantom-liver") == 1
     assert store.active_version("phantom-liver") == 1
 
 
@@ -107,6 +122,32 @@ def test_train_and_evaluate_cli(site_b_dataset, tmp_path, capsys):
     assert 0.0 <= report["mean"]["liver"]["dice"] <= 1.0
     assert main(["train", "--dataset", str(tmp_path / "missing"), "--name", "x", "--models-dir", store]) == 2
     assert "dataset folder not found" in capsys.readouterr().err
+
+
+def test_first_finetune_of_the_bundled_model_from_the_cli_keeps_it_active_and_rollback_returns_to_it(
+    site_b_dataset, tmp_path, capsys
+):
+    """The default path: `deepseg train --base phantom-liver --no-activate` on a store without that name."""
+    import json
+
+    from deepseg_core.cli import main
+
+    store = str(tmp_path / "store")
+    args = ["train", "--dataset", str(site_b_dataset), "--name", "phantom-liver", "--base", "phantom-liver", "--epochs", "1"]
+    args += ["--steps", "1", "--batch-size", "1", "--models-dir", store, "--checkpoints", str(tmp_path / "ck"), "--json"]
+    assert main([*args, "--no-activate"]) == 0
+    done = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")][-1]
+    assert (done["model"], done["parent"]) == ("phantom-liver:2", "phantom-liver:1")
+    assert main(["models", "list", "--models-dir", store, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["name"], r["version"], r["parent_version"], r["active"], r.get("bundled", False)) for r in rows] == [
+        ("phantom-liver", 1, None, True, False),
+        ("phantom-liver", 2, 1, False, False),
+    ]
+    assert main(["models", "activate", "phantom-liver:2", "--models-dir", store]) == 0
+    assert main(["models", "rollback", "phantom-liver", "--models-dir", store]) == 0
+    assert "rolled back to version 1" in capsys.readouterr().out
+    assert ModelStore(store).card("phantom-liver").weights_sha256 == read_model_folder(DEFAULT_MODEL).weights_sha256
 
 
 @pytest.mark.parametrize("arch", ["2.5d", "3d"])

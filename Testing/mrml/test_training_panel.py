@@ -30,9 +30,7 @@ def dataset_dir(tmp_path_factory):
 
 @pytest.fixture()
 def store_dir(tmp_path):
-    store = ModelStore(tmp_path / "store")
-    store.import_folder(DEFAULT_MODEL)  # phantom-liver:1 is the active version users have today
-    return str(tmp_path / "store")
+    return str(tmp_path / "store")  # the default case: users have only the bundled phantom-liver v1
 
 
 def run_panel(panel: TrainingPanelLogic, settings: TrainingSettings, timeout_s: float = 300) -> None:
@@ -46,9 +44,9 @@ def test_base_models_and_the_saved_choice(mrml_scene, store_dir):
     panel = TrainingPanelLogic(mrml_scene, models_dir=store_dir)
     settings = TrainingSettings()
     panel.refresh_models(settings)
-    assert panel.view.base_models == [("(from scratch)", FROM_SCRATCH_REF), ("phantom-liver v1 (active)", "phantom-liver:1")]
-    assert settings.baseModel == "phantom-liver:1" and panel.view.base_index == 1
-    assert not panel.view.rollback_enabled  # one activation in the history: nothing to go back to
+    assert panel.view.base_models == [("(from scratch)", FROM_SCRATCH_REF), ("phantom-liver v1 (bundled)", str(DEFAULT_MODEL))]
+    assert settings.baseModel == str(DEFAULT_MODEL) and panel.view.base_index == 1
+    assert not panel.view.rollback_enabled  # a bundled model has no activation history
     panel.choose_base(settings, 0)
     assert settings.baseModel == FROM_SCRATCH_REF
     panel.refresh_models(settings)
@@ -66,7 +64,7 @@ def test_train_compare_keep_old_promote_and_roll_back_through_the_panel(
     panel.dataset_changed(settings)
     assert panel.view.dataset_info.startswith("3 case(s)")
     request = panel.training_request(settings)
-    assert (request.name, request.base, request.epochs) == ("phantom-liver", "phantom-liver:1", 2)
+    assert (request.name, request.base, request.epochs) == ("phantom-liver", str(DEFAULT_MODEL), 2)
     panel.start(settings)
     assert not panel.view.start_enabled and panel.view.stop_enabled
     run_panel(panel, settings)
@@ -81,6 +79,7 @@ def test_train_compare_keep_old_promote_and_roll_back_through_the_panel(
     assert compare.GetNumberOfRows() == len(LABELS) and compare.GetValue(0, 0).ToString() == "liver"
     assert float(compare.GetValue(0, 2).ToString()) == pytest.approx(done["validation"]["liver"]["dice"], abs=5e-4)
     store = ModelStore(store_dir)
+    assert store.versions("phantom-liver") == [1, 2]  # the bundled parent is now a real store version
     assert store.active_version("phantom-liver") == 1  # nothing changed for users before Promote
     panel.keep_old()
     assert store.active_version("phantom-liver") == 1 and not panel.view.promote_enabled
@@ -110,7 +109,7 @@ def test_stop_keeps_the_checkpoint_ticks_resume_and_resume_finishes(mrml_scene, 
     run_panel(panel, settings, timeout_s=60)
     assert job.outcome == "cancelled" and settings.resume
     assert panel.view.status.startswith("Stopped; the last finished epoch is checkpointed.")
-    assert ModelStore(store_dir).versions("phantom-liver") == [1]  # a stopped run stores nothing
+    assert ModelStore(store_dir).names() == []  # a stopped run stores nothing
     resumed = panel.start(settings)
     run_panel(panel, settings)
     first = next(e for e in resumed.events if e["event"] == "resumed")["epoch"]
@@ -126,7 +125,7 @@ def test_the_panels_label_mapping_reaches_the_trainer_and_its_error_reaches_the_
     request = TrainingRequest(
         dataset_dir,
         "phantom-liver",
-        base="phantom-liver:1",
+        base="phantom-liver",
         epochs=1,
         steps_per_epoch=1,
         label_mapping=parse_label_mapping_text("tumour=liver lesion"),
@@ -141,4 +140,4 @@ def test_the_panels_label_mapping_reaches_the_trainer_and_its_error_reaches_the_
         assert "label mapping names labels the dataset does not have" in job.error and "tumour" in job.error
     finally:
         job.cleanup()
-    assert ModelStore(store_dir).versions("phantom-liver") == [1]
+    assert ModelStore(store_dir).names() == []

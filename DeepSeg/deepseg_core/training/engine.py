@@ -403,6 +403,8 @@ def retrain(
         card = dataclasses.replace(
             parent_card, name=name, parent_version=parent_card.version if parent_card.name == name else None
         )
+        if parent_card.name == name:
+            store.keep_parent(resolve_model(base, store), check_only=True)
     else:
         card, net = _scratch_card(dataset, name, config, loaded)
         value_map = {label.value: label.value for label in dataset.labels}
@@ -540,6 +542,8 @@ def retrain(
             },
         },
     )
+    if parent_card is not None and parent_card.name == name:
+        store.keep_parent(resolve_model(base, store))  # a bundled base becomes the version rollback returns to
     stored = store.add_version(card, net.cpu(), activate=activate)
     emit(
         {

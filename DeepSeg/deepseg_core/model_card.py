@@ -124,7 +124,18 @@ class Inputs:
 
 @dataclass(frozen=True)
 class ModelCard:
-    """The whole ``model.json``."""
+    """The whole ``model.json``.
+
+    Optional sections (absent in cards of DeepSeg's own models):
+
+    - ``source``: where an imported model came from: ``format`` (``nnunetv2``, ``monai_bundle``),
+      ``path``, ``files`` (relative path -> SHA-256 of every source file read), and format details.
+      A fine-tuned version keeps its parent's ``source``.
+    - ``pipeline``: ``{"name": ..., "config": {...}}``, the preprocessing and export of the tool the
+      model comes from (:mod:`deepseg_core.inference.pipelines`); none means DeepSeg's own.
+    - ``ensemble``: member names (nnU-Net folds); ``weights.safetensors`` then holds each member's
+      tensors under ``<member>.`` and the members' logits are averaged.
+    """
 
     name: str
     version: int
@@ -140,6 +151,9 @@ class ModelCard:
     fingerprint: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    source: dict[str, Any] = field(default_factory=dict)
+    pipeline: dict[str, Any] = field(default_factory=dict)
+    ensemble: tuple[str, ...] = ()
 
     @property
     def ref(self) -> str:

@@ -60,7 +60,10 @@ def write_model_folder(folder: Path, card: ModelCard, net: nn.Module) -> ModelCa
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
+        from .nets import LogitEnsemble
+
+        tensors = net.weights() if isinstance(net, LogitEnsemble) else net.state_dict()
+        state = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt", "model": card.name})
         card = dataclasses.replace(card, weights_sha256=sha256_file(staging / WEIGHTS_FILE))
         (staging / CARD_FILE).write_text(json.dumps(card.to_json_dict(), indent=2) + "\n", encoding="utf-8")
@@ -98,35 +101,57 @@ def read_model_folder(folder: str | Path) -> ModelCard:
 def load_network(
     folder: str | Path, card: ModelCard | None = None, device: str | torch.device = "cpu"
 ) -> tuple[ModelCard, nn.Module]:
-    """Card and network (eval mode, on ``device``) of a model folder. Never unpickles."""
+    """Card and network (eval mode, on ``device``) of a model folder. Never unpickles.
+
+    An ensemble card (``card.ensemble``) gives a :class:`~deepseg_core.nets.LogitEnsemble` of its members.
+    """
     from safetensors.torch import load_file
 
-    from .errors import ConfigError
-    from .nets import build_net
+    from .nets import LogitEnsemble
 
     folder = Path(folder)
     card = card or read_model_folder(folder)
     try:
-        net = build_net(card.architecture.name, card.architecture.config)
-    except ConfigError as exc:
-        raise ModelError(f"cannot build the model's network: {exc}", subject=folder / CARD_FILE) from None
-    try:
         state = load_file(str(folder / WEIGHTS_FILE), device="cpu")
     except Exception as exc:  # safetensors raises its own error types for a bad file
         raise ModelError("weights file cannot be read as safetensors", subject=folder / WEIGHTS_FILE, found=str(exc)) from None
+    if card.ensemble:
+        members = {}
+        for member in card.ensemble:
+            prefix = f"{member}."
+            own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            members[member] = _built_and_loaded(card, own, folder, f" (ensemble member {member!r})")
+        leftover = sorted(k for k in state if not k.startswith(tuple(f"{m}." for m in card.ensemble)))
+        if leftover:
+            raise ModelError("weights hold tensors of no ensemble member", subject=folder, found=str(leftover[:3]))
+        net: nn.Module = LogitEnsemble(members)
+    else:
+        net = _built_and_loaded(card, state, folder, "")
+    return card, net.to(device).eval()
+
+
+def _built_and_loaded(card: ModelCard, state: dict[str, torch.Tensor], folder: Path, what: str) -> nn.Module:
+    """The card's network with ``state`` loaded (strict); a mismatch is a clear :class:`ModelError`."""
+    from .errors import ConfigError
+    from .nets import build_net
+
+    try:
+        net = build_net(card.architecture.name, card.architecture.config)
+    except ConfigError as exc:
+        raise ModelError(f"cannot build the model's network: {exc}", subject=folder / CARD_FILE) from None
     expected = net.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
     if missing or unexpected or mismatched:
         raise ModelError(
-            "weights do not fit the architecture in the card",
+            f"weights do not fit the architecture in the card{what}",
             subject=folder,
             found=f"missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {mismatched[:3]}",
             hint="The card and weights.safetensors come from different models.",
         )
     net.load_state_dict(state, strict=True)
-    return card, net.to(device).eval()
+    return net
 
 
 def parse_ref(ref: str) -> tuple[str, int | None]:

@@ -29,7 +29,12 @@ def test_demo_segments_the_bundled_sample_with_the_bundled_model(tmp_path):
     assert seg.grid.same_grid(image)
     names = [s.name for s in seg.segments]
     assert names[0] == "liver" and len(names) >= 3 and all(n.startswith("liver lesion ") for n in names[1:])
-    assert (tmp_path / "sample_ct_preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import SimpleITK as sitk
+
+    preview = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "sample_ct_preview.png"))).astype(int)
+    liver_rgb = np.round(255 * np.array(seg.segments[0].color_rgb)).astype(int)
+    outline = (np.abs(preview - liver_rgb).sum(axis=-1) == 0).sum()
+    assert preview.shape[-1] == 3 and outline > 500, "the preview must show the liver outline in its colour"
     assert "Domain check: input looks like the training data." in result.stdout
     stats = (tmp_path / "sample_ct_stats.csv").read_text().splitlines()
     assert stats[1].startswith("liver,1,0,") and sum(r.startswith("liver lesion ") for r in stats) == len(names) - 1

@@ -102,34 +102,52 @@ def test_bad_inputs_are_refused_and_nothing_is_written(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("eps", [0.05, 0.1, 0.25])
-def test_background_in_a_tumour_roi_shifts_its_mean_by_eps_times_the_contrast(eps):
-    """Design note: a fraction eps of background (mean muB) in a tumour ROI (mean muT) moves the
-    measured mean by eps * (muB - muT). Measured here through the project's own statistics."""
+@pytest.mark.parametrize("grown_voxels", [1, 2, 3])
+def test_an_oversegmented_lesion_shifts_its_mean_by_eps_times_the_tissue_contrast(grown_voxels):
+    """Design note: a fraction eps of background (mean muB) in a tumour ROI (mean muT) moves the measured
+    mean by eps (muB - muT). Here the error is a real segmentation error: the phantom's lesion mask grown
+    by 1-3 voxels into the surrounding liver, measured with the project's own statistics, against the
+    prediction from the two tissues' means (the liver segment, the true lesion)."""
+    from scipy import ndimage
+
     case = phantoms.generate_phantom(seed=11, shape_zyx=(40, 96, 96), n_lesions=1, lesion_radius_mm=(9.0, 10.0))
-    tumour = case.labels.array_zyx == phantoms.LESION_LABEL
-    background = case.labels.array_zyx == phantoms.ORGAN_LABEL
-    n_tumour = int(tumour.sum())
-    n_extra = round(eps * n_tumour / (1 - eps))
-    rng = np.random.default_rng(0)
-    candidates = np.flatnonzero(background)
-    extra = np.zeros(tumour.size, dtype=bool)
-    extra[rng.choice(candidates, size=n_extra, replace=False)] = True
-    extra = extra.reshape(tumour.shape)
-    labels = np.zeros(tumour.shape, dtype=np.uint8)
-    labels[tumour] = 1
-    labels[extra] = 2
-    labels_roi = np.where(tumour | extra, 3, 0).astype(np.uint8)
-    segs = [SegmentInfo("tumour", 1), SegmentInfo("background sample", 2)]
-    mu_t, mu_b = (
-        r.intensity_mean for r in measurements.measure_segments(case.labels.with_array(labels), segs, intensity=case.image)
-    )
-    (roi,) = measurements.measure_segments(case.labels.with_array(labels_roi), [SegmentInfo("roi", 3)], intensity=case.image)
-    eps_actual = n_extra / (n_tumour + n_extra)
-    assert eps_actual == pytest.approx(eps, abs=1e-3)
-    assert roi.intensity_mean - mu_t == pytest.approx(eps_actual * (mu_b - mu_t), rel=1e-9)
-    # the bias is material: the lesion contrast is tens of HU, so even 5 % contamination moves the mean by > 1 HU
-    assert abs(roi.intensity_mean - mu_t) > 1.0
+    truth = case.labels.array_zyx
+    lesion = truth == phantoms.LESION_LABEL
+    grown = ndimage.binary_dilation(lesion, iterations=grown_voxels)
+    assert (truth[grown & ~lesion] == phantoms.ORGAN_LABEL).all()  # the error adds liver only
+    segmentation = truth.copy()
+    segmentation[grown] = phantoms.LESION_LABEL
+    segments = [SegmentInfo("liver", phantoms.ORGAN_LABEL), SegmentInfo("liver lesion", phantoms.LESION_LABEL)]
+    liver_true, lesion_true = measurements.measure_segments(case.labels, segments, intensity=case.image)
+    _, lesion_measured = measurements.measure_segments(case.labels.with_array(segmentation), segments, intensity=case.image)
+    eps = 1.0 - lesion_true.voxel_count / lesion_measured.voxel_count
+    shift = lesion_measured.intensity_mean - lesion_true.intensity_mean
+    predicted = eps * (liver_true.intensity_mean - lesion_true.intensity_mean)
+    # exact for the added voxels' own mean (the identity behind the formula) ...
+    ring = case.image.array_zyx[grown & ~lesion].astype(np.float64).mean()
+    assert shift == pytest.approx(eps * (ring - lesion_true.intensity_mean), rel=1e-9)
+    # ... and within 5 % from the tissue means alone (the rim is partly blurred lesion: partial volume)
+    assert shift == pytest.approx(predicted, rel=0.05)
+    assert abs(shift) > 15.0  # tens of HU: the bias a clinician's ROI mean carries
+    assert lesion_measured.volume_mm3 == pytest.approx(lesion_true.volume_mm3 / (1 - eps), rel=1e-9)
+
+
+def test_an_undersegmented_lesion_barely_moves_its_mean():
+    """Missing the rim removes lesion voxels only: the mean moves by far less than one voxel of overgrowth does."""
+    from scipy import ndimage
+
+    case = phantoms.generate_phantom(seed=11, shape_zyx=(40, 96, 96), n_lesions=1, lesion_radius_mm=(9.0, 10.0))
+    truth = case.labels.array_zyx
+    lesion = truth == phantoms.LESION_LABEL
+    segments = [SegmentInfo("liver lesion", phantoms.LESION_LABEL)]
+    (true_row,) = measurements.measure_segments(case.labels, segments, intensity=case.image)
+    shifts = {}
+    for name, mask in (("eroded", ndimage.binary_erosion(lesion)), ("grown", ndimage.binary_dilation(lesion))):
+        (row,) = measurements.measure_segments(
+            case.labels.with_array(np.where(mask, phantoms.LESION_LABEL, 0).astype(np.uint8)), segments, intensity=case.image
+        )
+        shifts[name] = row.intensity_mean - true_row.intensity_mean
+    assert abs(shifts["eroded"]) < 0.1 * abs(shifts["grown"])
 
 
 def test_measurement_io_is_on_the_image_grid(tmp_path):

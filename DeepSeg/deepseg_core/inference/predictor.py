@@ -4,12 +4,15 @@ The same :class:`Segmenter` serves ``deepseg segment``, the Slicer module's subp
 Segment Editor effect. Steps:
 
 1. check the inputs against the card (channel count, same grid for all channels, modality);
-2. resample each channel to the model's spacing (linear) and normalise it as the card says;
-3. 2D / 2.5D models: stack ``k`` neighbouring slices as channels and tile slice by slice;
-4. memory-bounded sliding window (:mod:`.sliding_window`), argmax per finished slab;
-5. back onto the input grid: labels directly when no resampling was needed, otherwise each class
-   probability is resampled linearly and the argmax taken there (no nearest-neighbour blockiness);
-6. optional clean-up (largest component, hole filling) and instances of "thing" classes.
+2. the model's pipeline (:mod:`.pipelines`) prepares the network input: DeepSeg's own resamples
+   each channel to the model's spacing (linear) and normalises it as the card says (2D / 2.5D
+   models: ``k`` neighbouring slices as channels, tiled slice by slice); an imported model's
+   pipeline reproduces its original tool's preprocessing;
+3. memory-bounded sliding window (:mod:`.sliding_window`);
+4. each finished slab goes to the pipeline's collector, which returns labels on the input grid
+   (DeepSeg's own: the slab's argmax, or each class probability resampled linearly and the
+   argmax taken there, slab by slab);
+5. optional clean-up (largest component, hole filling) and instances of "thing" classes.
 """
 
 from __future__ import annotations
@@ -29,10 +32,9 @@ from .. import domain_shift, postprocessing
 from ..domain_shift import DomainReport
 from ..errors import ConfigError, DeepSegError, ImageError
 from ..io import Volume
-from ..model_card import ModelCard, ModelError
+from ..model_card import ModelCard
 from ..model_store import ModelStore, load_network, resolve_model
-from ..preprocessing import needs_resampling, normalize, resample_to_grid, resample_to_spacing, stack_neighbour_slices
-from ..uncertainty import normalised_entropy
+from .pipelines import PreparedInput, pipeline_for
 from .sliding_window import ProgressCallback, SlidingWindowConfig, sliding_window_predict
 
 log = logging.getLogger(__name__)
@@ -160,6 +162,7 @@ class Segmenter:
         self.spatial_dims = int(config.get("spatial_dims", 3))
         self.context_slices = int(config.get("context_slices", 1))
         self.net = (_SliceNet(net) if self.spatial_dims == 2 else net).to(device).eval()
+        self.pipeline = pipeline_for(card, self.spatial_dims, self.context_slices)
 
     @classmethod
     def load(cls, model: str | Path, device: str = "auto", store: ModelStore | None = None) -> Segmenter:
@@ -170,28 +173,15 @@ class Segmenter:
         return cls(card, net, torch_device)
 
     def window_config(self, options: SegmentOptions) -> SlidingWindowConfig:
-        """Sliding-window settings from the card, overridden by ``options``."""
-        defaults = self.card.inference
-        patch = tuple(defaults.patch_size_zyx)
-        if self.spatial_dims == 2:
-            patch = (1, patch[-2], patch[-1])
-        all_axes = (1, 2) if self.spatial_dims == 2 else (0, 1, 2)
-        mirror = all_axes if options.tta or options.uncertainty == "tta" else ()
-        return SlidingWindowConfig(
-            patch_size_zyx=patch,  # type: ignore[arg-type]
-            overlap=defaults.overlap if options.overlap is None else options.overlap,
-            batch_size=options.batch_size or defaults.batch_size,
-            mirror_axes=mirror,
-            intensity_perturbations=options.uncertainty_perturbations if options.uncertainty == "tta" else (),
-            repeats=options.uncertainty_passes if options.uncertainty == "mc_dropout" else 1,
-        )
+        """Sliding-window settings of the model's pipeline, overridden by ``options``."""
+        return self.pipeline.window_config(options)
 
     def check_inputs(self, channels: Sequence[Volume]) -> DomainReport:
         """Compare the input channels with the training-data fingerprint of the card (never raises for a shift)."""
         return domain_shift.check_input(self.card, channels)
 
-    def prepare(self, channels: Sequence[Volume], options: SegmentOptions, subjects: Sequence[str]) -> tuple[np.ndarray, Volume]:
-        """Normalised network input ``(C_net, Z, Y, X)`` on the model grid, and that grid."""
+    def prepare(self, channels: Sequence[Volume], options: SegmentOptions, subjects: Sequence[str]) -> PreparedInput:
+        """Check the channels against the card, then the pipeline's network input ``(C_net, Z, Y, X)``."""
         card = self.card
         expected = len(card.inputs.channels)
         if len(channels) != expected:
@@ -209,17 +199,7 @@ class Segmenter:
         if options.check_modality:
             for volume, subject in zip(channels, subjects, strict=True):
                 check_modality(card, volume, subject)
-        target = card.preprocessing.target_spacing_xyz_mm
-        normalised = []
-        grid = channels[0]
-        for volume in channels:
-            resampled = resample_to_spacing(volume, target)
-            grid = resampled
-            normalised.append(normalize(resampled.array_zyx, card.preprocessing.normalization))
-        stacked = np.stack(normalised)
-        if self.spatial_dims == 2:
-            stacked = stack_neighbour_slices(stacked, self.context_slices).transpose(1, 0, 2, 3)
-        return np.ascontiguousarray(stacked), grid
+        return self.pipeline.prepare(channels)
 
     def segment(
         self,
@@ -238,55 +218,32 @@ class Segmenter:
         timings: dict[str, float] = {}
         clock = time.perf_counter()
         subjects = list(subjects or [f"channel {i}" for i in range(len(channels))])
-        image, model_grid = self.prepare(channels, options, subjects)
+        prepared = self.prepare(channels, options, subjects)
         if domain_check is None:
             domain_check = self.check_inputs(channels)
         timings["preprocess"] = time.perf_counter() - clock
         reference = channels[0]
-        resampled = needs_resampling(reference.spacing_xyz_mm, model_grid.spacing_xyz_mm) or not model_grid.same_grid(reference)
-        keep_probs = options.keep_probabilities or resampled
-        num_classes = self.card.num_classes
-        label_dtype = np.uint8 if num_classes <= 256 else np.uint16
-        labels_model = np.zeros(model_grid.shape_zyx, dtype=label_dtype)
-        probs_model = np.zeros((max(num_classes, 2), *model_grid.shape_zyx), dtype=np.float16) if keep_probs else None
-        entropy_model = np.zeros(model_grid.shape_zyx, dtype=np.float32) if options.uncertainty else None
-
-        def on_slab(z0: int, z1: int, probs: np.ndarray) -> None:
-            labels_model[z0:z1] = np.argmax(probs, axis=0)
-            if probs_model is not None:
-                probs_model[:, z0:z1] = probs
-            if entropy_model is not None:
-                entropy_model[z0:z1] = normalised_entropy(probs)
-
+        collector = self.pipeline.collector(prepared, reference, options)
         clock = time.perf_counter()
         with _mc_dropout(self.net, options.uncertainty == "mc_dropout", self.card.ref):
             sliding_window_predict(
                 self.net,
-                image,
-                num_classes,
+                prepared.image_czyx,
+                self.card.num_classes,
                 self.window_config(options),
-                on_slab,
+                collector.add,
                 device=self.device,
                 on_progress=on_progress,
                 should_cancel=should_cancel,
             )
         timings["network"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        probabilities = None
-        if resampled:
-            labels_array, probabilities = _probabilities_to_grid(probs_model, model_grid, reference, options.keep_probabilities)
-        else:
-            labels_array = labels_model
-            probabilities = probs_model if options.keep_probabilities else None
-        labels_array = labels_array.astype(label_dtype, copy=False)
-        result = self._postprocess(reference.with_array(labels_array), options)
-        result.probabilities = probabilities
+        collected = collector.finish()
+        result = self._postprocess(reference.with_array(collected.labels_zyx), options)
+        result.probabilities = collected.probabilities
         result.domain_check = domain_check
-        if entropy_model is not None:
-            entropy = model_grid.with_array(entropy_model)
-            if resampled:
-                entropy = resample_to_grid(entropy, reference)
-            result.uncertainty = reference.with_array(np.clip(entropy.array_zyx, 0.0, 1.0).astype(np.float32))
+        if collected.entropy_zyx is not None:
+            result.uncertainty = reference.with_array(np.clip(collected.entropy_zyx, 0.0, 1.0).astype(np.float32))
         timings["postprocess"] = time.perf_counter() - clock
         result.timings_s = timings
         return result
@@ -309,7 +266,12 @@ class Segmenter:
 
 @contextmanager
 def _mc_dropout(net: nn.Module, enable: bool, ref: str) -> Iterator[None]:
-    """Dropout layers in training mode (stochastic) for the duration; everything else stays in eval."""
+    """Dropout layers in training mode (stochastic) for the duration; everything else stays as it is.
+
+    Only the dropout layers switch: norms must keep their eval behaviour (batch norm would
+    otherwise normalise by the tile batch). Each layer's previous mode is restored afterwards,
+    also when the run fails or is cancelled.
+    """
     if not enable:
         yield
         return
@@ -319,31 +281,14 @@ def _mc_dropout(net: nn.Module, enable: bool, ref: str) -> Iterator[None]:
             f"model {ref} has no dropout layers, so Monte-Carlo dropout cannot vary its output",
             expected="a network trained with dropout > 0",
             found="dropout 0 in every layer",
-            hint="Use the test-time-augmentation method (CLI: --uncertainty-method tta).",
+            hint="Use the test-time-augmentation method (CLI: --uncertainty-method tta), or train a version with dropout"
+            " (deepseg train ... --dropout 0.1).",
         )
+    before = [m.training for m in dropouts]
     for module in dropouts:
         module.train()
     try:
         yield
     finally:
-        for module in dropouts:
-            module.eval()
-
-
-def _probabilities_to_grid(
-    probs_model: np.ndarray | None, model_grid: Volume, reference: Volume, keep: bool
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Per-class linear resampling onto ``reference`` with a running argmax (one class at a time)."""
-    if probs_model is None:
-        raise ModelError("internal: probabilities needed for resampling were not kept")
-    best = np.full(reference.shape_zyx, -1.0, dtype=np.float32)
-    labels = np.zeros(reference.shape_zyx, dtype=np.uint16)
-    kept = np.zeros((probs_model.shape[0], *reference.shape_zyx), dtype=np.float16) if keep else None
-    for channel in range(probs_model.shape[0]):
-        on_grid = resample_to_grid(model_grid.with_array(probs_model[channel].astype(np.float32)), reference).array_zyx
-        better = on_grid > best
-        best[better] = on_grid[better]
-        labels[better] = channel
-        if kept is not None:
-            kept[channel] = on_grid
-    return labels, kept
+        for module, mode in zip(dropouts, before, strict=True):
+            module.train(mode)

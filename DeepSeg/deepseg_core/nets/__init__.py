@@ -38,9 +38,50 @@ def build_net(name: str, config: dict[str, Any] | UNetConfig, seed: int | None =
         return net_cls(cfg)
 
 
+class LogitEnsemble(nn.Module):
+    """Several networks of one architecture (nnU-Net folds) whose logits are averaged.
+
+    Averaging logits tile by tile and then blending the tiles equals blending each member's tiles
+    and averaging the results (both are linear), which is how nnU-Net ensembles its folds.
+    ``members`` are registered as ``member_<name>`` so each keeps its own parameters.
+    """
+
+    def __init__(self, members: dict[str, nn.Module]) -> None:
+        super().__init__()
+        if not members:
+            raise ConfigError("an ensemble needs at least one member network")
+        self.names = list(members)
+        for name, member in members.items():
+            self.add_module(f"member_{name}", member)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Every member's tensors under ``<member>.`` (the layout of an ensemble's weights file)."""
+        return {f"{name}.{key}": value for name in self.names for key, value in self.member(name).state_dict().items()}
+
+    def member(self, name: str) -> nn.Module:
+        """The member network ``name``."""
+        return getattr(self, f"member_{name}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = None
+        for name in self.names:
+            logits = self.member(name)(x)
+            total = logits if total is None else total + logits
+        return total / len(self.names)
+
+
 def count_parameters(net: nn.Module, trainable_only: bool = True) -> int:
     """Number of (trainable) parameters."""
     return sum(p.numel() for p in net.parameters() if p.requires_grad or not trainable_only)
 
 
-__all__ = ["NET_REGISTRY", "UNet", "UNetConfig", "build_net", "count_parameters", "pad_to_divisor", "unet_config"]
+__all__ = [
+    "NET_REGISTRY",
+    "LogitEnsemble",
+    "UNet",
+    "UNetConfig",
+    "build_net",
+    "count_parameters",
+    "pad_to_divisor",
+    "unet_config",
+]

@@ -1,0 +1,71 @@
+"""Segmentation pipelines: slab-by-slab resampling back to the input grid, ensembles, the registry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from model_fixtures import tiny_card
+
+from deepseg_core.errors import ConfigError
+from deepseg_core.inference.pipelines import StreamingGridCollector, pipeline_for
+from deepseg_core.io import Volume
+from deepseg_core.model_store import load_network, write_model_folder
+from deepseg_core.nets import LogitEnsemble, build_net
+from deepseg_core.preprocessing import resample_to_grid, resample_to_spacing
+from deepseg_core.uncertainty import normalised_entropy
+
+
+def oblique_reference() -> Volume:
+    angle = np.deg2rad(25)
+    direction = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    return Volume(np.zeros((23, 29, 31), np.int16), (0.8, 0.9, 2.7), (-5.0, 12.0, 40.0), tuple(direction.ravel()))
+
+
+@pytest.mark.parametrize("target_spacing", [(1.5, 1.5, 1.5), (0.8, 0.9, 1.0), (1.1, 1.3, 4.2)])
+def test_streaming_back_to_the_input_grid_equals_resampling_the_whole_volume(target_spacing):
+    reference = oblique_reference()
+    model_grid = resample_to_spacing(reference, target_spacing)
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(5, *model_grid.shape_zyx)).astype(np.float32)
+    probs = np.exp(logits) / np.exp(logits).sum(axis=0, keepdims=True)
+    collector = StreamingGridCollector(model_grid, reference, 5, keep_probabilities=True, uncertainty=True)
+    z = 0
+    for depth in (3, 1, 4, 2) * 20:  # uneven slabs, as the sliding window emits them
+        if z >= model_grid.shape_zyx[0]:
+            break
+        stop = min(z + depth, model_grid.shape_zyx[0])
+        collector.add(z, stop, probs[:, z:stop])
+        z = stop
+    out = collector.finish()
+    # the whole-volume way: every class probability (float16, as kept) resampled at once, then argmax
+    whole = np.stack(
+        [resample_to_grid(model_grid.with_array(p.astype(np.float16).astype(np.float32)), reference).array_zyx for p in probs]
+    )
+    np.testing.assert_array_equal(out.labels_zyx, np.argmax(whole, axis=0))
+    np.testing.assert_allclose(out.probabilities.astype(np.float32), whole, atol=1e-3)
+    entropy = resample_to_grid(model_grid.with_array(normalised_entropy(probs)), reference).array_zyx
+    np.testing.assert_allclose(out.entropy_zyx, np.clip(entropy, 0, 1), atol=1e-5)
+    assert collector.max_buffered_slices <= 4 + 2 * StreamingGridCollector.MARGIN + 4
+
+
+def test_ensemble_weights_round_trip_and_average_their_members_logits(tmp_path):
+    card, _ = tiny_card()
+    members = {
+        name: build_net(card.architecture.name, card.architecture.config, seed=seed)
+        for seed, name in enumerate(("fold_0", "fold_1"))
+    }
+    ensemble = LogitEnsemble(members)
+    written = write_model_folder(tmp_path / "m", card.__class__(**{**card.__dict__, "ensemble": ("fold_0", "fold_1")}), ensemble)
+    assert written.ensemble == ("fold_0", "fold_1")
+    _, loaded = load_network(tmp_path / "m")
+    x = torch.randn(2, 1, *card.inference.patch_size_zyx)
+    with torch.no_grad():
+        expected = (members["fold_0"].eval()(x) + members["fold_1"].eval()(x)) / 2
+        torch.testing.assert_close(loaded(x), expected)
+
+
+def test_an_unknown_pipeline_names_the_known_ones():
+    card, _ = tiny_card()
+    with pytest.raises(ConfigError, match="unknown segmentation pipeline 'nnunetv9'.*deepseg"):
+        pipeline_for(card.__class__(**{**card.__dict__, "pipeline": {"name": "nnunetv9"}}), 3, 1)

@@ -149,3 +149,37 @@ def test_gaussian_importance_map():
     assert float(g.max()) == pytest.approx(1.0) and float(g.min()) > 0
     assert torch.allclose(g, torch.flip(g, [0, 1, 2]))
     assert float(g[4, 8, 8]) > float(g[0, 0, 0])
+
+
+class _EchoNet(torch.nn.Module):
+    """Logits = (input, -input): a voxel-wise net, so any tiling must give back the input exactly."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, -x], dim=1)
+
+
+@pytest.mark.parametrize("pad", ["end", "center"])
+@pytest.mark.parametrize("placement_importance", [("deepseg", "deepseg"), ("deepseg", "constant")])
+def test_logit_blending_and_padding_place_every_voxel_back_where_it_was(pad, placement_importance):
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(1, 5, 13, 30)).astype(np.float32)  # smaller than the patch along z and y
+    placement, importance = placement_importance
+    config = SlidingWindowConfig(
+        patch_size_zyx=(8, 16, 16), overlap=0.5, blend="logits", pad=pad, placement=placement, importance=importance
+    )
+    slabs = []
+    sliding_window_predict(_EchoNet(), image, 2, config, lambda z0, z1, b: slabs.append((z0, z1, b)))
+    assert [s[0] for s in slabs][0] == 0 and slabs[-1][1] == 5
+    assert all(b.shape[0] == 2 for _, _, b in slabs)  # logits: num_classes channels, not max(num_classes, 2)
+    out = np.concatenate([b for _, _, b in slabs], axis=1)
+    np.testing.assert_allclose(out[0], image[0], atol=1e-5)
+    np.testing.assert_allclose(out[1], -image[0], atol=1e-5)
+
+
+def test_unknown_sliding_window_rules_are_refused_with_the_known_ones():
+    from deepseg_core.errors import ShapeError
+
+    with pytest.raises(ShapeError, match="unknown sliding-window tile placement.*deepseg"):
+        SlidingWindowConfig(patch_size_zyx=(8, 8, 8), placement="nnunet-v0")
+    with pytest.raises(ShapeError, match="unknown sliding-window blend"):
+        SlidingWindowConfig(patch_size_zyx=(8, 8, 8), blend="max")

@@ -57,6 +57,15 @@ class SlidingWindowConfig:
         repeats: times the unmirrored, unperturbed pass is run; > 1 only makes sense with
             stochastic layers (Monte-Carlo dropout).
         amp: float16 autocast on CUDA (ignored on CPU).
+        placement: how tile starts are chosen along each axis, a key of :data:`TILE_PLACEMENTS`
+            (``deepseg``: evenly spaced with at least ``overlap``); imported models' pipelines add
+            their tool's rule.
+        importance: the tile weight map, a key of :data:`IMPORTANCE_MAPS` (``deepseg``: Gaussian,
+            max 1, no zeros; ``constant``: all ones).
+        blend: ``probabilities`` (softmax of each pass, averaged and blended; slabs hold
+            probabilities) or ``logits`` (raw logits averaged and blended, as nnU-Net and MONAI do;
+            slabs hold logits and the pipeline turns them into labels).
+        pad: where an image smaller than a tile is padded with zeros: ``end`` or ``center``.
     """
 
     patch_size_zyx: tuple[int, int, int]
@@ -67,6 +76,10 @@ class SlidingWindowConfig:
     intensity_perturbations: tuple[tuple[float, float], ...] = ()
     repeats: int = 1
     amp: bool = True
+    placement: str = "deepseg"
+    importance: str = "deepseg"
+    blend: str = "probabilities"
+    pad: str = "end"
 
     def passes(self) -> list[tuple[tuple[int, ...], float, float]]:
         """Every network pass per tile as ``(mirrored axes, gain, shift)``; the probabilities are averaged."""
@@ -90,6 +103,14 @@ class SlidingWindowConfig:
             raise ShapeError("mirror axes must be among 0 (z), 1 (y), 2 (x)", found=str(self.mirror_axes))
         if self.repeats < 1:
             raise ShapeError("sliding-window repeats must be >= 1", found=str(self.repeats))
+        for value, known, what in (
+            (self.placement, TILE_PLACEMENTS, "tile placement"),
+            (self.importance, IMPORTANCE_MAPS, "importance map"),
+            (self.blend, ("probabilities", "logits"), "blend"),
+            (self.pad, ("end", "center"), "padding"),
+        ):
+            if value not in known:
+                raise ShapeError(f"unknown sliding-window {what}", expected=f"one of {sorted(known)}", found=value)
 
 
 def tile_starts(length: int, patch: int, overlap: float) -> list[int]:
@@ -99,6 +120,10 @@ def tile_starts(length: int, patch: int, overlap: float) -> list[int]:
     step = patch * (1.0 - overlap)
     count = math.ceil((length - patch) / max(step, 1e-6)) + 1
     return sorted({int(round(i * (length - patch) / (count - 1))) for i in range(count)})
+
+
+#: placement name -> ``(length, patch, overlap) -> sorted tile starts`` along one axis.
+TILE_PLACEMENTS: dict[str, Callable[[int, int, float], list[int]]] = {"deepseg": tile_starts}
 
 
 def gaussian_importance(patch_size: Sequence[int], sigma_scale: float) -> torch.Tensor:
@@ -113,6 +138,18 @@ def gaussian_importance(patch_size: Sequence[int], sigma_scale: float) -> torch.
     weights = weights / weights.max()
     smallest = weights[weights > 0].min()
     return torch.clamp(weights, min=float(smallest)).float()
+
+
+def constant_importance(patch_size: Sequence[int], sigma_scale: float) -> torch.Tensor:
+    """Equal weights (plain averaging of overlapping tiles)."""
+    return torch.ones(tuple(patch_size), dtype=torch.float32)
+
+
+#: importance name -> ``(patch_size, sigma_scale) -> float32 weights of a tile`` (no zeros).
+IMPORTANCE_MAPS: dict[str, Callable[[Sequence[int], float], torch.Tensor]] = {
+    "deepseg": gaussian_importance,
+    "constant": constant_importance,
+}
 
 
 class _SlabAccumulator:
@@ -181,9 +218,10 @@ def sliding_window_predict(
             padded with zeros and cropped back.
         num_classes: network output channels.
         config: tiling and blending.
-        on_slab: receives ``(z_start, z_stop, probabilities)`` with probabilities a float32 numpy
-            array ``(K, z_stop - z_start, Y, X)`` (``K = max(num_classes, 2)``), in z order,
-            covering ``[0, Z)`` exactly once.
+        on_slab: receives ``(z_start, z_stop, blended)`` with ``blended`` a float32 numpy array
+            ``(K, z_stop - z_start, Y, X)`` in z order, covering ``[0, Z)`` exactly once: softmax
+            probabilities (``K = max(num_classes, 2)``) or, with ``config.blend == "logits"``,
+            logits (``K = num_classes``).
         device: where the network runs.
         on_progress: ``(tiles_done, tiles_total, eta_seconds)`` after every batch.
         should_cancel: checked before every batch; True raises :class:`Cancelled`.
@@ -200,14 +238,17 @@ def sliding_window_predict(
     shape = tuple(int(s) for s in image.shape[1:])
     patch = tuple(int(p) for p in config.patch_size_zyx)
     padded_shape = tuple(max(s, p) for s, p in zip(shape, patch, strict=True))
+    before = [(p - s) // 2 if config.pad == "center" else 0 for s, p in zip(shape, padded_shape, strict=True)]
     if padded_shape != shape:
         pads = []
-        for s, p in zip(reversed(shape), reversed(padded_shape), strict=True):
-            pads += [0, p - s]
+        for s, p, b in zip(reversed(shape), reversed(padded_shape), reversed(before), strict=True):
+            pads += [b, p - s - b]
         image = torch.nn.functional.pad(image, pads)
-    starts = list(itertools.product(*(tile_starts(s, p, config.overlap) for s, p in zip(padded_shape, patch, strict=True))))
-    gaussian = gaussian_importance(patch, config.sigma_scale).to(device)
-    out_channels = max(num_classes, 2)
+    place = TILE_PLACEMENTS[config.placement]
+    starts = list(itertools.product(*(place(s, p, config.overlap) for s, p in zip(padded_shape, patch, strict=True))))
+    gaussian = IMPORTANCE_MAPS[config.importance](patch, config.sigma_scale).to(device)
+    out_channels = num_classes if config.blend == "logits" else max(num_classes, 2)
+    z_before, y_before, x_before = before
     accumulator = _SlabAccumulator(out_channels, patch[0], padded_shape[1:], device)
     use_amp = config.amp and device.type == "cuda"
     batch_size = config.batch_size
@@ -217,12 +258,16 @@ def sliding_window_predict(
     max_depth = accumulator.depth
 
     def emit(z_stop: int) -> None:
+        # padded z index -> image z index: slices of the centre padding are dropped, never emitted
         nonlocal emitted
-        z_stop = min(z_stop, shape[0])
+        z_stop = min(z_stop, z_before + shape[0])
         if z_stop <= emitted:
             return
-        start, probs = accumulator.pop(z_stop)
-        on_slab(start, z_stop, probs[:, :, : shape[1], : shape[2]].cpu().numpy())
+        start, blended = accumulator.pop(z_stop)
+        keep_from = max(z_before - start, 0)
+        if z_stop - z_before > 0 and keep_from < blended.shape[1]:
+            part = blended[:, keep_from:, y_before : y_before + shape[1], x_before : x_before + shape[2]]
+            on_slab(start + keep_from - z_before, z_stop - z_before, part.cpu().numpy())
         emitted = z_stop
 
     with torch.inference_mode():
@@ -233,7 +278,7 @@ def sliding_window_predict(
             batch = starts[index : index + batch_size]
             try:
                 calls += 1
-                probs = _predict_batch(net, image, batch, patch, num_classes, config.passes(), device, use_amp)
+                probs = _predict_batch(net, image, batch, patch, num_classes, config, device, use_amp)
                 for start, tile_probs in zip(batch, probs, strict=True):
                     accumulator.add(start, tile_probs.to(accumulator.device), gaussian.to(accumulator.device))
             except torch.cuda.OutOfMemoryError:
@@ -247,7 +292,7 @@ def sliding_window_predict(
             if on_progress is not None:
                 elapsed = time.perf_counter() - started
                 on_progress(done, len(starts), elapsed / done * (len(starts) - done))
-    emit(shape[0])
+    emit(z_before + shape[0])
     return {"tiles": len(starts), "network_calls": calls, "max_buffer_depth": max_depth, "batch_size": batch_size}
 
 
@@ -273,11 +318,12 @@ def _predict_batch(
     starts: Sequence[tuple[int, int, int]],
     patch: tuple[int, int, int],
     num_classes: int,
-    passes: Sequence[tuple[tuple[int, ...], float, float]],
+    config: SlidingWindowConfig,
     device: torch.device,
     use_amp: bool,
 ) -> torch.Tensor:
-    """Softmax probabilities ``(B, K, *patch)`` of a batch of tiles, averaged over ``passes``."""
+    """Probabilities (or logits, ``config.blend``) ``(B, K, *patch)`` of a batch of tiles, averaged over the passes."""
+    passes = config.passes()
     tiles = torch.stack([image[:, z : z + patch[0], y : y + patch[1], x : x + patch[2]] for z, y, x in starts]).to(device)
     total = None
     for combo, gain, shift in passes:
@@ -287,7 +333,7 @@ def _predict_batch(
             inputs = inputs * gain + shift
         with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
             logits = net(inputs)
-        probs = _probabilities(logits.float(), num_classes)
+        probs = logits.float() if config.blend == "logits" else _probabilities(logits.float(), num_classes)
         probs = torch.flip(probs, dims) if dims else probs
         total = probs if total is None else total.add_(probs)
     return total / len(passes)

@@ -144,8 +144,19 @@ def cmd_models(args: argparse.Namespace) -> int:
         print_json(card.to_json_dict())
         return EXIT_OK
     if args.action == "import":
-        card = store.import_folder(args.ref, activate=not args.no_activate)
-        print(f"imported {card.ref} into {store.root}")
+        from .importers import import_model
+
+        options = {
+            key: value
+            for key, value in (("folds", args.folds), ("configuration", args.configuration), ("checkpoint", args.checkpoint))
+            if value is not None
+        }
+        card = import_model(args.ref, store, name=args.name, activate=not args.no_activate, **options)
+        if args.json:
+            print_json({"model": card.ref, "source": card.source, "labels": [label.name for label in card.labels]})
+        else:
+            origin = f" from {card.source['format']}" if card.source.get("format") else ""
+            print(f"imported {card.ref}{origin} into {store.root}")
         return EXIT_OK
     if args.action == "activate":
         version = store.activate(args.ref)
@@ -197,12 +208,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataset_parser(sub)
     add_train_parsers(sub)
 
-    p = sub.add_parser("models", help="the versioned model store: list, show, import, activate, rollback")
+    p = sub.add_parser(
+        "models",
+        help="the versioned model store: list, show, import (DeepSeg, nnU-Net v2, MONAI bundle), activate, rollback",
+    )
     p.add_argument("action", choices=["list", "show", "import", "activate", "rollback"])
     p.add_argument("ref", nargs="?", help="NAME[:VERSION] (show, activate), a model FOLDER (import), NAME (rollback)")
     p.add_argument("--models-dir", default=None, help="model store folder (default $DEEPSEG_MODELS or ~/.deepseg/models)")
     p.add_argument("--no-activate", action="store_true", help="import without making it the active version")
-    p.add_argument("--json", action="store_true", help="machine-readable output (list)")
+    p.add_argument("--name", default=None, help="import: the model's name in the store (default: from the source)")
+    p.add_argument("--folds", nargs="+", default=None, help="import (nnU-Net): folds to ensemble (default: every fold found)")
+    p.add_argument("--configuration", default=None, help="import (nnU-Net): 2d or 3d_fullres when the folder is ambiguous")
+    p.add_argument("--checkpoint", default=None, help="import (nnU-Net): checkpoint_final.pth (default) or checkpoint_best.pth")
+    p.add_argument("--json", action="store_true", help="machine-readable output (list, import)")
     p.set_defaults(func=cmd_models)
     return parser
 

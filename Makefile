@@ -9,7 +9,7 @@ SLICER_VENV ?= .venv-slicer
 SLICER_PY := $(SLICER_VENV)/bin/python
 SLICER_STAMP := $(SLICER_VENV)/.installed
 
-.PHONY: setup setup-slicer demo test test-slow bench lint clean
+.PHONY: setup setup-slicer test-data demo test test-slow bench lint clean
 
 setup: $(STAMP)
 
@@ -28,20 +28,24 @@ $(SLICER_STAMP): requirements/slicer-side.txt requirements/constraints.txt
 	$(SLICER_PY) -m pip install --quiet -c requirements/constraints.txt -r requirements/slicer-side.txt
 	touch $(SLICER_STAMP)
 
+## real images for the tests, from the packages that ship them (pip / apt archives; cached)
+test-data: setup
+	$(PY) scripts/fetch_test_images.py
+
 ## the main job: segment the bundled sample, write .seg.nrrd + PNG preview, print a summary
 demo: setup
 	$(VENV)/bin/deepseg demo --output deepseg_demo
 
 ## the test suite (what CI runs): lint, every test not marked slow, then the Slicer-side suites
 ## again in Python 3.12 without torch (engine subprocesses use the first environment's Python)
-test: setup setup-slicer
+test: setup setup-slicer test-data
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	DEEPSEG_REQUIRE_PY39=1 $(PY) -m pytest -q -m "not slow" Testing
 	DEEPSEG_REQUIRE_PY39=1 DEEPSEG_SLICER_SIDE_RUN=1 DEEPSEG_ENGINE_PYTHON=$(abspath $(PY)) \
 		$(SLICER_PY) -m pytest -q -m "not slow" -p no:cacheprovider Testing/mrml Testing/extension
 
-test-slow: setup
+test-slow: setup test-data
 	$(PY) -m pytest -q -m slow Testing
 
 bench: setup

@@ -19,7 +19,6 @@ import argparse
 import hashlib
 import io
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -198,7 +197,8 @@ def _download_deb(source: Source, folder: Path) -> dict[str, bytes]:
     debs = sorted(folder.glob(f"{source.package}_*.deb"))
     if not debs:
         raise FetchError(f"apt-get download {source.package} left no .deb in {folder}")
-    stream = _run(["dpkg-deb", "--fsys-tarfile", str(debs[0])], folder, "dpkg-deb --fsys-tarfile", "Needs dpkg-deb (Debian, Ubuntu).")
+    hint = "Needs dpkg-deb (Debian, Ubuntu)."
+    stream = _run(["dpkg-deb", "--fsys-tarfile", str(debs[0])], folder, "dpkg-deb --fsys-tarfile", hint)
     wanted = {m.archive_path for m in source.members}
     found: dict[str, bytes] = {}
     with tarfile.open(fileobj=io.BytesIO(stream)) as archive:

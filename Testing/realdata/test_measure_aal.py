@@ -1,0 +1,69 @@
+"""``measure_segments`` on all 116 AAL regions of Colin27: counts, volumes and mean intensities against numpy.
+
+The atlas and the T1 share one 1 mm grid, so a region's volume is its voxel count times 1 mm^3.
+The wall time of the 116-label measurement is printed (not asserted): the lead reports it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from deepseg_core import io
+from deepseg_core.measurements import measure_segments
+
+
+@pytest.fixture(scope="module")
+def aal_measured(aal_path, colin_t1_path, aal_names, aal_colors):
+    atlas, t1 = io.read_image(aal_path), io.read_image(colin_t1_path)
+    segments = [io.SegmentInfo(name=name, label_value=value, color_rgb=aal_colors[value]) for value, name in aal_names.items()]
+    started = time.perf_counter()
+    rows = measure_segments(atlas, segments, intensity=t1)
+    seconds = time.perf_counter() - started
+    return atlas, t1, segments, rows, seconds
+
+
+def test_116_regions_measured(aal_measured, aal_names, capsys):
+    atlas, _, segments, rows, seconds = aal_measured
+    assert len(aal_names) == 116 and sorted(aal_names) == list(range(1, 117))
+    assert set(np.unique(atlas.array_zyx)) == set(range(117))
+    assert [r.segment for r in rows] == [s.name for s in segments]
+    assert all(r.instance == 0 for r in rows)
+    with capsys.disabled():
+        print(f"\n[realdata] measure_segments: 116 AAL labels on Colin27 (181 x 217 x 181, with intensities) in {seconds:.2f} s")
+
+
+def test_voxel_counts_and_volumes_equal_numpy(aal_measured):
+    atlas, _, _, rows, _ = aal_measured
+    counts = np.bincount(atlas.array_zyx.ravel(), minlength=117)
+    voxel_mm3 = float(np.prod(atlas.spacing_xyz_mm))
+    assert voxel_mm3 == 1.0
+    for row in rows:
+        assert row.voxel_count == counts[row.label_value]
+        assert row.volume_mm3 == counts[row.label_value] * voxel_mm3
+        assert row.volume_ml == counts[row.label_value] * voxel_mm3 / 1000.0
+    assert sum(r.voxel_count for r in rows) == int(np.count_nonzero(atlas.array_zyx))
+
+
+def test_intensity_means_equal_numpy(aal_measured):
+    atlas, t1, _, rows, _ = aal_measured
+    labels = atlas.array_zyx.ravel()
+    counts = np.bincount(labels, minlength=117)
+    sums = np.bincount(labels, weights=t1.array_zyx.ravel().astype(np.float64), minlength=117)
+    # uint8 intensities: every partial sum is an integer below 2**53, so both sums are exact
+    means = sums / counts
+    for row in rows:
+        assert row.intensity_mean == means[row.label_value], row.segment
+        values = t1.array_zyx[atlas.array_zyx == row.label_value]
+        assert (row.intensity_min, row.intensity_max) == (float(values.min()), float(values.max()))
+
+
+def test_centroids_put_left_regions_left(aal_measured):
+    """Measured RAS centroids: ``*_L`` regions at R < 0, ``*_R`` at R > 0 (LPS: the opposite sign)."""
+    _, _, _, rows, _ = aal_measured
+    for row in rows:
+        if row.segment.endswith(("_L", "_R")):
+            sign = -1 if row.segment.endswith("_L") else 1
+            assert sign * row.centroid_r_mm > 5.0 and -sign * row.centroid_l_mm > 5.0, row

@@ -255,8 +255,8 @@ def _check_modality(card: ModelCard, image: np.ndarray, name: str) -> Finding:
             return Finding(
                 "modality",
                 "out_of_distribution",
-                f"{name} does not look like a CT in Hounsfield units (0.5th percentile {low:.0f}, no air near -1000 HU); "
-                "the model was trained on CT.",
+                f"The image for the model's {name} channel does not look like a CT in Hounsfield units "
+                f"(0.5th percentile {low:.0f}, no air near -1000 HU); the model was trained on CT.",
                 value=low,
                 threshold=CT_BODY_HU,
             )
@@ -265,7 +265,8 @@ def _check_modality(card: ModelCard, image: np.ndarray, name: str) -> Finding:
         return Finding(
             "modality",
             "out_of_distribution",
-            f"{name} looks like a CT (0.5th percentile {low:.0f}, like air in HU); the model was trained on MR.",
+            f"The image for the model's {name} channel looks like a CT (0.5th percentile {low:.0f}, like air in HU); "
+            "the model was trained on MR.",
             value=low,
             threshold=CT_BODY_HU,
         )

@@ -8,6 +8,7 @@ exactly those, so segments the user added by hand survive.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ import vtk
 from vtk.util import numpy_support
 
 from deepseg_core import io
+
+from .terminology import TerminologyIndex, slicer_terminology_logic
 
 SOURCE_TAG = "DeepSeg.Source"
 LABEL_TAG = "DeepSeg.LabelValue"
@@ -139,6 +142,7 @@ def write_result_segments(
     segments: Sequence[tuple[SegmentSpec, np.ndarray]],
     grid: io.Volume,
     source: str,
+    terminology: TerminologyIndex | None = None,
 ) -> list[str]:
     """Replace the segments of an earlier DeepSeg run by this result; keep every other segment.
 
@@ -148,10 +152,20 @@ def write_result_segments(
             empty segments, so the list of segments always matches the model card.
         grid: the input volume's geometry.
         source: model reference recorded in each segment's ``DeepSeg.Source`` tag.
+        terminology: for segments without a terminology entry (imported models' labels), matched by
+            name (:mod:`.terminology`); default: the running Slicer's loaded terminologies, if any.
 
     Returns:
         The new segment IDs, in order.
     """
+    if terminology is None and any(not spec.terminology for spec, _ in segments):
+        logic = slicer_terminology_logic()
+        terminology = TerminologyIndex.build(logic) if logic is not None else None
+    if terminology is not None:
+        segments = [
+            (dataclasses.replace(spec, terminology=spec.terminology or terminology.entry_or_default(spec.name)), mask)
+            for spec, mask in segments
+        ]
     segmentation = segmentation_node.GetSegmentation()
     was_modifying = segmentation_node.StartModify()
     try:

@@ -114,6 +114,7 @@ class DeepSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.panel = DeepSegPanelLogic(slicer.mrmlScene)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.refreshModelsButton.connect("clicked(bool)", self.onRefreshModels)
+        self.ui.importModelButton.connect("clicked(bool)", self.onImportModel)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegment)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.undoButton.connect("clicked(bool)", self.onUndo)
@@ -181,7 +182,7 @@ class DeepSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelDescriptionLabel.text = view.model_description
         self.ui.additionalVolumeSelector.visible = self.ui.additionalVolumeLabel.visible = view.second_channel_visible
         self.ui.deviceInfoLabel.text = view.device_info
-        self.ui.segmentButton.enabled = view.segment_enabled
+        self.ui.segmentButton.enabled = self.ui.importModelButton.enabled = view.segment_enabled
         self.ui.cancelButton.enabled = view.cancel_enabled
         self.ui.undoButton.enabled = view.undo_enabled
         self.ui.nextUncertainButton.enabled = view.next_uncertain_enabled
@@ -200,6 +201,22 @@ class DeepSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onRefreshModels(self):
         self.panel.refresh_models(self._parameterNode)
         self.render()
+
+    def onImportModel(self):
+        folder = qt.QFileDialog.getExistingDirectory(
+            self.parent, "Import a trained model folder (DeepSeg, nnU-Net v2 results, MONAI bundle)"
+        )
+        if not folder:
+            return
+        try:
+            with slicer.util.tryWithErrorDisplay("The model could not be imported.", waitCursor=True):
+                offer = self.panel.install_offer()
+                if offer is not None and not self.logic.installDependencies(offer):
+                    return
+                self.panel.start_import(folder)
+                self._timer.start()
+        finally:
+            self.render()
 
     def onSegment(self):
         try:

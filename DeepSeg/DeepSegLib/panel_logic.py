@@ -122,6 +122,7 @@ class DeepSegPanelLogic:
         self.find_spec = find_spec
         self.view = PanelView()
         self.job: DeepSegJob | None = None
+        self.job_kind = ""  # "segment" or "import"
         self.problems: list[str] = []
         self._snapshot = None
         self._review = None
@@ -203,6 +204,7 @@ class DeepSegPanelLogic:
         if self.view.second_channel_visible:
             channels.append(volume_from_node(settings.additionalVolume))
         self.job = start_segmentation(channels, request, self.python)
+        self.job_kind = "segment"
         self._created_output = None
         if settings.outputSegmentation is None:
             node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{settings.inputVolume.GetName()} DeepSeg")
@@ -240,10 +242,53 @@ class DeepSegPanelLogic:
         self.view.segment_enabled = True
         self.view.cancel_enabled = False
         try:
-            self._finish(job, settings)
+            if self.job_kind == "import":
+                self._finish_import(job, settings)
+            else:
+                self._finish(job, settings)
         finally:
             job.cleanup()
         return False
+
+    def start_import(self, folder: str, name: str = "") -> DeepSegJob:
+        """Import model...: ``deepseg models import FOLDER`` (DeepSeg, nnU-Net v2 or MONAI bundle) as a job."""
+        import tempfile
+
+        from .segment_job import launch
+
+        if self.job is not None:
+            raise PanelError("DeepSeg is busy; wait for the current run or click Cancel.")
+        if not folder or not Path(folder).is_dir():
+            raise PanelError(f"Choose the folder of a trained model (found: {folder or 'nothing'}).")
+        missing = dependencies.engine_missing_packages(self.python, self.find_spec)
+        if missing:
+            raise PanelError(f"DeepSeg's packages are not installed yet ({', '.join(missing)}); accept the install offer.")
+        arguments = ["models", "import", str(folder), "--json"]
+        if name.strip():
+            arguments += ["--name", name.strip()]
+        if self.models_dir:
+            arguments += ["--models-dir", self.models_dir]
+        workdir = Path(tempfile.mkdtemp(prefix="deepseg-import-"))
+        self.job = launch(arguments, workdir, workdir, self.python)
+        self.job_kind = "import"
+        self.view.segment_enabled = False
+        self.view.cancel_enabled = True
+        self.view.status = f"Importing {folder}..."
+        return self.job
+
+    def _finish_import(self, job: DeepSegJob, settings: PanelSettings | None) -> None:
+        imported = next((e for e in job.events if e.get("event") == "imported"), None)
+        if job.outcome == "cancelled":
+            self.view.status = "Import cancelled; the store is unchanged."
+            return
+        if job.outcome != "succeeded" or imported is None:
+            self.view.status = f"Import failed: {job.error or f'the engine exited with code {job.returncode}'}"
+            return
+        if settings is not None:
+            settings.model = imported["model"]
+        self.refresh_models(settings)
+        source = imported.get("source", {}).get("format", "")
+        self.view.status = f"Imported {imported['model']}" + (f" from {source}" if source else "") + "; it is selected."
 
     def _finish(self, job: DeepSegJob, settings: PanelSettings | None) -> None:
         from .result_review import load_review

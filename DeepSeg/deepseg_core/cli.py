@@ -152,8 +152,11 @@ def cmd_models(args: argparse.Namespace) -> int:
             if value is not None
         }
         card = import_model(args.ref, store, name=args.name, activate=not args.no_activate, **options)
-        if args.json:
-            print_json({"model": card.ref, "source": card.source, "labels": [label.name for label in card.labels]})
+        if args.json:  # one JSON-lines event, as the Slicer panel reads them
+            from .events import to_json_line
+
+            event = {"event": "imported", "model": card.ref, "source": card.source, "labels": [x.name for x in card.labels]}
+            print(to_json_line(event))
         else:
             origin = f" from {card.source['format']}" if card.source.get("format") else ""
             print(f"imported {card.ref}{origin} into {store.root}")

@@ -43,7 +43,8 @@ def test_the_overlay_is_drawn_where_the_labels_are_in_every_view(tmp_path):
     assert tuple(axial[3 * scale, 10 * scale]) == (255, 0, 0)
     inside = axial[10 * scale, 7 * scale]
     grey_value = round(200 * 7 / 29 * 255 / 200)
-    assert abs(int(inside[0]) - round(0.55 * grey_value + 0.45 * 255)) <= 1 and abs(int(inside[1]) - round(0.55 * grey_value)) <= 1
+    assert abs(int(inside[0]) - round(0.55 * grey_value + 0.45 * 255)) <= 1
+    assert abs(int(inside[1]) - round(0.55 * grey_value)) <= 1
     # coronal view: superior (high z) at the top, each slice two rows (2.5 mm / 1.25 mm)
     coronal = picture[:, (30 + 4) * scale : (30 + 4 + 30) * scale].astype(int)
     liver_rows = np.flatnonzero(((coronal[..., 0] > coronal[..., 1] + 60)).any(axis=1)) // scale

@@ -194,3 +194,20 @@ def test_a_scene_close_during_a_run_never_applies_its_result(mrml_scene, store_d
     panel.abandon()
     run_panel(panel, None, timeout_s=60)
     assert panel.view.status == "Cancelled; the scene is unchanged." and panel.job is None
+
+
+def test_import_model_through_the_panel_selects_the_new_version(mrml_scene, store_dir, engine_python, tmp_path):
+    panel = DeepSegPanelLogic(mrml_scene, models_dir=store_dir, python=engine_python)
+    settings = PanelSettings()
+    panel.refresh_models(settings)
+    with pytest.raises(PanelError, match="Choose the folder of a trained model"):
+        panel.start_import(str(tmp_path / "missing"))
+    panel.start_import(str(tmp_path))  # a folder that holds no model
+    run_panel(panel, settings, timeout_s=120)
+    assert panel.view.status.startswith("Import failed: ") and "not a model folder DeepSeg can import" in panel.view.status
+    copy_model(tmp_path / "elsewhere", "site-model", 1)  # a DeepSeg model folder outside the store
+    panel.start_import(str(tmp_path / "elsewhere" / "site-model" / "1"))
+    assert not panel.view.segment_enabled
+    run_panel(panel, settings, timeout_s=120)
+    assert panel.view.status == "Imported site-model:1; it is selected."
+    assert settings.model == "site-model:1" and panel.view.models[panel.view.model_index].ref == "site-model:1"

@@ -12,11 +12,12 @@ from pathlib import Path
 from . import io, uncertainty
 from .errors import DeepSegError, ImageError
 from .events import EventSink
-from .inference import Segmenter, SegmentOptions
+from .fileutil import RecoveryReport, outputs_complete, recover_commits, staged_commit
+from .inference import SegmentationResult, Segmenter, SegmentOptions
 from .inference.sliding_window import Cancelled
 from .model_card import ModelError
 from .model_store import ModelStore
-from .outputs import LABELMAP_SUFFIXES, write_measurements, write_probabilities, write_segmentation_result
+from .outputs import LABELMAP_SUFFIXES, instances_path, write_measurements, write_probabilities, write_segmentation_result
 
 log = logging.getLogger("deepseg")
 
@@ -76,6 +77,7 @@ def options_from(args: argparse.Namespace) -> SegmentOptions:
         keep_probabilities=args.probabilities is not None,
         check_modality=not args.skip_modality_check,
         uncertainty=args.uncertainty_method if args.uncertainty else None,
+        backend=args.backend,
     )
 
 
@@ -116,6 +118,62 @@ def _check_output(args: argparse.Namespace, batch: bool) -> None:
         raise ImageError("the output folder does not exist", subject=out.parent, hint="Create it first.")
 
 
+def case_outputs(args: argparse.Namespace, case: Case, batch: bool) -> list[Path]:
+    """Every file a case's run writes, the segmentation first: they are committed together."""
+    out = output_path(args, case, batch)
+    paths = [out]
+    instances = instances_path(out) if args.instances else None
+    if instances is not None:
+        paths.append(instances)
+    if args.probabilities:
+        paths.append(Path(args.probabilities))
+    for value, suffix in ((args.uncertainty, "_uncertainty.nrrd"), (args.stats, "_stats.csv")):
+        side = side_output(value, case, batch, suffix)
+        if side is not None:
+            paths.append(side)
+    return paths
+
+
+def case_complete(args: argparse.Namespace, case: Case, batch: bool) -> bool:
+    """Whether a case's outputs are complete on disk: all exist and no unfinished commit names one.
+
+    A rerun of a batch can skip such a case: its outputs were committed together by an earlier run.
+    """
+    return outputs_complete(case_outputs(args, case, batch))
+
+
+def recover_outputs(args: argparse.Namespace, cases: list[Case], batch: bool) -> RecoveryReport:
+    """Finish or discard the writes a killed earlier run left in the output folders of ``cases``."""
+    report = recover_commits(path for case in cases for path in case_outputs(args, case, batch))
+    if report:
+        log.warning("output folder(s) had an interrupted earlier run: %s", report.summary())
+    return report
+
+
+def write_case_outputs(
+    args: argparse.Namespace, case: Case, batch: bool, result: SegmentationResult, intensity: io.Volume
+) -> list[Path]:
+    """Write a case's segmentation, probabilities, uncertainty map and table so they appear together or not at all.
+
+    Each file is written into a staging folder beside its target, then all are renamed into place
+    under a journal (see :func:`deepseg_core.fileutil.staged_commit`); a kill or cancel at any
+    point leaves the old files or, once the next run has recovered, all the new ones.
+    """
+    targets = case_outputs(args, case, batch)
+    out = targets[0]
+    with staged_commit(targets) as commit:
+        write_segmentation_result(commit.stage(out), result)
+        if args.probabilities:
+            write_probabilities(commit.stage(Path(args.probabilities)), result)
+        uncertainty_path = side_output(args.uncertainty, case, batch, "_uncertainty.nrrd")
+        if uncertainty_path is not None and result.uncertainty is not None:
+            io.write_image(result.uncertainty, commit.stage(uncertainty_path))
+        stats_path = side_output(args.stats, case, batch, "_stats.csv")
+        if stats_path is not None:
+            write_measurements(commit.stage(stats_path), result, intensity)
+    return targets
+
+
 def run_segment(args: argparse.Namespace, sink: EventSink) -> tuple[int, int]:
     """Segment every case; returns (succeeded, failed). Model problems raise ModelError at once."""
     cases = collect_cases(args.inputs)
@@ -125,6 +183,7 @@ def run_segment(args: argparse.Namespace, sink: EventSink) -> tuple[int, int]:
         raise ImageError("--probabilities takes one file and needs a single input", found=f"{len(cases)} inputs")
     _check_side_output(args.uncertainty, batch, (".nrrd", ".nii.gz", ".nii", ".mha"), "--uncertainty")
     _check_side_output(args.stats, batch, (".csv",), "--stats")
+    recover_outputs(args, cases, batch)
     store = ModelStore(args.models_dir) if args.models_dir else None
     segmenter = Segmenter.load(args.model, device=args.device, store=store)
     options = options_from(args)
@@ -147,15 +206,10 @@ def run_segment(args: argparse.Namespace, sink: EventSink) -> tuple[int, int]:
             result = segmenter.segment(
                 channels, options, subjects=[str(p) for p in case.channels], on_progress=progress, domain_check=report
             )
-            out = write_segmentation_result(output_path(args, case, batch), result)
-            if args.probabilities:
-                write_probabilities(args.probabilities, result)
+            write_case_outputs(args, case, batch, result, channels[0])
+            out = output_path(args, case, batch)
             uncertainty_path = side_output(args.uncertainty, case, batch, "_uncertainty.nrrd")
-            if uncertainty_path is not None and result.uncertainty is not None:
-                io.write_image(result.uncertainty, uncertainty_path)
             stats_path = side_output(args.stats, case, batch, "_stats.csv")
-            if stats_path is not None:
-                write_measurements(stats_path, result, channels[0])
         except (Cancelled, KeyboardInterrupt):
             raise
         except ModelError:
@@ -211,6 +265,7 @@ def run_segment(args: argparse.Namespace, sink: EventSink) -> tuple[int, int]:
                 "output": str(out),
                 "seconds": round(time.perf_counter() - started, 3),
                 "timings_s": {k: round(v, 3) for k, v in result.timings_s.items()},
+                "backend": result.backend,
                 "segments": segments,
                 "domain_check": report.verdict,
                 **extra_outputs,
@@ -243,6 +298,12 @@ def add_segment_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default=".seg.nrrd", choices=[".seg.nrrd", *LABELMAP_SUFFIXES], help="file type of batch outputs")
     p.add_argument("--batch", action="store_true", help="treat a single input as a batch (output is a folder)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "torch", "openvino", "onnxruntime"],
+        help="who computes the network: auto = OpenVINO or ONNX Runtime on a CPU when installed (deepseg[cpu-fast]), else torch",
+    )
     p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: the model card's)")
     p.add_argument("--batch-size", type=int, default=None, help="tiles per network call (default: the model card's)")
     p.add_argument("--tta", action="store_true", help="mirror test-time augmentation (8 passes in 3D)")

@@ -15,14 +15,16 @@ validation split. The split is drawn once (:meth:`Dataset.ensure_split`) and sto
 later go to training unless the caller says ``split="validation"``, so a model's validation metrics
 stay comparable with its parent's.
 
-Every write goes to temporary files that are renamed into place only when all of a case's files
-were written, so an error never leaves half a case, and an existing case is replaced only when the
-caller asks for it explicitly.
+A case's files and the updated ``dataset.json`` and manifest are written as one commit
+(:func:`deepseg_core.fileutil.staged_commit`): staged beside their targets, then renamed into place
+under a journal. An error or a kill before the journal leaves the dataset as it was (an existing
+case included); after it, :meth:`Dataset.open` finishes the commit. So no reader ever sees a case
+without its manifest entry or the reverse, and an existing case is replaced only when the caller
+asks for it explicitly.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
 import logging
@@ -36,7 +38,7 @@ import numpy as np
 
 from . import io
 from .errors import DeepSegError
-from .fileutil import atomic_path, atomic_write_text, check_writable_folder
+from .fileutil import check_writable_folder, recover_commits, staged_commit
 from .model_card import LabelSpec, TerminologyCode
 
 log = logging.getLogger(__name__)
@@ -218,6 +220,7 @@ class Dataset:
         root = Path(root)
         if not root.is_dir():
             raise DatasetError("dataset folder not found", subject=root, hint="Create it with `deepseg dataset create`.")
+        cls.recover(root)
         try:
             meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -262,6 +265,17 @@ class Dataset:
         return cls(root, name, channels, labels, file_ending, ignore_value, cases, split_fixed)
 
     @staticmethod
+    def recover(root: str | Path) -> None:
+        """Finish a case write that a killed process left after its journal, or discard one it left before.
+
+        :meth:`open` calls it, so a reader sees either the old dataset or the whole new case.
+        """
+        root = Path(root)
+        report = recover_commits([root, root / "imagesTr", root / "labelsTr"])
+        if report:
+            log.warning("%s: an interrupted write was recovered: %s", root, report.summary())
+
+    @staticmethod
     def _check_schema(labels: Sequence[LabelSpec], ignore_value: int | None) -> None:
         values = [label.value for label in labels]
         names = [label.name for label in labels]
@@ -277,7 +291,14 @@ class Dataset:
     # -- writing -------------------------------------------------------------------------------
 
     def save(self) -> None:
-        """Write ``dataset.json`` and the manifest (atomically)."""
+        """Write ``dataset.json`` and the manifest together (one commit: both or neither)."""
+        texts = self._metadata(self.cases)
+        with staged_commit(list(texts)) as commit:
+            for path, text in texts.items():
+                commit.stage(path).write_text(text, encoding="utf-8")
+
+    def _metadata(self, cases: dict[str, CaseRecord]) -> dict[Path, str]:
+        """The manifest's and ``dataset.json``'s text for ``cases`` (the manifest first: it holds the journal)."""
         nn_labels: dict[str, int] = {"background": 0}
         nn_labels.update({label.name: label.value for label in self.labels})
         if self.ignore_value is not None:
@@ -286,7 +307,7 @@ class Dataset:
             "name": self.name,
             "channel_names": {str(i): name for i, name in enumerate(self.channel_names)},
             "labels": nn_labels,
-            "numTraining": len(self.cases),
+            "numTraining": len(cases),
             "file_ending": self.file_ending,
         }
         manifest = {
@@ -295,12 +316,12 @@ class Dataset:
             "labels": [_label_to_json(label) for label in self.labels],
             "ignore_value": self.ignore_value,
             "split_fixed": self.split_fixed,
-            "cases": {
-                cid: {"split": rec.split, "provenance": rec.provenance.__dict__} for cid, rec in sorted(self.cases.items())
-            },
+            "cases": {cid: {"split": rec.split, "provenance": rec.provenance.__dict__} for cid, rec in sorted(cases.items())},
         }
-        atomic_write_text(self.root / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
-        atomic_write_text(self.root / "dataset.json", json.dumps(meta, indent=2) + "\n")
+        return {
+            self.root / MANIFEST_NAME: json.dumps(manifest, indent=2) + "\n",
+            self.root / "dataset.json": json.dumps(meta, indent=2) + "\n",
+        }
 
     def image_paths(self, case_id: str) -> list[Path]:
         """``imagesTr/<case>_<ch:04d><ending>`` for every channel."""
@@ -424,15 +445,17 @@ class Dataset:
         )
         if self.split_fixed is not None and record.split == "validation" and previous is None:
             log.info("case %s added to the fixed validation split on request", case_id)
-        targets = [*self.image_paths(case_id), self.label_path(case_id)]
+        files = [*self.image_paths(case_id), self.label_path(case_id)]
         volumes = [*images, grid.with_array(label_zyx.astype(np.uint8))]
-        with contextlib.ExitStack() as stack:
-            temps = [stack.enter_context(atomic_path(t)) for t in targets]
-            for volume, tmp in zip(volumes, temps, strict=True):
-                io.write_image(volume, tmp)
-            # All files are written; leaving the stack renames them into place.
+        texts = self._metadata({**self.cases, case_id: record})
+        # One commit for the case's files and the metadata naming it: a kill before the journal
+        # keeps the old case (when replacing one), after it the next open finishes the new one.
+        with staged_commit([*texts, *files]) as commit:
+            for volume, path in zip(volumes, files, strict=True):
+                io.write_image(volume, commit.stage(path))
+            for path, text in texts.items():
+                commit.stage(path).write_text(text, encoding="utf-8")
         self.cases[case_id] = record
-        self.save()
         return record
 
     def _check_label_values(self, case_id: str, label_zyx: np.ndarray) -> None:

@@ -51,6 +51,15 @@ def instance_segments(result: SegmentationResult) -> tuple[np.ndarray, list[Segm
     return out, segments
 
 
+def instances_path(path: str | Path) -> Path | None:
+    """The second file a labelmap output gets with instances (``<name>_instances<suffix>``); None for ``.seg.nrrd``."""
+    path = Path(path)
+    suffix = next((s for s in LABELMAP_SUFFIXES if path.name.lower().endswith(s)), None)
+    if suffix is None or path.name.lower().endswith(".seg.nrrd"):
+        return None
+    return path.with_name(path.name[: -len(suffix)] + "_instances" + suffix)
+
+
 def write_segmentation_result(path: str | Path, result: SegmentationResult) -> Path:
     """Write labels (and instances, when computed) to ``.seg.nrrd`` or a labelmap file.
 
@@ -67,11 +76,9 @@ def write_segmentation_result(path: str | Path, result: SegmentationResult) -> P
         return io.write_segmentation(path, result.labels.with_array(array), segments)
     if name.endswith(LABELMAP_SUFFIXES):
         io.write_image(result.labels, path)
-        if result.instance_ids is not None:
-            suffix = next(s for s in LABELMAP_SUFFIXES if name.endswith(s))
-            io.write_image(
-                result.labels.with_array(result.instance_ids), path.with_name(path.name[: -len(suffix)] + "_instances" + suffix)
-            )
+        instances = instances_path(path)
+        if result.instance_ids is not None and instances is not None:
+            io.write_image(result.labels.with_array(result.instance_ids), instances)
         return path
     raise ImageError(
         "unsupported output file type", subject=path, expected=".seg.nrrd or " + ", ".join(LABELMAP_SUFFIXES), found=path.name

@@ -82,6 +82,7 @@ class DeepSegParameterNode:
     datasetFolder: pathlib.Path = pathlib.Path()
     caseId: str = ""
     overwriteCase: bool = False
+    backend: Annotated[str, Choice(["auto", "torch", "openvino", "onnxruntime"])] = "auto"
 
 
 class DeepSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):

@@ -56,10 +56,13 @@ class PanelSettings:
     datasetFolder: Path = field(default_factory=Path)
     caseId: str = ""
     overwriteCase: bool = False
+    backend: str = "auto"
 
 
 #: the choices of the Device selector (the parameter node's ``Choice``).
 DEVICE_CHOICES = ("auto", "cuda", "cpu")
+#: the choices of the Advanced > Inference backend selector.
+BACKEND_CHOICES = ("auto", "torch", "openvino", "onnxruntime")
 
 
 @dataclass
@@ -176,6 +179,8 @@ class DeepSegPanelLogic:
             raise PanelError("Choose an input volume first (load one, or the sample case under Sample data).")
         if settings.device not in DEVICE_CHOICES:
             raise PanelError(f"Unknown device {settings.device!r}; choose one of {', '.join(DEVICE_CHOICES)}.")
+        if settings.backend not in BACKEND_CHOICES:
+            raise PanelError(f"Unknown inference backend {settings.backend!r}; choose one of {', '.join(BACKEND_CHOICES)}.")
         entry = self.view.models[refs.index(settings.model)]
         if len(entry.channels) > 1 and settings.additionalVolume is None:
             raise PanelError(f"This model needs {len(entry.channels)} input volumes ({', '.join(entry.channels)}).")
@@ -187,6 +192,7 @@ class DeepSegPanelLogic:
             instances=settings.instances,
             uncertainty=settings.uncertainty,
             measurements=settings.measurements,
+            backend=settings.backend,
             models_dir=self.models_dir,
         )
 

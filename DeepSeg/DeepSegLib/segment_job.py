@@ -56,6 +56,7 @@ class SegmentRequest:
         instances: one segment per lesion (thing labels).
         uncertainty: also compute the voxel-wise uncertainty map (``uncertainty.nrrd`` in the job folder).
         measurements: also measure every segment and instance (``stats.csv`` in the job folder).
+        backend: inference backend (``auto``, ``torch``, ``openvino``, ``onnxruntime``).
         models_dir: model store folder, None for the default.
     """
 
@@ -66,6 +67,7 @@ class SegmentRequest:
     instances: bool = False
     uncertainty: bool = False
     measurements: bool = True
+    backend: str = "auto"
     models_dir: str | None = None
 
 
@@ -270,6 +272,7 @@ def start_segmentation(
     output = workdir / "result.seg.nrrd"
     arguments = ["segment", ",".join(str(p) for p in inputs)]
     arguments += ["--model", request.model, "--output", str(output), "--device", request.device, "--json"]
+    arguments += ["--backend", request.backend]
     if request.overlap is not None:
         arguments += ["--overlap", str(request.overlap)]
     if request.tta:

@@ -33,7 +33,9 @@ from ..domain_shift import DomainReport
 from ..errors import ConfigError, DeepSegError, ImageError
 from ..io import Volume
 from ..model_card import ModelCard
+from ..model_catalog import store_root
 from ..model_store import ModelStore, load_network, resolve_model
+from .backends import BACKENDS, BackendChoice, TileFunction, choose_backend, tile_function
 from .pipelines import PreparedInput, pipeline_for
 from .sliding_window import ProgressCallback, SlidingWindowConfig, sliding_window_predict
 
@@ -77,11 +79,14 @@ class SegmentOptions:
     fill_holes: bool = False
     keep_probabilities: bool = False
     check_modality: bool = True
+    backend: str = "auto"
     uncertainty: str | None = None
     uncertainty_passes: int = 8
     uncertainty_perturbations: tuple[tuple[float, float], ...] = UNCERTAINTY_INTENSITY_PERTURBATIONS
 
     def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError("unknown inference backend", expected=f"one of {list(BACKENDS)}", found=str(self.backend))
         if self.uncertainty not in (None, *UNCERTAINTY_METHODS):
             raise ConfigError(
                 "unknown uncertainty method", expected=f"one of {list(UNCERTAINTY_METHODS)}", found=str(self.uncertainty)
@@ -102,6 +107,7 @@ class SegmentationResult:
         uncertainty: normalised predictive entropy (float32, 0..1) on the input grid, or None
             (see :mod:`deepseg_core.uncertainty`).
         domain_check: the input-versus-training-data report (see :mod:`deepseg_core.domain_shift`).
+        backend: the inference backend that computed the logits (:mod:`.backends`).
         card: the model card used.
         timings_s: seconds per stage.
     """
@@ -114,6 +120,7 @@ class SegmentationResult:
     uncertainty: Volume | None = None
     domain_check: DomainReport | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
+    backend: str = "torch"
 
 
 class _SliceNet(nn.Module):
@@ -156,13 +163,16 @@ def check_modality(card: ModelCard, image: Volume, subject: str) -> None:
 class Segmenter:
     """A loaded model, ready to segment many volumes (load once, run many)."""
 
-    def __init__(self, card: ModelCard, net: nn.Module, device: torch.device) -> None:
+    def __init__(self, card: ModelCard, net: nn.Module, device: torch.device, cache_dir: Path | None = None) -> None:
         self.card, self.device = card, device
         config = card.architecture.config
         self.spatial_dims = int(config.get("spatial_dims", 3))
         self.context_slices = int(config.get("context_slices", 1))
         self.net = (_SliceNet(net) if self.spatial_dims == 2 else net).to(device).eval()
         self.pipeline = pipeline_for(card, self.spatial_dims, self.context_slices)
+        #: where exported graphs of other backends are cached (beside the model store).
+        self.cache_dir = cache_dir or store_root(None) / ".cache" / "compiled"
+        self._tile_functions: dict[tuple, tuple[TileFunction, BackendChoice]] = {}
 
     @classmethod
     def load(cls, model: str | Path, device: str = "auto", store: ModelStore | None = None) -> Segmenter:
@@ -170,7 +180,25 @@ class Segmenter:
         torch_device = choose_device(device)
         folder = resolve_model(model, store)
         card, net = load_network(folder, device="cpu")
-        return cls(card, net, torch_device)
+        root = store.root if store is not None else store_root(None)
+        return cls(card, net, torch_device, cache_dir=root / ".cache" / "compiled")
+
+    def tile_function(
+        self, options: SegmentOptions, window: SlidingWindowConfig, input_channels: int
+    ) -> tuple[TileFunction, str]:
+        """What computes a tile batch's logits for this run (see :mod:`.backends`), and the backend's name.
+
+        Exported graphs are built once per Segmenter and shape (cached on disk across runs).
+        """
+        choice = choose_backend(options.backend, self.device, needs_stochastic_layers=options.uncertainty == "mc_dropout")
+        shape = (window.batch_size, input_channels, *window.patch_size_zyx)
+        key = (choice.name, shape)
+        if key not in self._tile_functions:
+            if choice.name != "torch" or choice.reason != "requested":
+                log.info("inference backend: %s (%s)", choice.name, choice.reason)
+            self._tile_functions[key] = tile_function(self.net, choice, self.card.weights_sha256, shape, self.cache_dir)
+        function, used = self._tile_functions[key]
+        return function, used.name
 
     def window_config(self, options: SegmentOptions) -> SlidingWindowConfig:
         """Sliding-window settings of the model's pipeline, overridden by ``options``."""
@@ -224,13 +252,17 @@ class Segmenter:
         timings["preprocess"] = time.perf_counter() - clock
         reference = channels[0]
         collector = self.pipeline.collector(prepared, reference, options)
+        window = self.window_config(options)
+        clock = time.perf_counter()
+        tiles, backend = self.tile_function(options, window, int(prepared.image_czyx.shape[0]))
+        timings["backend_setup"] = time.perf_counter() - clock
         clock = time.perf_counter()
         with _mc_dropout(self.net, options.uncertainty == "mc_dropout", self.card.ref):
             sliding_window_predict(
-                self.net,
+                tiles,
                 prepared.image_czyx,
                 self.card.num_classes,
-                self.window_config(options),
+                window,
                 collector.add,
                 device=self.device,
                 on_progress=on_progress,
@@ -242,6 +274,7 @@ class Segmenter:
         result = self._postprocess(reference.with_array(collected.labels_zyx), options)
         result.probabilities = collected.probabilities
         result.domain_check = domain_check
+        result.backend = backend
         if collected.entropy_zyx is not None:
             result.uncertainty = reference.with_array(np.clip(collected.entropy_zyx, 0.0, 1.0).astype(np.float32))
         timings["postprocess"] = time.perf_counter() - clock

@@ -1,0 +1,196 @@
+"""Inference backends: who computes a tile batch's logits (torch, OpenVINO, ONNX Runtime).
+
+The sliding window, slabs, test-time augmentation and uncertainty passes stay above this layer:
+a backend is a callable ``(B, C, *patch) float32 tensor -> (B, K, *patch) logits tensor``. On CPUs,
+OpenVINO and ONNX Runtime run the same weights 1.5-2x faster than PyTorch's eager kernels; they
+are optional (``pip install deepseg[cpu-fast]``).
+
+- ``torch``: the network itself (CUDA, AMP, Monte-Carlo dropout).
+- ``onnxruntime`` / ``openvino``: the network exported once to ONNX (opset 17, the TorchScript
+  exporter) with the sliding window's fixed batch and patch, cached per model version. A cached
+  graph is used only when its key matches: the weights' SHA-256, the patch, the batch, the input
+  channels, the exporting torch version and the graph file's own SHA-256; otherwise it is rebuilt.
+  A last batch with fewer tiles is padded to the fixed batch (the extra outputs are dropped).
+- ``auto``: OpenVINO, else ONNX Runtime on the CPU, torch on CUDA; any backend that cannot serve
+  the run (not installed, CUDA, Monte-Carlo dropout, an export failure) falls back to torch with
+  the reason logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..fileutil import atomic_write_text, default_mode
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "openvino", "onnxruntime")
+#: the Python package each exported backend needs.
+BACKEND_PACKAGES = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
+ONNX_OPSET = 17
+
+TileFunction = Callable[[torch.Tensor], torch.Tensor]
+
+
+def installed(backend: str) -> bool:
+    """True when ``backend``'s package can be imported (torch always)."""
+    package = BACKEND_PACKAGES.get(backend)
+    return package is None or importlib.util.find_spec(package) is not None
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """The backend a run uses, and why (``reason`` explains a fallback or the ``auto`` pick)."""
+
+    name: str
+    reason: str
+
+
+def choose_backend(requested: str, device: torch.device, needs_stochastic_layers: bool = False) -> BackendChoice:
+    """Resolve ``requested`` (one of :data:`BACKENDS`) for ``device``; never raises for a fallback."""
+    if requested not in BACKENDS:
+        raise ConfigError("unknown inference backend", expected=f"one of {list(BACKENDS)}", found=requested)
+    if requested == "torch":
+        return BackendChoice("torch", "requested")
+    if device.type != "cpu":
+        return BackendChoice("torch", f"{device.type} runs PyTorch (exported CPU runtimes are for CPUs)")
+    if needs_stochastic_layers:
+        return BackendChoice("torch", "Monte-Carlo dropout needs PyTorch's stochastic layers (an exported graph has none)")
+    candidates = ["openvino", "onnxruntime"] if requested == "auto" else [requested]
+    for name in candidates:
+        if installed(name):
+            return BackendChoice(name, "fastest installed CPU runtime" if requested == "auto" else "requested")
+    missing = " and ".join(candidates)
+    return BackendChoice("torch", f"{missing} not installed (pip install deepseg[cpu-fast])")
+
+
+def export_key(weights_sha256: str, backend: str, input_shape: tuple[int, ...]) -> dict[str, object]:
+    """What a cached graph must match to be used."""
+    return {"weights_sha256": weights_sha256, "backend": backend, "input_shape": list(input_shape), "torch": torch.__version__}
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def cached_onnx(net: nn.Module, weights_sha256: str, backend: str, input_shape: tuple[int, ...], cache_dir: Path) -> Path:
+    """The ONNX graph of ``net`` for ``input_shape`` ``(B, C, *patch)``, exported once and cached.
+
+    The graph and its key (JSON) sit in ``cache_dir``; a graph whose key or own checksum does not
+    match is exported again (written to a temporary name, then renamed).
+    """
+    stem = hashlib.sha256(json.dumps(export_key(weights_sha256, backend, input_shape), sort_keys=True).encode()).hexdigest()[:24]
+    graph, key_file = cache_dir / f"{stem}.onnx", cache_dir / f"{stem}.json"
+    wanted = export_key(weights_sha256, backend, input_shape)
+    if graph.is_file() and key_file.is_file():
+        try:
+            key = json.loads(key_file.read_text(encoding="utf-8"))
+            if {k: key.get(k) for k in wanted} == wanted and key.get("graph_sha256") == _digest(graph):
+                return graph
+        except (OSError, json.JSONDecodeError):
+            pass
+        log.info("cached %s graph %s is stale or damaged: exporting it again", backend, graph.name)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=".onnx", dir=cache_dir)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        example = torch.zeros(input_shape, dtype=torch.float32)
+        # The tracer warns about shape checks (constant for a fixed input shape) and instance norm's
+        # train flag (instance norm uses the input's statistics in eval too): both expected.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                net.eval().cpu(),
+                (example,),
+                str(tmp),
+                opset_version=ONNX_OPSET,
+                dynamo=False,
+                input_names=["tiles"],
+                output_names=["logits"],
+            )
+        os.chmod(tmp, default_mode())
+        os.replace(tmp, graph)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    atomic_write_text(key_file, json.dumps({**wanted, "graph_sha256": _digest(graph)}, indent=2) + "\n")
+    return graph
+
+
+class ExportedTiles:
+    """A fixed-shape exported graph as a tile function (torch tensors in and out, on the CPU)."""
+
+    def __init__(self, run: Callable[[np.ndarray], np.ndarray], batch: int) -> None:
+        self._run = run
+        self.batch = batch
+
+    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
+        count = tiles.shape[0]
+        array = tiles.detach().to("cpu", torch.float32).numpy()
+        if count < self.batch:  # the graph has a fixed batch: pad with copies, drop their outputs
+            array = np.concatenate([array, np.repeat(array[-1:], self.batch - count, axis=0)])
+        return torch.from_numpy(np.ascontiguousarray(self._run(np.ascontiguousarray(array))[:count]))
+
+
+def onnxruntime_tiles(graph: Path, batch: int) -> ExportedTiles:
+    """ONNX Runtime session on the CPU (all cores torch is allowed)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return ExportedTiles(lambda x: session.run(None, {name: x})[0], batch)
+
+
+def openvino_tiles(graph: Path, batch: int) -> ExportedTiles:
+    """OpenVINO compiled model on the CPU (latency hint, torch's thread count)."""
+    import openvino
+
+    core = openvino.Core()
+    compiled = core.compile_model(
+        str(graph),
+        "CPU",
+        {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": str(torch.get_num_threads())},
+    )
+    request = compiled.create_infer_request()
+    output = compiled.output(0)
+    return ExportedTiles(lambda x: request.infer({0: x})[output], batch)
+
+
+def tile_function(
+    net: nn.Module,
+    choice: BackendChoice,
+    weights_sha256: str,
+    input_shape: tuple[int, ...],
+    cache_dir: Path,
+) -> tuple[TileFunction, BackendChoice]:
+    """The callable the sliding window runs tiles through, and the backend actually used.
+
+    An export or runtime failure falls back to torch (logged with its reason), never a failed run.
+    """
+    if choice.name == "torch":
+        return net, choice
+    try:
+        graph = cached_onnx(net, weights_sha256, choice.name, input_shape, cache_dir)
+        runner = openvino_tiles if choice.name == "openvino" else onnxruntime_tiles
+        return runner(graph, input_shape[0]), choice
+    except Exception as exc:  # any exporter/runtime error: the torch path still works
+        reason = f"{choice.name} could not run this network ({type(exc).__name__}: {str(exc)[:200]}); using torch"
+        log.warning("%s", reason)
+        return net, BackendChoice("torch", reason)

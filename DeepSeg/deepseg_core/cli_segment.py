@@ -1,4 +1,9 @@
-"""``deepseg segment``: one case or a batch, the model loaded once, bad cases reported and skipped."""
+"""``deepseg segment``: one case or a batch, the model loaded once, bad cases reported and skipped.
+
+A batch may run under ``torchrun`` (``torchrun --nproc_per_node N -m deepseg_core segment in/ --output
+out/``): the cases are sharded over the ranks, one device per rank, and a rerun skips cases whose
+outputs are complete (see :mod:`.batch`).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import io, uncertainty
+from . import distributed, io, uncertainty
+from .batch import SUMMARY_JSON, read_record, record_path, record_text, shard, write_failures, write_summary
 from .errors import DeepSegError, ImageError
 from .events import EventSink
 from .fileutil import RecoveryReport, outputs_complete, recover_commits, staged_commit
@@ -131,6 +137,8 @@ def case_outputs(args: argparse.Namespace, case: Case, batch: bool) -> list[Path
         side = side_output(value, case, batch, suffix)
         if side is not None:
             paths.append(side)
+    if batch:
+        paths.append(record_path(out.parent, case.name))
     return paths
 
 
@@ -151,7 +159,12 @@ def recover_outputs(args: argparse.Namespace, cases: list[Case], batch: bool) ->
 
 
 def write_case_outputs(
-    args: argparse.Namespace, case: Case, batch: bool, result: SegmentationResult, intensity: io.Volume
+    args: argparse.Namespace,
+    case: Case,
+    batch: bool,
+    result: SegmentationResult,
+    intensity: io.Volume,
+    record: dict | None = None,
 ) -> list[Path]:
     """Write a case's segmentation, probabilities, uncertainty map and table so they appear together or not at all.
 
@@ -171,27 +184,76 @@ def write_case_outputs(
         stats_path = side_output(args.stats, case, batch, "_stats.csv")
         if stats_path is not None:
             write_measurements(commit.stage(stats_path), result, intensity)
+        if batch:
+            commit.stage(record_path(out.parent, case.name)).write_text(record_text(record or {}), encoding="utf-8")
     return targets
 
 
+def segment_summaries(result: SegmentationResult, options: SegmentOptions) -> list[dict]:
+    """Per label: voxels, ml, instance count (thing labels), and uncertainty when it was computed."""
+    grid = result.labels
+    per_segment_uncertainty = (
+        {
+            u.label_value: u
+            for u in uncertainty.segment_uncertainty(
+                grid, result.uncertainty.array_zyx, [label.segment_info() for label in result.card.labels]
+            )
+        }
+        if result.uncertainty is not None
+        else {}
+    )
+    rows = []
+    for label in result.card.labels:
+        voxels = int((grid.array_zyx == label.value).sum())
+        row: dict = {"name": label.name, "value": label.value, "voxels": voxels, "ml": float(voxels * grid.voxel_volume_ml)}
+        if label.thing and options.instances:
+            row["instances"] = sum(1 for i in result.instances if i.label == label.value)
+        if per_segment_uncertainty:
+            row["mean_entropy"] = per_segment_uncertainty[label.value].mean_entropy
+            row["uncertain_ml"] = per_segment_uncertainty[label.value].uncertain_ml
+        rows.append(row)
+    return rows
+
+
 def run_segment(args: argparse.Namespace, sink: EventSink) -> tuple[int, int]:
-    """Segment every case; returns (succeeded, failed). Model problems raise ModelError at once."""
-    cases = collect_cases(args.inputs)
-    batch = len(cases) > 1 or args.batch
+    """Segment every case; returns (succeeded, failed). Model problems raise ModelError at once.
+
+    Under ``torchrun`` each rank segments its share of the cases on its own device; a batch skips
+    cases whose outputs are complete, and rank 0 writes the run's summary (:mod:`.batch`).
+    """
+    all_cases = collect_cases(args.inputs)
+    batch = len(all_cases) > 1 or args.batch
+    rank, world = distributed.rank_world()
+    cases = shard(all_cases, rank, world)
+    if world > 1 and not batch:
+        raise ImageError("torchrun segmentation needs several cases and an output folder", found=f"{len(all_cases)} input")
     _check_output(args, batch)
     if args.probabilities and batch:
-        raise ImageError("--probabilities takes one file and needs a single input", found=f"{len(cases)} inputs")
+        raise ImageError("--probabilities takes one file and needs a single input", found=f"{len(all_cases)} inputs")
     _check_side_output(args.uncertainty, batch, (".nrrd", ".nii.gz", ".nii", ".mha"), "--uncertainty")
     _check_side_output(args.stats, batch, (".csv",), "--stats")
     recover_outputs(args, cases, batch)
     store = ModelStore(args.models_dir) if args.models_dir else None
-    segmenter = Segmenter.load(args.model, device=args.device, store=store)
+    segmenter = Segmenter.load(args.model, device=distributed.rank_device(args.device, world), store=store)
     options = options_from(args)
+    ranked = {"rank": rank} if world > 1 else {}
     sink.emit(
-        {"event": "start", "model": segmenter.card.ref, "device": str(segmenter.device), "cases": len(cases), "pid": os.getpid()}
+        {
+            "event": "start",
+            "model": segmenter.card.ref,
+            "device": str(segmenter.device),
+            "cases": len(cases),
+            "pid": os.getpid(),
+            **ranked,
+        }
     )
     ok = failed = 0
+    failures: list[dict] = []
     for index, case in enumerate(cases, start=1):
+        if batch and case_complete(args, case, batch) and read_record(Path(args.output), case.name) is not None:
+            sink.emit({"event": "case_skipped", "case": case.name, "index": index, "reason": "outputs complete", **ranked})
+            ok += 1
+            continue
         started = time.perf_counter()
         try:
             channels = [io.read_image(p) for p in case.channels]
@@ -206,83 +268,94 @@ def run_segment(args: argparse.Namespace, sink: EventSink) -> tuple[int, int]:
             result = segmenter.segment(
                 channels, options, subjects=[str(p) for p in case.channels], on_progress=progress, domain_check=report
             )
-            write_case_outputs(args, case, batch, result, channels[0])
-            out = output_path(args, case, batch)
-            uncertainty_path = side_output(args.uncertainty, case, batch, "_uncertainty.nrrd")
-            stats_path = side_output(args.stats, case, batch, "_stats.csv")
+            segments = segment_summaries(result, options)
+            record = {
+                "case": case.name,
+                "status": "done",
+                "rank": rank,
+                "inputs": [str(p) for p in case.channels],
+                "seconds": round(time.perf_counter() - started, 3),
+                "domain_check": report.verdict,
+                "backend": result.backend,
+                "model": segmenter.card.ref,
+                "segments": segments,
+            }
+            write_case_outputs(args, case, batch, result, channels[0], record)
         except (Cancelled, KeyboardInterrupt):
             raise
         except ModelError:
             raise
         except DeepSegError as exc:
             failed += 1
-            sink.emit({"event": "case_failed", "case": case.name, "index": index, "error": str(exc)})
+            failures.append({"case": case.name, "rank": rank, "error": str(exc)})
+            sink.emit({"event": "case_failed", "case": case.name, "index": index, "error": str(exc), **ranked})
             log.error("%s", exc)
             continue
         ok += 1
-        grid = result.labels
-        per_segment_uncertainty = (
-            {
-                u.label_value: u
-                for u in uncertainty.segment_uncertainty(
-                    grid, result.uncertainty.array_zyx, [label.segment_info() for label in result.card.labels]
-                )
-            }
-            if result.uncertainty is not None
-            else {}
-        )
-        segments = [
-            {
-                "name": label.name,
-                "value": label.value,
-                "voxels": int((grid.array_zyx == label.value).sum()),
-                "ml": float((grid.array_zyx == label.value).sum() * grid.voxel_volume_ml),
-                **(
-                    {"instances": sum(1 for i in result.instances if i.label == label.value)}
-                    if label.thing and options.instances
-                    else {}
-                ),
-                **(
-                    {
-                        "mean_entropy": per_segment_uncertainty[label.value].mean_entropy,
-                        "uncertain_ml": per_segment_uncertainty[label.value].uncertain_ml,
-                    }
-                    if per_segment_uncertainty
-                    else {}
-                ),
-            }
-            for label in result.card.labels
-        ]
-        extra_outputs = {
-            **({"uncertainty": str(uncertainty_path)} if uncertainty_path is not None else {}),
-            **({"stats": str(stats_path)} if stats_path is not None else {}),
-        }
-        sink.emit(
-            {
-                "event": "case_done",
-                "case": case.name,
-                "index": index,
-                "output": str(out),
-                "seconds": round(time.perf_counter() - started, 3),
-                "timings_s": {k: round(v, 3) for k, v in result.timings_s.items()},
-                "backend": result.backend,
-                "segments": segments,
-                "domain_check": report.verdict,
-                **extra_outputs,
-            }
-        )
-        if not sink.json_mode:
-            print(f"{case.name}: {out} ({time.perf_counter() - started:.1f} s)")
-            print(f"  {report.summary()}")
-            for seg in segments:
-                extra = f", {seg['instances']} instance(s)" if "instances" in seg else ""
-                if "mean_entropy" in seg:
-                    extra += f", mean uncertainty {seg['mean_entropy']:.3f}, uncertain {seg['uncertain_ml']:.2f} ml"
-                print(f"  {seg['name']:<20} {seg['voxels']:>9} voxels {seg['ml']:>9.2f} ml{extra}")
-            for name, path in extra_outputs.items():
-                print(f"  {name}: {path}")
-    sink.emit({"event": "done", "ok": ok, "failed": failed})
+        _report_case(args, case, batch, index, started, result, report, segments, sink, ranked)
+    if batch:
+        write_failures(Path(args.output), rank, failures)
+        distributed.barrier(world)
+        if rank == 0:
+            summary = write_summary(Path(args.output), [c.name for c in all_cases], world, segmenter.card.ref)
+            sink.emit(
+                {
+                    "event": "summary",
+                    "path": str(Path(args.output) / SUMMARY_JSON),
+                    **{k: summary[k] for k in ("cases", "done", "failed", "missing")},
+                }
+            )
+        distributed.barrier(world)
+        distributed.finish(world)
+    sink.emit({"event": "done", "ok": ok, "failed": failed, **ranked})
     return ok, failed
+
+
+def _report_case(
+    args: argparse.Namespace,
+    case: Case,
+    batch: bool,
+    index: int,
+    started: float,
+    result: SegmentationResult,
+    report: object,
+    segments: list[dict],
+    sink: EventSink,
+    ranked: dict,
+) -> None:
+    """The ``case_done`` event, and the lines a person reads in text mode."""
+    out = output_path(args, case, batch)
+    uncertainty_path = side_output(args.uncertainty, case, batch, "_uncertainty.nrrd")
+    stats_path = side_output(args.stats, case, batch, "_stats.csv")
+    extra_outputs = {
+        **({"uncertainty": str(uncertainty_path)} if uncertainty_path is not None else {}),
+        **({"stats": str(stats_path)} if stats_path is not None else {}),
+    }
+    sink.emit(
+        {
+            "event": "case_done",
+            "case": case.name,
+            "index": index,
+            "output": str(out),
+            "seconds": round(time.perf_counter() - started, 3),
+            "timings_s": {k: round(v, 3) for k, v in result.timings_s.items()},
+            "backend": result.backend,
+            "segments": segments,
+            "domain_check": report.verdict,
+            **extra_outputs,
+            **ranked,
+        }
+    )
+    if not sink.json_mode:
+        print(f"{case.name}: {out} ({time.perf_counter() - started:.1f} s)")
+        print(f"  {report.summary()}")
+        for seg in segments:
+            extra = f", {seg['instances']} instance(s)" if "instances" in seg else ""
+            if "mean_entropy" in seg:
+                extra += f", mean uncertainty {seg['mean_entropy']:.3f}, uncertain {seg['uncertain_ml']:.2f} ml"
+            print(f"  {seg['name']:<20} {seg['voxels']:>9} voxels {seg['ml']:>9.2f} ml{extra}")
+        for name, path in extra_outputs.items():
+            print(f"  {name}: {path}")
 
 
 def add_segment_parser(sub: argparse._SubParsersAction) -> None:

@@ -117,6 +117,8 @@ JOURNAL_PREFIX = ".deepseg-commit-"
 JOURNAL_FORMAT = 1
 #: names a point at which :func:`crash_point` kills the process; for the crash-safety tests only.
 CRASH_ENV = "DEEPSEG_CRASH_AT"
+#: with it, only the ``torchrun`` rank of that number crashes (``$RANK``).
+CRASH_RANK_ENV = "DEEPSEG_CRASH_RANK"
 CRASH_POINTS = ("staged", "journal_written", "first_renamed", "renamed")
 _OWNER_FILE = ".owner.json"
 _JOURNAL_TMP = ".journal.tmp"
@@ -129,8 +131,12 @@ def crash_point(point: str) -> None:
 
     The crash-safety tests set the variable to stop a real ``deepseg`` run at one step of a commit
     (see :data:`CRASH_POINTS`) exactly as a power cut or the out-of-memory killer would: no
-    ``finally``, no cleanup. Never set it outside tests.
+    ``finally``, no cleanup. ``$DEEPSEG_CRASH_RANK`` limits it to one ``torchrun`` rank. Never
+    set them outside tests.
     """
+    rank = os.environ.get(CRASH_RANK_ENV)
+    if rank is not None and rank != os.environ.get("RANK", "0"):
+        return
     if os.environ.get(CRASH_ENV) == point:
         log.critical("%s=%s: killing process %d (crash test)", CRASH_ENV, point, os.getpid())
         os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))  # Windows: SIGTERM is TerminateProcess

@@ -77,7 +77,19 @@ def test_batch_continues_past_a_bad_case(tmp_path):
     failed = [e for e in events if e["event"] == "case_failed"]
     assert [e["case"] for e in failed] == ["b"] and "cannot be read" in failed[0]["error"]
     assert events[-1] == {"event": "done", "ok": 2, "failed": 1}
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.seg.nrrd", "c.seg.nrrd"]
+    visible = sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith("."))
+    assert visible == [
+        "a.deepseg.json",
+        "a.seg.nrrd",
+        "c.deepseg.json",
+        "c.seg.nrrd",
+        "deepseg_summary.csv",
+        "deepseg_summary.json",
+    ]
+    summary = json.loads((tmp_path / "out" / "deepseg_summary.json").read_text())
+    assert (summary["cases"], summary["done"], summary["failed"], summary["missing"]) == (3, 2, 1, 0)
+    assert [(r["case"], r["status"]) for r in summary["results"]] == [("a", "done"), ("b", "failed"), ("c", "done")]
+    assert "cannot be read" in summary["results"][1]["error"]
 
 
 def test_labelmap_instances_and_probabilities(tmp_path, capsys):

@@ -1,0 +1,74 @@
+"""Batch segmentation across ranks: `torchrun --nproc_per_node 2 -m deepseg_core segment in/ --output out/`
+with gloo on CPU, a rank killed mid-run, and the rerun that finishes only what is missing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from model_fixtures import tiny_model_folder
+
+from deepseg_core import io
+from deepseg_core.batch import shard
+from deepseg_core.phantoms import generate_phantom
+
+REPO = Path(__file__).resolve().parents[2]
+CASES = ["case0", "case1", "case2", "case3", "case4"]
+
+
+def torchrun_segment(inputs: Path, output: Path, model: Path, **env_extra: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    env = dict(os.environ, PYTHONPATH=str(REPO / "DeepSeg"), OMP_NUM_THREADS="1", **env_extra)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "deepseg_core"]
+    command += ["segment", str(inputs), "--model", str(model), "--output", str(output), "--device", "cpu", "--json"]
+    command += ["--backend", "torch", "--stats", str(output)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
+    return done, [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def test_shards_are_disjoint_and_complete():
+    assert shard(CASES, 0, 2) == ["case0", "case2", "case4"] and shard(CASES, 1, 2) == ["case1", "case3"]
+    assert sorted(shard(CASES, 0, 3) + shard(CASES, 1, 3) + shard(CASES, 2, 3)) == CASES
+
+
+def test_two_ranks_share_the_cases_a_killed_rank_is_finished_by_the_rerun_and_rank_0_writes_one_summary(tmp_path):
+    model = tiny_model_folder(tmp_path / "model")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for index, name in enumerate(CASES):
+        phantom = generate_phantom(seed=40 + index, shape_zyx=(16, 32, 32), spacing_xyz_mm=(1.5, 1.5, 2.5))
+        io.write_image(phantom.image, inputs / f"{name}.nrrd")
+    (inputs / "case5.nrrd").write_bytes(b"NRRD0004\nbroken")  # a bad case is reported; the rest go on
+    out = tmp_path / "out"
+
+    # Rank 1 dies (SIGKILL) right after its first case's files were renamed into place.
+    killed, events = torchrun_segment(inputs, out, model, DEEPSEG_CRASH_AT="renamed", DEEPSEG_CRASH_RANK="1")
+    assert killed.returncode != 0
+    assert not (out / "deepseg_summary.json").exists(), "no summary from a run that lost a rank"
+
+    rerun, events = torchrun_segment(inputs, out, model)
+    assert rerun.returncode != 0, "the broken case still fails (exit 2)"
+    skipped = {e["case"] for e in events if e["event"] == "case_skipped"}
+    done = {e["case"] for e in events if e["event"] == "case_done"}
+    assert skipped and skipped.isdisjoint(done) and skipped | done == set(CASES)
+    assert [e["case"] for e in events if e["event"] == "case_failed"] == ["case5"]
+    summary = json.loads((out / "deepseg_summary.json").read_text())
+    assert [e for e in events if e["event"] == "summary"] == [
+        {"event": "summary", "path": str(out / "deepseg_summary.json"), "cases": 6, "done": 5, "failed": 1, "missing": 0}
+    ]
+    by_case = {row["case"]: row for row in summary["results"]}
+    assert {name: by_case[name]["rank"] for name in CASES} == {name: i % 2 for i, name in enumerate(CASES)}
+    assert by_case["case5"]["status"] == "failed" and "cannot be read" in by_case["case5"]["error"]
+    assert all(by_case[name]["segments"][0]["name"] == "liver" for name in CASES)
+    csv_rows = (out / "deepseg_summary.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("case,status,rank,seconds,domain_check,backend,liver [ml],liver lesion [ml]")
+    assert len(csv_rows) == 1 + 6
+    for name in CASES:  # every case's outputs are there and readable, none twice, no debris
+        labels = io.read_segmentation(out / f"{name}.seg.nrrd")
+        assert labels.grid.shape_zyx == (16, 32, 32) and (out / f"{name}_stats.csv").is_file()
+    assert not [p for p in out.iterdir() if p.name.startswith((".deepseg-staging-", ".deepseg-commit-"))]
+    liver_ml = [by_case[n]["segments"][0]["ml"] for n in CASES]
+    assert np.all(np.isfinite(liver_ml))

@@ -86,12 +86,15 @@ def train_phantom_model(
     *,
     epochs: int = 40,
     steps: int = 25,
+    dropout: float = 0.0,
     device: str = "cpu",
     on_event: Callable[[dict], None] | None = None,
 ) -> tuple[ModelCard, torch.nn.Module]:
     """The default model's recipe on the 16 training phantoms of ``profile``: its card and trained net.
 
-    Deterministic on CPU, so ``profile="ct-A"`` reproduces the bundled model.
+    ``dropout``: probability after every conv (the bundled model: 0; > 0 makes a model for
+    Monte-Carlo dropout uncertainty). Deterministic on CPU, so ``profile="ct-A"`` with the
+    defaults reproduces the bundled model.
     """
     train_cases = make_cases(TRAIN_SEEDS, profile)
     norm, fingerprint = normalisation_and_fingerprint(train_cases)
@@ -99,7 +102,7 @@ def train_phantom_model(
         TrainingCase(normalize(c.image.array_zyx, norm)[None], c.labels.array_zyx.astype(np.uint8), name=f"{profile}-{c.seed}")
         for c in train_cases
     ]
-    net_config = default_unet_3d(in_channels=1, num_classes=3)
+    net_config = default_unet_3d(in_channels=1, num_classes=3, dropout=dropout)
     net = build_net("unet", net_config, seed=0)
     train_config = TrainConfig(patch_size_zyx=DEFAULT_PATCH_3D, batch_size=2, epochs=epochs, steps_per_epoch=steps)
     started = time.perf_counter()
@@ -120,6 +123,7 @@ def train_phantom_model(
             "training": {
                 "epochs": epochs,
                 "final_loss": history[-1]["loss"],
+                "dropout": dropout,
                 "seconds": train_seconds,
                 "parameters": count_parameters(net),
             }

@@ -27,6 +27,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         validate_every=args.validate_every,
         seed=args.seed,
         label_mapping=parse_label_mapping(args.map_label),
+        dropout=args.dropout,
     )
     sink = EventSink(json_mode=args.json)
     checkpoints = Path(args.checkpoints) if args.checkpoints else default_checkpoint_dir(args.name)
@@ -50,6 +51,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             resume=args.resume,
             device=args.device if args.device != "auto" else ("cuda" if _cuda() else "cpu"),
             on_event=on_event,
+            stop_after_epoch=args.stop_after_epoch,
             activate=not args.no_activate,
         )
     except Stopped as exc:
@@ -118,6 +120,14 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", default="3d", choices=["3d", "2.5d", "2d"], help="from scratch only")
     p.add_argument("--freeze-encoder-epochs", type=int, default=0)
     p.add_argument(
+        "--dropout",
+        type=float,
+        default=None,
+        metavar="P",
+        help="dropout probability after every conv, needed for --uncertainty-method mc_dropout (e.g. 0.1);"
+        " default: the base's own (0 from scratch); on a base without dropout the layers are added, its weights kept",
+    )
+    p.add_argument(
         "--map-label",
         action="append",
         metavar="'DATASET=MODEL'",
@@ -127,6 +137,14 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoints", default=None, help="checkpoint folder (default: a temp folder named after --name)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint folder's last checkpoint")
+    p.add_argument(
+        "--stop-after-epoch",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop once epoch N is finished and checkpointed, as Stop does (exit code 130); --resume continues."
+        " For tests and jobs cut into time slices",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--no-activate", action="store_true", help="store the new version without making it active")
     p.add_argument("--models-dir", default=None)

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -103,17 +109,17 @@ def test_augmentation_keeps_shapes_labels_and_is_seeded():
 
 
 def test_train_and_evaluate_cli(site_b_dataset, tmp_path, capsys):
-    import json
-
     from deepseg_core.cli import main
 
     store = str(tmp_path / "store")
     args = ["train", "--dataset", str(site_b_dataset), "--name", "liver-b", "--base", str(DEFAULT_MODEL), "--epochs", "1"]
     args += ["--steps", "1", "--batch-size", "1", "--models-dir", store, "--checkpoints", str(tmp_path / "ck"), "--json"]
-    assert main(args) == 0
+    assert main([*args, "--dropout", "0.2"]) == 0  # the bundled base has no dropout: the layers are added
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [e["event"] for e in events] == ["start", "epoch_end", "done"]
     assert events[-1]["model"] == "liver-b:1" and events[-1]["parent"] == "phantom-liver:1"
+    card = ModelStore(store).card("liver-b:1")
+    assert card.architecture.config["dropout"] == 0.2 and card.metrics["training"]["dropout"] == 0.2
     assert (
         main(["evaluate", "--model", "liver-b", "--dataset", str(site_b_dataset), "--models-dir", store, "--device", "cpu"]) == 0
     )
@@ -128,8 +134,6 @@ def test_first_finetune_of_the_bundled_model_from_the_cli_keeps_it_active_and_ro
     site_b_dataset, tmp_path, capsys
 ):
     """The default path: `deepseg train --base phantom-liver --no-activate` on a store without that name."""
-    import json
-
     from deepseg_core.cli import main
 
     store = str(tmp_path / "store")
@@ -155,40 +159,94 @@ def test_from_scratch_builds_a_working_model(site_b_dataset, tmp_path, arch):
     from deepseg_core.inference import Segmenter
 
     store = ModelStore(tmp_path / "store")
-    config = RetrainConfig(epochs=1, steps_per_epoch=1, batch_size=1, arch=arch)
+    config = RetrainConfig(epochs=1, steps_per_epoch=1, batch_size=1, arch=arch, dropout=0.3)
     outcome = retrain(site_b_dataset, f"scratch-{arch}", config, tmp_path / "ck", store=store)
     assert outcome.card.parent_version is None and outcome.parent_validation is None
     assert outcome.card.architecture.config["spatial_dims"] == (2 if arch == "2.5d" else 3)
+    assert outcome.card.architecture.config["dropout"] == 0.3
     images, _ = Dataset.open(site_b_dataset).load_case("b0")
     labels = Segmenter.load(store.folder(outcome.card.ref), device="cpu", store=store).segment(images).labels
     assert labels.same_grid(images[0])
 
 
-def test_two_process_ddp_on_cpu_finishes_with_ranks_in_agreement(site_b_dataset, tmp_path):
-    """`torchrun --nproc_per_node 2 -m deepseg_core train ...` with gloo: same code path as one process."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+def _torchrun(dataset, folder, *extra: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """`torchrun --nproc_per_node 2 -m deepseg_core train ...` with gloo on CPU: the run and its JSON events.
 
+    Store ``folder/store``, checkpoints ``folder/ck``; the same settings every time, so runs compare.
+    """
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2] / "DeepSeg"), OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "deepseg_core"]
-    command += ["train", "--dataset", str(site_b_dataset), "--name", "ddp", "--base", str(DEFAULT_MODEL), "--epochs", "2"]
-    command += ["--steps", "2", "--batch-size", "1", "--device", "cpu", "--json", "--models-dir", str(tmp_path / "store")]
-    command += ["--checkpoints", str(tmp_path / "ck")]
+    command += ["train", "--dataset", str(dataset), "--name", "ddp", "--base", str(DEFAULT_MODEL), "--epochs", "2"]
+    command += ["--steps", "2", "--batch-size", "1", "--device", "cpu", "--json", "--models-dir", str(folder / "store")]
+    command += ["--checkpoints", str(folder / "ck"), *extra]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
+    return done, [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="module")
+def ddp_uninterrupted(site_b_dataset, tmp_path_factory):
+    """An uninterrupted 2-process run: its events (the reference of the resume test)."""
+    done, events = _torchrun(site_b_dataset, tmp_path_factory.mktemp("ddp"))
     assert done.returncode == 0, done.stderr[-3000:]
-    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    digests = {e["rank"]: e["weights_sha256"] for e in events if e["event"] == "rank_done"}
+    return events
+
+
+def _rank_done(events: list[dict], key: str) -> dict[int, str]:
+    return {e["rank"]: e[key] for e in events if e["event"] == "rank_done"}
+
+
+def test_two_process_ddp_on_cpu_finishes_with_ranks_in_agreement(ddp_uninterrupted, tmp_path):
+    """`torchrun --nproc_per_node 2 -m deepseg_core train ...` with gloo: same code path as one process."""
+    events = ddp_uninterrupted
+    digests = _rank_done(events, "weights_sha256")
     assert sorted(digests) == [0, 1] and digests[0] == digests[1]  # DDP kept the replicas identical
     assert [e["epoch"] for e in events if e["event"] == "epoch_end"] == [1, 2]  # one event stream (rank 0)
-    assert ModelStore(tmp_path / "store").versions("ddp") == [1]
+    assert [e["model"] for e in events if e["event"] == "done"] == ["ddp:1"]
+    random_states = _rank_done(events, "random_state_sha256")
+    assert random_states[0] != random_states[1]  # each rank draws its own patches
+
+
+def test_two_process_ddp_resume_equals_an_uninterrupted_run(site_b_dataset, ddp_uninterrupted, tmp_path):
+    """Stopped after epoch 1 and resumed under torchrun: bit for bit the uninterrupted run.
+
+    Each rank must get its own random state back. Restoring rank 0's into both ranks (the old
+    behaviour) makes both draw the same patches after the resume: their random states end equal,
+    and the weights differ from the uninterrupted run's.
+    """
+    from deepseg_core.errors import ConfigError
+
+    stopped, first = _torchrun(site_b_dataset, tmp_path, "--stop-after-epoch", "1")
+    assert stopped.returncode != 0, stopped.stderr[-3000:]  # the ranks exit 130, as a Stop does
+    assert [e["epoch"] for e in first if e["event"] == "epoch_end"] == [1]
+    assert ModelStore(tmp_path / "store").names() == []
+    last = tmp_path / "ck" / "last"
+    assert json.loads((last / "state.json").read_text())["world_size"] == 2
+    rank_states = [json.loads((last / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert rank_states[0]["numpy"] != rank_states[1]["numpy"]  # rank 1's own patch stream was saved
+
+    resumed, second = _torchrun(site_b_dataset, tmp_path, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [e["epoch"] for e in second if e["event"] == "resumed"] == [1]
+    reference = [e["loss"] for e in ddp_uninterrupted if e["event"] == "epoch_end"]
+    losses = [e["loss"] for e in first + second if e["event"] == "epoch_end"]
+    assert losses == reference  # exactly: the same patches, augmentations and steps
+    assert _rank_done(second, "weights_sha256") == _rank_done(ddp_uninterrupted, "weights_sha256")
+    random_states = _rank_done(second, "random_state_sha256")
+    assert random_states == _rank_done(ddp_uninterrupted, "random_state_sha256")
+    assert random_states[0] != random_states[1]  # the ranks drew different patches after the resume
+
+    # Another world size cannot hand out the per-rank states: refused (here: one process).
+    with pytest.raises(ConfigError, match=r"Expected 2 process\(es\).*found 1 process\(es\).*Resume with 2 process"):
+        retrain(site_b_dataset, "ddp", CONFIG, tmp_path / "ck", base=DEFAULT_MODEL, store=ModelStore(tmp_path / "s"), resume=True)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative POSIX path -> content)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_full_disk_during_a_checkpoint_keeps_the_previous_one_and_resume_continues(site_b_dataset, tmp_path, monkeypatch):
     import errno
-    from pathlib import Path
 
     import safetensors.torch
 
@@ -200,7 +258,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one_and_resume_continu
 
     def disk_full_after_first_checkpoint(tensors, filename, *args, **kwargs):
         if Path(filename).parent.name == "last.tmp" and (ckpt / "last").exists():
-            before.update({p.name: p.read_bytes() for p in (ckpt / "last").iterdir()})
+            before.update(_files(ckpt / "last"))
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(tensors, filename, *args, **kwargs)
 
@@ -209,7 +267,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one_and_resume_continu
     with pytest.raises(DeepSegError, match="No space left on device") as failure:
         retrain(site_b_dataset, "site", CONFIG, ckpt, base=DEFAULT_MODEL, store=store)
     assert "previous checkpoint there is intact" in str(failure.value) and "--resume" in str(failure.value)
-    assert before and {p.name: p.read_bytes() for p in (ckpt / "last").iterdir()} == before
+    assert before and _files(ckpt / "last") == before and "ranks/rank-0.json" in before
     assert not (ckpt / "last.tmp").exists()
     assert store.names() == []  # no half-made model version
     monkeypatch.setattr(safetensors.torch, "save_file", real_save)
@@ -228,6 +286,32 @@ def test_a_kill_between_the_checkpoint_renames_is_recovered_on_resume(site_b_dat
     events = []
     retrain(site_b_dataset, "site", CONFIG, ckpt, base=DEFAULT_MODEL, store=store, resume=True, on_event=events.append)
     assert [e["epoch"] for e in events if e["event"] == "resumed"] == [1]
+
+
+def test_dropout_added_to_a_base_without_it_keeps_every_weight(tmp_path):
+    """Fine-tuning with --dropout on a base without dropout: the layers exist with p > 0, every weight loads."""
+    from torch import nn
+
+    from deepseg_core.errors import ConfigError
+    from deepseg_core.model_store import write_model_folder
+    from deepseg_core.training.engine import copy_weights_by_layer, with_dropout
+
+    card, base = load_network(DEFAULT_MODEL)
+    assert not any(isinstance(m, nn.Dropout3d) for m in base.modules())
+    new_card, net = with_dropout(card, base, 0.2)
+    dropouts = [m for m in net.modules() if isinstance(m, nn.Dropout3d)]
+    assert new_card.architecture.config["dropout"] == 0.2 and dropouts and all(m.p == 0.2 for m in dropouts)
+    x = torch.randn(1, 1, 32, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x), base(x), rtol=0, atol=0)  # eval: the base's function exactly
+    # the new card rebuilds it: the version loads with its dropout layers and the same weights
+    write_model_folder(tmp_path / "m", new_card, net)
+    _, loaded = load_network(tmp_path / "m")
+    assert [k for k in loaded.state_dict()] == [k for k in net.state_dict()]
+    assert sum(isinstance(m, nn.Dropout3d) for m in loaded.modules()) == len(dropouts)
+    assert with_dropout(card, base, 0.0)[1] is base  # unchanged dropout: the same network
+    with pytest.raises(ConfigError, match="layers with weights differ"):
+        copy_weights_by_layer(base, nn.Sequential(nn.Conv3d(1, 2, 3)))
 
 
 def _renamed_dataset(root, labels):

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
+import torch
 from model_fixtures import tiny_card
+from torch import nn
 
 from deepseg_core import phantoms, uncertainty
 from deepseg_core.config import to_dict
 from deepseg_core.demo import DEFAULT_MODEL
 from deepseg_core.errors import ConfigError
-from deepseg_core.inference import Segmenter, SegmentOptions
+from deepseg_core.inference import Cancelled, Segmenter, SegmentOptions, predictor
 from deepseg_core.inference.sliding_window import SlidingWindowConfig
 from deepseg_core.io import SegmentInfo, Volume
 from deepseg_core.nets import UNetConfig, build_net
@@ -101,23 +104,87 @@ def test_bundled_model_uncertainty_is_on_the_input_grid_and_points_at_errors():
     assert plain.uncertainty is None
 
 
-def test_mc_dropout_needs_dropout_and_varies_with_it():
+def _dropout_segmenter(dropout: float) -> tuple[Segmenter, nn.Module, Volume]:
+    """A tiny 3D U-Net built with ``dropout`` after every conv, its segmenter, and a phantom on its grid."""
     card, _ = tiny_card()
-    image = phantoms.generate_phantom(seed=3, shape_zyx=(8, 16, 16), spacing_xyz_mm=(1.5, 1.5, 2.5)).image
-    no_dropout = Segmenter(
-        card, build_net("unet", UNetConfig(spatial_dims=3, in_channels=1, num_classes=3, features=(4, 8)), seed=0), "cpu"
-    )
-    with pytest.raises(ConfigError, match="no dropout layers"):
-        no_dropout.segment([image], SegmentOptions(device="cpu", uncertainty="mc_dropout", check_modality=False))
-    config = UNetConfig(spatial_dims=3, in_channels=1, num_classes=3, features=(4, 8), dropout=0.5)
+    config = UNetConfig(spatial_dims=3, in_channels=1, num_classes=3, features=(4, 8), dropout=dropout)
     card = dataclasses.replace(card, architecture=dataclasses.replace(card.architecture, config=to_dict(config)))
     net = build_net("unet", config, seed=0)
-    segmenter = Segmenter(card, net, "cpu")
-    result = segmenter.segment(
-        [image], SegmentOptions(device="cpu", uncertainty="mc_dropout", uncertainty_passes=4, check_modality=False)
+    # 2 x 3 x 3 tiles of the card's 8 x 16 x 16 patch
+    image = phantoms.generate_phantom(seed=3, shape_zyx=(12, 32, 32), spacing_xyz_mm=(1.5, 1.5, 2.5)).image
+    return Segmenter(card, net, torch.device("cpu")), net, image
+
+
+MC = SegmentOptions(device="cpu", uncertainty="mc_dropout", uncertainty_passes=2, check_modality=False)
+
+
+@contextmanager
+def _dropout_left_off(net, enable, ref):
+    """What a broken ``_mc_dropout`` would do: leave every layer in eval mode (the passes are then identical)."""
+    yield
+
+
+def _mc_entropy(segmenter: Segmenter, image: Volume, seed: int) -> np.ndarray:
+    torch.manual_seed(seed)  # dropout masks come from torch's global generator
+    return segmenter.segment([image], MC).uncertainty.array_zyx
+
+
+def _dropout_part(segmenter: Segmenter, image: Volume, monkeypatch) -> tuple[np.ndarray, np.ndarray]:
+    """How much the Monte-Carlo passes disagree, measured through ``segment`` alone.
+
+    Returns (entropy with MC dropout minus the entropy of the same passes with dropout off, the
+    difference between two MC runs under different seeds). Both are exactly 0 everywhere when
+    the passes are identical, i.e. when the dropout layers were not switched on. (The entropy
+    itself is not 0 then: it is the softmax's own entropy, which averaging identical passes keeps.)
+    """
+    with monkeypatch.context() as patched:
+        patched.setattr(predictor, "_mc_dropout", _dropout_left_off)
+        deterministic = _mc_entropy(segmenter, image, seed=0)
+    first, second = _mc_entropy(segmenter, image, seed=0), _mc_entropy(segmenter, image, seed=1)
+    return first - deterministic, first - second
+
+
+def test_mc_dropout_needs_dropout_layers():
+    segmenter, _, image = _dropout_segmenter(0.0)
+    with pytest.raises(ConfigError, match="no dropout layers"):
+        segmenter.segment([image], MC)
+
+
+def test_mc_dropout_passes_differ_because_the_dropout_layers_are_on(monkeypatch):
+    segmenter, _, image = _dropout_segmenter(0.3)
+    added, between_runs = _dropout_part(segmenter, image, monkeypatch)
+    assert np.abs(added).max() > 0.01 and float(added.mean()) > 0.0  # disagreeing passes raise the entropy
+    assert np.abs(between_runs).max() > 0.01  # and it is random: another seed, other masks
+
+
+def test_with_the_dropout_layers_left_off_the_passes_agree_exactly(monkeypatch):
+    """The control: the measure above is exactly 0 everywhere when ``_mc_dropout`` switches nothing on,
+    so the previous test fails if Monte-Carlo dropout ever stops switching the dropout layers on."""
+    segmenter, _, image = _dropout_segmenter(0.3)
+    monkeypatch.setattr(predictor, "_mc_dropout", _dropout_left_off)
+    added, between_runs = _dropout_part(segmenter, image, monkeypatch)
+    assert not added.any() and not between_runs.any()
+
+
+def test_mc_dropout_switches_only_the_dropout_layers_and_switches_them_back():
+    segmenter, net, image = _dropout_segmenter(0.3)
+    dropouts = [m for m in net.modules() if isinstance(m, nn.Dropout3d)]
+    others = [m for m in net.modules() if not isinstance(m, nn.Dropout3d)]
+    seen: list[tuple[bool, bool]] = []
+    hook = net.register_forward_pre_hook(
+        lambda module, args: seen.append((all(m.training for m in dropouts), any(m.training for m in others)))
     )
-    assert float(result.uncertainty.array_zyx.mean()) > 0.0
-    assert not any(m.training for m in net.modules()), "dropout layers are back in eval mode afterwards"
+    segmenter.segment([image], MC)
+    hook.remove()
+    assert seen and set(seen) == {(True, False)}  # during the passes: dropout on, norms and the rest in eval
+    assert not any(m.training for m in net.modules())  # afterwards: all in eval again
+    calls = iter([False, True])  # cancelled after the first batch of tiles
+    with pytest.raises(Cancelled):
+        segmenter.segment([image], MC, should_cancel=lambda: next(calls, True))
+    assert not any(m.training for m in net.modules())  # also after a cancelled run
+    plain = segmenter.segment([image], SegmentOptions(device="cpu", check_modality=False))
+    again = segmenter.segment([image], SegmentOptions(device="cpu", check_modality=False))
+    np.testing.assert_array_equal(plain.labels.array_zyx, again.labels.array_zyx)  # no stray dropout later
 
 
 def test_unknown_uncertainty_method_is_refused():

@@ -3,17 +3,24 @@ validate on the dataset's fixed split, checkpoint every epoch, resume after a ki
 result as a new immutable version whose card records its parent and both models' metrics.
 
 Checkpoints (``CHECKPOINT_DIR/last`` and ``/best``) hold the weights and the optimiser tensors as
-safetensors and everything else (epoch, scheduler, numpy and torch RNG states, history) as JSON,
-so resuming replays exactly the run that was interrupted: the epoch in flight at the kill is
-recomputed from the same random state and the result equals an uninterrupted run.
+safetensors and everything else (epoch, scheduler, history, world size) as JSON, plus one
+``ranks/rank-R.json`` per process with that process's random state (numpy generator of the patch
+sampler and augmentation, torch CPU / CUDA generators of dropout, Python ``random``). Rank 0
+gathers the states and writes them inside the same atomic checkpoint swap, and each rank restores
+its own on resume, so resuming replays exactly the run that was interrupted, also under
+``torchrun``: the epoch in flight at the kill is recomputed from the same random state and the
+result equals an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import hashlib
 import json
 import logging
 import os
+import random
 import shutil
 import time
 from collections.abc import Callable
@@ -65,6 +72,10 @@ class RetrainConfig:
         seed: everything random derives from it.
         label_mapping: dataset label name -> base model label name, for a fine-tune whose dataset
             names its labels differently (labels with equal names need no entry).
+        dropout: dropout probability after every conv of the U-Net (``mc_dropout`` uncertainty
+            needs > 0). None keeps the base's (0 from scratch). On a fine-tune a different value
+            rebuilds the base with (or without) the dropout layers: they hold no weights, so every
+            weight of the base is carried over.
     """
 
     epochs: int = 10
@@ -80,6 +91,11 @@ class RetrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     seed: int = 0
     label_mapping: dict[str, str] = field(default_factory=dict)
+    dropout: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("invalid dropout", expected="a probability in [0, 1)", found=repr(self.dropout))
 
 
 def match_labels(dataset: Dataset, card: ModelCard, mapping: dict[str, str] | None = None) -> dict[int, int]:
@@ -179,14 +195,18 @@ def _dataset_fingerprint(dataset_name: str, loaded: dict[str, LoadedCase], card:
 DEFAULT_PATCH_3D = (32, 64, 64)
 
 
-def default_unet_3d(in_channels: int, num_classes: int, deep_supervision: bool = True) -> UNetConfig:
-    """DeepSeg's default 3D U-Net (the bundled model's): 12-24-48-96 features, in-plane-only first stride."""
+def default_unet_3d(in_channels: int, num_classes: int, deep_supervision: bool = True, dropout: float = 0.0) -> UNetConfig:
+    """DeepSeg's default 3D U-Net (the bundled model's): 12-24-48-96 features, in-plane-only first stride.
+
+    ``dropout``: probability after every conv (the bundled model has none).
+    """
     return UNetConfig(
         spatial_dims=3,
         in_channels=in_channels,
         num_classes=num_classes,
         features=(12, 24, 48, 96),
         strides=((1, 2, 2), (2, 2, 2), (2, 2, 2)),
+        dropout=dropout,
         deep_supervision=deep_supervision,
     )
 
@@ -207,8 +227,9 @@ def _scratch_card(
         raise ConfigError("unknown architecture", expected="3d, 2.5d or 2d", found=config.arch)
     num_classes = max(label.value for label in dataset.labels) + 1
     channels = len(dataset.channel_names)
+    dropout = config.dropout or 0.0
     if config.arch == "3d":
-        net_config = default_unet_3d(channels, num_classes)
+        net_config = default_unet_3d(channels, num_classes, dropout=dropout)
         patch = DEFAULT_PATCH_3D
     else:
         k = 3 if config.arch == "2.5d" else 1
@@ -218,6 +239,7 @@ def _scratch_card(
             num_classes=num_classes,
             features=(16, 32, 64, 128),
             context_slices=k,
+            dropout=dropout,
             deep_supervision=True,
         )
         patch = (1, 96, 96)
@@ -232,6 +254,55 @@ def _scratch_card(
         weights_sha256="0" * 64,
     )
     return card, build_net("unet", net_config, seed=config.seed)
+
+
+def with_dropout(card: ModelCard, net: nn.Module, dropout: float, seed: int = 0) -> tuple[ModelCard, nn.Module]:
+    """``card``'s U-Net rebuilt with dropout probability ``dropout`` after every conv, weights kept.
+
+    Dropout layers hold no weights, but adding (or removing) them shifts the layer indices inside
+    each conv block and so the state-dict keys; the weights are therefore copied layer by layer in
+    network order (:func:`copy_weights_by_layer`), and every weight of ``net`` is carried over.
+    In eval mode the new network computes exactly what ``net`` does. ``seed`` only seeds the
+    throw-away initialisation (the global torch random state is not touched).
+
+    Raises:
+        ConfigError: the architecture has no dropout setting (not a DeepSeg U-Net).
+    """
+    config = card.architecture.config
+    if card.architecture.name != "unet" or "dropout" not in config:
+        raise ConfigError(
+            f"dropout cannot be set for model {card.ref}",
+            expected="a DeepSeg U-Net (architecture 'unet')",
+            found=f"architecture {card.architecture.name!r}",
+            hint="Leave --dropout out to fine-tune it as it is.",
+        )
+    if float(config["dropout"]) == dropout:
+        return card, net
+    new_config = {**config, "dropout": dropout}
+    rebuilt = build_net("unet", new_config, seed=seed)
+    copy_weights_by_layer(net, rebuilt)
+    return dataclasses.replace(card, architecture=dataclasses.replace(card.architecture, config=new_config)), rebuilt
+
+
+def copy_weights_by_layer(source: nn.Module, target: nn.Module) -> None:
+    """Copy every weight and buffer of ``source`` into ``target``, matching layers by their order.
+
+    Both networks must have the same layers with state (convs, norms, ...) in the same order; layers
+    without state (dropout, activations, pooling) may differ. Raises :class:`ConfigError` otherwise.
+    """
+
+    def stateful(net: nn.Module) -> list[nn.Module]:
+        return [m for m in net.modules() if not list(m.children()) and m.state_dict()]
+
+    src, dst = stateful(source), stateful(target)
+    if len(src) != len(dst) or any(type(a) is not type(b) for a, b in zip(src, dst, strict=False)):
+        raise ConfigError(
+            "the two networks' layers with weights differ",
+            expected=str([type(m).__name__ for m in src][:6]),
+            found=str([type(m).__name__ for m in dst][:6]),
+        )
+    for a, b in zip(src, dst, strict=True):
+        b.load_state_dict(a.state_dict(), strict=True)
 
 
 def evaluate_model(
@@ -266,11 +337,20 @@ def evaluate_model(
     return {"cases": per_case, "mean": mean, "case_ids": case_ids}
 
 
-def _save_checkpoint(folder: Path, net: nn.Module, optimiser: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Write a checkpoint next to ``folder`` and swap it in; the previous one survives any write failure."""
+def _save_checkpoint(
+    folder: Path,
+    net: nn.Module,
+    optimiser: torch.optim.Optimizer,
+    state: dict[str, Any],
+    rank_states: list[dict[str, Any]] | None = None,
+) -> None:
+    """Write a checkpoint next to ``folder`` and swap it in; the previous one survives any write failure.
+
+    ``rank_states``: every process's random state, index = rank (:func:`_random_state`).
+    """
     staging = folder.with_name(folder.name + ".tmp")
     try:
-        _write_checkpoint_files(staging, net, optimiser, state)
+        _write_checkpoint_files(staging, net, optimiser, state, rank_states or [])
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         previous = "The previous checkpoint there is intact" if folder.exists() else "No earlier checkpoint exists"
@@ -294,14 +374,19 @@ def _recover_checkpoint(folder: Path) -> None:
         os.replace(old, folder)
 
 
-def _write_checkpoint_files(staging: Path, net: nn.Module, optimiser: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+RANK_STATES = "ranks"
+
+
+def _write_checkpoint_files(
+    staging: Path, net: nn.Module, optimiser: torch.optim.Optimizer, state: dict[str, Any], rank_states: list[dict[str, Any]]
+) -> None:
     from safetensors.torch import save_file
 
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(staging / "weights.safetensors"))
     opt = optimiser.state_dict()
-    tensors = {"__torch_rng": torch.get_rng_state()}
+    tensors = {}
     plain_state = {}
     for param_id, entries in opt["state"].items():
         plain_state[str(param_id)] = {}
@@ -311,11 +396,20 @@ def _write_checkpoint_files(staging: Path, net: nn.Module, optimiser: torch.opti
             else:
                 plain_state[str(param_id)][key] = value
     save_file(tensors, str(staging / "optimizer.safetensors"))
+    if rank_states:
+        (staging / RANK_STATES).mkdir()
+        for rank, random_state in enumerate(rank_states):
+            (staging / RANK_STATES / f"rank-{rank}.json").write_text(json.dumps(random_state))
     state = {**state, "optimizer": {"param_groups": opt["param_groups"], "state": plain_state}}
     (staging / "state.json").write_text(json.dumps(state, indent=1))
 
 
 def _load_checkpoint(folder: Path, net: nn.Module, optimiser: torch.optim.Optimizer) -> dict[str, Any]:
+    """Weights and optimiser state into ``net`` / ``optimiser``; returns ``state.json``.
+
+    A checkpoint written before per-rank random states keeps torch's in ``optimizer.safetensors``
+    as ``__torch_rng``: it is returned as ``state["legacy_torch_rng"]``.
+    """
     from safetensors.torch import load_file
 
     net.load_state_dict(load_file(str(folder / "weights.safetensors")))
@@ -326,12 +420,112 @@ def _load_checkpoint(folder: Path, net: nn.Module, optimiser: torch.optim.Optimi
         opt_state[int(param_id)] = dict(entries)
     for key, value in tensors.items():
         if key == "__torch_rng":
+            state["legacy_torch_rng"] = value
             continue
         param_id, name = key.split(".", 1)
         opt_state.setdefault(int(param_id), {})[name] = value
     optimiser.load_state_dict({"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
-    torch.set_rng_state(tensors["__torch_rng"])
     return state
+
+
+def _check_resumable(folder: Path, rank: int, world: int) -> None:
+    """Refuse to resume from ``folder`` (``last/``) when it is missing or from another world size.
+
+    Rank 0 first puts back a checkpoint a kill left half-swapped; the others wait for it.
+    """
+    if rank == 0:
+        _recover_checkpoint(folder)
+    if world > 1:
+        torch.distributed.barrier()
+    if not (folder / "state.json").exists():
+        raise ConfigError("nothing to resume", subject=folder.parent, expected="last/state.json", hint="Start without --resume.")
+    written_by = int(json.loads((folder / "state.json").read_text()).get("world_size", 1))
+    if written_by != world:
+        raise ConfigError(
+            "the checkpoint was written by a run with another number of processes, so its per-process random "
+            "states (patch draws, augmentation, dropout) cannot be handed out",
+            subject=folder.parent,
+            expected=f"{written_by} process(es) (WORLD_SIZE), as in the run that wrote it",
+            found=f"{world} process(es)",
+            hint=f"Resume with {written_by} process(es) in all (nodes x --nproc_per_node of torchrun), or start a new run"
+            " without --resume (or in another --checkpoints folder).",
+        )
+
+
+def _random_state(rng: np.random.Generator, device: torch.device) -> dict[str, Any]:
+    """This process's random state as JSON data: the numpy generator that draws patches and their
+    augmentation, torch's CPU generator (and the CUDA one of ``device``; dropout), Python ``random``."""
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "numpy": rng.bit_generator.state,
+        "torch_cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii"),
+        "python": [version, list(internal), gauss],
+    }
+    if device.type == "cuda":
+        state["torch_cuda"] = base64.b64encode(torch.cuda.get_rng_state(device).numpy().tobytes()).decode("ascii")
+    return state
+
+
+def _set_random_state(state: dict[str, Any], rng: np.random.Generator, device: torch.device) -> None:
+    """Inverse of :func:`_random_state`."""
+
+    def as_tensor(text: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+    rng.bit_generator.state = state["numpy"]
+    torch.set_rng_state(as_tensor(state["torch_cpu"]))
+    if device.type == "cuda" and "torch_cuda" in state:
+        torch.cuda.set_rng_state(as_tensor(state["torch_cuda"]), device)
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _restore_random_state(folder: Path, state: dict[str, Any], rank: int, rng: np.random.Generator, device: torch.device) -> None:
+    """Restore this rank's own random state from checkpoint ``folder`` (``state``: its state.json)."""
+    path = folder / RANK_STATES / f"rank-{rank}.json"
+    if path.exists():
+        _set_random_state(json.loads(path.read_text()), rng, device)
+    elif "numpy_rng" in state and "legacy_torch_rng" in state:  # written before per-rank states (one process)
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["legacy_torch_rng"])
+    else:
+        raise ConfigError(
+            f"the checkpoint lacks the random state of process {rank}", subject=path, hint="Start without --resume."
+        )
+
+
+def _gather_random_states(rng: np.random.Generator, device: torch.device, rank: int, world: int) -> list[dict[str, Any]]:
+    """Every rank's :func:`_random_state`, index = rank, on rank 0 (an empty list elsewhere).
+
+    A collective: every rank must call it. The states travel as JSON bytes in a uint8 tensor
+    (padded to the longest), so nothing is pickled.
+    """
+    own = _random_state(rng, device)
+    if world == 1:
+        return [own]
+    # NCCL moves only CUDA tensors; gloo only CPU ones
+    where = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    payload = torch.frombuffer(bytearray(json.dumps(own).encode()), dtype=torch.uint8).to(where)
+    size = torch.tensor([payload.numel()], dtype=torch.int64, device=where)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    torch.distributed.all_gather(sizes, size)
+    padded = torch.zeros(int(max(int(s) for s in sizes)), dtype=torch.uint8, device=where)
+    padded[: payload.numel()] = payload
+    gathered = [torch.zeros_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(gathered, padded)
+    if rank != 0:
+        return []
+    return [json.loads(bytes(g[: int(s)].cpu().numpy())) for g, s in zip(gathered, sizes, strict=True)]
+
+
+def _any_rank(flag: bool, device: torch.device, world: int) -> bool:
+    """True on every rank when ``flag`` is True on any (so all ranks stop after the same epoch)."""
+    if world == 1:
+        return flag
+    where = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    value = torch.tensor([int(flag)], dtype=torch.int64, device=where)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def _encoder_parameters(net: nn.Module) -> list[nn.Parameter]:
@@ -361,6 +555,7 @@ def retrain(
     device: str = "cpu",
     on_event: EventCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
+    stop_after_epoch: int | None = None,
     activate: bool = True,
 ) -> RetrainOutcome:
     """Train a new version of ``name`` on ``dataset_dir`` and add it to ``store``.
@@ -376,7 +571,10 @@ def retrain(
         device: ``cpu``, ``cuda`` ... (AMP is used on CUDA).
         on_event: receives ``epoch_end`` / ``validation`` / ``done`` event dicts.
         should_stop: checked after every epoch; True stops after checkpointing (raises
-            :class:`Stopped`; call again with ``resume=True`` to continue).
+            :class:`Stopped`; call again with ``resume=True`` to continue). Under ``torchrun``
+            all ranks stop after the same epoch when any rank's callback says so.
+        stop_after_epoch: stop like ``should_stop`` once this epoch is finished (tests, and jobs
+            cut into time slices).
         activate: make the new version the active one (``deepseg models rollback`` undoes it).
     """
     store = store or ModelStore()
@@ -386,6 +584,7 @@ def retrain(
     if not split["train"]:
         raise DatasetError("no training cases", subject=dataset.root)
     torch.manual_seed(config.seed)
+    random.seed(config.seed)  # unused by DeepSeg today; seeded so that checkpoints and resumes replay it too
     loaded = {case_id: dataset.load_case(case_id) for case_id in split["train"]}
     parent_card = None
     if base is not None:
@@ -400,15 +599,19 @@ def retrain(
         absent = [x.name for x in parent_card.labels if x.value not in value_map.values()]
         if absent:
             log.warning("labels of %s missing from the dataset count as background there: %s", parent_card.ref, absent)
-        card = dataclasses.replace(
-            parent_card, name=name, parent_version=parent_card.version if parent_card.name == name else None
-        )
+        card = parent_card
+        if config.dropout is not None:
+            card, net = with_dropout(parent_card, net, config.dropout, seed=config.seed)
+        card = dataclasses.replace(card, name=name, parent_version=parent_card.version if parent_card.name == name else None)
         if parent_card.name == name:
             store.keep_parent(resolve_model(base, store), check_only=True)
     else:
         card, net = _scratch_card(dataset, name, config, loaded)
         value_map = {label.value: label.value for label in dataset.labels}
     rank, world = _distributed_rank_world()
+    checkpoint_dir = Path(checkpoint_dir)
+    if resume:
+        _check_resumable(checkpoint_dir / "last", rank, world)
     device_t = torch.device(device)
     if world > 1 and device_t.type == "cuda":
         device_t = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -423,6 +626,10 @@ def retrain(
             device_ids=[device_t.index] if device_t.type == "cuda" else None,
             find_unused_parameters=config.freeze_encoder_epochs > 0 and base is not None,
         )
+        # Each rank its own dropout masks (torch's global generator); the weights are already equal.
+        rank_seed = int(np.random.SeedSequence([config.seed, rank]).generate_state(1)[0])
+        torch.manual_seed(rank_seed)
+        random.seed(rank_seed)
     if rank != 0:
         emit = lambda event: None  # noqa: E731  (one event stream: rank 0's)
     spatial_dims = int(card.architecture.config.get("spatial_dims", 3))
@@ -441,18 +648,12 @@ def retrain(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=total, eta_min=0.05 * config.learning_rate)
     # Each rank draws its own patches; with one process the stream is the plain seed's.
     rng = np.random.default_rng(config.seed if world == 1 else [config.seed, rank])
-    checkpoint_dir = Path(checkpoint_dir)
     history: list[dict[str, Any]] = []
     start_epoch, best_score = 1, -1.0
     if resume:
-        _recover_checkpoint(checkpoint_dir / "last")
-        if not (checkpoint_dir / "last" / "state.json").exists():
-            raise ConfigError(
-                "nothing to resume", subject=checkpoint_dir, expected="last/state.json", hint="Start without --resume."
-            )
         state = _load_checkpoint(checkpoint_dir / "last", net, optimiser)
         schedule.load_state_dict(state["scheduler"])
-        rng.bit_generator.state = state["numpy_rng"]
+        _restore_random_state(checkpoint_dir / "last", state, rank, rng, device_t)
         start_epoch, history, best_score = state["epoch"] + 1, state["history"], state["best_score"]
         emit({"event": "resumed", "epoch": state["epoch"]})
     scaler = torch.amp.GradScaler("cuda", enabled=device_t.type == "cuda")
@@ -498,18 +699,31 @@ def retrain(
             "history": history,
             "best_score": best_score,
             "scheduler": schedule.state_dict(),
-            "numpy_rng": rng.bit_generator.state,
+            "world_size": world,
             "config": to_dict(config),
         }
+        rank_states = _gather_random_states(rng, device_t, rank, world)
         if rank == 0:
-            _save_checkpoint(checkpoint_dir / "last", net, optimiser, state)
+            _save_checkpoint(checkpoint_dir / "last", net, optimiser, state, rank_states)
         emit(record)
-        if should_stop is not None and should_stop() and epoch < config.epochs:
+        stop = (should_stop is not None and should_stop()) or (stop_after_epoch is not None and epoch >= stop_after_epoch)
+        # The agreement is also a barrier: no rank exits before rank 0's checkpoint is complete.
+        if _any_rank(stop, device_t, world) and epoch < config.epochs:
+            if world > 1:
+                torch.distributed.destroy_process_group()
             raise Stopped(f"stopped after epoch {epoch}; resume with the same checkpoint folder")
     net.eval()
     if world > 1:
         if on_event is not None:
-            on_event({"event": "rank_done", "rank": rank, "weights_sha256": _weights_digest(net)})
+            random_state = json.dumps(_random_state(rng, device_t), sort_keys=True).encode()
+            on_event(
+                {
+                    "event": "rank_done",
+                    "rank": rank,
+                    "weights_sha256": _weights_digest(net),
+                    "random_state_sha256": hashlib.sha256(random_state).hexdigest(),
+                }
+            )
         if rank != 0:
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
@@ -537,6 +751,7 @@ def retrain(
             "training": {
                 "epochs": config.epochs,
                 "final_loss": history[-1]["loss"] if history else None,
+                "dropout": float(card.architecture.config.get("dropout", 0.0)),
                 "cases": train_ids,
                 "base": str(base) if base is not None else None,
             },
@@ -575,8 +790,6 @@ def _distributed_rank_world() -> tuple[int, int]:
 
 
 def _weights_digest(net: nn.Module) -> str:
-    import hashlib
-
     digest = hashlib.sha256()
     for key, value in sorted(net.state_dict().items()):
         digest.update(key.encode())

@@ -119,6 +119,17 @@ class Pipeline:
             stacked = stack_neighbour_slices(stacked, self.context_slices).transpose(1, 0, 2, 3)
         return PreparedInput(np.ascontiguousarray(stacked), grid)
 
+    def prepare_training_case(self, images: Sequence[Volume], label: Volume) -> tuple[np.ndarray, np.ndarray]:
+        """A dataset case as the network sees it in training: ``(C, Z, Y, X)`` float32 and labels ``(Z, Y, X)``.
+
+        DeepSeg's own: resampled to the card's spacing (images linear, labels nearest) and
+        normalised as the card says; an imported model's pipeline prepares it as its tool would.
+        """
+        target = self.card.preprocessing.target_spacing_xyz_mm
+        channels = [normalize(resample_to_spacing(v, target).array_zyx, self.card.preprocessing.normalization) for v in images]
+        labels = resample_to_spacing(label, target, is_label=True).array_zyx
+        return np.stack(channels).astype(np.float32), labels
+
     def window_config(self, options: SegmentOptions) -> SlidingWindowConfig:
         """Sliding-window settings from the card, overridden by ``options``."""
         defaults = self.card.inference

@@ -163,12 +163,12 @@ def check_modality(card: ModelCard, image: Volume, subject: str) -> None:
 class Segmenter:
     """A loaded model, ready to segment many volumes (load once, run many)."""
 
-    def __init__(self, card: ModelCard, net: nn.Module, device: torch.device, cache_dir: Path | None = None) -> None:
-        self.card, self.device = card, device
+    def __init__(self, card: ModelCard, net: nn.Module, device: torch.device | str, cache_dir: Path | None = None) -> None:
+        self.card, self.device = card, torch.device(device)
         config = card.architecture.config
         self.spatial_dims = int(config.get("spatial_dims", 3))
         self.context_slices = int(config.get("context_slices", 1))
-        self.net = (_SliceNet(net) if self.spatial_dims == 2 else net).to(device).eval()
+        self.net = (_SliceNet(net) if self.spatial_dims == 2 else net).to(self.device).eval()
         self.pipeline = pipeline_for(card, self.spatial_dims, self.context_slices)
         #: where exported graphs of other backends are cached (beside the model store).
         self.cache_dir = cache_dir or store_root(None) / ".cache" / "compiled"

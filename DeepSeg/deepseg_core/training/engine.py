@@ -14,14 +14,12 @@ result equals an uninterrupted run.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import random
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,18 +30,28 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import domain_shift, metrics
+from .. import distributed, domain_shift, metrics
 from ..config import to_dict
 from ..datasets import Dataset, DatasetError
-from ..errors import ConfigError, DeepSegError
+from ..errors import ConfigError
 from ..inference import Segmenter, SegmentOptions
+from ..inference.pipelines import pipeline_for
 from ..io import Volume
 from ..losses import DeepSupervisionLoss, build_loss
 from ..model_card import Architecture, InferenceDefaults, Inputs, ModelCard, Normalization, Preprocessing
 from ..model_store import ModelStore, load_network, resolve_model
 from ..nets import UNetConfig, build_net
-from ..preprocessing import ct_normalization, intensity_fingerprint, normalize, resample_to_spacing
+from ..preprocessing import ct_normalization, intensity_fingerprint
 from .augment import AugmentConfig
+from .checkpoints import (
+    any_rank,
+    check_resumable,
+    gather_random_states,
+    load_checkpoint,
+    random_state,
+    restore_random_state,
+    save_checkpoint,
+)
 from .loop import network_batch, optimisation_step
 from .patches import PatchSampler, TrainingCase
 
@@ -164,17 +172,18 @@ LoadedCase = tuple[list[Volume], Volume]
 def _prepare_cases(
     loaded: dict[str, LoadedCase], card: ModelCard, ignore_value: int | None, value_map: dict[int, int] | None = None
 ) -> list[TrainingCase]:
-    """Cases resampled to the card's spacing and normalised as the card says; labels in model values."""
+    """Cases as the card's pipeline prepares them (DeepSeg's own: resampled to the card's spacing and
+    normalised as the card says; an imported model's: as its original tool does); labels in model values."""
+    config = card.architecture.config
+    pipeline = pipeline_for(card, int(config.get("spatial_dims", 3)), int(config.get("context_slices", 1)))
     out = []
     lut = _label_lut(value_map, ignore_value)
     for case_id, (images, label) in loaded.items():
-        target = card.preprocessing.target_spacing_xyz_mm
-        channels = [normalize(resample_to_spacing(v, target).array_zyx, card.preprocessing.normalization) for v in images]
-        labels = resample_to_spacing(label, target, is_label=True).array_zyx.astype(np.uint8)
+        image, labels = pipeline.prepare_training_case(images, label)
+        labels = labels.astype(np.uint8)
         if lut is not None:
             labels = lut[labels]
-        image = np.stack(channels).astype(np.float32)
-        out.append(TrainingCase(image, labels, name=case_id))
+        out.append(TrainingCase(image.astype(np.float32), labels, name=case_id))
     return out
 
 
@@ -337,197 +346,6 @@ def evaluate_model(
     return {"cases": per_case, "mean": mean, "case_ids": case_ids}
 
 
-def _save_checkpoint(
-    folder: Path,
-    net: nn.Module,
-    optimiser: torch.optim.Optimizer,
-    state: dict[str, Any],
-    rank_states: list[dict[str, Any]] | None = None,
-) -> None:
-    """Write a checkpoint next to ``folder`` and swap it in; the previous one survives any write failure.
-
-    ``rank_states``: every process's random state, index = rank (:func:`_random_state`).
-    """
-    staging = folder.with_name(folder.name + ".tmp")
-    try:
-        _write_checkpoint_files(staging, net, optimiser, state, rank_states or [])
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        previous = "The previous checkpoint there is intact" if folder.exists() else "No earlier checkpoint exists"
-        raise DeepSegError(
-            f"could not write the checkpoint ({exc.strerror or exc})",
-            subject=folder,
-            hint=f"{previous}. Free disk space (or choose another --checkpoints folder), then run again with --resume.",
-        ) from exc
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(staging, folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _recover_checkpoint(folder: Path) -> None:
-    """A kill between the two renames of :func:`_save_checkpoint` leaves only ``<folder>.old``: put it back."""
-    old = folder.with_name(folder.name + ".old")
-    if not folder.exists() and (old / "state.json").exists():
-        os.replace(old, folder)
-
-
-RANK_STATES = "ranks"
-
-
-def _write_checkpoint_files(
-    staging: Path, net: nn.Module, optimiser: torch.optim.Optimizer, state: dict[str, Any], rank_states: list[dict[str, Any]]
-) -> None:
-    from safetensors.torch import save_file
-
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(staging / "weights.safetensors"))
-    opt = optimiser.state_dict()
-    tensors = {}
-    plain_state = {}
-    for param_id, entries in opt["state"].items():
-        plain_state[str(param_id)] = {}
-        for key, value in entries.items():
-            if torch.is_tensor(value):
-                tensors[f"{param_id}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                plain_state[str(param_id)][key] = value
-    save_file(tensors, str(staging / "optimizer.safetensors"))
-    if rank_states:
-        (staging / RANK_STATES).mkdir()
-        for rank, random_state in enumerate(rank_states):
-            (staging / RANK_STATES / f"rank-{rank}.json").write_text(json.dumps(random_state))
-    state = {**state, "optimizer": {"param_groups": opt["param_groups"], "state": plain_state}}
-    (staging / "state.json").write_text(json.dumps(state, indent=1))
-
-
-def _load_checkpoint(folder: Path, net: nn.Module, optimiser: torch.optim.Optimizer) -> dict[str, Any]:
-    """Weights and optimiser state into ``net`` / ``optimiser``; returns ``state.json``.
-
-    A checkpoint written before per-rank random states keeps torch's in ``optimizer.safetensors``
-    as ``__torch_rng``: it is returned as ``state["legacy_torch_rng"]``.
-    """
-    from safetensors.torch import load_file
-
-    net.load_state_dict(load_file(str(folder / "weights.safetensors")))
-    tensors = load_file(str(folder / "optimizer.safetensors"))
-    state = json.loads((folder / "state.json").read_text())
-    opt_state: dict[int, dict[str, Any]] = {}
-    for param_id, entries in state["optimizer"]["state"].items():
-        opt_state[int(param_id)] = dict(entries)
-    for key, value in tensors.items():
-        if key == "__torch_rng":
-            state["legacy_torch_rng"] = value
-            continue
-        param_id, name = key.split(".", 1)
-        opt_state.setdefault(int(param_id), {})[name] = value
-    optimiser.load_state_dict({"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
-    return state
-
-
-def _check_resumable(folder: Path, rank: int, world: int) -> None:
-    """Refuse to resume from ``folder`` (``last/``) when it is missing or from another world size.
-
-    Rank 0 first puts back a checkpoint a kill left half-swapped; the others wait for it.
-    """
-    if rank == 0:
-        _recover_checkpoint(folder)
-    if world > 1:
-        torch.distributed.barrier()
-    if not (folder / "state.json").exists():
-        raise ConfigError("nothing to resume", subject=folder.parent, expected="last/state.json", hint="Start without --resume.")
-    written_by = int(json.loads((folder / "state.json").read_text()).get("world_size", 1))
-    if written_by != world:
-        raise ConfigError(
-            "the checkpoint was written by a run with another number of processes, so its per-process random "
-            "states (patch draws, augmentation, dropout) cannot be handed out",
-            subject=folder.parent,
-            expected=f"{written_by} process(es) (WORLD_SIZE), as in the run that wrote it",
-            found=f"{world} process(es)",
-            hint=f"Resume with {written_by} process(es) in all (nodes x --nproc_per_node of torchrun), or start a new run"
-            " without --resume (or in another --checkpoints folder).",
-        )
-
-
-def _random_state(rng: np.random.Generator, device: torch.device) -> dict[str, Any]:
-    """This process's random state as JSON data: the numpy generator that draws patches and their
-    augmentation, torch's CPU generator (and the CUDA one of ``device``; dropout), Python ``random``."""
-    version, internal, gauss = random.getstate()
-    state: dict[str, Any] = {
-        "numpy": rng.bit_generator.state,
-        "torch_cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii"),
-        "python": [version, list(internal), gauss],
-    }
-    if device.type == "cuda":
-        state["torch_cuda"] = base64.b64encode(torch.cuda.get_rng_state(device).numpy().tobytes()).decode("ascii")
-    return state
-
-
-def _set_random_state(state: dict[str, Any], rng: np.random.Generator, device: torch.device) -> None:
-    """Inverse of :func:`_random_state`."""
-
-    def as_tensor(text: str) -> torch.Tensor:
-        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
-
-    rng.bit_generator.state = state["numpy"]
-    torch.set_rng_state(as_tensor(state["torch_cpu"]))
-    if device.type == "cuda" and "torch_cuda" in state:
-        torch.cuda.set_rng_state(as_tensor(state["torch_cuda"]), device)
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def _restore_random_state(folder: Path, state: dict[str, Any], rank: int, rng: np.random.Generator, device: torch.device) -> None:
-    """Restore this rank's own random state from checkpoint ``folder`` (``state``: its state.json)."""
-    path = folder / RANK_STATES / f"rank-{rank}.json"
-    if path.exists():
-        _set_random_state(json.loads(path.read_text()), rng, device)
-    elif "numpy_rng" in state and "legacy_torch_rng" in state:  # written before per-rank states (one process)
-        rng.bit_generator.state = state["numpy_rng"]
-        torch.set_rng_state(state["legacy_torch_rng"])
-    else:
-        raise ConfigError(
-            f"the checkpoint lacks the random state of process {rank}", subject=path, hint="Start without --resume."
-        )
-
-
-def _gather_random_states(rng: np.random.Generator, device: torch.device, rank: int, world: int) -> list[dict[str, Any]]:
-    """Every rank's :func:`_random_state`, index = rank, on rank 0 (an empty list elsewhere).
-
-    A collective: every rank must call it. The states travel as JSON bytes in a uint8 tensor
-    (padded to the longest), so nothing is pickled.
-    """
-    own = _random_state(rng, device)
-    if world == 1:
-        return [own]
-    # NCCL moves only CUDA tensors; gloo only CPU ones
-    where = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-    payload = torch.frombuffer(bytearray(json.dumps(own).encode()), dtype=torch.uint8).to(where)
-    size = torch.tensor([payload.numel()], dtype=torch.int64, device=where)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    torch.distributed.all_gather(sizes, size)
-    padded = torch.zeros(int(max(int(s) for s in sizes)), dtype=torch.uint8, device=where)
-    padded[: payload.numel()] = payload
-    gathered = [torch.zeros_like(padded) for _ in range(world)]
-    torch.distributed.all_gather(gathered, padded)
-    if rank != 0:
-        return []
-    return [json.loads(bytes(g[: int(s)].cpu().numpy())) for g, s in zip(gathered, sizes, strict=True)]
-
-
-def _any_rank(flag: bool, device: torch.device, world: int) -> bool:
-    """True on every rank when ``flag`` is True on any (so all ranks stop after the same epoch)."""
-    if world == 1:
-        return flag
-    where = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-    value = torch.tensor([int(flag)], dtype=torch.int64, device=where)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())
-
-
 def _encoder_parameters(net: nn.Module) -> list[nn.Parameter]:
     encoder = getattr(net, "encoder", None)
     return list(encoder.parameters()) if isinstance(encoder, nn.Module) else []
@@ -608,10 +426,10 @@ def retrain(
     else:
         card, net = _scratch_card(dataset, name, config, loaded)
         value_map = {label.value: label.value for label in dataset.labels}
-    rank, world = _distributed_rank_world()
+    rank, world = distributed.rank_world()
     checkpoint_dir = Path(checkpoint_dir)
     if resume:
-        _check_resumable(checkpoint_dir / "last", rank, world)
+        check_resumable(checkpoint_dir / "last", rank, world)
     device_t = torch.device(device)
     if world > 1 and device_t.type == "cuda":
         device_t = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -651,9 +469,9 @@ def retrain(
     history: list[dict[str, Any]] = []
     start_epoch, best_score = 1, -1.0
     if resume:
-        state = _load_checkpoint(checkpoint_dir / "last", net, optimiser)
+        state = load_checkpoint(checkpoint_dir / "last", net, optimiser)
         schedule.load_state_dict(state["scheduler"])
-        _restore_random_state(checkpoint_dir / "last", state, rank, rng, device_t)
+        restore_random_state(checkpoint_dir / "last", state, rank, rng, device_t)
         start_epoch, history, best_score = state["epoch"] + 1, state["history"], state["best_score"]
         emit({"event": "resumed", "epoch": state["epoch"]})
     scaler = torch.amp.GradScaler("cuda", enabled=device_t.type == "cuda")
@@ -690,7 +508,7 @@ def retrain(
             record["mean_dice"] = score
             if score > best_score:
                 best_score = score
-                _save_checkpoint(checkpoint_dir / "best", net, optimiser, {"epoch": epoch, "score": score})
+                save_checkpoint(checkpoint_dir / "best", net, optimiser, {"epoch": epoch, "score": score})
         elapsed = time.perf_counter() - started
         record["eta_s"] = elapsed / (epoch - start_epoch + 1) * (config.epochs - epoch)
         history.append(record)
@@ -702,26 +520,26 @@ def retrain(
             "world_size": world,
             "config": to_dict(config),
         }
-        rank_states = _gather_random_states(rng, device_t, rank, world)
+        rank_states = gather_random_states(rng, device_t, rank, world)
         if rank == 0:
-            _save_checkpoint(checkpoint_dir / "last", net, optimiser, state, rank_states)
+            save_checkpoint(checkpoint_dir / "last", net, optimiser, state, rank_states)
         emit(record)
         stop = (should_stop is not None and should_stop()) or (stop_after_epoch is not None and epoch >= stop_after_epoch)
         # The agreement is also a barrier: no rank exits before rank 0's checkpoint is complete.
-        if _any_rank(stop, device_t, world) and epoch < config.epochs:
+        if any_rank(stop, device_t, world) and epoch < config.epochs:
             if world > 1:
                 torch.distributed.destroy_process_group()
             raise Stopped(f"stopped after epoch {epoch}; resume with the same checkpoint folder")
     net.eval()
     if world > 1:
         if on_event is not None:
-            random_state = json.dumps(_random_state(rng, device_t), sort_keys=True).encode()
+            own_state = json.dumps(random_state(rng, device_t), sort_keys=True).encode()
             on_event(
                 {
                     "event": "rank_done",
                     "rank": rank,
                     "weights_sha256": _weights_digest(net),
-                    "random_state_sha256": hashlib.sha256(random_state).hexdigest(),
+                    "random_state_sha256": hashlib.sha256(own_state).hexdigest(),
                 }
             )
         if rank != 0:
@@ -773,20 +591,6 @@ def retrain(
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return RetrainOutcome(stored, history, validation, parent_validation)
-
-
-def _distributed_rank_world() -> tuple[int, int]:
-    """``(rank, world size)``; under ``torchrun`` (WORLD_SIZE > 1) the process group is started.
-
-    One code path for one process and many: gloo on CPU, NCCL when CUDA is present.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    if not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend=backend)
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
 def _weights_digest(net: nn.Module) -> str:

@@ -1,0 +1,216 @@
+"""Training checkpoints and per-process random states (safetensors + JSON, never pickle).
+
+A checkpoint folder (``last/``, ``best/``) holds the weights and the optimiser tensors as
+safetensors, everything else (epoch, scheduler, history, world size) in ``state.json``, and one
+``ranks/rank-R.json`` per process with its random state (numpy generator of the patch sampler and
+augmentation, torch CPU / CUDA generators of dropout, Python ``random``). A checkpoint is written
+beside the folder and swapped in, so the previous one survives any failure; rank 0 gathers the
+ranks' states (a collective) and writes them inside the same swap, and each rank restores its own.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ConfigError, DeepSegError
+
+
+def save_checkpoint(
+    folder: Path,
+    net: nn.Module,
+    optimiser: torch.optim.Optimizer,
+    state: dict[str, Any],
+    rank_states: list[dict[str, Any]] | None = None,
+) -> None:
+    """Write a checkpoint next to ``folder`` and swap it in; the previous one survives any write failure.
+
+    ``rank_states``: every process's random state, index = rank (:func:`random_state`).
+    """
+    staging = folder.with_name(folder.name + ".tmp")
+    try:
+        _write_checkpoint_files(staging, net, optimiser, state, rank_states or [])
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        previous = "The previous checkpoint there is intact" if folder.exists() else "No earlier checkpoint exists"
+        raise DeepSegError(
+            f"could not write the checkpoint ({exc.strerror or exc})",
+            subject=folder,
+            hint=f"{previous}. Free disk space (or choose another --checkpoints folder), then run again with --resume.",
+        ) from exc
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(staging, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_checkpoint(folder: Path) -> None:
+    """A kill between the two renames of :func:`save_checkpoint` leaves only ``<folder>.old``: put it back."""
+    old = folder.with_name(folder.name + ".old")
+    if not folder.exists() and (old / "state.json").exists():
+        os.replace(old, folder)
+
+
+RANK_STATES = "ranks"
+
+
+def _write_checkpoint_files(
+    staging: Path, net: nn.Module, optimiser: torch.optim.Optimizer, state: dict[str, Any], rank_states: list[dict[str, Any]]
+) -> None:
+    from safetensors.torch import save_file
+
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(staging / "weights.safetensors"))
+    opt = optimiser.state_dict()
+    tensors = {}
+    plain_state = {}
+    for param_id, entries in opt["state"].items():
+        plain_state[str(param_id)] = {}
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"{param_id}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                plain_state[str(param_id)][key] = value
+    save_file(tensors, str(staging / "optimizer.safetensors"))
+    if rank_states:
+        (staging / RANK_STATES).mkdir()
+        for rank, random_state in enumerate(rank_states):
+            (staging / RANK_STATES / f"rank-{rank}.json").write_text(json.dumps(random_state))
+    state = {**state, "optimizer": {"param_groups": opt["param_groups"], "state": plain_state}}
+    (staging / "state.json").write_text(json.dumps(state, indent=1))
+
+
+def load_checkpoint(folder: Path, net: nn.Module, optimiser: torch.optim.Optimizer) -> dict[str, Any]:
+    """Weights and optimiser state into ``net`` / ``optimiser``; returns ``state.json``.
+
+    A checkpoint written before per-rank random states keeps torch's in ``optimizer.safetensors``
+    as ``__torch_rng``: it is returned as ``state["legacy_torch_rng"]``.
+    """
+    from safetensors.torch import load_file
+
+    net.load_state_dict(load_file(str(folder / "weights.safetensors")))
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    state = json.loads((folder / "state.json").read_text())
+    opt_state: dict[int, dict[str, Any]] = {}
+    for param_id, entries in state["optimizer"]["state"].items():
+        opt_state[int(param_id)] = dict(entries)
+    for key, value in tensors.items():
+        if key == "__torch_rng":
+            state["legacy_torch_rng"] = value
+            continue
+        param_id, name = key.split(".", 1)
+        opt_state.setdefault(int(param_id), {})[name] = value
+    optimiser.load_state_dict({"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
+    return state
+
+
+def check_resumable(folder: Path, rank: int, world: int) -> None:
+    """Refuse to resume from ``folder`` (``last/``) when it is missing or from another world size.
+
+    Rank 0 first puts back a checkpoint a kill left half-swapped; the others wait for it.
+    """
+    if rank == 0:
+        recover_checkpoint(folder)
+    if world > 1:
+        torch.distributed.barrier()
+    if not (folder / "state.json").exists():
+        raise ConfigError("nothing to resume", subject=folder.parent, expected="last/state.json", hint="Start without --resume.")
+    written_by = int(json.loads((folder / "state.json").read_text()).get("world_size", 1))
+    if written_by != world:
+        raise ConfigError(
+            "the checkpoint was written by a run with another number of processes, so its per-process random "
+            "states (patch draws, augmentation, dropout) cannot be handed out",
+            subject=folder.parent,
+            expected=f"{written_by} process(es) (WORLD_SIZE), as in the run that wrote it",
+            found=f"{world} process(es)",
+            hint=f"Resume with {written_by} process(es) in all (nodes x --nproc_per_node of torchrun), or start a new run"
+            " without --resume (or in another --checkpoints folder).",
+        )
+
+
+def random_state(rng: np.random.Generator, device: torch.device) -> dict[str, Any]:
+    """This process's random state as JSON data: the numpy generator that draws patches and their
+    augmentation, torch's CPU generator (and the CUDA one of ``device``; dropout), Python ``random``."""
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "numpy": rng.bit_generator.state,
+        "torch_cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii"),
+        "python": [version, list(internal), gauss],
+    }
+    if device.type == "cuda":
+        state["torch_cuda"] = base64.b64encode(torch.cuda.get_rng_state(device).numpy().tobytes()).decode("ascii")
+    return state
+
+
+def set_random_state(state: dict[str, Any], rng: np.random.Generator, device: torch.device) -> None:
+    """Inverse of :func:`random_state`."""
+
+    def as_tensor(text: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+    rng.bit_generator.state = state["numpy"]
+    torch.set_rng_state(as_tensor(state["torch_cpu"]))
+    if device.type == "cuda" and "torch_cuda" in state:
+        torch.cuda.set_rng_state(as_tensor(state["torch_cuda"]), device)
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def restore_random_state(folder: Path, state: dict[str, Any], rank: int, rng: np.random.Generator, device: torch.device) -> None:
+    """Restore this rank's own random state from checkpoint ``folder`` (``state``: its state.json)."""
+    path = folder / RANK_STATES / f"rank-{rank}.json"
+    if path.exists():
+        set_random_state(json.loads(path.read_text()), rng, device)
+    elif "numpy_rng" in state and "legacy_torch_rng" in state:  # written before per-rank states (one process)
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["legacy_torch_rng"])
+    else:
+        raise ConfigError(
+            f"the checkpoint lacks the random state of process {rank}", subject=path, hint="Start without --resume."
+        )
+
+
+def gather_random_states(rng: np.random.Generator, device: torch.device, rank: int, world: int) -> list[dict[str, Any]]:
+    """Every rank's :func:`random_state`, index = rank, on rank 0 (an empty list elsewhere).
+
+    A collective: every rank must call it. The states travel as JSON bytes in a uint8 tensor
+    (padded to the longest), so nothing is pickled.
+    """
+    own = random_state(rng, device)
+    if world == 1:
+        return [own]
+    # NCCL moves only CUDA tensors; gloo only CPU ones
+    where = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    payload = torch.frombuffer(bytearray(json.dumps(own).encode()), dtype=torch.uint8).to(where)
+    size = torch.tensor([payload.numel()], dtype=torch.int64, device=where)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    torch.distributed.all_gather(sizes, size)
+    padded = torch.zeros(int(max(int(s) for s in sizes)), dtype=torch.uint8, device=where)
+    padded[: payload.numel()] = payload
+    gathered = [torch.zeros_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(gathered, padded)
+    if rank != 0:
+        return []
+    return [json.loads(bytes(g[: int(s)].cpu().numpy())) for g, s in zip(gathered, sizes, strict=True)]
+
+
+def any_rank(flag: bool, device: torch.device, world: int) -> bool:
+    """True on every rank when ``flag`` is True on any (so all ranks stop after the same epoch)."""
+    if world == 1:
+        return flag
+    where = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    value = torch.tensor([int(flag)], dtype=torch.int64, device=where)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())

@@ -5,9 +5,12 @@
 Net: MONAI UNet(3, 1, 2, (16, 32, 64, 128, 256), (2, 2, 2, 2), num_res_units=2) with fixed random
 weights (ENVIRONMENT.md's reference). Volume 192 x 192 x 160 (x, y, z), patch 96^3, overlap 0.25,
 Gaussian blending (sigma = patch / 8 in both). MONAI is timed with its default sw_batch_size=1 and
-with the same tile batch DeepSeg uses. Reports the time ratio, the FLOP rate against a measured
-matmul ceiling, and how far the two outputs differ (and that they are identical when both place
-tiles alike and use the same weights).
+with the same tile batch DeepSeg uses. DeepSeg runs with each inference backend (torch, OpenVINO,
+ONNX Runtime: the same weights exported to ONNX). Reports, from one run on one volume: the time
+ratios (``ratio_vs_monai_same_batch`` is DeepSeg's default ``auto`` backend against MONAI at the
+same tile batch; ``ratio_vs_monai_same_batch_torch`` the torch backend), time per tile and GFLOP/s
+of every backend against a measured matmul ceiling, and how far the outputs differ (identical
+arithmetic when both place tiles alike and use the same weights).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "DeepSeg"))
 
 from deepseg_core.inference import SlidingWindowConfig, gaussian_importance, sliding_window_predict
+from deepseg_core.inference.backends import choose_backend, installed, tile_function
 
 SHAPE_ZYX = (160, 192, 192)
 PATCH = (96, 96, 96)
@@ -94,6 +99,7 @@ def time_monai(net, image, batch, device, repeats, weight_map=None):
 
 
 def time_deepseg(net, image, batch, device, repeats):
+    """Best-of-``repeats`` seconds, the foreground probabilities, and the sliding window's stats."""
     best, probs, stats = float("inf"), np.zeros(SHAPE_ZYX, np.float32), {}
     config = SlidingWindowConfig(patch_size_zyx=PATCH, overlap=OVERLAP, batch_size=batch, sigma_scale=0.125)
 
@@ -141,6 +147,19 @@ def main() -> int:
     monai_batched, _ = time_monai(net, image, args.batch, device, args.repeats)
     deepseg_time, deepseg_probs, stats = time_deepseg(net, image, args.batch, device, args.repeats)
     achieved = stats["tiles"] * flops / deepseg_time / 1e9
+    backends = {"torch": {"seconds": deepseg_time, "max_abs_prob_diff_vs_torch": 0.0}}
+    with tempfile.TemporaryDirectory() as cache:
+        for name in ("openvino", "onnxruntime"):
+            if not installed(name) or device.type != "cpu":
+                continue
+            tiles, used = tile_function(net, choose_backend(name, device), "0" * 64, (args.batch, 1, *PATCH), Path(cache))
+            seconds, probs, _ = time_deepseg(tiles, image, args.batch, device, args.repeats)
+            backends[used.name] = {"seconds": seconds, "max_abs_prob_diff_vs_torch": float(np.abs(probs - deepseg_probs).max())}
+    for entry in backends.values():
+        entry["s_per_tile"] = entry["seconds"] / stats["tiles"]
+        entry["gflops"] = stats["tiles"] * flops / entry["seconds"] / 1e9
+        entry["fraction_of_ceiling"] = entry["gflops"] / ceiling
+    default = choose_backend("auto", device).name
     result = {
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
@@ -152,11 +171,15 @@ def main() -> int:
         "monai_s_batch1": monai_default,
         f"monai_s_batch{args.batch}": monai_batched,
         f"deepseg_s_batch{args.batch}": deepseg_time,
-        "ratio_vs_monai_default": deepseg_time / monai_default,
-        "ratio_vs_monai_same_batch": deepseg_time / monai_batched,
-        "deepseg_gflops": achieved,
+        "default_backend": default,
+        "ratio_vs_monai_default": backends[default]["seconds"] / monai_default,
+        "ratio_vs_monai_same_batch": backends[default]["seconds"] / monai_batched,
+        "ratio_vs_monai_same_batch_torch": deepseg_time / monai_batched,
+        "deepseg_gflops": backends[default]["gflops"],
         "matmul_ceiling_gflops": ceiling,
-        "fraction_of_ceiling": achieved / ceiling,
+        "fraction_of_ceiling": backends[default]["fraction_of_ceiling"],
+        "torch_backend_gflops": achieved,
+        "backends": backends,
         # On 192 voxels DeepSeg spaces tiles evenly ([0, 48, 96]); MONAI steps by 72 and clamps the
         # last tile ([0, 72, 96]); MONAI also floors its Gaussian at 1e-3. With random weights the
         # tiles disagree a lot, so the blends differ; same_tiles_max_abs_diff checks the arithmetic.
@@ -171,7 +194,7 @@ def main() -> int:
         print(json.dumps(result))
     else:
         for key, value in result.items():
-            print(f"{key:>28}: {value:.4g}" if isinstance(value, float) else f"{key:>28}: {value}")
+            print(f"{key:>32}: {value:.4g}" if isinstance(value, float) else f"{key:>32}: {value}")
     return 0
 
 

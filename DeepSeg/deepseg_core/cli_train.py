@@ -84,7 +84,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ids = sorted(dataset.cases) if args.split == "all" else split[args.split]
     segmenter = Segmenter.load(args.model, device=args.device, store=ModelStore(args.models_dir))
     value_map = match_labels(dataset, segmenter.card, parse_label_mapping(args.map_label))
-    result = evaluate_model(segmenter, dataset, ids, value_map=value_map)
+    result = evaluate_model(segmenter, dataset, ids, value_map=value_map, backend=args.backend)
     result["model"] = segmenter.card.ref
     result["split"] = args.split
     from .cli import print_json
@@ -155,6 +155,12 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--dataset", required=True)
     p.add_argument("--split", default="validation", choices=["validation", "train", "all"])
+    p.add_argument(
+        "--backend",
+        default="torch",
+        choices=["auto", "torch", "openvino", "onnxruntime"],
+        help="inference backend (default torch: the numbers of training's validation)",
+    )
     p.add_argument("--map-label", action="append", metavar="'DATASET=MODEL'", help="dataset label -> model label")
     p.add_argument("--device", default="auto")
     p.add_argument("--models-dir", default=None)

@@ -125,7 +125,10 @@ def test_train_and_evaluate_cli(site_b_dataset, tmp_path, capsys):
     )
     report = json.loads(capsys.readouterr().out)
     assert report["model"] == "liver-b:1" and list(report["cases"]) == report["case_ids"]
-    assert 0.0 <= report["mean"]["liver"]["dice"] <= 1.0
+    # evaluate reproduces what training reported for the same model on the same fixed validation split
+    assert report["case_ids"] == card.metrics["validation"]["cases"]
+    for name, dice in card.metrics["validation"]["dice"].items():
+        assert report["mean"][name]["dice"] == pytest.approx(dice, abs=1e-6), name
     assert main(["train", "--dataset", str(tmp_path / "missing"), "--name", "x", "--models-dir", store]) == 2
     assert "dataset folder not found" in capsys.readouterr().err
 

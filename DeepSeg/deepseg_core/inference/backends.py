@@ -8,8 +8,9 @@ are optional (``pip install deepseg[cpu-fast]``).
 - ``torch``: the network itself (CUDA, AMP, Monte-Carlo dropout).
 - ``onnxruntime`` / ``openvino``: the network exported once to ONNX (opset 17, the TorchScript
   exporter) with the sliding window's fixed batch and patch, cached per model version. A cached
-  graph is used only when its key matches: the weights' SHA-256, the patch, the batch, the input
-  channels, the exporting torch version and the graph file's own SHA-256; otherwise it is rebuilt.
+  graph is used only when its key matches: the SHA-256 of the network's actual tensors
+  (:func:`weights_digest`), the patch, the batch, the input channels, the exporting torch version
+  and the graph file's own SHA-256; otherwise it is rebuilt.
   A last batch with fewer tiles is padded to the fixed batch (the extra outputs are dropped).
 - ``auto``: OpenVINO, else ONNX Runtime on the CPU, torch on CUDA; any backend that cannot serve
   the run (not installed, CUDA, Monte-Carlo dropout, an export failure) falls back to torch with
@@ -76,6 +77,18 @@ def choose_backend(requested: str, device: torch.device, needs_stochastic_layers
             return BackendChoice(name, "fastest installed CPU runtime" if requested == "auto" else "requested")
     missing = " and ".join(candidates)
     return BackendChoice("torch", f"{missing} not installed (pip install deepseg[cpu-fast])")
+
+
+def weights_digest(net: nn.Module) -> str:
+    """SHA-256 of the network's current tensors (names, dtypes, shapes, bytes): what an exported graph
+    computes. Taken from the weights themselves, never from a card, so a network being trained
+    can never be run through a graph exported from an earlier state of it."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(net.state_dict().items()):
+        value = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+        digest.update(value.numpy().tobytes() if value.dtype != torch.bfloat16 else value.float().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def export_key(weights_sha256: str, backend: str, input_shape: tuple[int, ...]) -> dict[str, object]:
@@ -182,7 +195,8 @@ def tile_function(
 ) -> tuple[TileFunction, BackendChoice]:
     """The callable the sliding window runs tiles through, and the backend actually used.
 
-    An export or runtime failure falls back to torch (logged with its reason), never a failed run.
+    ``weights_sha256``: :func:`weights_digest` of ``net`` (the export cache's key). An export or
+    runtime failure falls back to torch (logged with its reason), never a failed run.
     """
     if choice.name == "torch":
         return net, choice

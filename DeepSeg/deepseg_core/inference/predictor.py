@@ -35,7 +35,7 @@ from ..io import Volume
 from ..model_card import ModelCard
 from ..model_catalog import store_root
 from ..model_store import ModelStore, load_network, resolve_model
-from .backends import BACKENDS, BackendChoice, TileFunction, choose_backend, tile_function
+from .backends import BACKENDS, BackendChoice, TileFunction, choose_backend, tile_function, weights_digest
 from .pipelines import PreparedInput, pipeline_for
 from .sliding_window import ProgressCallback, SlidingWindowConfig, sliding_window_predict
 
@@ -191,12 +191,13 @@ class Segmenter:
         Exported graphs are built once per Segmenter and shape (cached on disk across runs).
         """
         choice = choose_backend(options.backend, self.device, needs_stochastic_layers=options.uncertainty == "mc_dropout")
+        if choice.name == "torch":
+            return self.net, "torch"
         shape = (window.batch_size, input_channels, *window.patch_size_zyx)
-        key = (choice.name, shape)
+        key = (choice.name, shape, weights_digest(self.net))  # the weights may have changed (training)
         if key not in self._tile_functions:
-            if choice.name != "torch" or choice.reason != "requested":
-                log.info("inference backend: %s (%s)", choice.name, choice.reason)
-            self._tile_functions[key] = tile_function(self.net, choice, self.card.weights_sha256, shape, self.cache_dir)
+            log.info("inference backend: %s (%s)", choice.name, choice.reason)
+            self._tile_functions[key] = tile_function(self.net, choice, key[2], shape, self.cache_dir)
         function, used = self._tile_functions[key]
         return function, used.name
 

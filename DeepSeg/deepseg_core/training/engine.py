@@ -315,18 +315,25 @@ def copy_weights_by_layer(source: nn.Module, target: nn.Module) -> None:
 
 
 def evaluate_model(
-    segmenter: Segmenter, dataset: Dataset, case_ids: list[str], hd95: bool = True, value_map: dict[int, int] | None = None
+    segmenter: Segmenter,
+    dataset: Dataset,
+    case_ids: list[str],
+    hd95: bool = True,
+    value_map: dict[int, int] | None = None,
+    backend: str = "torch",
 ) -> dict[str, Any]:
     """Per-case and mean Dice (and HD95, mm) per dataset label of ``segmenter`` on ``case_ids``.
 
     ``value_map``: dataset label value -> model output value (:func:`match_labels`); default: by
-    name, i.e. ``match_labels(dataset, segmenter.card)``.
+    name, i.e. ``match_labels(dataset, segmenter.card)``. ``backend``: torch by default, so that
+    validation during training (whose weights change every epoch: nothing to export) and a later
+    ``deepseg evaluate`` compute the same numbers.
     """
     value_map = match_labels(dataset, segmenter.card) if value_map is None else value_map
     per_case = {}
     for case_id in case_ids:
         images, label = dataset.load_case(case_id)
-        result = segmenter.segment(images, SegmentOptions(check_modality=False))
+        result = segmenter.segment(images, SegmentOptions(check_modality=False, backend=backend))
         scores = {}
         for spec in dataset.labels:
             model_value = value_map.get(spec.value, -1)

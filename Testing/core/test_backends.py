@@ -115,3 +115,21 @@ def test_segment_reports_the_backend_and_keeps_progress_and_uncertainty(segmente
     )
     assert result.backend == "openvino" and seen and seen[-1][0] == seen[-1][1]
     assert result.uncertainty is not None and 0.0 < float(result.uncertainty.array_zyx.max()) <= 1.0
+
+
+def test_changed_weights_are_never_run_through_a_graph_exported_from_the_old_ones(tmp_path):
+    """Validation during training runs the same network object epoch after epoch: the export key is
+    the weights themselves, not the card's checksum (which still names the parent's weights)."""
+    card = Segmenter.load(DEFAULT_MODEL, device="cpu").card
+    net = build_net(card.architecture.name, card.architecture.config, seed=3)
+    segmenter = Segmenter(card, net, "cpu", cache_dir=tmp_path)
+    image = [sample_crop()]
+    first = segmenter.segment(image, SegmentOptions(backend="onnxruntime", keep_probabilities=True)).probabilities
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.mul_(1.5)
+    second = segmenter.segment(image, SegmentOptions(backend="onnxruntime", keep_probabilities=True)).probabilities
+    reference = segmenter.segment(image, SegmentOptions(backend="torch", keep_probabilities=True)).probabilities
+    moved = np.abs(second.astype(float) - first.astype(float)).max()
+    assert moved > 0.05, "the new weights change the output"
+    assert np.abs(second.astype(float) - reference.astype(float)).max() < 0.1 * moved, "the new weights, not the old graph"

@@ -1,11 +1,13 @@
-"""Peak memory and time of `Segmenter.segment` from 128^3 to a 512 x 512 x 300 CT, 10-class model.
+"""Peak memory and time of `Segmenter.segment` from 128^3 to a 512 x 512 x 300 CT, 10 or 117 classes.
 
     python Testing/Benchmarks/bench_memory.py [--json] [--device cpu] [--sizes 128,128,128 300,512,512]
+        [--classes 117] [--input-spacing 0.8 0.8 1.0] [--model-spacing 1.5 1.5 1.5] [--backend auto]
 
 Each size runs in a fresh subprocess so its peak RSS (getrusage ru_maxrss) is its own. The model is
-a DeepSeg 3D U-Net (features 16-32-64-128, 10 classes, patch 64 x 128 x 128, batch 2) with random
-weights; the input is a CT-like int16 volume. Reported against the input's own size and against
-what a whole-volume float32 accumulator of 10 classes alone would need.
+a DeepSeg 3D U-Net (features 16-32-64-128, ``--classes`` outputs, patch 64 x 128 x 128, batch 2)
+with random weights; the input is a CT-like int16 volume. When the input and model spacings differ,
+the probabilities go back to the input grid slab by slab (the resampling path). Reported against the
+input's own size and against what a whole-volume float32 accumulator of all classes alone would need.
 """
 
 from __future__ import annotations
@@ -24,10 +26,9 @@ sys.path.insert(0, str(REPO / "DeepSeg"))
 sys.path.insert(0, str(REPO / "Testing" / "core"))
 
 DEFAULT_SIZES = ["128,128,128", "128,256,256", "150,512,512", "300,512,512"]
-CLASSES = 10
 
 
-def make_model(folder: Path) -> Path:
+def make_model(folder: Path, classes: int, spacing: tuple[float, float, float]) -> Path:
     from deepseg_core.config import to_dict
     from deepseg_core.model_card import (
         Architecture,
@@ -41,15 +42,15 @@ def make_model(folder: Path) -> Path:
     from deepseg_core.model_store import write_model_folder
     from deepseg_core.nets import UNetConfig, build_net
 
-    cfg = UNetConfig(spatial_dims=3, in_channels=1, num_classes=CLASSES, features=(16, 32, 64, 128))
-    labels = tuple(LabelSpec(v, f"structure {v}", (v / CLASSES, 0.5, 1 - v / CLASSES)) for v in range(1, CLASSES))
+    cfg = UNetConfig(spatial_dims=3, in_channels=1, num_classes=classes, features=(16, 32, 64, 128))
+    labels = tuple(LabelSpec(v, f"structure {v}", (v / classes, 0.5, 1 - v / classes)) for v in range(1, classes))
     card = ModelCard(
-        name="bench10",
+        name=f"bench{classes}",
         version=1,
         architecture=Architecture("unet", to_dict(cfg)),
         inputs=Inputs("CT", ("CT",)),
         labels=labels,
-        preprocessing=Preprocessing((1.0, 1.0, 1.0), Normalization("ct", (-200.0, 300.0), 50.0, 100.0)),
+        preprocessing=Preprocessing(spacing, Normalization("ct", (-200.0, 300.0), 50.0, 100.0)),
         inference=InferenceDefaults((64, 128, 128), overlap=0.25, batch_size=2),
         weights_sha256="0" * 64,
     )
@@ -57,7 +58,7 @@ def make_model(folder: Path) -> Path:
     return folder
 
 
-def child(model: str, size: str, device: str, uncertainty: bool = False) -> None:
+def child(model: str, size: str, args: argparse.Namespace) -> None:
     import numpy as np
 
     from deepseg_core.inference import Segmenter, SegmentOptions
@@ -67,18 +68,24 @@ def child(model: str, size: str, device: str, uncertainty: bool = False) -> None
     rng = np.random.default_rng(0)
     array = rng.normal(40, 30, size=(z, y, x)).astype(np.int16)
     array[:, :, : x // 8] = -1000
-    volume = Volume(array, (1.0, 1.0, 1.0))
+    volume = Volume(array, tuple(args.input_spacing))
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    segmenter = Segmenter.load(model, device=device)
+    segmenter = Segmenter.load(model, device=args.device)
+    segmenter.cache_dir = Path(model).parent / "compiled"
     start = time.perf_counter()
-    result = segmenter.segment([volume], SegmentOptions(uncertainty="tta" if uncertainty else None))
+    options = SegmentOptions(uncertainty="tta" if args.uncertainty else None, backend=args.backend)
+    result = segmenter.segment([volume], options)
     seconds = time.perf_counter() - start
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(
         json.dumps(
             {
                 "shape_zyx": [z, y, x],
-                "uncertainty": uncertainty,
+                "classes": segmenter.card.num_classes,
+                "input_spacing_xyz_mm": list(args.input_spacing),
+                "model_spacing_xyz_mm": list(segmenter.card.preprocessing.target_spacing_xyz_mm),
+                "backend": result.backend,
+                "uncertainty": args.uncertainty,
                 "voxels": z * y * x,
                 "seconds": seconds,
                 "timings_s": result.timings_s,
@@ -86,7 +93,7 @@ def child(model: str, size: str, device: str, uncertainty: bool = False) -> None
                 "rss_before_model_mb": baseline / 1024,
                 "input_int16_mb": array.nbytes / 2**20,
                 "input_float32_mb": array.size * 4 / 2**20,
-                "whole_volume_float32_probs_mb": array.size * CLASSES * 4 / 2**20,
+                "whole_volume_float32_probs_mb": array.size * segmenter.card.num_classes * 4 / 2**20,
             }
         )
     )
@@ -98,27 +105,27 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sizes", nargs="*", default=DEFAULT_SIZES, help="Z,Y,X sizes")
     parser.add_argument("--uncertainty", action="store_true", help="with the 12-pass uncertainty (TTA)")
+    parser.add_argument("--classes", type=int, default=10, help="network outputs (117: TotalSegmentator size)")
+    parser.add_argument("--input-spacing", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("X", "Y", "Z"))
+    parser.add_argument("--model-spacing", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("X", "Y", "Z"))
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino", "onnxruntime"])
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child[0], args.child[1], args.device, args.uncertainty)
+        child(args.child[0], args.child[1], args)
         return 0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        model = make_model(Path(tmp) / "bench10")
+        model = make_model(Path(tmp) / "bench", args.classes, tuple(args.model_spacing))
         for size in args.sizes:
-            out = subprocess.run(
-                [sys.executable, __file__, "--device", args.device, "--child", str(model), size]
-                + (["--uncertainty"] if args.uncertainty else []),
-                capture_output=True,
-                text=True,
-                check=True,
-            )
+            command = [sys.executable, __file__, "--device", args.device, "--backend", args.backend, "--child", str(model), size]
+            command += ["--input-spacing", *map(str, args.input_spacing)] + (["--uncertainty"] if args.uncertainty else [])
+            out = subprocess.run(command, capture_output=True, text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     if args.json:
         print(json.dumps(rows))
     else:
-        header = ("shape (z,y,x)", "seconds", "peak RSS MB", "input f32 MB", "RSS/input", "10-class f32 acc MB")
+        header = ("shape (z,y,x)", "seconds", "peak RSS MB", "input f32 MB", "RSS/input", "all-class f32 acc MB")
         print(" ".join(f"{h:>{w}}" for h, w in zip(header, (16, 8, 12, 13, 10, 20), strict=True)))
         for r in rows:
             print(

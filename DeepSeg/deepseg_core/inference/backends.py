@@ -172,10 +172,16 @@ def onnxruntime_tiles(graph: Path, batch: int) -> ExportedTiles:
 
 
 def openvino_tiles(graph: Path, batch: int) -> ExportedTiles:
-    """OpenVINO compiled model on the CPU (latency hint, torch's thread count)."""
+    """OpenVINO compiled model on the CPU (float32, latency hint, torch's thread count).
+
+    OpenVINO keeps its compiled blob in the graph's folder (``CACHE_DIR``), so later processes skip
+    the compilation. Float32 is asked for explicitly: on CPUs with AMX or AVX512-BF16 OpenVINO would
+    otherwise run in bfloat16, whose probabilities differ from torch's by a few percent.
+    """
     import openvino
 
     core = openvino.Core()
+    core.set_property({"CACHE_DIR": str(graph.parent / "openvino")})
     compiled = core.compile_model(
         str(graph),
         "CPU",

@@ -152,7 +152,7 @@ def test_invalid_configs_are_refused(kwargs, match):
 
 
 def test_unknown_net_lists_valid_names():
-    with pytest.raises(ConfigError, match=r"one of \['unet'\]"):
+    with pytest.raises(ConfigError, match=r"unknown network architecture 'vnet'.*one of \[.*'unet'.*\]"):
         build_net("vnet", {})
 
 

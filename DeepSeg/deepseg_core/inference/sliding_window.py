@@ -65,7 +65,10 @@ class SlidingWindowConfig:
         blend: ``probabilities`` (softmax of each pass, averaged and blended; slabs hold
             probabilities) or ``logits`` (raw logits averaged and blended, as nnU-Net and MONAI do;
             slabs hold logits and the pipeline turns them into labels).
-        pad: where an image smaller than a tile is padded with zeros: ``end`` or ``center``.
+        pad: where an image smaller than a tile is padded, and with what (a key of
+            :data:`PAD_MODES`): ``end`` or ``center`` with zeros; ``center_replicate`` (edge values
+            repeated) or ``center_reflect`` (mirrored without repeating the edge), as MONAI's
+            ``SlidingWindowInferer(padding_mode="replicate" | "reflect")`` pads.
     """
 
     patch_size_zyx: tuple[int, int, int]
@@ -107,10 +110,20 @@ class SlidingWindowConfig:
             (self.placement, TILE_PLACEMENTS, "tile placement"),
             (self.importance, IMPORTANCE_MAPS, "importance map"),
             (self.blend, ("probabilities", "logits"), "blend"),
-            (self.pad, ("end", "center"), "padding"),
+            (self.pad, PAD_MODES, "padding"),
         ):
             if value not in known:
                 raise ShapeError(f"unknown sliding-window {what}", expected=f"one of {sorted(known)}", found=value)
+
+
+#: pad setting -> ``(where, torch.nn.functional.pad mode)``; ``where`` is ``end`` or ``center``
+#: (``(patch - size) // 2`` before, the rest after, as MONAI's sliding window pads).
+PAD_MODES: dict[str, tuple[str, str]] = {
+    "end": ("end", "constant"),
+    "center": ("center", "constant"),
+    "center_replicate": ("center", "replicate"),
+    "center_reflect": ("center", "reflect"),
+}
 
 
 def tile_starts(length: int, patch: int, overlap: float) -> list[int]:
@@ -215,7 +228,7 @@ def sliding_window_predict(
         net: maps ``(B, C_in, pz, py, px)`` to logits ``(B, num_classes, pz, py, px)``; for
             ``num_classes == 1`` a single sigmoid logit (probabilities become ``[1 - p, p]``).
         image_czyx: normalised input ``(C_in, Z, Y, X)``; smaller than a tile along an axis is
-            padded with zeros and cropped back.
+            padded (``config.pad``: zeros unless asked otherwise) and cropped back.
         num_classes: network output channels.
         config: tiling and blending.
         on_slab: receives ``(z_start, z_stop, blended)`` with ``blended`` a float32 numpy array
@@ -238,12 +251,13 @@ def sliding_window_predict(
     shape = tuple(int(s) for s in image.shape[1:])
     patch = tuple(int(p) for p in config.patch_size_zyx)
     padded_shape = tuple(max(s, p) for s, p in zip(shape, patch, strict=True))
-    before = [(p - s) // 2 if config.pad == "center" else 0 for s, p in zip(shape, padded_shape, strict=True)]
+    where, pad_mode = PAD_MODES[config.pad]
+    before = [(p - s) // 2 if where == "center" else 0 for s, p in zip(shape, padded_shape, strict=True)]
     if padded_shape != shape:
         pads = []
         for s, p, b in zip(reversed(shape), reversed(padded_shape), reversed(before), strict=True):
             pads += [b, p - s - b]
-        image = torch.nn.functional.pad(image, pads)
+        image = torch.nn.functional.pad(image, pads, mode=pad_mode)
     place = TILE_PLACEMENTS[config.placement]
     starts = list(itertools.product(*(place(s, p, config.overlap) for s, p in zip(padded_shape, patch, strict=True))))
     gaussian = IMPORTANCE_MAPS[config.importance](patch, config.sigma_scale).to(device)

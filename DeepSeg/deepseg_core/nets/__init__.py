@@ -9,10 +9,19 @@ from torch import nn
 
 from ..config import from_dict
 from ..errors import ConfigError
+from .monai_network import MonaiNetConfig, MonaiNetwork
+from .nnunet import NnUNetPlainConfig, NnUNetPlainUNet, NnUNetResEncConfig, NnUNetResEncUNet
 from .unet import UNet, UNetConfig, pad_to_divisor, unet_config
 
 #: name -> (config class, network class). Model cards store the name and the config dict.
-NET_REGISTRY: dict[str, tuple[type, type[nn.Module]]] = {"unet": (UNetConfig, UNet)}
+NET_REGISTRY: dict[str, tuple[type, type[nn.Module]]] = {
+    "unet": (UNetConfig, UNet),
+    # nnU-Net v2's networks, rebuilt from the plans by the nnU-Net importer (deepseg_core.importers.nnunet)
+    "nnunet_plain_unet": (NnUNetPlainConfig, NnUNetPlainUNet),
+    "nnunet_resenc_unet": (NnUNetResEncConfig, NnUNetResEncUNet),
+    # a MONAI bundle's network_def, rebuilt by MONAI's ConfigParser (deepseg_core.importers.monai_bundle)
+    "monai_network": (MonaiNetConfig, MonaiNetwork),
+}
 
 
 def build_net(name: str, config: dict[str, Any] | UNetConfig, seed: int | None = None) -> nn.Module:

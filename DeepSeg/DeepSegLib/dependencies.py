@@ -93,6 +93,14 @@ def engine_missing_packages(
     return list(_missing_in((python,) if isinstance(python, str) else tuple(python)))
 
 
+def require_engine(python: str | Sequence[str] | None, find_spec: Callable[[str], object | None], error: type[Exception]) -> None:
+    """Raise ``error`` naming the missing packages when the engine cannot run yet (the panels'
+    buttons check this before they start anything; the install offer comes first)."""
+    missing = engine_missing_packages(python, find_spec)
+    if missing:
+        raise error(f"DeepSeg's packages are not installed yet ({', '.join(missing)}); accept the install offer.")
+
+
 @dataclass(frozen=True)
 class GpuInfo:
     """What ``nvidia-smi`` reports about the first NVIDIA GPU."""

@@ -147,9 +147,7 @@ class DeepSegEffectLogic:
         segment = segmentation_node.GetSegmentation().GetSegment(segment_id) if segment_id else None
         if segment is None:
             raise EffectError("Select the segment to write into (add one with Add if there is none).")
-        missing = dependencies.engine_missing_packages(self.python, self.find_spec)
-        if missing:
-            raise EffectError(f"DeepSeg's packages are not installed yet ({', '.join(missing)}); accept the install offer.")
+        dependencies.require_engine(self.python, self.find_spec, EffectError)
         entry = self.view.models[self.view.model_index]
         if len(entry.channels) != 1:
             raise EffectError(f"{entry.label} needs {len(entry.channels)} input volumes; use the DeepSeg module for it.")
@@ -183,7 +181,7 @@ class DeepSegEffectLogic:
             if job.outcome == "cancelled":
                 self.view.status = self._stop_reason or "Cancelled; nothing was written."
             elif job.outcome != "succeeded":
-                self.view.status = f"Failed: {job.error or f'the engine exited with code {job.returncode}'}"
+                self.view.status = job.failure_text()
             else:
                 self.view.status = self._write(job, target, editor)
         finally:
@@ -221,10 +219,6 @@ class DeepSegEffectLogic:
     def close(self) -> None:
         """The editor is being destroyed: stop the tree now, write nothing, remove the job folder."""
         if self.job is not None:
-            self.job.kill()
-            try:
-                self.job.wait(10)
-            finally:
-                self.job.cleanup()
+            self.job.kill_and_remove()
             self.job = None
             self.target = None

@@ -202,9 +202,7 @@ class DeepSegPanelLogic:
 
         if self.job is not None:
             raise PanelError("A segmentation is already running; wait for it or click Cancel.")
-        missing = dependencies.engine_missing_packages(self.python, self.find_spec)
-        if missing:
-            raise PanelError(f"DeepSeg's packages are not installed yet ({', '.join(missing)}); accept the install offer.")
+        dependencies.require_engine(self.python, self.find_spec, PanelError)
         request = self.segment_request(settings)
         channels = [volume_from_node(settings.inputVolume)]
         if self.view.second_channel_visible:
@@ -266,9 +264,7 @@ class DeepSegPanelLogic:
             raise PanelError("DeepSeg is busy; wait for the current run or click Cancel.")
         if not folder or not Path(folder).is_dir():
             raise PanelError(f"Choose the folder of a trained model (found: {folder or 'nothing'}).")
-        missing = dependencies.engine_missing_packages(self.python, self.find_spec)
-        if missing:
-            raise PanelError(f"DeepSeg's packages are not installed yet ({', '.join(missing)}); accept the install offer.")
+        dependencies.require_engine(self.python, self.find_spec, PanelError)
         arguments = ["models", "import", str(folder), "--json"]
         if name.strip():
             arguments += ["--name", name.strip()]
@@ -313,7 +309,7 @@ class DeepSegPanelLogic:
             if outcome == "cancelled" or self._discard_result or settings is None:
                 self.view.status = "Cancelled; the scene is unchanged."
             else:
-                self.view.status = f"Failed: {job.error or f'the engine exited with code {job.returncode}'}"
+                self.view.status = job.failure_text()
             return
         model = next((e.get("model") for e in job.events if e.get("event") == "start"), settings.model)
         _, self._snapshot = apply_segmentation_file(job.output, settings.outputSegmentation, settings.inputVolume, model)
@@ -347,11 +343,7 @@ class DeepSegPanelLogic:
     def close(self) -> None:
         """The module is being destroyed (application exit): stop the tree now and remove its folder."""
         if self.job is not None:
-            self.job.kill()
-            try:
-                self.job.wait(10)
-            finally:
-                self.job.cleanup()
+            self.job.kill_and_remove()
             self.job = None
 
     # ------------------------------------------------------------------ after a run

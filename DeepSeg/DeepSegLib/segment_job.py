@@ -251,6 +251,18 @@ class DeepSegJob:
         shutil.rmtree(self.workdir, ignore_errors=True)
         return True
 
+    def failure_text(self) -> str:
+        """The status line of a failed job: the engine's message, else its exit code."""
+        return f"Failed: {self.error or f'the engine exited with code {self.returncode}'}"
+
+    def kill_and_remove(self, timeout_s: float = 10.0) -> None:
+        """Module or editor destroyed: stop the tree now, wait for it, remove its folder."""
+        self.kill()
+        try:
+            self.wait(timeout_s)
+        finally:
+            self.cleanup()
+
 
 def start_segmentation(
     channels: Sequence[io.Volume], request: SegmentRequest, python: str | Sequence[str] | None = None

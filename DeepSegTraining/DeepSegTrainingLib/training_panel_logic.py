@@ -180,11 +180,7 @@ class TrainingPanelLogic:
 
         if self.job is not None:
             raise TrainingPanelError("Training is already running; wait for it or click Stop.")
-        missing = dependencies.engine_missing_packages(self.python, self.find_spec)
-        if missing:
-            raise TrainingPanelError(
-                f"DeepSeg's packages are not installed yet ({', '.join(missing)}); accept the install offer."
-            )
+        dependencies.require_engine(self.python, self.find_spec, TrainingPanelError)
         request = self.training_request(settings)
         labels = [label.name for label in Dataset.open(request.dataset).labels]
         self.curves = TrainingCurves(self.scene, labels, name=f"{request.name} training")
@@ -228,7 +224,7 @@ class TrainingPanelLogic:
             if settings is not None:
                 settings.resume = True
         elif job.outcome != "succeeded":
-            self.view.status = f"Failed: {job.error or f'the engine exited with code {job.returncode}'}"
+            self.view.status = job.failure_text()
         self.refresh_models(settings)
         return False
 
@@ -242,11 +238,7 @@ class TrainingPanelLogic:
     def close(self) -> None:
         """Module destroyed: stop the tree now and remove its folder."""
         if self.job is not None:
-            self.job.kill()
-            try:
-                self.job.wait(10)
-            finally:
-                self.job.cleanup()
+            self.job.kill_and_remove()
             self.job = None
 
     # ------------------------------------------------------------------ versions

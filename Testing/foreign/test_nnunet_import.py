@@ -1,0 +1,605 @@
+"""nnU-Net v2 models: import (card, provenance, refusals) and parity with nnU-Net's own predictor.
+
+The models are real nnU-Net results folders made by nnU-Net's own code on a tiny DeepSeg dataset of
+phantoms (``scripts/make_tiny_nnunet_model.py``, cached); the reference segmentations come from
+``nnUNetPredictor.predict_from_files_sequential`` run on the same files. Parity: per-label Dice >= 0.99
+and >= 99.5 % voxel agreement (README, "Importing nnU-Net and TotalSegmentator models").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import types
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from deepseg_core import io, phantoms
+from deepseg_core.cli import EXIT_MODEL, EXIT_OK, main
+from deepseg_core.importers import import_model
+from deepseg_core.importers.nnunet import NnUNetImportError, load_checkpoint
+from deepseg_core.inference import Segmenter, SegmentOptions
+from deepseg_core.inference.sliding_window import SlidingWindowConfig, sliding_window_predict
+from deepseg_core.losses import DeepSupervisionLoss, build_loss
+from deepseg_core.model_card import TerminologyCode
+from deepseg_core.model_catalog import CARD_FILE, WEIGHTS_FILE
+from deepseg_core.model_store import ModelStore
+from deepseg_core.nets import build_net
+from deepseg_core.nets.nnunet import (
+    NnUNetPlainConfig,
+    NnUNetPlainUNet,
+    NnUNetResEncConfig,
+    NnUNetResEncUNet,
+    canonical_state_dict,
+)
+from deepseg_core.pipelines.nnunet import (
+    NnUNetExportCollector,
+    nnunet_gaussian,
+    nnunet_tile_starts,
+    resample_image,
+    resample_labels,
+)
+
+pytestmark = pytest.mark.needs_torch
+
+MIN_DICE = 0.99
+MIN_AGREEMENT = 0.995
+#: labels smaller than this (in either map) are compared by voxel count, not Dice: a couple of
+#: near-tie voxels (nnU-Net rounds its logits to float16) would move a tiny region's Dice a lot
+SMALL_REGION_VOXELS = 200
+#: (model, image, mirroring): the parity cases, each against nnU-Net's own predictor
+CASES = [
+    ("3d", "phantom", False),
+    ("3d", "phantom", True),
+    ("3d", "head_ct", False),
+    ("2d", "phantom", False),
+    ("2d", "head_ct", False),
+    ("resenc", "phantom", False),
+]
+
+
+def dice(a: np.ndarray, b: np.ndarray, value: int) -> float:
+    """Dice of label ``value`` between two label maps (1.0 when both lack it)."""
+    x, y = a == value, b == value
+    total = int(x.sum() + y.sum())
+    return 1.0 if total == 0 else 2.0 * float((x & y).sum()) / total
+
+
+def options(**kwargs) -> SegmentOptions:
+    """Segment options on the CPU with PyTorch itself (other inference backends are compared with torch elsewhere)."""
+    names = {f.name for f in dataclasses.fields(SegmentOptions)}
+    if "backend" in names:
+        kwargs.setdefault("backend", "torch")
+    return SegmentOptions(device="cpu", check_modality=False, **kwargs)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One torch thread, as the nnU-Net reference runs: on the shared 2-core CI machine two threads per process
+    made the 2D run 30x slower (OpenMP threads spin while waiting for a core)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> ModelStore:
+    return ModelStore(tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture(scope="module")
+def imported(store, tiny_folders) -> dict:
+    return {key: import_model(folder, store, name=f"tiny-{key}") for key, folder in tiny_folders.items()}
+
+
+@pytest.fixture(scope="module")
+def segmenters(imported, store) -> dict:
+    return {key: Segmenter.load(card.ref, device="cpu", store=store) for key, card in imported.items()}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory, head_ct_path) -> dict[str, Path]:
+    """A CT phantom on another grid than the training data (spacing, origin, flipped axes, a zero frame that
+    nnU-Net crops away; its z axis is anisotropic, so resampling takes the separate-axis path), and the
+    real head CT (1 mm isotropic, background 0: cropped; plain 3D resampling)."""
+    folder = tmp_path_factory.mktemp("images")
+    phantom = phantoms.generate_phantom(
+        seed=7,
+        profile="ct-A",
+        shape_zyx=(14, 60, 52),
+        spacing_xyz_mm=(0.9, 1.1, 4.0),
+        n_lesions=(2, 3),
+        lesion_radius_mm=(8.0, 14.0),
+        origin_lps=(-12.5, 30.0, 7.25),
+    )
+    array = phantom.image.array_zyx.astype(np.int16)
+    array[:, :4] = 0
+    array[:, -3:] = 0
+    array[:, :, :5] = 0
+    volume = io.Volume(array, phantom.image.spacing_xyz_mm, phantom.image.origin_lps, np.diag([-1.0, -1.0, 1.0]))
+    path = io.write_image(volume, folder / "phantom_0000.nii.gz")
+    return {"phantom": Path(path), "head_ct": head_ct_path}
+
+
+@pytest.fixture(scope="module")
+def references(nnunet_maker, tiny_folders, images, tmp_path_factory) -> dict:
+    """nnU-Net's own segmentations of every parity case (one predictor subprocess for all), and a training
+    case preprocessed by nnU-Net's DefaultPreprocessor."""
+    work = tmp_path_factory.mktemp("nnunet-reference")
+    jobs, keys = [], []
+    for model, image, mirroring in CASES:
+        out = work / f"{model}-{image}-{int(mirroring)}"
+        probabilities = (model, image, mirroring) == ("3d", "phantom", False)
+        jobs.append(
+            {
+                "model": str(tiny_folders[model]),
+                "mirroring": mirroring,
+                "inputs": [[str(images[image])]],
+                "outputs": [str(out)],
+                "probabilities": probabilities,
+            }
+        )
+        keys.append((model, image, mirroring))
+    phantom = phantoms.generate_phantom(seed=11, shape_zyx=(20, 44, 36), spacing_xyz_mm=(2.5, 1.8, 2.2), n_lesions=2)
+    case_image = io.write_image(phantom.image, work / "case_0000.nii.gz")
+    case_labels = io.write_image(phantom.labels, work / "case.nii.gz")
+    jobs.append(
+        {
+            "kind": "preprocess",
+            "model": str(tiny_folders["3d"]),
+            "configuration": "3d_fullres",
+            "inputs": [[str(case_image)]],
+            "seg": str(case_labels),
+            "outputs": [str(work / "training-case")],
+        }
+    )
+    results = nnunet_maker.run_reference(jobs, work)
+    out: dict = {"training_case": (phantom, np.load(work / "training-case.npz"))}
+    for key, job, result in zip(keys, jobs, results, strict=False):
+        output = Path(job["outputs"][0])
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(output) + ".nii.gz"))
+        probabilities = np.load(str(output) + ".npz")["probabilities"] if job["probabilities"] else None
+        out[key] = {"labels": labels, "probabilities": probabilities, "seconds": result["predict_s"]}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the card
+
+
+def test_the_card_says_what_the_folder_holds(imported, tiny_folders, store):
+    card = imported["3d"]
+    folder = tiny_folders["3d"]
+    assert card.ensemble == ("fold_0", "fold_1")
+    assert card.architecture.name == "nnunet_plain_unet"
+    assert card.architecture.config["features_per_stage"] == [8, 16, 32]
+    assert [(label.value, label.name) for label in card.labels] == [(1, "liver"), (2, "liver lesion")]
+    assert all(len(label.color) == 3 for label in card.labels) and card.labels[0].color != card.labels[1].color
+    assert (card.inputs.modality, card.inputs.channels) == ("CT", ("CT",))
+    # the phantoms are 2 x 2 x 3 mm (x thickest): nnU-Net plans (3, 2, 2) in its transposed order
+    assert card.preprocessing.target_spacing_xyz_mm == pytest.approx((3.0, 2.0, 2.0))
+    assert card.preprocessing.normalization.scheme == "ct"
+    assert card.inference.patch_size_zyx == (16, 16, 32)
+    config = card.pipeline["config"]
+    assert card.pipeline["name"] == "nnunetv2"
+    assert (config["transpose_forward"], config["transpose_backward"]) == ([2, 0, 1], [1, 2, 0])
+    assert config["allowed_mirroring_axes"] == [0, 1, 2]
+    assert config["label_values"] == [0, 1, 2]
+    assert config["normalization_schemes"] == ["CTNormalization"]
+    assert config["resampling_data"] == {"order": 3, "order_z": 0, "force_separate_z": None}
+    source = card.source
+    assert (source["format"], source["configuration"], source["trainer_name"], source["plans_name"]) == (
+        "nnunetv2",
+        "3d_fullres",
+        "nnUNetTrainer",
+        "nnUNetPlans",
+    )
+    assert source["folds"] == ["fold_0", "fold_1"] and source["checkpoint"] == "checkpoint_final.pth"
+    expected_files = ["dataset.json", "dataset_fingerprint.json", "fold_0/checkpoint_final.pth", "fold_1/checkpoint_final.pth"]
+    assert sorted(source["files"]) == sorted([*expected_files, "plans.json"])
+    assert all(source["files"][name] == sha256(folder / name) for name in source["files"])
+    assert card.fingerprint["spacing_xyz_mm"]["median"] == pytest.approx([3.0, 2.0, 2.0])
+    assert card.fingerprint["num_cases"] == 6
+    # the store holds the card and safetensors weights, never the pickles
+    stored = store.folder(card.ref)
+    assert sorted(p.name for p in stored.iterdir()) == sorted([CARD_FILE, WEIGHTS_FILE])
+    assert imported["2d"].inference.patch_size_zyx == (1, 16, 32) and imported["2d"].architecture.config["spatial_dims"] == 2
+    assert imported["resenc"].architecture.name == "nnunet_resenc_unet"
+
+
+def test_the_default_name_is_the_dataset_and_reimporting_returns_the_stored_version(tiny_folders, tmp_path):
+    store = ModelStore(tmp_path / "store")
+    first = import_model(tiny_folders["2d"], store)
+    assert first.ref == "Dataset501_DeepSegTiny:1"
+    again = import_model(tiny_folders["2d"], store)
+    assert again.ref == first.ref and store.versions(first.name) == [1]
+    best = import_model(tiny_folders["2d"], store, checkpoint="checkpoint_best.pth", activate=False)
+    assert best.version == 2 and "fold_0/checkpoint_best.pth" in best.source["files"]
+    assert store.active_version(first.name) == 1
+
+
+def test_labels_get_terminology_codes_when_deepseg_knows_them(tiny_folders, tmp_path, monkeypatch):
+    liver = TerminologyCode("SCT", "10200004", "Liver")
+    terminology = types.ModuleType("deepseg_core.terminology")
+    terminology.code_for_name = lambda name: liver if name == "liver" else None
+    monkeypatch.setitem(sys.modules, "deepseg_core.terminology", terminology)
+    card = import_model(tiny_folders["2d"], ModelStore(tmp_path), name="coded")
+    assert [(label.name, label.code) for label in card.labels] == [("liver", liver), ("liver lesion", None)]
+
+
+def test_folds_and_configuration_options(tiny_folders, tmp_path, store):
+    one = import_model(tiny_folders["3d"], store, name="tiny-fold1", folds=["1"])
+    assert one.ensemble == ("fold_1",) and list(one.source["files"]) == [
+        "dataset.json",
+        "plans.json",
+        "fold_1/checkpoint_final.pth",
+        "dataset_fingerprint.json",
+    ]
+    with pytest.raises(NnUNetImportError, match="fold_7.*checkpoint_final"):
+        import_model(tiny_folders["3d"], store, name="tiny-fold7", folds=[7])
+    with pytest.raises(NnUNetImportError, match="--configuration 2d does not match.*3d_fullres"):
+        import_model(tiny_folders["3d"], store, name="tiny-wrong", configuration="2d")
+
+
+def test_cli_imports_an_nnunet_folder(tiny_folders, tmp_path, capsys):
+    args = ["models", "import", str(tiny_folders["resenc"]), "--models-dir", str(tmp_path), "--name", "cli", "--json"]
+    assert main(args) == EXIT_OK
+    event = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (event["model"], event["source"]["format"], event["labels"]) == ("cli:1", "nnunetv2", ["liver", "liver lesion"])
+    assert main(["models", "import", str(tiny_folders["resenc"].parent), "--models-dir", str(tmp_path)]) == EXIT_MODEL
+    assert "trained model folders" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# refusals
+
+
+def _rewrite_checkpoint(path: Path, change) -> None:
+    checkpoint = load_checkpoint(path)
+    change(checkpoint)
+    torch.save(checkpoint, path)
+
+
+def _edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def _copy(folder: Path, target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(folder, target)
+    return target
+
+
+def test_the_cascade_is_refused(tiny_folders, tmp_path, store):
+    folder = _copy(tiny_folders["3d"], tmp_path / "nnUNetTrainer__nnUNetPlans__3d_cascade_fullres")
+
+    def add_cascade(plans):
+        plans["configurations"]["3d_lowres"] = {**plans["configurations"]["3d_fullres"], "next_stage": "3d_cascade_fullres"}
+        plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
+
+    _edit_json(folder / "plans.json", add_cascade)
+    _rewrite_checkpoint(
+        folder / "fold_0" / "checkpoint_final.pth", lambda c: c["init_args"].update(configuration="3d_cascade_fullres")
+    )
+    with pytest.raises(NnUNetImportError, match="cascade.*not supported yet.*3d_fullres"):
+        import_model(folder, store, name="cascade", folds=[0])
+    _rewrite_checkpoint(folder / "fold_1" / "checkpoint_final.pth", lambda c: c["init_args"].update(configuration="3d_lowres"))
+    with pytest.raises(NnUNetImportError, match="cascade.*not supported yet"):
+        import_model(folder, store, name="lowres", folds=[1])
+    assert "cascade" not in store.names() and "lowres" not in store.names()
+
+
+def test_region_based_training_is_refused(tiny_folders, tmp_path, store):
+    folder = _copy(tiny_folders["2d"], tmp_path / "regions")
+
+    def regions(dataset):
+        dataset["labels"] = {"background": 0, "liver": [1, 2], "liver lesion": 2}
+        dataset["regions_class_order"] = [1, 2]
+
+    _edit_json(folder / "dataset.json", regions)
+    with pytest.raises(NnUNetImportError, match="region-based training is not supported yet"):
+        import_model(folder, store, name="regions")
+
+
+def _leave_a_mark(path: str) -> None:
+    """What the unsafe checkpoint would run when unpickled by plain pickle: create ``path``."""
+    Path(path).touch()
+
+
+class _Payload:
+    """Unpickles as ``_leave_a_mark(marker)``: code in a checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (_leave_a_mark, (self.marker,))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tiny_folders, tmp_path, store):
+    folder = _copy(tiny_folders["2d"], tmp_path / "unsafe")
+    marker = tmp_path / "code-ran"
+    checkpoint_path = folder / "fold_0" / "checkpoint_final.pth"
+    _rewrite_checkpoint(checkpoint_path, lambda c: c["logging"].update(extra=_Payload(marker)))
+    with pytest.raises(NnUNetImportError, match=r"refused.*_leave_a_mark") as raised:
+        import_model(folder, store, name="unsafe")
+    assert "weights_only" in str(raised.value)
+    assert not marker.exists() and "unsafe" not in store.names()
+    # the payload is live: a plain unpickling would have run it
+    torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    assert marker.exists()
+
+
+def test_checkpoints_pickled_under_numpy_1_load(tiny_folders, tmp_path):
+    # numpy < 2 (older nnU-Net and TotalSegmentator checkpoints) names the scalar constructor numpy.core.multiarray.scalar
+    source = tiny_folders["2d"] / "fold_0" / "checkpoint_final.pth"
+    old = tmp_path / "old.pth"
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(old, "w", zipfile.ZIP_STORED) as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename.endswith("data.pkl"):
+                assert b"numpy._core.multiarray\nscalar" in data
+                data = data.replace(b"numpy._core.multiarray\nscalar", b"numpy.core.multiarray\nscalar")
+            zout.writestr(item, data)
+    checkpoint = load_checkpoint(old)
+    assert isinstance(checkpoint["_best_ema"], np.float32) and checkpoint["network_weights"]
+
+
+def test_old_plans_without_an_architecture_section_give_the_same_network(tiny_folders, tmp_path, imported, store):
+    folder = _copy(tiny_folders["3d"], tmp_path / "nnUNetTrainer__nnUNetPlans__3d_fullres")
+
+    def legacy(plans):
+        config = plans["configurations"]["3d_fullres"]
+        kwargs = config.pop("architecture")["arch_kwargs"]
+        config.update(
+            UNet_class_name="PlainConvUNet",
+            UNet_base_num_features=8,
+            unet_max_num_features=32,
+            conv_kernel_sizes=kwargs["kernel_sizes"],
+            pool_op_kernel_sizes=kwargs["strides"],
+            n_conv_per_stage_encoder=kwargs["n_conv_per_stage"],
+            n_conv_per_stage_decoder=kwargs["n_conv_per_stage_decoder"],
+            num_pool_per_axis=[2, 2, 2],
+        )
+
+    _edit_json(folder / "plans.json", legacy)
+    card = import_model(folder, store, name="legacy")
+    assert card.architecture == imported["3d"].architecture
+
+
+# ------------------------------------------------------------------------------------------------
+# networks and pipeline pieces against nnU-Net's own
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("residual", [False, True])
+def test_networks_compute_what_dynamic_network_architectures_computes(dims, residual):
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+
+    torch.manual_seed(dims)
+    kernels = [[1, 3, 3], [3, 3, 3], [3, 3, 3]] if dims == 3 else [[3, 3]] * 3
+    strides = [[1, 1, 1], [1, 2, 2], [2, 2, 2]] if dims == 3 else [[1, 1], [2, 2], [2, 2]]
+    common = dict(
+        input_channels=2,
+        n_stages=3,
+        features_per_stage=[8, 16, 32],
+        conv_op=torch.nn.Conv3d if dims == 3 else torch.nn.Conv2d,
+        kernel_sizes=kernels,
+        strides=strides,
+        num_classes=4,
+        n_conv_per_stage_decoder=[2, 1],
+        conv_bias=True,
+        norm_op=torch.nn.InstanceNorm3d if dims == 3 else torch.nn.InstanceNorm2d,
+        norm_op_kwargs={"eps": 1e-5, "affine": True},
+        nonlin=torch.nn.LeakyReLU,
+        nonlin_kwargs={"inplace": True},
+        deep_supervision=True,
+    )
+    ours_config = dict(
+        spatial_dims=dims,
+        in_channels=2,
+        num_classes=4,
+        features_per_stage=(8, 16, 32),
+        kernel_sizes=tuple(map(tuple, kernels)),
+        strides=tuple(map(tuple, strides)),
+        n_conv_per_stage_decoder=(2, 1),
+    )
+    if residual:
+        theirs = ResidualEncoderUNet(n_blocks_per_stage=[1, 2, 2], **common)
+        ours = NnUNetResEncUNet(NnUNetResEncConfig(n_blocks_per_stage=(1, 2, 2), **ours_config))
+    else:
+        theirs = PlainConvUNet(n_conv_per_stage=[2, 2, 1], **common)
+        ours = NnUNetPlainUNet(NnUNetPlainConfig(n_conv_per_stage=(2, 2, 1), **ours_config))
+    for parameter in theirs.parameters():
+        parameter.data.normal_(0, 0.3)
+    state = theirs.state_dict()
+    assert any(".all_modules." in k for k in state) and any(k.startswith("decoder.encoder.") for k in state)
+    ours.load_state_dict(canonical_state_dict(state, ours), strict=True)
+    x = torch.randn(2, 2, *((8, 16, 16) if dims == 3 else (16, 16)))
+    with torch.no_grad():
+        theirs_out = theirs.train()(x)  # deep supervision: every head, full resolution first
+        ours_out = ours.train()(x)
+        torch.testing.assert_close(ours.eval()(x), theirs_out[0], rtol=0, atol=0)
+    assert [o.shape for o in ours_out] == [o.shape for o in theirs_out]
+    for a, b in zip(ours_out, theirs_out, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # an alias that differs from its canonical tensor is refused
+    alias = next(k for k in state if ".all_modules.0.weight" in k)
+    with pytest.raises(Exception, match="aliases that differ"):
+        canonical_state_dict({**state, alias: state[alias] + 1}, ours)
+
+
+def test_an_imported_model_can_be_fine_tuned_with_deep_supervision(imported, store):
+    card = imported["3d"]
+    net = build_net(card.architecture.name, card.architecture.config).train()
+    x = torch.randn(2, 1, *card.inference.patch_size_zyx)
+    y = torch.randint(0, 3, (2, *card.inference.patch_size_zyx))
+    outputs = net(x)
+    assert isinstance(outputs, list) and outputs[0].shape[2:] == x.shape[2:] and outputs[1].shape[2:] == (8, 8, 16)
+    loss = DeepSupervisionLoss(build_loss("dice_ce"))(outputs, y)
+    loss.backward()
+    assert net.encoder.stages[0][0].convs[0].conv.weight.grad is not None
+
+
+def test_tiles_and_gaussian_are_nnunets():
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
+
+    for size, patch in [((110, 64, 200), (64, 64, 128)), ((17, 33, 160), (16, 32, 32)), ((200, 91, 91), (128, 80, 80))]:
+        expected = compute_steps_for_sliding_window(size, patch, 0.5)
+        assert [nnunet_tile_starts(s, p, 0.5) for s, p in zip(size, patch, strict=True)] == expected
+    for patch in [(16, 16, 32), (128, 128, 128), (40, 56)]:
+        expected = compute_gaussian(patch, 1 / 8, 10, device=torch.device("cpu")).float()
+        ours = nnunet_gaussian(patch if len(patch) == 3 else (1, *patch), 1 / 8)
+        torch.testing.assert_close(ours.reshape(expected.shape), expected, rtol=0, atol=0)
+    assert nnunet_tile_starts(5, 1, 0.5) == [0, 1, 2, 3, 4]  # 2D networks visit every slice
+
+
+@pytest.mark.parametrize(
+    "shape, new_shape, spacing, new_spacing",
+    [
+        ((6, 20, 18), (15, 12, 14), (4.0, 0.8, 0.9), (1.6, 1.3, 1.2)),  # separate axis 0 (current spacing)
+        ((12, 7, 18), (10, 17, 15), (1.0, 4.0, 1.1), (1.2, 1.6, 1.3)),  # separate axis 1
+        ((12, 14, 10), (9, 18, 13), (1.0, 1.2, 1.1), (1.3, 0.9, 0.85)),  # plain 3D
+        ((12, 14, 10), (12, 18, 13), (2.0, 1.0, 1.0), (2.0, 0.8, 0.75)),  # 2D configuration: z unchanged
+    ],
+)
+def test_resampling_is_nnunets(shape, new_shape, spacing, new_spacing):
+    from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
+
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(2, *shape)).astype(np.float32)
+    expected = resample_data_or_seg_to_shape(data, new_shape, spacing, new_spacing, False, 3, 0, None)
+    np.testing.assert_array_equal(resample_image(data, new_shape, spacing, new_spacing, order=3, order_z=0), expected)
+    labels = (rng.random(shape) * 3).astype(np.int16) - 1  # -1 marks "outside the non-zero mask" in nnU-Net
+    expected = resample_data_or_seg_to_shape(labels[None], new_shape, spacing, new_spacing, True, 1, 0, None)[0]
+    np.testing.assert_array_equal(resample_labels(labels, new_shape, spacing, new_spacing, order=1, order_z=0), expected)
+
+
+@pytest.mark.parametrize(
+    "network_shape, crop_shape, network_spacing, spacing",
+    [
+        ((9, 20, 18), (30, 25, 16), (3.0, 1.0, 1.0), (0.9, 0.8, 1.1)),  # separate axis 0, nearest along z
+        ((14, 12, 16), (10, 21, 16), (1.2, 1.5, 1.0), (1.7, 0.85, 1.0)),  # plain 3D: linear along z
+        ((11, 12, 16), (11, 30, 16), (1.2, 3.6, 1.0), (1.2, 1.0, 1.0)),  # separate axis 1: nearest in-plane
+    ],
+)
+@pytest.mark.parametrize("probabilities", [False, True])
+def test_the_export_streamed_by_slabs_equals_nnunets_whole_volume_export(
+    network_shape, crop_shape, network_spacing, spacing, probabilities
+):
+    from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
+
+    rng = np.random.default_rng(1)
+    logits = (rng.normal(size=(4, *network_shape)) * 3).astype(np.float16)
+    box = [[2, 2 + crop_shape[0]], [1, 1 + crop_shape[1]], [0, crop_shape[2]]]
+    before = (crop_shape[0] + 5, crop_shape[1] + 2, crop_shape[2])
+    context = {
+        "shape_before_crop": before,
+        "bbox": box,
+        "shape_after_crop": crop_shape,
+        "network_shape": network_shape,
+        "spacing_transposed": list(spacing),
+        "network_spacing": list(network_spacing),
+    }
+    tf = [1, 2, 0]
+    resampling = {"order": 1, "order_z": 0, "force_separate_z": None}
+    collector = NnUNetExportCollector(
+        context, [0, 1, 2, 3], tf, resampling, keep_probabilities=probabilities, uncertainty=probabilities
+    )
+    z = 0
+    for depth in (3, 1, 4, 2) * 10:
+        if z >= network_shape[0]:
+            break
+        stop = min(z + depth, network_shape[0])
+        collector.add(z, stop, logits[:, z:stop].astype(np.float32))
+        z = stop
+    out = collector.finish()
+    assert collector.max_buffered_slices <= 4 + 2 + 4
+    # nnU-Net's way: the whole volume's float16 logits resampled at once, argmax, crop reverted, transposed back
+    whole = resample_data_or_seg_to_shape(logits, crop_shape, network_spacing, spacing, False, 1, 0, None)
+    expected = np.zeros(before, np.uint8)
+    expected[tuple(slice(a, b) for a, b in box)] = np.argmax(whole, axis=0)
+    expected = expected.transpose([tf.index(a) for a in range(3)])
+    # float16 rounding of two interpolations that sum in another order: a voxel may flip at an exact tie
+    assert (out.labels_zyx != expected).mean() < 0.002
+    if probabilities:
+        softmax = torch.softmax(torch.from_numpy(whole).float(), 0).numpy()
+        full = np.zeros((4, *before), np.float32)
+        full[0] = 1
+        full[(slice(None), *[slice(a, b) for a, b in box])] = softmax
+        full = full.transpose([0, *[tf.index(a) + 1 for a in range(3)]])
+        np.testing.assert_allclose(out.probabilities.astype(np.float32), full, atol=2e-3)
+        assert out.entropy_zyx.shape == out.labels_zyx.shape and float(out.entropy_zyx.max()) <= 1.0
+
+
+# ------------------------------------------------------------------------------------------------
+# parity with nnU-Net's own predictor
+
+
+@pytest.mark.parametrize("model, image, mirroring", CASES, ids=[f"{m}-{i}-{'tta' if t else 'plain'}" for m, i, t in CASES])
+def test_labels_match_nnunets_own_predictor(model, image, mirroring, segmenters, images, references):
+    reference = references[(model, image, mirroring)]["labels"]
+    volume = io.read_image(images[image])
+    result = segmenters[model].segment([volume], options(tta=mirroring))
+    ours = result.labels.array_zyx
+    assert ours.shape == reference.shape
+    assert result.labels.same_grid(volume)
+    agreement = float((ours == reference).mean())
+    assert agreement >= MIN_AGREEMENT, f"voxel agreement {agreement:.5f}"
+    assert (reference == 1).sum() > 100, "the model predicts no liver: the comparison would be empty"
+    for value in (1, 2):
+        size = max(int((reference == value).sum()), int((ours == value).sum()))
+        if size >= SMALL_REGION_VOXELS:
+            assert dice(ours, reference, value) >= MIN_DICE, f"label {value}: Dice {dice(ours, reference, value):.5f}"
+        else:
+            assert int(((ours == value) != (reference == value)).sum()) <= max(2, size // 20), f"label {value}"
+
+
+def test_probabilities_and_uncertainty_match_nnunets_softmax(segmenters, images, references):
+    reference = references[("3d", "phantom", False)]["probabilities"]
+    volume = io.read_image(images["phantom"])
+    result = segmenters["3d"].segment([volume], options(keep_probabilities=True))
+    assert result.probabilities.shape == reference.shape
+    difference = np.abs(result.probabilities.astype(np.float32) - reference)
+    assert float(difference.mean()) < 2e-3 and float(np.percentile(difference, 99.9)) < 0.05
+    uncertain = segmenters["3d"].segment([volume], options(uncertainty="tta"))
+    entropy = uncertain.uncertainty.array_zyx
+    assert entropy.shape == volume.shape_zyx and 0.0 <= float(entropy.min()) and float(entropy.max()) <= 1.0
+    assert float(entropy[:, :4].max()) == 0.0  # the zero frame nnU-Net crops is certain background
+
+
+def test_training_cases_are_preprocessed_as_nnunet_preprocesses_them(segmenters, references):
+    phantom, expected = references["training_case"]
+    image, labels = segmenters["3d"].pipeline.prepare_training_case([phantom.image], phantom.labels)
+    np.testing.assert_array_equal(image, expected["data"])
+    np.testing.assert_array_equal(labels, np.where(expected["seg"][0] < 0, 0, expected["seg"][0]))
+
+
+def test_sliding_window_with_nnunets_settings_covers_the_padded_image():
+    # an image smaller than the patch is padded at both ends (centred) and cropped back
+    net = torch.nn.Conv3d(1, 2, 1)
+    image = np.random.default_rng(0).normal(size=(1, 5, 9, 40)).astype(np.float32)
+    config = SlidingWindowConfig((8, 8, 16), placement="nnunet", importance="nnunet", blend="logits", pad="center")
+    slabs = []
+    sliding_window_predict(net, image, 2, config, lambda z0, z1, s: slabs.append((z0, z1, s.shape)))
+    assert slabs[0][0] == 0 and slabs[-1][1] == 5
+    assert all(shape == (2, z1 - z0, 9, 40) for z0, z1, shape in slabs)

@@ -47,5 +47,5 @@ def test_the_overlay_is_drawn_where_the_labels_are_in_every_view(tmp_path):
     assert abs(int(inside[1]) - round(0.55 * grey_value)) <= 1
     # coronal view: superior (high z) at the top, each slice two rows (2.5 mm / 1.25 mm)
     coronal = picture[:, (30 + 4) * scale : (30 + 4 + 30) * scale].astype(int)
-    liver_rows = np.flatnonzero(((coronal[..., 0] > coronal[..., 1] + 60)).any(axis=1)) // scale
+    liver_rows = np.flatnonzero((coronal[..., 0] > coronal[..., 1] + 60).any(axis=1)) // scale
     assert liver_rows.min() == 2 * (10 - 8) and liver_rows.max() == 2 * (10 - 2) - 1

@@ -148,7 +148,12 @@ def cmd_models(args: argparse.Namespace) -> int:
 
         options = {
             key: value
-            for key, value in (("folds", args.folds), ("configuration", args.configuration), ("checkpoint", args.checkpoint))
+            for key, value in (
+                ("folds", args.folds),
+                ("configuration", args.configuration),
+                ("checkpoint", args.checkpoint),
+                ("reorient", args.reorient),
+            )
             if value is not None
         }
         card = import_model(args.ref, store, name=args.name, activate=not args.no_activate, **options)
@@ -223,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", nargs="+", default=None, help="import (nnU-Net): folds to ensemble (default: every fold found)")
     p.add_argument("--configuration", default=None, help="import (nnU-Net): 2d or 3d_fullres when the folder is ambiguous")
     p.add_argument("--checkpoint", default=None, help="import (nnU-Net): checkpoint_final.pth (default) or checkpoint_best.pth")
+    p.add_argument(
+        "--reorient",
+        default=None,
+        metavar="{none,ras}",
+        help="import (nnU-Net): ras = reorient to the closest RAS orientation before nnU-Net and back after, as "
+        "TotalSegmentator does (use it for its models); none (default) = the voxels as read, as nnU-Net itself",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output (list, import)")
     p.set_defaults(func=cmd_models)
     return parser

@@ -23,6 +23,7 @@ import torch
 
 from deepseg_core import io, phantoms
 from deepseg_core.cli import EXIT_MODEL, EXIT_OK, main
+from deepseg_core.errors import ConfigError
 from deepseg_core.importers import import_model
 from deepseg_core.importers.nnunet import NnUNetImportError, load_checkpoint
 from deepseg_core.inference import Segmenter, SegmentOptions
@@ -46,6 +47,7 @@ from deepseg_core.pipelines.nnunet import (
     resample_image,
     resample_labels,
 )
+from deepseg_core.pipelines.nnunet.orientation import input_shape, reorientation, reoriented_spacing_zyx
 
 pytestmark = pytest.mark.needs_torch
 
@@ -70,6 +72,20 @@ def dice(a: np.ndarray, b: np.ndarray, value: int) -> float:
     x, y = a == value, b == value
     total = int(x.sum() + y.sum())
     return 1.0 if total == 0 else 2.0 * float((x & y).sum()) / total
+
+
+def assert_parity(ours: np.ndarray, reference: np.ndarray) -> None:
+    """DeepSeg's labels against nnU-Net's: voxel agreement, and Dice per label (voxel counts for tiny labels)."""
+    assert ours.shape == reference.shape
+    agreement = float((ours == reference).mean())
+    assert agreement >= MIN_AGREEMENT, f"voxel agreement {agreement:.5f}"
+    assert (reference == 1).sum() > 100, "the model predicts no liver: the comparison would be empty"
+    for value in (1, 2):
+        size = max(int((reference == value).sum()), int((ours == value).sum()))
+        if size >= SMALL_REGION_VOXELS:
+            assert dice(ours, reference, value) >= MIN_DICE, f"label {value}: Dice {dice(ours, reference, value):.5f}"
+        else:
+            assert int(((ours == value) != (reference == value)).sum()) <= max(2, size // 20), f"label {value}"
 
 
 def options(**kwargs) -> SegmentOptions:
@@ -134,7 +150,39 @@ def images(tmp_path_factory, head_ct_path) -> dict[str, Path]:
     array[:, :, :5] = 0
     volume = io.Volume(array, phantom.image.spacing_xyz_mm, phantom.image.origin_lps, np.diag([-1.0, -1.0, 1.0]))
     path = io.write_image(volume, folder / "phantom_0000.nii.gz")
-    return {"phantom": Path(path), "head_ct": head_ct_path}
+    oblique = io.write_image(oblique_phantom(), folder / "oblique_0000.nii.gz")
+    # the reference's way (TotalSegmentator's nib.as_closest_canonical): the voxels permuted and flipped to RAS
+    oblique_ras = folder / "oblique_ras_0000.nii.gz"
+    sitk.WriteImage(sitk.DICOMOrient(sitk.ReadImage(str(oblique)), "RAS"), str(oblique_ras), True)
+    return {"phantom": Path(path), "head_ct": head_ct_path, "oblique": Path(oblique), "oblique_ras": oblique_ras}
+
+
+def rotation(axis: int, degrees: float) -> np.ndarray:
+    """Rotation by ``degrees`` about world axis ``axis``."""
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    matrix = np.eye(3)
+    i, j = [a for a in range(3) if a != axis]
+    matrix[i, i], matrix[j, j], matrix[i, j], matrix[j, i] = c, c, -s, s
+    return matrix
+
+
+def oblique_phantom() -> io.Volume:
+    """A CT phantom stored as DICOM stores an axial series (LPS: i toward Left, j toward Posterior, k toward
+    Superior), tilted 20 degrees about z and 10 about x, with a zero frame on one side of y and x (so the crop
+    is not symmetric under the flips of the reorientation)."""
+    phantom = phantoms.generate_phantom(
+        seed=23,
+        profile="ct-A",
+        shape_zyx=(16, 58, 50),
+        spacing_xyz_mm=(1.1, 0.9, 3.5),
+        n_lesions=(2, 3),
+        lesion_radius_mm=(8.0, 14.0),
+        origin_lps=(-20.0, 15.5, -30.0),
+    )
+    array = phantom.image.array_zyx.astype(np.int16)
+    array[:, :5] = 0
+    array[:, :, -4:] = 0
+    return io.Volume(array, phantom.image.spacing_xyz_mm, phantom.image.origin_lps, rotation(2, 20) @ rotation(0, 10))
 
 
 @pytest.fixture(scope="module")
@@ -169,8 +217,33 @@ def references(nnunet_maker, tiny_folders, images, tmp_path_factory) -> dict:
             "outputs": [str(work / "training-case")],
         }
     )
+    # TotalSegmentator's way: nnU-Net on the image reoriented to RAS (and its preprocessing of that image)
+    jobs.append(
+        {
+            "model": str(tiny_folders["3d"]),
+            "mirroring": False,
+            "inputs": [[str(images["oblique_ras"])]],
+            "outputs": [str(work / "ras")],
+        }
+    )
+    jobs.append(
+        {
+            "kind": "preprocess",
+            "model": str(tiny_folders["3d"]),
+            "configuration": "3d_fullres",
+            "inputs": [[str(images["oblique_ras"])]],
+            "outputs": [str(work / "ras-preprocessed")],
+        }
+    )
     results = nnunet_maker.run_reference(jobs, work)
     out: dict = {"training_case": (phantom, np.load(work / "training-case.npz"))}
+    # ... and the labels taken back to the stored orientation, as TotalSegmentator's undo_canonical does
+    original = sitk.ReadImage(str(images["oblique"]))
+    code = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(original.GetDirection())
+    out["ras"] = {
+        "labels": sitk.DICOMOrient(sitk.ReadImage(str(work / "ras.nii.gz")), code),
+        "network_input": np.load(work / "ras-preprocessed.npz")["data"],
+    }
     for key, job, result in zip(keys, jobs, results, strict=False):
         output = Path(job["outputs"][0])
         labels = sitk.GetArrayFromImage(sitk.ReadImage(str(output) + ".nii.gz"))
@@ -203,6 +276,8 @@ def test_the_card_says_what_the_folder_holds(imported, tiny_folders, store):
     assert config["label_values"] == [0, 1, 2]
     assert config["normalization_schemes"] == ["CTNormalization"]
     assert config["resampling_data"] == {"order": 3, "order_z": 0, "force_separate_z": None}
+    assert config["reorient"] == "none"  # nnUNetPredictor's own behaviour unless asked
+    assert card.inference.batch_size == 1  # one tile at a time, as nnU-Net's predictor
     source = card.source
     assert (source["format"], source["configuration"], source["trainer_name"], source["plans_name"]) == (
         "nnunetv2",
@@ -255,6 +330,24 @@ def test_folds_and_configuration_options(tiny_folders, tmp_path, store):
         import_model(tiny_folders["3d"], store, name="tiny-fold7", folds=[7])
     with pytest.raises(NnUNetImportError, match="--configuration 2d does not match.*3d_fullres"):
         import_model(tiny_folders["3d"], store, name="tiny-wrong", configuration="2d")
+
+
+def test_reorient_is_an_import_option_stored_on_the_card(tiny_folders, tmp_path, capsys):
+    args = ["models", "import", str(tiny_folders["2d"]), "--models-dir", str(tmp_path), "--name", "ts", "--json"]
+    assert main([*args, "--reorient", "ras"]) == EXIT_OK
+    store = ModelStore(tmp_path)
+    card = store.card("ts:1")
+    assert card.pipeline["config"]["reorient"] == "ras" and "closest RAS orientation" in card.description
+    # the same files without the reorientation are another model: a new version, not the stored one
+    plain = import_model(tiny_folders["2d"], store, name="ts")
+    assert plain.version == 2 and plain.pipeline["config"]["reorient"] == "none"
+    assert import_model(tiny_folders["2d"], store, name="ts", reorient="RAS").version == 1
+    capsys.readouterr()
+    assert main([*args, "--reorient", "lps"]) == EXIT_MODEL
+    assert "unknown --reorient value. Expected none or ras; found lps" in capsys.readouterr().err
+    with pytest.raises(NnUNetImportError, match="Expected none or ras; found nearest"):
+        import_model(tiny_folders["2d"], store, name="ts", reorient="nearest")
+    assert store.versions("ts") == [1, 2]
 
 
 def test_cli_imports_an_nnunet_folder(tiny_folders, tmp_path, capsys):
@@ -460,6 +553,32 @@ def test_an_imported_model_can_be_fine_tuned_with_deep_supervision(imported, sto
     assert net.encoder.stages[0][0].convs[0].conv.weight.grad is not None
 
 
+def test_the_reorientation_is_nibabels_closest_canonical(tmp_path):
+    # TotalSegmentator's reorientation is nib.as_closest_canonical: compared on directions of every axis order and
+    # sign, tilted up to 30 degrees about two axes, through files as DeepSeg reads them
+    import nibabel as nib
+
+    rng = np.random.default_rng(3)
+    array = rng.integers(0, 1000, size=(5, 6, 7)).astype(np.int16)
+    for case in range(12):
+        permutation = np.eye(3)[:, rng.permutation(3)] @ np.diag(rng.choice([-1.0, 1.0], 3))
+        tilt = rotation(int(rng.integers(3)), rng.uniform(-30, 30)) @ rotation(int(rng.integers(3)), rng.uniform(-30, 30))
+        path = io.write_image(
+            io.Volume(array, (0.8, 1.3, 2.9), (5.0, -3.0, 12.0), tilt @ permutation), tmp_path / f"{case}.nii.gz"
+        )
+        volume = io.read_image(path)
+        reorder = reorientation(volume, "ras")
+        canonical = nib.as_closest_canonical(nib.load(str(path)))
+        ours = reorder.apply(volume.array_zyx)
+        np.testing.assert_array_equal(ours, np.asarray(canonical.dataobj).transpose(2, 1, 0))
+        assert reoriented_spacing_zyx(volume, reorder) == pytest.approx(canonical.header.get_zooms()[::-1], abs=1e-6)
+        assert input_shape(reorder, ours.shape) == volume.shape_zyx
+        np.testing.assert_array_equal(reorder.undo(ours), volume.array_zyx)
+    assert reorientation(volume, "none").identity
+    with pytest.raises(ConfigError, match="Expected none or ras"):
+        reorientation(volume, "lps")
+
+
 def test_tiles_and_gaussian_are_nnunets():
     from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
 
@@ -560,18 +679,35 @@ def test_labels_match_nnunets_own_predictor(model, image, mirroring, segmenters,
     reference = references[(model, image, mirroring)]["labels"]
     volume = io.read_image(images[image])
     result = segmenters[model].segment([volume], options(tta=mirroring))
-    ours = result.labels.array_zyx
-    assert ours.shape == reference.shape
     assert result.labels.same_grid(volume)
-    agreement = float((ours == reference).mean())
-    assert agreement >= MIN_AGREEMENT, f"voxel agreement {agreement:.5f}"
-    assert (reference == 1).sum() > 100, "the model predicts no liver: the comparison would be empty"
-    for value in (1, 2):
-        size = max(int((reference == value).sum()), int((ours == value).sum()))
-        if size >= SMALL_REGION_VOXELS:
-            assert dice(ours, reference, value) >= MIN_DICE, f"label {value}: Dice {dice(ours, reference, value):.5f}"
-        else:
-            assert int(((ours == value) != (reference == value)).sum()) <= max(2, size // 20), f"label {value}"
+    assert_parity(result.labels.array_zyx, reference)
+
+
+def test_reorient_ras_segments_as_nnunet_does_the_image_reoriented_to_closest_ras(store, tiny_folders, images, references):
+    # TotalSegmentator's first step, on an LPS-stored (DICOM-like) oblique image: reorient to RAS, nnU-Net, back
+    card = import_model(tiny_folders["3d"], store, name="tiny-3d-ras", reorient="ras")
+    segmenter = Segmenter.load(card.ref, device="cpu", store=store)
+    volume = io.read_image(images["oblique"])
+    reorder = segmenter.pipeline.reorder_for(volume)
+    assert (reorder.source_ijk, reorder.flip_ijk) == ((0, 1, 2), (True, True, False))  # L -> R, P -> A
+    # the reference's reorientation (SimpleITK's DICOMOrient) moved the voxels as DeepSeg's (nibabel's rule) does
+    np.testing.assert_array_equal(reorder.apply(volume.array_zyx), io.read_image(images["oblique_ras"]).array_zyx)
+    # the network sees what nnU-Net's preprocessing makes of the reoriented image, bit for bit
+    np.testing.assert_array_equal(segmenter.pipeline.prepare([volume]).image_czyx, references["ras"]["network_input"])
+    result = segmenter.segment([volume], options())
+    assert result.labels.same_grid(volume)
+    back = references["ras"]["labels"]
+    assert io.Volume.from_sitk(back).same_grid(volume)
+    reference = sitk.GetArrayFromImage(back)
+    assert_parity(result.labels.array_zyx, reference)
+    # a way back that forgot the flips would fail: the labels are far from symmetric under them
+    assert float((np.flip(reference, (1, 2)) != reference).mean()) > 10 * (1 - MIN_AGREEMENT)
+
+
+def test_imported_models_run_one_tile_at_a_time_unless_asked(segmenters):
+    assert segmenters["3d"].card.inference.batch_size == 1
+    assert segmenters["3d"].window_config(options()).batch_size == 1
+    assert segmenters["3d"].window_config(options(batch_size=3)).batch_size == 3  # deepseg segment --batch-size 3
 
 
 def test_probabilities_and_uncertainty_match_nnunets_softmax(segmenters, images, references):

@@ -70,7 +70,7 @@ def import_model(folder: str | Path, store: Any, *, name: str | None = None, act
         store: a :class:`~deepseg_core.model_store.ModelStore`.
         name: the model's name in the store (default: from the source, e.g. nnU-Net's dataset name).
         activate: make the imported version active.
-        options: format options (nnU-Net: ``folds``, ``configuration``, ``checkpoint``).
+        options: format options (nnU-Net: ``folds``, ``configuration``, ``checkpoint``, ``reorient``).
     """
     fmt = detect_format(folder)
     module_name, function_name = IMPORTERS[fmt].split(":")

@@ -1,0 +1,234 @@
+"""nnU-Net's export (``convert_predicted_logits_to_segmentation_with_correct_shape``), streamed slab by slab.
+
+Logits resampled to the cropped input shape (order 1 in-plane, nearest along a separate
+low-resolution axis, the same anisotropy rule as the preprocessing), rounded to float16 as
+nnU-Net's are, argmax (first maximum wins), crop reverted (background outside),
+``transpose_backward``, the reorientation undone (``reorient``). It runs slab by slab as the sliding window finishes them: every
+interpolation here is separable, so an output slice along the first (transposed) axis depends only
+on the one or two network slices its coordinate falls between (nearest: one; linear: two), and
+those are all it waits for. Memory holds one slab of float16 logits plus that margin, never the
+whole ``(K, Z, Y, X)`` logits.
+
+Where it differs from nnU-Net (only at near-ties; the parity tests measure it): the separable
+interpolation is computed axis by axis in float32, where nnU-Net lets ``scipy.ndimage.zoom`` sum
+the tensor-product weights in float64 (both are rounded to float16 afterwards, so they differ only
+where a value sits on a float16 rounding boundary); and order-1 interpolation never leaves the input
+range (a convex combination), so skimage's clip to the input's min/max is dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...errors import ConfigError
+from ...inference.pipelines import CollectedOutput
+from ...uncertainty import normalised_entropy
+from .orientation import AxisReorder, input_shape
+from .resampling import ANISOTROPY_THRESHOLD, linear_positions, nearest_positions, separate_axis
+
+#: the export's working memory per chunk of output slices (the chunk shrinks for many classes).
+EXPORT_CHUNK_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class _AxisMap:
+    """How one axis of the network grid maps onto the cropped input grid: ``identity``, ``nearest`` or ``linear``."""
+
+    mode: str
+    i0: np.ndarray
+    i1: np.ndarray
+    t: np.ndarray
+
+    @classmethod
+    def build(cls, n_in: int, n_out: int, order: int) -> _AxisMap:
+        if n_in == n_out:
+            index = np.arange(n_out)
+            return cls("identity", index, index, np.zeros(n_out))
+        if order == 0:
+            index = nearest_positions(n_in, n_out)
+            return cls("nearest", index, index, np.zeros(n_out))
+        if order == 1:
+            return cls("linear", *linear_positions(n_in, n_out))
+        raise ConfigError(
+            "the nnunetv2 export interpolates logits with order 0 or 1 only", found=f"order {order}", hint="Re-import the model."
+        )
+
+    def apply(self, block: np.ndarray, axis: int, offset: int = 0) -> np.ndarray:
+        """``block`` (float32) mapped along ``axis``; ``offset``: index of the block's first slice along it."""
+        if self.mode == "identity" and offset == 0 and block.shape[axis] == len(self.i0):
+            return block
+        first = np.take(block, self.i0 - offset, axis=axis)
+        if self.mode != "linear":
+            return first
+        shape = [1] * block.ndim
+        shape[axis] = len(self.t)
+        t = self.t.reshape(shape).astype(np.float32)
+        return (1.0 - t) * first + t * np.take(block, self.i1 - offset, axis=axis)
+
+
+class NnUNetExportCollector:
+    """Blended logit slabs ``(K, dz, Y', X')`` -> nnU-Net's segmentation on the input grid, slab by slab.
+
+    See the module docstring. Output arrays are allocated in the input's axis order and written
+    through their reoriented (:mod:`.orientation`) and transposed views, so undoing the reorientation
+    and ``transpose_forward`` costs no copy.
+
+    Args:
+        context: :meth:`NnUNetPipeline.prepare`'s context (shapes, crop box, spacings, ``reorder``: the
+            voxel reorder of the input, none when missing).
+        label_values: label value of each output channel.
+        transpose_forward: the model's axis order.
+        resampling: ``resampling_fn_probabilities`` kwargs (``order``, ``order_z``, ``force_separate_z``).
+        threshold: the anisotropy threshold.
+        keep_probabilities: also return float16 softmax probabilities ``(K, Z, Y, X)``.
+        uncertainty: also return the normalised entropy of the softmax.
+    """
+
+    def __init__(
+        self,
+        context: dict[str, Any],
+        label_values: Sequence[int],
+        transpose_forward: Sequence[int],
+        resampling: dict[str, Any],
+        *,
+        threshold: float = ANISOTROPY_THRESHOLD,
+        keep_probabilities: bool = False,
+        uncertainty: bool = False,
+    ) -> None:
+        self.values = np.asarray(label_values)
+        self.channels = len(self.values)
+        self.crop = [tuple(int(v) for v in b) for b in context["bbox"]]
+        self.crop_shape = tuple(int(s) for s in context["shape_after_crop"])
+        self.network_shape = tuple(int(s) for s in context["network_shape"])
+        self._allocate(context, [int(a) for a in transpose_forward], keep_probabilities, uncertainty)
+        order, order_z = int(resampling.get("order", 1)), int(resampling.get("order_z", 0))
+        axis = None
+        if self.network_shape != self.crop_shape:
+            axis = separate_axis(
+                context["network_spacing"], context["spacing_transposed"], resampling.get("force_separate_z"), threshold
+            )
+        self.maps = [
+            _AxisMap.build(n_in, n_out, order_z if a == axis else order)
+            for a, (n_in, n_out) in enumerate(zip(self.network_shape, self.crop_shape, strict=True))
+        ]
+        first = self.maps[0]
+        self._lo, self._hi = first.i0, (first.i1 if first.mode == "linear" else first.i0)
+        self._buffer: list[tuple[int, np.ndarray]] = []  # (network z0, float16 logits)
+        self._received = 0
+        self._emitted = 0
+        self.max_buffered_slices = 0  # the memory bound: network slices held at once
+
+    def _allocate(self, context: dict[str, Any], tf: list[int], keep_probabilities: bool, uncertainty: bool) -> None:
+        """The outputs on the input grid, and the views the slabs are written through (reoriented, then transposed)."""
+        before = tuple(int(s) for s in context["shape_before_crop"])
+        oriented = [0, 0, 0]
+        for i, a in enumerate(tf):
+            oriented[a] = before[i]
+        reorder = context.get("reorder") or AxisReorder()
+        shape = input_shape(reorder, oriented)
+        dtype = np.uint8 if int(self.values.max()) < 255 else np.uint16
+        self.labels = np.zeros(shape, dtype=dtype)
+        self._labels_t = reorder.apply(self.labels).transpose(tf)
+        self.probabilities = None
+        self._probabilities_t = None
+        if keep_probabilities:
+            self.probabilities = np.zeros((self.channels, *shape), dtype=np.float16)
+            self.probabilities[0] = 1  # background outside the crop, as nnU-Net reverts the crop of probabilities
+            self._probabilities_t = reorder.apply(self.probabilities).transpose([0, *[a + 1 for a in tf]])
+        self.entropy = np.zeros(shape, dtype=np.float32) if uncertainty else None
+        self._entropy_t = reorder.apply(self.entropy).transpose(tf) if self.entropy is not None else None
+
+    def add(self, z_start: int, z_stop: int, blended: np.ndarray) -> None:
+        """One finished slab of logits ``(K, z_stop - z_start, Y', X')`` (z in order)."""
+        if blended.shape[0] != self.channels:
+            raise ConfigError(
+                "internal: logit slab has the wrong channel count", expected=str(self.channels), found=str(blended.shape)
+            )
+        # nnU-Net's logits are float16 (its accumulators are); so are the slices kept here
+        self._buffer.append((z_start, np.asarray(blended).astype(np.float16)))
+        self._received = z_stop
+        self.max_buffered_slices = max(self.max_buffered_slices, sum(b.shape[1] for _, b in self._buffer))
+        ready = int(np.searchsorted(self._hi, self._received, side="left"))
+        if ready > self._emitted:
+            self._emit(ready)
+
+    def _emit(self, stop: int) -> None:
+        # bytes per output slice: every channel's float32 interpolation and float16 copy (+ float32 softmax)
+        plane = self.crop_shape[1] * self.crop_shape[2]
+        per_slice = plane * self.channels * (10 if self.probabilities is not None or self.entropy is not None else 6)
+        chunk = max(1, EXPORT_CHUNK_BYTES // max(per_slice, 1))
+        for start in range(self._emitted, stop, chunk):
+            self._emit_rows(start, min(start + chunk, stop))
+        self._emitted = stop
+        keep_from = int(self._lo[stop]) if stop < len(self._lo) else self._received
+        self._buffer = [(z0, b) for z0, b in self._buffer if z0 + b.shape[1] > keep_from]
+
+    def _source(self, m0: int, m1: int) -> np.ndarray:
+        """Network slices ``[m0, m1)`` of all channels, float16, from the buffered slabs."""
+        out = np.empty((self.channels, m1 - m0, *self.network_shape[1:]), dtype=np.float16)
+        for z0, block in self._buffer:
+            lo, hi = max(z0, m0), min(z0 + block.shape[1], m1)
+            if lo < hi:
+                out[:, lo - m0 : hi - m0] = block[:, lo - z0 : hi - z0]
+        return out
+
+    def _logits(self, source: np.ndarray, rows: slice, m0: int) -> torch.Tensor:
+        """All channels' logits on the cropped input grid for output ``rows``: ``(n, K, Yc, Xc)`` float32 tensor
+        holding float16 values.
+
+        ``source``: network slices ``[m0, ...)`` of all channels, ``(K, m, Y', X')`` float16. nnU-Net's export
+        buffer is float16 (ties are decided there), so the interpolated values are rounded to float16; they
+        are kept as float32 for fast arithmetic.
+        """
+        first = self.maps[0]
+        block = source.astype(np.float32)
+        if first.mode == "identity":
+            block = block[:, rows.start - m0 : rows.stop - m0]
+        else:
+            block = _AxisMap(first.mode, first.i0[rows], first.i1[rows], first.t[rows]).apply(block, 1, m0)
+        # nearest-neighbour axes first: a selection commutes with the linear interpolation of the other axis
+        for axis, mapping in ((2, self.maps[1]), (3, self.maps[2])):
+            if mapping.mode == "nearest":
+                block = np.take(block, mapping.i0, axis=axis)
+        planes = torch.from_numpy(np.ascontiguousarray(block.transpose(1, 0, 2, 3)))  # (n, K, Y, X)
+        size = self.crop_shape[1:]
+        if tuple(planes.shape[2:]) != size:
+            # bilinear with half-pixel centres and clamped edges (torch's align_corners=False) is scipy's
+            # zoom(order=1, grid_mode=True, mode="nearest"); an axis already at its size maps to itself
+            planes = torch.nn.functional.interpolate(planes, size=size, mode="bilinear", align_corners=False)
+        return planes.to(torch.float16).to(torch.float32)
+
+    def _emit_rows(self, r0: int, r1: int) -> None:
+        rows = slice(r0, r1)
+        m0, m1 = int(self._lo[r0]), int(self._hi[r1 - 1]) + 1
+        logits = self._logits(self._source(m0, m1), rows, m0)
+        (z0, _), (y0, y1), (x0, x1) = self.crop
+        target = (slice(z0 + r0, z0 + r1), slice(y0, y1), slice(x0, x1))
+        if self.probabilities is None and self.entropy is None:
+            # torch's argmax returns the first maximum, as numpy's does in nnU-Net
+            self._labels_t[target] = self.values[torch.argmax(logits, dim=1).numpy()]
+            return
+        probabilities = torch.softmax(logits, dim=1)
+        self._labels_t[target] = self.values[torch.argmax(probabilities, dim=1).numpy()]
+        by_class = probabilities.numpy().transpose(1, 0, 2, 3)
+        if self._probabilities_t is not None:
+            self._probabilities_t[(slice(None), *target)] = by_class
+        if self._entropy_t is not None:
+            self._entropy_t[target] = normalised_entropy(by_class)
+
+    def finish(self) -> CollectedOutput:
+        """Labels (and the rest) on the input grid, in the input's axis order."""
+        if self._emitted < self.crop_shape[0]:
+            if self._received < self.network_shape[0]:
+                raise ConfigError(
+                    "internal: the sliding window ended before the last slab",
+                    expected=f"{self.network_shape[0]} slices",
+                    found=str(self._received),
+                )
+            self._emit(self.crop_shape[0])
+        return CollectedOutput(self.labels, self.probabilities, self.entropy)

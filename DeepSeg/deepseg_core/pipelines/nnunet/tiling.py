@@ -1,0 +1,57 @@
+"""nnU-Net's sliding window: its tile placement and importance map, registered for DeepSeg's sliding window.
+
+Importing this module registers placement ``nnunet`` (:func:`nnunet_tile_starts`) in
+:data:`~deepseg_core.inference.sliding_window.TILE_PLACEMENTS` and importance ``nnunet``
+(:func:`nnunet_gaussian`) in :data:`~deepseg_core.inference.sliding_window.IMPORTANCE_MAPS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from ...inference.sliding_window import IMPORTANCE_MAPS, TILE_PLACEMENTS
+
+#: peak of nnU-Net's Gaussian importance map (``value_scaling_factor``).
+GAUSSIAN_PEAK = 10.0
+
+
+def nnunet_tile_starts(length: int, patch: int, overlap: float) -> list[int]:
+    """nnU-Net's tile starts along one axis (``compute_steps_for_sliding_window``), ``step = 1 - overlap``.
+
+    ``n = ceil((length - patch) / (patch * step)) + 1`` tiles, starts ``round(i * (length - patch) / (n - 1))``
+    with numpy's round-half-even. A patch of 1 (2D networks on a volume) visits every slice.
+    """
+    if patch == 1:
+        return list(range(length))
+    if length <= patch:
+        return [0]
+    step = 1.0 - overlap
+    count = int(np.ceil((length - patch) / (patch * step))) + 1
+    actual = (length - patch) / (count - 1)
+    return [int(np.round(actual * i)) for i in range(count)]
+
+
+def nnunet_gaussian(patch_size: Sequence[int], sigma_scale: float) -> torch.Tensor:
+    """nnU-Net's importance map of a tile (``compute_gaussian``), float32 ``patch_size``.
+
+    A unit impulse at ``patch // 2`` filtered by ``scipy.ndimage.gaussian_filter`` (sigma
+    ``sigma_scale * patch``, constant 0 outside), scaled to a peak of 10, rounded to float16 (as nnU-Net
+    keeps it) and its zeros set to the smallest non-zero value. Axes of size 1 (2D tiles) are left out
+    of the filter, so a 2D network's map is nnU-Net's 2D map.
+    """
+    sizes = [int(p) for p in patch_size if int(p) > 1] or [1]
+    impulse = np.zeros(sizes)
+    impulse[tuple(s // 2 for s in sizes)] = 1
+    gaussian = ndimage.gaussian_filter(impulse, [s * sigma_scale for s in sizes], 0, mode="constant", cval=0)
+    gaussian /= np.max(gaussian) / GAUSSIAN_PEAK
+    half = torch.from_numpy(gaussian).to(torch.float16)
+    half[half == 0] = torch.min(half[half != 0])
+    return half.float().reshape(tuple(int(p) for p in patch_size))
+
+
+TILE_PLACEMENTS["nnunet"] = nnunet_tile_starts
+IMPORTANCE_MAPS["nnunet"] = nnunet_gaussian

@@ -83,6 +83,7 @@ class DeepSegParameterNode:
     caseId: str = ""
     overwriteCase: bool = False
     backend: Annotated[str, Choice(["auto", "torch", "openvino", "onnxruntime"])] = "auto"
+    precision: Annotated[str, Choice(["float32", "bfloat16"])] = "float32"
 
 
 class DeepSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):

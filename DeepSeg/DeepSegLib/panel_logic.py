@@ -57,12 +57,15 @@ class PanelSettings:
     caseId: str = ""
     overwriteCase: bool = False
     backend: str = "auto"
+    precision: str = "float32"
 
 
 #: the choices of the Device selector (the parameter node's ``Choice``).
 DEVICE_CHOICES = ("auto", "cuda", "cpu")
 #: the choices of the Advanced > Inference backend selector.
 BACKEND_CHOICES = ("auto", "torch", "openvino", "onnxruntime")
+#: the choices of the Advanced > CPU precision selector.
+PRECISION_CHOICES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -181,6 +184,10 @@ class DeepSegPanelLogic:
             raise PanelError(f"Unknown device {settings.device!r}; choose one of {', '.join(DEVICE_CHOICES)}.")
         if settings.backend not in BACKEND_CHOICES:
             raise PanelError(f"Unknown inference backend {settings.backend!r}; choose one of {', '.join(BACKEND_CHOICES)}.")
+        if settings.precision not in PRECISION_CHOICES:
+            raise PanelError(f"Unknown precision {settings.precision!r}; choose one of {', '.join(PRECISION_CHOICES)}.")
+        if settings.precision == "bfloat16" and settings.backend == "onnxruntime":
+            raise PanelError("ONNX Runtime has no bfloat16: choose precision float32, or backend auto, openvino or torch.")
         entry = self.view.models[refs.index(settings.model)]
         if len(entry.channels) > 1 and settings.additionalVolume is None:
             raise PanelError(f"This model needs {len(entry.channels)} input volumes ({', '.join(entry.channels)}).")
@@ -193,6 +200,7 @@ class DeepSegPanelLogic:
             uncertainty=settings.uncertainty,
             measurements=settings.measurements,
             backend=settings.backend,
+            precision=settings.precision,
             models_dir=self.models_dir,
         )
 

@@ -57,6 +57,7 @@ class SegmentRequest:
         uncertainty: also compute the voxel-wise uncertainty map (``uncertainty.nrrd`` in the job folder).
         measurements: also measure every segment and instance (``stats.csv`` in the job folder).
         backend: inference backend (``auto``, ``torch``, ``openvino``, ``onnxruntime``).
+        precision: CPU arithmetic, ``float32`` or ``bfloat16`` (ignored on CUDA).
         models_dir: model store folder, None for the default.
     """
 
@@ -68,6 +69,7 @@ class SegmentRequest:
     uncertainty: bool = False
     measurements: bool = True
     backend: str = "auto"
+    precision: str = "float32"
     models_dir: str | None = None
 
 
@@ -284,7 +286,7 @@ def start_segmentation(
     output = workdir / "result.seg.nrrd"
     arguments = ["segment", ",".join(str(p) for p in inputs)]
     arguments += ["--model", request.model, "--output", str(output), "--device", request.device, "--json"]
-    arguments += ["--backend", request.backend]
+    arguments += ["--backend", request.backend, "--precision", request.precision]
     if request.overlap is not None:
         arguments += ["--overlap", str(request.overlap)]
     if request.tta:

@@ -16,6 +16,7 @@ from model_fixtures import tiny_model_folder
 
 from deepseg_core import io, phantoms
 from deepseg_core.cli import EXIT_CANCELLED, EXIT_INPUT, EXIT_MODEL, EXIT_OK, main
+from deepseg_core.inference.backends import native_bfloat16
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -62,6 +63,22 @@ def test_json_events(tmp_path):
     assert progress and progress[-1]["done"] == progress[-1]["total"] and "eta_s" in progress[0]
     done = events[-2]
     assert {s["name"] for s in done["segments"]} == {"liver", "liver lesion"} and done["seconds"] > 0
+    assert done["precision"] == "float32"
+
+
+def test_precision_reaches_the_run_and_a_contradiction_is_refused(tmp_path, capsys):
+    model = tiny_model_folder(tmp_path / "model")
+    image = write_case(tmp_path / "case.nrrd")
+    out = tmp_path / "o.seg.nrrd"
+    refused = ["segment", str(image), "--model", str(model), "--output", str(out), "--backend", "onnxruntime"]
+    assert main([*refused, "--precision", "bfloat16"]) == EXIT_INPUT
+    error = capsys.readouterr().err
+    assert "ONNX Runtime's CPU provider has no bfloat16" in error and "--precision float32" in error
+    assert not out.exists()
+    command = ["segment", str(image), "--model", str(model), "--output", str(out), "--backend", "torch"]
+    assert main([*command, "--precision", "bfloat16", "--device", "cpu", "--json"]) == EXIT_OK
+    done = [json.loads(line) for line in capsys.readouterr().out.splitlines()][-2]
+    assert done["backend"] == "torch" and done["precision"] == ("bfloat16" if native_bfloat16() else "float32")
 
 
 def test_batch_continues_past_a_bad_case(tmp_path):

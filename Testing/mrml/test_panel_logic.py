@@ -124,6 +124,12 @@ def test_segment_requests_name_what_is_missing(mrml_scene, store_dir):
     settings.device = "cpu"
     request = panel.segment_request(settings)
     assert (request.model, request.device, request.instances, request.measurements) == (str(DEFAULT_MODEL), "cpu", True, True)
+    assert (request.backend, request.precision) == ("auto", "float32")
+    settings.backend, settings.precision = "onnxruntime", "bfloat16"
+    with pytest.raises(PanelError, match="ONNX Runtime has no bfloat16: choose precision float32"):
+        panel.segment_request(settings)
+    settings.backend = "openvino"
+    assert panel.segment_request(settings).precision == "bfloat16"
 
 
 def test_progress_text():

@@ -15,6 +15,13 @@ are optional (``pip install deepseg[cpu-fast]``).
 - ``auto``: OpenVINO, else ONNX Runtime on the CPU, torch on CUDA; any backend that cannot serve
   the run (not installed, CUDA, Monte-Carlo dropout, an export failure) falls back to torch with
   the reason logged.
+
+Precision (CPU only; CUDA runs float16 autocast as before): ``float32`` by default. ``bfloat16``
+runs the convolutions in bfloat16 with float32 accumulation (OpenVINO's inference precision hint,
+or torch's CPU autocast) on CPUs with native bfloat16 (AMX or AVX512-BF16), several times faster;
+bfloat16 keeps 8 significant bits, so probabilities move by up to a few percent and near-tie voxels
+can flip (measured in README). ONNX Runtime's CPU provider has no bfloat16 convolutions, and a
+CPU without native bfloat16 runs float32 (logged).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from ..fileutil import atomic_write_text, default_mode
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "openvino", "onnxruntime")
+PRECISIONS = ("float32", "bfloat16")
 #: the Python package each exported backend needs.
 BACKEND_PACKAGES = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
 ONNX_OPSET = 17
@@ -61,10 +69,34 @@ class BackendChoice:
     reason: str
 
 
-def choose_backend(requested: str, device: torch.device, needs_stochastic_layers: bool = False) -> BackendChoice:
+def native_bfloat16() -> bool:
+    """True when this CPU computes bfloat16 natively (oneDNN's check: AMX or AVX512-BF16)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def check_precision(backend: str, precision: str) -> None:
+    """Refuse an unknown precision, or bfloat16 asked of ONNX Runtime (its CPU provider has none)."""
+    if precision not in PRECISIONS:
+        raise ConfigError("unknown inference precision", expected=f"one of {list(PRECISIONS)}", found=precision)
+    if precision == "bfloat16" and backend == "onnxruntime":
+        raise ConfigError(
+            "ONNX Runtime's CPU provider has no bfloat16 convolutions",
+            expected="--backend openvino, torch or auto with --precision bfloat16",
+            found="--backend onnxruntime --precision bfloat16",
+            hint="Use --precision float32 with ONNX Runtime.",
+        )
+
+
+def choose_backend(
+    requested: str, device: torch.device, needs_stochastic_layers: bool = False, precision: str = "float32"
+) -> BackendChoice:
     """Resolve ``requested`` (one of :data:`BACKENDS`) for ``device``; never raises for a fallback."""
     if requested not in BACKENDS:
         raise ConfigError("unknown inference backend", expected=f"one of {list(BACKENDS)}", found=requested)
+    check_precision(requested, precision)
     if requested == "torch":
         return BackendChoice("torch", "requested")
     if device.type != "cpu":
@@ -72,11 +104,26 @@ def choose_backend(requested: str, device: torch.device, needs_stochastic_layers
     if needs_stochastic_layers:
         return BackendChoice("torch", "Monte-Carlo dropout needs PyTorch's stochastic layers (an exported graph has none)")
     candidates = ["openvino", "onnxruntime"] if requested == "auto" else [requested]
+    if precision == "bfloat16":
+        candidates = [name for name in candidates if name != "onnxruntime"]
+        if not candidates:
+            return BackendChoice("torch", "ONNX Runtime has no bfloat16: torch's CPU autocast runs it")
     for name in candidates:
         if installed(name):
             return BackendChoice(name, "fastest installed CPU runtime" if requested == "auto" else "requested")
     missing = " and ".join(candidates)
     return BackendChoice("torch", f"{missing} not installed (pip install deepseg[cpu-fast])")
+
+
+class BFloat16Tiles:
+    """A network run under torch's CPU bfloat16 autocast (float32 logits out)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        self.net = net
+
+    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            return self.net(tiles).float()
 
 
 def weights_digest(net: nn.Module) -> str:
@@ -171,12 +218,12 @@ def onnxruntime_tiles(graph: Path, batch: int) -> ExportedTiles:
     return ExportedTiles(lambda x: session.run(None, {name: x})[0], batch)
 
 
-def openvino_tiles(graph: Path, batch: int) -> ExportedTiles:
-    """OpenVINO compiled model on the CPU (float32, latency hint, torch's thread count).
+def openvino_tiles(graph: Path, batch: int, precision: str = "float32") -> ExportedTiles:
+    """OpenVINO compiled model on the CPU (latency hint, torch's thread count).
 
     OpenVINO keeps its compiled blob in the graph's folder (``CACHE_DIR``), so later processes skip
-    the compilation. Float32 is asked for explicitly: on CPUs with AMX or AVX512-BF16 OpenVINO would
-    otherwise run in bfloat16, whose probabilities differ from torch's by a few percent.
+    the compilation. The precision is always asked for explicitly: on CPUs with AMX or AVX512-BF16
+    OpenVINO would otherwise pick bfloat16 by itself.
     """
     import openvino
 
@@ -185,7 +232,11 @@ def openvino_tiles(graph: Path, batch: int) -> ExportedTiles:
     compiled = core.compile_model(
         str(graph),
         "CPU",
-        {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": str(torch.get_num_threads())},
+        {
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bfloat16" else "f32",
+            "INFERENCE_NUM_THREADS": str(torch.get_num_threads()),
+        },
     )
     request = compiled.create_infer_request()
     output = compiled.output(0)
@@ -198,19 +249,29 @@ def tile_function(
     weights_sha256: str,
     input_shape: tuple[int, ...],
     cache_dir: Path,
+    precision: str = "float32",
 ) -> tuple[TileFunction, BackendChoice]:
     """The callable the sliding window runs tiles through, and the backend actually used.
 
     ``weights_sha256``: :func:`weights_digest` of ``net`` (the export cache's key). An export or
     runtime failure falls back to torch (logged with its reason), never a failed run.
+    ``precision``: see the module docstring; the network must be on the CPU for bfloat16.
     """
+    check_precision(choice.name, precision)
+
+    def torch_tiles(why: BackendChoice) -> tuple[TileFunction, BackendChoice]:
+        if precision == "bfloat16":
+            return BFloat16Tiles(net), why
+        return net, why
+
     if choice.name == "torch":
-        return net, choice
+        return torch_tiles(choice)
     try:
         graph = cached_onnx(net, weights_sha256, choice.name, input_shape, cache_dir)
-        runner = openvino_tiles if choice.name == "openvino" else onnxruntime_tiles
-        return runner(graph, input_shape[0]), choice
+        if choice.name == "openvino":
+            return openvino_tiles(graph, input_shape[0], precision), choice
+        return onnxruntime_tiles(graph, input_shape[0]), choice
     except Exception as exc:  # any exporter/runtime error: the torch path still works
         reason = f"{choice.name} could not run this network ({type(exc).__name__}: {str(exc)[:200]}); using torch"
         log.warning("%s", reason)
-        return net, BackendChoice("torch", reason)
+        return torch_tiles(BackendChoice("torch", reason))

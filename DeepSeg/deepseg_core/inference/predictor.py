@@ -35,7 +35,17 @@ from ..io import Volume
 from ..model_card import ModelCard
 from ..model_catalog import store_root
 from ..model_store import ModelStore, load_network, resolve_model
-from .backends import BACKENDS, BackendChoice, TileFunction, choose_backend, tile_function, weights_digest
+from .backends import (
+    BACKENDS,
+    BackendChoice,
+    BFloat16Tiles,
+    TileFunction,
+    check_precision,
+    choose_backend,
+    native_bfloat16,
+    tile_function,
+    weights_digest,
+)
 from .pipelines import PreparedInput, pipeline_for
 from .sliding_window import ProgressCallback, SlidingWindowConfig, sliding_window_predict
 
@@ -80,6 +90,7 @@ class SegmentOptions:
     keep_probabilities: bool = False
     check_modality: bool = True
     backend: str = "auto"
+    precision: str = "float32"
     uncertainty: str | None = None
     uncertainty_passes: int = 8
     uncertainty_perturbations: tuple[tuple[float, float], ...] = UNCERTAINTY_INTENSITY_PERTURBATIONS
@@ -87,6 +98,7 @@ class SegmentOptions:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ConfigError("unknown inference backend", expected=f"one of {list(BACKENDS)}", found=str(self.backend))
+        check_precision(self.backend, self.precision)
         if self.uncertainty not in (None, *UNCERTAINTY_METHODS):
             raise ConfigError(
                 "unknown uncertainty method", expected=f"one of {list(UNCERTAINTY_METHODS)}", found=str(self.uncertainty)
@@ -108,6 +120,7 @@ class SegmentationResult:
             (see :mod:`deepseg_core.uncertainty`).
         domain_check: the input-versus-training-data report (see :mod:`deepseg_core.domain_shift`).
         backend: the inference backend that computed the logits (:mod:`.backends`).
+        precision: ``float32`` or ``bfloat16``, what the CPU network computed in (CUDA: float16 autocast).
         card: the model card used.
         timings_s: seconds per stage.
     """
@@ -121,6 +134,7 @@ class SegmentationResult:
     domain_check: DomainReport | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
     backend: str = "torch"
+    precision: str = "float32"
 
 
 class _SliceNet(nn.Module):
@@ -190,16 +204,28 @@ class Segmenter:
 
         Exported graphs are built once per Segmenter and shape (cached on disk across runs).
         """
-        choice = choose_backend(options.backend, self.device, needs_stochastic_layers=options.uncertainty == "mc_dropout")
+        precision = self.precision(options)
+        choice = choose_backend(
+            options.backend, self.device, needs_stochastic_layers=options.uncertainty == "mc_dropout", precision=precision
+        )
         if choice.name == "torch":
-            return self.net, "torch"
+            return (BFloat16Tiles(self.net) if precision == "bfloat16" else self.net), "torch"
         shape = (window.batch_size, input_channels, *window.patch_size_zyx)
-        key = (choice.name, shape, weights_digest(self.net))  # the weights may have changed (training)
+        key = (choice.name, shape, weights_digest(self.net), precision)  # the weights may have changed (training)
         if key not in self._tile_functions:
-            log.info("inference backend: %s (%s)", choice.name, choice.reason)
-            self._tile_functions[key] = tile_function(self.net, choice, key[2], shape, self.cache_dir)
+            log.info("inference backend: %s in %s (%s)", choice.name, precision, choice.reason)
+            self._tile_functions[key] = tile_function(self.net, choice, key[2], shape, self.cache_dir, precision)
         function, used = self._tile_functions[key]
         return function, used.name
+
+    def precision(self, options: SegmentOptions) -> str:
+        """The precision a run computes in: ``options.precision``, except bfloat16 where it cannot run
+        natively (CUDA keeps its float16 autocast; a CPU without AMX/AVX512-BF16), logged."""
+        if options.precision == "bfloat16" and (self.device.type != "cpu" or not native_bfloat16()):
+            why = "CUDA runs float16 autocast" if self.device.type != "cpu" else "this CPU has no native bfloat16"
+            log.warning("precision bfloat16 not used: %s; computing in float32", why)
+            return "float32"
+        return options.precision
 
     def window_config(self, options: SegmentOptions) -> SlidingWindowConfig:
         """Sliding-window settings of the model's pipeline, overridden by ``options``."""
@@ -276,6 +302,7 @@ class Segmenter:
         result.probabilities = collected.probabilities
         result.domain_check = domain_check
         result.backend = backend
+        result.precision = self.precision(options)
         if collected.entropy_zyx is not None:
             result.uncertainty = reference.with_array(np.clip(collected.entropy_zyx, 0.0, 1.0).astype(np.float32))
         timings["postprocess"] = time.perf_counter() - clock

@@ -1,0 +1,274 @@
+"""Speed against nnU-Net's own predictor: the same nnU-Net v2 model folder, the same CT, the same tiles.
+
+    python Testing/Benchmarks/bench_vs_nnunet.py [--json] [--threads 2] [--backends auto torch]
+        [--precisions float32 bfloat16] [--cases ct_128 ct_192x192x160 ct_512x512x300]
+
+Model: nnU-Net's default 3d_fullres ``PlainConvUNet`` (6 stages, 32-320 features, patch 128^3, target
+spacing 1.5 mm, CT normalisation) made by nnU-Net's own code (``scripts/make_tiny_nnunet_model.py
+--preset full``, cached; the weights do not matter for speed). Both tools: one fold, step 0.5, Gaussian
+blending, no mirroring, CPU, ``--threads`` threads.
+
+Images: the real head CT of TotalSegmentator's wheel (``python scripts/fetch_test_images.py``), its 0
+background set to -1000 HU and resampled (linear, centred, air outside) onto three scanner grids, so
+nnU-Net crops nothing and both tools tile the whole field of view:
+
+* ``ct_128``: 128 x 128 x 128 at 1.5 mm (the network grid is one patch: 1 tile);
+* ``ct_192x192x160``: 192 x 192 x 160 at 1.5 mm (8 tiles);
+* ``ct_512x512x300``: 512 x 512 x 300 at 0.8 x 0.8 x 1.0 mm, a typical body-CT matrix (resampled to
+  273 x 273 x 200 at 1.5 mm: 48 tiles).
+
+Each run is its own fresh process; its times and peak RSS (``ru_maxrss``, imports included) are its own.
+
+* nnU-Net: ``nnUNetPredictor.initialize_from_trained_model_folder`` (``setup_s``) then
+  ``predict_from_files_sequential`` (``predict_s``: read, preprocess, sliding window, export, write).
+* DeepSeg: the folder is imported into a model store once (``import_s``, not part of any run). A run
+  loads the model (``setup_s``), then reads, segments and writes the same file (``predict_s``). With
+  ``--backends auto`` (OpenVINO, else ONNX Runtime, else torch, as ``deepseg segment`` picks), the
+  first run of the model on a machine exports and compiles the network once (``cold``, measured on
+  the first case with an empty cache); later runs load the cached graph (``warm``). ``torch`` is
+  PyTorch against PyTorch. ``--precisions bfloat16`` adds runs with ``--precision bfloat16``
+  (CPUs with AMX / AVX512-BF16), whose labels are also compared with the float32 run's.
+
+Reported per case and backend: label agreement and per-label Dice against nnU-Net, tiles, both tools'
+seconds and peak RSS, and the ratios DeepSeg / nnU-Net of ``predict_s`` (the issue's goal: <= 0.5),
+of setup + predict, and of peak RSS (goal: <= 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "DeepSeg"))
+CACHE = REPO / "Testing" / "data" / "cache"
+HEAD_CT = CACHE / "ct_brain_atlas_1mm.nii.gz"
+DATASET = "Dataset502_DeepSegFullCT"
+#: name -> (size_xyz, spacing_xyz_mm) of the scanner grid the head CT is resampled onto
+CASES = {
+    "ct_128": ((128, 128, 128), (1.5, 1.5, 1.5)),
+    "ct_192x192x160": ((192, 192, 160), (1.5, 1.5, 1.5)),
+    "ct_512x512x300": ((512, 512, 300), (0.8, 0.8, 1.0)),
+}
+AIR_HU = -1000
+
+
+def _load_sibling(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def scanner_grid_ct(
+    source: Path, size_xyz: tuple[int, int, int], spacing_xyz_mm: tuple[float, float, float], target: Path
+) -> Path:
+    """The head CT on another grid: 0 background -> air, linear resampling, centres aligned, air outside."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(source), sitk.sitkFloat32)
+    array = sitk.GetArrayFromImage(image)
+    array[array == 0] = AIR_HU
+    in_air = sitk.GetImageFromArray(array)
+    in_air.CopyInformation(image)
+    centre = np.asarray(image.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in image.GetSize()]))
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    half_extent = direction @ (np.asarray(spacing_xyz_mm) * (np.asarray(size_xyz) - 1) / 2)
+    reference = sitk.Image([int(s) for s in size_xyz], sitk.sitkFloat32)
+    reference.SetSpacing([float(s) for s in spacing_xyz_mm])
+    reference.SetDirection(image.GetDirection())
+    reference.SetOrigin(tuple(float(v) for v in centre - half_extent))
+    resampled = sitk.Resample(in_air, reference, sitk.Transform(), sitk.sitkLinear, float(AIR_HU), sitk.sitkFloat32)
+    sitk.WriteImage(sitk.Cast(sitk.Round(resampled), sitk.sitkInt16), str(target), True)
+    return target
+
+
+def child(store_root: str, ref: str, image: str, output: str, backend: str, precision: str, threads: int) -> None:
+    """One DeepSeg run in this (fresh) process: load, read, segment, write; prints one JSON line."""
+    clock = time.perf_counter()
+    import torch
+
+    torch.set_num_threads(threads)
+    from deepseg_core import io
+    from deepseg_core.inference import Segmenter, SegmentOptions
+    from deepseg_core.model_store import ModelStore
+
+    import_modules_s = time.perf_counter() - clock
+    clock = time.perf_counter()
+    segmenter = Segmenter.load(ref, device="cpu", store=ModelStore(Path(store_root)))
+    setup_s = time.perf_counter() - clock
+    tiles: list[int] = []
+    clock = time.perf_counter()
+    volume = io.read_image(image)
+    result = segmenter.segment(
+        [volume],
+        SegmentOptions(device="cpu", backend=backend, precision=precision, tta=False, check_modality=False),
+        on_progress=lambda done, total, eta: tiles.append(total),
+    )
+    io.write_image(result.labels, output)
+    predict_s = time.perf_counter() - clock
+    print(
+        json.dumps(
+            {
+                "backend": result.backend,
+                "precision": result.precision,
+                "import_modules_s": import_modules_s,
+                "setup_s": setup_s,
+                "predict_s": predict_s,
+                "timings_s": result.timings_s,
+                "tiles": max(tiles) if tiles else None,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
+
+
+def run_deepseg(store: Path, ref: str, image: Path, output: Path, backend: str, precision: str, threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", str(store), ref, str(image), str(output), backend, precision, str(threads)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"DeepSeg failed on {image.name} ({backend}, {precision}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def ratios(deepseg: dict, nnunet: dict) -> dict:
+    return {
+        "predict": deepseg["predict_s"] / nnunet["predict_s"],
+        "setup_plus_predict": (deepseg["setup_s"] + deepseg["predict_s"]) / (nnunet["setup_s"] + nnunet["predict_s"]),
+        "peak_rss": deepseg["peak_rss_mb"] / nnunet["peak_rss_mb"],
+    }
+
+
+def deepseg_runs(
+    args: argparse.Namespace,
+    store_root: Path,
+    ref: str,
+    image: Path,
+    work: Path,
+    name: str,
+    backend: str,
+    precision: str,
+    cold_measured: set[tuple[str, str]],
+) -> dict:
+    """The warm run of one backend and precision, and before it the cold one (empty graph cache) the
+    first time this backend and precision run."""
+    runs: dict = {}
+    if backend != "torch" and (backend, precision) not in cold_measured:
+        shutil.rmtree(store_root / ".cache" / "compiled", ignore_errors=True)
+        runs["cold"] = run_deepseg(store_root, ref, image, work / "cold.nii.gz", backend, precision, args.threads)
+        cold_measured.add((backend, precision))
+    out = work / f"{name}_{backend}_{precision}.nii.gz"
+    runs["warm"] = run_deepseg(store_root, ref, image, out, backend, precision, args.threads)
+    return runs
+
+
+def print_row(name: str, backend: str, nnunet: dict, runs: dict) -> None:
+    warm, agree = runs["warm"], runs["agreement_with_nnunet"]
+    line = (
+        f"{name} [{backend} -> {warm['backend']}, {warm['precision']}]: {warm['tiles']} tiles; "
+        f"nnU-Net {nnunet['predict_s']:.1f} s {nnunet['peak_rss_mb']:.0f} MB; "
+        f"DeepSeg {warm['predict_s']:.1f} s {warm['peak_rss_mb']:.0f} MB; "
+        f"ratio {runs['ratio_warm']['predict']:.3f} (RSS {runs['ratio_warm']['peak_rss']:.2f}); "
+        f"agreement with nnU-Net {agree['agreement']:.5f}"
+    )
+    if "agreement_with_float32" in runs:
+        line += f", with float32 {runs['agreement_with_float32']['agreement']:.5f}"
+    if "cold" in runs:
+        line += f"; cold run {runs['cold']['predict_s']:.1f} s"
+    print(line, flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--backends", nargs="+", default=["auto"], choices=["auto", "torch", "openvino", "onnxruntime"])
+    parser.add_argument("--precisions", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--child", nargs=7, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        store_root, ref, image, output, backend, precision, threads = args.child
+        child(store_root, ref, image, output, backend, precision, int(threads))
+        return 0
+    if not HEAD_CT.is_file():
+        raise SystemExit(f"{HEAD_CT} is missing: run `python scripts/fetch_test_images.py`")
+    import SimpleITK as sitk
+
+    parity = _load_sibling("bench_nnunet_parity")
+    maker = parity._maker()
+    folder = maker.model_folder(maker.ensure_models("full"), DATASET, "3d_fullres")
+    labels = sorted(int(v) for v in json.loads((folder / "dataset.json").read_text())["labels"].values() if int(v) > 0)
+    started, load_start = time.perf_counter(), os.getloadavg()[0]
+    summary: dict = {
+        "model": str(folder),
+        "threads": args.threads,
+        "cpus": os.cpu_count(),
+        "settings": "one fold, step 0.5, Gaussian, no mirroring, CPU",
+        "cases": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        from deepseg_core.importers import import_model
+        from deepseg_core.model_store import ModelStore
+
+        store_root = work / "store"
+        clock = time.perf_counter()
+        ref = import_model(folder, ModelStore(store_root), name="bench-nnunet").ref
+        summary["deepseg_import_s"] = time.perf_counter() - clock
+        cold_measured: set[tuple[str, str]] = set()
+        for name in args.cases:
+            size_xyz, spacing = CASES[name]
+            image = scanner_grid_ct(HEAD_CT, size_xyz, spacing, work / f"{name}.nii.gz")
+            reference_out = work / f"{name}_nnunet"
+            [nnunet] = maker.run_reference(
+                [{"model": str(folder), "mirroring": False, "inputs": [[str(image)]], "outputs": [str(reference_out)]}],
+                work / "ref",
+                threads=args.threads,
+            )
+            reference = sitk.GetArrayFromImage(sitk.ReadImage(str(reference_out) + ".nii.gz"))
+            row: dict = {"size_xyz": list(size_xyz), "spacing_xyz_mm": list(spacing), "nnunet": nnunet, "deepseg": {}}
+            float32_labels: dict[str, np.ndarray] = {}
+            for backend in args.backends:
+                for precision in args.precisions:
+                    runs = deepseg_runs(args, store_root, ref, image, work, name, backend, precision, cold_measured)
+                    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(work / f"{name}_{backend}_{precision}.nii.gz")))
+                    runs["agreement_with_nnunet"] = parity.compare(ours, reference, labels)
+                    if precision == "float32":
+                        float32_labels[backend] = ours
+                    elif backend in float32_labels:
+                        runs["agreement_with_float32"] = parity.compare(ours, float32_labels[backend], labels)
+                    runs["ratio_warm"] = ratios(runs["warm"], nnunet)
+                    if "cold" in runs:
+                        runs["ratio_cold"] = ratios(runs["cold"], nnunet)
+                    row["deepseg"][f"{backend}/{precision}"] = runs
+                    if not args.json:
+                        print_row(name, backend, nnunet, runs)
+            summary["cases"][name] = row
+    summary["wall_s"] = time.perf_counter() - started
+    summary["load_average_1min"] = {"start": load_start, "end": os.getloadavg()[0]}
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

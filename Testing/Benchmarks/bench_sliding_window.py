@@ -6,7 +6,8 @@ Net: MONAI UNet(3, 1, 2, (16, 32, 64, 128, 256), (2, 2, 2, 2), num_res_units=2) 
 weights (ENVIRONMENT.md's reference). Volume 192 x 192 x 160 (x, y, z), patch 96^3, overlap 0.25,
 Gaussian blending (sigma = patch / 8 in both). MONAI is timed with its default sw_batch_size=1 and
 with the same tile batch DeepSeg uses. DeepSeg runs with each inference backend (torch, OpenVINO,
-ONNX Runtime: the same weights exported to ONNX). Reports, from one run on one volume: the time
+ONNX Runtime: the same weights exported to ONNX; on CPUs with AMX / AVX512-BF16 also OpenVINO and torch
+with ``--precision bfloat16``, reported beside, never as the headline ratio). Reports, from one run on one volume: the time
 ratios (``ratio_vs_monai_same_batch`` is DeepSeg's default ``auto`` backend against MONAI at the
 same tile batch; ``ratio_vs_monai_same_batch_torch`` the torch backend), time per tile and GFLOP/s
 of every backend against a measured matmul ceiling, and how far the outputs differ (identical
@@ -28,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "DeepSeg"))
 
 from deepseg_core.inference import SlidingWindowConfig, gaussian_importance, sliding_window_predict
-from deepseg_core.inference.backends import choose_backend, installed, tile_function
+from deepseg_core.inference.backends import choose_backend, installed, native_bfloat16, tile_function
 
 SHAPE_ZYX = (160, 192, 192)
 PATCH = (96, 96, 96)
@@ -149,12 +150,22 @@ def main() -> int:
     achieved = stats["tiles"] * flops / deepseg_time / 1e9
     backends = {"torch": {"seconds": deepseg_time, "max_abs_prob_diff_vs_torch": 0.0}}
     with tempfile.TemporaryDirectory() as cache:
-        for name in ("openvino", "onnxruntime"):
+        runs = [("openvino", "float32"), ("onnxruntime", "float32")]
+        if native_bfloat16():  # --precision bfloat16 (AMX / AVX512-BF16 CPUs)
+            runs += [("openvino", "bfloat16"), ("torch", "bfloat16")]
+        for name, precision in runs:
             if not installed(name) or device.type != "cpu":
                 continue
-            tiles, used = tile_function(net, choose_backend(name, device), "0" * 64, (args.batch, 1, *PATCH), Path(cache))
+            shape = (args.batch, 1, *PATCH)
+            choice = choose_backend(name, device, precision=precision)
+            tiles, used = tile_function(net, choice, "0" * 64, shape, Path(cache), precision)
             seconds, probs, _ = time_deepseg(tiles, image, args.batch, device, args.repeats)
-            backends[used.name] = {"seconds": seconds, "max_abs_prob_diff_vs_torch": float(np.abs(probs - deepseg_probs).max())}
+            key = used.name if precision == "float32" else f"{used.name}/{precision}"
+            backends[key] = {
+                "seconds": seconds,
+                "max_abs_prob_diff_vs_torch": float(np.abs(probs - deepseg_probs).max()),
+                "label_agreement_vs_torch": float(((probs > 0.5) == (deepseg_probs > 0.5)).mean()),
+            }
     for entry in backends.values():
         entry["s_per_tile"] = entry["seconds"] / stats["tiles"]
         entry["gflops"] = stats["tiles"] * flops / entry["seconds"] / 1e9

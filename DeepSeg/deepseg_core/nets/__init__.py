@@ -71,12 +71,13 @@ class LogitEnsemble(nn.Module):
         """The member network ``name``."""
         return getattr(self, f"member_{name}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        total = None
-        for name in self.names:
-            logits = self.member(name)(x)
-            total = logits if total is None else total + logits
-        return total / len(self.names)
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """``(B, C, *patch)`` -> mean logits ``(B, K, *patch)``; in training with deep supervision, the
+        members' lists of outputs (full resolution first) averaged level by level."""
+        outputs = [self.member(name)(x) for name in self.names]
+        if isinstance(outputs[0], list | tuple):
+            return [sum(level[1:], level[0]) / len(self.names) for level in zip(*outputs, strict=True)]
+        return sum(outputs[1:], outputs[0]) / len(self.names)
 
 
 def count_parameters(net: nn.Module, trainable_only: bool = True) -> int:

@@ -414,6 +414,15 @@ def retrain(
     parent_card = None
     if base is not None:
         parent_card, net = load_network(resolve_model(base, store))
+        if len(parent_card.ensemble) > 1:
+            raise ConfigError(
+                f"{parent_card.ref} is an ensemble of {len(parent_card.ensemble)} networks {list(parent_card.ensemble)}; "
+                "fine-tuning trains one network",
+                expected="a single network (one nnU-Net fold)",
+                found=f"{len(parent_card.ensemble)} members",
+                hint="Import one fold (deepseg models import FOLDER --folds 0 --name NAME) and fine-tune that; "
+                "nnU-Net trains each fold on its own too.",
+            )
         if len(parent_card.inputs.channels) != len(dataset.channel_names):
             raise ConfigError(
                 "the dataset's channels do not match the base model's",

@@ -2,7 +2,7 @@
 close does it come to a model trained at the new site?
 
     python Testing/Benchmarks/bench_correction_loop.py [--json] [--device cpu] [--epochs 40] [--steps 25]
-        [--learning-rate 5e-4] [--seeds 0 1 2] [--smoke]
+        [--learning-rate 5e-4] [--seeds 0 1 2] [--base-model bundled|nnunet] [--smoke]
 
 What runs (everything through the dataset API and ``deepseg_core.training.engine.retrain``, the
 engine behind ``deepseg train``):
@@ -31,8 +31,16 @@ with replacement, 2000 resamples, fixed seed, percentile interval), for the base
 seed, the seed-averaged per-case Dice and the reference; the mean +- sample SD over fine-tuning
 seeds (run-to-run noise); the ct-B gain and ct-A change (paired over test cases); and the recovery
 ratios, fine-tuned ct-B / reference ct-B (paired) and fine-tuned ct-B / base ct-A (independent sets),
-each with its bootstrap interval. ``--smoke`` runs all of it at toy size (1 seed, 2 epochs x 2
-steps, 2 test cases per profile) to check that it works; its numbers mean nothing.
+each with its bootstrap interval.
+
+``--base-model nnunet`` starts the loop from an imported nnU-Net v2 model instead: fold 0 of the tiny
+3d_fullres folder that nnU-Net's own code trained on ct-A phantoms (``scripts/make_tiny_nnunet_model.py``,
+cached; 8-16-32 features, patch 16 x 16 x 32, 100 iterations), imported with ``deepseg models import``'s
+importer and fine-tuned by the same engine and recipe with its own preprocessing and architecture. The
+reference is left out (it does not depend on the base: run the default for it).
+
+``--smoke`` runs all of it at toy size (1 seed, 2 epochs x 2 steps, 2 test cases per profile) to check
+that it works; its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -191,10 +199,9 @@ def train_and_score(
 # -- report ------------------------------------------------------------------------------------
 
 
-def summarise(base: dict, runs: list[dict], reference: dict) -> dict:
+def summarise(base: dict, runs: list[dict], reference: dict | None) -> dict:
     """Estimates, seed spreads, differences and ratios from the per-case Dice arrays."""
     averaged = {p: {n: np.mean([r["per_case"][p][n] for r in runs], axis=0) for n in LABELS} for p in PROFILES}
-    ref = reference["per_case"]["ct-B"]
     out: dict = {
         "base": {p: {n: estimate(base[p][n]) for n in LABELS} for p in PROFILES},
         "finetune_seed_averaged": {p: {n: estimate(averaged[p][n]) for n in LABELS} for p in PROFILES},
@@ -202,16 +209,21 @@ def summarise(base: dict, runs: list[dict], reference: dict) -> dict:
         "finetune_last_epoch_over_seeds": {
             p: {n: spread([r["per_case_last_epoch"][p][n].mean() for r in runs]) for n in LABELS} for p in PROFILES
         },
-        "reference_ct_B": {n: estimate(ref[n]) for n in LABELS},
-        "reference_ct_B_last_epoch": {n: float(reference["per_case_last_epoch"]["ct-B"][n].mean()) for n in LABELS},
         "gain_ct_B": {n: paired_difference(averaged["ct-B"][n], base["ct-B"][n]) for n in LABELS},
         "change_ct_A": {n: paired_difference(averaged["ct-A"][n], base["ct-A"][n]) for n in LABELS},
-        "finetune_minus_reference_ct_B": {n: paired_difference(averaged["ct-B"][n], ref[n]) for n in LABELS},
     }
-    for key, of, over, paired in (
-        ("finetune_ct_B_over_reference_ct_B", "ct-B", ref, True),
-        ("finetune_ct_B_over_base_ct_A", "ct-B", base["ct-A"], False),
-    ):
+    ratios = [("finetune_ct_B_over_base_ct_A", "ct-B", base["ct-A"], False)]
+    if reference is not None:
+        ref = reference["per_case"]["ct-B"]
+        out.update(
+            {
+                "reference_ct_B": {n: estimate(ref[n]) for n in LABELS},
+                "reference_ct_B_last_epoch": {n: float(reference["per_case_last_epoch"]["ct-B"][n].mean()) for n in LABELS},
+                "finetune_minus_reference_ct_B": {n: paired_difference(averaged["ct-B"][n], ref[n]) for n in LABELS},
+            }
+        )
+        ratios.insert(0, ("finetune_ct_B_over_reference_ct_B", "ct-B", ref, True))
+    for key, of, over, paired in ratios:
         out[key] = {
             n: {
                 "seed_averaged": ratio(averaged[of][n], over[n], paired),
@@ -250,13 +262,38 @@ def print_report(result: dict) -> None:
             row = f"{p:<6} {n:<13} {fmt(s['base'][p][n]):>24} {fmt(s['finetune_seed_averaged'][p][n]):>28}"
             print(f"{row} {sd['mean']:>10.3f} +- {sd['sd']:.3f}")
     for n in LABELS:
-        print(f"reference ct-B {n}: {fmt(s['reference_ct_B'][n])} (epoch {result['reference']['selected_epoch']})")
+        if result["reference"] is not None:
+            print(f"reference ct-B {n}: {fmt(s['reference_ct_B'][n])} (epoch {result['reference']['selected_epoch']})")
         for key in ("finetune_ct_B_over_reference_ct_B", "finetune_ct_B_over_base_ct_A"):
+            if key not in s:
+                continue
             r = s[key][n]
             print(f"  {key} {n}: {fmt(r['seed_averaged'])}, seeds {r['over_seeds']['mean']:.3f} +- {r['over_seeds']['sd']:.3f}")
     for r in result["runs"]:
         print(f"seed {r['seed']}: {r['train_seconds']:.0f} s, selected epoch {r['selected_epoch']}")
-    print(f"reference: {result['reference']['train_seconds']:.0f} s; total {result['wall_seconds']:.0f} s")
+    if result["reference"] is not None:
+        print(f"reference: {result['reference']['train_seconds']:.0f} s")
+    print(f"base: {result['base_model']}; total {result['wall_seconds']:.0f} s")
+
+
+def base_model(kind: str, root: Path) -> tuple[Path, str]:
+    """The base's model folder and the fine-tune's name: the bundled model, or fold 0 of the tiny nnU-Net
+    3d_fullres folder imported into a store under ``root``."""
+    if kind == "bundled":
+        return DEFAULT_MODEL, "phantom-liver"
+    import importlib.util
+
+    from deepseg_core.importers import import_model
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "make_tiny_nnunet_model.py"
+    spec = importlib.util.spec_from_file_location("make_tiny_nnunet_model", script)
+    assert spec is not None and spec.loader is not None
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)
+    folder = maker.model_folder(maker.ensure_models("tiny"), "Dataset501_DeepSegTiny", "3d_fullres")
+    store = ModelStore(root / "imported")
+    card = import_model(folder, store, name="nnunet-ctA", folds=["0"])
+    return store.folder(card.ref), card.name
 
 
 def main() -> int:
@@ -268,6 +305,9 @@ def main() -> int:
     parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--smoke", action="store_true", help="toy size (1 seed, 2 epochs x 2 steps, 2 test cases)")
+    parser.add_argument(
+        "--base-model", choices=["bundled", "nnunet"], default="bundled", help="nnunet: an imported nnU-Net v2 model"
+    )
     args = parser.parse_args()
     sizes = SMOKE if args.smoke else FULL
     if args.smoke:
@@ -281,21 +321,25 @@ def main() -> int:
         root = Path(tmp)
         corrections = site_dataset(root / "siteB-corrections", sizes.correction_cases, sizes.validation_cases)
         reference_data = site_dataset(root / "siteB-reference", sizes.reference_cases, sizes.validation_cases)
-        base = {p: per_case_dice(Segmenter.load(DEFAULT_MODEL, device=args.device), tests[p]) for p in PROFILES}
+        base_folder, base_name = base_model(args.base_model, root)
+        base = {p: per_case_dice(Segmenter.load(base_folder, device=args.device), tests[p]) for p in PROFILES}
         for seed in args.seeds:
             seeded = dataclasses.replace(config, seed=seed)
             work = root / f"finetune{seed}"
-            run = train_and_score(corrections, "phantom-liver", seeded, work, DEFAULT_MODEL, tests, args.device)
+            run = train_and_score(corrections, base_name, seeded, work, base_folder, tests, args.device)
             runs.append({"seed": seed, **run})
             log(event="finetune_done", seed=seed, seconds=run["train_seconds"], selected_epoch=run["selected_epoch"])
-        reference = train_and_score(
-            reference_data, "reference-ct-B", config, root / "reference", None, {"ct-B": tests["ct-B"]}, args.device
-        )
-        log(event="reference_done", seconds=reference["train_seconds"], selected_epoch=reference["selected_epoch"])
+        reference = None
+        if args.base_model == "bundled":
+            reference = train_and_score(
+                reference_data, "reference-ct-B", config, root / "reference", None, {"ct-B": tests["ct-B"]}, args.device
+            )
+            log(event="reference_done", seconds=reference["train_seconds"], selected_epoch=reference["selected_epoch"])
     result = {
         "deepseg_core": deepseg_core.__file__,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "smoke": args.smoke,
+        "base_model": args.base_model,
         "device": args.device,
         "torch_threads": torch.get_num_threads(),
         "settings": {

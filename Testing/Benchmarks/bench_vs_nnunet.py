@@ -199,6 +199,7 @@ def print_row(name: str, backend: str, nnunet: dict, runs: dict) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--device", default="cpu", choices=["cpu"], help="CPU only: the comparison is about CPU runtimes")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backends", nargs="+", default=["auto"], choices=["auto", "torch", "openvino", "onnxruntime"])
     parser.add_argument("--precisions", nargs="+", default=["float32"], choices=["float32", "bfloat16"])

@@ -204,7 +204,9 @@ class Segmenter:
 
         Exported graphs are built once per Segmenter and shape (cached on disk across runs).
         """
-        precision = self.precision(options)
+        precision, note = self.precision(options), self.precision_note(options)
+        if note:
+            log.warning("precision bfloat16 not used: %s; computing in float32", note)
         choice = choose_backend(
             options.backend, self.device, needs_stochastic_layers=options.uncertainty == "mc_dropout", precision=precision
         )
@@ -220,12 +222,14 @@ class Segmenter:
 
     def precision(self, options: SegmentOptions) -> str:
         """The precision a run computes in: ``options.precision``, except bfloat16 where it cannot run
-        natively (CUDA keeps its float16 autocast; a CPU without AMX/AVX512-BF16), logged."""
+        natively (CUDA keeps its float16 autocast; a CPU without AMX/AVX512-BF16); see :meth:`precision_note`."""
+        return "float32" if self.precision_note(options) else options.precision
+
+    def precision_note(self, options: SegmentOptions) -> str | None:
+        """Why ``options.precision`` is not what runs, or None when it is."""
         if options.precision == "bfloat16" and (self.device.type != "cpu" or not native_bfloat16()):
-            why = "CUDA runs float16 autocast" if self.device.type != "cpu" else "this CPU has no native bfloat16"
-            log.warning("precision bfloat16 not used: %s; computing in float32", why)
-            return "float32"
-        return options.precision
+            return "CUDA runs float16 autocast" if self.device.type != "cpu" else "this CPU has no native bfloat16"
+        return None
 
     def window_config(self, options: SegmentOptions) -> SlidingWindowConfig:
         """Sliding-window settings of the model's pipeline, overridden by ``options``."""

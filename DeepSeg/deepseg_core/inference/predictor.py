@@ -204,7 +204,8 @@ class Segmenter:
 
         Exported graphs are built once per Segmenter and shape (cached on disk across runs).
         """
-        precision, note = self.precision(options), self.precision_note(options)
+        note = self.precision_note(options)
+        precision = "float32" if note else options.precision
         if note:
             log.warning("precision bfloat16 not used: %s; computing in float32", note)
         choice = choose_backend(

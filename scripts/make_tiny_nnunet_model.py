@@ -31,15 +31,17 @@ The result is cached under ``Testing/data/cache/nnunet/<preset>-<key>/``, where 
 script, ``deepseg_core/phantoms.py`` and the versions of nnU-Net, torch, numpy, scipy and SimpleITK:
 CI builds it once per run, developers once. ``ensure_models()`` is what the tests call.
 
-``--predict JOBS.json`` runs ``nnUNetPredictor`` (CPU, step 0.5, Gaussian, ``predict_from_files_sequential``:
+``--predict JOBS.json`` runs ``nnUNetPredictor`` (step 0.5, Gaussian, ``predict_from_files_sequential``:
 no worker processes) on each job ``{"model": folder, "folds": [...] or null, "checkpoint": ...,
 "mirroring": bool, "inputs": [[channel files]], "outputs": [truncated output paths], "probabilities":
-bool, "dump": bool}`` and writes ``JOBS.json.result.json`` (seconds and peak RSS per job).
+bool, "dump": bool, "device": "cpu" (default) or "cuda"}`` and writes ``JOBS.json.result.json`` (seconds and peak RSS per job).
 ``probabilities`` also writes nnU-Net's ``<output>.npz``; ``dump`` saves the preprocessed array and the
 fold-averaged logits of the first input (``<output>_intermediates.npz``). A job ``{"kind": "preprocess",
 "model", "configuration", "inputs": [[files]], "seg": file, "outputs": [path]}`` runs nnU-Net's
 ``DefaultPreprocessor.run_case`` on a training case (``<path>.npz`` with ``data`` and ``seg``).
-``run_reference()`` is what the tests and the benchmark call.
+``run_reference()`` is what the tests and the benchmark call. ``--untrained-checkpoint MODEL_FOLDER``
+writes an untrained ``fold_0/checkpoint_final.pth`` into a folder that holds only the plans (speed
+runs on machines the 250 MB full-size checkpoint cannot travel to).
 """
 
 from __future__ import annotations
@@ -371,12 +373,14 @@ def predict(jobs_file: Path) -> None:
             np.savez_compressed(f"{job['outputs'][0]}.npz", data=data, seg=seg)
             results.append({"predict_s": time.perf_counter() - clock})
             continue
+        device = torch.device(job.get("device", "cpu"))
         predictor = nnUNetPredictor(
             tile_step_size=0.5,
             use_gaussian=True,
             use_mirroring=bool(job.get("mirroring", True)),
-            perform_everything_on_device=False,
-            device=torch.device("cpu"),
+            # nnU-Net's own default on CUDA: image, logits and blending on the GPU
+            perform_everything_on_device=device.type == "cuda",
+            device=device,
             verbose=False,
             verbose_preprocessing=False,
             allow_tqdm=False,
@@ -401,9 +405,59 @@ def predict(jobs_file: Path) -> None:
             logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu().numpy()
             np.savez_compressed(f"{job['outputs'][0]}_intermediates.npz", preprocessed=data, logits=logits)
         results.append(
-            {"setup_s": setup, "predict_s": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            {
+                "setup_s": setup,
+                "predict_s": seconds,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+            }
         )
     Path(f"{jobs_file}.result.json").write_text(json.dumps(results, indent=1))
+
+
+def write_untrained_checkpoint(folder: Path, fold: int = 0, seed: int = 0) -> Path:
+    """``fold_<fold>/checkpoint_final.pth`` of ``folder`` (which holds ``plans.json`` and ``dataset.json``)
+    with the network nnU-Net's own trainer builds from the plans, freshly initialised (seeded), saved
+    in the trainer's checkpoint format.
+
+    For speed comparisons on machines where the trained checkpoint cannot travel (the full-size
+    network's checkpoint is 250 MB): the arithmetic per tile does not depend on the weights' values.
+    Label agreement between tools is then measured on an untrained network.
+    """
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    folder = Path(folder)
+    configuration_name = folder.name.split("__")[-1]
+    plans_manager = PlansManager(load_json(str(folder / "plans.json")))
+    dataset_json = load_json(str(folder / "dataset.json"))
+    configuration = plans_manager.get_configuration(configuration_name)
+    torch.manual_seed(seed)
+    network = nnUNetTrainer.build_network_architecture(
+        plans_manager,
+        configuration,
+        len(dataset_json["channel_names"]),
+        plans_manager.get_label_manager(dataset_json).num_segmentation_heads,
+        enable_deep_supervision=True,
+    )
+    target = folder / f"fold_{fold}" / "checkpoint_final.pth"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint = {
+        "network_weights": network.state_dict(),
+        "init_args": {
+            "plans": plans_manager.plans,
+            "configuration": configuration_name,
+            "fold": fold,
+            "dataset_json": dataset_json,
+        },
+        "trainer_name": "nnUNetTrainer",
+        "inference_allowed_mirroring_axes": (0, 1, 2),
+        "current_epoch": 0,
+    }
+    torch.save(checkpoint, target)
+    return target
 
 
 def main() -> int:
@@ -413,7 +467,17 @@ def main() -> int:
     parser.add_argument("--build", type=Path, default=None, help=argparse.SUPPRESS)  # the subprocess's entry
     parser.add_argument("--print-path", action="store_true", help="only print the cached folder (built if missing)")
     parser.add_argument("--predict", type=Path, default=None, help="run nnU-Net's predictor on the jobs in this JSON file")
+    parser.add_argument(
+        "--untrained-checkpoint",
+        type=Path,
+        default=None,
+        metavar="MODEL_FOLDER",
+        help="write fold_0/checkpoint_final.pth of a model folder that has only its plans (see write_untrained_checkpoint)",
+    )
     args = parser.parse_args()
+    if args.untrained_checkpoint is not None:
+        print(write_untrained_checkpoint(args.untrained_checkpoint))
+        return 0
     if args.predict is not None:
         predict(args.predict)
         return 0

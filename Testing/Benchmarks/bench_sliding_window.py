@@ -1,6 +1,7 @@
 """DeepSeg's sliding window vs MONAI's sliding_window_inference: same net, weights, volume, patch, overlap.
 
-    python Testing/Benchmarks/bench_sliding_window.py [--json] [--device cpu|cuda] [--repeats 2]
+    python Testing/Benchmarks/bench_sliding_window.py [--json] [--device cpu|cuda] [--repeats 2] [--batch 2]
+        [--volume-zyx 160 192 192]
 
 Net: MONAI UNet(3, 1, 2, (16, 32, 64, 128, 256), (2, 2, 2, 2), num_res_units=2) with fixed random
 weights (ENVIRONMENT.md's reference). Volume 192 x 192 x 160 (x, y, z), patch 96^3, overlap 0.25,
@@ -12,6 +13,11 @@ ratios (``ratio_vs_monai_same_batch`` is DeepSeg's default ``auto`` backend agai
 same tile batch; ``ratio_vs_monai_same_batch_torch`` the torch backend), time per tile and GFLOP/s
 of every backend against a measured matmul ceiling, and how far the outputs differ (identical
 arithmetic when both place tiles alike and use the same weights).
+
+On CUDA (``--device cuda``) the headline ``ratio_vs_monai_same_batch`` compares DeepSeg's default
+there, float16 autocast, with MONAI under the same autocast (the float32 pair is
+``ratio_vs_monai_same_batch_torch``); ``torch.compile`` rows (compile time apart) and the fractions
+of measured TF32 / float16 matmul ceilings are added; TensorRT is reported as installed or not.
 """
 
 from __future__ import annotations
@@ -70,7 +76,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_monai(net, image, batch, device, repeats, weight_map=None):
+def time_monai(net, image, batch, device, repeats, weight_map=None, amp=False):
     from monai.inferers import sliding_window_inference
 
     def predict_probabilities(tiles):
@@ -82,7 +88,7 @@ def time_monai(net, image, batch, device, repeats, weight_map=None):
     for _ in range(repeats):
         sync(device)
         start = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast("cuda", torch.float16, enabled=amp):
             out = sliding_window_inference(
                 image[None].to(device),
                 PATCH,
@@ -99,10 +105,13 @@ def time_monai(net, image, batch, device, repeats, weight_map=None):
     return best, probs
 
 
-def time_deepseg(net, image, batch, device, repeats):
-    """Best-of-``repeats`` seconds, the foreground probabilities, and the sliding window's stats."""
+def time_deepseg(net, image, batch, device, repeats, amp=False):
+    """Best-of-``repeats`` seconds, the foreground probabilities, and the sliding window's stats.
+
+    ``amp``: float16 autocast (CUDA only; DeepSeg's default there). Off, so that both tools compute in
+    float32 unless a row says otherwise."""
     best, probs, stats = float("inf"), np.zeros(SHAPE_ZYX, np.float32), {}
-    config = SlidingWindowConfig(patch_size_zyx=PATCH, overlap=OVERLAP, batch_size=batch, sigma_scale=0.125)
+    config = SlidingWindowConfig(patch_size_zyx=PATCH, overlap=OVERLAP, batch_size=batch, sigma_scale=0.125, amp=amp)
 
     def on_slab(z0, z1, slab_probs):
         probs[z0:z1] = slab_probs[1]
@@ -130,13 +139,57 @@ def same_tiles_difference(net, device) -> float:
     return float(np.abs(monai_probs - deepseg_probs).max())
 
 
+def cuda_ceilings(device: torch.device) -> dict[str, float]:
+    """Matmul GFLOP/s in the arithmetic the CUDA rows use: TF32 (cuDNN's default for float32
+    convolutions, ``torch.backends.cudnn.allow_tf32``) and float16."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        tf32 = matmul_ceiling_gflops(device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    with torch.autocast("cuda", torch.float16):
+        fp16 = matmul_ceiling_gflops(device)
+    ceilings = {"float16": fp16}
+    if torch.backends.cudnn.allow_tf32:
+        ceilings["tf32"] = tf32
+    return ceilings
+
+
+def cuda_rows(net, image, batch, device, repeats, reference_probs, backends) -> dict:
+    """On CUDA: MONAI and DeepSeg under float16 autocast (DeepSeg's default there), torch.compile'd
+    networks (compile time reported apart), and whether TensorRT is installed. Adds rows to ``backends``."""
+    import importlib.util
+
+    monai_fp16, _ = time_monai(net, image, batch, device, repeats, amp=True)
+    rows: dict = {f"monai_s_batch{batch}_float16": monai_fp16, "ceilings": cuda_ceilings(device)}
+    seconds, probs, _ = time_deepseg(net, image, batch, device, repeats, amp=True)
+    backends["torch/float16"] = {"seconds": seconds, "max_abs_prob_diff_vs_torch": float(np.abs(probs - reference_probs).max())}
+    compiled = torch.compile(net)
+    for key, amp in (("torch.compile", False), ("torch.compile/float16", True)):
+        # the first pass compiles (for the full batch and for a smaller last batch): timed apart
+        first_pass_s, _, _ = time_deepseg(compiled, image, batch, device, 1, amp=amp)
+        seconds, probs, _ = time_deepseg(compiled, image, batch, device, repeats, amp=amp)
+        backends[key] = {
+            "seconds": seconds,
+            "first_pass_s": first_pass_s,
+            "max_abs_prob_diff_vs_torch": float(np.abs(probs - reference_probs).max()),
+        }
+    rows["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+    rows["tensorrt"] = "installed" if importlib.util.find_spec("torch_tensorrt") else "not installed"
+    return rows
+
+
 def main() -> int:
+    global SHAPE_ZYX
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=2, help="DeepSeg tile batch (its CPU default; also MONAI's second run)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--volume-zyx", type=int, nargs=3, default=list(SHAPE_ZYX), metavar=("Z", "Y", "X"))
     args = parser.parse_args()
+    SHAPE_ZYX = tuple(args.volume_zyx)
     device = torch.device(args.device)
     net = reference_net().to(device)
     image = torch.from_numpy(np.random.default_rng(0).normal(size=(1, *SHAPE_ZYX)).astype(np.float32))
@@ -166,13 +219,22 @@ def main() -> int:
                 "max_abs_prob_diff_vs_torch": float(np.abs(probs - deepseg_probs).max()),
                 "label_agreement_vs_torch": float(((probs > 0.5) == (deepseg_probs > 0.5)).mean()),
             }
-    for entry in backends.values():
+    ceilings = {"float32": ceiling}
+    cuda: dict = {}
+    default, monai_same_batch = choose_backend("auto", device).name, monai_batched
+    if device.type == "cuda":
+        cuda = cuda_rows(net, image, args.batch, device, args.repeats, deepseg_probs, backends)
+        ceilings.update(cuda.pop("ceilings"))
+        # DeepSeg's default on CUDA is float16 autocast: the headline compares it with MONAI under the same autocast
+        default, monai_same_batch = "torch/float16", cuda[f"monai_s_batch{args.batch}_float16"]
+    for key, entry in backends.items():
         entry["s_per_tile"] = entry["seconds"] / stats["tiles"]
         entry["gflops"] = stats["tiles"] * flops / entry["seconds"] / 1e9
-        entry["fraction_of_ceiling"] = entry["gflops"] / ceiling
-    default = choose_backend("auto", device).name
+        arithmetic = "float16" if key.endswith("/float16") else "tf32" if "tf32" in ceilings else "float32"
+        entry["fraction_of_ceiling"] = entry["gflops"] / ceilings[arithmetic]
     result = {
-        "device": str(device),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+        "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "volume_zyx": SHAPE_ZYX,
         "patch": PATCH,
@@ -182,12 +244,14 @@ def main() -> int:
         "monai_s_batch1": monai_default,
         f"monai_s_batch{args.batch}": monai_batched,
         f"deepseg_s_batch{args.batch}": deepseg_time,
+        **cuda,
         "default_backend": default,
         "ratio_vs_monai_default": backends[default]["seconds"] / monai_default,
-        "ratio_vs_monai_same_batch": backends[default]["seconds"] / monai_batched,
+        "ratio_vs_monai_same_batch": backends[default]["seconds"] / monai_same_batch,
         "ratio_vs_monai_same_batch_torch": deepseg_time / monai_batched,
         "deepseg_gflops": backends[default]["gflops"],
         "matmul_ceiling_gflops": ceiling,
+        "matmul_ceilings_gflops": ceilings,
         "fraction_of_ceiling": backends[default]["fraction_of_ceiling"],
         "torch_backend_gflops": achieved,
         "backends": backends,

@@ -2,6 +2,7 @@
 
     python Testing/Benchmarks/bench_vs_nnunet.py [--json] [--threads 2] [--backends auto torch]
         [--precisions float32 bfloat16] [--cases ct_128 ct_192x192x160 ct_512x512x300]
+        [--device cpu|cuda] [--model-folder FOLDER]
 
 Model: nnU-Net's default 3d_fullres ``PlainConvUNet`` (6 stages, 32-320 features, patch 128^3, target
 spacing 1.5 mm, CT normalisation) made by nnU-Net's own code (``scripts/make_tiny_nnunet_model.py
@@ -28,6 +29,12 @@ Each run is its own fresh process; its times and peak RSS (``ru_maxrss``, import
   the first case with an empty cache); later runs load the cached graph (``warm``). ``torch`` is
   PyTorch against PyTorch. ``--precisions bfloat16`` adds runs with ``--precision bfloat16``
   (CPUs with AMX / AVX512-BF16), whose labels are also compared with the float32 run's.
+
+``--device cuda``: both tools on the GPU with their defaults there (nnU-Net: image, logits and
+blending on the device, float16 autocast; DeepSeg: the torch backend with float16 autocast, blending
+on the device), peak GPU memory (``torch.cuda.max_memory_allocated``) beside peak RSS. Where the
+cached model folder cannot travel (a GPU machine), ``--model-folder`` takes a folder whose checkpoint
+``scripts/make_tiny_nnunet_model.py --untrained-checkpoint`` wrote: the same network, untrained.
 
 Reported per case and backend: label agreement and per-label Dice against nnU-Net, tiles, both tools'
 seconds and peak RSS, and the ratios DeepSeg / nnU-Net of ``predict_s`` (the issue's goal: <= 0.5),
@@ -95,7 +102,7 @@ def scanner_grid_ct(
     return target
 
 
-def child(store_root: str, ref: str, image: str, output: str, backend: str, precision: str, threads: int) -> None:
+def child(store_root: str, ref: str, image: str, output: str, backend: str, precision: str, threads: int, device: str) -> None:
     """One DeepSeg run in this (fresh) process: load, read, segment, write; prints one JSON line."""
     clock = time.perf_counter()
     import torch
@@ -107,14 +114,14 @@ def child(store_root: str, ref: str, image: str, output: str, backend: str, prec
 
     import_modules_s = time.perf_counter() - clock
     clock = time.perf_counter()
-    segmenter = Segmenter.load(ref, device="cpu", store=ModelStore(Path(store_root)))
+    segmenter = Segmenter.load(ref, device=device, store=ModelStore(Path(store_root)))
     setup_s = time.perf_counter() - clock
     tiles: list[int] = []
     clock = time.perf_counter()
     volume = io.read_image(image)
     result = segmenter.segment(
         [volume],
-        SegmentOptions(device="cpu", backend=backend, precision=precision, tta=False, check_modality=False),
+        SegmentOptions(device=device, backend=backend, precision=precision, tta=False, check_modality=False),
         on_progress=lambda done, total, eta: tiles.append(total),
     )
     io.write_image(result.labels, output)
@@ -130,15 +137,18 @@ def child(store_root: str, ref: str, image: str, output: str, backend: str, prec
                 "timings_s": result.timings_s,
                 "tiles": max(tiles) if tiles else None,
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
             }
         )
     )
 
 
-def run_deepseg(store: Path, ref: str, image: Path, output: Path, backend: str, precision: str, threads: int) -> dict:
+def run_deepseg(
+    store: Path, ref: str, image: Path, output: Path, backend: str, precision: str, threads: int, device: str
+) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     done = subprocess.run(
-        [sys.executable, __file__, "--child", str(store), ref, str(image), str(output), backend, precision, str(threads)],
+        [sys.executable, __file__, "--child", str(store), ref, str(image), str(output), backend, precision, str(threads), device],
         capture_output=True,
         text=True,
         env=env,
@@ -149,11 +159,20 @@ def run_deepseg(store: Path, ref: str, image: Path, output: Path, backend: str, 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if device == "cuda" else f"CPU, {os.cpu_count()} cores"
+
+
 def ratios(deepseg: dict, nnunet: dict) -> dict:
     return {
         "predict": deepseg["predict_s"] / nnunet["predict_s"],
         "setup_plus_predict": (deepseg["setup_s"] + deepseg["predict_s"]) / (nnunet["setup_s"] + nnunet["predict_s"]),
         "peak_rss": deepseg["peak_rss_mb"] / nnunet["peak_rss_mb"],
+        "peak_gpu": (
+            deepseg["peak_gpu_mb"] / nnunet["peak_gpu_mb"] if deepseg.get("peak_gpu_mb") and nnunet.get("peak_gpu_mb") else None
+        ),
     }
 
 
@@ -173,10 +192,10 @@ def deepseg_runs(
     runs: dict = {}
     if backend != "torch" and (backend, precision) not in cold_measured:
         shutil.rmtree(store_root / ".cache" / "compiled", ignore_errors=True)
-        runs["cold"] = run_deepseg(store_root, ref, image, work / "cold.nii.gz", backend, precision, args.threads)
+        runs["cold"] = run_deepseg(store_root, ref, image, work / "cold.nii.gz", backend, precision, args.threads, args.device)
         cold_measured.add((backend, precision))
     out = work / f"{name}_{backend}_{precision}.nii.gz"
-    runs["warm"] = run_deepseg(store_root, ref, image, out, backend, precision, args.threads)
+    runs["warm"] = run_deepseg(store_root, ref, image, out, backend, precision, args.threads, args.device)
     return runs
 
 
@@ -199,16 +218,28 @@ def print_row(name: str, backend: str, nnunet: dict, runs: dict) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--device", default="cpu", choices=["cpu"], help="CPU only: the comparison is about CPU runtimes")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="cpu (the issue's goal), or cuda: both tools on the GPU, each with its default float16 autocast",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backends", nargs="+", default=["auto"], choices=["auto", "torch", "openvino", "onnxruntime"])
     parser.add_argument("--precisions", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--child", nargs=7, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--model-folder",
+        type=Path,
+        default=None,
+        help="an nnU-Net v2 model folder to use instead of the cached full preset (e.g. one with an untrained "
+        "checkpoint from scripts/make_tiny_nnunet_model.py --untrained-checkpoint, where the cache cannot travel)",
+    )
+    parser.add_argument("--child", nargs=8, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        store_root, ref, image, output, backend, precision, threads = args.child
-        child(store_root, ref, image, output, backend, precision, int(threads))
+        store_root, ref, image, output, backend, precision, threads, device = args.child
+        child(store_root, ref, image, output, backend, precision, int(threads), device)
         return 0
     if not HEAD_CT.is_file():
         raise SystemExit(f"{HEAD_CT} is missing: run `python scripts/fetch_test_images.py`")
@@ -216,14 +247,15 @@ def main() -> int:
 
     parity = _load_sibling("bench_nnunet_parity")
     maker = parity._maker()
-    folder = maker.model_folder(maker.ensure_models("full"), DATASET, "3d_fullres")
+    folder = args.model_folder or maker.model_folder(maker.ensure_models("full"), DATASET, "3d_fullres")
     labels = sorted(int(v) for v in json.loads((folder / "dataset.json").read_text())["labels"].values() if int(v) > 0)
     started, load_start = time.perf_counter(), os.getloadavg()[0]
     summary: dict = {
         "model": str(folder),
         "threads": args.threads,
         "cpus": os.cpu_count(),
-        "settings": "one fold, step 0.5, Gaussian, no mirroring, CPU",
+        "settings": f"one fold, step 0.5, Gaussian, no mirroring, {args.device}",
+        "device": _device_name(args.device),
         "cases": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -241,7 +273,15 @@ def main() -> int:
             image = scanner_grid_ct(HEAD_CT, size_xyz, spacing, work / f"{name}.nii.gz")
             reference_out = work / f"{name}_nnunet"
             [nnunet] = maker.run_reference(
-                [{"model": str(folder), "mirroring": False, "inputs": [[str(image)]], "outputs": [str(reference_out)]}],
+                [
+                    {
+                        "model": str(folder),
+                        "mirroring": False,
+                        "inputs": [[str(image)]],
+                        "outputs": [str(reference_out)],
+                        "device": args.device,
+                    }
+                ],
                 work / "ref",
                 threads=args.threads,
             )

@@ -120,7 +120,8 @@ class SegmentationResult:
             (see :mod:`deepseg_core.uncertainty`).
         domain_check: the input-versus-training-data report (see :mod:`deepseg_core.domain_shift`).
         backend: the inference backend that computed the logits (:mod:`.backends`).
-        precision: ``float32`` or ``bfloat16``, what the CPU network computed in (CUDA: float16 autocast).
+        precision: what the network computed in: ``float32`` or ``bfloat16`` on the CPU, ``float16``
+            (autocast) or ``float32`` on CUDA.
         card: the model card used.
         timings_s: seconds per stage.
     """
@@ -207,7 +208,7 @@ class Segmenter:
         note = self.precision_note(options)
         precision = "float32" if note else options.precision
         if note:
-            log.warning("precision bfloat16 not used: %s; computing in float32", note)
+            log.warning("precision bfloat16 not used: %s", note)
         choice = choose_backend(
             options.backend, self.device, needs_stochastic_layers=options.uncertainty == "mc_dropout", precision=precision
         )
@@ -222,14 +223,19 @@ class Segmenter:
         return function, used.name
 
     def precision(self, options: SegmentOptions) -> str:
-        """The precision a run computes in: ``options.precision``, except bfloat16 where it cannot run
-        natively (CUDA keeps its float16 autocast; a CPU without AMX/AVX512-BF16); see :meth:`precision_note`."""
+        """The precision a run computes in: on CUDA ``float16`` (autocast, the sliding window's ``amp``,
+        on by default) or ``float32``; on the CPU ``options.precision``, except bfloat16 on a CPU without
+        AMX/AVX512-BF16 (see :meth:`precision_note`)."""
+        if self.device.type == "cuda":
+            return "float16" if self.window_config(options).amp else "float32"
         return "float32" if self.precision_note(options) else options.precision
 
     def precision_note(self, options: SegmentOptions) -> str | None:
         """Why ``options.precision`` is not what runs, or None when it is."""
         if options.precision == "bfloat16" and (self.device.type != "cpu" or not native_bfloat16()):
-            return "CUDA runs float16 autocast" if self.device.type != "cpu" else "this CPU has no native bfloat16"
+            if self.device.type != "cpu":
+                return "CUDA runs float16 autocast"
+            return "this CPU has no native bfloat16; computing in float32"
         return None
 
     def window_config(self, options: SegmentOptions) -> SlidingWindowConfig:

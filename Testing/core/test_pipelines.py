@@ -8,7 +8,7 @@ import torch
 from model_fixtures import tiny_card
 
 from deepseg_core.errors import ConfigError
-from deepseg_core.inference.pipelines import StreamingGridCollector, pipeline_for
+from deepseg_core.inference.pipelines import StreamingGridCollector, first_argmax, pipeline_for
 from deepseg_core.io import Volume
 from deepseg_core.model_store import load_network, write_model_folder
 from deepseg_core.nets import LogitEnsemble, build_net
@@ -69,3 +69,13 @@ def test_an_unknown_pipeline_names_the_known_ones():
     card, _ = tiny_card()
     with pytest.raises(ConfigError, match="unknown segmentation pipeline 'nnunetv9'.*deepseg"):
         pipeline_for(card.__class__(**{**card.__dict__, "pipeline": {"name": "nnunetv9"}}), 3, 1)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_first_argmax_is_numpys_argmax_ties_included(axis, dtype):
+    # few distinct values, so most positions hold ties, which must go to the first maximum
+    scores = np.random.default_rng(axis).integers(0, 3, size=(3, 5, 6, 4)).astype(dtype)
+    expected = np.argmax(scores, axis=axis)
+    np.testing.assert_array_equal(first_argmax(scores, axis), expected)
+    np.testing.assert_array_equal(first_argmax(torch.from_numpy(scores), axis), expected)

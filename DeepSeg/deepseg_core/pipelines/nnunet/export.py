@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ...errors import ConfigError
-from ...inference.pipelines import CollectedOutput
+from ...inference.pipelines import CollectedOutput, first_argmax
 from ...uncertainty import normalised_entropy
 from .orientation import AxisReorder, input_shape
 from .resampling import ANISOTROPY_THRESHOLD, linear_positions, nearest_positions, separate_axis
@@ -210,11 +210,11 @@ class NnUNetExportCollector:
         (z0, _), (y0, y1), (x0, x1) = self.crop
         target = (slice(z0 + r0, z0 + r1), slice(y0, y1), slice(x0, x1))
         if self.probabilities is None and self.entropy is None:
-            # torch's argmax returns the first maximum, as numpy's does in nnU-Net
-            self._labels_t[target] = self.values[torch.argmax(logits, dim=1).numpy()]
+            # the first maximum wins, as numpy's argmax in nnU-Net
+            self._labels_t[target] = self.values[first_argmax(logits, 1)]
             return
         probabilities = torch.softmax(logits, dim=1)
-        self._labels_t[target] = self.values[torch.argmax(probabilities, dim=1).numpy()]
+        self._labels_t[target] = self.values[first_argmax(probabilities, 1)]
         by_class = probabilities.numpy().transpose(1, 0, 2, 3)
         if self._probabilities_t is not None:
             self._probabilities_t[(slice(None), *target)] = by_class

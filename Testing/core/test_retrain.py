@@ -360,3 +360,29 @@ def test_base_labels_that_differ_are_explained_and_mapped(tmp_path):
     # the parent scores well on the swapped-value dataset only because values were mapped, not compared raw
     assert outcome.parent_validation["mean"]["Liver"]["dice"] > 0.9
     assert set(outcome.validation["mean"]) == {"tumor", "Liver"}
+
+
+def test_a_step_the_grad_scaler_skips_does_not_advance_the_learning_rate_schedule():
+    """On CUDA, AMP's first steps often overflow: GradScaler skips them, and the schedule must wait.
+    (A CPU GradScaler stands in for CUDA's: same skip-and-back-off logic.)"""
+    from deepseg_core.training.loop import optimisation_step
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 1)
+    optimiser = torch.optim.AdamW(net.parameters(), lr=1.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    overflow = iter([True, False])
+
+    def loss_fn(prediction, target):
+        loss = ((prediction - target) ** 2).mean()
+        return loss * float("inf") if next(overflow) else loss
+
+    x, y = torch.randn(4, 3), torch.randn(4, 1)
+    before = [p.detach().clone() for p in net.parameters()]
+    optimisation_step(net, net, x, y, loss_fn, optimiser, schedule, scaler)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True)), "the overflowed step was taken"
+    assert scaler.get_scale() == 512.0 and schedule.last_epoch == 0
+    optimisation_step(net, net, x, y, loss_fn, optimiser, schedule, scaler)
+    assert not all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
+    assert schedule.last_epoch == 1

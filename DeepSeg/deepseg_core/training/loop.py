@@ -83,7 +83,8 @@ def optimisation_step(
     schedule: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
 ) -> float:
-    """One step: forward (float16 autocast when ``scaler`` is enabled), backward, clip, step.
+    """One step: forward (float16 autocast when ``scaler`` is enabled), backward, clip, step, and the
+    learning-rate schedule's step unless the scaler skipped the optimiser's (overflowed gradients).
 
     ``model`` is what runs forward (``net`` itself, or its DistributedDataParallel wrapper);
     gradients of ``net``'s parameters are clipped to norm 12. Returns the loss.
@@ -94,9 +95,13 @@ def optimisation_step(
     scaler.scale(loss).backward()
     scaler.unscale_(optimiser)
     torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
+    scale_before = scaler.get_scale() if scaler.is_enabled() else None
     scaler.step(optimiser)
     scaler.update()
-    schedule.step()
+    # GradScaler skips the optimiser step when the float16 gradients overflowed, and lowers its
+    # scale; the learning-rate schedule waits as well, so it counts only the steps really taken.
+    if scale_before is None or scaler.get_scale() >= scale_before:
+        schedule.step()
     return float(loss.detach())
 
 

@@ -139,9 +139,9 @@ def test_fine_tuning_on_cuda_with_amp(tmp_path):
     )
     losses = [e["loss"] for e in events if e["event"] == "epoch_end"]
     assert len(losses) == 2 and all(np.isfinite(losses))
-    _, parent = load_network(store.folder("phantom-liver:1"))
+    parent = load_network(store.folder("phantom-liver:1"))[1].state_dict()
     _, child = load_network(store.folder(outcome.card.ref))
-    changed = [name for name, weight in child.state_dict().items() if not torch.equal(weight, parent.state_dict()[name])]
+    changed = [name for name, weight in child.state_dict().items() if not torch.equal(weight, parent[name])]
     assert changed, "training on CUDA changed no weight"
     assert all(torch.isfinite(w).all() for w in child.state_dict().values() if w.is_floating_point())
     assert set(outcome.validation["mean"]) == {"liver", "liver lesion"}
@@ -171,6 +171,7 @@ def test_cli_segment_on_cuda_reports_device_and_precision(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert next(e for e in events if e["event"] == "start")["device"].startswith("cuda")
     case = next(e for e in events if e["event"] == "case_done")
     assert case["precision"] == "float16" and case["backend"] == "torch"
     assert {s["name"] for s in case["segments"]} == {"liver", "liver lesion"}

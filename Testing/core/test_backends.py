@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,14 @@ from deepseg_core import io
 from deepseg_core.demo import DEFAULT_MODEL, SAMPLE_VOLUME
 from deepseg_core.errors import ConfigError
 from deepseg_core.inference import Segmenter, SegmentOptions, sliding_window_predict
-from deepseg_core.inference.backends import choose_backend, installed, native_bfloat16, tile_function
+from deepseg_core.inference.backends import (
+    PooledInstanceNorm,
+    choose_backend,
+    exportable,
+    installed,
+    native_bfloat16,
+    tile_function,
+)
 from deepseg_core.nets import build_net
 
 EXPORTED = [b for b in ("openvino", "onnxruntime") if installed(b)]
@@ -56,21 +65,62 @@ def test_both_cpu_runtimes_are_installed_where_the_tests_run():
 def test_exported_backends_agree_with_torch_on_the_bundled_model(segmenter, backend):
     """Issue 14's bounds: labels agree on >= 99.9 % of voxels, probabilities within 1e-3.
 
-    ONNX Runtime meets both everywhere. This crop is shallower than the patch, so every tile is half
-    constant padding, and on such tiles OpenVINO's float32 kernels drift further from torch: a few
-    voxels differ by up to 2e-3 in probability. The bound holds for 99.9 % of the voxels here and
-    everywhere on tiles without padding (the next test).
-    """
+    This crop is shallower than the patch, so every tile is half constant padding: the case where
+    OpenVINO's own instance-norm reduction drifted to 2e-3 here (see ``PooledInstanceNorm``)."""
     prepared = segmenter.pipeline.prepare([sample_crop()])
     options = SegmentOptions(device="cpu", tta=True)  # mirrored passes go through the exported graph too
     reference = blended(segmenter, "torch", prepared.image_czyx, options)
     other = blended(segmenter, backend, prepared.image_czyx, options)
-    difference = np.abs(other - reference)
     assert (other.argmax(axis=0) == reference.argmax(axis=0)).mean() >= 0.999
-    if backend == "onnxruntime":
-        assert difference.max() < 1e-3
-    else:
-        assert np.quantile(difference, 0.999) < 1e-3 and difference.max() < 3e-3
+    assert np.abs(other - reference).max() < 1e-3
+
+
+@pytest.mark.parametrize("backend", EXPORTED)
+def test_a_half_padded_tile_matches_float64_through_the_exported_graph(segmenter, backend):
+    """One tile batch, no blending to dilute it: half of each tile is constant padding. Exported with
+    ONNX's InstanceNormalization, OpenVINO's probabilities were 1.3e-2 from a float64 forward here
+    and ONNX Runtime's 1.2e-3; torch's own float32 forward is within 1e-5."""
+    window = segmenter.window_config(SegmentOptions())
+    prepared = segmenter.pipeline.prepare([sample_crop()]).image_czyx
+    tile = torch.zeros((1, *window.patch_size_zyx))
+    tile[:, : prepared.shape[1]] = torch.from_numpy(prepared)
+    tiles = torch.stack([tile, tile.flip(3), tile.flip(2), tile.flip(1)])[: window.batch_size]
+    function, used = segmenter.tile_function(SegmentOptions(backend=backend), window, 1)
+    assert used == backend
+    with torch.no_grad():
+        reference = torch.softmax(copy.deepcopy(segmenter.net).double()(tiles.double()), 1)
+        exported = torch.softmax(function(tiles).double(), 1)
+        float32 = torch.softmax(segmenter.net(tiles).double(), 1)
+    assert (float32 - reference).abs().max() < 1e-5
+    assert (exported - reference).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("affine", [True, False])
+def test_pooled_instance_norm_computes_what_instance_norm_computes(spatial_dims, affine):
+    norm = (torch.nn.InstanceNorm2d if spatial_dims == 2 else torch.nn.InstanceNorm3d)(5, affine=affine, eps=1e-5)
+    if affine:
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 2.0)
+            norm.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(2, 5, *([6, 7, 9][3 - spatial_dims :])) * 3.0 + 2.0
+    with torch.no_grad():
+        torch.testing.assert_close(PooledInstanceNorm(norm)(x), norm(x), atol=1e-5, rtol=1e-5)
+
+
+def test_exportable_swaps_only_norms_that_use_the_tiles_own_statistics():
+    net = torch.nn.Sequential(
+        torch.nn.Conv3d(1, 4, 3),
+        torch.nn.InstanceNorm3d(4, affine=True),
+        torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), torch.nn.InstanceNorm2d(4)),
+        torch.nn.InstanceNorm3d(4, track_running_stats=True),  # eval: running statistics, left alone
+    )
+    copy_of_net = exportable(net)
+    assert isinstance(copy_of_net[1], PooledInstanceNorm) and isinstance(copy_of_net[2][1], PooledInstanceNorm)
+    assert isinstance(copy_of_net[3], torch.nn.InstanceNorm3d)
+    assert isinstance(net[1], torch.nn.InstanceNorm3d), "the original is untouched"
+    assert isinstance(net[2][1], torch.nn.InstanceNorm2d)
+    assert copy_of_net[1].weight.data_ptr() != net[1].weight.data_ptr()
 
 
 @pytest.mark.parametrize("backend", EXPORTED)
@@ -134,7 +184,7 @@ def test_a_2d_network_and_a_partial_last_batch_through_an_exported_backend(tmp_p
         torch.testing.assert_close(function(tiles), net(tiles), atol=1e-4, rtol=1e-4)
 
 
-def test_the_exported_graph_is_cached_by_key_and_rebuilt_when_stale(tmp_path):
+def test_the_exported_graph_is_cached_by_key_and_rebuilt_when_stale(tmp_path, monkeypatch):
     net = build_net("unet", {"spatial_dims": 3, "in_channels": 1, "num_classes": 2, "features": [4, 8]}, seed=2).eval()
     choice = choose_backend("onnxruntime", torch.device("cpu"))
     tile_function(net, choice, "b" * 64, (2, 1, 8, 16, 16), tmp_path)
@@ -144,6 +194,10 @@ def test_the_exported_graph_is_cached_by_key_and_rebuilt_when_stale(tmp_path):
     assert graph.stat().st_mtime_ns == stamp, "same key: the cached graph is used"
     tile_function(net, choice, "b" * 64, (3, 1, 8, 16, 16), tmp_path)
     assert len(list(tmp_path.glob("*.onnx"))) == 2, "another batch is another graph"
+    monkeypatch.setattr("deepseg_core.inference.backends.EXPORT_FORMAT", "an older export")
+    tile_function(net, choice, "b" * 64, (2, 1, 8, 16, 16), tmp_path)
+    assert len(list(tmp_path.glob("*.onnx"))) == 3, "a graph exported another way is never reused"
+    monkeypatch.undo()
     graph.write_bytes(graph.read_bytes()[:-10])  # damaged: its checksum no longer matches the key
     function, used = tile_function(net, choice, "b" * 64, (2, 1, 8, 16, 16), tmp_path)
     assert used.name == "onnxruntime" and graph.stat().st_mtime_ns != stamp

@@ -118,6 +118,24 @@ def test_real_out_of_memory_at_batch_one_moves_the_accumulator_to_the_cpu(caplog
     np.testing.assert_allclose(probs, _direct(net.cpu(), image), atol=1e-5)
 
 
+def test_tiles_are_cut_from_the_image_in_gpu_memory(exact_float32):
+    image = np.random.default_rng(2).normal(size=(1, 24, 40, 40)).astype(np.float32)
+    net = Pointwise(lambda x, call: False).cuda()
+    probs, stats = _run(net, image, batch=2)
+    assert stats["image_device"].startswith("cuda")
+    np.testing.assert_allclose(probs, _direct(net.cpu(), image), atol=1e-5)
+
+
+def test_out_of_memory_after_the_accumulator_moved_moves_the_image_too(caplog, exact_float32):
+    image = np.random.default_rng(3).normal(size=(1, 24, 32, 32)).astype(np.float32)
+    net = Pointwise(lambda x, call: call <= 2).cuda()
+    with caplog.at_level(logging.WARNING):
+        probs, stats = _run(net, image, batch=1)
+    assert "moving the accumulator to the CPU" in caplog.text and "moving the image to the CPU" in caplog.text
+    assert stats["image_device"] == "cpu" and stats["tiles"] == len(net.calls) - 2
+    np.testing.assert_allclose(probs, _direct(net.cpu(), image), atol=1e-5)
+
+
 def test_fine_tuning_on_cuda_with_amp(tmp_path):
     root = tmp_path / "siteB"
     dataset = Dataset.create(root, "siteB", PHANTOM_LABELS, ("CT",))

@@ -52,6 +52,7 @@ def test_tiled_result_equals_whole_volume_prediction(shape):
     assert slabs[0][0] == 0 and slabs[-1][1] == shape[0]
     assert all(a[1] == b[0] for a, b in zip(slabs, slabs[1:], strict=False))
     assert stats["tiles"] == sum(net.calls)
+    assert stats["image_device"] == "cpu", "a CPU run leaves the image where it is"
 
 
 def test_memory_bound_is_one_patch_deep():

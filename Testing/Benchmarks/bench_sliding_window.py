@@ -12,7 +12,9 @@ with ``--precision bfloat16``, reported beside, never as the headline ratio). Re
 ratios (``ratio_vs_monai_same_batch`` is DeepSeg's default ``auto`` backend against MONAI at the
 same tile batch; ``ratio_vs_monai_same_batch_torch`` the torch backend), time per tile and GFLOP/s
 of every backend against a measured matmul ceiling, and how far the outputs differ (identical
-arithmetic when both place tiles alike and use the same weights).
+arithmetic when both place tiles alike and use the same weights). ``openvino_layers``: OpenVINO's
+own timers per layer type over one tile batch, and the fraction of the ceiling reached inside the
+convolutions alone.
 
 On CUDA (``--device cuda``) the headline ``ratio_vs_monai_same_batch`` compares DeepSeg's default
 there, float16 autocast, with MONAI under the same autocast (the float32 pair is
@@ -139,6 +141,44 @@ def same_tiles_difference(net, device) -> float:
     return float(np.abs(monai_probs - deepseg_probs).max())
 
 
+def openvino_layer_times(net: torch.nn.Module, batch: int, cache: Path, flops_per_tile: float, ceiling: float) -> dict:
+    """OpenVINO's own per-layer timers (``PERF_COUNT``) over one float32 tile batch, best of 3:
+    seconds per layer type, and the GFLOP/s inside the convolutions alone (every FLOP counted
+    above is a convolution's), which bounds the fraction of the ceiling the whole network can reach."""
+    import openvino
+
+    from deepseg_core.inference.backends import cached_onnx
+
+    shape = (batch, 1, *PATCH)
+    graph = cached_onnx(net, "0" * 64, "openvino", shape, cache)
+    properties = {
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": "f32",
+        "INFERENCE_NUM_THREADS": str(torch.get_num_threads()),
+        "PERF_COUNT": True,
+    }
+    request = openvino.Core().compile_model(str(graph), "CPU", properties).create_infer_request()
+    tiles = np.random.default_rng(2).normal(size=shape).astype(np.float32)
+    best: dict[str, float] = {}
+    for _ in range(3):
+        request.infer({0: tiles})
+        by_type: dict[str, float] = {}
+        for layer in request.profiling_info:
+            by_type[layer.node_type] = by_type.get(layer.node_type, 0.0) + layer.real_time.total_seconds()
+        if not best or sum(by_type.values()) < sum(best.values()):
+            best = by_type
+    convolution_s = sum(seconds for kind, seconds in best.items() if kind.startswith("Convolution"))
+    total_s = sum(best.values())
+    convolution_gflops = batch * flops_per_tile / convolution_s / 1e9
+    return {
+        "seconds_per_batch": total_s,
+        "seconds_by_layer_type": dict(sorted(best.items(), key=lambda item: -item[1])),
+        "convolution_share_of_time": convolution_s / total_s,
+        "convolution_gflops": convolution_gflops,
+        "convolution_fraction_of_ceiling": convolution_gflops / ceiling,
+    }
+
+
 def cuda_ceilings(device: torch.device) -> dict[str, float]:
     """Matmul GFLOP/s in the arithmetic the CUDA rows use: TF32 (cuDNN's default for float32
     convolutions, ``torch.backends.cudnn.allow_tf32``) and float16."""
@@ -219,6 +259,9 @@ def main() -> int:
                 "max_abs_prob_diff_vs_torch": float(np.abs(probs - deepseg_probs).max()),
                 "label_agreement_vs_torch": float(((probs > 0.5) == (deepseg_probs > 0.5)).mean()),
             }
+        layers = {}
+        if installed("openvino") and device.type == "cpu":
+            layers = openvino_layer_times(net, args.batch, Path(cache), flops, ceiling)
     ceilings = {"float32": ceiling}
     cuda: dict = {}
     default, monai_same_batch = choose_backend("auto", device).name, monai_batched
@@ -254,6 +297,7 @@ def main() -> int:
         "matmul_ceilings_gflops": ceilings,
         "fraction_of_ceiling": backends[default]["fraction_of_ceiling"],
         "torch_backend_gflops": achieved,
+        "openvino_layers": layers,
         "backends": backends,
         # On 192 voxels DeepSeg spaces tiles evenly ([0, 48, 96]); MONAI steps by 72 and clamps the
         # last tile ([0, 72, 96]); MONAI also floors its Gaussian at 1e-3. With random weights the

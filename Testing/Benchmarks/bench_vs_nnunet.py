@@ -38,7 +38,9 @@ cached model folder cannot travel (a GPU machine), ``--model-folder`` takes a fo
 
 Reported per case and backend: label agreement and per-label Dice against nnU-Net, tiles, both tools'
 seconds and peak RSS, and the ratios DeepSeg / nnU-Net of ``predict_s`` (the issue's goal: <= 0.5),
-of setup + predict, and of peak RSS (goal: <= 1).
+of setup + predict, and of peak RSS (goal: <= 1). On the CPU also the network's GFLOP per tile, the
+float32 matmul ceiling, and each DeepSeg run's GFLOP/s over its sliding window with its fraction of
+that ceiling (``network_gflops``, ``fraction_of_float32_ceiling``).
 """
 
 from __future__ import annotations
@@ -163,6 +165,38 @@ def _device_name(device: str) -> str:
     import torch
 
     return torch.cuda.get_device_name(0) if device == "cuda" else f"CPU, {os.cpu_count()} cores"
+
+
+def network_flops(store_root: Path, ref: str, threads: int) -> dict:
+    """The imported network's FLOPs per tile (torch's counter: all of them convolutions) and the
+    float32 matmul ceiling of this CPU at ``threads`` threads, measured as bench_sliding_window does."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from deepseg_core.inference import Segmenter, SegmentOptions
+    from deepseg_core.model_store import ModelStore
+
+    torch.set_num_threads(threads)
+    segmenter = Segmenter.load(ref, device="cpu", store=ModelStore(store_root))
+    patch = segmenter.window_config(SegmentOptions()).patch_size_zyx
+    channels = len(segmenter.card.inputs.channels)
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        segmenter.net(torch.zeros(1, channels, *patch))
+    return {
+        "gflop_per_tile": counter.get_total_flops() / 1e9,
+        "patch_zyx": list(patch),
+        "matmul_ceiling_gflops": _load_sibling("bench_sliding_window").matmul_ceiling_gflops(torch.device("cpu")),
+    }
+
+
+def add_network_rate(runs: dict, flops: dict) -> None:
+    """GFLOP/s over the ``network`` timing (sliding window with blending and export, so a lower bound
+    for the network itself) and its fraction of the measured float32 ceiling."""
+    for run in (runs.get("warm"), runs.get("cold")):
+        if run and run.get("timings_s", {}).get("network"):
+            run["network_gflops"] = run["tiles"] * flops["gflop_per_tile"] / run["timings_s"]["network"]
+            run["fraction_of_float32_ceiling"] = run["network_gflops"] / flops["matmul_ceiling_gflops"]
 
 
 def ratios(deepseg: dict, nnunet: dict) -> dict:
@@ -304,6 +338,11 @@ def main() -> int:
                     if not args.json:
                         print_row(name, backend, nnunet, runs)
             summary["cases"][name] = row
+        if args.device == "cpu":  # after the timed runs, in this process, so they stay undisturbed
+            summary["network"] = network_flops(store_root, ref, args.threads)
+            for row in summary["cases"].values():
+                for runs in row["deepseg"].values():
+                    add_network_rate(runs, summary["network"])
     summary["wall_s"] = time.perf_counter() - started
     summary["load_average_1min"] = {"start": load_start, "end": os.getloadavg()[0]}
     if args.json:

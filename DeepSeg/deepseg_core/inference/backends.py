@@ -162,10 +162,13 @@ class PooledInstanceNorm(nn.Module):
     (or as means over all axes, which OpenVINO merges back into one reduction), OpenVINO's CPU
     plugin drifts on tiles that are half constant padding: the bundled model's probabilities were
     1.3e-2 from a float64 forward on such a tile (6.5e-5 without padding), ONNX Runtime's 1.2e-3.
-    The likely cause is one float32 running sum per channel (131 072 terms on a 32x64x64 tile):
-    adding the same padded value again and again rounds the same way every time, so the errors
-    add up instead of cancelling. A pool sums at most one axis length, and OpenVINO keeps pools
-    apart: 9e-6 (OpenVINO) and 1e-5 (ONNX Runtime) on that tile. OpenVINO runs the bundled and
+    OpenVINO's CPU source shows why: its Reduce node keeps one float32 running sum per channel lane
+    over all spatial elements (131 072 on a 32x64x64 tile), its MVN node adds row sums one after
+    another into one float32 sum per lane and thread, nothing compensated. Adding the same padded
+    value again and again rounds the same way every time, so the errors add up instead of
+    cancelling. A pool sums at most one axis length, and OpenVINO neither merges pools nor fuses
+    them into MVN (its ReduceMerge and MVNFusion passes match ReduceMean only): 9e-6 (OpenVINO)
+    and 1e-5 (ONNX Runtime) on that tile. OpenVINO runs the bundled and
     the reference network a little faster this way, nnU-Net's 32-320 network at 128^3 4-6 % slower.
 
     Input and output: ``(B, C, *spatial)`` with two or three spatial axes.

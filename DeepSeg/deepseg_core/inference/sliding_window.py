@@ -351,7 +351,7 @@ def _recover_from_oom(batch_size: int, accumulator: _SlabAccumulator, image: tor
         log.warning("CUDA out of memory at batch 1: moving the image to the CPU")
         return 1, image.cpu()
     raise DeepSegError(
-        "out of GPU memory even with one tile per batch and the accumulator on the CPU",
+        "out of GPU memory even with one tile per batch and the accumulator and the image on the CPU",
         hint="Use --device cpu, or a model with a smaller patch size.",
     )
 

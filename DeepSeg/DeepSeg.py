@@ -210,12 +210,26 @@ class DeepSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
         if not folder:
             return
+        from DeepSegLib.panel_logic import fold_choices
+
+        choices = fold_choices(folder)
+        folds = None
+        if choices:
+            # a QInputDialog object, not getItem(): PythonQt's getItem cannot tell Cancel from OK
+            dialog = qt.QInputDialog(self.parent)
+            dialog.setWindowTitle("Import an nnU-Net model")
+            dialog.setLabelText(f"This model was trained as {len(choices) - 1} folds. Which should DeepSeg run?")
+            dialog.setComboBoxItems([choice.label for choice in choices])
+            dialog.setComboBoxEditable(False)
+            if not dialog.exec_():
+                return
+            folds = next(choice.folds for choice in choices if choice.label == dialog.textValue())
         try:
             with slicer.util.tryWithErrorDisplay("The model could not be imported.", waitCursor=True):
                 offer = self.panel.install_offer()
                 if offer is not None and not self.logic.installDependencies(offer):
                     return
-                self.panel.start_import(folder)
+                self.panel.start_import(folder, folds=folds)
                 self._timer.start()
         finally:
             self.render()

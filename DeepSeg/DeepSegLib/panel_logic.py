@@ -90,6 +90,37 @@ class PanelView:
     export_status: str = ""
 
 
+@dataclass(frozen=True)
+class FoldChoice:
+    """One line of *Import model...*'s question about an nnU-Net folder's folds.
+
+    ``folds``: what ``deepseg models import --folds`` gets (``("0",)``), or None for every fold,
+    nnU-Net's own default (an ensemble: one network pass per fold)."""
+
+    label: str
+    folds: tuple[str, ...] | None
+
+
+#: the checkpoint ``deepseg models import`` reads from an nnU-Net fold (nnU-Net's default).
+NNUNET_CHECKPOINT = "checkpoint_final.pth"
+
+
+def fold_choices(folder: str | Path) -> list[FoldChoice]:
+    """What to ask before importing ``folder``: nothing (``[]``) unless it is an nnU-Net v2 results
+    folder (``plans.json``, ``dataset.json``) with two or more ``fold_N/checkpoint_final.pth``; then
+    all folds first (the engine's default, as nnU-Net's), and each fold alone. Reads only file names."""
+    folder = Path(folder)
+    if not ((folder / "plans.json").is_file() and (folder / "dataset.json").is_file()):
+        return []
+    numbers = sorted(
+        int(path.name[5:]) for path in folder.glob("fold_*") if path.name[5:].isdigit() and (path / NNUNET_CHECKPOINT).is_file()
+    )
+    if len(numbers) < 2:
+        return []
+    every = FoldChoice(f"All {len(numbers)} folds (nnU-Net's ensemble: about {len(numbers)}x the time of one)", None)
+    return [every] + [FoldChoice(f"Fold {number} only", (str(number),)) for number in numbers]
+
+
 def progress_text(event: dict) -> tuple[int | None, str]:
     """``(percent or None, status line)`` for one ``deepseg segment --json`` event."""
     kind = event.get("event")
@@ -262,8 +293,10 @@ class DeepSegPanelLogic:
             job.cleanup()
         return False
 
-    def start_import(self, folder: str, name: str = "") -> DeepSegJob:
-        """Import model...: ``deepseg models import FOLDER`` (DeepSeg, nnU-Net v2 or MONAI bundle) as a job."""
+    def start_import(self, folder: str, name: str = "", folds: tuple[str, ...] | None = None) -> DeepSegJob:
+        """Import model...: ``deepseg models import FOLDER`` (DeepSeg, nnU-Net v2 or MONAI bundle) as a job.
+
+        ``folds``: for an nnU-Net folder, the folds to import (a :class:`FoldChoice`'s); None: all."""
         import tempfile
 
         from .segment_job import launch
@@ -276,6 +309,8 @@ class DeepSegPanelLogic:
         arguments = ["models", "import", str(folder), "--json"]
         if name.strip():
             arguments += ["--name", name.strip()]
+        if folds:
+            arguments += ["--folds", *folds]
         if self.models_dir:
             arguments += ["--models-dir", self.models_dir]
         workdir = Path(tempfile.mkdtemp(prefix="deepseg-import-"))
@@ -283,7 +318,8 @@ class DeepSegPanelLogic:
         self.job_kind = "import"
         self.view.segment_enabled = False
         self.view.cancel_enabled = True
-        self.view.status = f"Importing {folder}..."
+        which = f" (fold {', '.join(folds)})" if folds else ""
+        self.view.status = f"Importing {folder}{which}..."
         return self.job
 
     def _finish_import(self, job: DeepSegJob, settings: PanelSettings | None) -> None:

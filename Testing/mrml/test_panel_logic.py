@@ -18,7 +18,7 @@ from deepseg_core.datasets import Dataset
 from deepseg_core.demo import DEFAULT_MODEL, SAMPLE_VOLUME
 from deepseg_core.phantoms import PHANTOM_LABELS
 from DeepSegLib.mrml_bridge import node_from_volume, segment_mask, segments_by_name
-from DeepSegLib.panel_logic import DeepSegPanelLogic, PanelError, PanelSettings, progress_text
+from DeepSegLib.panel_logic import DeepSegPanelLogic, FoldChoice, PanelError, PanelSettings, fold_choices, progress_text
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -217,3 +217,51 @@ def test_import_model_through_the_panel_selects_the_new_version(mrml_scene, stor
     run_panel(panel, settings, timeout_s=120)
     assert panel.view.status == "Imported site-model:1; it is selected."
     assert settings.model == "site-model:1" and panel.view.models[panel.view.model_index].ref == "site-model:1"
+
+
+def nnunet_layout(folder: Path, folds: list[str], checkpoint: str = "checkpoint_final.pth") -> Path:
+    """The file names of an nnU-Net results folder (the panel reads names only, never the files)."""
+    folder.mkdir(parents=True)
+    (folder / "plans.json").write_text("{}")
+    (folder / "dataset.json").write_text("{}")
+    for fold in folds:
+        (folder / f"fold_{fold}").mkdir()
+        (folder / f"fold_{fold}" / checkpoint).write_bytes(b"")
+    return folder
+
+
+def test_import_asks_for_folds_only_for_nnunet_folders_with_several(tmp_path):
+    five = nnunet_layout(tmp_path / "five", ["0", "1", "2", "3", "4", "all"])
+    (five / "fold_5").mkdir()  # a fold still training: no final checkpoint yet
+    choices = fold_choices(five)
+    assert choices[0] == FoldChoice("All 5 folds (nnU-Net's ensemble: about 5x the time of one)", None)
+    assert [c.folds for c in choices[1:]] == [("0",), ("1",), ("2",), ("3",), ("4",)]
+    assert choices[3].label == "Fold 2 only"
+    assert fold_choices(nnunet_layout(tmp_path / "one", ["0"])) == [], "one fold: nothing to choose"
+    assert fold_choices(nnunet_layout(tmp_path / "best", ["0", "1"], "checkpoint_best.pth")) == []
+    copy_model(tmp_path / "store", "site-model", 1)
+    assert fold_choices(tmp_path / "store" / "site-model" / "1") == [], "a DeepSeg model has no folds"
+    assert fold_choices(tmp_path / "missing") == []
+
+
+def test_an_nnunet_import_through_the_panel_runs_only_the_fold_chosen(mrml_scene, store_dir, engine_python):
+    """nnU-Net's own tiny results folder (folds 0 and 1, built by scripts/make_tiny_nnunet_model.py in
+    the engine's Python, cached), imported with fold 1 only: the new version's ensemble is that fold."""
+    built = subprocess.run(
+        [engine_python, str(REPO / "scripts" / "make_tiny_nnunet_model.py"), "--print-path"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=True,
+    )
+    folder = Path(built.stdout.strip().splitlines()[-1]) / "Dataset501_DeepSegTiny" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    choices = fold_choices(folder)
+    assert [c.folds for c in choices] == [None, ("0",), ("1",)]
+    panel = DeepSegPanelLogic(mrml_scene, models_dir=store_dir, python=engine_python)
+    settings = PanelSettings()
+    panel.start_import(str(folder), folds=choices[2].folds)
+    assert panel.view.status.endswith("(fold 1)...")
+    run_panel(panel, settings, timeout_s=300)
+    assert panel.view.status == "Imported Dataset501_DeepSegTiny:1 from nnunetv2; it is selected."
+    card = json.loads((Path(store_dir) / "Dataset501_DeepSegTiny" / "1" / "model.json").read_text())
+    assert card["ensemble"] == ["fold_1"] and card["source"]["folds"] == ["fold_1"]

@@ -25,7 +25,9 @@ def torchrun_segment(inputs: Path, output: Path, model: Path, **env_extra: str) 
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "deepseg_core"]
     command += ["segment", str(inputs), "--model", str(model), "--output", str(output), "--device", "cpu", "--json"]
     command += ["--backend", "torch", "--stats", str(output)]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
+    # UTF-8 whatever the locale: when a rank is killed, gloo's "Connection closed by peer" line ends in an
+    # emoji, which a C/POSIX locale (as on CI) cannot decode
+    done = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=600, check=False)
     return done, [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 

@@ -51,12 +51,13 @@ def reference_net() -> torch.nn.Module:
     return UNet(3, 1, 2, (16, 32, 64, 128, 256), (2, 2, 2, 2), num_res_units=2).eval()
 
 
-def forward_flops(net: torch.nn.Module, device: torch.device) -> float:
+def forward_flops(net: torch.nn.Module, device: torch.device, input_shape: tuple[int, ...] = (1, 1, *PATCH)) -> float:
+    """FLOPs of one forward of ``net`` on zeros of ``input_shape`` (torch's counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with torch.inference_mode(), counter:
-        net(torch.zeros(1, 1, *PATCH, device=device))
+        net(torch.zeros(input_shape, device=device))
     return float(counter.get_total_flops())
 
 
@@ -147,16 +148,11 @@ def openvino_layer_times(net: torch.nn.Module, batch: int, cache: Path, flops_pe
     above is a convolution's), which bounds the fraction of the ceiling the whole network can reach."""
     import openvino
 
-    from deepseg_core.inference.backends import cached_onnx
+    from deepseg_core.inference.backends import cached_onnx, openvino_properties
 
     shape = (batch, 1, *PATCH)
     graph = cached_onnx(net, "0" * 64, "openvino", shape, cache)
-    properties = {
-        "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_PRECISION_HINT": "f32",
-        "INFERENCE_NUM_THREADS": str(torch.get_num_threads()),
-        "PERF_COUNT": True,
-    }
+    properties = {**openvino_properties("float32"), "PERF_COUNT": True}
     request = openvino.Core().compile_model(str(graph), "CPU", properties).create_infer_request()
     tiles = np.random.default_rng(2).normal(size=shape).astype(np.float32)
     best: dict[str, float] = {}

@@ -171,22 +171,20 @@ def network_flops(store_root: Path, ref: str, threads: int) -> dict:
     """The imported network's FLOPs per tile (torch's counter: all of them convolutions) and the
     float32 matmul ceiling of this CPU at ``threads`` threads, measured as bench_sliding_window does."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     from deepseg_core.inference import Segmenter, SegmentOptions
     from deepseg_core.model_store import ModelStore
 
+    sliding = _load_sibling("bench_sliding_window")
     torch.set_num_threads(threads)
     segmenter = Segmenter.load(ref, device="cpu", store=ModelStore(store_root))
     patch = segmenter.window_config(SegmentOptions()).patch_size_zyx
-    channels = len(segmenter.card.inputs.channels)
-    counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        segmenter.net(torch.zeros(1, channels, *patch))
+    shape = (1, len(segmenter.card.inputs.channels), *patch)
+    cpu = torch.device("cpu")
     return {
-        "gflop_per_tile": counter.get_total_flops() / 1e9,
+        "gflop_per_tile": sliding.forward_flops(segmenter.net, cpu, shape) / 1e9,
         "patch_zyx": list(patch),
-        "matmul_ceiling_gflops": _load_sibling("bench_sliding_window").matmul_ceiling_gflops(torch.device("cpu")),
+        "matmul_ceiling_gflops": sliding.matmul_ceiling_gflops(cpu),
     }
 
 

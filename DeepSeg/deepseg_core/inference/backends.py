@@ -296,6 +296,16 @@ def onnxruntime_tiles(graph: Path, batch: int) -> ExportedTiles:
     return ExportedTiles(lambda x: session.run(None, {name: x})[0], batch)
 
 
+def openvino_properties(precision: str = "float32") -> dict[str, str]:
+    """How DeepSeg compiles a graph for OpenVINO's CPU plugin: latency hint, torch's thread count, and
+    the precision always explicit (on CPUs with AMX or AVX512-BF16 OpenVINO would pick bfloat16)."""
+    return {
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": "bf16" if precision == "bfloat16" else "f32",
+        "INFERENCE_NUM_THREADS": str(torch.get_num_threads()),
+    }
+
+
 def openvino_tiles(graph: Path, batch: int, precision: str = "float32") -> ExportedTiles:
     """OpenVINO compiled model on the CPU (latency hint, torch's thread count).
 
@@ -307,15 +317,7 @@ def openvino_tiles(graph: Path, batch: int, precision: str = "float32") -> Expor
 
     core = openvino.Core()
     core.set_property({"CACHE_DIR": str(graph.parent / "openvino")})
-    compiled = core.compile_model(
-        str(graph),
-        "CPU",
-        {
-            "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bfloat16" else "f32",
-            "INFERENCE_NUM_THREADS": str(torch.get_num_threads()),
-        },
-    )
+    compiled = core.compile_model(str(graph), "CPU", openvino_properties(precision))
     request = compiled.create_infer_request()
     output = compiled.output(0)
     return ExportedTiles(lambda x: request.infer({0: x})[output], batch)

@@ -142,7 +142,9 @@ def same_tiles_difference(net, device) -> float:
     return float(np.abs(monai_probs - deepseg_probs).max())
 
 
-def openvino_layer_times(net: torch.nn.Module, batch: int, cache: Path, flops_per_tile: float, ceiling: float) -> dict:
+def openvino_layer_times(
+    net: torch.nn.Module, input_shape: tuple[int, ...], cache: Path, flops_per_tile: float, ceiling: float
+) -> dict:
     """OpenVINO's own per-layer timers (``PERF_COUNT``) over one float32 tile batch, best of 3:
     seconds per layer type, and the GFLOP/s inside the convolutions alone (every FLOP counted
     above is a convolution's), which bounds the fraction of the ceiling the whole network can reach."""
@@ -150,7 +152,7 @@ def openvino_layer_times(net: torch.nn.Module, batch: int, cache: Path, flops_pe
 
     from deepseg_core.inference.backends import cached_onnx, openvino_properties
 
-    shape = (batch, 1, *PATCH)
+    shape, batch = tuple(input_shape), input_shape[0]
     graph = cached_onnx(net, "0" * 64, "openvino", shape, cache)
     properties = {**openvino_properties("float32"), "PERF_COUNT": True}
     request = openvino.Core().compile_model(str(graph), "CPU", properties).create_infer_request()
@@ -169,6 +171,7 @@ def openvino_layer_times(net: torch.nn.Module, batch: int, cache: Path, flops_pe
     return {
         "seconds_per_batch": total_s,
         "seconds_by_layer_type": dict(sorted(best.items(), key=lambda item: -item[1])),
+        "convolution_seconds_per_tile": convolution_s / batch,
         "convolution_share_of_time": convolution_s / total_s,
         "convolution_gflops": convolution_gflops,
         "convolution_fraction_of_ceiling": convolution_gflops / ceiling,
@@ -257,7 +260,7 @@ def main() -> int:
             }
         layers = {}
         if installed("openvino") and device.type == "cpu":
-            layers = openvino_layer_times(net, args.batch, Path(cache), flops, ceiling)
+            layers = openvino_layer_times(net, (args.batch, 1, *PATCH), Path(cache), flops, ceiling)
     ceilings = {"float32": ceiling}
     cuda: dict = {}
     default, monai_same_batch = choose_backend("auto", device).name, monai_batched

@@ -40,7 +40,10 @@ Reported per case and backend: label agreement and per-label Dice against nnU-Ne
 seconds and peak RSS, and the ratios DeepSeg / nnU-Net of ``predict_s`` (the issue's goal: <= 0.5),
 of setup + predict, and of peak RSS (goal: <= 1). On the CPU also the network's GFLOP per tile, the
 float32 matmul ceiling, and each DeepSeg run's GFLOP/s over its sliding window with its fraction of
-that ceiling (``network_gflops``, ``fraction_of_float32_ceiling``).
+that ceiling (``network_gflops``, ``fraction_of_float32_ceiling``). With OpenVINO installed, also its
+per-layer timers over one float32 tile (``network.openvino_layers``) and, per case, the time of the
+convolutions alone for all tiles and its ratio to nnU-Net's run (``float32_convolutions_only``): the
+lowest ratio a float32 run at that convolution rate can reach, whatever the rest costs.
 """
 
 from __future__ import annotations
@@ -181,11 +184,27 @@ def network_flops(store_root: Path, ref: str, threads: int) -> dict:
     patch = segmenter.window_config(SegmentOptions()).patch_size_zyx
     shape = (1, len(segmenter.card.inputs.channels), *patch)
     cpu = torch.device("cpu")
-    return {
+    network = {
         "gflop_per_tile": sliding.forward_flops(segmenter.net, cpu, shape) / 1e9,
         "patch_zyx": list(patch),
         "matmul_ceiling_gflops": sliding.matmul_ceiling_gflops(cpu),
     }
+    if importlib.util.find_spec("openvino") is not None:
+        with tempfile.TemporaryDirectory() as cache:
+            network["openvino_layers"] = sliding.openvino_layer_times(
+                segmenter.net, shape, Path(cache), network["gflop_per_tile"] * 1e9, network["matmul_ceiling_gflops"]
+            )
+    return network
+
+
+def add_float32_floor(row: dict, network: dict) -> None:
+    """The ratio to nnU-Net a float32 run would reach if everything but OpenVINO's convolutions took no
+    time: tiles x convolution seconds per tile (OpenVINO's own timers) / nnU-Net's ``predict_s``."""
+    layers = network.get("openvino_layers")
+    tiles = [runs["warm"]["tiles"] for runs in row["deepseg"].values() if runs["warm"].get("tiles")]
+    if layers and tiles:
+        seconds = tiles[0] * layers["convolution_seconds_per_tile"]
+        row["float32_convolutions_only"] = {"seconds": seconds, "ratio_to_nnunet": seconds / row["nnunet"]["predict_s"]}
 
 
 def add_network_rate(runs: dict, flops: dict) -> None:
@@ -339,6 +358,7 @@ def main() -> int:
         if args.device == "cpu":  # after the timed runs, in this process, so they stay undisturbed
             summary["network"] = network_flops(store_root, ref, args.threads)
             for row in summary["cases"].values():
+                add_float32_floor(row, summary["network"])
                 for runs in row["deepseg"].values():
                     add_network_rate(runs, summary["network"])
     summary["wall_s"] = time.perf_counter() - started

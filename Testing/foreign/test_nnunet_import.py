@@ -585,7 +585,7 @@ def test_tiles_and_gaussian_are_nnunets():
     for size, patch in [((110, 64, 200), (64, 64, 128)), ((17, 33, 160), (16, 32, 32)), ((200, 91, 91), (128, 80, 80))]:
         expected = compute_steps_for_sliding_window(size, patch, 0.5)
         assert [nnunet_tile_starts(s, p, 0.5) for s, p in zip(size, patch, strict=True)] == expected
-    for patch in [(16, 16, 32), (128, 128, 128), (40, 56)]:
+    for patch in [(16, 16, 32), (128, 128, 128), (17, 24, 33), (40, 56), (1, 1, 7)]:
         expected = compute_gaussian(patch, 1 / 8, 10, device=torch.device("cpu")).float()
         ours = nnunet_gaussian(patch if len(patch) == 3 else (1, *patch), 1 / 8)
         torch.testing.assert_close(ours.reshape(expected.shape), expected, rtol=0, atol=0)

@@ -44,9 +44,16 @@ def nnunet_gaussian(patch_size: Sequence[int], sigma_scale: float) -> torch.Tens
     of the filter, so a 2D network's map is nnU-Net's 2D map.
     """
     sizes = [int(p) for p in patch_size if int(p) > 1] or [1]
-    impulse = np.zeros(sizes)
-    impulse[tuple(s // 2 for s in sizes)] = 1
-    gaussian = ndimage.gaussian_filter(impulse, [s * sigma_scale for s in sizes], 0, mode="constant", cval=0)
+    # The filtered impulse is the outer product of the axes' filtered 1D impulses, bit for bit: scipy
+    # filters one axis after another, and every sum it forms has a single non-zero term, so each value
+    # is the same chain of float64 products. Filtering 128^3 values with a 129-tap kernel three times
+    # took 0.3 s of every run; the products take milliseconds.
+    gaussian = np.ones([1] * len(sizes))
+    for axis, size in enumerate(sizes):
+        impulse = np.zeros(size)
+        impulse[size // 2] = 1
+        profile = ndimage.gaussian_filter1d(impulse, size * sigma_scale, order=0, mode="constant", cval=0)
+        gaussian = gaussian * profile.reshape([-1 if a == axis else 1 for a in range(len(sizes))])
     gaussian /= np.max(gaussian) / GAUSSIAN_PEAK
     half = torch.from_numpy(gaussian).to(torch.float16)
     half[half == 0] = torch.min(half[half != 0])

@@ -55,12 +55,34 @@ def test_tiled_result_equals_whole_volume_prediction(shape):
     assert stats["image_device"] == "cpu", "a CPU run leaves the image where it is"
 
 
-def test_memory_bound_is_one_patch_deep():
-    image = np.zeros((2, 64, 20, 20), np.float32)
-    _, slabs, stats = run(PointwiseNet(), image, 3, SlidingWindowConfig(patch_size_zyx=(8, 16, 16), overlap=0.25, batch_size=2))
-    # batches stay within one row of tiles here, so the accumulator never exceeds the patch depth
+@pytest.mark.parametrize("batch_size", [2, 3, 7])
+def test_memory_bound_is_one_patch_deep(batch_size):
+    rng = np.random.default_rng(5)
+    image = rng.normal(size=(2, 64, 20, 20)).astype(np.float32)
+    net = PointwiseNet()
+    config = SlidingWindowConfig(patch_size_zyx=(8, 16, 16), overlap=0.25, batch_size=batch_size)
+    probs, slabs, stats = run(net, image, 3, config)
+    # 4 tiles per row of tiles: batches of 3 and 7 span two rows, and the slices the first row
+    # finished leave before a tile of the next row is added, so the buffer stays one patch deep
     assert stats["max_buffer_depth"] == 8
     assert len(slabs) > 5  # results leave in many slabs, not at the end
+    np.testing.assert_allclose(probs, direct(net, image), atol=1e-5)
+
+
+def test_finished_slices_leave_in_pieces_of_bounded_size(monkeypatch):
+    from deepseg_core.inference import sliding_window
+
+    rng = np.random.default_rng(4)
+    image = rng.normal(size=(2, 30, 20, 13)).astype(np.float32)  # smaller than the patch in x: padded
+    config = SlidingWindowConfig(patch_size_zyx=(8, 16, 16), overlap=0.5, batch_size=2)
+    whole, whole_slabs, _ = run(PointwiseNet(), image, 3, config)
+    # three slices' worth of float32 probabilities of the unpadded plane
+    monkeypatch.setattr(sliding_window, "SLAB_PIECE_BYTES", 3 * 3 * 20 * 13 * 4)
+    pieces, piece_slabs, _ = run(PointwiseNet(), image, 3, config)
+    assert max(z1 - z0 for z0, z1 in piece_slabs) == 3 < max(z1 - z0 for z0, z1 in whole_slabs)
+    assert piece_slabs[0][0] == 0 and piece_slabs[-1][1] == 30
+    assert all(a[1] == b[0] for a, b in zip(piece_slabs, piece_slabs[1:], strict=False))
+    np.testing.assert_array_equal(pieces, whole)
 
 
 def test_volume_smaller_than_patch_is_padded_and_cropped():

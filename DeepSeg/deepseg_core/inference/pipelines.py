@@ -267,35 +267,44 @@ class StreamingGridCollector:
         r0 = self._emitted
         m0 = max(0, int(np.floor(r0 * self.z_scale)) - self.MARGIN)
         m1 = min(self._received, int(np.floor((r1 - 1) * self.z_scale)) + self.MARGIN + 1)
-        probs, entropy = self._model_slices(m0, m1)
         source = self._sub_grid(self.model_grid, m0, m1 - m0)
         target = self._sub_grid(self.reference, r0, r1 - r0)
         best = np.full(target.shape_zyx, -1.0, dtype=np.float32)
         labels = np.zeros(target.shape_zyx, dtype=self.labels.dtype)
         for channel in range(self.channels):
-            on_grid = _resample_linear(source, probs[channel].astype(np.float32), target)
+            on_grid = _resample_linear(source, self._model_slices(m0, m1, channel), target)
             better = on_grid > best
             best[better] = on_grid[better]
             labels[better] = channel
             if self.probabilities is not None:
                 self.probabilities[channel, r0:r1] = on_grid
         self.labels[r0:r1] = labels
-        if self.entropy is not None and entropy is not None:
-            self.entropy[r0:r1] = np.clip(_resample_linear(source, entropy, target), 0.0, 1.0)
+        if self.entropy is not None:
+            self.entropy[r0:r1] = np.clip(_resample_linear(source, self._model_entropy(m0, m1), target), 0.0, 1.0)
         self._emitted = r1
         keep_from = max(0, int(np.floor(r1 * self.z_scale)) - self.MARGIN)
         self._buffer = [(z0, p, e) for z0, p, e in self._buffer if z0 + p.shape[1] > keep_from]
 
-    def _model_slices(self, m0: int, m1: int) -> tuple[np.ndarray, np.ndarray | None]:
-        probs = np.zeros((self.channels, m1 - m0, *self.model_grid.shape_zyx[1:]), dtype=np.float16)
-        entropy = np.zeros((m1 - m0, *self.model_grid.shape_zyx[1:]), dtype=np.float32) if self.entropy is not None else None
-        for z0, p, e in self._buffer:
+    def _model_slices(self, m0: int, m1: int, channel: int) -> np.ndarray:
+        """Model slices ``[m0, m1)`` of one class, ``(m1 - m0, Y', X')`` float32, from the buffered slabs.
+
+        One class at a time: all classes at once were another float16 copy of the buffer (0.9 GB at
+        117 classes and 273 x 273 model voxels per slice)."""
+        probs = np.zeros((m1 - m0, *self.model_grid.shape_zyx[1:]), dtype=np.float32)
+        for z0, p, _ in self._buffer:
             lo, hi = max(z0, m0), min(z0 + p.shape[1], m1)
             if lo < hi:
-                probs[:, lo - m0 : hi - m0] = p[:, lo - z0 : hi - z0]
-                if entropy is not None and e is not None:
-                    entropy[lo - m0 : hi - m0] = e[lo - z0 : hi - z0]
-        return probs, entropy
+                probs[lo - m0 : hi - m0] = p[channel, lo - z0 : hi - z0]
+        return probs
+
+    def _model_entropy(self, m0: int, m1: int) -> np.ndarray:
+        """Model slices ``[m0, m1)`` of the normalised entropy, ``(m1 - m0, Y', X')`` float32."""
+        entropy = np.zeros((m1 - m0, *self.model_grid.shape_zyx[1:]), dtype=np.float32)
+        for z0, p, e in self._buffer:
+            lo, hi = max(z0, m0), min(z0 + p.shape[1], m1)
+            if lo < hi and e is not None:
+                entropy[lo - m0 : hi - m0] = e[lo - z0 : hi - z0]
+        return entropy
 
     @staticmethod
     def _sub_grid(grid: Volume, z0: int, depth: int) -> Geometry:

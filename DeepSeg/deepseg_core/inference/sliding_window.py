@@ -4,12 +4,14 @@ Tiles are visited in z order. Softmax probabilities of each tile, weighted by a 
 map (sigma = ``sigma_scale`` x patch size, as nnU-Net), are accumulated in a *slab* buffer that
 covers only the z range of the tiles in flight. As soon as no remaining tile reaches below some z,
 those slices are final: they are normalised by the accumulated weights and handed to
-``on_slab(z_start, z_stop, probabilities)``, and the buffer moves on.
+``on_slab(z_start, z_stop, probabilities)`` in pieces of at most :data:`SLAB_PIECE_BYTES`, and the
+buffer moves on.
 
 Peak memory of the aggregation is therefore ``(C + 1) x D x Y x X x 4`` bytes, where ``D`` is the
-patch depth plus the z stride of the tiles a batch spans (usually ``D = patch_z``), instead of
-``(C + 1) x Z x Y x X x 4`` for a whole-volume accumulator. For 117 classes, a 512 x 512 slice and
-a 96-slice patch that is 11.8 GB instead of 37 GB at 300 slices; for 10 classes, 1.1 GB.
+patch depth (also when a tile batch spans two rows of tiles: the finished slices leave between its
+tiles), instead of ``(C + 1) x Z x Y x X x 4`` for a whole-volume accumulator. For 117 classes, a
+512 x 512 slice and a 96-slice patch that is 11.8 GB instead of 37 GB at 300 slices; for 10
+classes, 1.1 GB.
 Callers keep only what they need of each slab (labels as uint8, maybe float16 probabilities).
 
 On CUDA an out-of-memory error halves the tile batch and retries; at batch 1 it moves the
@@ -32,6 +34,10 @@ from torch import nn
 from ..errors import DeepSegError, ShapeError
 
 log = logging.getLogger(__name__)
+
+#: the largest slab handed to ``on_slab`` at once (bytes, float32); a finished z range goes out in
+#: several slabs when it is larger
+SLAB_PIECE_BYTES = 256 * 2**20
 
 ProgressCallback = Callable[[int, int, float], None]
 SlabCallback = Callable[[int, int, np.ndarray], None]
@@ -179,7 +185,8 @@ class _SlabAccumulator:
         return int(self.sums.shape[1])
 
     def ensure(self, z_stop: int) -> None:
-        """Grow the buffer so it reaches ``z_stop`` (rare: only when a batch spans many rows)."""
+        """Grow the buffer so it reaches ``z_stop``: a guard only, since the sliding window hands the
+        finished slices over before it adds a tile of the next row."""
         needed = z_stop - self.z0
         if needed > self.depth:
             grow = needed - self.depth
@@ -194,18 +201,21 @@ class _SlabAccumulator:
         self.sums[:, zs, y : y + py, x : x + px].addcmul_(probs, gaussian)
         self.weights[:, zs, y : y + py, x : x + px].add_(gaussian)
 
-    def pop(self, z_stop: int) -> tuple[int, torch.Tensor]:
-        """Normalised probabilities of ``[z0, z_stop)``; the buffer then starts at ``z_stop``."""
+    def normalised(self, z_start: int, z_stop: int, ys: slice, xs: slice) -> torch.Tensor:
+        """Normalised probabilities ``(C, z_stop - z_start, Y', X')`` of finished slices (a new tensor)."""
+        region = (slice(None), slice(z_start - self.z0, z_stop - self.z0), ys, xs)
+        return self.sums[region] / self.weights[region]
+
+    def advance(self, z_stop: int) -> None:
+        """Forget ``[z0, z_stop)`` (handed over): the buffer then starts at ``z_stop``."""
         count = z_stop - self.z0
-        done = self.sums[:, :count] / self.weights[:, :count]
         # shift the unfinished slices to the front in place (no second buffer-sized allocation)
         for buffer in (self.sums, self.weights):
             rest = buffer.shape[1] - count
             if rest > 0:
                 buffer[:, :rest] = buffer[:, count:].clone() if rest > count else buffer[:, count:]
             buffer[:, max(rest, 0) :].zero_()
-        start, self.z0 = self.z0, z_stop
-        return start, done
+        self.z0 = z_stop
 
     def to(self, device: torch.device) -> None:
         self.sums, self.weights, self.device = self.sums.to(device), self.weights.to(device), device
@@ -273,17 +283,24 @@ def sliding_window_predict(
     calls = 0
     max_depth = accumulator.depth
 
+    # finished slices go out in pieces of at most SLAB_PIECE_BYTES: each piece is a normalised copy,
+    # and a whole row's (117 classes x 48 x 273 x 273 float32: 1.7 GB) was the largest transient
+    slice_bytes = out_channels * shape[1] * shape[2] * 4
+    piece_depth = max(1, SLAB_PIECE_BYTES // slice_bytes)
+    inside_y, inside_x = slice(y_before, y_before + shape[1]), slice(x_before, x_before + shape[2])
+
     def emit(z_stop: int) -> None:
         # padded z index -> image z index: slices of the centre padding are dropped, never emitted
         nonlocal emitted
         z_stop = min(z_stop, z_before + shape[0])
         if z_stop <= emitted:
             return
-        start, blended = accumulator.pop(z_stop)
-        keep_from = max(z_before - start, 0)
-        if z_stop - z_before > 0 and keep_from < blended.shape[1]:
-            part = blended[:, keep_from:, y_before : y_before + shape[1], x_before : x_before + shape[2]]
-            on_slab(start + keep_from - z_before, z_stop - z_before, part.cpu().numpy())
+        # the centre padding's slices are never normalised or handed over
+        for z_start in range(max(accumulator.z0, z_before), z_stop, piece_depth):
+            z_end = min(z_start + piece_depth, z_stop)
+            piece = accumulator.normalised(z_start, z_end, inside_y, inside_x)
+            on_slab(z_start - z_before, z_end - z_before, piece.cpu().numpy())
+        accumulator.advance(z_stop)
         emitted = z_stop
 
     with torch.inference_mode():
@@ -295,11 +312,15 @@ def sliding_window_predict(
             try:
                 calls += 1
                 probs = _predict_batch(net, image, batch, patch, num_classes, config, device, use_amp)
-                for start, tile_probs in zip(batch, probs, strict=True):
-                    accumulator.add(start, tile_probs.to(accumulator.device), gaussian.to(accumulator.device))
             except torch.cuda.OutOfMemoryError:
                 batch_size, image = _recover_from_oom(batch_size, accumulator, image)
                 continue
+            for start, tile_probs in zip(batch, probs, strict=True):
+                # Tiles come in z order, so every tile that starts below this one is in: hand those
+                # slices over first. A batch that spans two rows of tiles then never needs a deeper
+                # buffer (at 117 classes and 273 x 273 voxels per slice, 48 more slices are 1.7 GB).
+                emit(start[0])
+                accumulator.add(start, tile_probs.to(accumulator.device), gaussian.to(accumulator.device))
             index += len(batch)
             done += len(batch)
             max_depth = max(max_depth, accumulator.depth)
@@ -379,14 +400,20 @@ def _predict_batch(
             logits = net(inputs)
         probs = logits.float() if config.blend == "logits" else _probabilities(logits.float(), num_classes)
         probs = torch.flip(probs, dims) if dims else probs
-        total = probs if total is None else total.add_(probs)
+        if total is None:
+            # a runtime that writes every call's output into one buffer would overwrite this pass
+            keep_copy = len(passes) > 1 and getattr(net, "reuses_output", False) and not dims
+            total = probs.clone() if keep_copy else probs
+        else:
+            total.add_(probs)
     # in place: at 117 classes a batch of two 64 x 128 x 128 tiles is 1 GB per copy
     return total if len(passes) == 1 else total.div_(len(passes))
 
 
 def _probabilities(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Softmax over the class axis, written into ``logits`` (a tile function's fresh output, which
-    nothing else holds): at 117 classes a batch of two 64 x 128 x 128 tiles is 1 GB per copy."""
+    """Softmax over the class axis, written into ``logits`` (a tile function's output, which nothing
+    else reads: fresh, or a runtime's output buffer): at 117 classes a batch of two 64 x 128 x 128
+    tiles is 1 GB per copy."""
     if num_classes == 1:
         fg = torch.sigmoid(logits)
         return torch.cat([1.0 - fg, fg], dim=1)

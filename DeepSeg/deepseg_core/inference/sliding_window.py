@@ -290,12 +290,11 @@ def sliding_window_predict(
     inside_y, inside_x = slice(y_before, y_before + shape[1]), slice(x_before, x_before + shape[2])
 
     def emit(z_stop: int) -> None:
-        # padded z index -> image z index: slices of the centre padding are dropped, never emitted
+        # padded z index -> image z index: the centre padding's slices are never normalised or emitted
         nonlocal emitted
         z_stop = min(z_stop, z_before + shape[0])
         if z_stop <= emitted:
             return
-        # the centre padding's slices are never normalised or handed over
         for z_start in range(max(accumulator.z0, z_before), z_stop, piece_depth):
             z_end = min(z_start + piece_depth, z_stop)
             piece = accumulator.normalised(z_start, z_end, inside_y, inside_x)

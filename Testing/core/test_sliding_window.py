@@ -56,14 +56,21 @@ def test_tiled_result_equals_whole_volume_prediction(shape):
 
 
 @pytest.mark.parametrize("batch_size", [2, 3, 7])
-def test_memory_bound_is_one_patch_deep(batch_size):
+def test_memory_bound_is_one_patch_deep(batch_size, monkeypatch):
+    from deepseg_core.inference import sliding_window
+
     rng = np.random.default_rng(5)
     image = rng.normal(size=(2, 64, 20, 20)).astype(np.float32)
     net = PointwiseNet()
     config = SlidingWindowConfig(patch_size_zyx=(8, 16, 16), overlap=0.25, batch_size=batch_size)
+    # 4 tiles per row of tiles, rows 6 slices apart: batches of 3 and 7 span two and three rows. A
+    # small growth is allowed (6 or 11 more slices, kilobytes here)...
+    _, _, stats = run(net, image, 3, config)
+    assert stats["max_buffer_depth"] == {2: 8, 3: 14, 7: 19}[batch_size]
+    # ...a larger one is not: the slices the first row finished leave before a tile of the next row
+    # is added, so the buffer stays one patch deep
+    monkeypatch.setattr(sliding_window, "MAX_BUFFER_GROWTH_BYTES", 1000)
     probs, slabs, stats = run(net, image, 3, config)
-    # 4 tiles per row of tiles: batches of 3 and 7 span two rows, and the slices the first row
-    # finished leave before a tile of the next row is added, so the buffer stays one patch deep
     assert stats["max_buffer_depth"] == 8
     assert len(slabs) > 5  # results leave in many slabs, not at the end
     np.testing.assert_allclose(probs, direct(net, image), atol=1e-5)

@@ -343,6 +343,7 @@ def _report_case(
             "timings_s": {k: round(v, 3) for k, v in result.timings_s.items()},
             "backend": result.backend,
             "precision": result.precision,
+            "tiles": result.window_stats.get("tiles"),
             "segments": segments,
             "domain_check": report.verdict,
             **extra_outputs,

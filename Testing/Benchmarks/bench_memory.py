@@ -7,7 +7,10 @@ Each size runs in a fresh subprocess so its peak RSS (getrusage ru_maxrss) is it
 a DeepSeg 3D U-Net (features 16-32-64-128, ``--classes`` outputs, patch 64 x 128 x 128, batch 2)
 with random weights; the input is a CT-like int16 volume. When the input and model spacings differ,
 the probabilities go back to the input grid slab by slab (the resampling path). Reported against the
-input's own size and against what a whole-volume float32 accumulator of all classes alone would need.
+input's own size and against what a whole-volume float32 accumulator of all classes alone would need,
+with the tiles, the sliding window's seconds per tile (``network_seconds_per_tile``: how time grows
+with the volume) and the deepest the accumulator got (``max_buffer_depth``, in slices, beside the
+patch depth).
 """
 
 from __future__ import annotations
@@ -89,6 +92,10 @@ def child(model: str, size: str, args: argparse.Namespace) -> None:
                 "voxels": z * y * x,
                 "seconds": seconds,
                 "timings_s": result.timings_s,
+                "tiles": result.window_stats["tiles"],
+                "network_seconds_per_tile": result.timings_s["network"] / result.window_stats["tiles"],
+                "max_buffer_depth": result.window_stats["max_buffer_depth"],
+                "patch_depth": segmenter.card.inference.patch_size_zyx[0],
                 "peak_rss_mb": peak_kb / 1024,
                 "rss_before_model_mb": baseline / 1024,
                 "input_int16_mb": array.nbytes / 2**20,

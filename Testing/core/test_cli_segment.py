@@ -245,6 +245,7 @@ def test_uncertainty_stats_and_domain_check_from_the_cli(tmp_path):
     assert check["verdict"] == "caution" and "no training-data fingerprint" in check["reasons"][0]
     done = next(e for e in events if e["event"] == "case_done")
     assert done["domain_check"] == "caution" and done["uncertainty"] == str(unc) and done["stats"] == str(stats)
+    assert isinstance(done["tiles"], int) and done["tiles"] >= 1
     assert all("mean_entropy" in s and s["uncertain_ml"] >= 0 for s in done["segments"])
     u = io.read_image(unc)
     assert u.same_grid(io.read_image(image)) and 0.0 <= u.array_zyx.min() and u.array_zyx.max() <= 1.0

@@ -56,6 +56,8 @@ def test_same_result_as_the_network_on_the_whole_volume(tmp_path):
     segmenter = Segmenter.load(tiny_model_folder(tmp_path / "m"), device="cpu")
     volume = ct_volume(shape=(8, 16, 16))
     result = segmenter.segment([volume], SegmentOptions())
+    assert result.window_stats["tiles"] == 1 and result.window_stats["network_calls"] == 1
+    assert result.window_stats["max_buffer_depth"] == segmenter.card.inference.patch_size_zyx[0]
     norm = segmenter.card.preprocessing.normalization
     with torch.no_grad():
         logits = segmenter.net(torch.from_numpy(normalize(volume.array_zyx, norm))[None, None])

@@ -67,8 +67,13 @@ def test_memory_bound_is_one_patch_deep(batch_size, monkeypatch):
     # small growth is allowed (6 or 11 more slices, kilobytes here)...
     _, _, stats = run(net, image, 3, config)
     assert stats["max_buffer_depth"] == {2: 8, 3: 14, 7: 19}[batch_size]
-    # ...a larger one is not: the slices the first row finished leave before a tile of the next row
-    # is added, so the buffer stays one patch deep
+    # ...up to the allowance in all (6 slices of 4 channels x 20 x 20 float32 here), however many
+    # rows a batch spans...
+    monkeypatch.setattr(sliding_window, "MAX_BUFFER_GROWTH_BYTES", 6 * 4 * 20 * 20 * 4)
+    _, _, stats = run(net, image, 3, config)
+    assert stats["max_buffer_depth"] == (8 if batch_size == 2 else 14)
+    # ...and a larger one not at all: the slices the first row finished leave before a tile of the
+    # next row is added, so the buffer stays one patch deep
     monkeypatch.setattr(sliding_window, "MAX_BUFFER_GROWTH_BYTES", 1000)
     probs, slabs, stats = run(net, image, 3, config)
     assert stats["max_buffer_depth"] == 8
@@ -155,6 +160,34 @@ def test_out_of_memory_halves_the_batch_and_finishes():
     probs, _, stats = run(net, image, 3, SlidingWindowConfig(patch_size_zyx=(8, 8, 8), overlap=0.5, batch_size=4))
     assert stats["batch_size"] == 1
     np.testing.assert_allclose(probs, direct(net, image), atol=1e-5)
+
+
+def test_out_of_memory_growing_the_buffer_moves_it_to_the_cpu_and_adds_each_tile_once(monkeypatch, caplog):
+    """Test double: the accumulator is labelled as on CUDA and its first growth raises CUDA's OOM
+    error (no GPU here to exhaust). The tile must land once, on the CPU, in a buffer left intact."""
+    from deepseg_core.inference import sliding_window
+
+    accumulator = sliding_window._SlabAccumulator(2, 4, (3, 3), torch.device("cpu"))
+    accumulator.device = torch.device("cuda")
+    grow = sliding_window._SlabAccumulator.ensure
+    failures = []
+
+    def ensure_failing_once(self, z_stop):
+        if self.device.type == "cuda" and z_stop - self.z0 > self.depth:
+            failures.append(z_stop)
+            raise torch.cuda.OutOfMemoryError("simulated")
+        grow(self, z_stop)
+
+    monkeypatch.setattr(sliding_window._SlabAccumulator, "ensure", ensure_failing_once)
+    probs, weight = torch.full((2, 4, 3, 3), 0.5), torch.full((4, 3, 3), 2.0)
+    sliding_window._add_tile(accumulator, (0, 0, 0), probs, weight)  # fits: no growth
+    with caplog.at_level("WARNING"):
+        sliding_window._add_tile(accumulator, (2, 0, 0), probs, weight)  # needs 6 slices
+    assert failures == [6] and accumulator.device.type == "cpu" and accumulator.depth == 6
+    assert "CUDA out of memory growing the accumulator: moving it to the CPU" in caplog.text
+    expected = torch.tensor([2.0, 2.0, 4.0, 4.0, 2.0, 2.0])  # slices 2-3 from both tiles, once each
+    torch.testing.assert_close(accumulator.weights[0, :, 1, 1], expected)
+    torch.testing.assert_close(accumulator.sums[1, :, 1, 1], expected * 0.5)
 
 
 def test_mirror_tta_runs_every_combination_and_is_exact_for_symmetric_nets():

@@ -124,6 +124,8 @@ class SegmentationResult:
             (autocast) or ``float32`` on CUDA.
         card: the model card used.
         timings_s: seconds per stage.
+        window_stats: the sliding window's own figures (:func:`.sliding_window_predict`'s return:
+            ``tiles``, ``network_calls``, ``max_buffer_depth`` in slices, ``batch_size``, ``image_device``).
     """
 
     labels: Volume
@@ -136,6 +138,7 @@ class SegmentationResult:
     timings_s: dict[str, float] = field(default_factory=dict)
     backend: str = "torch"
     precision: str = "float32"
+    window_stats: dict[str, int | str] = field(default_factory=dict)
 
 
 class _SliceNet(nn.Module):
@@ -296,7 +299,7 @@ class Segmenter:
         timings["backend_setup"] = time.perf_counter() - clock
         clock = time.perf_counter()
         with _mc_dropout(self.net, options.uncertainty == "mc_dropout", self.card.ref):
-            sliding_window_predict(
+            window_stats = sliding_window_predict(
                 tiles,
                 prepared.image_czyx,
                 self.card.num_classes,
@@ -314,6 +317,7 @@ class Segmenter:
         result.domain_check = domain_check
         result.backend = backend
         result.precision = self.precision(options)
+        result.window_stats = window_stats
         if collected.entropy_zyx is not None:
             result.uncertainty = reference.with_array(np.clip(collected.entropy_zyx, 0.0, 1.0).astype(np.float32))
         timings["postprocess"] = time.perf_counter() - clock

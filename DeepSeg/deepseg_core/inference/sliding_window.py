@@ -35,11 +35,11 @@ from ..errors import DeepSegError, ShapeError
 
 log = logging.getLogger(__name__)
 
-#: the largest slab handed to ``on_slab`` at once (bytes, float32); a finished z range goes out in
-#: several slabs when it is larger
+#: the largest slab handed to ``on_slab`` at once (bytes, float32; one slice when a slice alone is
+#: larger); a finished z range goes out in several slabs when it is larger
 SLAB_PIECE_BYTES = 256 * 2**20
-#: the most the accumulator may grow by to hold a tile batch that spans rows of tiles (bytes); a
-#: larger growth hands the finished slices over first instead
+#: the most the accumulator may hold beyond one patch depth (bytes), to keep a tile batch that spans
+#: rows of tiles; a tile that would need more hands the finished slices over first instead
 MAX_BUFFER_GROWTH_BYTES = 256 * 2**20
 
 ProgressCallback = Callable[[int, int, float], None]
@@ -179,6 +179,7 @@ class _SlabAccumulator:
 
     def __init__(self, channels: int, depth: int, plane: tuple[int, int], device: torch.device) -> None:
         self.channels, self.plane, self.device = channels, plane, device
+        self.base_depth = depth
         self.z0 = 0
         self.sums = torch.zeros((channels, depth, *plane), dtype=torch.float32, device=device)
         self.weights = torch.zeros((1, depth, *plane), dtype=torch.float32, device=device)
@@ -187,19 +188,21 @@ class _SlabAccumulator:
     def depth(self) -> int:
         return int(self.sums.shape[1])
 
-    def growth_bytes(self, z_stop: int) -> int:
-        """Bytes the buffer would grow by to reach ``z_stop``."""
-        extra = max(0, z_stop - self.z0 - self.depth)
+    def extra_bytes(self, z_stop: int) -> int:
+        """Bytes beyond its initial depth the buffer needs to reach ``z_stop`` (0 if it needs none)."""
+        extra = max(0, z_stop - self.z0 - self.base_depth)
         return extra * (self.channels + 1) * self.plane[0] * self.plane[1] * 4
 
     def ensure(self, z_stop: int) -> None:
         """Grow the buffer so it reaches ``z_stop`` (a batch spanning rows of tiles, when that costs at
-        most ``MAX_BUFFER_GROWTH_BYTES``)."""
+        most ``MAX_BUFFER_GROWTH_BYTES``). Both buffers are grown before either is replaced, so an
+        out-of-memory error leaves the accumulator as it was."""
         needed = z_stop - self.z0
         if needed > self.depth:
             grow = needed - self.depth
-            self.sums = torch.cat([self.sums, self.sums.new_zeros((self.channels, grow, *self.plane))], dim=1)
-            self.weights = torch.cat([self.weights, self.weights.new_zeros((1, grow, *self.plane))], dim=1)
+            sums = torch.cat([self.sums, self.sums.new_zeros((self.channels, grow, *self.plane))], dim=1)
+            weights = torch.cat([self.weights, self.weights.new_zeros((1, grow, *self.plane))], dim=1)
+            self.sums, self.weights = sums, weights
 
     def add(self, start: tuple[int, int, int], probs: torch.Tensor, gaussian: torch.Tensor) -> None:
         z, y, x = start
@@ -328,9 +331,9 @@ def sliding_window_predict(
                 # classes and 273 x 273 voxels per slice, 48 more slices are 1.7 GB), those slices
                 # are handed over first. Small growth is kept: a 2D network's batch spans many
                 # one-slice rows, and handing each slice over alone was up to 20 % slower.
-                if accumulator.growth_bytes(start[0] + patch[0]) > MAX_BUFFER_GROWTH_BYTES:
+                if accumulator.extra_bytes(start[0] + patch[0]) > MAX_BUFFER_GROWTH_BYTES:
                     emit(start[0])
-                accumulator.add(start, tile_probs.to(accumulator.device), gaussian.to(accumulator.device))
+                _add_tile(accumulator, start, tile_probs, gaussian)
             index += len(batch)
             done += len(batch)
             max_depth = max(max_depth, accumulator.depth)
@@ -364,6 +367,22 @@ def _place_image(image: torch.Tensor, device: torch.device) -> torch.Tensor:
         torch.cuda.empty_cache()
         log.warning("the image (%.0f MB) does not fit on %s: copying tiles there batch by batch", image.nbytes / 1e6, device)
         return image
+
+
+def _add_tile(accumulator: _SlabAccumulator, start: tuple[int, int, int], probs: torch.Tensor, gaussian: torch.Tensor) -> None:
+    """Add one tile; growing the buffer on CUDA can run out of memory, and then the accumulator moves
+    to the CPU (an add that fails leaves it untouched, so the tile is added once)."""
+    where = accumulator.sums.device
+    try:
+        accumulator.add(start, probs.to(where), gaussian.to(where))
+    except torch.cuda.OutOfMemoryError:
+        if accumulator.device.type != "cuda":
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.warning("CUDA out of memory growing the accumulator: moving it to the CPU")
+        accumulator.to(torch.device("cpu"))
+        accumulator.add(start, probs.cpu(), gaussian.cpu())
 
 
 def _recover_from_oom(batch_size: int, accumulator: _SlabAccumulator, image: torch.Tensor) -> tuple[int, torch.Tensor]:
@@ -412,7 +431,7 @@ def _predict_batch(
         probs = torch.flip(probs, dims) if dims else probs
         if total is None:
             # a runtime that writes every call's output into one buffer would overwrite this pass
-            keep_copy = len(passes) > 1 and getattr(net, "reuses_output", False) and not dims
+            keep_copy = len(passes) > 1 and getattr(net, "reuses_output", False)
             total = probs.clone() if keep_copy else probs
         else:
             total.add_(probs)

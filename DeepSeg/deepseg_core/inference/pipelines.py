@@ -17,7 +17,7 @@ returns the labels (and, when asked, probabilities and uncertainty) on the input
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -290,21 +290,21 @@ class StreamingGridCollector:
 
         One class at a time: all classes at once were another float16 copy of the buffer (0.9 GB at
         117 classes and 273 x 273 model voxels per slice)."""
-        probs = np.zeros((m1 - m0, *self.model_grid.shape_zyx[1:]), dtype=np.float32)
-        for z0, p, _ in self._buffer:
-            lo, hi = max(z0, m0), min(z0 + p.shape[1], m1)
-            if lo < hi:
-                probs[lo - m0 : hi - m0] = p[channel, lo - z0 : hi - z0]
-        return probs
+        return self._gathered(m0, m1, lambda probs, entropy: probs[channel])
 
     def _model_entropy(self, m0: int, m1: int) -> np.ndarray:
         """Model slices ``[m0, m1)`` of the normalised entropy, ``(m1 - m0, Y', X')`` float32."""
-        entropy = np.zeros((m1 - m0, *self.model_grid.shape_zyx[1:]), dtype=np.float32)
-        for z0, p, e in self._buffer:
-            lo, hi = max(z0, m0), min(z0 + p.shape[1], m1)
-            if lo < hi and e is not None:
-                entropy[lo - m0 : hi - m0] = e[lo - z0 : hi - z0]
-        return entropy
+        return self._gathered(m0, m1, lambda probs, entropy: entropy)
+
+    def _gathered(self, m0: int, m1: int, part: Callable[[np.ndarray, np.ndarray | None], np.ndarray | None]) -> np.ndarray:
+        """Model slices ``[m0, m1)`` of ``part(probs, entropy)`` of each buffered slab, float32."""
+        out = np.zeros((m1 - m0, *self.model_grid.shape_zyx[1:]), dtype=np.float32)
+        for z0, probs, entropy in self._buffer:
+            lo, hi = max(z0, m0), min(z0 + probs.shape[1], m1)
+            block = part(probs, entropy)
+            if lo < hi and block is not None:
+                out[lo - m0 : hi - m0] = block[lo - z0 : hi - z0]
+        return out
 
     @staticmethod
     def _sub_grid(grid: Volume, z0: int, depth: int) -> Geometry:

@@ -79,3 +79,56 @@ def test_first_argmax_is_numpys_argmax_ties_included(axis, dtype):
     expected = np.argmax(scores, axis=axis)
     np.testing.assert_array_equal(first_argmax(scores, axis), expected)
     np.testing.assert_array_equal(first_argmax(torch.from_numpy(scores), axis), expected)
+
+
+@pytest.mark.parametrize(
+    "shape, new_shape, order",
+    [
+        ((30, 41, 27), (19, 60, 33), 3),  # down along z, up in-plane
+        ((5, 7, 9), (3, 2, 11), 3),  # fewer output rows than threads
+        ((40, 30), (13, 77), 3),  # 2D (a separate axis's slices)
+        ((20, 21, 22), (31, 9, 22), 1),  # labels' order: no prefilter
+        ((20, 21, 22), (31, 9, 22), 0),
+        ((12, 10, 11), (17, 6, 9), 5),
+        ((1, 9, 9), (1, 5, 5), 3),  # one slice: a single slab
+    ],
+)
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_the_threaded_spline_zoom_is_scipys_bit_for_bit(shape, new_shape, order, threads):
+    from scipy import ndimage
+
+    from deepseg_core.pipelines.nnunet import resampling
+
+    assert resampling._split_zoom_matches_scipy(), "this scipy's zoom kernel is not used: resampling would run on one thread"
+    rng = np.random.default_rng(3)
+    for data in (
+        rng.normal(size=shape).astype(np.float32),
+        np.asarray(rng.normal(size=shape[::-1]).astype(np.float32)).T,  # a non-contiguous view, as the transpose gives
+        (rng.random(shape) * 2000 - 1000).astype(np.int16),
+    ):
+        before = data.copy()
+        zoom = [n / s for n, s in zip(new_shape, shape, strict=True)]
+        expected = ndimage.zoom(data.astype(np.float64), zoom, order=order, mode="nearest", grid_mode=True)
+        np.clip(expected, data.min(), data.max(), out=expected)
+        ours = resampling.resize_array(data, new_shape, order, threads=threads)
+        assert ours.dtype == np.float64
+        np.testing.assert_array_equal(ours, expected)
+        np.testing.assert_array_equal(data, before)
+
+
+def test_a_scipy_whose_zoom_kernel_changed_falls_back_to_scipys_zoom(monkeypatch, caplog):
+    from scipy.ndimage import _nd_image
+
+    from deepseg_core.pipelines.nnunet import resampling
+
+    def changed_signature(*args):
+        raise TypeError(f"zoom_shift() takes 10 arguments ({len(args)} given)")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(_nd_image, "zoom_shift", changed_signature)
+        assert resampling._split_zoom_matches_scipy.__wrapped__() is False
+    assert "resampling on one thread" in caplog.text
+    monkeypatch.setattr(resampling, "_split_zoom_matches_scipy", lambda: False)
+    data = np.random.default_rng(4).normal(size=(9, 8, 7)).astype(np.float32)
+    out = resampling.resize_array(data, (5, 11, 7), 3, threads=4)
+    assert out.shape == (5, 11, 7) and out.dtype == np.float64

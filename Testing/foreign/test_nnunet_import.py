@@ -601,13 +601,15 @@ def test_tiles_and_gaussian_are_nnunets():
         ((12, 14, 10), (12, 18, 13), (2.0, 1.0, 1.0), (2.0, 0.8, 0.75)),  # 2D configuration: z unchanged
     ],
 )
-def test_resampling_is_nnunets(shape, new_shape, spacing, new_spacing):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_resampling_is_nnunets(shape, new_shape, spacing, new_spacing, threads):
     from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
 
     rng = np.random.default_rng(0)
     data = rng.normal(size=(2, *shape)).astype(np.float32)
     expected = resample_data_or_seg_to_shape(data, new_shape, spacing, new_spacing, False, 3, 0, None)
-    np.testing.assert_array_equal(resample_image(data, new_shape, spacing, new_spacing, order=3, order_z=0), expected)
+    ours = resample_image(data, new_shape, spacing, new_spacing, order=3, order_z=0, threads=threads)
+    np.testing.assert_array_equal(ours, expected)
     labels = (rng.random(shape) * 3).astype(np.int16) - 1  # -1 marks "outside the non-zero mask" in nnU-Net
     expected = resample_data_or_seg_to_shape(labels[None], new_shape, spacing, new_spacing, True, 1, 0, None)[0]
     np.testing.assert_array_equal(resample_labels(labels, new_shape, spacing, new_spacing, order=1, order_z=0), expected)

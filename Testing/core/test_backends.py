@@ -13,11 +13,13 @@ from deepseg_core.demo import DEFAULT_MODEL, SAMPLE_VOLUME
 from deepseg_core.errors import ConfigError
 from deepseg_core.inference import Segmenter, SegmentOptions, sliding_window_predict
 from deepseg_core.inference.backends import (
+    SPLIT_CONCAT_BACKENDS,
     PooledInstanceNorm,
     choose_backend,
     exportable,
     installed,
     native_bfloat16,
+    split_concatenated_convolutions,
     tile_function,
 )
 from deepseg_core.nets import build_net
@@ -243,3 +245,103 @@ def test_changed_weights_are_never_run_through_a_graph_exported_from_the_old_one
     moved = np.abs(second.astype(float) - first.astype(float)).max()
     assert moved > 0.05, "the new weights change the output"
     assert np.abs(second.astype(float) - reference.astype(float)).max() < 0.1 * moved, "the new weights, not the old graph"
+
+
+@pytest.mark.parametrize("backend", EXPORTED)
+@pytest.mark.parametrize(
+    "name, config",
+    [
+        ("unet", {"spatial_dims": 3, "in_channels": 1, "num_classes": 3, "features": [4, 8, 16]}),
+        (
+            "nnunet_plain_unet",
+            {
+                "features_per_stage": [4, 8, 16],
+                "kernel_sizes": [[3, 3, 3]] * 3,
+                "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+                "n_conv_per_stage": [2, 2, 2],
+                "n_conv_per_stage_decoder": [2, 2],
+                "num_classes": 3,
+            },
+        ),
+    ],
+)
+def test_decoder_convolutions_of_concatenations_are_split_in_the_exported_graph(tmp_path, backend, name, config):
+    import onnx
+
+    net = build_net(name, config, seed=5).eval()
+    tiles = torch.randn(2, 1, 16, 16, 16)
+    function, used = tile_function(net, choose_backend(backend, torch.device("cpu")), "c" * 64, (2, 1, 16, 16, 16), tmp_path)
+    assert used.name == backend
+    (graph,) = tmp_path.glob("*.onnx")
+    nodes = onnx.load(str(graph)).graph.node
+    concatenations = [n for n in nodes if n.op_type == "Concat"]
+    parts = [n for n in nodes if n.op_type == "Conv" and "__part" in n.name]
+    if backend in SPLIT_CONCAT_BACKENDS:
+        assert not concatenations, "every decoder concatenation feeds one convolution"
+        assert len(parts) == 2 * 2  # two decoder stages, two parts each
+    else:
+        assert len(concatenations) == 2 and not parts
+    with torch.no_grad():
+        torch.testing.assert_close(function(tiles), net(tiles), atol=1e-4, rtol=1e-4)
+
+
+def _concat_conv_graph(
+    path, parts: list[int], *, op: str = "Conv", group: int = 1, concat_is_also_an_output: bool = False
+) -> None:
+    """An ONNX graph ``Conv(Concat(x0, x1, ...), W, b)`` (or ``ConvTranspose``, stride 2) over 5 x 5 images
+    with ``parts`` channels each and 4 output channels."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(len(parts) + group)
+    total = sum(parts)
+    inputs = [helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, [1, c, 5, 5]) for i, c in enumerate(parts)]
+    shape = (4, total // group, 3, 3) if op == "Conv" else (total, 4 // group, 2, 2)
+    weight = numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), "W")
+    bias = numpy_helper.from_array(rng.normal(size=4).astype(np.float32), "b")
+    attributes = {"pads": [1, 1, 1, 1]} if op == "Conv" else {"strides": [2, 2]}
+    nodes = [
+        helper.make_node("Concat", [f"x{i}" for i in range(len(parts))], ["cat"], axis=1, name="cat"),
+        helper.make_node(op, ["cat", "W", "b"], ["y"], group=group, name="conv", **attributes),
+    ]
+    size = 5 if op == "Conv" else 10
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, size, size])]
+    if concat_is_also_an_output:
+        outputs.append(helper.make_tensor_value_info("cat", TensorProto.FLOAT, [1, total, 5, 5]))
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", inputs, outputs, [weight, bias]), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    onnx.save(model, str(path))
+
+
+@pytest.mark.skipif("onnxruntime" not in EXPORTED, reason="needs onnxruntime")
+@pytest.mark.parametrize("op", ["Conv", "ConvTranspose"])
+@pytest.mark.parametrize("parts", [[3, 5], [2, 1, 4]])
+def test_a_split_convolution_computes_the_convolution_of_the_concatenation(tmp_path, parts, op):
+    import onnx
+    import onnxruntime
+
+    original, split = tmp_path / "original.onnx", tmp_path / "split.onnx"
+    _concat_conv_graph(original, parts, op=op)
+    split.write_bytes(original.read_bytes())
+    assert split_concatenated_convolutions(split) == 1
+    ops = [n.op_type for n in onnx.load(str(split)).graph.node]
+    assert ops.count(op) == len(parts) and ops.count("Add") == len(parts) - 1 and "Concat" not in ops
+    rng = np.random.default_rng(1)
+    feed = {f"x{i}": rng.normal(size=(1, c, 5, 5)).astype(np.float32) for i, c in enumerate(parts)}
+    expected = onnxruntime.InferenceSession(str(original), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    ours = onnxruntime.InferenceSession(str(split), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["grouped", "concatenation used elsewhere"])
+def test_only_a_concatenation_feeding_one_plain_convolution_is_split(tmp_path, case):
+    pytest.importorskip("onnx")
+    graph = tmp_path / "g.onnx"
+    if case == "grouped":
+        _concat_conv_graph(graph, [2, 2], group=2)
+    else:
+        _concat_conv_graph(graph, [3, 5], concat_is_also_an_output=True)
+    before = graph.read_bytes()
+    assert split_concatenated_convolutions(graph) == 0
+    assert graph.read_bytes() == before

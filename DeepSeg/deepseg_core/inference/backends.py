@@ -58,8 +58,8 @@ BACKEND_PACKAGES = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
 ONNX_OPSET = 17
 #: how a network becomes a graph; part of the cache key, so graphs exported another way are rebuilt.
 EXPORT_FORMAT = "instance-norm-by-pooling"
-#: backends whose graphs get :func:`split_concatenated_convolutions` (ONNX Runtime ran the MONAI
-#: reference UNet 9 % slower with it, OpenVINO 2-4 % faster).
+#: backends whose graphs get :func:`split_concatenated_convolutions` (ONNX Runtime ran nnU-Net's
+#: 32-320 network no faster and the MONAI reference UNet 9 % slower with it).
 SPLIT_CONCAT_BACKENDS = ("openvino",)
 
 TileFunction = Callable[[torch.Tensor], torch.Tensor]
@@ -230,14 +230,14 @@ def split_concatenated_convolutions(graph: Path) -> int:
     """Rewrite each ``Conv(Concat(a, b, ...))`` over channels in the ONNX file ``graph`` as ``Conv(a) + Conv(b) + ...``.
 
     A U-Net decoder concatenates the upsampled features with the skip connection and convolves the
-    result (MONAI's UNet: a transposed convolution). Convolving each part with its slice of the
-    weights (input channels) and adding gives the same logits up to float32 rounding (2e-5 on
-    nnU-Net's 32-320 network) without writing the concatenated tensor, and OpenVINO adds the second
-    convolution's output into the first's as it computes it: 4 % faster per 128^3 tile on that
-    network, the MONAI reference UNet 2 % faster (ONNX Runtime ran it 9 % slower, so it gets the
-    graph as exported: :data:`SPLIT_CONCAT_BACKENDS`). Only a concatenation along axis 1 whose sole
-    consumer is a (transposed) convolution with one group and constant weights is rewritten (its
-    bias, if any, goes to the first part).
+    result. Convolving each part with its slice of the weights (input channels) and adding gives the
+    same logits up to float32 rounding (2e-5 on nnU-Net's 32-320 network) without writing the
+    concatenated tensor, and OpenVINO adds the second convolution's output into the first's as it
+    computes it: 4 % faster per 128^3 tile on that network. Only a concatenation along axis 1 whose
+    sole consumer is a convolution with one group and constant weights is rewritten (its bias, if
+    any, goes to the first part). Where a transposed convolution takes the concatenation (MONAI's
+    UNet), splitting it made OpenVINO 1.5 % slower, so it is left alone; ONNX Runtime gets the graph
+    as exported (:data:`SPLIT_CONCAT_BACKENDS`).
 
     Returns:
         How many convolutions were rewritten (the file is left as it was when none).
@@ -266,7 +266,7 @@ def split_concatenated_convolutions(graph: Path) -> int:
 
     rewritten, dropped, replacement = 0, set(), {}
     for node in nodes:
-        concat = producer.get(node.input[0]) if node.op_type in ("Conv", "ConvTranspose") and node.input else None
+        concat = producer.get(node.input[0]) if node.op_type == "Conv" and node.input else None
         if (
             concat is None
             or concat.op_type != "Concat"
@@ -279,20 +279,17 @@ def split_concatenated_convolutions(graph: Path) -> int:
         ):
             continue
         weight = numpy_helper.to_array(initializers[node.input[1]])
-        # input channels: axis 1 of a convolution's weights, axis 0 of a transposed convolution's
-        axis = 0 if node.op_type == "ConvTranspose" else 1
         widths = [channels[part] for part in concat.input]
-        if sum(widths) != weight.shape[axis]:
+        if sum(widths) != weight.shape[1]:
             continue
         parts, start = [], 0
         for i, (part, width) in enumerate(zip(concat.input, widths, strict=True)):
             name = f"{node.input[1]}__part{i}"
-            piece = np.take(weight, np.arange(start, start + width), axis=axis)
-            model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(piece), name))
+            model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight[:, start : start + width]), name))
             start += width
             inputs = [part, name] + ([node.input[2]] if i == 0 and len(node.input) > 2 and node.input[2] else [])
             output = f"{node.output[0]}__part{i}"
-            parts.append(helper.make_node(node.op_type, inputs, [output], name=f"{node.name}__part{i}"))
+            parts.append(helper.make_node("Conv", inputs, [output], name=f"{node.name}__part{i}"))
             parts[-1].attribute.extend(node.attribute)
         sums, total = [], parts[0].output[0]
         for i, part_conv in enumerate(parts[1:], start=1):

@@ -346,3 +346,38 @@ def test_only_a_concatenation_feeding_one_plain_convolution_is_split(tmp_path, c
     before = graph.read_bytes()
     assert split_concatenated_convolutions(graph) == 0
     assert graph.read_bytes() == before
+
+
+@pytest.mark.skipif("onnxruntime" not in EXPORTED, reason="needs onnxruntime")
+def test_convolutions_sharing_weights_and_a_negative_concatenation_axis_are_split_correctly(tmp_path):
+    """Two convolutions with one (tied) weight tensor over concatenations split at different
+    channels, one of them concatenated along axis -3 of a 4D tensor (axis 1), and unnamed nodes."""
+    import onnx
+    import onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(2)
+    widths = {"a": 2, "b": 4, "c": 5, "d": 1}
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, c, 5, 5]) for n, c in widths.items()]
+    weight = numpy_helper.from_array(rng.normal(size=(3, 6, 3, 3)).astype(np.float32), "W")
+    nodes = [
+        helper.make_node("Concat", ["a", "b"], ["ab"], axis=1),
+        helper.make_node("Concat", ["c", "d"], ["cd"], axis=-3),
+        helper.make_node("Conv", ["ab", "W"], ["y1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["cd", "W"], ["y2"], pads=[1, 1, 1, 1]),
+    ]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 3, 5, 5]) for n in ("y1", "y2")]
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", inputs, outputs, [weight]), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    original, split = tmp_path / "original.onnx", tmp_path / "split.onnx"
+    onnx.save(model, str(original))
+    split.write_bytes(original.read_bytes())
+    assert split_concatenated_convolutions(split) == 2
+    rewritten = onnx.load(str(split)).graph
+    assert "W" not in {t.name for t in rewritten.initializer} and "Concat" not in [n.op_type for n in rewritten.node]
+    feed = {n: rng.normal(size=(1, c, 5, 5)).astype(np.float32) for n, c in widths.items()}
+    expected = onnxruntime.InferenceSession(str(original), providers=["CPUExecutionProvider"]).run(None, feed)
+    ours = onnxruntime.InferenceSession(str(split), providers=["CPUExecutionProvider"]).run(None, feed)
+    for got, want in zip(ours, expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -247,22 +247,41 @@ def split_concatenated_convolutions(graph: Path) -> int:
 
     model = onnx.load(str(graph))
     nodes = list(model.graph.node)
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for node in nodes for a in node.attribute):
+        return 0  # uses inside If / Loop bodies are not counted below: leave such graphs alone
     inferred = shape_inference.infer_shapes(model).graph
     channels: dict[str, int] = {}
+    ranks: dict[str, int] = {}
     for value in [*inferred.input, *inferred.value_info, *inferred.output]:
         dims = value.type.tensor_type.shape.dim
+        ranks[value.name] = len(dims)
         if len(dims) > 1 and dims[1].HasField("dim_value"):
             channels[value.name] = int(dims[1].dim_value)
     initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    graph_inputs = {value.name for value in model.graph.input}
+    graph_outputs = {value.name for value in model.graph.output}
     uses: dict[str, int] = {}
     for node in nodes:
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
-    graph_outputs = {value.name for value in model.graph.output}
     producer = {output: node for node in nodes for output in node.output}
+    taken = {*initializers, *graph_inputs, *graph_outputs, *producer, *uses, *(node.name for node in nodes)}
+
+    def fresh(name: str) -> str:
+        """``name``, or ``name`` with a counter, not yet used by any tensor or node of the graph."""
+        candidate, count = name, 0
+        while candidate in taken:
+            count += 1
+            candidate = f"{name}_{count}"
+        taken.add(candidate)
+        return candidate
 
     def attribute(node: onnx.NodeProto, name: str, default: int) -> int:
         return next((int(helper.get_attribute_value(a)) for a in node.attribute if a.name == name), default)
+
+    def channel_axis(concat: onnx.NodeProto) -> bool:
+        axis, rank = attribute(concat, "axis", 0), ranks.get(concat.input[0], 0)
+        return rank > 1 and (axis if axis >= 0 else axis + rank) == 1
 
     rewritten, dropped, replacement = 0, set(), {}
     for node in nodes:
@@ -270,11 +289,13 @@ def split_concatenated_convolutions(graph: Path) -> int:
         if (
             concat is None
             or concat.op_type != "Concat"
-            or attribute(concat, "axis", 0) != 1
+            or len(concat.input) < 2
+            or not channel_axis(concat)
             or uses.get(concat.output[0]) != 1
             or concat.output[0] in graph_outputs
             or attribute(node, "group", 1) != 1
             or node.input[1] not in initializers
+            or node.input[1] in graph_inputs  # weights a caller may replace at run time
             or any(part not in channels for part in concat.input)
         ):
             continue
@@ -282,25 +303,26 @@ def split_concatenated_convolutions(graph: Path) -> int:
         widths = [channels[part] for part in concat.input]
         if sum(widths) != weight.shape[1]:
             continue
+        # names from the convolution's output, which is unique (two convolutions may share weights)
+        stem, label = node.output[0], node.name or node.output[0]
         parts, start = [], 0
         for i, (part, width) in enumerate(zip(concat.input, widths, strict=True)):
-            name = f"{node.input[1]}__part{i}"
+            name = fresh(f"{stem}__weight_part{i}")
             model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight[:, start : start + width]), name))
             start += width
             inputs = [part, name] + ([node.input[2]] if i == 0 and len(node.input) > 2 and node.input[2] else [])
-            output = f"{node.output[0]}__part{i}"
-            parts.append(helper.make_node("Conv", inputs, [output], name=f"{node.name}__part{i}"))
+            parts.append(helper.make_node("Conv", inputs, [fresh(f"{stem}__part{i}")], name=fresh(f"{label}__part{i}")))
             parts[-1].attribute.extend(node.attribute)
         sums, total = [], parts[0].output[0]
         for i, part_conv in enumerate(parts[1:], start=1):
-            out = node.output[0] if i == len(parts) - 1 else f"{node.output[0]}__sum{i}"
-            sums.append(helper.make_node("Add", [total, part_conv.output[0]], [out], name=f"{node.name}__sum{i}"))
+            out = node.output[0] if i == len(parts) - 1 else fresh(f"{stem}__sum{i}")
+            sums.append(helper.make_node("Add", [total, part_conv.output[0]], [out], name=fresh(f"{label}__sum{i}")))
             total = out
         replacement[id(node)] = parts + sums
         dropped.add(id(concat))
-        if uses.get(node.input[1]) == 1:
-            dropped_weight = initializers.pop(node.input[1])
-            model.graph.initializer.remove(dropped_weight)
+        uses[node.input[1]] -= 1
+        if uses[node.input[1]] == 0:
+            model.graph.initializer.remove(initializers.pop(node.input[1]))
         rewritten += 1
     if not rewritten:
         return 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -79,8 +80,9 @@ def resize_array(array: np.ndarray, shape: Sequence[int], order: int, *, threads
     """``skimage.transform.resize(array, shape, order, mode="edge", anti_aliasing=False)`` for float data, float64.
 
     That is ``scipy.ndimage.zoom`` with the factors skimage passes, ``grid_mode=True`` (pixel centres
-    at half-integer positions), ``mode="nearest"``, then a clip to the input's min/max. Called even
-    when the shape does not change (a spline of order > 1 does not reproduce its input exactly).
+    at half-integer positions), ``mode="nearest"``, then a clip to the input's min/max. When the
+    shape does not change, scipy's zoom itself runs (recent versions return the input unchanged,
+    older ones the spline's approximation of it), so the result follows the installed scipy.
 
     Args:
         array: 2D or 3D voxels, any real dtype (read, never modified).
@@ -90,7 +92,8 @@ def resize_array(array: np.ndarray, shape: Sequence[int], order: int, *, threads
             network runs with); the result does not depend on it.
     """
     data = np.asarray(array)
-    factors = np.divide(data.shape, tuple(shape))
+    with np.errstate(divide="ignore"):  # an output axis of 0 voxels: zoom 0, an empty result
+        factors = np.divide(data.shape, tuple(shape))
     zoom = [1 / f for f in factors]
     workers = _workers(threads)
     if data.ndim >= 2 and not all(z == 1 for z in zoom) and _split_zoom_matches_scipy():
@@ -120,6 +123,8 @@ def _slabs(length: int, parts: int) -> list[tuple[int, int]]:
 def _in_threads(task: Callable[[int, int], None], length: int, workers: int) -> None:
     """``task(start, stop)`` over the slabs of ``range(length)``, ``workers`` at a time; errors are raised here."""
     slabs = _slabs(length, workers)
+    if not slabs:  # an empty axis: nothing to compute
+        return
     if len(slabs) == 1:
         task(*slabs[0])
         return
@@ -175,7 +180,8 @@ def _split_zoom(data: np.ndarray, zoom: Sequence[float], order: int, workers: in
 
     output_shape = tuple(int(round(n * z)) for n, z in zip(data.shape, zoom, strict=True))
     # scipy's own factor: input over output size (grid mode), not the zoom passed in
-    factors = np.ascontiguousarray(np.divide(np.array(data.shape), np.array(output_shape)), dtype=np.float64)
+    sizes = np.array(output_shape)
+    factors = np.divide(np.array(data.shape), sizes, out=np.ones(data.ndim), where=sizes != 0)
     if order > 1:
         npad = _SCIPY_NEAREST_PREPAD
         coefficients = _edge_padded(data, npad, workers)
@@ -194,9 +200,18 @@ def _split_zoom(data: np.ndarray, zoom: Sequence[float], order: int, workers: in
     return out
 
 
-@functools.cache
+_CHECK_LOCK = threading.Lock()
+
+
 def _split_zoom_matches_scipy() -> bool:
-    """Whether :func:`_split_zoom` gives ``ndimage.zoom``'s result bit for bit on this scipy (checked once)."""
+    """Whether :func:`_split_zoom` gives ``ndimage.zoom``'s result bit for bit on this scipy (checked once
+    per process, also when several threads ask at once)."""
+    with _CHECK_LOCK:
+        return _check_split_zoom()
+
+
+@functools.cache
+def _check_split_zoom() -> bool:
     rng = np.random.default_rng(7)
     cases = [((9, 11, 7), (13, 6, 8), 3), ((17, 10), (7, 15), 3), ((8, 9, 10), (5, 12, 10), 1), ((12, 7), (9, 9), 0)]
     try:

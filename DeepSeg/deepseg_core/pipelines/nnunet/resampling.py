@@ -302,46 +302,56 @@ def resample_image(
         if axis is None:
             out[c] = resize_array(data_czyx[c], new_shape, order, threads=workers)
             continue
-        partial = _resize_slices(data_czyx[c], axis, [s for i, s in enumerate(new_shape) if i != axis], order, workers)
+        inplane = [s for i, s in enumerate(new_shape) if i != axis]
+        resize = functools.partial(resize_array, shape=inplane, order=order, threads=1)
+        partial = _resize_slices(data_czyx[c], axis, inplane, resize, np.float64, workers)
         out[c] = partial if shape[axis] == new_shape[axis] else _along_axis(partial, axis, new_shape[axis], order_z)
     return out
 
 
-def _resize_slices(channel_zyx: np.ndarray, axis: int, inplane: Sequence[int], order: int, workers: int) -> np.ndarray:
-    """Each slice of ``channel_zyx`` across ``axis`` resized to ``inplane`` (float64), ``workers`` slices at a time."""
-    partial_shape = list(inplane)
-    partial_shape.insert(axis, channel_zyx.shape[axis])
-    partial = np.zeros(partial_shape)
+def _resize_slices(
+    volume_zyx: np.ndarray,
+    axis: int,
+    inplane: Sequence[int],
+    resize: Callable[[np.ndarray], np.ndarray],
+    dtype: Any,
+    workers: int,
+) -> np.ndarray:
+    """``resize`` of each slice of ``volume_zyx`` across ``axis`` (to ``inplane``, as ``dtype``), stacked
+    along ``axis`` again, ``workers`` slices at a time (``resize`` runs on one thread)."""
+    shape = list(inplane)
+    shape.insert(axis, volume_zyx.shape[axis])
+    stacked = np.zeros(shape, dtype=dtype)
 
-    def resize(k0: int, k1: int) -> None:
+    def resize_range(k0: int, k1: int) -> None:
         for k in range(k0, k1):
-            index: list[Any] = [slice(None)] * 3
+            index: list[Any] = [slice(None)] * volume_zyx.ndim
             index[axis] = k
-            partial[tuple(index)] = resize_array(channel_zyx[tuple(index)], inplane, order, threads=1)
+            stacked[tuple(index)] = resize(volume_zyx[tuple(index)])
 
-    _in_threads(resize, channel_zyx.shape[axis], workers)
-    return partial
+    _in_threads(resize_range, volume_zyx.shape[axis], workers)
+    return stacked
 
 
-def resize_labels(labels: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
+def resize_labels(labels: np.ndarray, shape: Sequence[int], order: int, *, threads: int | None = None) -> np.ndarray:
     """Resample a label map as nnU-Net does (batchgenerators 0.25 ``resize_segmentation``), same dtype.
 
     Order 0: nearest neighbour. Otherwise each label's indicator is resized with ``order`` and the
     label with the largest value wins; an exact tie goes to the nearest-neighbour label when it is
-    among the tied ones, else to the lowest label.
+    among the tied ones, else to the lowest label. ``threads``: as in :func:`resize_array`.
     """
     dtype = labels.dtype
     if order == 0:
-        return resize_array(labels.astype(np.float64), shape, 0).astype(dtype)
+        return resize_array(labels.astype(np.float64), shape, 0, threads=threads).astype(dtype)
     values = np.unique(labels)
     if len(values) == 1:
         return np.full(tuple(shape), values[0], dtype=dtype)
-    nearest = resize_array(labels.astype(np.float64), shape, 0).astype(dtype)
+    nearest = resize_array(labels.astype(np.float64), shape, 0, threads=threads).astype(dtype)
     best = None
     winner = np.zeros(tuple(shape), dtype=np.int32)
     nearest_score = np.zeros(tuple(shape))
     for i, value in enumerate(values):
-        score = resize_array((labels == value).astype(np.float64), shape, order)
+        score = resize_array((labels == value).astype(np.float64), shape, order, threads=threads)
         is_nearest = nearest == value
         nearest_score[is_nearest] = score[is_nearest]
         if best is None:
@@ -366,15 +376,18 @@ def resample_labels(
     order_z: int = 0,
     force_separate_z: bool | None = None,
     threshold: float = ANISOTROPY_THRESHOLD,
+    threads: int | None = None,
 ) -> np.ndarray:
-    """nnU-Net's ``resample_data_or_seg_to_shape(is_seg=True)`` for one label map ``(Z, Y, X)``, same dtype."""
+    """nnU-Net's ``resample_data_or_seg_to_shape(is_seg=True)`` for one label map ``(Z, Y, X)``, same dtype.
+
+    ``threads``: as in :func:`resample_image`; the result does not depend on it."""
     shape = tuple(labels_zyx.shape)
     new_shape = tuple(int(s) for s in new_shape)
     if shape == new_shape:
         return labels_zyx
     axis = separate_axis(current_spacing, new_spacing, force_separate_z, threshold)
     if axis is None:
-        return resize_labels(labels_zyx, new_shape, order)
+        return resize_labels(labels_zyx, new_shape, order, threads=threads)
     if order_z != 0 and shape[axis] != new_shape[axis]:
         raise ConfigError(
             "resampling labels along a separate axis is supported with order_z 0 only",
@@ -382,13 +395,8 @@ def resample_labels(
             hint="nnU-Net's default plans use order_z 0 for segmentations.",
         )
     inplane = [s for i, s in enumerate(new_shape) if i != axis]
-    partial_shape = list(new_shape)
-    partial_shape[axis] = shape[axis]
-    partial = np.zeros(partial_shape, dtype=labels_zyx.dtype)
-    for k in range(shape[axis]):
-        index: list[Any] = [slice(None)] * 3
-        index[axis] = k
-        partial[tuple(index)] = resize_labels(labels_zyx[tuple(index)], inplane, order)
+    resize = functools.partial(resize_labels, shape=inplane, order=order, threads=1)
+    partial = _resize_slices(labels_zyx, axis, inplane, resize, labels_zyx.dtype, _workers(threads))
     if shape[axis] == new_shape[axis]:
         return partial
     return np.take(partial, nearest_positions(shape[axis], new_shape[axis]), axis=axis)

@@ -2,7 +2,7 @@
 
     python Testing/Benchmarks/bench_vs_nnunet.py [--json] [--threads 2] [--backends auto torch]
         [--precisions float32 bfloat16] [--cases ct_128 ct_192x192x160 ct_512x512x300]
-        [--device cpu|cuda] [--model-folder FOLDER]
+        [--device cpu|cuda] [--model-folder FOLDER] [--repeats 1]
 
 Model: nnU-Net's default 3d_fullres ``PlainConvUNet`` (6 stages, 32-320 features, patch 128^3, target
 spacing 1.5 mm, CT normalisation) made by nnU-Net's own code (``scripts/make_tiny_nnunet_model.py
@@ -19,6 +19,10 @@ nnU-Net crops nothing and both tools tile the whole field of view:
   273 x 273 x 200 at 1.5 mm: 48 tiles).
 
 Each run is its own fresh process; its times and peak RSS (``ru_maxrss``, imports included) are its own.
+``--repeats N`` runs each case N times in turn (nnU-Net, then each DeepSeg backend and precision, then
+nnU-Net again, ...), so that both tools see the same slow and fast spells of a shared machine. The row
+then holds each tool's median run (by ``predict_s``) with every run's ``predict_s_runs``, and
+``ratio_warm.predict`` is the median of the per-turn ratios (``predict_per_turn`` lists them).
 
 * nnU-Net: ``nnUNetPredictor.initialize_from_trained_model_folder`` (``setup_s``) then
   ``predict_from_files_sequential`` (``predict_s``: read, preprocess, sliding window, export, write).
@@ -216,9 +220,22 @@ def add_network_rate(runs: dict, flops: dict) -> None:
             run["fraction_of_float32_ceiling"] = run["network_gflops"] / flops["matmul_ceiling_gflops"]
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median ``predict_s`` (the lower middle one of an even count), with every run's
+    ``predict_s`` added as ``predict_s_runs`` in the order they ran."""
+    ordered = sorted(runs, key=lambda run: run["predict_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "predict_s_runs": [run["predict_s"] for run in runs]}
+
+
 def ratios(deepseg: dict, nnunet: dict) -> dict:
+    """DeepSeg / nnU-Net of one pair of runs; with repeats (``predict_s_runs`` in both), ``predict`` is
+    the median of the per-turn ratios, listed in ``predict_per_turn``."""
+    per_turn = []
+    if "predict_s_runs" in deepseg and "predict_s_runs" in nnunet:  # a cold run has one turn only
+        per_turn = [ours / theirs for ours, theirs in zip(deepseg["predict_s_runs"], nnunet["predict_s_runs"], strict=True)]
     return {
-        "predict": deepseg["predict_s"] / nnunet["predict_s"],
+        "predict": float(np.median(per_turn)) if per_turn else deepseg["predict_s"] / nnunet["predict_s"],
+        **({"predict_per_turn": per_turn} if len(per_turn) > 1 else {}),
         "setup_plus_predict": (deepseg["setup_s"] + deepseg["predict_s"]) / (nnunet["setup_s"] + nnunet["predict_s"]),
         "peak_rss": deepseg["peak_rss_mb"] / nnunet["peak_rss_mb"],
         "peak_gpu": (
@@ -239,7 +256,7 @@ def deepseg_runs(
     cold_measured: set[tuple[str, str]],
 ) -> dict:
     """The warm run of one backend and precision, and before it the cold one (empty graph cache) the
-    first time this backend and precision run."""
+    first time this backend and precision run (the first turn of the first case)."""
     runs: dict = {}
     if backend != "torch" and (backend, precision) not in cold_measured:
         shutil.rmtree(store_root / ".cache" / "compiled", ignore_errors=True)
@@ -286,8 +303,16 @@ def main() -> int:
         help="an nnU-Net v2 model folder to use instead of the cached full preset (e.g. one with an untrained "
         "checkpoint from scripts/make_tiny_nnunet_model.py --untrained-checkpoint, where the cache cannot travel)",
     )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="turns per case (nnU-Net, then DeepSeg, in turn); the row reports median runs and the median per-turn ratio",
+    )
     parser.add_argument("--child", nargs=8, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.child:
         store_root, ref, image, output, backend, precision, threads, device = args.child
         child(store_root, ref, image, output, backend, precision, int(threads), device)
@@ -323,25 +348,34 @@ def main() -> int:
             size_xyz, spacing = CASES[name]
             image = scanner_grid_ct(HEAD_CT, size_xyz, spacing, work / f"{name}.nii.gz")
             reference_out = work / f"{name}_nnunet"
-            [nnunet] = maker.run_reference(
-                [
-                    {
-                        "model": str(folder),
-                        "mirroring": False,
-                        "inputs": [[str(image)]],
-                        "outputs": [str(reference_out)],
-                        "device": args.device,
-                    }
-                ],
-                work / "ref",
-                threads=args.threads,
-            )
+            nnunet_turns: list[dict] = []
+            deepseg_turns: dict[tuple[str, str], list[dict]] = {}
+            for _ in range(args.repeats):
+                nnunet_turns += maker.run_reference(
+                    [
+                        {
+                            "model": str(folder),
+                            "mirroring": False,
+                            "inputs": [[str(image)]],
+                            "outputs": [str(reference_out)],
+                            "device": args.device,
+                        }
+                    ],
+                    work / "ref",
+                    threads=args.threads,
+                )
+                for backend in args.backends:
+                    for precision in args.precisions:
+                        turn = deepseg_runs(args, store_root, ref, image, work, name, backend, precision, cold_measured)
+                        deepseg_turns.setdefault((backend, precision), []).append(turn)
+            nnunet = median_run(nnunet_turns)
             reference = sitk.GetArrayFromImage(sitk.ReadImage(str(reference_out) + ".nii.gz"))
             row: dict = {"size_xyz": list(size_xyz), "spacing_xyz_mm": list(spacing), "nnunet": nnunet, "deepseg": {}}
             float32_labels: dict[str, np.ndarray] = {}
             for backend in args.backends:
                 for precision in args.precisions:
-                    runs = deepseg_runs(args, store_root, ref, image, work, name, backend, precision, cold_measured)
+                    turns = deepseg_turns[(backend, precision)]
+                    runs = {**turns[0], "warm": median_run([turn["warm"] for turn in turns])}
                     ours = sitk.GetArrayFromImage(sitk.ReadImage(str(work / f"{name}_{backend}_{precision}.nii.gz")))
                     runs["agreement_with_nnunet"] = parity.compare(ours, reference, labels)
                     if precision == "float32":

@@ -29,14 +29,21 @@ _FULL_3D = np.ones((3, 3, 3), dtype=bool)
 
 
 def normalised_entropy(probabilities_kzyx: np.ndarray) -> np.ndarray:
-    """Predictive entropy of class probabilities ``(K, Z, Y, X)`` divided by ``log K``; float32 in [0, 1]."""
+    """Predictive entropy of class probabilities ``(K, Z, Y, X)`` divided by ``log K``; float32 in [0, 1].
+
+    Computed in torch's threads (an export of 14 classes on a 512 x 512 x 300 CT spent 7.7 s in this
+    function with numpy on one thread); torch is imported here, not with the module, so that the
+    panels (which use this module's regions) open in a Slicer without torch."""
     if probabilities_kzyx.ndim < 2 or probabilities_kzyx.shape[0] < 2:
         raise ShapeError("entropy needs class probabilities (K >= 2, ...)", found=str(probabilities_kzyx.shape))
-    p = np.clip(probabilities_kzyx.astype(np.float32, copy=False), 1e-8, 1.0)
-    total = p.sum(axis=0, keepdims=True)
-    p = p / total
-    entropy = -(p * np.log(p)).sum(axis=0) / math.log(probabilities_kzyx.shape[0])
-    return np.clip(entropy, 0.0, 1.0).astype(np.float32)
+    import torch
+
+    # a copy, clipped: the caller's probabilities stay as they are
+    p = torch.from_numpy(np.ascontiguousarray(probabilities_kzyx, dtype=np.float32)).clamp(1e-8, 1.0)
+    p.div_(p.sum(dim=0, keepdim=True))
+    p_log_p = torch.log(p).mul_(p)
+    entropy = p_log_p.sum(dim=0).div_(-math.log(probabilities_kzyx.shape[0]))
+    return entropy.clamp_(0.0, 1.0).numpy()
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import torch
 from model_fixtures import tiny_card
 
 from deepseg_core.errors import ConfigError
-from deepseg_core.inference.pipelines import StreamingGridCollector, first_argmax, pipeline_for
+from deepseg_core.inference.pipelines import RUNNING_ARGMAX_MAX_CLASSES, StreamingGridCollector, first_argmax, pipeline_for
 from deepseg_core.io import Volume
 from deepseg_core.model_store import load_network, write_model_folder
 from deepseg_core.nets import LogitEnsemble, build_net
@@ -72,13 +72,27 @@ def test_an_unknown_pipeline_names_the_known_ones():
 
 
 @pytest.mark.parametrize("axis", [0, 1, 3])
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_first_argmax_is_numpys_argmax_ties_included(axis, dtype):
-    # few distinct values, so most positions hold ties, which must go to the first maximum
-    scores = np.random.default_rng(axis).integers(0, 3, size=(3, 5, 6, 4)).astype(dtype)
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int16])
+@pytest.mark.parametrize("count", [1, 3, RUNNING_ARGMAX_MAX_CLASSES, RUNNING_ARGMAX_MAX_CLASSES + 1, 300])
+def test_first_argmax_is_numpys_argmax_ties_nans_and_infinities_included(axis, dtype, count):
+    # few distinct values, so most positions hold ties, which must go to the first maximum; a NaN is a
+    # maximum (the first NaN wins), as in numpy and torch. Up to RUNNING_ARGMAX_MAX_CLASSES the planes
+    # are compared in turn, above that the axis is moved last: both must agree with numpy.
+    rng = np.random.default_rng(axis + count)
+    shape = [3, 5, 6, 4]
+    shape[axis] = count
+    scores = rng.integers(-1, 2, size=shape).astype(dtype)
+    if dtype != np.int16:
+        scores[rng.random(shape) < 0.05] = np.nan
+        scores[rng.random(shape) < 0.05] = np.inf
+        scores[rng.random(shape) < 0.05] = -np.inf
+        scores[rng.random(shape) < 0.1] = -0.0
     expected = np.argmax(scores, axis=axis)
-    np.testing.assert_array_equal(first_argmax(scores, axis), expected)
-    np.testing.assert_array_equal(first_argmax(torch.from_numpy(scores), axis), expected)
+    # numpy, torch, and a non-contiguous view with the axis last
+    for given, along in ((scores, axis), (torch.from_numpy(scores), axis), (np.moveaxis(scores, axis, -1), 3)):
+        found = first_argmax(given, along)
+        assert found.dtype == (np.uint8 if count <= 256 else np.int64)
+        np.testing.assert_array_equal(found, expected)
 
 
 @pytest.mark.parametrize(
@@ -133,3 +147,96 @@ def test_a_scipy_whose_zoom_kernel_changed_falls_back_to_scipys_zoom(monkeypatch
     data = np.random.default_rng(4).normal(size=(9, 8, 7)).astype(np.float32)
     out = resampling.resize_array(data, (5, 11, 7), 3, threads=4)
     assert out.shape == (5, 11, 7) and out.dtype == np.float64
+
+
+def _export_the_whole_volume_in_numpy(logits, values, crop_shape, maps_modes, box, before, tf, reorder, label_dtype):
+    """The nnU-Net export's arithmetic on the whole volume, in numpy, with nothing streamed or threaded:
+    float16 logits -> float32, axis 0 linear or nearest, nearest axes, bilinear in-plane (torch, as the
+    collector's docstring states), float16 rounding, numpy's argmax, crop reverted, transposed back."""
+    from deepseg_core.pipelines.nnunet import linear_positions, nearest_positions
+
+    block = logits.astype(np.float32)
+    n_in = logits.shape[1]
+    if maps_modes[0] == "linear":
+        i0, i1, t = linear_positions(n_in, crop_shape[0])
+        t = t.astype(np.float32).reshape(1, -1, 1, 1)
+        block = (1.0 - t) * np.take(block, i0, axis=1) + t * np.take(block, i1, axis=1)
+    elif maps_modes[0] == "nearest":
+        block = np.take(block, nearest_positions(n_in, crop_shape[0]), axis=1)
+    for axis in (2, 3):
+        if maps_modes[axis - 1] == "nearest":
+            block = np.take(block, nearest_positions(block.shape[axis], crop_shape[axis - 1]), axis=axis)
+    planes = torch.from_numpy(np.ascontiguousarray(block.transpose(1, 0, 2, 3)))
+    if tuple(planes.shape[2:]) != tuple(crop_shape[1:]):
+        planes = torch.nn.functional.interpolate(planes, size=tuple(crop_shape[1:]), mode="bilinear", align_corners=False)
+    rounded = planes.to(torch.float16).numpy().astype(np.float32)
+    labels_t = np.zeros(before, dtype=label_dtype)
+    labels_t[tuple(slice(a, b) for a, b in box)] = np.asarray(values)[np.argmax(rounded, axis=1)]
+    return labels_t
+
+
+@pytest.mark.parametrize(
+    "network_shape, crop_shape, network_spacing, spacing, modes",
+    [
+        ((9, 20, 18), (30, 25, 16), (3.5, 1.0, 1.0), (0.9, 0.8, 1.1), ("nearest", "linear", "linear")),
+        ((14, 12, 16), (10, 21, 16), (1.2, 1.5, 1.0), (1.7, 0.85, 1.0), ("linear", "linear", "identity")),
+        ((11, 12, 16), (11, 30, 16), (1.2, 3.6, 1.0), (1.2, 1.0, 1.0), ("identity", "nearest", "identity")),
+    ],
+)
+@pytest.mark.parametrize(
+    "classes, values",
+    [(3, None), (4, (0, 3, 7, 300)), (70, None)],
+    ids=["3-identity", "4-values-uint16", "70-argmax-over-last-axis"],
+)
+@pytest.mark.parametrize(
+    "tf, reorder",
+    [((0, 1, 2), None), ((2, 0, 1), None), ((1, 2, 0), ((1, 0, 2), (True, False, True)))],
+    ids=["plain", "transposed", "transposed-and-flipped"],
+)
+def test_the_nnunet_export_equals_the_same_arithmetic_on_the_whole_volume(
+    network_shape, crop_shape, network_spacing, spacing, modes, classes, values, tf, reorder
+):
+    # exact, not within a tolerance: the streamed export (torch, threads, slabs of any depth, running
+    # argmax, writes through transposed and flipped views) must give numpy's whole-volume labels, ties
+    # included; the logits take few distinct values so that many voxels are ties
+    from deepseg_core.pipelines.axes import AxisReorder
+    from deepseg_core.pipelines.nnunet import NnUNetExportCollector
+    from deepseg_core.pipelines.nnunet.orientation import input_shape
+
+    rng = np.random.default_rng(classes)
+    logits = (rng.integers(-4, 5, size=(classes, *network_shape)) * 0.75).astype(np.float16)
+    logits[:, ::3] += rng.normal(size=(classes, *network_shape))[:, ::3].astype(np.float16)
+    values = list(values or range(classes))
+    box = [[2, 2 + crop_shape[0]], [1, 1 + crop_shape[1]], [0, crop_shape[2]]]
+    before = (crop_shape[0] + 5, crop_shape[1] + 2, crop_shape[2])
+    axis_reorder = AxisReorder(*reorder) if reorder else AxisReorder()
+    context = {
+        "shape_before_crop": before,
+        "bbox": box,
+        "shape_after_crop": crop_shape,
+        "network_shape": network_shape,
+        "spacing_transposed": list(spacing),
+        "network_spacing": list(network_spacing),
+        "reorder": axis_reorder,
+    }
+    collector = NnUNetExportCollector(context, values, list(tf), {"order": 1, "order_z": 0, "force_separate_z": None})
+    assert [m.mode for m in collector.maps] == list(modes)
+    z = 0
+    for depth in (3, 1, 4, 2) * 10:
+        if z >= network_shape[0]:
+            break
+        stop = min(z + depth, network_shape[0])
+        collector.add(z, stop, logits[:, z:stop].astype(np.float32))
+        z = stop
+    labels = collector.finish().labels_zyx
+
+    label_dtype = np.uint8 if max(values) < 255 else np.uint16
+    expected_t = _export_the_whole_volume_in_numpy(logits, values, crop_shape, modes, box, before, tf, axis_reorder, label_dtype)
+    oriented = [0, 0, 0]
+    for i, a in enumerate(tf):
+        oriented[a] = before[i]
+    expected = np.zeros(input_shape(axis_reorder, oriented), dtype=label_dtype)
+    axis_reorder.apply(expected).transpose(tf)[...] = expected_t  # numpy's own writes through the same views
+    assert labels.dtype == expected.dtype
+    np.testing.assert_array_equal(labels, expected)
+    assert len(np.unique(labels)) == len(set(values))  # every class won somewhere: the check has teeth

@@ -36,12 +36,12 @@ def normalised_entropy(probabilities_kzyx: np.ndarray) -> np.ndarray:
     panels (which use this module's regions) open in a Slicer without torch."""
     if probabilities_kzyx.ndim < 2 or probabilities_kzyx.shape[0] < 2:
         raise ShapeError("entropy needs class probabilities (K >= 2, ...)", found=str(probabilities_kzyx.shape))
-    import torch
+    from .inference.pipelines import torch_view
 
     # a copy, clipped: the caller's probabilities stay as they are
-    p = torch.from_numpy(np.ascontiguousarray(probabilities_kzyx, dtype=np.float32)).clamp(1e-8, 1.0)
+    p = torch_view(probabilities_kzyx, np.float32).clamp(1e-8, 1.0)
     p.div_(p.sum(dim=0, keepdim=True))
-    p_log_p = torch.log(p).mul_(p)
+    p_log_p = p.log().mul_(p)
     entropy = p_log_p.sum(dim=0).div_(-math.log(probabilities_kzyx.shape[0]))
     return entropy.clamp_(0.0, 1.0).numpy()
 

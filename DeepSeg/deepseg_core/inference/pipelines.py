@@ -185,6 +185,17 @@ def pipeline_for(card: ModelCard, spatial_dims: int, context_slices: int) -> Pip
 RUNNING_ARGMAX_MAX_CLASSES = 64
 
 
+def torch_view(array: np.ndarray, dtype: type | None = None) -> torch.Tensor:
+    """``array`` as a CPU tensor (of ``dtype``), sharing its memory when it is C-contiguous with no
+    negative stride, else from a copy. ``np.ascontiguousarray`` alone is not enough: numpy calls an
+    array whose flipped axes all have length 1 contiguous, and ``torch.from_numpy`` refuses its
+    negative stride."""
+    contiguous = np.ascontiguousarray(array, dtype=dtype)
+    if any(stride < 0 for stride in contiguous.strides):
+        contiguous = contiguous.copy()
+    return torch.from_numpy(contiguous)
+
+
 def first_argmax(scores: np.ndarray | torch.Tensor, axis: int) -> np.ndarray:
     """Index of the largest value along ``axis`` (the first one on ties, and the first NaN where there
     is one, as ``np.argmax`` and ``torch.argmax``), with that axis removed: uint8 for at most 256
@@ -196,7 +207,7 @@ def first_argmax(scores: np.ndarray | torch.Tensor, axis: int) -> np.ndarray:
     running maximum, in threads): 0.08 s there, against 0.13 s for moving the axis last and taking the
     argmax over it, which is what larger counts do.
     """
-    tensor = torch.as_tensor(scores)
+    tensor = torch.as_tensor(scores).detach()
     count = tensor.shape[axis]
     dtype = torch.uint8 if count <= 256 else torch.int64
     if count == 0 or count > RUNNING_ARGMAX_MAX_CLASSES or not tensor.is_floating_point():

@@ -20,7 +20,7 @@ import math
 import numpy as np
 import torch
 
-from ...inference.pipelines import CollectedOutput, Geometry
+from ...inference.pipelines import CollectedOutput, Geometry, torch_view
 from ...uncertainty import normalised_entropy
 from .crop import CropBox
 from .geometry import AxisReorder, index_mapping
@@ -135,14 +135,14 @@ class BundleGridCollector:
         self._emit()
 
     def _activation(self, logits: np.ndarray) -> np.ndarray:
-        tensor = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
+        tensor = torch_view(logits, np.float32)
         if self.post.activation in ("softmax", "sigmoid"):  # sigmoid: the network returns [0, logit]
             return torch.softmax(tensor, dim=0).numpy()
         return tensor.numpy()
 
     def _softmax_for_entropy(self, probs: np.ndarray, logits: np.ndarray) -> np.ndarray:
         if self.post.activation == "none":
-            return torch.softmax(torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)), dim=0).numpy()
+            return torch.softmax(torch_view(logits, np.float32), dim=0).numpy()
         return probs
 
     # -------------------------------------------------------------- slices out

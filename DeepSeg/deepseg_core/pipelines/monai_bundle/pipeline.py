@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ...errors import ConfigError, ImageError
-from ...inference.pipelines import Geometry, Pipeline, PreparedInput
+from ...inference.pipelines import Geometry, Pipeline, PreparedInput, torch_view
 from ...inference.sliding_window import SlidingWindowConfig
 from ...io import Volume
 from .collector import BundleGridCollector
@@ -64,7 +64,7 @@ class MonaiBundlePipeline(Pipeline):
             if op == "orientation":
                 reorder = AxisReorder.towards(np.asarray(grid.direction_lps).reshape(3, 3), step["axcodes"])
                 if not reorder.identity:
-                    data = torch.from_numpy(np.ascontiguousarray(reorder.apply(data.numpy())))
+                    data = torch_view(reorder.apply(data.numpy()))
                     label_array = None if label_array is None else np.ascontiguousarray(reorder.apply(label_array))
                     grid = reorder.geometry(grid)
                 oriented = grid

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ...errors import ConfigError
-from ...inference.pipelines import CollectedOutput, first_argmax
+from ...inference.pipelines import CollectedOutput, first_argmax, torch_view
 from ...uncertainty import normalised_entropy
 from .orientation import AxisReorder, input_shape
 from .resampling import ANISOTROPY_THRESHOLD, linear_positions, nearest_positions, separate_axis
@@ -84,7 +84,7 @@ def _store(target: np.ndarray, values: np.ndarray) -> None:
     if any(stride < 0 for stride in target.strides):
         target[...] = values
         return
-    torch.from_numpy(target).copy_(torch.from_numpy(np.ascontiguousarray(values)))
+    torch.from_numpy(target).copy_(torch_view(values))
 
 
 class NnUNetExportCollector:
@@ -168,7 +168,7 @@ class NnUNetExportCollector:
             )
         # nnU-Net's logits are float16 (its accumulators are); so are the slices kept here. torch's
         # conversion rounds as numpy's astype does (to nearest even), in threads.
-        self._buffer.append((z_start, torch.from_numpy(np.ascontiguousarray(blended, dtype=np.float32)).half().numpy()))
+        self._buffer.append((z_start, torch_view(blended, np.float32).half().numpy()))
         self._received = z_stop
         self.max_buffered_slices = max(self.max_buffered_slices, sum(b.shape[1] for _, b in self._buffer))
         ready = int(np.searchsorted(self._hi, self._received, side="left"))
@@ -197,7 +197,7 @@ class NnUNetExportCollector:
         return out
 
     def _logits(self, source: np.ndarray, rows: slice, m0: int) -> torch.Tensor:
-        """All channels' logits on the cropped input grid for output ``rows``: ``(K, n, Yc, Xc)`` float32 tensor
+        """All channels' logits on the cropped input grid for output ``rows``: ``(n, K, Yc, Xc)`` float32 tensor
         holding float16 values.
 
         ``source``: network slices ``[m0, ...)`` of all channels, ``(K, m, Y', X')`` float16. nnU-Net's export
@@ -214,13 +214,16 @@ class NnUNetExportCollector:
         for axis, mapping in ((2, self.maps[1]), (3, self.maps[2])):
             if mapping.mode == "nearest":
                 block = block.index_select(axis, torch.from_numpy(mapping.i0))
+        # Slices first, classes as channels: torch picks its bilinear kernel (and with it the float32
+        # rounding) by the channel count and plane size, and a value that lands on a float16 midpoint
+        # can then round the other way. This layout is the one the export's labels are pinned to.
+        planes = block.transpose(0, 1).contiguous()  # (n, K, Y', X')
         size = self.crop_shape[1:]
-        if tuple(block.shape[2:]) != size:
+        if tuple(planes.shape[2:]) != size:
             # bilinear with half-pixel centres and clamped edges (torch's align_corners=False) is scipy's
-            # zoom(order=1, grid_mode=True, mode="nearest"); an axis already at its size maps to itself.
-            # Each (class, slice) plane is interpolated on its own, so classes can stay the leading axis.
-            block = torch.nn.functional.interpolate(block.contiguous(), size=size, mode="bilinear", align_corners=False)
-        return block.to(torch.float16).to(torch.float32)
+            # zoom(order=1, grid_mode=True, mode="nearest"); an axis already at its size maps to itself
+            planes = torch.nn.functional.interpolate(planes, size=size, mode="bilinear", align_corners=False)
+        return planes.to(torch.float16).to(torch.float32)
 
     def _emit_rows(self, r0: int, r1: int) -> None:
         rows = slice(r0, r1)
@@ -230,11 +233,11 @@ class NnUNetExportCollector:
         target = (slice(z0 + r0, z0 + r1), slice(y0, y1), slice(x0, x1))
         if self.probabilities is None and self.entropy is None:
             # the first maximum wins, as numpy's argmax in nnU-Net
-            _store(self._labels_t[target], self._label_values(first_argmax(logits, 0)))
+            _store(self._labels_t[target], self._label_values(first_argmax(logits, 1)))
             return
-        probabilities = torch.softmax(logits, dim=0)
-        _store(self._labels_t[target], self._label_values(first_argmax(probabilities, 0)))
-        by_class = probabilities.numpy()
+        probabilities = torch.softmax(logits, dim=1)
+        _store(self._labels_t[target], self._label_values(first_argmax(probabilities, 1)))
+        by_class = probabilities.numpy().transpose(1, 0, 2, 3)
         if self._probabilities_t is not None:
             _store(self._probabilities_t[(slice(None), *target)], by_class)
         if self._entropy_t is not None:

@@ -40,8 +40,11 @@ from deepseg_core.nets.nnunet import (
     NnUNetResEncUNet,
     canonical_state_dict,
 )
+from deepseg_core.pipelines.axes import AxisReorder
 from deepseg_core.pipelines.nnunet import (
     NnUNetExportCollector,
+    linear_positions,
+    nearest_positions,
     nnunet_gaussian,
     nnunet_tile_starts,
     resample_image,
@@ -616,22 +619,22 @@ def test_resampling_is_nnunets(shape, new_shape, spacing, new_spacing, threads):
     np.testing.assert_array_equal(ours, expected)
 
 
-@pytest.mark.parametrize(
-    "network_shape, crop_shape, network_spacing, spacing",
-    [
-        ((9, 20, 18), (30, 25, 16), (3.0, 1.0, 1.0), (0.9, 0.8, 1.1)),  # separate axis 0, nearest along z
-        ((14, 12, 16), (10, 21, 16), (1.2, 1.5, 1.0), (1.7, 0.85, 1.0)),  # plain 3D: linear along z
-        ((11, 12, 16), (11, 30, 16), (1.2, 3.6, 1.0), (1.2, 1.0, 1.0)),  # separate axis 1: nearest in-plane
-    ],
-)
-@pytest.mark.parametrize("probabilities", [False, True])
-def test_the_export_streamed_by_slabs_equals_nnunets_whole_volume_export(
-    network_shape, crop_shape, network_spacing, spacing, probabilities
-):
-    from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
+#: (network shape, cropped input shape, network spacing, input spacing, how each axis maps back)
+EXPORT_GEOMETRIES = [
+    ((9, 20, 18), (30, 25, 16), (3.5, 1.0, 1.0), (0.9, 0.8, 1.1), ("nearest", "linear", "linear")),  # separate axis 0
+    ((14, 12, 16), (10, 21, 16), (1.2, 1.5, 1.0), (1.7, 0.85, 1.0), ("linear", "linear", "identity")),  # plain 3D
+    ((11, 12, 16), (11, 30, 16), (1.2, 3.6, 1.0), (1.2, 1.0, 1.0), ("identity", "nearest", "identity")),  # separate axis 1
+]
 
-    rng = np.random.default_rng(1)
-    logits = (rng.normal(size=(4, *network_shape)) * 3).astype(np.float16)
+
+def streamed_export(
+    logits, crop_shape, network_spacing, spacing, values, tf, *, reorder=None, probabilities=False, depths=(3, 1, 4, 2)
+):
+    """``NnUNetExportCollector`` fed ``logits`` ``(K, *network_shape)`` in slabs of ``depths`` slices (repeated), the
+    crop box at (2, 1, 0) inside a grid 5 and 2 slices larger along the first two axes.
+
+    Returns the collector, its output, the crop box and the shape before cropping."""
+    network_shape = tuple(logits.shape[1:])
     box = [[2, 2 + crop_shape[0]], [1, 1 + crop_shape[1]], [0, crop_shape[2]]]
     before = (crop_shape[0] + 5, crop_shape[1] + 2, crop_shape[2])
     context = {
@@ -641,20 +644,36 @@ def test_the_export_streamed_by_slabs_equals_nnunets_whole_volume_export(
         "network_shape": network_shape,
         "spacing_transposed": list(spacing),
         "network_spacing": list(network_spacing),
+        "reorder": reorder or AxisReorder(),
     }
-    tf = [1, 2, 0]
     resampling = {"order": 1, "order_z": 0, "force_separate_z": None}
     collector = NnUNetExportCollector(
-        context, [0, 1, 2, 3], tf, resampling, keep_probabilities=probabilities, uncertainty=probabilities
+        context, values, list(tf), resampling, keep_probabilities=probabilities, uncertainty=probabilities
     )
     z = 0
-    for depth in (3, 1, 4, 2) * 10:
-        if z >= network_shape[0]:
-            break
-        stop = min(z + depth, network_shape[0])
-        collector.add(z, stop, logits[:, z:stop].astype(np.float32))
-        z = stop
-    out = collector.finish()
+    while z < network_shape[0]:
+        for depth in depths:
+            stop = min(z + depth, network_shape[0])
+            if stop > z:
+                collector.add(z, stop, logits[:, z:stop].astype(np.float32))
+            z = stop
+    return collector, collector.finish(), box, before
+
+
+@pytest.mark.parametrize("network_shape, crop_shape, network_spacing, spacing, modes", EXPORT_GEOMETRIES)
+@pytest.mark.parametrize("probabilities", [False, True])
+def test_the_export_streamed_by_slabs_equals_nnunets_whole_volume_export(
+    network_shape, crop_shape, network_spacing, spacing, modes, probabilities
+):
+    from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
+
+    rng = np.random.default_rng(1)
+    logits = (rng.normal(size=(4, *network_shape)) * 3).astype(np.float16)
+    tf = [1, 2, 0]
+    collector, out, box, before = streamed_export(
+        logits, crop_shape, network_spacing, spacing, [0, 1, 2, 3], tf, probabilities=probabilities
+    )
+    assert [m.mode for m in collector.maps] == list(modes)
     assert collector.max_buffered_slices <= 4 + 2 + 4
     # nnU-Net's way: the whole volume's float16 logits resampled at once, argmax, crop reverted, transposed back
     whole = resample_data_or_seg_to_shape(logits, crop_shape, network_spacing, spacing, False, 1, 0, None)
@@ -671,6 +690,83 @@ def test_the_export_streamed_by_slabs_equals_nnunets_whole_volume_export(
         full = full.transpose([0, *[tf.index(a) + 1 for a in range(3)]])
         np.testing.assert_allclose(out.probabilities.astype(np.float32), full, atol=2e-3)
         assert out.entropy_zyx.shape == out.labels_zyx.shape and float(out.entropy_zyx.max()) <= 1.0
+
+
+def the_export_arithmetic_on_the_whole_volume(logits, values, crop_shape, modes, box, before, tf, reorder):
+    """The labels DeepSeg's export must give, computed on the whole volume in numpy with nothing streamed or
+    threaded: float16 logits to float32, the first axis linear or nearest, nearest axes, bilinear in-plane
+    (torch, slices as the batch and classes as channels, as the collector states), float16 rounding,
+    numpy's argmax, the crop reverted, written back through the reorientation and transpose with numpy."""
+    block = logits.astype(np.float32)
+    if modes[0] == "linear":
+        i0, i1, t = linear_positions(logits.shape[1], crop_shape[0])
+        t = t.astype(np.float32).reshape(1, -1, 1, 1)
+        block = (1.0 - t) * np.take(block, i0, axis=1) + t * np.take(block, i1, axis=1)
+    elif modes[0] == "nearest":
+        block = np.take(block, nearest_positions(logits.shape[1], crop_shape[0]), axis=1)
+    for axis in (2, 3):
+        if modes[axis - 1] == "nearest":
+            block = np.take(block, nearest_positions(block.shape[axis], crop_shape[axis - 1]), axis=axis)
+    planes = torch.from_numpy(np.ascontiguousarray(block.transpose(1, 0, 2, 3)))
+    if tuple(planes.shape[2:]) != tuple(crop_shape[1:]):
+        planes = torch.nn.functional.interpolate(planes, size=tuple(crop_shape[1:]), mode="bilinear", align_corners=False)
+    rounded = planes.to(torch.float16).numpy().astype(np.float32)
+    dtype = np.uint8 if max(values) < 255 else np.uint16
+    labels_t = np.zeros(before, dtype=dtype)
+    labels_t[tuple(slice(a, b) for a, b in box)] = np.asarray(values)[np.argmax(rounded, axis=1)]
+    oriented = [0, 0, 0]
+    for i, a in enumerate(tf):
+        oriented[a] = before[i]
+    labels = np.zeros(input_shape(reorder, oriented), dtype=dtype)
+    reorder.apply(labels).transpose(tf)[...] = labels_t
+    return labels
+
+
+@pytest.mark.parametrize("network_shape, crop_shape, network_spacing, spacing, modes", EXPORT_GEOMETRIES)
+@pytest.mark.parametrize(
+    "classes, values",
+    [(3, None), (4, (0, 3, 7, 300)), (70, None)],
+    ids=["3-identity", "4-values-uint16", "70-argmax-over-last-axis"],
+)
+@pytest.mark.parametrize(
+    "tf, reorder",
+    [((0, 1, 2), None), ((2, 0, 1), None), ((1, 2, 0), ((1, 0, 2), (True, False, True)))],
+    ids=["plain", "transposed", "transposed-and-flipped"],
+)
+def test_the_export_equals_its_arithmetic_on_the_whole_volume_exactly(
+    network_shape, crop_shape, network_spacing, spacing, modes, classes, values, tf, reorder
+):
+    # exact, not within a tolerance: the streamed export (torch, threads, slabs of any depth, the running
+    # argmax, writes through transposed and flipped views) must give numpy's whole-volume labels, ties
+    # included. Thirds on a coarse grid: interpolated values often land on float16 midpoints, and many
+    # voxels are ties.
+    rng = np.random.default_rng(classes)
+    logits = (rng.integers(-40, 40, size=(classes, *network_shape)) / 3).astype(np.float16)
+    logits[:, ::3] = (rng.integers(-4, 5, size=(classes, *network_shape))[:, ::3] * 0.75).astype(np.float16)
+    values = list(values or range(classes))
+    axis_reorder = AxisReorder(*reorder) if reorder else AxisReorder()
+    collector, out, box, before = streamed_export(logits, crop_shape, network_spacing, spacing, values, tf, reorder=axis_reorder)
+    assert [m.mode for m in collector.maps] == list(modes)
+    expected = the_export_arithmetic_on_the_whole_volume(logits, values, crop_shape, modes, box, before, tf, axis_reorder)
+    assert out.labels_zyx.dtype == expected.dtype
+    np.testing.assert_array_equal(out.labels_zyx, expected)
+    assert len(np.unique(out.labels_zyx)) == len(set(values))  # every class won somewhere: the check has teeth
+
+
+def test_the_export_labels_do_not_depend_on_how_torch_picks_its_bilinear_kernel():
+    # torch's bilinear kernel (and its float32 rounding) depends on the channel count: with the 14 slices
+    # of this volume (one slab) as channels instead of the 3 classes, 3 interpolated values round to
+    # another float16 and one voxel's near-tie goes the other way. The export keeps classes as channels.
+    network_shape, crop_shape, spacing = (14, 12, 16), (14, 21, 40), (1.0, 12 / 21, 0.4)
+    logits = (np.random.default_rng(14).integers(-40, 40, size=(3, *network_shape)) / 3).astype(np.float16)
+    collector, out, box, before = streamed_export(
+        logits, crop_shape, (1.0, 1.0, 1.0), spacing, [0, 1, 2], (0, 1, 2), depths=(network_shape[0],)
+    )
+    modes = ("identity", "linear", "linear")
+    assert [m.mode for m in collector.maps] == list(modes)
+    identity = AxisReorder()
+    expected = the_export_arithmetic_on_the_whole_volume(logits, [0, 1, 2], crop_shape, modes, box, before, (0, 1, 2), identity)
+    np.testing.assert_array_equal(out.labels_zyx, expected)
 
 
 # ------------------------------------------------------------------------------------------------

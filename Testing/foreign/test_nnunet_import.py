@@ -47,6 +47,7 @@ from deepseg_core.pipelines.nnunet import (
     nearest_positions,
     nnunet_gaussian,
     nnunet_tile_starts,
+    nonzero_bbox,
     resample_image,
     resample_labels,
 )
@@ -595,6 +596,37 @@ def test_tiles_and_gaussian_are_nnunets():
     assert nnunet_tile_starts(5, 1, 0.5) == [0, 1, 2, 3, 4]  # 2D networks visit every slice
 
 
+def crop_cases() -> list[np.ndarray]:
+    """Two-channel images whose non-zero masks have enclosed holes, holes open to the border, a zero
+    frame, no zeros at all, and nothing but zeros."""
+    rng = np.random.default_rng(5)
+    framed = np.zeros((2, 12, 14, 16), dtype=np.float32)
+    framed[0, 2:10, 3:12, 1:15] = rng.normal(size=(8, 9, 14))
+    framed[0, 5:7, 6:8, 4:9] = 0  # an enclosed hole
+    framed[1, 2:4, 3:5, 1:3] = 0
+    open_hole = rng.normal(size=(1, 10, 10, 10)).astype(np.float32)
+    open_hole[0, :, 4:6, 4:6] = 0  # a tunnel through the whole volume: not a hole
+    open_hole[0, 3:5, 1:3, 1:3] = 0
+    speckled = np.where(rng.random((1, 9, 11, 13)) < 0.3, 0, 1).astype(np.float32)
+    return [framed, open_hole, speckled, np.full((1, 5, 6, 7), -1000.0, np.float32), np.zeros((1, 4, 5, 6), np.float32)]
+
+
+@pytest.mark.parametrize("case", range(len(crop_cases())))
+def test_the_crop_is_nnunets_with_or_without_filling_the_mask(case):
+    from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
+
+    data = crop_cases()[case]
+    _, seg, bbox = crop_to_nonzero(data.copy())
+    for fill_holes in (True, False):
+        mask, ours = nonzero_bbox(data, fill_holes=fill_holes)
+        assert [list(b) for b in ours] == [list(b) for b in bbox]
+        box = tuple(slice(a, b) for a, b in ours)
+        if fill_holes:
+            np.testing.assert_array_equal(mask[box], seg[0] == 0)
+        else:
+            np.testing.assert_array_equal(mask, (data != 0).any(axis=0))
+
+
 @pytest.mark.parametrize(
     "shape, new_shape, spacing, new_spacing",
     [
@@ -624,6 +656,7 @@ EXPORT_GEOMETRIES = [
     ((9, 20, 18), (30, 25, 16), (3.5, 1.0, 1.0), (0.9, 0.8, 1.1), ("nearest", "linear", "linear")),  # separate axis 0
     ((14, 12, 16), (10, 21, 16), (1.2, 1.5, 1.0), (1.7, 0.85, 1.0), ("linear", "linear", "identity")),  # plain 3D
     ((11, 12, 16), (11, 30, 16), (1.2, 3.6, 1.0), (1.2, 1.0, 1.0), ("identity", "nearest", "identity")),  # separate axis 1
+    ((10, 12, 16), (10, 12, 16), (1.5, 1.5, 1.5), (1.5, 1.5, 1.5), ("identity", "identity", "identity")),  # at the plans' spacing
 ]
 
 

@@ -31,16 +31,20 @@ CPU without native bfloat16 runs float32 (logged).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import importlib.util
 import json
 import logging
+import mmap
 import os
 import tempfile
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -63,6 +67,7 @@ EXPORT_FORMAT = "instance-norm-by-pooling"
 SPLIT_CONCAT_BACKENDS = ("openvino",)
 
 TileFunction = Callable[[torch.Tensor], torch.Tensor]
+Loaded = TypeVar("Loaded")
 
 
 def installed(backend: str) -> bool:
@@ -144,8 +149,16 @@ def weights_digest(net: nn.Module) -> str:
     for name, tensor in sorted(net.state_dict().items()):
         value = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
-        digest.update(value.numpy().tobytes() if value.dtype != torch.bfloat16 else value.float().numpy().tobytes())
+        # the tensor's own memory, not a bytes copy of it (the same digest)
+        digest.update((value.float() if value.dtype == torch.bfloat16 else value).numpy())
     return digest.hexdigest()
+
+
+def input_free_setup(net: nn.Module, backend: str) -> str:
+    """The part of an exported backend's set-up that needs no input image, which a caller can run beside
+    the preprocessing: import the runtime (0.09 s for OpenVINO) and return :func:`weights_digest`."""
+    importlib.import_module(BACKEND_PACKAGES[backend])
+    return weights_digest(net)
 
 
 def export_key(weights_sha256: str, backend: str, input_shape: tuple[int, ...]) -> dict[str, object]:
@@ -336,25 +349,74 @@ def split_concatenated_convolutions(graph: Path) -> int:
 
 
 def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """SHA-256 of a file, read through a memory map (hashlib then reads the page cache directly instead
+    of a copy of the whole graph, and lets other threads run meanwhile)."""
+    with path.open("rb") as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            return hashlib.sha256(b"").hexdigest()
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return hashlib.sha256(mapped).hexdigest()
 
 
-def cached_onnx(net: nn.Module, weights_sha256: str, backend: str, input_shape: tuple[int, ...], cache_dir: Path) -> Path:
-    """The ONNX graph of ``net`` for ``input_shape`` ``(B, C, *patch)``, exported once and cached.
+def _recorded_digest(key_file: Path, wanted: dict[str, object]) -> str | None:
+    """The graph checksum a key file records, when the rest of its key is ``wanted``; else None."""
+    try:
+        key = json.loads(key_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(key, dict) or {k: key.get(k) for k in wanted} != wanted or not isinstance(key.get("graph_sha256"), str):
+        return None
+    return key["graph_sha256"]
+
+
+def _load_while_verifying(graph: Path, recorded_sha256: str, load: Callable[[Path], Loaded]) -> tuple[bool, Loaded | None]:
+    """``load(graph)`` in a second thread while this one checks the graph's SHA-256 against the key's.
+
+    Returns ``(True, loaded)`` for an intact graph (``load``'s exception, if any, is raised), or
+    ``(False, None)`` for a damaged one, whatever ``load`` made of it. OpenVINO's compiled-blob cache
+    does not read the graph at all (it keys its blob by the graph's path, size and modification
+    time), so the two overlap fully: 0.14 s instead of 0.16 + 0.18 s for nnU-Net's 120 MB network.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepseg-graph-load") as pool:
+        loading = pool.submit(load, graph)
+        try:
+            intact = _digest(graph) == recorded_sha256
+        except OSError:
+            intact = False
+        if intact:
+            return True, loading.result()
+        try:
+            loading.result()
+        except Exception:  # a damaged graph may well fail to load; it is exported again either way
+            pass
+        return False, None
+
+
+def cached_onnx(
+    net: nn.Module,
+    weights_sha256: str,
+    backend: str,
+    input_shape: tuple[int, ...],
+    cache_dir: Path,
+    load: Callable[[Path], Loaded] | None = None,
+) -> Loaded | Path:
+    """The ONNX graph of ``net`` for ``input_shape`` ``(B, C, *patch)``, exported once and cached, or
+    what ``load`` makes of it.
 
     The graph and its key (JSON) sit in ``cache_dir``; a graph whose key or own checksum does not
-    match is exported again (written to a temporary name, then renamed).
+    match is exported again (written to a temporary name, then renamed). ``load`` (a runtime session
+    from the graph's path) runs on a cached graph while its checksum is checked, and again on a
+    graph exported anew; what it made of a damaged graph is dropped. Without ``load``: the path.
     """
     stem = hashlib.sha256(json.dumps(export_key(weights_sha256, backend, input_shape), sort_keys=True).encode()).hexdigest()[:24]
     graph, key_file = cache_dir / f"{stem}.onnx", cache_dir / f"{stem}.json"
     wanted = export_key(weights_sha256, backend, input_shape)
     if graph.is_file() and key_file.is_file():
-        try:
-            key = json.loads(key_file.read_text(encoding="utf-8"))
-            if {k: key.get(k) for k in wanted} == wanted and key.get("graph_sha256") == _digest(graph):
-                return graph
-        except (OSError, json.JSONDecodeError):
-            pass
+        recorded = _recorded_digest(key_file, wanted)
+        if recorded is not None:
+            intact, loaded = _load_while_verifying(graph, recorded, load or (lambda path: path))
+            if intact:
+                return loaded  # type: ignore[return-value]
         log.info("cached %s graph %s is stale or damaged: exporting it again", backend, graph.name)
     cache_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=".onnx", dir=cache_dir)
@@ -384,7 +446,7 @@ def cached_onnx(net: nn.Module, weights_sha256: str, backend: str, input_shape: 
         tmp.unlink(missing_ok=True)
         raise
     atomic_write_text(key_file, json.dumps({**wanted, "graph_sha256": _digest(graph)}, indent=2) + "\n")
-    return graph
+    return load(graph) if load is not None else graph
 
 
 class ExportedTiles:
@@ -472,10 +534,12 @@ def tile_function(
     if choice.name == "torch":
         return torch_tiles(choice)
     try:
-        graph = cached_onnx(net, weights_sha256, choice.name, input_shape, cache_dir)
         if choice.name == "openvino":
-            return openvino_tiles(graph, input_shape[0], precision), choice
-        return onnxruntime_tiles(graph, input_shape[0]), choice
+            load = functools.partial(openvino_tiles, batch=input_shape[0], precision=precision)
+        else:
+            load = functools.partial(onnxruntime_tiles, batch=input_shape[0])
+        tiles: ExportedTiles = cached_onnx(net, weights_sha256, choice.name, input_shape, cache_dir, load)  # type: ignore[assignment]
+        return tiles, choice
     except Exception as exc:  # any exporter/runtime error: the torch path still works
         reason = f"{choice.name} could not run this network ({type(exc).__name__}: {str(exc)[:200]}); using torch"
         log.warning("%s", reason)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ from .backends import (
     TileFunction,
     check_precision,
     choose_backend,
+    input_free_setup,
     native_bfloat16,
     tile_function,
     weights_digest,
@@ -201,24 +203,33 @@ class Segmenter:
         root = store.root if store is not None else store_root(None)
         return cls(card, net, torch_device, cache_dir=root / ".cache" / "compiled")
 
+    def backend_choice(self, options: SegmentOptions) -> BackendChoice:
+        """The backend ``options`` ask for, as :func:`.backends.choose_backend` resolves it on this device."""
+        return choose_backend(
+            options.backend,
+            self.device,
+            needs_stochastic_layers=options.uncertainty == "mc_dropout",
+            precision=self._cpu_precision(options),
+        )
+
     def tile_function(
-        self, options: SegmentOptions, window: SlidingWindowConfig, input_channels: int
+        self, options: SegmentOptions, window: SlidingWindowConfig, input_channels: int, weights_sha256: str | None = None
     ) -> tuple[TileFunction, str]:
         """What computes a tile batch's logits for this run (see :mod:`.backends`), and the backend's name.
 
         Exported graphs are built once per Segmenter and shape (cached on disk across runs).
+        ``weights_sha256``: :func:`.backends.weights_digest` of the network, when the caller has it already.
         """
         note = self.precision_note(options)
-        precision = "float32" if note else options.precision
         if note:
             log.warning("precision bfloat16 not used: %s", note)
-        choice = choose_backend(
-            options.backend, self.device, needs_stochastic_layers=options.uncertainty == "mc_dropout", precision=precision
-        )
+        precision = self._cpu_precision(options)
+        choice = self.backend_choice(options)
         if choice.name == "torch":
             return (BFloat16Tiles(self.net) if precision == "bfloat16" else self.net), "torch"
         shape = (window.batch_size, input_channels, *window.patch_size_zyx)
-        key = (choice.name, shape, weights_digest(self.net), precision)  # the weights may have changed (training)
+        # the weights may have changed (training): the key is their digest now, never the card's
+        key = (choice.name, shape, weights_sha256 or weights_digest(self.net), precision)
         if key not in self._tile_functions:
             log.info("inference backend: %s in %s (%s)", choice.name, precision, choice.reason)
             self._tile_functions[key] = tile_function(self.net, choice, key[2], shape, self.cache_dir, precision)
@@ -231,6 +242,11 @@ class Segmenter:
         AMX/AVX512-BF16 (see :meth:`precision_note`)."""
         if self.device.type == "cuda":
             return "float16" if self.window_config(options).amp else "float32"
+        return self._cpu_precision(options)
+
+    def _cpu_precision(self, options: SegmentOptions) -> str:
+        """``options.precision`` where it can run, else ``float32`` (see :meth:`precision_note`): the precision
+        the CPU backends are asked for (on CUDA autocast decides instead, :meth:`precision`)."""
         return "float32" if self.precision_note(options) else options.precision
 
     def precision_note(self, options: SegmentOptions) -> str | None:
@@ -287,15 +303,21 @@ class Segmenter:
         timings: dict[str, float] = {}
         clock = time.perf_counter()
         subjects = list(subjects or [f"channel {i}" for i in range(len(channels))])
-        prepared = self.prepare(channels, options, subjects)
-        if domain_check is None:
-            domain_check = self.check_inputs(channels)
-        timings["preprocess"] = time.perf_counter() - clock
-        reference = channels[0]
-        collector = self.pipeline.collector(prepared, reference, options)
-        window = self.window_config(options)
-        clock = time.perf_counter()
-        tiles, backend = self.tile_function(options, window, int(prepared.image_czyx.shape[0]))
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepseg-weights-digest") as pool:
+            # An exported graph's cache key hashes the weights (0.1 s for nnU-Net's 31M parameters) and
+            # its runtime takes a while to import: both beside the preprocessing, which needs neither.
+            choice = self.backend_choice(options)
+            digest = pool.submit(input_free_setup, self.net, choice.name) if choice.name != "torch" else None
+            prepared = self.prepare(channels, options, subjects)
+            if domain_check is None:
+                domain_check = self.check_inputs(channels)
+            timings["preprocess"] = time.perf_counter() - clock
+            reference = channels[0]
+            collector = self.pipeline.collector(prepared, reference, options)
+            window = self.window_config(options)
+            clock = time.perf_counter()
+            weights_sha256 = digest.result() if digest is not None else None
+        tiles, backend = self.tile_function(options, window, int(prepared.image_czyx.shape[0]), weights_sha256)
         timings["backend_setup"] = time.perf_counter() - clock
         clock = time.perf_counter()
         with _mc_dropout(self.net, options.uncertainty == "mc_dropout", self.card.ref):

@@ -188,7 +188,11 @@ class NnUNetExportCollector:
         self._buffer = [(z0, b) for z0, b in self._buffer if z0 + b.shape[1] > keep_from]
 
     def _source(self, m0: int, m1: int) -> np.ndarray:
-        """Network slices ``[m0, m1)`` of all channels, float16, from the buffered slabs."""
+        """Network slices ``[m0, m1)`` of all channels, float16, from the buffered slabs (a view into one
+        slab when it holds them all; callers only read it)."""
+        for z0, block in self._buffer:
+            if z0 <= m0 and m1 <= z0 + block.shape[1]:
+                return block[:, m0 - z0 : m1 - z0]
         out = np.empty((self.channels, m1 - m0, *self.network_shape[1:]), dtype=np.float16)
         for z0, block in self._buffer:
             lo, hi = max(z0, m0), min(z0 + block.shape[1], m1)
@@ -219,11 +223,14 @@ class NnUNetExportCollector:
         # can then round the other way. This layout is the one the export's labels are pinned to.
         planes = block.transpose(0, 1).contiguous()  # (n, K, Y', X')
         size = self.crop_shape[1:]
+        interpolated = first.mode == "linear"
         if tuple(planes.shape[2:]) != size:
             # bilinear with half-pixel centres and clamped edges (torch's align_corners=False) is scipy's
             # zoom(order=1, grid_mode=True, mode="nearest"); an axis already at its size maps to itself
             planes = torch.nn.functional.interpolate(planes, size=size, mode="bilinear", align_corners=False)
-        return planes.to(torch.float16).to(torch.float32)
+            interpolated = True
+        # values only copied or selected are float16 already
+        return planes.to(torch.float16).to(torch.float32) if interpolated else planes
 
     def _emit_rows(self, r0: int, r1: int) -> None:
         rows = slice(r0, r1)

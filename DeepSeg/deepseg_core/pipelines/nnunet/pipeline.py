@@ -130,7 +130,11 @@ class NnUNetPipeline(Pipeline):
         data = data_czyx.transpose([0, *[a + 1 for a in tf]])
         spacing_t = [float(spacing_zyx[a]) for a in tf]
         shape_before = tuple(int(s) for s in data.shape[1:])
-        nonzero, bbox = nonzero_bbox(data)
+        # the filled mask only matters to a masked z-score and to training labels
+        needs_mask = labels_zyx is not None or any(
+            scheme == "ZScoreNormalization" and masked for scheme, masked in zip(self.schemes, self.use_mask, strict=False)
+        )
+        nonzero, bbox = nonzero_bbox(data, fill_holes=needs_mask)
         box = tuple(slice(a, b) for a, b in bbox)
         data = data[(slice(None), *box)]
         inside = nonzero[box]

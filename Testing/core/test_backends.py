@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -17,10 +19,12 @@ from deepseg_core.inference import Segmenter, SegmentOptions, sliding_window_pre
 from deepseg_core.inference.backends import (
     SPLIT_CONCAT_BACKENDS,
     PooledInstanceNorm,
+    cached_onnx,
     choose_backend,
     exportable,
     installed,
     native_bfloat16,
+    openvino_cache_dir,
     split_concatenated_convolutions,
     tile_function,
     weights_digest,
@@ -228,11 +232,73 @@ def test_a_graph_damaged_in_place_is_exported_again_even_where_the_runtime_would
     graph.write_bytes(damaged)
     os.utime(graph, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert graph.stat().st_size == stat.st_size and graph.stat().st_mtime_ns == stat.st_mtime_ns
+    blobs = openvino_cache_dir(graph)
+    blobs.mkdir(parents=True, exist_ok=True)
+    (blobs / "compiled-from-the-damaged-graph.blob").write_bytes(b"x")
     function, used = tile_function(net, choice, "c" * 64, shape, tmp_path)
     assert used.name == backend and graph.read_bytes() != damaged
+    assert not (blobs / "compiled-from-the-damaged-graph.blob").exists(), "a graph written anew starts without blobs"
     tiles = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(function(tiles), net(tiles), atol=1e-4, rtol=1e-4)
+
+
+def test_a_graph_touched_but_intact_is_used_and_its_key_records_it_again(tmp_path):
+    """A changed modification time (a copied cache, or a key from before times were recorded) means: hash
+    first, then load; the intact graph is kept and the key records the file, so the next run loads it
+    while hashing."""
+    net = build_net("unet", {"spatial_dims": 2, "in_channels": 1, "num_classes": 2, "features": [4, 8]}, seed=6).eval()
+    choice = choose_backend("onnxruntime", torch.device("cpu"))
+    tile_function(net, choice, "d" * 64, (1, 1, 16, 16), tmp_path)
+    (graph,) = tmp_path.glob("*.onnx")
+    (key_file,) = tmp_path.glob("*.json")
+    key = json.loads(key_file.read_text())
+    assert (key["graph_bytes"], key["graph_mtime_ns"]) == (graph.stat().st_size, graph.stat().st_mtime_ns)
+    inode = graph.stat().st_ino
+    key_file.write_text(json.dumps({k: v for k, v in key.items() if not k.startswith("graph_") or k == "graph_sha256"}))
+    os.utime(graph, ns=(graph.stat().st_atime_ns, graph.stat().st_mtime_ns + 5_000_000_000))
+    function, used = tile_function(net, choice, "d" * 64, (1, 1, 16, 16), tmp_path)
+    assert used.name == "onnxruntime" and graph.stat().st_ino == inode, "intact: not exported again"
+    refreshed = json.loads(key_file.read_text())
+    assert refreshed["graph_mtime_ns"] == graph.stat().st_mtime_ns and refreshed["graph_sha256"] == key["graph_sha256"]
+    tiles = torch.randn(1, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(function(tiles), net(tiles), atol=1e-4, rtol=1e-4)
+
+
+def test_a_graph_replaced_while_the_runtime_loads_it_is_not_trusted(tmp_path):
+    """Another process may replace the graph while this one loads and hashes it: the runtime may then
+    have read the other file, so the load is dropped and the graph exported again."""
+    net = build_net("unet", {"spatial_dims": 2, "in_channels": 1, "num_classes": 2, "features": [4, 8]}, seed=7).eval()
+    shape = (1, 1, 16, 16)
+    graph = cached_onnx(net, "e" * 64, "onnxruntime", shape, tmp_path)
+    loads = []
+
+    def replacing_load(path):
+        if not loads:
+            copy_of_graph = path.with_suffix(".copy")
+            copy_of_graph.write_bytes(path.read_bytes())
+            os.replace(copy_of_graph, path)  # the same bytes under a new inode
+        loads.append(path.stat().st_ino)
+        return path
+
+    assert cached_onnx(net, "e" * 64, "onnxruntime", shape, tmp_path, replacing_load) == graph
+    assert len(loads) == 2, "loaded, dropped, exported again and loaded again"
+    assert cached_onnx(net, "e" * 64, "onnxruntime", shape, tmp_path, lambda path: "loaded") == "loaded"
+
+
+def test_a_runtime_that_will_not_import_falls_back_to_torch(segmenter, monkeypatch, caplog):
+    """``installed`` only finds the package; importing it can still fail (a missing shared library)."""
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino raises ImportError
+    monkeypatch.setattr("deepseg_core.inference.backends.installed", lambda name: True)
+    segmenter._tile_functions.clear()
+    with caplog.at_level("WARNING"):
+        result = segmenter.segment([sample_crop()], SegmentOptions(device="cpu", backend="openvino"))
+    segmenter._tile_functions.clear()
+    assert (
+        result.backend == "torch"
+        and "openvino could not run this network (ModuleNotFoundError: import of openvino halted" in caplog.text
+    )
 
 
 def test_the_weights_digest_is_the_sha256_of_names_dtypes_shapes_and_bytes():

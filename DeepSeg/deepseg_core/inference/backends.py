@@ -36,15 +36,15 @@ import hashlib
 import importlib.util
 import json
 import logging
-import mmap
 import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 import torch
@@ -157,7 +157,10 @@ def weights_digest(net: nn.Module) -> str:
 def input_free_setup(net: nn.Module, backend: str) -> str:
     """The part of an exported backend's set-up that needs no input image, which a caller can run beside
     the preprocessing: import the runtime (0.09 s for OpenVINO) and return :func:`weights_digest`."""
-    importlib.import_module(BACKEND_PACKAGES[backend])
+    try:
+        importlib.import_module(BACKEND_PACKAGES[backend])
+    except Exception as exc:  # a runtime that will not import: tile_function meets it again and falls back
+        log.debug("importing %s beforehand failed: %s", backend, exc)
     return weights_digest(net)
 
 
@@ -348,48 +351,109 @@ def split_concatenated_convolutions(graph: Path) -> int:
     return rewritten
 
 
+def _sha256(handle: BinaryIO) -> str:
+    """SHA-256 of an open file from its start, read into one reused 4 MB buffer: no copy of a graph of
+    hundreds of MB, and hashlib lets other threads run meanwhile."""
+    digest = hashlib.sha256()
+    buffer = bytearray(1 << 22)
+    view = memoryview(buffer)
+    handle.seek(0)
+    while count := handle.readinto(buffer):
+        digest.update(view[:count])
+    return digest.hexdigest()
+
+
 def _digest(path: Path) -> str:
-    """SHA-256 of a file, read through a memory map (hashlib then reads the page cache directly instead
-    of a copy of the whole graph, and lets other threads run meanwhile)."""
-    with path.open("rb") as handle:
-        if os.fstat(handle.fileno()).st_size == 0:
-            return hashlib.sha256(b"").hexdigest()
-        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            return hashlib.sha256(mapped).hexdigest()
+    with path.open("rb", buffering=0) as handle:
+        return _sha256(handle)
 
 
-def _recorded_digest(key_file: Path, wanted: dict[str, object]) -> str | None:
-    """The graph checksum a key file records, when the rest of its key is ``wanted``; else None."""
+def _file_identity(stat: os.stat_result) -> dict[str, int]:
+    """What a key records of the graph file it was checked against: size and modification time."""
+    return {"graph_bytes": int(stat.st_size), "graph_mtime_ns": int(stat.st_mtime_ns)}
+
+
+def openvino_cache_dir(graph: Path) -> Path:
+    """Where OpenVINO keeps the blob it compiled from ``graph``: one folder per graph, emptied whenever the
+    graph is written anew. OpenVINO names its blob after the graph's path and the compile options, and
+    checks it against the file's size and whole-second modification time only, so a graph exported
+    again in the same second as a damaged one was compiled would otherwise get the damaged one's blob."""
+    return graph.parent / "openvino" / graph.stem
+
+
+def _recorded_key(key_file: Path, wanted: dict[str, object]) -> dict[str, Any] | None:
+    """The key file's content when its key is ``wanted`` and it records the graph's checksum; else None."""
     try:
         key = json.loads(key_file.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
     if not isinstance(key, dict) or {k: key.get(k) for k in wanted} != wanted or not isinstance(key.get("graph_sha256"), str):
         return None
-    return key["graph_sha256"]
+    return key
 
 
 def _load_while_verifying(graph: Path, recorded_sha256: str, load: Callable[[Path], Loaded]) -> tuple[bool, Loaded | None]:
     """``load(graph)`` in a second thread while this one checks the graph's SHA-256 against the key's.
 
-    Returns ``(True, loaded)`` for an intact graph (``load``'s exception, if any, is raised), or
-    ``(False, None)`` for a damaged one, whatever ``load`` made of it. OpenVINO's compiled-blob cache
-    does not read the graph at all (it keys its blob by the graph's path, size and modification
-    time), so the two overlap fully: 0.14 s instead of 0.16 + 0.18 s for nnU-Net's 120 MB network.
+    Returns ``(True, loaded)`` when the file hashed is intact and still the one at ``graph`` after the
+    load (another process may replace it meanwhile: then the runtime may have read either, so it
+    counts as damaged); ``load``'s exception, if any, is then raised. Otherwise ``(False, None)``,
+    whatever ``load`` made of the file. With OpenVINO's blob cache valid, the load does not read the
+    graph, and the two overlap fully: 0.14 s instead of 0.16 + 0.18 s for nnU-Net's 120 MB network.
     """
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepseg-graph-load") as pool:
-        loading = pool.submit(load, graph)
+    with graph.open("rb", buffering=0) as handle:
+        hashed = os.fstat(handle.fileno())
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepseg-graph-load")
         try:
-            intact = _digest(graph) == recorded_sha256
-        except OSError:
-            intact = False
-        if intact:
-            return True, loading.result()
-        try:
-            loading.result()
-        except Exception:  # a damaged graph may well fail to load; it is exported again either way
-            pass
+            loading = pool.submit(load, graph)
+            try:
+                intact = _sha256(handle) == recorded_sha256
+            except OSError:
+                intact = False
+            failure: Exception | None = None
+            loaded = None
+            try:
+                loaded = loading.result()
+            except Exception as exc:  # a damaged graph may well fail to load: raised only for an intact one
+                failure = exc
+        except BaseException:  # Ctrl-C while hashing: do not wait for the compilation
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=False)
+    try:
+        now = graph.stat()
+    except OSError:
         return False, None
+    if not intact or (now.st_ino, now.st_size, now.st_mtime_ns) != (hashed.st_ino, hashed.st_size, hashed.st_mtime_ns):
+        return False, None
+    if failure is not None:
+        raise failure
+    return True, loaded
+
+
+def _verified(graph: Path, key: dict[str, Any], key_file: Path, load: Callable[[Path], Loaded] | None) -> tuple[bool, Any]:
+    """``(True, load(graph) or graph)`` when the cached graph matches its key's checksum, else ``(False, None)``.
+
+    A graph whose size and modification time are those the key recorded is loaded while it is hashed
+    (:func:`_load_while_verifying`). Any other (changed since, or a key from before sizes and times
+    were recorded) is hashed before a runtime's parser sees a byte of it, and the key then records
+    the file as checked."""
+    try:
+        current = graph.stat()
+    except OSError:
+        return False, None
+    if load is not None and all(key.get(k) == v for k, v in _file_identity(current).items()):
+        return _load_while_verifying(graph, key["graph_sha256"], load)
+    with graph.open("rb", buffering=0) as handle:
+        hashed = os.fstat(handle.fileno())
+        if _sha256(handle) != key["graph_sha256"]:
+            return False, None
+    if graph.stat().st_ino == hashed.st_ino:
+        try:  # best effort: a read-only cache still works, on this slower path
+            atomic_write_text(key_file, json.dumps({**key, **_file_identity(hashed)}, indent=2) + "\n")
+        except OSError:
+            pass
+    return True, load(graph) if load is not None else graph
 
 
 def cached_onnx(
@@ -404,19 +468,20 @@ def cached_onnx(
     what ``load`` makes of it.
 
     The graph and its key (JSON) sit in ``cache_dir``; a graph whose key or own checksum does not
-    match is exported again (written to a temporary name, then renamed). ``load`` (a runtime session
-    from the graph's path) runs on a cached graph while its checksum is checked, and again on a
-    graph exported anew; what it made of a damaged graph is dropped. Without ``load``: the path.
+    match is exported again (written to a temporary name, then renamed, its OpenVINO blobs removed).
+    ``load`` (a runtime session from the graph's path) runs on a cached graph that still has the size
+    and time its key recorded while its checksum is checked (:func:`_verified`), and on a graph
+    exported anew; what it made of a damaged graph is dropped. Without ``load``: the path.
     """
     stem = hashlib.sha256(json.dumps(export_key(weights_sha256, backend, input_shape), sort_keys=True).encode()).hexdigest()[:24]
     graph, key_file = cache_dir / f"{stem}.onnx", cache_dir / f"{stem}.json"
     wanted = export_key(weights_sha256, backend, input_shape)
     if graph.is_file() and key_file.is_file():
-        recorded = _recorded_digest(key_file, wanted)
-        if recorded is not None:
-            intact, loaded = _load_while_verifying(graph, recorded, load or (lambda path: path))
+        key = _recorded_key(key_file, wanted)
+        if key is not None:
+            intact, loaded = _verified(graph, key, key_file, load)
             if intact:
-                return loaded  # type: ignore[return-value]
+                return loaded
         log.info("cached %s graph %s is stale or damaged: exporting it again", backend, graph.name)
     cache_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=".onnx", dir=cache_dir)
@@ -441,11 +506,14 @@ def cached_onnx(
             split = split_concatenated_convolutions(tmp)
             log.debug("exported %s graph %s: %d convolutions of concatenations split", backend, graph.name, split)
         os.chmod(tmp, default_mode())
-        os.replace(tmp, graph)
+        with tmp.open("rb", buffering=0) as handle:
+            written = {"graph_sha256": _sha256(handle), **_file_identity(os.fstat(handle.fileno()))}
+        shutil.rmtree(openvino_cache_dir(graph), ignore_errors=True)
+        os.replace(tmp, graph)  # keeps the file's size and modification time
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    atomic_write_text(key_file, json.dumps({**wanted, "graph_sha256": _digest(graph)}, indent=2) + "\n")
+    atomic_write_text(key_file, json.dumps({**wanted, **written}, indent=2) + "\n")
     return load(graph) if load is not None else graph
 
 
@@ -494,14 +562,17 @@ def openvino_tiles(graph: Path, batch: int, precision: str = "float32") -> Expor
     """OpenVINO compiled model on the CPU (latency hint, torch's thread count); its output buffer is
     reused by the next call (``ExportedTiles.reuses_output``).
 
-    OpenVINO keeps its compiled blob in the graph's folder (``CACHE_DIR``), so later processes skip
-    the compilation. The precision is always asked for explicitly: on CPUs with AMX or AVX512-BF16
+    OpenVINO keeps its compiled blob beside the graph (``CACHE_DIR``, :func:`openvino_cache_dir`), so
+    later processes skip the compilation. The precision is always asked for explicitly: on CPUs with AMX or AVX512-BF16
     OpenVINO would otherwise pick bfloat16 by itself.
     """
     import openvino
 
+    cache = openvino_cache_dir(graph)
+    for legacy in cache.parent.glob("*.blob"):  # blobs of the shared folder used before: never read again
+        legacy.unlink(missing_ok=True)
     core = openvino.Core()
-    core.set_property({"CACHE_DIR": str(graph.parent / "openvino")})
+    core.set_property({"CACHE_DIR": str(cache)})
     compiled = core.compile_model(str(graph), "CPU", openvino_properties(precision))
     request = compiled.create_infer_request()
     output = compiled.output(0)

@@ -7,7 +7,7 @@ from scipy import ndimage
 
 
 def nonzero_bbox(data_czyx: np.ndarray, fill_holes: bool = True) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """The filled non-zero mask of all channels and its half-open bounding box per axis (nnU-Net's crop).
+    """The non-zero mask of all channels, holes filled, and its half-open bounding box per axis (nnU-Net's crop).
 
     An all-zero image gives the whole image as its box. The box is that of the mask before its holes
     are filled, which is the same box: a hole is background enclosed by the mask, so it lies inside

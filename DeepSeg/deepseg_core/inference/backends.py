@@ -363,11 +363,6 @@ def _sha256(handle: BinaryIO) -> str:
     return digest.hexdigest()
 
 
-def _digest(path: Path) -> str:
-    with path.open("rb", buffering=0) as handle:
-        return _sha256(handle)
-
-
 def _file_identity(stat: os.stat_result) -> dict[str, int]:
     """What a key records of the graph file it was checked against: size and modification time."""
     return {"graph_bytes": int(stat.st_size), "graph_mtime_ns": int(stat.st_mtime_ns)}

@@ -176,8 +176,8 @@ class NnUNetExportCollector:
             self._emit(ready)
 
     def _emit(self, stop: int) -> None:
-        # bytes per output slice: every channel's float32 interpolation, float16 copy and the argmax's
-        # class-last float32 copy (+ float32 softmax)
+        # bytes per output slice, at most: every channel's float32 interpolation, float16 copy and the
+        # argmax's class-last copy (+ float32 softmax)
         plane = self.crop_shape[1] * self.crop_shape[2]
         per_slice = plane * self.channels * (14 if self.probabilities is not None or self.entropy is not None else 10)
         chunk = max(1, EXPORT_CHUNK_BYTES // max(per_slice, 1))

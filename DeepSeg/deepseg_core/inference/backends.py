@@ -376,6 +376,15 @@ def openvino_cache_dir(graph: Path) -> Path:
     return graph.parent / "openvino" / graph.stem
 
 
+def _still_names(graph: Path, hashed: os.stat_result) -> bool:
+    """Whether the path ``graph`` still names the file that was hashed (another process may replace it)."""
+    try:
+        now = graph.stat()
+    except OSError:
+        return False
+    return (now.st_ino, now.st_size, now.st_mtime_ns) == (hashed.st_ino, hashed.st_size, hashed.st_mtime_ns)
+
+
 def _recorded_key(key_file: Path, wanted: dict[str, object]) -> dict[str, Any] | None:
     """The key file's content when its key is ``wanted`` and it records the graph's checksum; else None."""
     try:
@@ -415,11 +424,7 @@ def _load_while_verifying(graph: Path, recorded_sha256: str, load: Callable[[Pat
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         pool.shutdown(wait=False)
-    try:
-        now = graph.stat()
-    except OSError:
-        return False, None
-    if not intact or (now.st_ino, now.st_size, now.st_mtime_ns) != (hashed.st_ino, hashed.st_size, hashed.st_mtime_ns):
+    if not intact or not _still_names(graph, hashed):
         return False, None
     if failure is not None:
         raise failure
@@ -443,7 +448,7 @@ def _verified(graph: Path, key: dict[str, Any], key_file: Path, load: Callable[[
         hashed = os.fstat(handle.fileno())
         if _sha256(handle) != key["graph_sha256"]:
             return False, None
-    if graph.stat().st_ino == hashed.st_ino:
+    if _still_names(graph, hashed):
         try:  # best effort: a read-only cache still works, on this slower path
             atomic_write_text(key_file, json.dumps({**key, **_file_identity(hashed)}, indent=2) + "\n")
         except OSError:

@@ -63,8 +63,6 @@ class _AxisMap:
 
         Linear: ``(1 - t) * v[i0] + t * v[i1]`` in float32, one rounding per operation (torch's
         elementwise kernels, in threads, neither fuse nor reorder them)."""
-        if self.mode == "identity" and offset == 0 and block.shape[axis] == len(self.i0):
-            return block.float()
         first = block.index_select(axis, torch.from_numpy(self.i0 - offset)).float()
         if self.mode != "linear":
             return first

@@ -25,6 +25,7 @@ of measured TF32 / float16 matmul ceilings are added; TensorRT is reported as in
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -38,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "DeepSeg"))
 
 from deepseg_core.inference import SlidingWindowConfig, gaussian_importance, sliding_window_predict
 from deepseg_core.inference.backends import choose_backend, installed, native_bfloat16, tile_function
+from deepseg_core.inference.sliding_window import tile_starts
 
 SHAPE_ZYX = (160, 192, 192)
 PATCH = (96, 96, 96)
@@ -128,6 +130,38 @@ def time_deepseg(net, image, batch, device, repeats, amp=False):
     return best, probs, stats
 
 
+def time_parts(net, image, batch, device, repeats, amp=False) -> dict[str, float]:
+    """Where a GPU run's time can go, each part timed alone (best of ``repeats``): ``network_only``:
+    DeepSeg's tile batches cut from the image on the device, forward and softmax, nothing blended or
+    copied back; ``copy_back_all_classes``: the blended volume ``(2, Z, Y, X)`` float32 to host memory
+    (what DeepSeg's slabs hand over, all classes); ``copy_back_foreground``: one class of it (what
+    this benchmark copies from MONAI's output)."""
+    on_device = image.to(device)
+    starts = list(itertools.product(*(tile_starts(s, p, OVERLAP) for s, p in zip(SHAPE_ZYX, PATCH, strict=True))))
+    best = {"network_only": float("inf"), "copy_back_all_classes": float("inf"), "copy_back_foreground": float("inf")}
+    volume = torch.rand((2, *SHAPE_ZYX), device=device)
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode(), torch.autocast(device.type, torch.float16, enabled=amp):
+            for index in range(0, len(starts), batch):
+                tiles = torch.stack(
+                    [
+                        on_device[:, z : z + PATCH[0], y : y + PATCH[1], x : x + PATCH[2]]
+                        for z, y, x in starts[index : index + batch]
+                    ]
+                )
+                torch.softmax(net(tiles).float(), 1)
+        sync(device)
+        best["network_only"] = min(best["network_only"], time.perf_counter() - start)
+        for key, part in (("copy_back_all_classes", volume), ("copy_back_foreground", volume[1])):
+            sync(device)
+            start = time.perf_counter()
+            part.cpu().numpy()
+            best[key] = min(best[key], time.perf_counter() - start)
+    return best
+
+
 def same_tiles_difference(net, device) -> float:
     """Max |p_DeepSeg - p_MONAI| on 168^3, where both place tiles at [0, 72] and use DeepSeg's weights."""
     global SHAPE_ZYX
@@ -197,7 +231,8 @@ def cuda_ceilings(device: torch.device) -> dict[str, float]:
 
 def cuda_rows(net, image, batch, device, repeats, reference_probs, backends) -> dict:
     """On CUDA: MONAI and DeepSeg under float16 autocast (DeepSeg's default there), torch.compile'd
-    networks (compile time reported apart), and whether TensorRT is installed. Adds rows to ``backends``."""
+    networks (compile time reported apart), the parts of a run timed alone (``parts_s``), and whether
+    TensorRT is installed. Adds rows to ``backends``."""
     import importlib.util
 
     monai_fp16, _ = time_monai(net, image, batch, device, repeats, amp=True)
@@ -214,6 +249,10 @@ def cuda_rows(net, image, batch, device, repeats, reference_probs, backends) -> 
             "first_pass_s": first_pass_s,
             "max_abs_prob_diff_vs_torch": float(np.abs(probs - reference_probs).max()),
         }
+    rows["parts_s"] = {
+        "float32": time_parts(net, image, batch, device, repeats),
+        "float16": time_parts(net, image, batch, device, repeats, amp=True),
+    }
     rows["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
     rows["tensorrt"] = "installed" if importlib.util.find_spec("torch_tensorrt") else "not installed"
     return rows

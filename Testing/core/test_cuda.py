@@ -58,6 +58,23 @@ def test_bundled_model_on_cuda_agrees_with_cpu(cpu_labels):
     assert segmenter.precision_note(SegmentOptions(device="cuda", precision="bfloat16")) == "CUDA runs float16 autocast"
 
 
+def test_tta_uncertainty_and_probabilities_on_cuda_agree_with_cpu():
+    """What ``deepseg segment --tta --uncertainty U --probabilities P`` computes: mirrored passes,
+    their entropy and the kept probabilities, on CUDA (float16 autocast) against the CPU's float32."""
+    volume = io.read_image(SAMPLE_VOLUME)
+    asked = {"tta": True, "uncertainty": "tta", "keep_probabilities": True}
+    cpu = Segmenter.load(DEFAULT_MODEL, device="cpu").segment([volume], SegmentOptions(device="cpu", backend="torch", **asked))
+    cuda = Segmenter.load(DEFAULT_MODEL, device="cuda").segment([volume], SegmentOptions(device="cuda", **asked))
+    assert cuda.precision == "float16" and cuda.probabilities is not None and cuda.uncertainty is not None
+    assert cpu.probabilities is not None and cpu.uncertainty is not None
+    assert agreement(cuda.labels.array_zyx, cpu.labels.array_zyx) >= 0.999
+    # float16 autocast moves probabilities by about 1e-3 (the kept probabilities are float16 too)
+    difference = np.abs(cuda.probabilities.astype(np.float32) - cpu.probabilities.astype(np.float32))
+    assert difference.max() <= 5e-3, difference.max()
+    assert np.abs(cuda.uncertainty.array_zyx - cpu.uncertainty.array_zyx).max() <= 5e-3
+    assert cuda.uncertainty.array_zyx.max() > 0.1, "some voxels are uncertain, so the check compares something"
+
+
 class Pointwise(nn.Module):
     """A 1x1x1 conv, so every tiling gives the same probabilities; ``fail`` decides when a forward
     first asks the real CUDA allocator for more memory than the GPU has."""

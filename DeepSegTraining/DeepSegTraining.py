@@ -58,6 +58,8 @@ class DeepSegTrainingParameterNode:
     labelMapping: str = ""
     resume: bool = False
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
+    setDropout: bool = False
+    dropout: Annotated[float, WithinRange(0.0, 0.9)] = 0.1
 
 
 class DeepSegTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):

@@ -55,6 +55,8 @@ class TrainingSettings:
     labelMapping: str = ""
     resume: bool = False
     device: str = "auto"
+    setDropout: bool = False
+    dropout: float = 0.1
 
 
 @dataclass
@@ -157,6 +159,8 @@ class TrainingPanelLogic:
                 raise TrainingPanelError(f"Unknown {what} {value!r}; choose one of {', '.join(choices)}.")
         if settings.epochs < 1 or settings.stepsPerEpoch < 1:
             raise TrainingPanelError("Train for at least one epoch of at least one step.")
+        if settings.setDropout and not 0.0 <= settings.dropout < 1.0:
+            raise TrainingPanelError(f"Dropout must be a probability from 0 to below 1, not {settings.dropout:g}.")
         name = self.new_model_name(settings)
         return TrainingRequest(
             dataset=folder,
@@ -172,6 +176,7 @@ class TrainingPanelLogic:
             resume=settings.resume,
             device=settings.device,
             models_dir=self.models_dir,
+            dropout=settings.dropout if settings.setDropout else None,
         )
 
     def start(self, settings: TrainingSettings) -> DeepSegJob:

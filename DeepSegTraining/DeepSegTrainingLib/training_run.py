@@ -37,6 +37,8 @@ class TrainingRequest:
     resume: bool = False
     device: str = "auto"
     models_dir: str | None = None
+    #: dropout after every conv (``--dropout``; Monte-Carlo dropout uncertainty needs > 0); None: the base's own
+    dropout: float | None = None
 
 
 def start_training(request: TrainingRequest, python: str | None = None) -> DeepSegJob:
@@ -58,6 +60,8 @@ def start_training(request: TrainingRequest, python: str | None = None) -> DeepS
         arguments.append("--resume")
     if request.models_dir:
         arguments += ["--models-dir", request.models_dir]
+    if request.dropout is not None:
+        arguments += ["--dropout", repr(float(request.dropout))]
     return launch(arguments, Path(tempfile.mkdtemp(prefix="deepseg-train-job-")), Path(checkpoints), python)
 
 

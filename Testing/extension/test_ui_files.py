@@ -48,6 +48,18 @@ def test_ui_loads_and_has_every_widget_the_code_uses(app, module):
     assert used <= present, f"missing in {module}.ui: {sorted(used - present)}"
 
 
+def test_the_dropout_probability_is_editable_only_when_dropout_is_ticked(app):
+    """The .ui's own connection: unticked, the base's dropout is kept, so the probability is greyed out."""
+    widget = load_ui(REPO / "DeepSegTraining" / "Resources" / "UI" / "DeepSegTraining.ui")
+    tick = widget.findChild(QtWidgets.QCheckBox, "dropoutCheckBox")
+    probability = widget.findChild(QtWidgets.QDoubleSpinBox, "dropoutSpinBox")
+    assert not tick.isChecked() and not probability.isEnabled()
+    tick.setChecked(True)
+    assert probability.isEnabled()
+    tick.setChecked(False)
+    assert not probability.isEnabled()
+
+
 SCREENSHOT_BUTTONS = {
     "DeepSeg": ("segmentButton", "exportButton", "loadSampleButton"),
     "DeepSegTraining": ("startButton", "refreshModelsButton"),

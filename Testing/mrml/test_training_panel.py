@@ -118,6 +118,27 @@ def test_stop_keeps_the_checkpoint_ticks_resume_and_resume_finishes(mrml_scene, 
     assert ModelStore(store_dir).versions("phantom-liver") == [1, 2]
 
 
+def test_dropout_set_in_the_panel_is_trained_into_the_new_version(mrml_scene, dataset_dir, store_dir, engine_python, tmp_path):
+    """Ticking Dropout gives the new version dropout layers (what Monte-Carlo dropout uncertainty
+    needs), with every weight of the base (which has none) carried over; unticked passes nothing."""
+    panel = TrainingPanelLogic(mrml_scene, models_dir=store_dir, python=engine_python, checkpoints_root=str(tmp_path))
+    settings = TrainingSettings(datasetFolder=dataset_dir, epochs=1, stepsPerEpoch=1, device="cpu")
+    panel.refresh_models(settings)
+    assert panel.training_request(settings).dropout is None, "unticked: the base's own dropout"
+    settings.setDropout, settings.dropout = True, 1.0
+    with pytest.raises(TrainingPanelError, match="Dropout must be a probability from 0 to below 1, not 1"):
+        panel.training_request(settings)
+    settings.dropout = 0.2
+    job = panel.start(settings)
+    assert job.command[job.command.index("--dropout") + 1] == "0.2"
+    run_panel(panel, settings)
+    assert panel.done_event is not None and panel.done_event["model"] == "phantom-liver:2", panel.view.status
+    store = ModelStore(store_dir)
+    card = store.card("phantom-liver:2")
+    assert card.architecture.config["dropout"] == pytest.approx(0.2)
+    assert store.card("phantom-liver:1").architecture.config.get("dropout", 0.0) == 0.0
+
+
 def test_the_panels_label_mapping_reaches_the_trainer_and_its_error_reaches_the_panel(
     dataset_dir, store_dir, tmp_path, engine_python
 ):

@@ -380,7 +380,7 @@ def _mc_dropout(net: nn.Module, enable: bool, ref: str) -> Iterator[None]:
             expected="a network trained with dropout > 0",
             found="dropout 0 in every layer",
             hint="Use the test-time-augmentation method (CLI: --uncertainty-method tta), or train a version with dropout"
-            " (deepseg train ... --dropout 0.1).",
+            " (deepseg train ... --dropout 0.1, or DeepSegTraining's Dropout setting).",
         )
     before = [m.training for m in dropouts]
     for module in dropouts:

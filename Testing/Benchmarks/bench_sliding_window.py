@@ -136,8 +136,11 @@ def time_parts(net, image, batch, device, repeats, amp=False) -> dict[str, float
     copied back; ``copy_back_all_classes``: the blended volume ``(2, Z, Y, X)`` float32 to host memory
     (what DeepSeg's slabs hand over, all classes); ``copy_back_foreground``: one class of it (what
     this benchmark copies from MONAI's output)."""
-    on_device = image.to(device)
-    starts = list(itertools.product(*(tile_starts(s, p, OVERLAP) for s, p in zip(SHAPE_ZYX, PATCH, strict=True))))
+    # as DeepSeg's sliding window does: a side shorter than the patch is padded with zeros at its end
+    padded = [max(s, p) for s, p in zip(SHAPE_ZYX, PATCH, strict=True)]
+    pads = [amount for s, p in zip(reversed(SHAPE_ZYX), reversed(padded), strict=True) for amount in (0, p - s)]
+    on_device = torch.nn.functional.pad(image, pads).to(device)
+    starts = list(itertools.product(*(tile_starts(s, p, OVERLAP) for s, p in zip(padded, PATCH, strict=True))))
     best = {"network_only": float("inf"), "copy_back_all_classes": float("inf"), "copy_back_foreground": float("inf")}
     volume = torch.rand((2, *SHAPE_ZYX), device=device)
     for _ in range(repeats):

@@ -91,6 +91,29 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(site_b_dataset, tmp_pat
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
 
+def test_resume_with_another_dropout_is_refused_and_the_checkpoint_kept(site_b_dataset, tmp_path):
+    """Dropout layers change the network's layer names, and the probability changes what was trained:
+    a resume whose settings build another network stops with a clear error before loading anything."""
+    import dataclasses
+
+    from deepseg_core.errors import ConfigError
+
+    store, checkpoints = ModelStore(tmp_path / "s"), tmp_path / "ck"
+    with_dropout = dataclasses.replace(CONFIG, dropout=0.1)
+    with pytest.raises(Stopped):
+        retrain(site_b_dataset, "m", with_dropout, checkpoints, base=DEFAULT_MODEL, store=store, should_stop=lambda: True)
+    written = {path.name: path.read_bytes() for path in (checkpoints / "last").iterdir() if path.is_file()}
+    for other, found in ((CONFIG, "dropout=0.0"), (dataclasses.replace(CONFIG, dropout=0.2), "dropout=0.2")):
+        with pytest.raises(ConfigError, match="another network") as refused:
+            retrain(site_b_dataset, "m", other, checkpoints, base=DEFAULT_MODEL, store=store, resume=True)
+        message = str(refused.value)
+        assert "dropout=0.1" in message and found in message and "untick Resume" in message, message
+    assert {path.name: path.read_bytes() for path in (checkpoints / "last").iterdir() if path.is_file()} == written
+    assert store.names() == []
+    outcome = retrain(site_b_dataset, "m", with_dropout, checkpoints, base=DEFAULT_MODEL, store=store, resume=True)
+    assert outcome.card.architecture.config["dropout"] == 0.1
+
+
 def test_augmentation_keeps_shapes_labels_and_is_seeded():
     rng = np.random.default_rng(0)
     image = rng.normal(size=(1, 8, 32, 32)).astype(np.float32)

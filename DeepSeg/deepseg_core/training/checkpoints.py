@@ -116,6 +116,40 @@ def load_checkpoint(folder: Path, net: nn.Module, optimiser: torch.optim.Optimiz
     return state
 
 
+def network_description(name: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The architecture a checkpoint's weights belong to, as ``state.json`` stores it (JSON types)."""
+    return json.loads(json.dumps({"name": name, "config": config}))
+
+
+def check_same_network(folder: Path, name: str, config: dict[str, Any]) -> None:
+    """Refuse to resume from ``folder`` (``last/``) into another network than the one it was written from.
+
+    A resumed run rebuilds its network from the settings it is given. Different settings (another
+    base, dropout ticked or unticked, another dropout probability) give other layers. The weights
+    would then fail to load with torch's key list, or load into a network the stopped run never
+    trained. Checkpoints written before the architecture was recorded are not checked here."""
+    written = json.loads((folder / "state.json").read_text()).get("network")
+    if written is None:
+        return
+    wanted = network_description(name, config)
+    if written == wanted:
+        return
+    if written["name"] != wanted["name"]:
+        before, now = f"a {written['name']} network", f"a {wanted['name']} network"
+    else:
+        keys = sorted(k for k in {*written["config"], *wanted["config"]} if written["config"].get(k) != wanted["config"].get(k))
+        before = ", ".join(f"{k}={written['config'].get(k)!r}" for k in keys)
+        now = ", ".join(f"{k}={wanted['config'].get(k)!r}" for k in keys)
+    raise ConfigError(
+        "the stopped run trained another network than this run's settings build",
+        subject=folder.parent,
+        expected=f"the stopped run's network: {before}",
+        found=now,
+        hint="Resume with the stopped run's settings (the same base model and dropout), or start without resuming"
+        " (untick Resume in the panel; leave out --resume) to train anew.",
+    )
+
+
 def check_resumable(folder: Path, rank: int, world: int) -> None:
     """Refuse to resume from ``folder`` (``last/``) when it is missing or from another world size.
 

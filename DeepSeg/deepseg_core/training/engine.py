@@ -46,8 +46,10 @@ from .augment import AugmentConfig
 from .checkpoints import (
     any_rank,
     check_resumable,
+    check_same_network,
     gather_random_states,
     load_checkpoint,
+    network_description,
     random_state,
     restore_random_state,
     save_checkpoint,
@@ -283,7 +285,7 @@ def with_dropout(card: ModelCard, net: nn.Module, dropout: float, seed: int = 0)
             f"dropout cannot be set for model {card.ref}",
             expected="a DeepSeg U-Net (architecture 'unet')",
             found=f"architecture {card.architecture.name!r}",
-            hint="Leave --dropout out to fine-tune it as it is.",
+            hint="Leave --dropout out (in the DeepSegTraining panel: untick Dropout) to fine-tune it as it is.",
         )
     if float(config["dropout"]) == dropout:
         return card, net
@@ -485,6 +487,7 @@ def retrain(
     history: list[dict[str, Any]] = []
     start_epoch, best_score = 1, -1.0
     if resume:
+        check_same_network(checkpoint_dir / "last", card.architecture.name, card.architecture.config)
         state = load_checkpoint(checkpoint_dir / "last", net, optimiser)
         schedule.load_state_dict(state["scheduler"])
         restore_random_state(checkpoint_dir / "last", state, rank, rng, device_t)
@@ -535,6 +538,7 @@ def retrain(
             "scheduler": schedule.state_dict(),
             "world_size": world,
             "config": to_dict(config),
+            "network": network_description(card.architecture.name, card.architecture.config),
         }
         rank_states = gather_random_states(rng, device_t, rank, world)
         if rank == 0:

@@ -8,7 +8,16 @@ import torch
 from model_fixtures import tiny_card
 
 from deepseg_core.errors import ConfigError
-from deepseg_core.inference.pipelines import RUNNING_ARGMAX_MAX_CLASSES, StreamingGridCollector, first_argmax, pipeline_for
+from deepseg_core.inference import pipelines
+from deepseg_core.inference.pipelines import (
+    RUNNING_ARGMAX_MAX_CLASSES,
+    StreamingGridCollector,
+    first_argmax,
+    inside_model_grid,
+    linear_axes,
+    pipeline_for,
+    resample_linear,
+)
 from deepseg_core.io import Volume
 from deepseg_core.model_store import load_network, write_model_folder
 from deepseg_core.nets import LogitEnsemble, build_net
@@ -22,12 +31,24 @@ def oblique_reference() -> Volume:
     return Volume(np.zeros((23, 29, 31), np.int16), (0.8, 0.9, 2.7), (-5.0, 12.0, 40.0), tuple(direction.ravel()))
 
 
+# (bytes, slices) per step: the defaults, and steps so small that classes go one or two at a time
+STEP_SIZES = [None, (12 * 3 * 29 * 31, 3), (2 * 12 * 29 * 31, 1)]
+
+
+@pytest.mark.parametrize("step", STEP_SIZES)
 @pytest.mark.parametrize("target_spacing", [(1.5, 1.5, 1.5), (0.8, 0.9, 1.0), (1.1, 1.3, 4.2)])
-def test_streaming_back_to_the_input_grid_equals_resampling_the_whole_volume(target_spacing):
+def test_streaming_back_to_the_input_grid_equals_resampling_the_whole_volume(target_spacing, step, monkeypatch):
+    if step is not None:
+        monkeypatch.setattr(pipelines, "RESAMPLE_CHUNK_BYTES", step[0])
+        monkeypatch.setattr(pipelines, "RESAMPLE_CHUNK_SLICES", step[1])
     reference = oblique_reference()
     model_grid = resample_to_spacing(reference, target_spacing)
     rng = np.random.default_rng(3)
     logits = rng.normal(size=(5, *model_grid.shape_zyx)).astype(np.float32)
+    # class 3 ties with class 1 in half the volume: the earlier class must keep those voxels, also when
+    # the two are resampled in different groups
+    logits[3, : model_grid.shape_zyx[0] // 2] = logits[1, : model_grid.shape_zyx[0] // 2] + 2.0
+    logits[1, : model_grid.shape_zyx[0] // 2] += 2.0
     probs = np.exp(logits) / np.exp(logits).sum(axis=0, keepdims=True)
     collector = StreamingGridCollector(model_grid, reference, 5, keep_probabilities=True, uncertainty=True)
     z = 0
@@ -47,6 +68,59 @@ def test_streaming_back_to_the_input_grid_equals_resampling_the_whole_volume(tar
     entropy = resample_to_grid(model_grid.with_array(normalised_entropy(probs)), reference).array_zyx
     np.testing.assert_allclose(out.entropy_zyx, np.clip(entropy, 0, 1), atol=1e-5)
     assert collector.max_buffered_slices <= 4 + 2 * StreamingGridCollector.MARGIN + 4
+
+
+def sitk_linear(values_zyx: np.ndarray, source: Volume, reference: Volume) -> np.ndarray:
+    """What SimpleITK itself gives: ``sitk.Resample`` with ``sitkLinear``, default 0, float32."""
+    import SimpleITK as sitk
+
+    image = source.with_array(values_zyx.astype(np.float32)).to_sitk()
+    grid = sitk.Image(list(reference.shape_zyx[::-1]), sitk.sitkUInt8)
+    grid.SetSpacing(reference.spacing_xyz_mm)
+    grid.SetOrigin(reference.origin_lps)
+    grid.SetDirection(tuple(reference.direction_lps.reshape(-1)))
+    return sitk.GetArrayFromImage(sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+
+
+# (input shape zyx, input spacing xyz, model spacing xyz, model origin shift in model voxels xyz, oblique)
+RESAMPLING_GEOMETRIES = [
+    ((23, 29, 31), (0.8, 0.9, 2.7), (1.5, 1.5, 1.5), (0.0, 0.0, 0.0), True),
+    ((20, 26, 24), (0.75, 0.75, 0.75), (1.5, 1.5, 1.5), (0.0, 0.0, 0.0), False),  # the last voxels on the grid's edge
+    ((30, 17, 19), (0.7, 0.7, 0.5), (1.4, 1.4, 1.0), (0.0, 0.0, 0.0), True),  # the same edge, spacings not exact in binary
+    ((12, 40, 36), (1.2, 1.1, 3.0), (0.8, 0.7, 1.0), (0.0, 0.0, 0.0), False),  # a finer model grid
+    ((16, 21, 25), (0.9, 1.3, 1.7), (1.1, 0.6, 2.3), (0.3, -0.7, 1.6), True),  # shifted: voxels outside on both sides
+]
+
+
+@pytest.mark.parametrize("geometry", RESAMPLING_GEOMETRIES)
+def test_separable_resampling_is_simpleitks_linear_resampling(geometry):
+    """The torch resampling the collector runs (every class at once, separable) against SimpleITK's own,
+    class by class: the same values to float32 rounding, and exactly the voxels ITK leaves at 0."""
+    shape, input_spacing, model_spacing, shift, oblique = geometry
+    angle = np.deg2rad(25 if oblique else 0)
+    direction = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    reference = Volume(np.zeros(shape, np.int16), input_spacing, (-5.0, 12.0, 40.0), tuple(direction.ravel()))
+    model_grid = resample_to_spacing(reference, model_spacing)
+    origin = np.asarray(model_grid.origin_lps) + direction @ (np.asarray(shift) * np.asarray(model_spacing))
+    model_grid = Volume(np.zeros(model_grid.shape_zyx, np.float32), model_spacing, tuple(origin), tuple(direction.ravel()))
+    values = np.random.default_rng(7).random((3, *model_grid.shape_zyx)).astype(np.float32)
+    ours = resample_linear(torch.from_numpy(values), linear_axes(model_grid, reference)).numpy()
+    inside = inside_model_grid(model_grid, reference)
+    ours *= inside
+    theirs = np.stack([sitk_linear(v, model_grid, reference) for v in values])
+    assert 0 < inside.sum() <= inside.size
+    np.testing.assert_array_equal(theirs[:, inside == 0], 0.0)
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=5e-7)  # float32 rounding: 1.2e-7 seen
+    if geometry is RESAMPLING_GEOMETRIES[1]:
+        assert not inside[-1].any(), "the last slice lies on the model grid's edge, which ITK counts as outside"
+
+
+def test_a_model_grid_that_does_not_start_at_the_input_is_refused():
+    reference = oblique_reference()
+    model_grid = resample_to_spacing(reference, (1.5, 1.5, 1.5))
+    shifted = Volume(model_grid.array_zyx, model_grid.spacing_xyz_mm, (0.0, 0.0, 0.0), tuple(model_grid.direction_lps.ravel()))
+    with pytest.raises(ConfigError, match="must start at the input's first voxel"):
+        StreamingGridCollector(shifted, reference, 3, keep_probabilities=False, uncertainty=False)
 
 
 def test_ensemble_weights_round_trip_and_average_their_members_logits(tmp_path):

@@ -230,8 +230,9 @@ def _label_dtype(num_classes: int) -> type:
     return np.uint8 if num_classes <= 256 else np.uint16
 
 
-#: about the most a step of :class:`StreamingGridCollector` holds in interpolated float32 values (bytes),
-#: beside the model slices it keeps: a chunk of input slices for a group of classes
+#: the most a step of :class:`StreamingGridCollector` holds in interpolated float32 values (bytes),
+#: beside the model slices it keeps, unless one class alone needs more: a chunk of input slices for a
+#: group of classes
 RESAMPLE_CHUNK_BYTES = 96 * 2**20
 #: input slices per step of :class:`StreamingGridCollector`: every step interpolates in plane the model
 #: slices it needs, so fewer slices per step repeat more of that work for the slices two steps share
@@ -459,16 +460,19 @@ class StreamingGridCollector:
     def _emit_rows(self, r0: int, r1: int) -> None:
         """Input slices ``[r0, r1)``: every class resampled, the first maximum's label, and what was asked for.
 
-        Classes go in groups small enough for :data:`RESAMPLE_CHUNK_BYTES` (per voxel and class: the
-        result, the in-plane interpolation and the x-only one, 12 bytes), each group's maximum set
-        against the earlier groups' (strictly greater, so on a tie the earlier class keeps the voxel)."""
+        Classes go in groups whose interpolation steps fit :data:`RESAMPLE_CHUNK_BYTES` (one class at a
+        time when one alone does not: thick input slices need many model slices per step), each group's
+        maximum set against the earlier groups' (strictly greater: on a tie the earlier class keeps the voxel)."""
         along_z = self.axes[0].rows(r0, r1)
         axes = (along_z, *self.axes[1:])
         m0, m1 = int(along_z.lower.min()), int(along_z.upper.max()) + 1
         assert self.inside is not None
         inside = self.inside[r0:r1]
         outside = None if inside.all() else torch.from_numpy(inside == 0)
-        group = max(1, RESAMPLE_CHUNK_BYTES // (12 * inside.size))
+        # float32 bytes per class of this step: the model slices, then after x, after y, after z
+        (_, height, width), (model_height, model_width) = inside.shape, self.model_grid.shape_zyx[1:]
+        per_class = 4 * ((m1 - m0) * (model_height * model_width + model_height * width + height * width) + inside.size)
+        group = max(1, RESAMPLE_CHUNK_BYTES // per_class)
         best = self._buffer_for("best", inside.shape)
         better = torch.empty(inside.shape, dtype=torch.bool)
         labels = np.zeros(inside.shape, dtype=self.labels.dtype)

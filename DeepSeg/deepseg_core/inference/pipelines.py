@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from ..errors import ConfigError
 from ..io import Volume
-from ..preprocessing import needs_resampling, normalize, resample_to_spacing, stack_neighbour_slices
+from ..preprocessing import needs_resampling, normalize, resample_to_grid, resample_to_spacing, stack_neighbour_slices
 from ..uncertainty import normalised_entropy
 from .sliding_window import SlidingWindowConfig
 
@@ -354,15 +353,8 @@ def inside_model_grid(model_grid: Volume, reference: Volume) -> np.ndarray:
     Asked of ITK itself (a nearest-neighbour resampling of ones, which decides inside and outside as the
     linear one does), because the decision is exact to the last bit: with a model spacing twice the
     input's, the last input slice lies exactly on the model grid's edge."""
-    ones = sitk.Image([int(n) for n in model_grid.shape_zyx[::-1]], sitk.sitkUInt8) + 1
-    ones.SetSpacing(model_grid.spacing_xyz_mm)
-    ones.SetOrigin(model_grid.origin_lps)
-    ones.SetDirection(tuple(np.asarray(model_grid.direction_lps, dtype=float).reshape(-1)))
-    grid = sitk.Image([int(n) for n in reference.shape_zyx[::-1]], sitk.sitkUInt8)
-    grid.SetSpacing(reference.spacing_xyz_mm)
-    grid.SetOrigin(reference.origin_lps)
-    grid.SetDirection(tuple(np.asarray(reference.direction_lps, dtype=float).reshape(-1)))
-    return sitk.GetArrayFromImage(sitk.Resample(ones, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
+    ones = model_grid.with_array(np.ones(model_grid.shape_zyx, dtype=np.uint8))
+    return resample_to_grid(ones, reference, is_label=True).array_zyx
 
 
 class StreamingGridCollector:
@@ -373,9 +365,10 @@ class StreamingGridCollector:
     ``r * sz_input``. Input slices are resampled as soon as the model slices they interpolate between
     have arrived (with two slices of margin). The resampling is ITK's linear interpolation
     (:class:`LinearAxis`, what ``SimpleITK.Resample`` with ``sitkLinear`` gives, to float32 rounding),
-    separable because the grids share their direction: along x, then y, then z, every class at once
-    in torch's threads, in chunks of input slices of at most :data:`RESAMPLE_CHUNK_BYTES`; which
-    voxels lie outside the model grid ITK decides itself (:func:`inside_model_grid`). Only the
+    separable because the grids share their direction: along x, then y, then z, in torch's threads,
+    in steps of :data:`RESAMPLE_CHUNK_SLICES` input slices and groups of classes that fit
+    :data:`RESAMPLE_CHUNK_BYTES`; which voxels lie outside the model grid ITK decides itself
+    (:func:`inside_model_grid`). Only the
     model slices still needed are kept, as float16: memory does not grow with the number of classes
     times the number of slices. Without resampling, labels are the slab's argmax.
 

@@ -130,19 +130,15 @@ def time_deepseg(net, image, batch, device, repeats, amp=False):
     return best, probs, stats
 
 
-def time_parts(net, image, batch, device, repeats, amp=False) -> dict[str, float]:
-    """Where a GPU run's time can go, each part timed alone (best of ``repeats``): ``network_only``:
-    DeepSeg's tile batches cut from the image on the device, forward and softmax, nothing blended or
-    copied back; ``copy_back_all_classes``: the blended volume ``(2, Z, Y, X)`` float32 to host memory
-    (what DeepSeg's slabs hand over, all classes); ``copy_back_foreground``: one class of it (what
-    this benchmark copies from MONAI's output)."""
+def time_network_only(net, image, batch, device, repeats, amp=False) -> float:
+    """Best-of-``repeats`` seconds of DeepSeg's tile batches cut from the image on the device, forward and
+    softmax, nothing blended or copied back: what the network alone costs a GPU run."""
     # as DeepSeg's sliding window does: a side shorter than the patch is padded with zeros at its end
     padded = [max(s, p) for s, p in zip(SHAPE_ZYX, PATCH, strict=True)]
     pads = [amount for s, p in zip(reversed(SHAPE_ZYX), reversed(padded), strict=True) for amount in (0, p - s)]
     on_device = torch.nn.functional.pad(image, pads).to(device)
     starts = list(itertools.product(*(tile_starts(s, p, OVERLAP) for s, p in zip(padded, PATCH, strict=True))))
-    best = {"network_only": float("inf"), "copy_back_all_classes": float("inf"), "copy_back_foreground": float("inf")}
-    volume = torch.rand((2, *SHAPE_ZYX), device=device)
+    best = float("inf")
     for _ in range(repeats):
         sync(device)
         start = time.perf_counter()
@@ -156,8 +152,18 @@ def time_parts(net, image, batch, device, repeats, amp=False) -> dict[str, float
                 )
                 torch.softmax(net(tiles).float(), 1)
         sync(device)
-        best["network_only"] = min(best["network_only"], time.perf_counter() - start)
-        for key, part in (("copy_back_all_classes", volume), ("copy_back_foreground", volume[1])):
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def time_copies_back(device, repeats) -> dict[str, float]:
+    """Best-of-``repeats`` seconds to copy to host memory the blended volume ``(2, Z, Y, X)`` float32
+    (``all_classes``: what DeepSeg's slabs hand over) and one class of it (``foreground``: what this
+    benchmark copies from MONAI's output)."""
+    volume = torch.rand((2, *SHAPE_ZYX), device=device)
+    best = {"all_classes": float("inf"), "foreground": float("inf")}
+    for _ in range(repeats):
+        for key, part in (("all_classes", volume), ("foreground", volume[1])):
             sync(device)
             start = time.perf_counter()
             part.cpu().numpy()
@@ -253,8 +259,9 @@ def cuda_rows(net, image, batch, device, repeats, reference_probs, backends) -> 
             "max_abs_prob_diff_vs_torch": float(np.abs(probs - reference_probs).max()),
         }
     rows["parts_s"] = {
-        "float32": time_parts(net, image, batch, device, repeats),
-        "float16": time_parts(net, image, batch, device, repeats, amp=True),
+        "network_only_float32": time_network_only(net, image, batch, device, repeats),
+        "network_only_float16": time_network_only(net, image, batch, device, repeats, amp=True),
+        **{f"copy_back_{key}": seconds for key, seconds in time_copies_back(device, repeats).items()},
     }
     rows["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
     rows["tensorrt"] = "installed" if importlib.util.find_spec("torch_tensorrt") else "not installed"

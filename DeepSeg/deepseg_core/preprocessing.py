@@ -28,7 +28,10 @@ def resample_to_spacing(volume: Volume, target_xyz_mm: Sequence[float], *, is_la
     """Resample onto a grid with ``target_xyz_mm`` spacing, same origin and direction.
 
     Images use linear interpolation, labels nearest neighbour. The new size covers the same
-    physical extent (rounded to whole voxels).
+    physical extent (rounded to whole voxels). On a finer axis the rounding can put the new grid's
+    last voxel centres beyond the input's last voxel by more than half an input voxel, where
+    ``SimpleITK.Resample`` would give 0 (0 HU, or background): there the input's last voxel is
+    repeated (edge extension, as nnU-Net's resize and MONAI's ``padding_mode="border"`` do).
     """
     if not needs_resampling(volume.spacing_xyz_mm, target_xyz_mm):
         return volume
@@ -38,7 +41,13 @@ def resample_to_spacing(volume: Volume, target_xyz_mm: Sequence[float], *, is_la
     reference.SetSpacing(tuple(float(t) for t in target_xyz_mm))
     reference.SetOrigin(volume.origin_lps)
     reference.SetDirection(tuple(volume.direction_lps.reshape(-1)))
-    return _resample(volume, reference, is_label)
+    # an axis needs the edge where the last new centre passes the input's last voxel (half of it, minus a
+    # rounding margin: padding where ITK would still interpolate changes nothing, the pad repeats the edge)
+    edge_xyz = [
+        int((m - 1) * t > (n - 0.5 - 1e-6) * s)
+        for n, m, s, t in zip(size_xyz, new_size, volume.spacing_xyz_mm, target_xyz_mm, strict=True)
+    ]
+    return _resample(volume, reference, is_label, edge_xyz=edge_xyz)
 
 
 def resample_to_grid(volume: Volume, reference: Volume, *, is_label: bool = False) -> Volume:
@@ -52,8 +61,11 @@ def resample_to_grid(volume: Volume, reference: Volume, *, is_label: bool = Fals
     return _resample(volume, ref_image, is_label)
 
 
-def _resample(volume: Volume, reference: sitk.Image, is_label: bool) -> Volume:
+def _resample(volume: Volume, reference: sitk.Image, is_label: bool, *, edge_xyz: Sequence[int] = (0, 0, 0)) -> Volume:
+    """``edge_xyz``: input voxels to repeat past the last one along x, y and z (``ZeroFluxNeumannPad``)."""
     source = volume.to_sitk()
+    if any(edge_xyz):
+        source = sitk.ZeroFluxNeumannPad(source, [0, 0, 0], [int(e) for e in edge_xyz])
     interpolator = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
     out_type = source.GetPixelID() if is_label else sitk.sitkFloat32
     resampled = sitk.Resample(source, reference, sitk.Transform(), interpolator, 0.0, out_type)

@@ -13,7 +13,6 @@ from deepseg_core.inference.pipelines import (
     RUNNING_ARGMAX_MAX_CLASSES,
     StreamingGridCollector,
     first_argmax,
-    inside_model_grid,
     linear_axes,
     pipeline_for,
     resample_linear,
@@ -21,7 +20,7 @@ from deepseg_core.inference.pipelines import (
 from deepseg_core.io import Volume
 from deepseg_core.model_store import load_network, write_model_folder
 from deepseg_core.nets import LogitEnsemble, build_net
-from deepseg_core.preprocessing import resample_to_grid, resample_to_spacing
+from deepseg_core.preprocessing import resample_to_spacing
 from deepseg_core.uncertainty import normalised_entropy
 
 
@@ -66,27 +65,30 @@ def test_streaming_back_to_the_input_grid_equals_resampling_the_whole_volume(tar
         collector.add(z, stop, probs[:, z:stop])
         z = stop
     out = collector.finish()
-    # the whole-volume way: every class probability (float16, as kept) resampled at once, then argmax
-    whole = np.stack(
-        [resample_to_grid(model_grid.with_array(p.astype(np.float16).astype(np.float32)), reference).array_zyx for p in probs]
-    )
+    # the whole-volume way: every class probability (float16, as kept) resampled by SimpleITK, then argmax
+    whole = np.stack([sitk_linear(p.astype(np.float16).astype(np.float32), model_grid, reference) for p in probs])
     np.testing.assert_array_equal(out.labels_zyx, np.argmax(whole, axis=0))
     np.testing.assert_allclose(out.probabilities.astype(np.float32), whole, atol=1e-3)
-    entropy = resample_to_grid(model_grid.with_array(normalised_entropy(probs)), reference).array_zyx
+    entropy = sitk_linear(normalised_entropy(probs), model_grid, reference)
     np.testing.assert_allclose(out.entropy_zyx, np.clip(entropy, 0, 1), atol=1e-5)
     assert collector.max_buffered_slices <= 4 + 2 * StreamingGridCollector.MARGIN + 4
 
 
-def sitk_linear(values_zyx: np.ndarray, source: Volume, reference: Volume) -> np.ndarray:
-    """What SimpleITK itself gives: ``sitk.Resample`` with ``sitkLinear``, default 0, float32."""
+def sitk_linear(values_zyx: np.ndarray, source: Volume, reference: Volume, *, edge: int = 2) -> np.ndarray:
+    """What SimpleITK itself gives: ``sitk.Resample`` with ``sitkLinear``, float32, from ``source`` with
+    ``edge`` copies of its outermost voxels added on every side (``ZeroFluxNeumannPad``), so that voxels
+    past its last ones take its edge values; NaN where even those do not reach (default 0 without them)."""
     import SimpleITK as sitk
 
     image = source.with_array(values_zyx.astype(np.float32)).to_sitk()
+    if edge:
+        image = sitk.ZeroFluxNeumannPad(image, [edge] * 3, [edge] * 3)
     grid = sitk.Image(list(reference.shape_zyx[::-1]), sitk.sitkUInt8)
     grid.SetSpacing(reference.spacing_xyz_mm)
     grid.SetOrigin(reference.origin_lps)
     grid.SetDirection(tuple(reference.direction_lps.reshape(-1)))
-    return sitk.GetArrayFromImage(sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+    default = float("nan") if edge else 0.0
+    return sitk.GetArrayFromImage(sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, default, sitk.sitkFloat32))
 
 
 # (input shape zyx, input spacing xyz, model spacing xyz, model origin shift in model voxels xyz, oblique)
@@ -102,7 +104,8 @@ RESAMPLING_GEOMETRIES = [
 @pytest.mark.parametrize("geometry", RESAMPLING_GEOMETRIES)
 def test_separable_resampling_is_simpleitks_linear_resampling(geometry):
     """The torch resampling the collector runs (every class at once, separable) against SimpleITK's own,
-    class by class: the same values to float32 rounding, and exactly the voxels ITK leaves at 0."""
+    class by class, from the model grid with its edge repeated: the same values to float32 rounding,
+    also where plain SimpleITK gives 0 (input voxels past the model grid's last ones)."""
     shape, input_spacing, model_spacing, shift, oblique = geometry
     angle = np.deg2rad(25 if oblique else 0)
     direction = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
@@ -112,14 +115,45 @@ def test_separable_resampling_is_simpleitks_linear_resampling(geometry):
     model_grid = Volume(np.zeros(model_grid.shape_zyx, np.float32), model_spacing, tuple(origin), tuple(direction.ravel()))
     values = np.random.default_rng(7).random((3, *model_grid.shape_zyx)).astype(np.float32)
     ours = resample_linear(torch.from_numpy(values), linear_axes(model_grid, reference)).numpy()
-    inside = inside_model_grid(model_grid, reference)
-    ours *= inside
     theirs = np.stack([sitk_linear(v, model_grid, reference) for v in values])
-    assert 0 < inside.sum() <= inside.size
-    np.testing.assert_array_equal(theirs[:, inside == 0], 0.0)
+    assert not np.isnan(theirs).any(), "two repeated edge voxels must reach every input voxel"
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=5e-7)  # float32 rounding: 1.2e-7 seen
+    plain = sitk_linear(values[0], model_grid, reference, edge=0)
+    past_the_edge = plain == 0.0  # the random values are never 0 where ITK interpolates
+    np.testing.assert_allclose(ours[0][~past_the_edge], plain[~past_the_edge], rtol=0, atol=5e-7)
     if geometry is RESAMPLING_GEOMETRIES[1]:
-        assert not inside[-1].any(), "the last slice lies on the model grid's edge, which ITK counts as outside"
+        # the last slice lies on the model grid's edge, which ITK counts as outside: it was background
+        assert past_the_edge[-1].all() and (ours[:, -1] > 0).all()
+
+
+@pytest.mark.parametrize(
+    "shape, input_spacing, model_spacing",
+    [
+        ((101, 9, 8), (1.0, 1.0, 1.0), (1.0, 1.0, 2.0)),  # 50.5 model slices, rounded to 50: the last slice 1 mm past
+        ((100, 9, 8), (1.0, 1.0, 1.0), (1.0, 1.0, 2.0)),  # exactly on the model grid's edge (ITK: outside)
+        ((30, 11, 512), (0.8, 1.0, 0.625), (1.5, 1.0, 1.5)),  # 512 columns of 0.8 mm at 1.5: the last 0.05 mm past
+    ],
+)
+def test_an_organ_through_the_last_input_slice_is_labelled_there_too(shape, input_spacing, model_spacing):
+    """An organ that runs through the volume's end (a volume cropped to it, a thin-slice CT) must not lose
+    the input voxels the model grid's rounded extent leaves out: they take the nearest model voxels'
+    probabilities and entropy, not background with an entropy of 0 (certain)."""
+    reference = Volume(np.zeros(shape, np.int16), input_spacing, (10.0, -4.0, 7.5))
+    model_grid = resample_to_spacing(reference, model_spacing)
+    model_shape = model_grid.shape_zyx
+    assert (model_shape[0] - 0.5) * model_spacing[2] <= (shape[0] - 1) * input_spacing[2] or (
+        (model_shape[2] - 0.5) * model_spacing[0] < (shape[2] - 1) * input_spacing[0]
+    ), "the case must have input voxels past the model grid"
+    probs = np.empty((3, *model_shape), np.float32)
+    probs[0], probs[1], probs[2] = 0.1, 0.7, 0.2  # the organ (class 1) everywhere, the last model voxels included
+    collector = StreamingGridCollector(model_grid, reference, 3, keep_probabilities=True, uncertainty=True)
+    for z in range(0, model_shape[0], 7):
+        collector.add(z, min(z + 7, model_shape[0]), probs[:, z : z + 7])
+    out = collector.finish()
+    assert (out.labels_zyx == 1).all()
+    np.testing.assert_allclose(out.probabilities.astype(np.float32).sum(0), 1.0, atol=2e-3)
+    expected_entropy = float(normalised_entropy(probs[:, :1, :1, :1]).ravel()[0])
+    np.testing.assert_allclose(out.entropy_zyx, expected_entropy, atol=1e-5)
 
 
 def test_a_model_grid_that_does_not_start_at_the_input_is_refused():

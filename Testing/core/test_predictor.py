@@ -111,6 +111,35 @@ def test_resample_to_spacing_keeps_extent():
     assert resample_to_spacing(labels, (2.0, 2.0, 1.5), is_label=True).array_zyx.dtype == np.uint8
 
 
+def test_a_finer_model_grid_repeats_the_inputs_last_voxels_where_simpleitk_gives_zero():
+    """12 slices of 3 mm onto 1 mm: the new grid's last centre lies past the input's last voxel (35 mm
+    from the first centre; the input's voxels end at 34.5 mm), as does the last column at 1.1 -> 0.5 mm
+    (9.5 mm; the input ends at 9.35 mm). ITK would give them 0 (water in a CT, background in labels);
+    the input's edge is repeated there, and everywhere else the result is SimpleITK's own."""
+    import SimpleITK as sitk
+
+    volume = ct_volume(shape=(12, 8, 9), spacing=(1.1, 1.0, 3.0))
+    volume = volume.with_array(volume.array_zyx.astype(np.float32) - 2000.0)  # no voxel near 0
+    out = resample_to_spacing(volume, (0.5, 1.0, 1.0))
+    assert out.shape_zyx == (36, 8, 20)
+    plain = sitk.GetArrayFromImage(
+        sitk.Resample(volume.to_sitk(), out.to_sitk(), sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    )
+    past = plain == 0.0
+    assert past[35].all() and past[:, :, 19].all() and not past[:35, :, :19].any()
+    np.testing.assert_array_equal(out.array_zyx[~past], plain[~past])
+    # z: slices 34 (which ITK clamps) and 35 lie past the input's last centre (33 mm): its last slice
+    np.testing.assert_array_equal(out.array_zyx[34], out.array_zyx[33])
+    np.testing.assert_array_equal(out.array_zyx[35], out.array_zyx[33])
+    # x: columns 18 (9.0 mm, which ITK clamps) and 19 (9.5 mm) lie past the input's last column (8.8 mm)
+    np.testing.assert_array_equal(out.array_zyx[..., 19], out.array_zyx[..., 18])
+    assert (out.array_zyx < -900).all()
+
+    labels = volume.with_array(np.ones(volume.shape_zyx, np.uint8))
+    resampled_labels = resample_to_spacing(labels, (0.5, 1.0, 1.0), is_label=True)
+    assert resampled_labels.array_zyx.dtype == np.uint8 and (resampled_labels.array_zyx == 1).all()
+
+
 def test_normalisation_schemes():
     data = np.random.default_rng(0).normal(100, 20, size=(4, 5, 6)).astype(np.float32)
     ct = normalize(data, Normalization("ct", window=(60.0, 140.0), mean=100.0, std=20.0))

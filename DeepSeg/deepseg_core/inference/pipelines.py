@@ -26,7 +26,7 @@ import torch
 
 from ..errors import ConfigError
 from ..io import Volume
-from ..preprocessing import needs_resampling, normalize, resample_to_grid, resample_to_spacing, stack_neighbour_slices
+from ..preprocessing import needs_resampling, normalize, resample_to_spacing, stack_neighbour_slices
 from ..uncertainty import normalised_entropy
 from .sliding_window import SlidingWindowConfig
 
@@ -245,8 +245,10 @@ class LinearAxis:
     Input (output) sample ``i`` lies at the continuous index ``c = positions[i]`` of the model grid
     along this axis. As ``itk::LinearInterpolateImageFunction`` does: the lower neighbour is
     ``floor(c)``, raised to 0 below the first sample (no interpolation there), the upper one is the
-    next sample or, past the last, none (the lower one's value). Which samples lie outside the model
-    grid (the default value 0) is :func:`inside_model_grid`'s to say.
+    next sample or, past the last, none (the lower one's value). Unlike ITK, which gives its default
+    value 0 to a sample more than half a voxel past the last one, the last value is kept there too (the
+    edge extends, as nnU-Net's resize and MONAI's ``padding_mode="border"`` do): an input voxel the model
+    grid's rounded extent leaves out gets the nearest model slice's probabilities, not background.
 
     Attributes:
         lower, upper: model-grid indices ``(n_out,)`` int64.
@@ -328,7 +330,7 @@ def resample_linear(
 ) -> torch.Tensor:
     """``(C, m, Y', X')`` model-grid values (from model slice ``z_offset``) -> ``(C, r, Y, X)`` float32 on
     the input grid, by :class:`LinearAxis` ``(z, y, x)`` along x, then y, then z, as ITK interpolates.
-    Voxels outside the model grid are not zeroed here (:func:`inside_model_grid`).
+    Voxels past the model grid's last ones take its edge values (:class:`LinearAxis`).
 
     ``buffer(name, shape)``: float32 tensors to write the steps into (the result is ``"z"``'s), so
     that a caller resampling group after group reuses them instead of allocating four each time."""
@@ -346,17 +348,6 @@ def resample_linear(
     return along_z.apply(in_plane, 1, z_offset, out=out["z"])
 
 
-def inside_model_grid(model_grid: Volume, reference: Volume) -> np.ndarray:
-    """``(Z, Y, X)`` uint8 of ``reference``: 1 where ``SimpleITK.Resample`` from ``model_grid`` interpolates, 0
-    where it gives its default value (a voxel centre outside the model grid's voxels, by ITK's own rounding).
-
-    Asked of ITK itself (a nearest-neighbour resampling of ones, which decides inside and outside as the
-    linear one does), because the decision is exact to the last bit: with a model spacing twice the
-    input's, the last input slice lies exactly on the model grid's edge."""
-    ones = model_grid.with_array(np.ones(model_grid.shape_zyx, dtype=np.uint8))
-    return resample_to_grid(ones, reference, is_label=True).array_zyx
-
-
 class StreamingGridCollector:
     """Softmax probability slabs on the model grid -> labels on the input grid, slab by slab.
 
@@ -367,8 +358,9 @@ class StreamingGridCollector:
     (:class:`LinearAxis`, what ``SimpleITK.Resample`` with ``sitkLinear`` gives, to float32 rounding),
     separable because the grids share their direction: along x, then y, then z, in torch's threads,
     in steps of :data:`RESAMPLE_CHUNK_SLICES` input slices and groups of classes that fit
-    :data:`RESAMPLE_CHUNK_BYTES`; which voxels lie outside the model grid ITK decides itself
-    (:func:`inside_model_grid`). Only the
+    :data:`RESAMPLE_CHUNK_BYTES`. Input voxels past the model grid's last voxels (its extent is rounded
+    to whole model voxels, so up to one model voxel of the input can lie beyond it) take the grid's edge
+    values, where ITK would give 0 and so background. Only the
     model slices still needed are kept, as float16: memory does not grow with the number of classes
     times the number of slices. Without resampling, labels are the slab's argmax.
 
@@ -411,7 +403,6 @@ class StreamingGridCollector:
                 found=str(tuple(round(v, 4) for v in model_grid.origin_lps)),
             )
         self.axes = linear_axes(model_grid, reference) if self.resampled else ()
-        self.inside = inside_model_grid(model_grid, reference) if self.resampled else None
         self._buffers: dict[str, torch.Tensor] = {}
 
     def add(self, z_start: int, z_stop: int, blended: np.ndarray) -> None:
@@ -459,28 +450,25 @@ class StreamingGridCollector:
         along_z = self.axes[0].rows(r0, r1)
         axes = (along_z, *self.axes[1:])
         m0, m1 = int(along_z.lower.min()), int(along_z.upper.max()) + 1
-        assert self.inside is not None
-        inside = self.inside[r0:r1]
-        outside = None if inside.all() else torch.from_numpy(inside == 0)
+        step_shape = (r1 - r0, *self.reference.shape_zyx[1:])
         # float32 bytes per class of this step: the model slices, then after x, after y, after z
-        (_, height, width), (model_height, model_width) = inside.shape, self.model_grid.shape_zyx[1:]
-        per_class = 4 * ((m1 - m0) * (model_height * model_width + model_height * width + height * width) + inside.size)
+        (depth, height, width), (model_height, model_width) = step_shape, self.model_grid.shape_zyx[1:]
+        per_model_slice = model_height * model_width + model_height * width + height * width
+        per_class = 4 * ((m1 - m0) * per_model_slice + depth * height * width)
         group = max(1, RESAMPLE_CHUNK_BYTES // per_class)
-        best = self._buffer_for("best", inside.shape)
-        better = torch.empty(inside.shape, dtype=torch.bool)
-        labels = np.zeros(inside.shape, dtype=self.labels.dtype)
+        best = self._buffer_for("best", step_shape)
+        better = torch.empty(step_shape, dtype=torch.bool)
+        labels = np.zeros(step_shape, dtype=self.labels.dtype)
         for c0 in range(0, self.channels, group):
             # this group's model slices only: all classes' would be another 0.25 GB at 117 classes
             block = self._gathered(m0, m1, lambda probs, entropy, c0=c0: probs[c0 : c0 + group])
             resampled = resample_linear(torch_view(block), axes, m0, self._buffer_for)
-            if outside is not None:
-                resampled.masked_fill_(outside, 0.0)
             if self.probabilities is not None:
                 self.probabilities[c0 : c0 + group, r0:r1] = resampled.half().numpy()
             if len(resampled) == 1:
                 highest, index = resampled[0], None
             else:
-                highest = torch.amax(resampled, 0, out=self._buffer_for("highest", inside.shape))
+                highest = torch.amax(resampled, 0, out=self._buffer_for("highest", step_shape))
                 index = first_argmax(resampled, 0).astype(labels.dtype) + labels.dtype.type(c0)
             if c0 == 0:
                 best.copy_(highest)
@@ -493,8 +481,7 @@ class StreamingGridCollector:
         self.labels[r0:r1] = labels
         if self.entropy is not None:
             entropy = torch_view(self._gathered(m0, m1, lambda probs, entropy: entropy)[None])
-            on_grid = resample_linear(entropy, axes, m0)[0].clamp_(0.0, 1.0)
-            self.entropy[r0:r1] = (on_grid if outside is None else on_grid.masked_fill_(outside, 0.0)).numpy()
+            self.entropy[r0:r1] = resample_linear(entropy, axes, m0)[0].clamp_(0.0, 1.0).numpy()
 
     def _buffer_for(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """A float32 tensor of ``shape`` kept for the next step of this slab: the steps' shapes repeat, and

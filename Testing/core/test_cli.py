@@ -54,6 +54,35 @@ def test_bundled_model_segments_the_sample_well():
     assert abs(lesions["instances"] - true_count) <= 1
 
 
+def test_a_liver_running_through_the_last_thin_slice_is_segmented_there_too():
+    """The sample cropped through the middle of its liver and resampled to 60 slices of 1 mm: the bundled
+    model's 2.5 mm grid then has 24 slices, and the input's last slice lies past its last voxel. That
+    slice used to come back as background (no liver, entropy 0, as if certain); it must carry the liver
+    of the slice before it, and the same entropy."""
+    import SimpleITK as sitk
+
+    from deepseg_core.inference import Segmenter, SegmentOptions
+
+    sample = sitk.ReadImage(str(demo.SAMPLE_VOLUME))
+    truth = io.read_segmentation(demo.SAMPLE_TRUTH).mask("liver")
+    liver_slices = np.flatnonzero(truth.any(axis=(1, 2)))
+    cropped = sample[:, :, : int(liver_slices.mean()) + 1]
+    thin = sitk.Image([*cropped.GetSize()[:2], 60], sitk.sitkUInt8)
+    thin.SetSpacing((*cropped.GetSpacing()[:2], 1.0))
+    thin.SetOrigin(cropped.GetOrigin())
+    thin.SetDirection(cropped.GetDirection())
+    assert cropped.GetSize()[2] * cropped.GetSpacing()[2] == 60.0
+    volume = io.Volume.from_sitk(sitk.Resample(cropped, thin, sitk.Transform(), sitk.sitkLinear, -1000.0, sitk.sitkInt16, True))
+    segmenter = Segmenter.load(demo.DEFAULT_MODEL, device="cpu")
+    assert segmenter.card.preprocessing.target_spacing_xyz_mm[2] == 2.5, "the case is built for the bundled model's 2.5 mm slices"
+    result = segmenter.segment([volume], SegmentOptions(uncertainty="tta"))
+    liver = result.labels.array_zyx == 1
+    assert liver[-2].sum() > 1000
+    np.testing.assert_array_equal(liver[-1], liver[-2])  # both past the last model slice's centre
+    np.testing.assert_array_equal(result.uncertainty.array_zyx[-1], result.uncertainty.array_zyx[-2])
+    assert result.uncertainty.array_zyx[-1].max() > 0
+
+
 def test_phantom_and_compare(tmp_path, capsys):
     assert main(["phantom", "--output", str(tmp_path), "--count", "2", "--shape", "16", "40", "40", "--seed", "3"]) == EXIT_OK
     capsys.readouterr()

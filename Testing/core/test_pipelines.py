@@ -129,7 +129,7 @@ def test_separable_resampling_is_simpleitks_linear_resampling(geometry):
 @pytest.mark.parametrize(
     "shape, input_spacing, model_spacing",
     [
-        ((101, 9, 8), (1.0, 1.0, 1.0), (1.0, 1.0, 2.0)),  # 50.5 model slices, rounded to 50: the last slice 1 mm past
+        ((101, 9, 8), (1.0, 1.0, 1.0), (1.0, 1.0, 2.0)),  # 50.5 model slices, rounded to 50: slice 99 on the edge, 100 past
         ((100, 9, 8), (1.0, 1.0, 1.0), (1.0, 1.0, 2.0)),  # exactly on the model grid's edge (ITK: outside)
         ((30, 11, 512), (0.8, 1.0, 0.625), (1.5, 1.0, 1.5)),  # 512 columns of 0.8 mm at 1.5: the last 0.05 mm past
     ],

@@ -247,7 +247,7 @@ class LinearAxis:
     ``floor(c)``, raised to 0 below the first sample (no interpolation there), the upper one is the
     next sample or, past the last, none (the lower one's value). Unlike ITK, which gives its default
     value 0 to a sample more than half a voxel past the last one, the last value is kept there too (the
-    edge extends, as nnU-Net's resize and MONAI's ``padding_mode="border"`` do): an input voxel the model
+    edge extends, as MONAI's ``padding_mode="border"`` does): an input voxel the model
     grid's rounded extent leaves out gets the nearest model slice's probabilities, not background.
 
     Attributes:

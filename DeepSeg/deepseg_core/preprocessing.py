@@ -48,18 +48,12 @@ def resample_to_spacing(volume: Volume, target_xyz_mm: Sequence[float], *, is_la
         int((m - 1) * t > (n - 0.5 - 1e-6) * s)
         for n, m, s, t in zip(size_xyz, new_size, volume.spacing_xyz_mm, target_xyz_mm, strict=True)
     ]
-    return _resample(volume, reference, is_label, edge_xyz=edge_xyz)
-
-
-def _resample(volume: Volume, reference: sitk.Image, is_label: bool, *, edge_xyz: Sequence[int] = (0, 0, 0)) -> Volume:
-    """``edge_xyz``: input voxels to repeat past the last one along x, y and z (``ZeroFluxNeumannPad``)."""
     source = volume.to_sitk()
     if any(edge_xyz):
-        source = sitk.ZeroFluxNeumannPad(source, [0, 0, 0], [int(e) for e in edge_xyz])
+        source = sitk.ZeroFluxNeumannPad(source, [0, 0, 0], edge_xyz)
     interpolator = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
     out_type = source.GetPixelID() if is_label else sitk.sitkFloat32
-    resampled = sitk.Resample(source, reference, sitk.Transform(), interpolator, 0.0, out_type)
-    return Volume.from_sitk(resampled)
+    return Volume.from_sitk(sitk.Resample(source, reference, sitk.Transform(), interpolator, 0.0, out_type))
 
 
 def normalize(array_zyx: np.ndarray, norm: Normalization) -> np.ndarray:

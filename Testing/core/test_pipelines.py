@@ -83,12 +83,9 @@ def sitk_linear(values_zyx: np.ndarray, source: Volume, reference: Volume, *, ed
     image = source.with_array(values_zyx.astype(np.float32)).to_sitk()
     if edge:
         image = sitk.ZeroFluxNeumannPad(image, [edge] * 3, [edge] * 3)
-    grid = sitk.Image(list(reference.shape_zyx[::-1]), sitk.sitkUInt8)
-    grid.SetSpacing(reference.spacing_xyz_mm)
-    grid.SetOrigin(reference.origin_lps)
-    grid.SetDirection(tuple(reference.direction_lps.reshape(-1)))
     default = float("nan") if edge else 0.0
-    return sitk.GetArrayFromImage(sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, default, sitk.sitkFloat32))
+    resampled = sitk.Resample(image, reference.to_sitk(), sitk.Transform(), sitk.sitkLinear, default, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(resampled)
 
 
 # (input shape zyx, input spacing xyz, model spacing xyz, model origin shift in model voxels xyz, oblique)

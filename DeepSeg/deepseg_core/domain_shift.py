@@ -16,6 +16,11 @@ Checks and thresholds (the verdict is the worst level found):
   than ``min`` by a factor > 4 -> caution (different noise and partial-volume texture).
 - **orientation**: the array axes run along different anatomical axes than in training (e.g. a
   sagittal acquisition for a model trained on axial ones) -> caution.
+- **field of view** (when the caller gives the network grid and tile, as
+  :meth:`~deepseg_core.inference.Segmenter.check_inputs` does): along an axis where the image on the
+  model's grid is shorter than one tile, the sliding window pads every tile, and the network sees
+  padding where it was trained on anatomy. The image fills less than half a tile -> caution, less
+  than a quarter -> out of distribution (a few slices cut from a volume, a small box around a lesion).
 - **intensity**: the body voxels (CT: above -500 HU; MR: above 20 % of the 99th percentile) are
   normalised as the card says but not clipped (CT: ``(HU - mean) / std`` of the training
   foreground, so one unit is one training-foreground standard deviation; MR: the per-image
@@ -48,6 +53,8 @@ INTENSITY_OOD = 2.5
 SPACING_COARSER_CAUTION = 1.5
 SPACING_COARSER_OOD = 3.0
 SPACING_FINER_CAUTION = 4.0
+FIELD_OF_VIEW_CAUTION = 0.5
+FIELD_OF_VIEW_OOD = 0.25
 CT_BODY_HU = -500.0
 MR_BODY_FRACTION_OF_P99 = 0.2
 _MAX_SAMPLES = 400_000
@@ -60,7 +67,8 @@ class Finding:
     """One check's outcome.
 
     Attributes:
-        check: ``channels``, ``modality``, ``spacing``, ``orientation``, ``intensity`` or ``fingerprint``.
+        check: ``channels``, ``modality``, ``field_of_view``, ``spacing``, ``orientation``, ``intensity``
+            or ``fingerprint``.
         level: ``ok``, ``caution`` or ``out_of_distribution``.
         message: plain-words explanation for the user.
         value: the measured quantity (e.g. the intensity distance), when there is one.
@@ -304,6 +312,43 @@ def _check_spacing(spacing_xyz: Sequence[float], trained: dict[str, Any]) -> lis
     return findings
 
 
+def check_field_of_view(
+    network_shape_zyx: Sequence[int], network_spacing_zyx_mm: Sequence[float], patch_size_zyx: Sequence[int]
+) -> list[Finding]:
+    """How much of each tile the image fills, per axis of the network grid.
+
+    Args:
+        network_shape_zyx: the image's size on the model's grid, in the network's axis order.
+        network_spacing_zyx_mm: that grid's spacing (mm), same order.
+        patch_size_zyx: the sliding window's tile (2D models: 1 along z).
+
+    Returns one finding per axis the image does not fill at least half of (the image's share of a
+    tile: below :data:`FIELD_OF_VIEW_CAUTION` caution, below :data:`FIELD_OF_VIEW_OOD` out of
+    distribution), or one ``ok`` finding.
+    """
+    findings = []
+    for axis, size, spacing, tile in zip("zyx", network_shape_zyx, network_spacing_zyx_mm, patch_size_zyx, strict=True):
+        fill = size / tile
+        if fill >= FIELD_OF_VIEW_CAUTION:
+            continue
+        level = "out_of_distribution" if fill < FIELD_OF_VIEW_OOD else "caution"
+        findings.append(
+            Finding(
+                "field_of_view",
+                level,
+                f"Along {axis} the image spans {size * spacing:.1f} mm, {size} of the {tile} voxels of one network tile "
+                f"({tile * spacing:.0f} mm): each tile is {100 * fill:.0f} % image and {100 - 100 * fill:.0f} % padding, "
+                "where the model expects anatomy. Segment a larger field of view "
+                f"(at least {FIELD_OF_VIEW_CAUTION * tile * spacing:.0f} mm along {axis}) and crop the result afterwards.",
+                value=float(fill),
+                threshold=FIELD_OF_VIEW_OOD if level == "out_of_distribution" else FIELD_OF_VIEW_CAUTION,
+            )
+        )
+    if not findings:
+        findings.append(Finding("field_of_view", "ok", "The image fills at least half of a network tile along every axis."))
+    return findings
+
+
 def _intensity_domains(fingerprint: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
     domains = []
     if fingerprint.get("intensity_body"):
@@ -313,8 +358,19 @@ def _intensity_domains(fingerprint: dict[str, Any]) -> list[tuple[str, list[dict
     return domains
 
 
-def check_input(card: ModelCard, channels: Sequence[Volume]) -> DomainReport:
-    """Compare input channels (one :class:`Volume` each, same grid) with the card's training fingerprint."""
+def check_input(
+    card: ModelCard,
+    channels: Sequence[Volume],
+    *,
+    network_shape_zyx: Sequence[int] | None = None,
+    network_spacing_zyx_mm: Sequence[float] | None = None,
+    patch_size_zyx: Sequence[int] | None = None,
+) -> DomainReport:
+    """Compare input channels (one :class:`Volume` each, same grid) with the card's training fingerprint.
+
+    With ``network_shape_zyx``, ``network_spacing_zyx_mm`` and ``patch_size_zyx`` (the first channel
+    on the model's grid, and the tile: see :func:`check_field_of_view`) the field of view is checked too.
+    """
     fp = card.fingerprint or {}
     findings: list[Finding] = []
     expected = list(card.inputs.channels)
@@ -331,6 +387,8 @@ def check_input(card: ModelCard, channels: Sequence[Volume]) -> DomainReport:
         return DomainReport("out_of_distribution", tuple(findings))
     for volume, name in zip(channels, expected, strict=True):
         findings.append(_check_modality(card, volume.array_zyx, name))
+    if network_shape_zyx is not None and network_spacing_zyx_mm is not None and patch_size_zyx is not None:
+        findings.extend(check_field_of_view(network_shape_zyx, network_spacing_zyx_mm, patch_size_zyx))
     if not fp.get("spacing_xyz_mm") and not fp.get("intensity_body"):
         findings.append(
             Finding(

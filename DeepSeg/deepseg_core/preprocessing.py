@@ -24,6 +24,16 @@ def needs_resampling(spacing_xyz_mm: Sequence[float], target_xyz_mm: Sequence[fl
     return any(abs(s - t) > SPACING_TOLERANCE * t for s, t in zip(spacing_xyz_mm, target_xyz_mm, strict=True))
 
 
+def resampled_shape_zyx(volume: Volume, target_xyz_mm: Sequence[float]) -> tuple[int, int, int]:
+    """The ``(Z, Y, X)`` size of :func:`resample_to_spacing`'s grid for ``volume``, without resampling:
+    the same physical extent in whole voxels of ``target_xyz_mm``, at least one per axis."""
+    if not needs_resampling(volume.spacing_xyz_mm, target_xyz_mm):
+        return tuple(int(n) for n in volume.shape_zyx)  # type: ignore[return-value]
+    size_xyz = volume.shape_zyx[::-1]
+    new_size = [max(1, int(round(n * s / t))) for n, s, t in zip(size_xyz, volume.spacing_xyz_mm, target_xyz_mm, strict=True)]
+    return (new_size[2], new_size[1], new_size[0])
+
+
 def resample_to_spacing(volume: Volume, target_xyz_mm: Sequence[float], *, is_label: bool = False) -> Volume:
     """Resample onto a grid with ``target_xyz_mm`` spacing, same origin and direction.
 
@@ -37,7 +47,7 @@ def resample_to_spacing(volume: Volume, target_xyz_mm: Sequence[float], *, is_la
     if not needs_resampling(volume.spacing_xyz_mm, target_xyz_mm):
         return volume
     size_xyz = volume.shape_zyx[::-1]
-    new_size = [max(1, int(round(n * s / t))) for n, s, t in zip(size_xyz, volume.spacing_xyz_mm, target_xyz_mm, strict=True)]
+    new_size = list(resampled_shape_zyx(volume, target_xyz_mm)[::-1])
     reference = sitk.Image(new_size, sitk.sitkUInt8)
     reference.SetSpacing(tuple(float(t) for t in target_xyz_mm))
     reference.SetOrigin(volume.origin_lps)

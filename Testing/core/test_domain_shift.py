@@ -11,6 +11,7 @@ from model_fixtures import tiny_card
 from deepseg_core import domain_shift, phantoms
 from deepseg_core.demo import DEFAULT_MODEL
 from deepseg_core.inference import Segmenter
+from deepseg_core.io import Volume
 from deepseg_core.model_card import ModelCard
 
 
@@ -103,3 +104,41 @@ def test_report_json_and_segmenter_entry_point(bundled_card):
     assert data["verdict"] == "out_of_distribution" and data["reasons"] and data["findings"][0]["check"] == "modality"
     assert "OUT OF DISTRIBUTION" in report.summary()
     assert domain_shift.axis_codes(np.eye(3)) == "LPS" and domain_shift.axis_codes(np.diag([-1.0, -1.0, 1.0])) == "RAS"
+
+
+OOD = "out_of_distribution"
+
+
+@pytest.mark.parametrize("size, level", [(16, "ok"), (15, "caution"), (8, "caution"), (7, OOD), (1, OOD)])
+def test_field_of_view_levels_are_the_images_share_of_a_tile(size, level):
+    findings = domain_shift.check_field_of_view((size, 64, 64), (2.5, 1.5, 1.5), (32, 64, 64))
+    assert [(f.check, f.level) for f in findings] == [("field_of_view", level)]
+    if level != "ok":
+        assert findings[0].value == size / 32
+        assert f"Along z the image spans {2.5 * size:.1f} mm, {size} of the 32 voxels" in findings[0].message
+        assert "at least 40 mm along z" in findings[0].message  # what would make it ok
+
+
+def test_a_few_slices_cut_from_a_volume_are_flagged_on_the_model_grid():
+    segmenter = Segmenter.load(DEFAULT_MODEL, device="cpu")  # tile 32 x 64 x 64 at 2.5 x 1.5 x 1.5 mm
+    whole = case(shape=(40, 64, 64)).image
+    assert segmenter.check_inputs([whole]).verdict == "ok"
+
+    def field_of_view(volume):
+        report = segmenter.check_inputs([volume])
+        findings = [f for f in report.findings if f.check == "field_of_view"]
+        return report.verdict, [(f.level, f.message.split(",")[0]) for f in findings]
+
+    def cut(*box):
+        return Volume(whole.array_zyx[box].copy(), whole.spacing_xyz_mm, whole.origin_lps, whole.direction_lps)
+
+    four = cut(slice(18, 22))
+    assert field_of_view(four) == ("out_of_distribution", [("out_of_distribution", "Along z the image spans 10.0 mm")])
+    twelve = cut(slice(14, 26))
+    assert field_of_view(twelve) == ("caution", [("caution", "Along z the image spans 30.0 mm")])
+    # counted on the model's grid, not in input voxels: 24 slices of 1.25 mm are 12 of 2.5 mm
+    fine = phantoms.generate_phantom(seed=1200, profile="ct-A", shape_zyx=(24, 64, 64), spacing_xyz_mm=(1.5, 1.5, 1.25)).image
+    assert field_of_view(fine)[1] == [("caution", "Along z the image spans 30.0 mm")]
+    # a small box around a lesion: short in-plane too
+    box = cut(slice(None), slice(20, 35), slice(24, 54))  # 15 and 30 of 64
+    assert [level for level, _ in field_of_view(box)[1]] == ["out_of_distribution", "caution"]

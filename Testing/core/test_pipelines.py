@@ -274,3 +274,24 @@ def test_arrays_with_a_flipped_axis_of_length_one_reach_torch():
     assert torch_view(plain).data_ptr() == plain.ctypes.data  # no copy where none is needed
     probabilities = np.full((2, 1, 3, 4), 0.5, np.float32)[:, ::-1]
     np.testing.assert_allclose(normalised_entropy(probabilities), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["3d", "2.5d"])
+@pytest.mark.parametrize(
+    "shape_zyx, spacing_xyz",
+    [
+        ((1, 20, 22), (1.5, 1.5, 2.5)),
+        ((7, 33, 41), (0.7, 0.8, 1.0)),
+        ((101, 10, 12), (3.1, 2.9, 1.0)),
+        ((9, 12, 10), (1.5, 1.5, 2.5001)),  # within the tolerance: not resampled
+    ],
+)
+def test_the_network_grid_is_known_before_preparing_the_image(arch, shape_zyx, spacing_xyz):
+    # the domain check's field-of-view finding uses it; it must be the grid prepare() resamples onto
+    card, _ = tiny_card(arch=arch)
+    pipeline = pipeline_for(card, 3 if arch == "3d" else 2, 1 if arch == "3d" else 3)
+    volume = Volume(np.full(shape_zyx, 40, np.int16), spacing_xyz)
+    grid = pipeline.network_grid(volume)
+    prepared = pipeline.prepare([volume])
+    assert grid.shape_zyx == prepared.image_czyx.shape[1:] == prepared.grid.shape_zyx
+    assert grid.spacing_zyx_mm == tuple(card.preprocessing.target_spacing_xyz_mm[::-1])

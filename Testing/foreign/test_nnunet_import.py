@@ -836,6 +836,22 @@ def test_reorient_ras_segments_as_nnunet_does_the_image_reoriented_to_closest_ra
     assert float((np.flip(reference, (1, 2)) != reference).mean()) > 10 * (1 - MIN_AGREEMENT)
 
 
+@pytest.mark.parametrize("model, reorient", [("3d", "none"), ("3d", "ras"), ("2d", "none"), ("resenc", "none")])
+@pytest.mark.parametrize("image", ["phantom", "oblique"])
+def test_the_network_grid_is_known_before_preprocessing(model, reorient, image, store, tiny_folders, images):
+    # the domain check's field-of-view finding needs nnU-Net's network grid without preprocessing; with the zero
+    # frames set to air nnU-Net crops nothing, so its network input is that grid
+    card = import_model(tiny_folders[model], store, name=f"tiny-{model}-grid-{reorient}", reorient=reorient)
+    pipeline = Segmenter.load(card.ref, device="cpu", store=store).pipeline
+    volume = io.read_image(images[image])
+    volume = volume.with_array(np.where(volume.array_zyx == 0, -1000, volume.array_zyx).astype(np.int16))
+    grid = pipeline.network_grid(volume)
+    prepared = pipeline.prepare([volume])
+    assert prepared.context["shape_after_crop"] == prepared.context["shape_before_crop"]
+    assert grid.shape_zyx == prepared.context["network_shape"] == prepared.image_czyx.shape[1:]
+    assert list(grid.spacing_zyx_mm) == list(prepared.context["network_spacing"])
+
+
 def test_imported_models_run_one_tile_at_a_time_unless_asked(segmenters):
     assert segmenters["3d"].card.inference.batch_size == 1
     assert segmenters["3d"].window_config(options()).batch_size == 1

@@ -26,7 +26,7 @@ import torch
 
 from ..errors import ConfigError
 from ..io import Volume
-from ..preprocessing import needs_resampling, normalize, resample_to_spacing, stack_neighbour_slices
+from ..preprocessing import needs_resampling, normalize, resample_to_spacing, resampled_shape_zyx, stack_neighbour_slices
 from ..uncertainty import normalised_entropy
 from .sliding_window import SlidingWindowConfig
 
@@ -57,6 +57,20 @@ class PreparedInput:
     image_czyx: np.ndarray
     grid: Volume | None = None
     context: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NetworkGrid:
+    """The grid a pipeline puts one input on for the network, known without preparing the input.
+
+    Attributes:
+        shape_zyx: voxels per axis in the network's axis order, before any crop to the content
+            (a crop, where the pipeline has one, only makes it smaller).
+        spacing_zyx_mm: voxel spacing per axis in the same order (mm).
+    """
+
+    shape_zyx: tuple[int, int, int]
+    spacing_zyx_mm: tuple[float, float, float]
 
 
 @dataclass
@@ -118,6 +132,11 @@ class Pipeline:
         if self.spatial_dims == 2:
             stacked = stack_neighbour_slices(stacked, self.context_slices).transpose(1, 0, 2, 3)
         return PreparedInput(np.ascontiguousarray(stacked), grid)
+
+    def network_grid(self, volume: Volume) -> NetworkGrid:
+        """The model grid :meth:`prepare` resamples ``volume`` onto (2D / 2.5D: one slice per tile)."""
+        target = self.card.preprocessing.target_spacing_xyz_mm
+        return NetworkGrid(resampled_shape_zyx(volume, target), (float(target[2]), float(target[1]), float(target[0])))
 
     def prepare_training_case(self, images: Sequence[Volume], label: Volume) -> tuple[np.ndarray, np.ndarray]:
         """A dataset case as the network sees it in training: ``(C, Z, Y, X)`` float32 and labels ``(Z, Y, X)``.

@@ -262,8 +262,18 @@ class Segmenter:
         return self.pipeline.window_config(options)
 
     def check_inputs(self, channels: Sequence[Volume]) -> DomainReport:
-        """Compare the input channels with the training-data fingerprint of the card (never raises for a shift)."""
-        return domain_shift.check_input(self.card, channels)
+        """Compare the input channels with the training-data fingerprint of the card, and the field of
+        view with the network's tile (never raises for a shift)."""
+        if not channels:
+            return domain_shift.check_input(self.card, channels)
+        grid = self.pipeline.network_grid(channels[0])
+        return domain_shift.check_input(
+            self.card,
+            channels,
+            network_shape_zyx=grid.shape_zyx,
+            network_spacing_zyx_mm=grid.spacing_zyx_mm,
+            patch_size_zyx=self.window_config(SegmentOptions()).patch_size_zyx,
+        )
 
     def prepare(self, channels: Sequence[Volume], options: SegmentOptions, subjects: Sequence[str]) -> PreparedInput:
         """Check the channels against the card, then the pipeline's network input ``(C_net, Z, Y, X)``."""

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ...errors import ConfigError, ImageError
-from ...inference.pipelines import Geometry, Pipeline, PreparedInput, torch_view
+from ...inference.pipelines import Geometry, NetworkGrid, Pipeline, PreparedInput, torch_view
 from ...inference.sliding_window import SlidingWindowConfig
 from ...io import Volume
 from .collector import BundleGridCollector
@@ -84,6 +84,19 @@ class MonaiBundlePipeline(Pipeline):
             else:
                 data = INTENSITY_FUNCTIONS[op](data, step).to(torch.float32)
         return _Prepared(data, label_array, reorder, oriented, grid, crop)
+
+    def network_grid(self, volume: Volume) -> NetworkGrid:
+        """The grid the bundle's orientation and spacing steps put ``volume`` on (no voxels moved), before
+        its crop to the foreground (smaller, unless the crop's margin reaches past the image)."""
+        grid = grid_of(volume)
+        for step in self.settings.steps:
+            if step["op"] == "orientation":
+                reorder = AxisReorder.towards(np.asarray(grid.direction_lps).reshape(3, 3), step["axcodes"])
+                grid = grid if reorder.identity else reorder.geometry(grid)
+            elif step["op"] == "spacing":
+                grid = spacing_grid(grid, step["pixdim_xyz_mm"]) or grid
+        spacing = grid.spacing_xyz_mm
+        return NetworkGrid(tuple(int(n) for n in grid.shape_zyx), (float(spacing[2]), float(spacing[1]), float(spacing[0])))  # type: ignore[arg-type]
 
     def prepare(self, channels: Sequence[Volume]) -> PreparedInput:
         """The network input ``(C, Z, Y, X)`` float32 on the (cropped) model grid, as the bundle prepares it.

@@ -29,9 +29,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ...errors import ConfigError, ImageError
-from ...inference.pipelines import Pipeline, PreparedInput
+from ...inference.pipelines import NetworkGrid, Pipeline, PreparedInput
 from ...inference.sliding_window import SlidingWindowConfig
 from ...io import Volume
+from ..axes import grid_of
 from . import tiling  # noqa: F401  (registers the sliding window's placement and importance "nnunet")
 from .crop import nonzero_bbox
 from .export import NnUNetExportCollector
@@ -111,6 +112,18 @@ class NnUNetPipeline(Pipeline):
     def reorder_for(self, volume: Volume) -> AxisReorder:
         """The voxel reorder the ``reorient`` setting asks for on ``volume``'s grid (nothing moves for ``none``)."""
         return reorientation(volume, self.reorient)
+
+    def network_grid(self, volume: Volume) -> NetworkGrid:
+        """nnU-Net's network grid for ``volume`` (reoriented, transposed, resampled), before its crop to
+        the non-zero region, which only makes it smaller."""
+        reorder = self.reorder_for(volume)
+        shape_zyx = volume.shape_zyx if reorder.identity else reorder.geometry(grid_of(volume)).shape_zyx
+        spacing_zyx = reoriented_spacing_zyx(volume, reorder)
+        shape_t = [int(shape_zyx[a]) for a in self.transpose_forward]
+        spacing_t = [float(spacing_zyx[a]) for a in self.transpose_forward]
+        network_spacing = self._network_spacing(spacing_t)
+        shape = nnunet_target_shape(shape_t, spacing_t, network_spacing)
+        return NetworkGrid((shape[0], shape[1], shape[2]), (network_spacing[0], network_spacing[1], network_spacing[2]))
 
     def _network_spacing(self, spacing_t: Sequence[float]) -> list[float]:
         """The network grid's spacing in transposed order (2D: the slice axis keeps the input's)."""

@@ -313,7 +313,10 @@ def _check_spacing(spacing_xyz: Sequence[float], trained: dict[str, Any]) -> lis
 
 
 def check_field_of_view(
-    network_shape_zyx: Sequence[int], network_spacing_zyx_mm: Sequence[float], patch_size_zyx: Sequence[int]
+    network_shape_zyx: Sequence[int],
+    network_spacing_zyx_mm: Sequence[float],
+    patch_size_zyx: Sequence[int],
+    axis_names: Sequence[str] = ("z", "y", "x"),
 ) -> list[Finding]:
     """How much of each tile the image fills, per axis of the network grid.
 
@@ -321,13 +324,14 @@ def check_field_of_view(
         network_shape_zyx: the image's size on the model's grid, in the network's axis order.
         network_spacing_zyx_mm: that grid's spacing (mm), same order.
         patch_size_zyx: the sliding window's tile (2D models: 1 along z).
+        axis_names: the input image's axis each network axis runs along (the message names it).
 
     Returns one finding per axis the image does not fill at least half of (the image's share of a
     tile: below :data:`FIELD_OF_VIEW_CAUTION` caution, below :data:`FIELD_OF_VIEW_OOD` out of
     distribution), or one ``ok`` finding.
     """
     findings = []
-    for axis, size, spacing, tile in zip("zyx", network_shape_zyx, network_spacing_zyx_mm, patch_size_zyx, strict=True):
+    for axis, size, spacing, tile in zip(axis_names, network_shape_zyx, network_spacing_zyx_mm, patch_size_zyx, strict=True):
         fill = size / tile
         if fill >= FIELD_OF_VIEW_CAUTION:
             continue
@@ -365,11 +369,13 @@ def check_input(
     network_shape_zyx: Sequence[int] | None = None,
     network_spacing_zyx_mm: Sequence[float] | None = None,
     patch_size_zyx: Sequence[int] | None = None,
+    network_axis_names: Sequence[str] = ("z", "y", "x"),
 ) -> DomainReport:
     """Compare input channels (one :class:`Volume` each, same grid) with the card's training fingerprint.
 
     With ``network_shape_zyx``, ``network_spacing_zyx_mm`` and ``patch_size_zyx`` (the first channel
-    on the model's grid, and the tile: see :func:`check_field_of_view`) the field of view is checked too.
+    on the model's grid, the tile, and which image axis each network axis is: see
+    :func:`check_field_of_view`) the field of view is checked too.
     """
     fp = card.fingerprint or {}
     findings: list[Finding] = []
@@ -388,7 +394,7 @@ def check_input(
     for volume, name in zip(channels, expected, strict=True):
         findings.append(_check_modality(card, volume.array_zyx, name))
     if network_shape_zyx is not None and network_spacing_zyx_mm is not None and patch_size_zyx is not None:
-        findings.extend(check_field_of_view(network_shape_zyx, network_spacing_zyx_mm, patch_size_zyx))
+        findings.extend(check_field_of_view(network_shape_zyx, network_spacing_zyx_mm, patch_size_zyx, network_axis_names))
     if not fp.get("spacing_xyz_mm") and not fp.get("intensity_body"):
         findings.append(
             Finding(

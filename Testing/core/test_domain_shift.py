@@ -142,3 +142,9 @@ def test_a_few_slices_cut_from_a_volume_are_flagged_on_the_model_grid():
     # a small box around a lesion: short in-plane too
     box = cut(slice(None), slice(20, 35), slice(24, 54))  # 15 and 30 of 64
     assert [level for level, _ in field_of_view(box)[1]] == ["out_of_distribution", "caution"]
+
+
+def test_field_of_view_names_the_images_axis_where_the_network_transposes_it():
+    # an nnU-Net plan may put the image's x axis first; the user crops the image, so its axis is named
+    findings = domain_shift.check_field_of_view((6, 64, 64), (3.0, 1.5, 1.5), (32, 64, 64), axis_names=("x", "z", "y"))
+    assert [f.message.split(",")[0] for f in findings] == ["Along x the image spans 18.0 mm"]

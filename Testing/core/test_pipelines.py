@@ -295,3 +295,4 @@ def test_the_network_grid_is_known_before_preparing_the_image(arch, shape_zyx, s
     prepared = pipeline.prepare([volume])
     assert grid.shape_zyx == prepared.image_czyx.shape[1:] == prepared.grid.shape_zyx
     assert grid.spacing_zyx_mm == tuple(card.preprocessing.target_spacing_xyz_mm[::-1])
+    assert grid.input_axes == ("z", "y", "x")

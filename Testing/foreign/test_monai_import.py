@@ -672,3 +672,8 @@ def test_the_network_grid_is_known_before_preparing_the_image(kind, case, segmen
     model_grid = segmenters[kind].pipeline.prepare([volume]).context["model_grid"]
     assert grid.shape_zyx == tuple(model_grid.shape_zyx)
     np.testing.assert_allclose(grid.spacing_zyx_mm, model_grid.spacing_xyz_mm[::-1], rtol=1e-12)
+    # each network axis spans the extent of the image axis it names (to within a voxel)
+    extent_mm = dict(zip("zyx", np.asarray(volume.shape_zyx) * np.asarray(volume.spacing_xyz_mm[::-1]), strict=True))
+    assert sorted(grid.input_axes) == ["x", "y", "z"]
+    for size, spacing, name in zip(grid.shape_zyx, grid.spacing_zyx_mm, grid.input_axes, strict=True):
+        assert abs(size * spacing - extent_mm[name]) <= spacing, (grid, extent_mm)

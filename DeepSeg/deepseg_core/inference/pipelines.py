@@ -67,10 +67,13 @@ class NetworkGrid:
         shape_zyx: voxels per axis in the network's axis order, before any crop to the content
             (a crop, where the pipeline has one, only makes it smaller).
         spacing_zyx_mm: voxel spacing per axis in the same order (mm).
+        input_axes: for each network axis, the input image's array axis (``z``, ``y`` or ``x``) it
+            runs along (imported pipelines may reorient and transpose).
     """
 
     shape_zyx: tuple[int, int, int]
     spacing_zyx_mm: tuple[float, float, float]
+    input_axes: tuple[str, str, str] = ("z", "y", "x")
 
 
 @dataclass

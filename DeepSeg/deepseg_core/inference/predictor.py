@@ -273,6 +273,7 @@ class Segmenter:
             network_shape_zyx=grid.shape_zyx,
             network_spacing_zyx_mm=grid.spacing_zyx_mm,
             patch_size_zyx=self.window_config(SegmentOptions()).patch_size_zyx,
+            network_axis_names=grid.input_axes,
         )
 
     def prepare(self, channels: Sequence[Volume], options: SegmentOptions, subjects: Sequence[str]) -> PreparedInput:

@@ -83,6 +83,10 @@ class AxisReorder:
         """True when nothing moves."""
         return self.source_ijk == (0, 1, 2) and not any(self.flip_ijk)
 
+    def input_axis_names(self) -> tuple[str, str, str]:
+        """For each array axis ``(z, y, x)`` of the reordered voxels, the input array axis it was."""
+        return tuple("zyx"[p] for p in self._zyx_permutation())  # type: ignore[return-value]
+
     def _zyx_permutation(self) -> list[int]:
         # array axis q of (Z, Y, X) is voxel axis 2 - q
         return [2 - self.source_ijk[2 - q] for q in range(3)]

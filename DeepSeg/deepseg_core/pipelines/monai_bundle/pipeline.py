@@ -88,15 +88,18 @@ class MonaiBundlePipeline(Pipeline):
     def network_grid(self, volume: Volume) -> NetworkGrid:
         """The grid the bundle's orientation and spacing steps put ``volume`` on (no voxels moved), before
         its crop to the foreground (smaller, unless the crop's margin reaches past the image)."""
-        grid = grid_of(volume)
+        grid, names = grid_of(volume), ("z", "y", "x")
         for step in self.settings.steps:
             if step["op"] == "orientation":
                 reorder = AxisReorder.towards(np.asarray(grid.direction_lps).reshape(3, 3), step["axcodes"])
-                grid = grid if reorder.identity else reorder.geometry(grid)
+                if not reorder.identity:
+                    grid = reorder.geometry(grid)
+                    names = tuple(names["zyx".index(a)] for a in reorder.input_axis_names())
             elif step["op"] == "spacing":
                 grid = spacing_grid(grid, step["pixdim_xyz_mm"]) or grid
         spacing = grid.spacing_xyz_mm
-        return NetworkGrid(tuple(int(n) for n in grid.shape_zyx), (float(spacing[2]), float(spacing[1]), float(spacing[0])))  # type: ignore[arg-type]
+        shape = tuple(int(n) for n in grid.shape_zyx)
+        return NetworkGrid(shape, (float(spacing[2]), float(spacing[1]), float(spacing[0])), names)  # type: ignore[arg-type]
 
     def prepare(self, channels: Sequence[Volume]) -> PreparedInput:
         """The network input ``(C, Z, Y, X)`` float32 on the (cropped) model grid, as the bundle prepares it.

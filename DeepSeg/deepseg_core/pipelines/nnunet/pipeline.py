@@ -123,7 +123,12 @@ class NnUNetPipeline(Pipeline):
         spacing_t = [float(spacing_zyx[a]) for a in self.transpose_forward]
         network_spacing = self._network_spacing(spacing_t)
         shape = nnunet_target_shape(shape_t, spacing_t, network_spacing)
-        return NetworkGrid((shape[0], shape[1], shape[2]), (network_spacing[0], network_spacing[1], network_spacing[2]))
+        names = reorder.input_axis_names()
+        return NetworkGrid(
+            (shape[0], shape[1], shape[2]),
+            (network_spacing[0], network_spacing[1], network_spacing[2]),
+            (names[self.transpose_forward[0]], names[self.transpose_forward[1]], names[self.transpose_forward[2]]),
+        )
 
     def _network_spacing(self, spacing_t: Sequence[float]) -> list[float]:
         """The network grid's spacing in transposed order (2D: the slice axis keeps the input's)."""

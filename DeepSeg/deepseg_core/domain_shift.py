@@ -340,8 +340,8 @@ def check_field_of_view(
             Finding(
                 "field_of_view",
                 level,
-                f"Along {axis} the image spans {size * spacing:.1f} mm, {size} of the {tile} voxels of one network tile "
-                f"({tile * spacing:.0f} mm): each tile is {100 * fill:.0f} % image and {100 - 100 * fill:.0f} % padding, "
+                f"Along {axis} the image spans {size * spacing:.1f} mm, {size} of the {tile} voxels of a network tile "
+                f"({tile * spacing:.0f} mm): along {axis} {100 * fill:.0f} % of each tile is image and the rest padding, "
                 "where the model expects anatomy. Segment a larger field of view "
                 f"(at least {FIELD_OF_VIEW_CAUTION * tile * spacing:.0f} mm along {axis}) and crop the result afterwards.",
                 value=float(fill),

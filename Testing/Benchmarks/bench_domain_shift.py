@@ -49,7 +49,10 @@ def rows() -> list[tuple[str, object, tuple[float, float, float], tuple[float, f
         ("ct-A, voxels 2x coarser", a, tuple(2 * s for s in same), None),
         ("ct-A, voxels 4x coarser", a, tuple(4 * s for s in same), None),
         ("mr-A given to the CT model", PROFILES["mr-A"], same, None),
-        *((f"ct-A, {n} slices ({n * z_mm:g} mm)", a, same, (n * z_mm, SHAPE_MM[1], SHAPE_MM[2])) for n in (24, 16, 12, 8, 4, 1)),
+        *(
+            (f"ct-A, {n} slice{'s' if n > 1 else ''} ({n * z_mm:g} mm)", a, same, (n * z_mm, SHAPE_MM[1], SHAPE_MM[2]))
+            for n in (24, 16, 12, 8, 4, 1)
+        ),
         *(
             (f"ct-A, {n} x {n} voxels in-plane ({n * yx_mm:g} mm)", a, same, (SHAPE_MM[0], n * yx_mm, n * yx_mm))
             for n in (40, 24, 12)

@@ -291,7 +291,7 @@ def test_the_network_grid_is_known_before_preparing_the_image(arch, shape_zyx, s
     card, _ = tiny_card(arch=arch)
     pipeline = pipeline_for(card, 3 if arch == "3d" else 2, 1 if arch == "3d" else 3)
     volume = Volume(np.full(shape_zyx, 40, np.int16), spacing_xyz)
-    grid = pipeline.network_grid(volume)
+    grid = pipeline.network_grid([volume])
     prepared = pipeline.prepare([volume])
     assert grid.shape_zyx == prepared.image_czyx.shape[1:] == prepared.grid.shape_zyx
     assert grid.spacing_zyx_mm == tuple(card.preprocessing.target_spacing_xyz_mm[::-1])

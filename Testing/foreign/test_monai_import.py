@@ -668,7 +668,7 @@ def test_cli_import_prints_the_imported_version(bundle, work, engine_python):
 def test_the_network_grid_is_known_before_preparing_the_image(kind, case, segmenters, inputs):
     # the domain check's field-of-view finding needs the model grid without running the bundle's transforms
     volume = read_image(inputs[case])
-    grid = segmenters[kind].pipeline.network_grid(volume)
+    grid = segmenters[kind].pipeline.network_grid([volume])
     model_grid = segmenters[kind].pipeline.prepare([volume]).context["model_grid"]
     assert grid.shape_zyx == tuple(model_grid.shape_zyx)
     np.testing.assert_allclose(grid.spacing_zyx_mm, model_grid.spacing_xyz_mm[::-1], rtol=1e-12)

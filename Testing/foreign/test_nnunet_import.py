@@ -838,26 +838,39 @@ def test_reorient_ras_segments_as_nnunet_does_the_image_reoriented_to_closest_ra
 
 @pytest.mark.parametrize("model, reorient", [("3d", "none"), ("3d", "ras"), ("2d", "none"), ("resenc", "none")])
 @pytest.mark.parametrize("image", ["phantom", "oblique", "sagittal"])
-def test_the_network_grid_is_known_before_preprocessing(model, reorient, image, store, tiny_folders, images):
-    # the domain check's field-of-view finding needs nnU-Net's network grid without preprocessing; with the zero
-    # frames set to air nnU-Net crops nothing, so its network input is that grid
+@pytest.mark.parametrize("frame", ["zero", "air"])
+def test_the_network_grid_is_known_before_preprocessing(model, reorient, image, frame, store, tiny_folders, images):
+    # the domain check's field-of-view finding needs nnU-Net's network grid without preprocessing: cropped to the
+    # non-zero voxels (the zero frames), reoriented, transposed, resampled
     card = import_model(tiny_folders[model], store, name=f"tiny-{model}-grid-{reorient}", reorient=reorient)
     pipeline = Segmenter.load(card.ref, device="cpu", store=store).pipeline
     volume = io.read_image(images["phantom" if image == "sagittal" else image])
-    array = np.where(volume.array_zyx == 0, -1000, volume.array_zyx).astype(np.int16)
+    array = volume.array_zyx if frame == "zero" else np.where(volume.array_zyx == 0, -1000, volume.array_zyx).astype(np.int16)
     # sagittal: voxel axis i runs toward Superior, j toward Left, k toward Posterior (reorient="ras" permutes them)
     direction = np.array([[0.0, 1, 0], [0, 0, 1], [1, 0, 0]]) if image == "sagittal" else volume.direction_lps
     volume = io.Volume(array, volume.spacing_xyz_mm, volume.origin_lps, direction)
-    grid = pipeline.network_grid(volume)
+    grid = pipeline.network_grid([volume])
     prepared = pipeline.prepare([volume])
-    assert prepared.context["shape_after_crop"] == prepared.context["shape_before_crop"]
+    cropped = prepared.context["shape_after_crop"] != prepared.context["shape_before_crop"]
+    assert cropped == (frame == "zero")
     assert grid.shape_zyx == prepared.context["network_shape"] == prepared.image_czyx.shape[1:]
     assert list(grid.spacing_zyx_mm) == list(prepared.context["network_spacing"])
+    if cropped:
+        return
     # each network axis spans the extent of the image axis it names (to within a voxel; the extents differ by more)
     extent_mm = dict(zip("zyx", np.asarray(volume.shape_zyx) * np.asarray(volume.spacing_xyz_mm[::-1]), strict=True))
     assert sorted(grid.input_axes) == ["x", "y", "z"]
     for size, spacing, name in zip(grid.shape_zyx, grid.spacing_zyx_mm, grid.input_axes, strict=True):
         assert abs(size * spacing - extent_mm[name]) <= spacing, (grid, extent_mm)
+
+
+def test_the_network_grid_of_the_head_ct_is_its_cropped_head(segmenters, images):
+    # background 0 around the head: nnU-Net crops it away, and the grid the domain check uses is the cropped one
+    volume = io.read_image(images["head_ct"])
+    grid = segmenters["3d"].pipeline.network_grid([volume])
+    prepared = segmenters["3d"].pipeline.prepare([volume])
+    assert prepared.context["shape_after_crop"] != prepared.context["shape_before_crop"]
+    assert grid.shape_zyx == prepared.context["network_shape"]
 
 
 def test_imported_models_run_one_tile_at_a_time_unless_asked(segmenters):

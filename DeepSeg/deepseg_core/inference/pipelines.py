@@ -64,8 +64,8 @@ class NetworkGrid:
     """The grid a pipeline puts one input on for the network, known without preparing the input.
 
     Attributes:
-        shape_zyx: voxels per axis in the network's axis order, before any crop to the content
-            (a crop, where the pipeline has one, only makes it smaller).
+        shape_zyx: voxels per axis in the network's axis order (nnU-Net's: after its crop to the
+            non-zero voxels; a MONAI bundle's: before its ``CropForegroundd``).
         spacing_zyx_mm: voxel spacing per axis in the same order (mm).
         input_axes: for each network axis, the input image's array axis (``z``, ``y`` or ``x``) it
             runs along (imported pipelines may reorient and transpose).
@@ -136,10 +136,10 @@ class Pipeline:
             stacked = stack_neighbour_slices(stacked, self.context_slices).transpose(1, 0, 2, 3)
         return PreparedInput(np.ascontiguousarray(stacked), grid)
 
-    def network_grid(self, volume: Volume) -> NetworkGrid:
-        """The model grid :meth:`prepare` resamples ``volume`` onto (2D / 2.5D: one slice per tile)."""
+    def network_grid(self, channels: Sequence[Volume]) -> NetworkGrid:
+        """The model grid :meth:`prepare` resamples the channels onto (2D / 2.5D: one slice per tile)."""
         target = self.card.preprocessing.target_spacing_xyz_mm
-        return NetworkGrid(resampled_shape_zyx(volume, target), (float(target[2]), float(target[1]), float(target[0])))
+        return NetworkGrid(resampled_shape_zyx(channels[0], target), (float(target[2]), float(target[1]), float(target[0])))
 
     def prepare_training_case(self, images: Sequence[Volume], label: Volume) -> tuple[np.ndarray, np.ndarray]:
         """A dataset case as the network sees it in training: ``(C, Z, Y, X)`` float32 and labels ``(Z, Y, X)``.

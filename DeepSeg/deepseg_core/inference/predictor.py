@@ -266,7 +266,7 @@ class Segmenter:
         view with the network's tile (never raises for a shift)."""
         if not channels:
             return domain_shift.check_input(self.card, channels)
-        grid = self.pipeline.network_grid(channels[0])
+        grid = self.pipeline.network_grid(channels)
         return domain_shift.check_input(
             self.card,
             channels,

@@ -85,10 +85,11 @@ class MonaiBundlePipeline(Pipeline):
                 data = INTENSITY_FUNCTIONS[op](data, step).to(torch.float32)
         return _Prepared(data, label_array, reorder, oriented, grid, crop)
 
-    def network_grid(self, volume: Volume) -> NetworkGrid:
-        """The grid the bundle's orientation and spacing steps put ``volume`` on (no voxels moved), before
-        its crop to the foreground (smaller, unless the crop's margin reaches past the image)."""
-        grid, names = grid_of(volume), ("z", "y", "x")
+    def network_grid(self, channels: Sequence[Volume]) -> NetworkGrid:
+        """The grid the bundle's orientation and spacing steps put the channels on (no voxels moved),
+        before a ``CropForegroundd``, whose box depends on the intensity steps before it (not taken
+        into account: a crop makes the grid smaller, unless its margin reaches past the image)."""
+        grid, names = grid_of(channels[0]), ("z", "y", "x")
         for step in self.settings.steps:
             if step["op"] == "orientation":
                 reorder = AxisReorder.towards(np.asarray(grid.direction_lps).reshape(3, 3), step["axcodes"])

@@ -32,9 +32,8 @@ from ...errors import ConfigError, ImageError
 from ...inference.pipelines import NetworkGrid, Pipeline, PreparedInput
 from ...inference.sliding_window import SlidingWindowConfig
 from ...io import Volume
-from ..axes import grid_of
 from . import tiling  # noqa: F401  (registers the sliding window's placement and importance "nnunet")
-from .crop import nonzero_bbox
+from .crop import mask_box, nonzero_bbox, nonzero_mask
 from .export import NnUNetExportCollector
 from .normalization import normalise_channels
 from .orientation import AxisReorder, check_reorient, reorientation, reoriented_spacing_zyx
@@ -113,17 +112,22 @@ class NnUNetPipeline(Pipeline):
         """The voxel reorder the ``reorient`` setting asks for on ``volume``'s grid (nothing moves for ``none``)."""
         return reorientation(volume, self.reorient)
 
-    def network_grid(self, volume: Volume) -> NetworkGrid:
-        """nnU-Net's network grid for ``volume`` (reoriented, transposed, resampled), before its crop to
-        the non-zero region, which only makes it smaller."""
+    def network_grid(self, channels: Sequence[Volume]) -> NetworkGrid:
+        """nnU-Net's network grid for ``channels`` (reoriented, cropped to the non-zero voxels of any
+        channel, transposed, resampled), found from the crop box alone: no voxel is reoriented,
+        normalised or resampled."""
+        volume = channels[0]
         reorder = self.reorder_for(volume)
-        shape_zyx = volume.shape_zyx if reorder.identity else reorder.geometry(grid_of(volume)).shape_zyx
+        box = mask_box(nonzero_mask([v.array_zyx for v in channels]))
+        cropped_zyx = [stop - start for start, stop in box]
+        # a reorder permutes and flips axes: the box's lengths move with their axes
+        names = reorder.input_axis_names()
+        shape_zyx = [cropped_zyx["zyx".index(name)] for name in names]
         spacing_zyx = reoriented_spacing_zyx(volume, reorder)
         shape_t = [int(shape_zyx[a]) for a in self.transpose_forward]
         spacing_t = [float(spacing_zyx[a]) for a in self.transpose_forward]
         network_spacing = self._network_spacing(spacing_t)
         shape = nnunet_target_shape(shape_t, spacing_t, network_spacing)
-        names = reorder.input_axis_names()
         return NetworkGrid(
             (shape[0], shape[1], shape[2]),
             (network_spacing[0], network_spacing[1], network_spacing[2]),

@@ -7,6 +7,7 @@ Human-readable results go to stdout; diagnostics go through :mod:`logging` to st
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .errors import DeepSegError
+from .errors import DeepSegError, ImageError
 from .model_card import ModelError
 
 EXIT_OK, EXIT_INPUT, EXIT_MODEL, EXIT_CANCELLED = 0, 2, 3, 130
@@ -71,12 +72,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     pred, ref = io.read_segmentation(args.prediction), io.read_segmentation(args.reference)
     if not pred.grid.same_grid(ref.grid):
-        raise DeepSegError(
-            "the two segmentations are on different grids",
-            expected=f"shape {ref.grid.shape_zyx} with the reference's geometry",
-            found=f"shape {pred.grid.shape_zyx}",
-            hint="Resample the prediction onto the reference image first.",
-        )
+        # one may be a box of the other's grid (Slicer's "Crop to minimum extent"): compare on the larger
+        try:
+            pred = dataclasses.replace(pred, layers=io.place_on_grid(pred.layers, ref.grid, args.prediction))
+        except ImageError:
+            try:
+                ref = dataclasses.replace(ref, layers=io.place_on_grid(ref.layers, pred.grid, args.reference))
+            except ImageError as exc:
+                raise DeepSegError(
+                    "the two segmentations are on different grids",
+                    expected=f"shape {ref.grid.shape_zyx} with the reference's geometry, or a box of it",
+                    found=f"shape {pred.grid.shape_zyx}: {exc}",
+                    hint="Resample the prediction onto the reference image first.",
+                ) from exc
     spacing = ref.grid.spacing_zyx_mm
     result = {}
     for seg in ref.segments:

@@ -11,6 +11,7 @@ import numpy as np
 
 from . import io
 from .datasets import CaseProvenance, Dataset, DatasetError, correction_effort, default_color, validate_dataset
+from .errors import ImageError
 from .model_card import LabelSpec
 
 
@@ -38,14 +39,10 @@ def _read_labelmap(path: Path, dataset: Dataset, grid: io.Volume) -> np.ndarray:
         volume = segmentation.grid.with_array(dataset.labelmap_from_segments(segmentation.grid.shape_zyx, segments))
     else:
         volume = io.read_image(path)
-    if not volume.same_grid(grid):
-        raise DatasetError(
-            "label and image grids differ",
-            subject=path,
-            expected=f"shape {grid.shape_zyx}, spacing {grid.spacing_xyz_mm}, origin {grid.origin_lps}",
-            found=f"shape {volume.shape_zyx}, spacing {volume.spacing_xyz_mm}, origin {volume.origin_lps}",
-        )
-    return np.asarray(volume.array_zyx)
+    try:
+        return np.asarray(io.place_on_grid(volume, grid, subject=path).array_zyx)
+    except ImageError as exc:
+        raise DatasetError(exc.problem, subject=path, expected=exc.expected, found=exc.found, hint=exc.hint) from exc
 
 
 def cmd_dataset(args: argparse.Namespace) -> int:

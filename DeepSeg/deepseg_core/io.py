@@ -181,6 +181,58 @@ def validate_volume(volume: Volume, subject: str | Path = "volume") -> None:
 # images
 
 
+def place_on_grid(labels: Volume, grid: Volume, subject: str | Path = "labels", tolerance_mm: float = 1e-4) -> Volume:
+    """``labels`` (``(Z, Y, X)`` or layers ``(L, Z, Y, X)``) on ``grid``'s voxels, when both lie on one voxel lattice.
+
+    Slicer saves a segmentation cropped to its segments' extent when asked ("Crop to minimum
+    extent" in its Save dialog), and a label file may cover a sub-box of its image: same spacing and
+    direction, the origin a whole number of voxels away. Such labels are placed without
+    interpolation: grid voxels they do not cover are 0. Labels already on ``grid`` come back as
+    they are.
+
+    Raises:
+        ImageError: another spacing or direction, an origin between voxels, or a non-zero label
+            outside ``grid`` (it would be lost).
+    """
+    if labels.same_grid(grid, tolerance_mm):
+        return labels
+    same_axes = np.allclose(labels.ijk_to_lps()[:3, :3], grid.ijk_to_lps()[:3, :3], atol=tolerance_mm)
+    offset_ijk = np.linalg.solve(grid.ijk_to_lps()[:3, :3], np.subtract(labels.origin_lps, grid.origin_lps))
+    whole = np.round(offset_ijk)
+    on_lattice = same_axes and bool(np.all(np.abs(offset_ijk - whole) * np.asarray(grid.spacing_xyz_mm) <= tolerance_mm * 10))
+    if not on_lattice:
+        raise ImageError(
+            "is not on the image's voxel grid",
+            subject=subject,
+            expected=f"the image's grid (shape {grid.shape_zyx}, spacing {grid.spacing_xyz_mm}, origin {grid.origin_lps}), "
+            "or a box of it (same spacing and direction, origin a whole number of voxels away)",
+            found=f"shape {labels.shape_zyx}, spacing {labels.spacing_xyz_mm}, origin {labels.origin_lps}"
+            + ("" if same_axes else ", another spacing or direction"),
+            hint="Export the labels on the image's grid (in Slicer: Export to a labelmap with the image as reference).",
+        )
+    start_zyx = [int(v) for v in whole[::-1]]
+    source = np.asarray(labels.array_zyx)
+    lead = source.ndim - 3
+    placed = np.zeros((*source.shape[:lead], *grid.shape_zyx), dtype=source.dtype)
+    inside_src, inside_dst = [slice(None)] * lead, [slice(None)] * lead
+    for start, n_src, n_dst in zip(start_zyx, labels.shape_zyx, grid.shape_zyx, strict=True):
+        low, high = min(max(start, 0), n_dst), min(max(start + n_src, 0), n_dst)
+        inside_src.append(slice(low - start, high - start) if high > low else slice(0, 0))
+        inside_dst.append(slice(low, high) if high > low else slice(0, 0))
+    kept = source[tuple(inside_src)]
+    if np.count_nonzero(kept) != np.count_nonzero(source):
+        raise ImageError(
+            "has labelled voxels outside the image",
+            subject=subject,
+            expected=f"labels inside the image's grid (shape {grid.shape_zyx})",
+            found=f"{np.count_nonzero(source) - np.count_nonzero(kept)} labelled voxel(s) outside it "
+            f"(the labels start at voxel {start_zyx} of the image, z, y, x)",
+            hint="Check that the labels belong to this image.",
+        )
+    placed[tuple(inside_dst)] = kept
+    return Volume(placed, grid.spacing_xyz_mm, grid.origin_lps, grid.direction_lps)
+
+
 def _has_image_suffix(path: Path) -> bool:
     return path.name.lower().endswith(IMAGE_SUFFIXES)
 

@@ -293,3 +293,50 @@ def test_written_files_get_ordinary_permissions(tmp_path):
 
     path = io.write_image(sample_volume(), tmp_path / "x.nrrd")
     assert stat_module.S_IMODE(path.stat().st_mode) == default_mode()
+
+
+def _rotated_grid() -> io.Volume:
+    a = np.deg2rad(20.0)
+    direction = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    return io.Volume(np.zeros((6, 10, 12), np.uint8), (0.7, 0.8, 2.5), (-30.0, 12.5, 100.0), direction)
+
+
+def _box_of(grid: io.Volume, start_zyx, array: np.ndarray) -> io.Volume:
+    """``array`` placed at voxel ``start_zyx`` of ``grid`` (same lattice)."""
+    origin = grid.ijk_to_lps() @ np.array([*start_zyx[::-1], 1.0])
+    return io.Volume(array, grid.spacing_xyz_mm, tuple(origin[:3]), grid.direction_lps)
+
+
+def test_labels_on_a_box_of_the_image_grid_are_placed_without_interpolation():
+    grid = _rotated_grid()
+    box = np.arange(1, 2 * 3 * 4 + 1, dtype=np.uint8).reshape(2, 3, 4)
+    placed = io.place_on_grid(_box_of(grid, (3, 5, 7), box), grid)
+    assert placed.same_grid(grid)
+    np.testing.assert_array_equal(placed.array_zyx[3:5, 5:8, 7:11], box)
+    assert int(placed.array_zyx.sum()) == int(box.sum())
+    # layers (L, Z, Y, X) move together; a box reaching past the image is fine where it holds zeros
+    layers = np.zeros((2, 2, 3, 4), np.uint8)
+    layers[:, :, 1:, :2] = [[[[1]]], [[[2]]]]  # the box's first row and last columns lie outside
+    placed = io.place_on_grid(_box_of(grid, (4, -1, 10), layers), grid)
+    assert placed.array_zyx.shape == (2, *grid.shape_zyx)
+    np.testing.assert_array_equal(placed.array_zyx[:, 4:6, 0:2, 10:12], layers[:, :, 1:3, :2])
+    assert int(placed.array_zyx.sum()) == int(layers.sum())
+    # already on the grid: returned as it is
+    same = grid.with_array(np.ones(grid.shape_zyx, np.uint8))
+    assert io.place_on_grid(same, grid) is same
+
+
+def test_labels_off_the_image_lattice_or_outside_it_are_refused_clearly():
+    grid = _rotated_grid()
+    box = np.ones((2, 3, 4), np.uint8)
+    between = _box_of(grid, (0.5, 2, 2), box)  # half a slice off: would need interpolation
+    with pytest.raises(io.ImageError, match="is not on the image's voxel grid") as caught:
+        io.place_on_grid(between, grid, subject="corrected.seg.nrrd")
+    assert "corrected.seg.nrrd" in str(caught.value) and "whole number of voxels" in str(caught.value)
+    finer = io.Volume(box, (0.35, 0.8, 2.5), grid.origin_lps, grid.direction_lps)
+    with pytest.raises(io.ImageError, match="another spacing or direction"):
+        io.place_on_grid(finer, grid)
+    past = _box_of(grid, (5, 0, 0), box)  # its second slice lies past the image's last one
+    with pytest.raises(io.ImageError, match="has labelled voxels outside the image") as caught:
+        io.place_on_grid(past, grid)
+    assert "12 labelled voxel(s) outside it" in str(caught.value)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .errors import DeepSegError, ImageError
+from .errors import DeepSegError
 from .model_card import ModelError
 
 EXIT_OK, EXIT_INPUT, EXIT_MODEL, EXIT_CANCELLED = 0, 2, 3, 130
@@ -72,19 +72,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     pred, ref = io.read_segmentation(args.prediction), io.read_segmentation(args.reference)
     if not pred.grid.same_grid(ref.grid):
-        # one may be a box of the other's grid (Slicer's "Crop to minimum extent"): compare on the larger
-        try:
-            pred = dataclasses.replace(pred, layers=io.place_on_grid(pred.layers, ref.grid, args.prediction))
-        except ImageError:
-            try:
-                ref = dataclasses.replace(ref, layers=io.place_on_grid(ref.layers, pred.grid, args.reference))
-            except ImageError as exc:
-                raise DeepSegError(
-                    "the two segmentations are on different grids",
-                    expected=f"shape {ref.grid.shape_zyx} with the reference's geometry, or a box of it",
-                    found=f"shape {pred.grid.shape_zyx}: {exc}",
-                    hint="Resample the prediction onto the reference image first.",
-                ) from exc
+        # either may be cropped to its segments' extent (Slicer's "Crop to minimum extent"): compare both
+        # on the box of their shared voxel lattice that covers both
+        common = io.union_grid(ref.grid, pred.grid)
+        if common is None:
+            raise DeepSegError(
+                "the two segmentations are on different voxel grids",
+                expected=f"the reference's grid (spacing {ref.grid.spacing_xyz_mm}, origin {ref.grid.origin_lps}) "
+                "or a box of it (same spacing and direction, origin a whole number of voxels away)",
+                found=f"shape {pred.grid.shape_zyx}, spacing {pred.grid.spacing_xyz_mm}, origin {pred.grid.origin_lps}",
+                hint="Resample the prediction onto the reference image first.",
+            )
+        pred = dataclasses.replace(pred, layers=io.place_on_grid(pred.layers, common, args.prediction))
+        ref = dataclasses.replace(ref, layers=io.place_on_grid(ref.layers, common, args.reference))
     spacing = ref.grid.spacing_zyx_mm
     result = {}
     for seg in ref.segments:

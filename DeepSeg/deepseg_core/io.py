@@ -181,6 +181,32 @@ def validate_volume(volume: Volume, subject: str | Path = "volume") -> None:
 # images
 
 
+def lattice_offset_zyx(box: Volume, grid: Volume, tolerance_mm: float = 1e-4) -> list[int] | None:
+    """Where ``box``'s first voxel lies on ``grid``'s voxel lattice, ``[z, y, x]`` (may be negative or
+    past the grid), or None when the two do not share a lattice (another spacing or direction, or an
+    origin between voxels by more than ``10 * tolerance_mm``)."""
+    if not np.allclose(box.ijk_to_lps()[:3, :3], grid.ijk_to_lps()[:3, :3], rtol=0.0, atol=tolerance_mm):
+        return None
+    offset_ijk = np.linalg.solve(grid.ijk_to_lps()[:3, :3], np.subtract(box.origin_lps, grid.origin_lps))
+    whole = np.round(offset_ijk)
+    if not np.all(np.abs(offset_ijk - whole) * np.asarray(grid.spacing_xyz_mm) <= tolerance_mm * 10):
+        return None
+    return [int(v) for v in whole[::-1]]
+
+
+def union_grid(first: Volume, second: Volume, tolerance_mm: float = 1e-4) -> Volume | None:
+    """The smallest grid on the lattice both volumes share that covers both (its array: zeros, a
+    read-only view without memory), or None when they do not share a lattice."""
+    start = lattice_offset_zyx(second, first, tolerance_mm)
+    if start is None:
+        return None
+    low = [min(0, s) for s in start]
+    high = [max(n1, s + n2) for s, n1, n2 in zip(start, first.shape_zyx, second.shape_zyx, strict=True)]
+    origin = first.ijk_to_lps() @ np.array([*low[::-1], 1.0])
+    shape = tuple(h - lo for lo, h in zip(low, high, strict=True))
+    return Volume(np.broadcast_to(np.uint8(0), shape), first.spacing_xyz_mm, tuple(origin[:3]), first.direction_lps)
+
+
 def place_on_grid(labels: Volume, grid: Volume, subject: str | Path = "labels", tolerance_mm: float = 1e-4) -> Volume:
     """``labels`` (``(Z, Y, X)`` or layers ``(L, Z, Y, X)``) on ``grid``'s voxels, when both lie on one voxel lattice.
 
@@ -196,11 +222,9 @@ def place_on_grid(labels: Volume, grid: Volume, subject: str | Path = "labels", 
     """
     if labels.same_grid(grid, tolerance_mm):
         return labels
-    same_axes = np.allclose(labels.ijk_to_lps()[:3, :3], grid.ijk_to_lps()[:3, :3], atol=tolerance_mm)
-    offset_ijk = np.linalg.solve(grid.ijk_to_lps()[:3, :3], np.subtract(labels.origin_lps, grid.origin_lps))
-    whole = np.round(offset_ijk)
-    on_lattice = same_axes and bool(np.all(np.abs(offset_ijk - whole) * np.asarray(grid.spacing_xyz_mm) <= tolerance_mm * 10))
-    if not on_lattice:
+    start_zyx = lattice_offset_zyx(labels, grid, tolerance_mm)
+    if start_zyx is None:
+        same_axes = np.allclose(labels.ijk_to_lps()[:3, :3], grid.ijk_to_lps()[:3, :3], rtol=0.0, atol=tolerance_mm)
         raise ImageError(
             "is not on the image's voxel grid",
             subject=subject,
@@ -210,7 +234,6 @@ def place_on_grid(labels: Volume, grid: Volume, subject: str | Path = "labels", 
             + ("" if same_axes else ", another spacing or direction"),
             hint="Export the labels on the image's grid (in Slicer: Export to a labelmap with the image as reference).",
         )
-    start_zyx = [int(v) for v in whole[::-1]]
     source = np.asarray(labels.array_zyx)
     lead = source.ndim - 3
     placed = np.zeros((*source.shape[:lead], *grid.shape_zyx), dtype=source.dtype)
@@ -219,6 +242,14 @@ def place_on_grid(labels: Volume, grid: Volume, subject: str | Path = "labels", 
         low, high = min(max(start, 0), n_dst), min(max(start + n_src, 0), n_dst)
         inside_src.append(slice(low - start, high - start) if high > low else slice(0, 0))
         inside_dst.append(slice(low, high) if high > low else slice(0, 0))
+    if any(part.stop <= part.start for part in inside_dst[lead:]):
+        raise ImageError(
+            "does not overlap the image",
+            subject=subject,
+            expected=f"labels on the image's grid (shape {grid.shape_zyx}) or a box of it",
+            found=f"a box of shape {labels.shape_zyx} starting at voxel {start_zyx} of the image (z, y, x)",
+            hint="Check that the labels belong to this image.",
+        )
     kept = source[tuple(inside_src)]
     if np.count_nonzero(kept) != np.count_nonzero(source):
         raise ImageError(

@@ -340,3 +340,21 @@ def test_labels_off_the_image_lattice_or_outside_it_are_refused_clearly():
     with pytest.raises(io.ImageError, match="has labelled voxels outside the image") as caught:
         io.place_on_grid(past, grid)
     assert "12 labelled voxel(s) outside it" in str(caught.value)
+
+
+def test_two_boxes_of_one_lattice_have_a_grid_covering_both():
+    grid = _rotated_grid()
+    a = _box_of(grid, (1, 2, 3), np.ones((2, 3, 4), np.uint8))
+    b = _box_of(grid, (2, -1, 5), np.full((3, 2, 2), 2, np.uint8))
+    union = io.union_grid(a, b)
+    assert union.shape_zyx == (4, 6, 4)  # z 1..4, y -1..4, x 3..6
+    np.testing.assert_allclose(union.origin_lps, _box_of(grid, (1, -1, 3), np.zeros((1, 1, 1))).origin_lps, atol=1e-9)
+    placed = [io.place_on_grid(v, union) for v in (a, b)]
+    assert [int(p.array_zyx.sum()) for p in placed] == [24, 24]
+    assert io.union_grid(a, io.Volume(np.ones((2, 2, 2)), (1.0, 1.0, 1.0))) is None  # another lattice
+
+
+def test_a_box_that_misses_the_image_is_refused_even_when_empty():
+    grid = _rotated_grid()
+    with pytest.raises(io.ImageError, match="does not overlap the image"):
+        io.place_on_grid(_box_of(grid, (0, 40, 0), np.zeros((2, 3, 4), np.uint8)), grid)

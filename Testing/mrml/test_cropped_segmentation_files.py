@@ -11,6 +11,7 @@ import json
 import subprocess
 
 import numpy as np
+import pytest
 import slicer
 
 from deepseg_core import io
@@ -27,9 +28,13 @@ def oblique_sample() -> io.Volume:
     return io.Volume(sample.array_zyx, sample.spacing_xyz_mm, (-80.0, 40.5, -300.0), direction)
 
 
-def save_with_slicer(scene, grid: io.Volume, path, crop: bool) -> None:
+def save_with_slicer(scene, grid: io.Volume, path, crop: bool, masks: dict[str, np.ndarray] | None = None) -> None:
+    """The sample's truth (or, by name, other masks of its segments) saved by Slicer's storage node."""
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-    write_result_segments(node, specs_from_segmentation(io.read_segmentation(SAMPLE_TRUTH)), grid, "truth")
+    specs = specs_from_segmentation(io.read_segmentation(SAMPLE_TRUTH))
+    if masks is not None:
+        specs = [(spec, masks[spec.name]) for spec, _ in specs if spec.name in masks]
+    write_result_segments(node, specs, grid, "truth")
     storage = slicer.vtkMRMLSegmentationStorageNode()
     storage.SetFileName(str(path))
     storage.SetCropToMinimumExtent(crop)
@@ -68,3 +73,30 @@ def test_a_segmentation_saved_cropped_to_its_extent_is_placed_on_the_image_grid(
         assert compared.returncode == 0, compared.stderr
         dice = {name: scores["dice"] for name, scores in json.loads(compared.stdout).items()}
         assert dice == {"liver": 1.0, "liver lesion": 1.0}
+
+
+def test_segmentations_cropped_to_different_extents_are_compared_on_the_box_covering_both(mrml_scene, tmp_path, engine_python):
+    # the prediction: the lesions and a false positive past the liver along x; its box is shorter in z than the
+    # truth's (the liver's) and longer in x, so neither box holds the other
+    grid = oblique_sample()
+    truth_masks = {
+        info.name: io.read_segmentation(SAMPLE_TRUTH).mask(info.name) for info in io.read_segmentation(SAMPLE_TRUTH).segments
+    }
+    lesions = truth_masks["liver lesion"].copy()
+    z, y, x = (np.flatnonzero(lesions.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
+    liver_x_end = int(np.flatnonzero(truth_masks["liver"].any(axis=(0, 1)))[-1])
+    assert liver_x_end + 4 < grid.shape_zyx[2]
+    lesions[z[0] : z[0] + 2, y[0] : y[0] + 2, liver_x_end + 2 : liver_x_end + 4] = True
+    prediction, truth = tmp_path / "prediction.seg.nrrd", tmp_path / "truth.seg.nrrd"
+    save_with_slicer(mrml_scene, grid, prediction, crop=True, masks={"liver lesion": lesions})
+    save_with_slicer(mrml_scene, grid, truth, crop=True)
+    pred_layers, truth_layers = (io.read_segmentation(path).layers for path in (prediction, truth))
+    for box, other in ((pred_layers, truth_layers), (truth_layers, pred_layers)):  # neither box holds the other
+        with pytest.raises(io.ImageError, match="labelled voxels outside"):
+            io.place_on_grid(box, other.with_array(other.array_zyx[0]))
+    compared = deepseg(engine_python, "compare", str(prediction), str(truth))
+    assert compared.returncode == 0, compared.stderr
+    scores = json.loads(compared.stdout)
+    true_positives = int(truth_masks["liver lesion"].sum())
+    assert scores["liver lesion"]["dice"] == 2 * true_positives / (2 * true_positives + 8)  # the 8 false-positive voxels
+    assert scores["liver"]["dice"] == 0.0 and "missing from the prediction" in compared.stderr

@@ -18,7 +18,7 @@ from . import distributed, io, uncertainty
 from .batch import SUMMARY_JSON, read_record, record_path, record_text, shard, write_failures, write_summary
 from .errors import DeepSegError, ImageError
 from .events import EventSink
-from .fileutil import RecoveryReport, outputs_complete, recover_commits, staged_commit
+from .fileutil import RecoveryReport, check_not_a_folder, outputs_complete, recover_commits, staged_commit
 from .inference import SegmentationResult, Segmenter, SegmentOptions
 from .inference.sliding_window import Cancelled
 from .model_card import ModelError
@@ -108,6 +108,7 @@ def _check_side_output(value: str | None, batch: bool, suffixes: tuple[str, ...]
         raise ImageError(f"unsupported {option} file type", subject=path, expected=" or ".join(suffixes), found=path.name)
     if not path.parent.is_dir():
         raise ImageError("the output folder does not exist", subject=path.parent, hint="Create it first.")
+    check_not_a_folder(path)
 
 
 def _check_output(args: argparse.Namespace, batch: bool) -> None:
@@ -123,6 +124,7 @@ def _check_output(args: argparse.Namespace, batch: bool) -> None:
         )
     if not out.parent.is_dir():
         raise ImageError("the output folder does not exist", subject=out.parent, hint="Create it first.")
+    check_not_a_folder(out)
 
 
 def case_outputs(args: argparse.Namespace, case: Case, batch: bool) -> list[Path]:

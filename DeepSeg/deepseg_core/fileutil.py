@@ -54,6 +54,18 @@ def check_writable_folder(path: Path) -> None:
         )
 
 
+def check_not_a_folder(path: Path) -> None:
+    """Raise a clear error when the output file ``path`` is an existing folder (a rename onto it fails)."""
+    if path.is_dir():
+        raise DeepSegError(
+            "is a folder, not an output file",
+            subject=path,
+            expected="a file name (existing files are replaced)",
+            found="an existing folder of that name",
+            hint="Choose another output file name, or rename the folder.",
+        )
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -76,6 +88,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     check_writable_folder(path)
+    check_not_a_folder(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + _full_suffix(path), dir=path.parent or ".")
     os.close(fd)
     tmp = Path(tmp_name)
@@ -278,12 +291,10 @@ def _finish_journal(journal: Path) -> list[Path]:
     except OSError as exc:
         if isinstance(exc, FileNotFoundError) and not journal.exists():
             return []  # its owner (or another recovery) finished it meanwhile
-        raise DeepSegError(
-            "cannot finish an interrupted write",
-            subject=journal,
-            found=str(exc),
-            hint="Make the folder writable and run again; nothing is lost, the journal still lists the staged files.",
-        ) from None
+        hint = "Make the folder writable and run again; nothing is lost, the journal still lists the staged files."
+        if isinstance(exc, IsADirectoryError) and exc.filename2:
+            hint = f"The target {exc.filename2} is a folder: rename or remove it, then run again."
+        raise DeepSegError("cannot finish an interrupted write", subject=journal, found=str(exc), hint=hint) from None
 
 
 @contextlib.contextmanager
@@ -342,6 +353,9 @@ class StagedCommit:
                 found=", ".join(str(t) for t in targets) or "no paths",
                 hint="Give each output its own file name.",
             )
+        for target in self.targets:
+            # before anything is staged: a journal whose rename cannot happen would block the folder
+            check_not_a_folder(target)
         self.id = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"  # the pid first: recovery can tell a live owner
         self.journal = self.targets[0].parent / f"{JOURNAL_PREFIX}{self.id}.json"
         self._staging: dict[Path, Path] = {}  # target folder -> staging folder

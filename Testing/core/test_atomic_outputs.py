@@ -265,3 +265,38 @@ def test_cancel_is_deferred_until_the_block_ends():
         assert reached and signal.getsignal(signal.SIGTERM) is interrupt
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_an_output_name_taken_by_a_folder_is_refused_before_anything_is_staged(tmp_path, phantom_image):
+    # the rename onto a folder fails after the journal: it used to stay, and every later write into that folder
+    # failed with "cannot finish an interrupted write"
+    taken = tmp_path / OUTPUT_NAMES[1]
+    taken.mkdir()
+    a = tmp_path / "a.txt"
+    a.write_text("old a")
+    with pytest.raises(DeepSegError, match="is a folder, not an output file"), staged_commit([a, taken]):
+        pytest.fail("the commit must be refused before its block runs")
+    assert a.read_text() == "old a" and debris(tmp_path) == []
+    # the CLI refuses it before segmenting, and the folder stays usable
+    run = start_segment(phantom_image, tmp_path)
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == 2 and "is a folder, not an output file" in err and str(taken) in err
+    assert debris(tmp_path) == [] and not (tmp_path / OUTPUT_NAMES[0]).exists()
+    taken.rmdir()
+    run = start_segment(phantom_image, tmp_path)
+    run.communicate(timeout=300)
+    assert run.returncode == 0 and debris(tmp_path) == []
+    assert_outputs_valid(tmp_path, phantom_image)
+
+
+def test_a_journal_whose_target_became_a_folder_names_the_folder(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    with pytest.raises(IsADirectoryError), staged_commit([a, b]) as commit:
+        commit.stage(a).write_text("new a")
+        commit.stage(b).write_text("new b")
+        b.mkdir()  # appears between the check and the rename (another program)
+    with pytest.raises(DeepSegError, match="is a folder: rename or remove it, then run again"):
+        recover_commits([tmp_path])
+    b.rmdir()
+    assert recover_commits([tmp_path]).finished == [a, b]
+    assert (a.read_text(), b.read_text()) == ("new a", "new b") and debris(tmp_path) == []

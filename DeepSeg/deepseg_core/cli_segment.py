@@ -45,7 +45,13 @@ def _case_name(path: Path) -> str:
 
 
 def collect_cases(inputs: list[str]) -> list[Case]:
-    """Expand the INPUT arguments: files, DICOM folders, folders of image files, ``a,b`` channel lists."""
+    """Expand the INPUT arguments: files, DICOM folders, folders of image files, ``a,b`` channel lists.
+
+    A folder's ``.seg.nrrd`` files are segmentations (earlier results, corrections), not images: skipped.
+
+    Raises:
+        ImageError: two cases with one name (``a.nrrd`` and ``a.nii.gz``): their outputs would be one file.
+    """
     cases: list[Case] = []
     for item in inputs:
         if "," in item:
@@ -55,10 +61,24 @@ def collect_cases(inputs: list[str]) -> list[Case]:
         path = Path(item)
         if path.is_dir():
             files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(io.IMAGE_SUFFIXES))
+            segmentations = [p for p in files if p.name.lower().endswith(".seg.nrrd")]
+            if segmentations:
+                log.info("%s: %d .seg.nrrd file(s) are segmentations, not images: skipped", path, len(segmentations))
+                files = [p for p in files if p not in segmentations]
             if files:
                 cases.extend(Case(_case_name(f), (f,)) for f in files)
                 continue
         cases.append(Case(_case_name(path), (path,)))
+    named: dict[str, Case] = {}
+    for case in cases:
+        first = named.setdefault(case.name, case)
+        if first is not case:
+            raise ImageError(
+                f"two inputs make the same case name {case.name!r}",
+                expected="one input per case name (the outputs are named after it)",
+                found=f"{first.channels[0]} and {case.channels[0]}",
+                hint="Rename one of them, or segment them in separate runs.",
+            )
     return cases
 
 
@@ -125,6 +145,21 @@ def _check_output(args: argparse.Namespace, batch: bool) -> None:
     if not out.parent.is_dir():
         raise ImageError("the output folder does not exist", subject=out.parent, hint="Create it first.")
     check_not_a_folder(out)
+
+
+def _check_inputs_kept(args: argparse.Namespace, cases: list[Case], batch: bool) -> None:
+    """Refuse a run that would write an output over one of its input images (the user's CT, lost)."""
+    inputs = {path.resolve(): case.name for case in cases for path in case.channels}
+    for case in cases:
+        for out in case_outputs(args, case, batch):
+            if out.resolve() in inputs:
+                raise ImageError(
+                    "would overwrite an input image",
+                    subject=out,
+                    expected="output files other than the images being segmented",
+                    found=f"it is an input of case {inputs[out.resolve()]}",
+                    hint="Choose another output name (e.g. CASE.seg.nrrd) or another output folder.",
+                )
 
 
 def case_outputs(args: argparse.Namespace, case: Case, batch: bool) -> list[Path]:
@@ -235,6 +270,7 @@ def run_segment(args: argparse.Namespace, sink: EventSink) -> tuple[int, int]:
         raise ImageError("--probabilities takes one file and needs a single input", found=f"{len(all_cases)} inputs")
     _check_side_output(args.uncertainty, batch, (".nrrd", ".nii.gz", ".nii", ".mha"), "--uncertainty")
     _check_side_output(args.stats, batch, (".csv",), "--stats")
+    _check_inputs_kept(args, all_cases, batch)
     recover_outputs(args, cases, batch)
     store = ModelStore(args.models_dir) if args.models_dir else None
     segmenter = Segmenter.load(args.model, device=distributed.rank_device(args.device, world), store=store)

@@ -284,3 +284,34 @@ def test_bad_side_outputs_are_refused_before_any_work(tmp_path):
              "--uncertainty-method", "mc_dropout")  # fmt: skip
     assert mc.returncode != EXIT_OK and "no dropout layers" in mc.stderr and "--uncertainty-method tta" in mc.stderr
     assert not out.exists() and not (tmp_path / "u.nrrd").exists()
+
+
+def test_an_output_over_an_input_image_is_refused_and_the_image_kept(tmp_path, capsys):
+    model = tiny_model_folder(tmp_path / "model")
+    image = write_case(tmp_path / "case.nrrd")
+    before = image.read_bytes()
+    runs = [
+        ["--output", str(image)],  # the CT itself
+        ["--output", str(tmp_path / "o.seg.nrrd"), "--uncertainty", str(tmp_path / "." / "case.nrrd")],
+        ["--output", str(tmp_path), "--batch", "--format", ".nrrd"],  # a batch into the input folder
+    ]
+    for extra in runs:
+        assert main(["segment", str(image), "--model", str(model), *extra]) == EXIT_INPUT
+        err = capsys.readouterr().err
+        assert "would overwrite an input image" in err and "case case" in err, err
+    assert image.read_bytes() == before and not (tmp_path / "o.seg.nrrd").exists()
+
+
+def test_a_batch_refuses_two_inputs_of_one_case_name_and_skips_segmentations(tmp_path, capsys):
+    from deepseg_core.cli_segment import collect_cases
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_case(folder / "a.nrrd")
+    (folder / "a.seg.nrrd").write_bytes(b"an earlier result: never an input")
+    assert [(case.name, case.channels) for case in collect_cases([str(folder)])] == [("a", (folder / "a.nrrd",))]
+    write_case(folder / "a.nii.gz")  # both would be written to OUT/a.seg.nrrd: one case silently lost
+    model = tiny_model_folder(tmp_path / "model")
+    assert main(["segment", str(folder), "--model", str(model), "--output", str(tmp_path / "out")]) == EXIT_INPUT
+    assert "two inputs make the same case name 'a'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -69,6 +69,10 @@ def collect_cases(inputs: list[str]) -> list[Case]:
                 cases.extend(Case(_case_name(f), (f,)) for f in files)
                 continue
         cases.append(Case(_case_name(path), (path,)))
+    unique: dict[tuple[Path, ...], Case] = {}
+    for case in cases:  # the same file given twice is one case
+        unique.setdefault(tuple(p.resolve() for p in case.channels), case)
+    cases = list(unique.values())
     named: dict[str, Case] = {}
     for case in cases:
         first = named.setdefault(case.name, case)
@@ -159,6 +163,19 @@ def _check_inputs_kept(args: argparse.Namespace, cases: list[Case], batch: bool)
                     expected="output files other than the images being segmented",
                     found=f"it is an input of case {inputs[out.resolve()]}",
                     hint="Choose another output name (e.g. CASE.seg.nrrd) or another output folder.",
+                )
+    # two cases must not write one file either (case a's a_instances.nii.gz, case a_instances's segmentation)
+    written: dict[Path, str] = {}
+    for case in cases:
+        for out in case_outputs(args, case, batch):
+            other = written.setdefault(out.resolve(), case.name)
+            if other != case.name:
+                raise ImageError(
+                    "two cases would write the same output file",
+                    subject=out,
+                    expected="one output file per case and kind",
+                    found=f"cases {other} and {case.name} both write it",
+                    hint="Rename one of the inputs, or segment them in separate runs.",
                 )
 
 
@@ -270,6 +287,7 @@ def run_segment(args: argparse.Namespace, sink: EventSink) -> tuple[int, int]:
         raise ImageError("--probabilities takes one file and needs a single input", found=f"{len(all_cases)} inputs")
     _check_side_output(args.uncertainty, batch, (".nrrd", ".nii.gz", ".nii", ".mha"), "--uncertainty")
     _check_side_output(args.stats, batch, (".csv",), "--stats")
+    _check_side_output(args.probabilities, False, (".nii.gz", ".nii", ".nrrd", ".mha"), "--probabilities")
     _check_inputs_kept(args, all_cases, batch)
     recover_outputs(args, cases, batch)
     store = ModelStore(args.models_dir) if args.models_dir else None

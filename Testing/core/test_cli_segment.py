@@ -315,3 +315,40 @@ def test_a_batch_refuses_two_inputs_of_one_case_name_and_skips_segmentations(tmp
     assert main(["segment", str(folder), "--model", str(model), "--output", str(tmp_path / "out")]) == EXIT_INPUT
     assert "two inputs make the same case name 'a'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_two_cases_writing_one_file_and_bad_probability_paths_are_refused_before_any_work(tmp_path, capsys):
+    from deepseg_core.cli_segment import collect_cases
+
+    model = tiny_model_folder(tmp_path / "model")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_case(folder / "a.nrrd")
+    write_case(folder / "a_instances.nrrd")  # case a's instance map would be case a_instances's segmentation
+    args = ["segment", str(folder), "--model", str(model), "--output", str(tmp_path / "out"), "--format", ".nii.gz"]
+    assert main([*args, "--instances"]) == EXIT_INPUT
+    assert "two cases would write the same output file" in capsys.readouterr().err
+    assert not any((tmp_path / "out").iterdir())
+    image = folder / "a.nrrd"
+    assert len(collect_cases([str(image), str(folder / "." / "a.nrrd")])) == 1  # the same file twice is one case
+    for probabilities, message in (
+        ("p.txt", "unsupported --probabilities file type"),
+        ("x/p.nrrd", "output folder does not exist"),
+    ):
+        out = tmp_path / "o.seg.nrrd"
+        assert (
+            main(
+                [
+                    "segment",
+                    str(image),
+                    "--model",
+                    str(model),
+                    "--output",
+                    str(out),
+                    "--probabilities",
+                    str(tmp_path / probabilities),
+                ]
+            )
+            == EXIT_INPUT
+        )
+        assert message in capsys.readouterr().err and not out.exists()

@@ -154,21 +154,19 @@ def _check_output(args: argparse.Namespace, batch: bool) -> None:
 def _check_inputs_kept(args: argparse.Namespace, cases: list[Case], batch: bool) -> None:
     """Refuse a run that would write an output over one of its input images (the user's CT, lost)."""
     inputs = {path.resolve(): case.name for case in cases for path in case.channels}
+    written: dict[Path, str] = {}  # two cases must not write one file either (a's a_instances map, a_instances's labels)
     for case in cases:
         for out in case_outputs(args, case, batch):
-            if out.resolve() in inputs:
+            resolved = out.resolve()
+            if resolved in inputs:
                 raise ImageError(
                     "would overwrite an input image",
                     subject=out,
                     expected="output files other than the images being segmented",
-                    found=f"it is an input of case {inputs[out.resolve()]}",
+                    found=f"it is an input of case {inputs[resolved]}",
                     hint="Choose another output name (e.g. CASE.seg.nrrd) or another output folder.",
                 )
-    # two cases must not write one file either (case a's a_instances.nii.gz, case a_instances's segmentation)
-    written: dict[Path, str] = {}
-    for case in cases:
-        for out in case_outputs(args, case, batch):
-            other = written.setdefault(out.resolve(), case.name)
+            other = written.setdefault(resolved, case.name)
             if other != case.name:
                 raise ImageError(
                     "two cases would write the same output file",

@@ -181,11 +181,16 @@ def validate_volume(volume: Volume, subject: str | Path = "volume") -> None:
 # images
 
 
+def _same_axes(a: Volume, b: Volume, tolerance_mm: float) -> bool:
+    """Same spacing and direction: the voxel-step columns of the two affines agree within ``tolerance_mm``."""
+    return bool(np.allclose(a.ijk_to_lps()[:3, :3], b.ijk_to_lps()[:3, :3], rtol=0.0, atol=tolerance_mm))
+
+
 def lattice_offset_zyx(box: Volume, grid: Volume, tolerance_mm: float = 1e-4) -> list[int] | None:
     """Where ``box``'s first voxel lies on ``grid``'s voxel lattice, ``[z, y, x]`` (may be negative or
     past the grid), or None when the two do not share a lattice (another spacing or direction, or an
     origin between voxels by more than ``10 * tolerance_mm``)."""
-    if not np.allclose(box.ijk_to_lps()[:3, :3], grid.ijk_to_lps()[:3, :3], rtol=0.0, atol=tolerance_mm):
+    if not _same_axes(box, grid, tolerance_mm):
         return None
     offset_ijk = np.linalg.solve(grid.ijk_to_lps()[:3, :3], np.subtract(box.origin_lps, grid.origin_lps))
     whole = np.round(offset_ijk)
@@ -224,7 +229,7 @@ def place_on_grid(labels: Volume, grid: Volume, subject: str | Path = "labels", 
         return labels
     start_zyx = lattice_offset_zyx(labels, grid, tolerance_mm)
     if start_zyx is None:
-        same_axes = np.allclose(labels.ijk_to_lps()[:3, :3], grid.ijk_to_lps()[:3, :3], rtol=0.0, atol=tolerance_mm)
+        same_axes = _same_axes(labels, grid, tolerance_mm)
         raise ImageError(
             "is not on the image's voxel grid",
             subject=subject,

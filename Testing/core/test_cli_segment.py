@@ -331,24 +331,11 @@ def test_two_cases_writing_one_file_and_bad_probability_paths_are_refused_before
     assert not any((tmp_path / "out").iterdir())
     image = folder / "a.nrrd"
     assert len(collect_cases([str(image), str(folder / "." / "a.nrrd")])) == 1  # the same file twice is one case
+    out = tmp_path / "o.seg.nrrd"
+    one_case = ["segment", str(image), "--model", str(model), "--output", str(out)]
     for probabilities, message in (
         ("p.txt", "unsupported --probabilities file type"),
         ("x/p.nrrd", "output folder does not exist"),
     ):
-        out = tmp_path / "o.seg.nrrd"
-        assert (
-            main(
-                [
-                    "segment",
-                    str(image),
-                    "--model",
-                    str(model),
-                    "--output",
-                    str(out),
-                    "--probabilities",
-                    str(tmp_path / probabilities),
-                ]
-            )
-            == EXIT_INPUT
-        )
+        assert main([*one_case, "--probabilities", str(tmp_path / probabilities)]) == EXIT_INPUT
         assert message in capsys.readouterr().err and not out.exists()

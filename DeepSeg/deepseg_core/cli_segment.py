@@ -68,6 +68,14 @@ def collect_cases(inputs: list[str]) -> list[Case]:
             if files:
                 cases.extend(Case(_case_name(f), (f,)) for f in files)
                 continue
+            if segmentations and not any(p.is_file() and p not in segmentations for p in path.iterdir()):
+                raise ImageError(
+                    "the folder holds segmentations only, no image to segment",
+                    subject=path,
+                    expected="image files (" + ", ".join(io.IMAGE_SUFFIXES) + ") or a DICOM series",
+                    found=f"{len(segmentations)} .seg.nrrd file(s)",
+                    hint="Give the folder of the images these segmentations belong to.",
+                )
         cases.append(Case(_case_name(path), (path,)))
     unique: dict[tuple[Path, ...], Case] = {}
     for case in cases:  # the same file given twice is one case
@@ -311,6 +319,8 @@ def run_segment(args: argparse.Namespace, sink: EventSink) -> tuple[int, int]:
             continue
         started = time.perf_counter()
         try:
+            for path in case_outputs(args, case, batch):  # before the work: a folder in the way would fail its commit
+                check_not_a_folder(path)
             channels = [io.read_image(p) for p in case.channels]
 
             def progress(done: int, total: int, eta: float, case_name: str = case.name) -> None:

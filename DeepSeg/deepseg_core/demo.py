@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import io, metrics, phantoms
+from .errors import DeepSegError
+from .fileutil import staged_commit
 
 BUNDLED = Path(__file__).with_name("bundled")
 SAMPLE_VOLUME = BUNDLED / "sample_ct.nrrd"
@@ -55,7 +57,21 @@ class DemoSummary:
 
 
 def run_demo(output: Path, device: str = "auto") -> DemoSummary:
-    """Segment the bundled sample with the bundled model; write .seg.nrrd + PNG; summarise."""
+    """Segment the bundled sample with the bundled model; write .seg.nrrd + PNG; summarise.
+
+    The three files replace earlier ones together (:func:`~deepseg_core.fileutil.staged_commit`).
+
+    Raises:
+        DeepSegError: ``output`` is an existing file, not a folder (checked before any work).
+    """
+    if output.exists() and not output.is_dir():
+        raise DeepSegError(
+            "the demo's output is not a folder",
+            subject=output,
+            expected="a folder for the segmentation, preview and table (created when missing)",
+            found="an existing file",
+            hint="Give another --output folder name.",
+        )
     output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     # The engine is imported here, not at module level: the Slicer panels read the sample's paths
@@ -69,10 +85,16 @@ def run_demo(output: Path, device: str = "auto") -> DemoSummary:
     result = segmenter.segment([image], SegmentOptions(instances=True, min_instance_mm3=20.0), subjects=[str(SAMPLE_VOLUME)])
     seconds = time.perf_counter() - started
     card = segmenter.card
-    files = {"segmentation": write_segmentation_result(output / "sample_ct.seg.nrrd", result)}
+    files = {
+        "segmentation": output / "sample_ct.seg.nrrd",
+        "preview": output / "sample_ct_preview.png",
+        "measurements": output / "sample_ct_stats.csv",
+    }
     colors = {label.value: label.color for label in card.labels}
-    files["preview"] = write_preview(output / "sample_ct_preview.png", image, result.labels.array_zyx, colors, window=(-160, 240))
-    files["measurements"] = write_measurements(output / "sample_ct_stats.csv", result, image)
+    with staged_commit(list(files.values())) as commit:
+        write_segmentation_result(commit.stage(files["segmentation"]), result)
+        write_preview(commit.stage(files["preview"]), image, result.labels.array_zyx, colors, window=(-160, 240))
+        write_measurements(commit.stage(files["measurements"]), result, image)
     truth = io.read_segmentation(SAMPLE_TRUTH).to_labelmap().array_zyx
     summary = DemoSummary(
         output=output,

@@ -40,6 +40,23 @@ def test_demo_segments_the_bundled_sample_with_the_bundled_model(tmp_path):
     assert stats[1].startswith("liver,1,0,") and sum(r.startswith("liver lesion ") for r in stats) == len(names) - 1
 
 
+def test_demo_refuses_a_file_as_its_folder_and_replaces_its_files_together_or_not_at_all(tmp_path, capsys):
+    taken = tmp_path / "results.txt"
+    taken.write_text("the user's notes")
+    assert main(["demo", "--output", str(taken), "--device", "cpu"]) == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert "the demo's output is not a folder" in err and "an existing file" in err, err
+    assert taken.read_text() == "the user's notes"
+    earlier = tmp_path / "out" / "sample_ct.seg.nrrd"
+    earlier.parent.mkdir()
+    earlier.write_bytes(b"an earlier run's segmentation")
+    (tmp_path / "out" / "sample_ct_preview.png").mkdir()  # something in the way of the preview
+    assert main(["demo", "--output", str(tmp_path / "out"), "--device", "cpu"]) == EXIT_INPUT
+    assert "is a folder, not an output file" in capsys.readouterr().err
+    assert earlier.read_bytes() == b"an earlier run's segmentation"  # not replaced without its preview and table
+    assert sorted(p.name for p in earlier.parent.iterdir()) == ["sample_ct.seg.nrrd", "sample_ct_preview.png"]
+
+
 def test_bundled_model_segments_the_sample_well():
     """The shipped model must actually work: Dice against the sample's ground truth."""
     summary = demo.run_demo(Path(tempfile.mkdtemp()), device="cpu")

@@ -11,11 +11,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 from model_fixtures import tiny_model_folder
 
 from deepseg_core import io, phantoms
 from deepseg_core.cli import EXIT_CANCELLED, EXIT_INPUT, EXIT_MODEL, EXIT_OK, main
+from deepseg_core.errors import ImageError
 from deepseg_core.inference.backends import native_bfloat16
 
 REPO = Path(__file__).resolve().parents[2]
@@ -310,6 +312,11 @@ def test_a_batch_refuses_two_inputs_of_one_case_name_and_skips_segmentations(tmp
     write_case(folder / "a.nrrd")
     (folder / "a.seg.nrrd").write_bytes(b"an earlier result: never an input")
     assert [(case.name, case.channels) for case in collect_cases([str(folder)])] == [("a", (folder / "a.nrrd",))]
+    only_segmentations = tmp_path / "corrections"
+    only_segmentations.mkdir()
+    (only_segmentations / "a.seg.nrrd").write_bytes(b"a correction")
+    with pytest.raises(ImageError, match=r"holds segmentations only.*1 \.seg\.nrrd file\(s\)"):
+        collect_cases([str(only_segmentations)])  # was taken as a DICOM series: "no DICOM files found"
     write_case(folder / "a.nii.gz")  # both would be written to OUT/a.seg.nrrd: one case silently lost
     model = tiny_model_folder(tmp_path / "model")
     assert main(["segment", str(folder), "--model", str(model), "--output", str(tmp_path / "out")]) == EXIT_INPUT
@@ -339,3 +346,23 @@ def test_two_cases_writing_one_file_and_bad_probability_paths_are_refused_before
     ):
         assert main([*one_case, "--probabilities", str(tmp_path / probabilities)]) == EXIT_INPUT
         assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_a_batch_case_whose_output_is_a_folder_fails_before_its_work_and_the_rest_go_on(tmp_path):
+    model = tiny_model_folder(tmp_path / "model")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_case(folder / "a.nrrd")
+    write_case(folder / "b.nrrd", seed=2)
+    out = tmp_path / "out"
+    (out / "b.seg.nrrd").mkdir(parents=True)  # something in the way of case b's segmentation
+    result = cli("segment", str(folder), "--model", str(model), "--output", str(out), "--json")
+    assert result.returncode == EXIT_INPUT, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    of_b = [e["event"] for e in events if e.get("case") == "b"]
+    assert of_b == ["case_failed"], of_b  # no domain check, no tiles: refused before segmenting
+    failure = next(e for e in events if e["event"] == "case_failed")
+    assert "is a folder, not an output file" in failure["error"] and "b.seg.nrrd" in failure["error"]
+    assert (out / "a.seg.nrrd").is_file() and (out / "b.seg.nrrd").is_dir()
+    summary = json.loads((out / "deepseg_summary.json").read_text())
+    assert summary["done"] == 1 and summary["failed"] == 1

@@ -323,7 +323,8 @@ def check_field_of_view(
     Args:
         network_shape_zyx: the image's size on the model's grid, in the network's axis order.
         network_spacing_zyx_mm: that grid's spacing (mm), same order.
-        patch_size_zyx: the sliding window's tile (2D models: 1 along z).
+        patch_size_zyx: the voxels one network input covers: the sliding window's tile (2D models:
+            1 along z; 2.5D models: the k slices stacked as channels).
         axis_names: the input image's axis each network axis runs along (the message names it).
 
     Returns one finding per axis the image does not fill at least half of (the image's share of a

@@ -144,6 +144,22 @@ def test_a_few_slices_cut_from_a_volume_are_flagged_on_the_model_grid():
     assert [level for level, _ in field_of_view(box)[1]] == ["out_of_distribution", "caution"]
 
 
+def test_a_25d_model_given_fewer_slices_than_it_stacks_is_flagged(tmp_path):
+    from model_fixtures import tiny_model_folder
+
+    # 3 slices stacked as channels: of one slice the network sees only copies (a third of what it reads)
+    segmenter = Segmenter.load(tiny_model_folder(tmp_path / "m", arch="2.5d"), device="cpu")
+    whole = case(shape=(12, 48, 48)).image
+
+    def field_of_view(slices):
+        volume = Volume(whole.array_zyx[:slices].copy(), whole.spacing_xyz_mm, whole.origin_lps, whole.direction_lps)
+        return [(f.level, f.value) for f in segmenter.check_inputs([volume]).findings if f.check == "field_of_view"]
+
+    assert field_of_view(1) == [("caution", 1 / 3)]
+    assert field_of_view(2) == [("ok", None)]
+    assert field_of_view(12) == [("ok", None)]
+
+
 def test_field_of_view_names_the_images_axis_where_the_network_transposes_it():
     # an nnU-Net plan may put the image's x axis first; the user crops the image, so its axis is named
     findings = domain_shift.check_field_of_view((6, 64, 64), (3.0, 1.5, 1.5), (32, 64, 64), axis_names=("x", "z", "y"))

@@ -267,12 +267,15 @@ class Segmenter:
         if not channels:
             return domain_shift.check_input(self.card, channels)
         grid = self.pipeline.network_grid(channels)
+        patch = self.window_config(SegmentOptions()).patch_size_zyx
+        # a 2.5D network reads k slices around each one: of an image with fewer, it sees edge copies
+        reads_zyx = (max(patch[0], self.pipeline.context_slices), *patch[1:])
         return domain_shift.check_input(
             self.card,
             channels,
             network_shape_zyx=grid.shape_zyx,
             network_spacing_zyx_mm=grid.spacing_zyx_mm,
-            patch_size_zyx=self.window_config(SegmentOptions()).patch_size_zyx,
+            patch_size_zyx=reads_zyx,
             network_axis_names=grid.input_axes,
         )
 

@@ -66,6 +66,35 @@ def forward_flops(net: torch.nn.Module, device: torch.device, input_shape: tuple
     return float(counter.get_total_flops())
 
 
+def cpu_description() -> str:
+    """The CPU a figure was measured on: model name, core count and widest vector instructions.
+
+    Figures depend on the vector width: the same convolutions ran at 379 GFLOP/s on an AVX-512 CPU and
+    at 70 on an AVX2 one (README), so every benchmark's JSON names the CPU behind its numbers.
+    """
+    import os
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+            if model and flags:
+                break
+    widest = [
+        name
+        for name, flag in (("AMX", "amx_tile"), ("AVX512-BF16", "avx512_bf16"), ("AVX-512", "avx512f"), ("AVX2", "avx2"))
+        if flag in flags
+    ]
+    vector = ", ".join(widest[:2]) if widest else "vector width unknown"
+    return f"{model}, {os.cpu_count()} logical cores, {vector}"
+
+
 def matmul_ceiling_gflops(device: torch.device, seconds: float = 2.0) -> float:
     a = torch.randn(2048, 2048, device=device)
     b = torch.randn(2048, 2048, device=device)
@@ -341,6 +370,7 @@ def main() -> int:
         entry["fraction_of_ceiling"] = entry["gflops"] / ceilings[arithmetic]
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+        "cpu": cpu_description(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "volume_zyx": SHAPE_ZYX,

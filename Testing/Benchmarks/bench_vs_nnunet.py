@@ -171,7 +171,7 @@ def run_deepseg(
 def _device_name(device: str) -> str:
     import torch
 
-    return torch.cuda.get_device_name(0) if device == "cuda" else f"CPU, {os.cpu_count()} cores"
+    return torch.cuda.get_device_name(0) if device == "cuda" else _load_sibling("bench_sliding_window").cpu_description()
 
 
 def network_flops(store_root: Path, ref: str, threads: int) -> dict:

@@ -17,7 +17,10 @@ from deepseg_core.demo import DEFAULT_MODEL, SAMPLE_VOLUME
 from deepseg_core.errors import ConfigError
 from deepseg_core.inference import Segmenter, SegmentOptions, sliding_window_predict
 from deepseg_core.inference.backends import (
+    PHASE_STACK_BACKENDS,
+    PHASE_STACK_MAX_CHANNELS,
     SPLIT_CONCAT_BACKENDS,
+    PhaseStackedConvTranspose,
     PooledInstanceNorm,
     cached_onnx,
     choose_backend,
@@ -191,6 +194,13 @@ def test_a_2d_network_and_a_partial_last_batch_through_an_exported_backend(tmp_p
     assert used.name == backend
     with torch.no_grad():
         torch.testing.assert_close(function(tiles), net(tiles), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(function(tiles[:1]), net(tiles[:1]), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            function(tiles.repeat(2, 1, 1, 1)[:4]), net(tiles.repeat(2, 1, 1, 1)[:4]), atol=1e-4, rtol=1e-4
+        )
+    # OpenVINO runs a partial batch one tile at a time through the graph reshaped to one tile; ONNX
+    # Runtime's graph has a fixed batch, so it still computes padded copies
+    assert function.padded_calls == (0 if backend == "openvino" else 2)
 
 
 def test_the_exported_graph_is_cached_by_key_and_rebuilt_when_stale(tmp_path, monkeypatch):
@@ -396,6 +406,74 @@ def test_decoder_convolutions_of_concatenations_are_split_in_the_exported_graph(
         assert len(concatenations) == 2 and not parts
     with torch.no_grad():
         torch.testing.assert_close(function(tiles), net(tiles), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize(
+    "kernel, stride, padding, output_padding",
+    [
+        (3, 2, 1, 1),  # MONAI's UNet
+        (2, 2, 0, 0),  # nnU-Net's decoder
+        (3, 2, 0, 0),  # the last phase one voxel longer than the others
+        (4, 2, 1, 0),
+        (5, 3, 2, 1),
+        (1, 2, 0, 1),  # phases that read nothing
+        ((3, 3, 3), (2, 1, 2), (1, 1, 1), (1, 0, 1)),  # an axis not upsampled
+    ],
+)
+def test_phase_stacked_transposed_convolution_computes_the_transposed_convolution(
+    spatial_dims, kernel, stride, padding, output_padding
+):
+    def axes(value):
+        return value[:spatial_dims] if isinstance(value, tuple) else value
+
+    torch.manual_seed(3)
+    transposed = (torch.nn.ConvTranspose2d if spatial_dims == 2 else torch.nn.ConvTranspose3d)(
+        5, 2, axes(kernel), axes(stride), axes(padding), axes(output_padding)
+    ).eval()
+    stacked = PhaseStackedConvTranspose(transposed)
+    for size in (5, 6):
+        x = torch.randn(2, 5, *[size] * spatial_dims)
+        with torch.no_grad():
+            expected, found = transposed(x), stacked(x)
+        assert found.shape == expected.shape
+        torch.testing.assert_close(found, expected, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", EXPORTED)
+def test_narrow_transposed_convolutions_are_phase_stacked_in_openvinos_graph(tmp_path, backend):
+    import onnx
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(4)
+    # binary MONAI UNet (the spleen bundle's shape): its last up-sampling goes to the 2 classes
+    net = UNet(3, 1, 2, (4, 8, 16), (2, 2), num_res_units=1).eval()
+    widths = sorted(m.out_channels for m in net.modules() if isinstance(m, torch.nn.ConvTranspose3d))
+    assert widths[0] == 2 and widths[-1] > PHASE_STACK_MAX_CHANNELS
+    function, used = tile_function(net, choose_backend(backend, torch.device("cpu")), "d" * 64, (2, 1, 16, 16, 16), tmp_path)
+    assert used.name == backend
+    with torch.no_grad():  # one tile: OpenVINO reshapes the graph, the phase-stacked layer included
+        one = torch.randn(1, 1, 16, 16, 16)
+        torch.testing.assert_close(function(one), net(one), atol=1e-4, rtol=1e-4)
+    assert function.padded_calls == (0 if backend == "openvino" else 1)
+    (graph,) = tmp_path.glob("*.onnx")
+    model = onnx.load(str(graph))
+    initializers = {t.name: t for t in model.graph.initializer}
+    left = sorted(
+        onnx.numpy_helper.to_array(initializers[n.input[1]]).shape[1]  # ConvTranspose weights: (C_in, C_out, ...)
+        for n in model.graph.node
+        if n.op_type == "ConvTranspose"
+    )
+    if backend in PHASE_STACK_BACKENDS:
+        assert left == [w for w in widths if w > PHASE_STACK_MAX_CHANNELS], "only the narrow one is rewritten"
+    else:
+        assert left == widths
+    tiles = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(function(tiles), net(tiles), atol=1e-4, rtol=1e-4)
+    assert isinstance(exportable(net, "openvino").model[2][0].conv, PhaseStackedConvTranspose)
+    assert isinstance(exportable(net, "onnxruntime").model[2][0].conv, torch.nn.ConvTranspose3d)
+    assert isinstance(net.model[2][0].conv, torch.nn.ConvTranspose3d), "the original is untouched"
 
 
 def _concat_conv_graph(

@@ -16,7 +16,8 @@ are optional (``pip install deepseg[cpu-fast]``).
   decoder's convolution of a concatenation is split into one convolution per part, summed, for
   OpenVINO (:func:`split_concatenated_convolutions`), and a strided transposed convolution to one
   or two classes is computed as one convolution per output phase, stacked (:class:`PhaseStackedConvTranspose`).
-  A last batch with fewer tiles is padded to the fixed batch (the extra outputs are dropped).
+  A call with fewer tiles than the fixed batch runs them one at a time through the graph reshaped
+  to one tile (OpenVINO) or is padded with copies whose outputs are dropped (ONNX Runtime).
 - ``auto``: OpenVINO, else ONNX Runtime on the CPU, torch on CUDA; any backend that cannot serve
   the run (not installed, CUDA, Monte-Carlo dropout, an export failure) falls back to torch with
   the reason logged.
@@ -339,11 +340,11 @@ def _phase_stackable(module: nn.Module) -> bool:
     )
 
 
-def exportable(net: nn.Module, backend: str = "onnxruntime") -> nn.Module:
+def exportable(net: nn.Module, backend: str | None = None) -> nn.Module:
     """A copy of ``net`` for export to ``backend``: every 2D/3D instance norm that normalises by the tile's
     own statistics replaced by :class:`PooledInstanceNorm`; for the backends of :data:`PHASE_STACK_BACKENDS`
     each strided transposed convolution to at most :data:`PHASE_STACK_MAX_CHANNELS` channels by
-    :class:`PhaseStackedConvTranspose` (``net`` itself is left as it is)."""
+    :class:`PhaseStackedConvTranspose` (``net`` itself is left as it is; no backend: the norms only)."""
     copy_of_net = copy.deepcopy(net).eval().cpu()
     for parent in list(copy_of_net.modules()):
         for name, child in list(parent.named_children()):

@@ -203,6 +203,29 @@ def test_a_2d_network_and_a_partial_last_batch_through_an_exported_backend(tmp_p
     assert function.padded_calls == (0 if backend == "openvino" else 2)
 
 
+@pytest.mark.skipif(not installed("openvino"), reason="OpenVINO not installed")
+def test_the_single_tile_graph_is_never_read_from_a_graph_exported_after_the_check(tmp_path):
+    """OpenVINO reads the graph again, lazily, to make its one-tile runner. If another process has
+    exported the graph anew since this one checked and compiled it, the file now holds other weights:
+    partial batches are then padded through the checked graph, never run through the new file."""
+    config = {"spatial_dims": 2, "in_channels": 1, "num_classes": 3, "features": [4, 8]}
+    net = build_net("unet", config, seed=1).eval()
+    other = build_net("unet", config, seed=2).eval()
+    shape = (2, 1, 16, 16)
+    function, used = tile_function(net, choose_backend("openvino", torch.device("cpu")), "f" * 64, shape, tmp_path)
+    assert used.name == "openvino"
+    (graph,) = tmp_path.glob("*.onnx")
+    elsewhere = tmp_path / "other"
+    replacement = cached_onnx(other, "0" * 64, "openvino", shape, elsewhere)
+    os.replace(replacement, graph)  # what a concurrent re-export does: a new file under the same name
+    tiles = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (net(tiles[:1]) - other(tiles[:1])).abs().max() > 1e-2, "the two networks must differ"
+        torch.testing.assert_close(function(tiles[:1]), net(tiles[:1]), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(function(tiles[:2]), net(tiles[:2]), atol=1e-4, rtol=1e-4)
+    assert function.padded_calls == 1
+
+
 def test_the_exported_graph_is_cached_by_key_and_rebuilt_when_stale(tmp_path, monkeypatch):
     net = build_net("unet", {"spatial_dims": 3, "in_channels": 1, "num_classes": 2, "features": [4, 8]}, seed=2).eval()
     choice = choose_backend("onnxruntime", torch.device("cpu"))

@@ -713,6 +713,9 @@ def openvino_tiles(graph: Path, batch: int, precision: str = "float32") -> Expor
     cache = openvino_cache_dir(graph)
     for legacy in cache.parent.glob("*.blob"):  # blobs of the shared folder used before: never read again
         legacy.unlink(missing_ok=True)
+    # The file compiled now is the one whose checksum the caller checks (it is dropped otherwise); the
+    # single-tile graph, read later, must come from that same file, not from one exported since.
+    checked = graph.stat()
     core = openvino.Core()
     core.set_property({"CACHE_DIR": str(cache)})
     compiled = core.compile_model(str(graph), "CPU", openvino_properties(precision))
@@ -720,8 +723,16 @@ def openvino_tiles(graph: Path, batch: int, precision: str = "float32") -> Expor
     output = compiled.output(0)
 
     def run_one() -> Callable[[np.ndarray], np.ndarray]:
-        """The same graph reshaped to one tile (OpenVINO's ``reshape``: no second export)."""
+        """The same graph reshaped to one tile (OpenVINO's ``reshape``: no second export).
+
+        Raises RuntimeError when the path no longer names the file that was checked and compiled
+        (another process exported the graph again meanwhile): partial batches are then padded."""
+        replaced = RuntimeError(f"{graph.name} was replaced after it was checked and compiled")
+        if not _still_names(graph, checked):
+            raise replaced
         model = core.read_model(str(graph))
+        if not _still_names(graph, checked):  # replaced while OpenVINO read it: it may hold either
+            raise replaced
         model.reshape({model.input(0): [1, *list(model.input(0).get_shape())[1:]]})
         single = core.compile_model(model, "CPU", openvino_properties(precision))
         single_request, single_output = single.create_infer_request(), single.output(0)

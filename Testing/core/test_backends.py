@@ -21,6 +21,7 @@ from deepseg_core.inference.backends import (
     PHASE_STACK_MAX_CHANNELS,
     SPLIT_CONCAT_BACKENDS,
     PhaseStackedConvTranspose,
+    PhaseStackedUpsampling,
     PooledInstanceNorm,
     cached_onnx,
     choose_backend,
@@ -463,6 +464,69 @@ def test_phase_stacked_transposed_convolution_computes_the_transposed_convolutio
         torch.testing.assert_close(found, expected, atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize(
+    "kernel, stride, padding, output_padding",
+    [
+        (3, 2, 1, 1),  # MONAI's up-sampling: every phase the same size, the norm runs on the phases
+        (3, 2, 1, 0),  # one voxel cropped: the norm and activations run after depth-to-space
+        (2, 2, 0, 0),
+    ],
+)
+@pytest.mark.parametrize(
+    "after",
+    [
+        lambda d: [torch.nn.InstanceNorm3d(2) if d == 3 else torch.nn.InstanceNorm2d(2), torch.nn.Dropout(0.2), torch.nn.PReLU()],
+        lambda d: [torch.nn.PReLU(2), (torch.nn.InstanceNorm3d if d == 3 else torch.nn.InstanceNorm2d)(2, affine=True)],
+        lambda d: [torch.nn.LeakyReLU(0.1)],
+    ],
+    ids=["norm-dropout-prelu", "channel-prelu-then-affine-norm", "activation-only"],
+)
+def test_phase_stacked_upsampling_computes_the_transposed_convolution_then_its_norm_and_activations(
+    spatial_dims, kernel, stride, padding, output_padding, after
+):
+    torch.manual_seed(5)
+    transposed = (torch.nn.ConvTranspose2d if spatial_dims == 2 else torch.nn.ConvTranspose3d)(
+        6, 2, kernel, stride, padding, output_padding
+    )
+    followers = after(spatial_dims)
+    for module in followers:  # non-trivial affine and PReLU weights, different per channel
+        for parameter in module.parameters():
+            parameter.data = torch.rand_like(parameter) + 0.5
+    reference = torch.nn.Sequential(transposed, *followers).eval()
+    fused = PhaseStackedUpsampling(transposed, followers).eval()
+    x = torch.randn(2, 6, *[7] * spatial_dims) + 3.0  # an offset, so a norm that skipped the mean would show
+    with torch.no_grad():
+        expected, found = reference(x), fused(x)
+    assert found.shape == expected.shape
+    torch.testing.assert_close(found, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_only_a_norm_and_elementwise_modules_right_after_the_transposed_convolution_are_fused():
+    def block(*after):
+        torch.manual_seed(6)
+        return torch.nn.Sequential(torch.nn.ConvTranspose3d(4, 2, 3, 2, 1, 1), *after).eval()
+
+    original = block(torch.nn.InstanceNorm3d(2), torch.nn.ReLU())
+    fused = exportable(original, "openvino")
+    # the norm follows the transposed convolution directly: it is fused, and the ReLU after it stays
+    assert isinstance(fused[0], PhaseStackedUpsampling) and isinstance(fused[1], torch.nn.Identity)
+    assert isinstance(fused[2], torch.nn.ReLU)
+    x = torch.randn(1, 4, 5, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), original(x), atol=2e-5, rtol=1e-4)
+    batch_norm = exportable(block(torch.nn.Sequential(torch.nn.BatchNorm3d(2), torch.nn.ReLU())), "openvino")
+    assert isinstance(batch_norm[0], PhaseStackedConvTranspose), "batch norm is not fused"
+    assert isinstance(batch_norm[1][0], torch.nn.BatchNorm3d)
+    running = exportable(block(torch.nn.InstanceNorm3d(2, track_running_stats=True)), "openvino")
+    assert isinstance(running[0], PhaseStackedConvTranspose), "running statistics are not the tile's own"
+    two_norms = exportable(block(torch.nn.Sequential(torch.nn.InstanceNorm3d(2), torch.nn.InstanceNorm3d(2))), "openvino")
+    assert isinstance(two_norms[0], PhaseStackedConvTranspose) and isinstance(two_norms[1][1], PooledInstanceNorm)
+    convolution_next = exportable(block(torch.nn.Conv3d(2, 2, 3, padding=1)), "openvino")
+    assert isinstance(convolution_next[0], PhaseStackedConvTranspose) and isinstance(convolution_next[1], torch.nn.Conv3d)
+    assert isinstance(exportable(block(torch.nn.InstanceNorm3d(2)), None)[0], torch.nn.ConvTranspose3d), "no backend: no rewrite"
+
+
 @pytest.mark.parametrize("backend", EXPORTED)
 def test_narrow_transposed_convolutions_are_phase_stacked_in_openvinos_graph(tmp_path, backend):
     import onnx
@@ -494,7 +558,10 @@ def test_narrow_transposed_convolutions_are_phase_stacked_in_openvinos_graph(tmp
     tiles = torch.randn(2, 1, 16, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(function(tiles), net(tiles), atol=1e-4, rtol=1e-4)
-    assert isinstance(exportable(net, "openvino").model[2][0].conv, PhaseStackedConvTranspose)
+    # MONAI's Convolution block: the transposed convolution, then ADN (norm, dropout, PReLU), all on the phases
+    fused = exportable(net, "openvino").model[2][0]
+    assert isinstance(fused.conv, PhaseStackedUpsampling) and isinstance(fused.adn, torch.nn.Identity)
+    assert [type(m).__name__ for m in fused.conv.after] == ["PooledInstanceNorm", "Dropout", "PReLU"]
     assert isinstance(exportable(net, "onnxruntime").model[2][0].conv, torch.nn.ConvTranspose3d)
     assert isinstance(net.model[2][0].conv, torch.nn.ConvTranspose3d), "the original is untouched"
 

@@ -115,6 +115,43 @@ def test_single_logit_gives_two_probabilities():
     np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("scale", [1.0, 40.0])
+def test_two_classes_are_blended_as_their_softmax_even_where_one_dominates(scale):
+    """Two classes take a sigmoid of the logits' difference instead of the general softmax: the same
+    probabilities, summing to 1, with no overflow where one logit is far larger (scale 40)."""
+    image = (np.random.default_rng(3).normal(size=(2, 6, 6, 6)) * scale).astype(np.float32)
+    net = PointwiseNet(classes=2)
+    probs, _, _ = run(net, image, 2, SlidingWindowConfig(patch_size_zyx=(6, 6, 6)))
+    with torch.no_grad():
+        expected = torch.softmax(net.conv(torch.from_numpy(image)[None]).double(), 1)[0].numpy()
+    assert np.isfinite(probs).all()
+    np.testing.assert_allclose(probs, expected, atol=1e-6)
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-6)
+
+
+def test_the_importance_map_is_computed_once_per_map_and_patch_and_shared_read_only(monkeypatch):
+    from deepseg_core.inference.sliding_window import IMPORTANCE_MAPS
+
+    made = []
+
+    def counted(patch, sigma_scale):
+        made.append((tuple(patch), sigma_scale))
+        return gaussian_importance(patch, sigma_scale)
+
+    monkeypatch.setitem(IMPORTANCE_MAPS, "counted", counted)
+    image = np.random.default_rng(4).normal(size=(2, 8, 12, 12)).astype(np.float32)
+    net = PointwiseNet()
+    config = SlidingWindowConfig(patch_size_zyx=(4, 8, 8), importance="counted")
+    first, _, _ = run(net, image, 3, config)
+    second, _, _ = run(net, image, 3, config)
+    np.testing.assert_array_equal(first, second)  # the shared map was not changed by the first run
+    np.testing.assert_allclose(first, direct(net, image), atol=1e-5)
+    assert made == [((4, 8, 8), 0.125)]
+    run(net, image, 3, SlidingWindowConfig(patch_size_zyx=(4, 6, 6), importance="counted"))
+    run(net, image, 3, SlidingWindowConfig(patch_size_zyx=(4, 8, 8), importance="counted", sigma_scale=0.25))
+    assert made == [((4, 8, 8), 0.125), ((4, 6, 6), 0.125), ((4, 8, 8), 0.25)]
+
+
 def test_progress_reports_every_batch_with_eta():
     image = np.zeros((2, 16, 16, 16), np.float32)
     events = []

@@ -180,7 +180,7 @@ def export_key(weights_sha256: str, backend: str, input_shape: tuple[int, ...]) 
         "torch": torch.__version__,
         "export_format": EXPORT_FORMAT
         + ("+split-concat-conv" if backend in SPLIT_CONCAT_BACKENDS else "")
-        + (f"+phase-stacked-deconv-{PHASE_STACK_MAX_CHANNELS}" if backend in PHASE_STACK_BACKENDS else ""),
+        + (f"+phase-stacked-upsampling-{PHASE_STACK_MAX_CHANNELS}" if backend in PHASE_STACK_BACKENDS else ""),
     }
 
 
@@ -298,7 +298,12 @@ class PhaseStackedConvTranspose(nn.Module):
             convolution.bias.data = transposed.bias.detach().repeat_interleave(phases)
         self.convolution = convolution
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def phase_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
+        """The output phases stacked as channels, before depth-to-space.
+
+        Returns ``(phases, size, phase_size)``: ``phases`` is ``(B, C_out * s^d, *phase_size)``, channel
+        ``class * s^d + phase`` (phases in row-major order of the strides); ``size`` the transposed
+        convolution's output size, at most ``phase_size * stride`` along each axis."""
         spatial = x.shape[2:]
         dims = len(spatial)
         size = [
@@ -320,12 +325,114 @@ class PhaseStackedConvTranspose(nn.Module):
                 *(slice(max(0, low), max(0, low) + n) for (low, _), n in zip(self.offsets, phase_size, strict=True)),
             )
         ]
+        return y, size, phase_size
+
+    def depth_to_space(self, y: torch.Tensor, size: list[int], phase_size: list[int]) -> torch.Tensor:
+        """``(B, C_out * s^d, *phase_size)`` phases -> ``(B, C_out, *size)``: each phase at its voxels."""
+        dims = len(phase_size)
         # -1, not the traced batch: the exported graph can be reshaped to another batch (one tile)
         y = y.reshape(-1, self.out_channels, *self.stride, *phase_size)
         # (B, C, s_0, .., s_d, m_0, .., m_d) -> (B, C, m_0, s_0, .., m_d, s_d)
         y = y.permute(0, 1, *itertools.chain.from_iterable((2 + dims + a, 2 + a) for a in range(dims)))
         y = y.reshape(-1, self.out_channels, *(phase_size[a] * self.stride[a] for a in range(dims)))
-        return y[(slice(None), slice(None), *(slice(0, n) for n in size))]
+        if any(n != phase_size[a] * self.stride[a] for a, n in enumerate(size)):
+            y = y[(slice(None), slice(None), *(slice(0, n) for n in size))]
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.depth_to_space(*self.phase_outputs(x))
+
+
+#: modules that act on each voxel alone, the same way on every voxel of a channel (dropout: in eval)
+ELEMENTWISE_MODULES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardswish,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.PReLU,
+)
+
+
+class PhaseStackedUpsampling(nn.Module):
+    """A narrow strided transposed convolution and the instance norm and activations after it, run on
+    the stacked output phases; depth-to-space comes last.
+
+    The same arithmetic as ``transposed`` followed by ``after`` (in order), where ``after`` holds at
+    most one instance norm that uses the tile's own statistics and modules of
+    :data:`ELEMENTWISE_MODULES`. A class's mean and variance are the averages over its ``s^d`` phase
+    channels of each phase's spatial mean (:meth:`PooledInstanceNorm.spatial_mean`; every phase has
+    the same number of voxels), and a per-channel PReLU weight is repeated over the class's phases.
+
+    Why: after :class:`PhaseStackedConvTranspose`, the norm and activation of a 2-class output ran on
+    2-channel tensors, which OpenVINO's CPU plugin stores in blocks of 8 channels, with a layout
+    reorder before and after; on the stacked phases (16 channels) they need neither. The reference
+    MONAI UNet's last up-sampling (32 -> 2 at 48^3 -> 96^3, a batch of 2) took about 15 ms less
+    (README). Where the output is cropped (``phase_size * s`` longer than the output along an axis),
+    the phases are not all the same size, and the norm and activations run after depth-to-space.
+
+    Input ``(B, C_in, *spatial)``, output as ``transposed`` then ``after`` give.
+    """
+
+    def __init__(self, transposed: nn.ConvTranspose2d | nn.ConvTranspose3d, after: list[nn.Module]) -> None:
+        super().__init__()
+        self.stacked = PhaseStackedConvTranspose(transposed)
+        self.phases = int(np.prod(self.stacked.stride))
+        classes, dims = transposed.out_channels, len(transposed.kernel_size)
+        self.after = nn.ModuleList(PooledInstanceNorm(m) if _own_statistics_norm(m) else m for m in after)
+        # averages each class's phase channels: a 1 x 1 convolution with 1 / s^d in the class's block
+        group = torch.kron(torch.eye(classes), torch.full((self.phases, self.phases), 1.0 / self.phases))
+        self.group_mean_weight = group.reshape(*group.shape, *([1] * dims))
+        self.dims = dims
+
+    def _repeat(self, per_class: torch.Tensor) -> torch.Tensor:
+        """``(C, 1, ...)`` per-class constants -> ``(C * s^d, 1, ...)``, one per phase channel."""
+        return per_class.repeat_interleave(self.phases, dim=0)
+
+    def _class_mean(self, y: torch.Tensor) -> torch.Tensor:
+        """``(B, C * s^d, *phase_size)`` -> ``(B, C * s^d, 1, ...)``: each class's mean over all its voxels."""
+        convolution = torch.nn.functional.conv3d if self.dims == 3 else torch.nn.functional.conv2d
+        return convolution(PooledInstanceNorm.spatial_mean(y), self.group_mean_weight.to(y.dtype))
+
+    def _norm(self, norm: PooledInstanceNorm, y: torch.Tensor) -> torch.Tensor:
+        mean = self._class_mean(y)
+        centred = y - mean
+        scale = torch.rsqrt(self._class_mean(centred * centred) + norm.eps)
+        if norm.weight is not None:
+            scale = scale * self._repeat(norm.weight)
+        shift = -mean * scale
+        if norm.bias is not None:
+            shift = shift + self._repeat(norm.bias)
+        return y * scale + shift
+
+    def _activation(self, module: nn.Module, y: torch.Tensor) -> torch.Tensor:
+        if isinstance(module, nn.PReLU) and module.num_parameters > 1:
+            weight = self._repeat(module.weight.detach().reshape(-1, *([1] * self.dims)))
+            return torch.where(y >= 0, y, y * weight)
+        return module(y)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, size, phase_size = self.stacked.phase_outputs(x)
+        if any(n != phase_size[a] * self.stacked.stride[a] for a, n in enumerate(size)):
+            y = self.stacked.depth_to_space(y, size, phase_size)
+            for module in self.after:
+                y = module(y)
+            return y
+        for module in self.after:
+            y = self._norm(module, y) if isinstance(module, PooledInstanceNorm) else self._activation(module, y)
+        return self.stacked.depth_to_space(y, size, phase_size)
 
 
 def _phase_stackable(module: nn.Module) -> bool:
@@ -340,18 +447,59 @@ def _phase_stackable(module: nn.Module) -> bool:
     )
 
 
+def _own_statistics_norm(module: nn.Module) -> bool:
+    """An instance norm that normalises by the tile's own statistics (not by running ones)."""
+    return isinstance(module, (nn.InstanceNorm2d, nn.InstanceNorm3d)) and not module.track_running_stats
+
+
+def _plain_sequential(module: nn.Module) -> bool:
+    """An ``nn.Sequential`` (or subclass) that runs its children in order and nothing else."""
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+def _fusable_after(module: nn.Module) -> list[nn.Module] | None:
+    """``module`` as the modules a :class:`PhaseStackedUpsampling` can run on the phases, else None:
+    one of them, or a plain sequential of them (MONAI's ADN), with at most one instance norm."""
+    parts = list(module.children()) if _plain_sequential(module) else [module]
+    if not parts or not all(_own_statistics_norm(m) or isinstance(m, ELEMENTWISE_MODULES) for m in parts):
+        return None
+    if sum(_own_statistics_norm(m) for m in parts) > 1 or any(next(m.children(), None) is not None for m in parts):
+        return None
+    return parts
+
+
+def _stack_phases(net: nn.Module) -> None:
+    """Replace, in place, each phase-stackable transposed convolution of ``net``: together with the
+    norm and activations that follow it in a plain sequential by :class:`PhaseStackedUpsampling`
+    (the followers become ``nn.Identity``), else alone by :class:`PhaseStackedConvTranspose`."""
+    for parent in list(net.modules()):
+        children = list(parent.named_children())
+        for index, (name, child) in enumerate(children):
+            if not _phase_stackable(child):
+                continue
+            after = None
+            if _plain_sequential(parent) and index + 1 < len(children):
+                after = _fusable_after(children[index + 1][1])
+            if after is None:
+                setattr(parent, name, PhaseStackedConvTranspose(child))
+                continue
+            setattr(parent, name, PhaseStackedUpsampling(child, after))
+            setattr(parent, children[index + 1][0], nn.Identity())
+
+
 def exportable(net: nn.Module, backend: str | None = None) -> nn.Module:
     """A copy of ``net`` for export to ``backend``: every 2D/3D instance norm that normalises by the tile's
     own statistics replaced by :class:`PooledInstanceNorm`; for the backends of :data:`PHASE_STACK_BACKENDS`
     each strided transposed convolution to at most :data:`PHASE_STACK_MAX_CHANNELS` channels by
+    :class:`PhaseStackedUpsampling` (with the norm and activations right after it) or
     :class:`PhaseStackedConvTranspose` (``net`` itself is left as it is; no backend: the norms only)."""
     copy_of_net = copy.deepcopy(net).eval().cpu()
+    if backend in PHASE_STACK_BACKENDS:
+        _stack_phases(copy_of_net)
     for parent in list(copy_of_net.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, (nn.InstanceNorm2d, nn.InstanceNorm3d)) and not child.track_running_stats:
+            if _own_statistics_norm(child):
                 setattr(parent, name, PooledInstanceNorm(child))
-            elif backend in PHASE_STACK_BACKENDS and _phase_stackable(child):
-                setattr(parent, name, PhaseStackedConvTranspose(child))
     return copy_of_net
 
 

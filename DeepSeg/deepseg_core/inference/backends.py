@@ -16,8 +16,9 @@ are optional (``pip install deepseg[cpu-fast]``).
   decoder's convolution of a concatenation is split into one convolution per part, summed, for
   OpenVINO (:func:`split_concatenated_convolutions`), and a strided transposed convolution to one
   or two classes is computed as one convolution per output phase, stacked (:class:`PhaseStackedConvTranspose`).
-  A call with fewer tiles than the fixed batch runs them one at a time through the graph reshaped
-  to one tile (OpenVINO) or is padded with copies whose outputs are dropped (ONNX Runtime).
+  A call with fewer tiles than the fixed batch runs them one at a time: through the graph reshaped
+  to one tile (OpenVINO), or through a second graph exported for one tile when first needed and
+  cached under its own key (ONNX Runtime, which cannot reshape a session).
 - ``auto``: OpenVINO, else ONNX Runtime on the CPU, torch on CUDA; any backend that cannot serve
   the run (not installed, CUDA, Monte-Carlo dropout, an export failure) falls back to torch with
   the reason logged.
@@ -783,7 +784,7 @@ class ExportedTiles:
 
     ``reuses_output``: the runtime writes every call's output into the same buffer, so an output is
     valid only until the next call (callers that keep one across calls copy it first).
-    ``run_one``: makes (once, when first needed) a runner of the same graph for one tile. A call with
+    ``run_one``: makes (once, when first needed) a runner of the network for one tile. A call with
     fewer tiles than the batch (one small image, each pass of test-time augmentation, the last batch)
     then runs them one at a time instead of computing padded copies: with the bundled model's batch of
     4, one tile took 0.85 s padded and 0.21 s alone. Without it, or when it cannot be made, the batch
@@ -827,15 +828,24 @@ class ExportedTiles:
         return torch.from_numpy(np.ascontiguousarray(self._run(array)[:count]))
 
 
-def onnxruntime_tiles(graph: Path, batch: int) -> ExportedTiles:
-    """ONNX Runtime session on the CPU (all cores torch is allowed)."""
+def onnxruntime_session(graph: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """An ONNX Runtime session of ``graph`` on the CPU (all cores torch is allowed), as a function of the
+    input array."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     session = onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    return ExportedTiles(lambda x: session.run(None, {name: x})[0], batch)
+    return lambda x: session.run(None, {name: x})[0]
+
+
+def onnxruntime_tiles(
+    graph: Path, batch: int, run_one: Callable[[], Callable[[np.ndarray], np.ndarray]] | None = None
+) -> ExportedTiles:
+    """ONNX Runtime on the CPU; ``run_one``: see :class:`ExportedTiles` (ONNX Runtime cannot give a
+    session another batch, so :func:`tile_function` exports a second graph for one tile)."""
+    return ExportedTiles(onnxruntime_session(graph), batch, run_one=run_one)
 
 
 def openvino_properties(precision: str = "float32") -> dict[str, str]:
@@ -923,7 +933,15 @@ def tile_function(
         if choice.name == "openvino":
             load = functools.partial(openvino_tiles, batch=input_shape[0], precision=precision)
         else:
-            load = functools.partial(onnxruntime_tiles, batch=input_shape[0])
+            one_tile = (1, *input_shape[1:])
+
+            def single_tile_session() -> Callable[[np.ndarray], np.ndarray]:
+                # exported (and cached, under its own key) when a partial batch first needs it
+                return cached_onnx(net, weights_sha256, choice.name, one_tile, cache_dir, onnxruntime_session)  # type: ignore[return-value]
+
+            load = functools.partial(
+                onnxruntime_tiles, batch=input_shape[0], run_one=single_tile_session if input_shape[0] > 1 else None
+            )
         tiles: ExportedTiles = cached_onnx(net, weights_sha256, choice.name, input_shape, cache_dir, load)  # type: ignore[assignment]
         return tiles, choice
     except Exception as exc:  # any exporter/runtime error: the torch path still works

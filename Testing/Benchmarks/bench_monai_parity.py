@@ -132,7 +132,11 @@ def main() -> None:
     parser.add_argument("--inputs", nargs="+", default=list(INPUTS), choices=list(INPUTS))
     parser.add_argument("--threads", type=int, default=None, help="torch / OpenMP threads of each run (default: all)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep outputs here (default: a temporary folder)")
+    parser.add_argument("--device", default="cpu", help="cpu only: both tools run on the CPU (run_all.py passes it)")
     args = parser.parse_args()
+    if args.device != "cpu":
+        print(json.dumps({"skipped": f"compares the two tools on the CPU only, not on {args.device}"}))
+        return
 
     import monai_fixtures as mf
     import SimpleITK as sitk

@@ -46,7 +46,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu only: the exported runtimes are CPU runtimes (run_all.py passes it)")
     args = parser.parse_args()
+    if args.device != "cpu":
+        print(json.dumps({"skipped": f"the exported runtimes run on the CPU only, not on {args.device}"}))
+        return 0
     image = phantoms.generate_phantom(seed=11, shape_zyx=(24, 64, 64)).image
     rows: dict[str, dict] = {}
     single_tile_runner = backends.ExportedTiles._single_tile_runner

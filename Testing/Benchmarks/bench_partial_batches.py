@@ -1,14 +1,14 @@
 """A call with fewer tiles than the exported graph's batch: run one tile at a time, or pad with copies.
 
-    python Testing/Benchmarks/bench_partial_batches.py [--json] [--repeats 3]
+    python Testing/Benchmarks/bench_partial_batches.py [--json] [--repeats 3] [--device cpu]
 
 The bundled model (tile batch 4) on a 24 x 64 x 64 phantom, which is one tile, segmented in one process
 with ``Segmenter.segment``: without and with test-time augmentation (8 passes of one tile each). Rows:
 OpenVINO as DeepSeg runs it (the graph reshaped to one tile), OpenVINO with that path switched off
-(the partial batch padded with copies, as before 0986003), the same two for ONNX Runtime (its
-single-tile path, a second graph exported for one tile, came later: padded before), and torch. Each figure is the best of
+(the partial batch padded with copies, as before 0986003), the same two for ONNX Runtime (a second
+graph exported for one tile, since b3ffa0e; padded before), and torch. Each figure is the best of
 ``--repeats`` warm runs (the first run of each row, which compiles, is not counted); ``network_s``
-is ``timings_s.network``.
+is ``timings_s.network``. Another ``--device`` prints a JSON reason and nothing else.
 """
 
 from __future__ import annotations

@@ -328,6 +328,11 @@ class PhaseStackedConvTranspose(nn.Module):
         ]
         return y, size, phase_size
 
+    def cropped(self, size: list[int], phase_size: list[int]) -> bool:
+        """Whether depth-to-space gives more voxels than the output ``size`` along some axis (the last
+        phases are then cut short, and the phases do not all keep the same number of voxels)."""
+        return any(n != phase_size[a] * self.stride[a] for a, n in enumerate(size))
+
     def depth_to_space(self, y: torch.Tensor, size: list[int], phase_size: list[int]) -> torch.Tensor:
         """``(B, C_out * s^d, *phase_size)`` phases -> ``(B, C_out, *size)``: each phase at its voxels."""
         dims = len(phase_size)
@@ -336,7 +341,7 @@ class PhaseStackedConvTranspose(nn.Module):
         # (B, C, s_0, .., s_d, m_0, .., m_d) -> (B, C, m_0, s_0, .., m_d, s_d)
         y = y.permute(0, 1, *itertools.chain.from_iterable((2 + dims + a, 2 + a) for a in range(dims)))
         y = y.reshape(-1, self.out_channels, *(phase_size[a] * self.stride[a] for a in range(dims)))
-        if any(n != phase_size[a] * self.stride[a] for a, n in enumerate(size)):
+        if self.cropped(size, phase_size):
             y = y[(slice(None), slice(None), *(slice(0, n) for n in size))]
         return y
 
@@ -427,7 +432,7 @@ class PhaseStackedUpsampling(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y, size, phase_size = self.stacked.phase_outputs(x)
-        if any(n != phase_size[a] * self.stacked.stride[a] for a, n in enumerate(size)):
+        if self.stacked.cropped(size, phase_size):
             y = self.stacked.depth_to_space(y, size, phase_size)
             for module in self.after:
                 y = module(y)

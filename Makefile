@@ -8,6 +8,11 @@ PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12
 SLICER_VENV ?= .venv-slicer
 SLICER_PY := $(SLICER_VENV)/bin/python
 SLICER_STAMP := $(SLICER_VENV)/.installed
+# pytest-xdist workers for `make test`: one per CI core, each test file in one worker (a module-scoped
+# fixture, such as a trained model or an engine run, is made once: tests of two files in one worker
+# would tear it down between them), the longest files first (Testing/conftest.py's LONG_FILES)
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 .PHONY: setup setup-slicer test-data demo test test-slow bench lint clean
 
@@ -41,9 +46,9 @@ demo: setup
 test: setup setup-slicer test-data
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	DEEPSEG_REQUIRE_PY39=1 $(PY) -m pytest -q -m "not slow" Testing
+	DEEPSEG_REQUIRE_PY39=1 $(PY) -m pytest -q $(PYTEST_PARALLEL) -m "not slow" Testing
 	DEEPSEG_REQUIRE_PY39=1 DEEPSEG_SLICER_SIDE_RUN=1 DEEPSEG_ENGINE_PYTHON=$(abspath $(PY)) \
-		$(SLICER_PY) -m pytest -q -m "not slow" -p no:cacheprovider Testing/mrml Testing/extension
+		$(SLICER_PY) -m pytest -q $(PYTEST_PARALLEL) -m "not slow" -p no:cacheprovider Testing/mrml Testing/extension
 
 test-slow: setup test-data
 	$(PY) -m pytest -q -m slow Testing

@@ -23,6 +23,12 @@ for module_dir in ("DeepSeg", "DeepSegTraining"):
         sys.path.insert(0, path)
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+#: pytest-xdist workers in this run (``make test`` starts one per core). Each worker, and every engine
+#: process it starts, gets its share of the cores: OpenMP threads that outnumber the cores spin-wait.
+XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS_PER_WORKER = max(1, min(2, (os.cpu_count() or 1) // XDIST_WORKERS))
+if XDIST_WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS_PER_WORKER))
 #: set by `make test` for the torch-free Slicer-side run; torch must then really be absent.
 SLICER_SIDE_RUN = os.environ.get("DEEPSEG_SLICER_SIDE_RUN") == "1"
 TORCH_AVAILABLE = importlib.util.find_spec("torch") is not None
@@ -33,7 +39,36 @@ def pytest_configure(config):
         raise pytest.UsageError("the Slicer-side run must not have torch installed (it stands for a fresh Slicer)")
 
 
+#: the files that take longest on 2 cores (a minute or more each; ``--durations=0`` summed per file),
+#: longest first. ``make test`` runs them first (``--dist loadfile --no-loadscope-reorder``):
+#: pytest-xdist otherwise starts the files with the most tests first, and a run ended with one worker
+#: on a long file while the other waited. nnU-Net's comes first: on a fresh clone its fixture builds
+#: the tiny nnU-Net folders (about 3 minutes) that later files need too.
+LONG_FILES = (
+    "Testing/foreign/test_nnunet_import.py",
+    "Testing/core/test_retrain.py",
+    "Testing/mrml/test_panel_logic.py",
+    "Testing/foreign/test_imported_fine_tune.py",
+    "Testing/core/test_cli.py",
+    "Testing/core/test_backends.py",
+    "Testing/mrml/test_training_panel.py",
+    "Testing/core/test_atomic_outputs.py",
+    "Testing/mrml/test_effect_logic.py",
+    "Testing/core/test_cli_segment.py",
+    "Testing/realdata/test_segment_real_images.py",
+    "Testing/mrml/test_jobs.py",
+    "Testing/foreign/test_monai_import.py",
+)
+
+
+def _long_files_first(items: list[pytest.Item]) -> None:
+    rank = {path: index for index, path in enumerate(LONG_FILES)}
+    positions = {id(item): index for index, item in enumerate(items)}
+    items.sort(key=lambda item: (rank.get(item.nodeid.split("::")[0], len(rank)), positions[id(item)]))
+
+
 def pytest_collection_modifyitems(config, items):
+    _long_files_first(items)
     if TORCH_AVAILABLE:
         return
     for item in items:
@@ -49,13 +84,30 @@ def engine_python() -> str:
 
 @pytest.fixture(autouse=True)
 def _few_threads():
-    """Keep torch at 2 threads (the CI machine's cores) so tests do not oversubscribe."""
+    """Keep torch at the worker's share of 2 threads (the CI machine's cores) so tests do not oversubscribe."""
     if "torch" not in sys.modules:
         yield
         return
     import torch
 
     previous = torch.get_num_threads()
-    torch.set_num_threads(min(previous, 2))
+    torch.set_num_threads(min(previous, THREADS_PER_WORKER))
     yield
     torch.set_num_threads(previous)
+
+
+#: lines that real-image tests report (``record_property("realdata", line)``) for the end of the run:
+#: a test's own output does not reach the terminal from a pytest-xdist worker, its report does
+_REAL_DATA_LINES: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call":
+        _REAL_DATA_LINES.extend(str(value) for name, value in report.user_properties if name == "realdata")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _REAL_DATA_LINES:
+        terminalreporter.section("what the real images gave")
+        for line in _REAL_DATA_LINES:
+            terminalreporter.write_line(line)

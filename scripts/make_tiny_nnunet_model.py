@@ -47,6 +47,7 @@ runs on machines the 250 MB full-size checkpoint cannot travel to).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -57,6 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,6 +140,29 @@ def ensure_models(preset: str = "tiny", cache: Path = CACHE, python: str | None 
     if versions()["nnunetv2"] == "missing":
         raise RuntimeError("nnunetv2 is not installed: pip install -c requirements/constraints.txt -e '.[test]'")
     target.parent.mkdir(parents=True, exist_ok=True)
+    with _build_lock(target):
+        if (target / DONE).is_file():  # another process (a parallel test worker) built it while this one waited
+            return target
+        return _build_into(target, preset, python, timeout_s)
+
+
+@contextlib.contextmanager
+def _build_lock(target: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``.<target>.lock`` so parallel test workers build each preset once."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: two processes may both build; the rename below still keeps one whole result
+        yield
+        return
+    with open(target.parent / f".{target.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build_into(target: Path, preset: str, python: str | None, timeout_s: float | None) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     env = dict(os.environ)
     # one thread per process: the CI machine has 2 cores, and OpenMP spin-waits when oversubscribed

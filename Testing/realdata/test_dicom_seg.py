@@ -36,7 +36,7 @@ def dataset(liver_seg_path):
     return pydicom.dcmread(str(liver_seg_path))
 
 
-def test_segments_names_codes_and_colour(seg, capsys):
+def test_segments_names_codes_and_colour(seg, record_property):
     assert len(seg.segments) == 1
     liver = seg.segments[0]
     assert (liver.name, liver.label_value, liver.layer) == ("Liver", 1, 0)
@@ -45,13 +45,13 @@ def test_segments_names_codes_and_colour(seg, capsys):
     np.testing.assert_allclose(liver.color_rgb, SLICER_LIVER_RGB, atol=0.5 / 255)
     assert seg.segmentation_type == "BINARY"
     assert seg.referenced_series_uid == REFERENCED_CT_SERIES
-    with capsys.disabled():
-        print(
-            f"\n[realdata] liver.dcm: {len(seg.segments)} segment {liver.name!r}, {len(seg.frames)} frames, grid (z, y, x) "
-            f"{seg.grid.shape_zyx}, spacing {seg.grid.spacing_xyz_mm} mm, origin {seg.grid.origin_lps} LPS, "
-            f"voxels per frame {[int(n) for n in (seg.labelmap().array_zyx == 1).sum(axis=(1, 2))]}, "
-            f"colour {tuple(round(c * 255) for c in liver.color_rgb)}"
-        )
+    record_property(
+        "realdata",
+        f"liver.dcm: {len(seg.segments)} segment {liver.name!r}, {len(seg.frames)} frames, grid (z, y, x) "
+        f"{seg.grid.shape_zyx}, spacing {seg.grid.spacing_xyz_mm} mm, origin {seg.grid.origin_lps} LPS, "
+        f"voxels per frame {[int(n) for n in (seg.labelmap().array_zyx == 1).sum(axis=(1, 2))]}, "
+        f"colour {tuple(round(c * 255) for c in liver.color_rgb)}",
+    )
 
 
 def test_frame_count_and_grid(seg, dataset):

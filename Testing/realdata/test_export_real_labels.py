@@ -42,12 +42,11 @@ def mni_tissues(mni_t1_path, mni_gm_path, mni_wm_path):
     return t1, labels
 
 
-def test_tissue_labelmap_is_plausible(mni_tissues, capsys):
+def test_tissue_labelmap_is_plausible(mni_tissues, record_property):
     t1, labels = mni_tissues
     counts = np.bincount(labels.ravel(), minlength=4)
     ml = counts * t1.voxel_volume_ml
-    with capsys.disabled():
-        print(f"\n[realdata] MNI152 tissues: grey {ml[1]:.0f} ml, white {ml[2]:.0f} ml, CSF/other {ml[3]:.0f} ml")
+    record_property("realdata", f"MNI152 tissues: grey {ml[1]:.0f} ml, white {ml[2]:.0f} ml, CSF/other {ml[3]:.0f} ml")
     # MNI152 space is larger than the average brain (total here about 1.9 l); grey exceeds white in adults
     assert 500 < ml[1] < 1300 and 400 < ml[2] < 900 and ml[1] > ml[2] and ml[3] > 0
     assert t1.array_zyx[labels == 2].mean() > t1.array_zyx[labels == 1].mean() > t1.array_zyx[labels == 3].mean()  # T1 contrast

@@ -96,7 +96,7 @@ def test_override_run_succeeds(override_run):
 
 
 @pytest.mark.parametrize("name", ALL_FILES)
-def test_segmentation_is_on_the_inputs_exact_grid(name, inputs, plain_run, override_run, capsys):
+def test_segmentation_is_on_the_inputs_exact_grid(name, inputs, plain_run, override_run, record_property):
     path, done = result_for(name, plain_run, override_run)
     image = io.read_image(inputs[name])
     segmentation = io.read_segmentation(path)
@@ -111,13 +111,12 @@ def test_segmentation_is_on_the_inputs_exact_grid(name, inputs, plain_run, overr
     labelmap = segmentation.to_labelmap().array_zyx
     for segment in done["segments"]:
         assert segment["voxels"] == int(np.count_nonzero(labelmap == segment["value"]))
-    with capsys.disabled():
-        counts = ", ".join(f"{s['name']} {s['voxels']} voxels ({s['ml']:.1f} ml)" for s in done["segments"])
-        print(f"\n[realdata] {name}: {done['seconds']:.1f} s (network {done['timings_s']['network']:.1f} s); {counts}")
+    counts = ", ".join(f"{s['name']} {s['voxels']} voxels ({s['ml']:.1f} ml)" for s in done["segments"])
+    record_property("realdata", f"{name}: {done['seconds']:.1f} s (network {done['timings_s']['network']:.1f} s); {counts}")
 
 
 @pytest.mark.parametrize("name", ALL_FILES)
-def test_domain_check_is_not_ok_and_says_why(name, plain_run, override_run, capsys):
+def test_domain_check_is_not_ok_and_says_why(name, plain_run, override_run, record_property):
     report = by_case(plain_run[2], "domain_check")[CASES[name]]
     assert report["verdict"] == "out_of_distribution"
     reasons = " ".join(report["reasons"])
@@ -130,9 +129,9 @@ def test_domain_check_is_not_ok_and_says_why(name, plain_run, override_run, caps
     if name in MR_FILES:  # the override changes nothing about the report
         again = by_case(override_run[2], "domain_check")[CASES[name]]
         assert again["verdict"] == report["verdict"] and again["intensity_distance"] == report["intensity_distance"]
-    with capsys.disabled():
-        levels = ", ".join(f"{f['check']}={f['level']}" for f in report["findings"])
-        print(f"\n[realdata] domain check {name}: {report['verdict']}, Wasserstein {report['intensity_distance']:.3f}; {levels}")
+    levels = ", ".join(f"{f['check']}={f['level']}" for f in report["findings"])
+    distance = report["intensity_distance"]
+    record_property("realdata", f"domain check {name}: {report['verdict']}, Wasserstein {distance:.3f}; {levels}")
 
 
 @pytest.mark.needs_torch

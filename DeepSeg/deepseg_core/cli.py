@@ -7,7 +7,6 @@ Human-readable results go to stdout; diagnostics go through :mod:`logging` to st
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -68,32 +67,9 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from . import io, metrics
+    from .compare import compare_files
 
-    pred, ref = io.read_segmentation(args.prediction), io.read_segmentation(args.reference)
-    if not pred.grid.same_grid(ref.grid):
-        # either may be cropped to its segments' extent (Slicer's "Crop to minimum extent"): compare both
-        # on the box of their shared voxel lattice that covers both
-        common = io.union_grid(ref.grid, pred.grid)
-        if common is None:
-            raise DeepSegError(
-                "the two segmentations are on different voxel grids",
-                expected=f"the reference's grid (spacing {ref.grid.spacing_xyz_mm}, origin {ref.grid.origin_lps}) "
-                "or a box of it (same spacing and direction, origin a whole number of voxels away)",
-                found=f"shape {pred.grid.shape_zyx}, spacing {pred.grid.spacing_xyz_mm}, origin {pred.grid.origin_lps}",
-                hint="Resample the prediction onto the reference image first.",
-            )
-        pred = dataclasses.replace(pred, layers=io.place_on_grid(pred.layers, common, args.prediction))
-        ref = dataclasses.replace(ref, layers=io.place_on_grid(ref.layers, common, args.reference))
-    spacing = ref.grid.spacing_zyx_mm
-    result = {}
-    for seg in ref.segments:
-        pred_mask = pred.mask(seg.name) if seg.name in {s.name for s in pred.segments} else None
-        if pred_mask is None:
-            log.warning("segment %r is missing from the prediction; scored as empty", seg.name)
-            pred_mask = ref.mask(seg.name) & False
-        result[seg.name] = metrics.compute_all(pred_mask, ref.mask(seg.name), spacing, args.tolerance_mm).as_dict()
-    print_json(result)
+    print_json(compare_files(args.prediction, args.reference, labels_json=args.labels, tolerance_mm=args.tolerance_mm))
     return EXIT_OK
 
 
@@ -202,9 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", type=float, nargs=3, default=(1.5, 1.5, 2.5), metavar=("X_MM", "Y_MM", "Z_MM"))
     p.set_defaults(func=cmd_phantom)
 
-    p = sub.add_parser("compare", help="metrics of a predicted .seg.nrrd against a reference .seg.nrrd")
-    p.add_argument("prediction")
-    p.add_argument("reference")
+    p = sub.add_parser("compare", help="metrics per segment of a prediction against a reference (.seg.nrrd or label map)")
+    p.add_argument("prediction", help=".seg.nrrd, or a label map image (.nii.gz, .nii, .nrrd, .mha)")
+    p.add_argument("reference", help=".seg.nrrd, or a label map image such as a dataset's labelsTr/CASE.nii.gz")
+    p.add_argument(
+        "--labels",
+        metavar="DATASET_JSON",
+        help="names of a label map's values: an nnU-Net / DeepSeg dataset.json "
+        "(default: the dataset.json beside the labelsTr / labelsTs folder holding the label map)",
+    )
     p.add_argument("--tolerance-mm", type=float, default=2.0, help="surface Dice tolerance")
     p.set_defaults(func=cmd_compare)
 

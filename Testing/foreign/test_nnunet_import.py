@@ -23,6 +23,7 @@ import torch
 
 from deepseg_core import io, phantoms
 from deepseg_core.cli import EXIT_MODEL, EXIT_OK, main
+from deepseg_core.compare import compare_files
 from deepseg_core.errors import ConfigError
 from deepseg_core.importers import import_model
 from deepseg_core.importers.nnunet import NnUNetImportError, load_checkpoint
@@ -40,6 +41,7 @@ from deepseg_core.nets.nnunet import (
     NnUNetResEncUNet,
     canonical_state_dict,
 )
+from deepseg_core.outputs import write_segmentation_result
 from deepseg_core.pipelines.axes import AxisReorder
 from deepseg_core.pipelines.nnunet import (
     NnUNetExportCollector,
@@ -252,7 +254,12 @@ def references(nnunet_maker, tiny_folders, images, tmp_path_factory) -> dict:
         output = Path(job["outputs"][0])
         labels = sitk.GetArrayFromImage(sitk.ReadImage(str(output) + ".nii.gz"))
         probabilities = np.load(str(output) + ".npz")["probabilities"] if job["probabilities"] else None
-        out[key] = {"labels": labels, "probabilities": probabilities, "seconds": result["predict_s"]}
+        out[key] = {
+            "labels": labels,
+            "probabilities": probabilities,
+            "seconds": result["predict_s"],
+            "path": Path(str(output) + ".nii.gz"),
+        }
     return out
 
 
@@ -813,6 +820,22 @@ def test_labels_match_nnunets_own_predictor(model, image, mirroring, segmenters,
     result = segmenters[model].segment([volume], options(tta=mirroring))
     assert result.labels.same_grid(volume)
     assert_parity(result.labels.array_zyx, reference)
+
+
+def test_compare_reads_nnunets_own_label_map_named_by_the_model_folders_dataset_json(
+    segmenters, images, references, tiny_folders, tmp_path
+):
+    # what nnU-Net's predictor wrote (a NIfTI label map) against DeepSeg's .seg.nrrd of the same image
+    reference = references[("3d", "phantom", False)]
+    result = segmenters["3d"].segment([io.read_image(images["phantom"])], options())
+    ours = write_segmentation_result(tmp_path / "ours.seg.nrrd", result)
+    dataset_json = tiny_folders["3d"] / "dataset.json"
+    scores = compare_files(ours, reference["path"], labels_json=dataset_json)
+    names = {name: value for name, value in json.loads(dataset_json.read_text())["labels"].items() if value != 0}
+    assert sorted(scores) == sorted(names) == ["liver", "liver lesion"]
+    for name, value in names.items():
+        assert scores[name]["dice"] == pytest.approx(dice(result.labels.array_zyx, reference["labels"], value))
+    assert scores["liver"]["dice"] >= MIN_DICE
 
 
 def test_reorient_ras_segments_as_nnunet_does_the_image_reoriented_to_closest_ras(store, tiny_folders, images, references):

@@ -14,6 +14,7 @@ import pytest
 from real_images import MNI_T1
 
 from deepseg_core import io
+from deepseg_core.compare import compare_files
 from deepseg_core.datasets import CaseProvenance, Dataset, validate_dataset
 from deepseg_core.model_card import LabelSpec
 
@@ -66,6 +67,26 @@ def test_dataset_case_validates_and_reads_back_equal(mni_tissues, tmp_path):
     np.testing.assert_array_equal(images[0].array_zyx, t1.array_zyx)
     assert images[0].array_zyx.dtype == t1.array_zyx.dtype
     np.testing.assert_array_equal(label_volume.array_zyx, labels)
+
+
+def test_compare_scores_a_seg_nrrd_against_the_datasets_label_map(mni_tissues, tmp_path):
+    # deepseg compare on a real label map: the dataset's labelsTr case (names from its dataset.json)
+    # against a .seg.nrrd in which the grey matter of the upper half became CSF
+    t1, labels = mni_tissues
+    dataset = Dataset.create(tmp_path / "mni", "MNI152 tissues", TISSUES, channel_names=("T1",))
+    dataset.add_case("mni152_2009a", [t1], labels)
+    predicted = labels.copy()
+    upper = predicted[predicted.shape[0] // 2 :]
+    upper[upper == 1] = 3
+    seg_path = io.write_segmentation(tmp_path / "edited.seg.nrrd", t1.with_array(predicted), [t.segment_info() for t in TISSUES])
+    scores = compare_files(seg_path, dataset.label_path("mni152_2009a"))
+    assert sorted(scores) == sorted(t.name for t in TISSUES)
+    for tissue in TISSUES:
+        ours, reference = predicted == tissue.value, labels == tissue.value
+        expected = 2 * np.count_nonzero(ours & reference) / (np.count_nonzero(ours) + np.count_nonzero(reference))
+        assert scores[tissue.name]["dice"] == pytest.approx(expected)
+        assert scores[tissue.name]["ref_ml"] == pytest.approx(np.count_nonzero(reference) * t1.voxel_volume_ml)
+    assert scores["white matter"]["dice"] == 1.0 and 0.5 < scores["grey matter"]["dice"] < 0.9
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,199 @@
+"""Score a segmentation against a reference, per segment (``deepseg compare``).
+
+Either side may be a Slicer ``.seg.nrrd`` (segments by name) or a label map image (NIfTI, NRRD, MHA:
+one integer value per voxel), such as a case of a DeepSeg or nnU-Net dataset (``labelsTr/*.nii.gz``)
+or an nnU-Net prediction. A label map's values are named by an nnU-Net / DeepSeg ``dataset.json``:
+given with ``labels_json``, or found two folders up when the label map sits in the dataset's
+``labelsTr`` / ``labelsTs``; a predicted label map elsewhere takes the reference's table. Segments
+are matched by name. Voxels that the reference marks with the
+dataset's ``ignore`` label are left out of every metric, as nnU-Net's evaluation does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import io, metrics
+from .errors import DeepSegError, ImageError
+
+log = logging.getLogger("deepseg.compare")
+
+#: the folders of an nnU-Net / DeepSeg dataset that hold label maps; ``dataset.json`` is beside them
+LABEL_FOLDERS = ("labelsTr", "labelsTs", "labelsVal")
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelTable:
+    """What a ``dataset.json`` says about label values.
+
+    Attributes:
+        names: segment name by label value (background excluded).
+        ignore_value: the value of nnU-Net's ``ignore`` label, or None.
+        source: the file it was read from.
+    """
+
+    names: dict[int, str]
+    ignore_value: int | None
+    source: Path
+
+
+def read_label_table(dataset_json: str | Path) -> LabelTable:
+    """The label names of an nnU-Net v2 / DeepSeg ``dataset.json`` (``"labels": {name: value}``).
+
+    Raises:
+        ImageError: the file is missing, not JSON, or has no table of names to integer values
+            (nnU-Net's region-based labels, a name to a list of values, are not label values).
+    """
+    path = Path(dataset_json)
+    try:
+        table = json.loads(path.read_text(encoding="utf-8")).get("labels")
+    except FileNotFoundError:
+        raise ImageError("file not found", subject=path, hint="Pass the dataset's dataset.json with --labels.") from None
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ImageError("cannot be read as a dataset.json", subject=path, found=str(exc).splitlines()[0]) from exc
+    if not isinstance(table, dict) or not table:
+        raise ImageError(
+            "has no label table", subject=path, expected='"labels": {"background": 0, "liver": 1, ...}', found=repr(table)
+        )
+    names: dict[int, str] = {}
+    ignore_value = None
+    for name, value in table.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ImageError(
+                f"label {name!r} is not one integer value",
+                subject=path,
+                expected="one integer value per label name",
+                found=repr(value),
+                hint="Region-based nnU-Net labels (lists of values) cannot name a label map's values.",
+            )
+        if name == "ignore":
+            ignore_value = value
+        elif value != 0:
+            if value in names:
+                raise ImageError(f"value {value} has two names", subject=path, found=f"{names[value]!r} and {name!r}")
+            names[value] = str(name)
+    return LabelTable(names=names, ignore_value=ignore_value, source=path)
+
+
+def _is_segmentation_file(path: Path) -> bool:
+    return path.name.lower().endswith(".seg.nrrd")
+
+
+def _table_for(path: Path, labels_json: Path | None, fallback: LabelTable | None = None) -> LabelTable:
+    if labels_json is not None:
+        return read_label_table(labels_json)
+    beside = path.parent.parent / "dataset.json"
+    if path.parent.name in LABEL_FOLDERS and beside.is_file():
+        log.info("%s: label names from %s", path, beside)
+        return read_label_table(beside)
+    if fallback is not None:
+        log.info("%s: label names from %s (the reference's)", path, fallback.source)
+        return fallback
+    raise ImageError(
+        "is a label map, and nothing names its values",
+        subject=path,
+        expected=f"a dataset.json (given with --labels, or beside the {' / '.join(LABEL_FOLDERS)} folder that holds it)",
+        found="neither",
+        hint="Pass --labels path/to/dataset.json, or compare .seg.nrrd files, which name their segments.",
+    )
+
+
+def read_labelmap_segmentation(path: str | Path, table: LabelTable) -> io.Segmentation:
+    """A label map image as a one-layer :class:`io.Segmentation`, one segment per named value.
+
+    The layer keeps every voxel value, ``ignore`` included (``array_zyx`` ``(1, Z, Y, X)``, int32).
+
+    Raises:
+        ImageError: the voxels are not whole numbers, or a value is neither named nor background/ignore.
+    """
+    path = Path(path)
+    volume = io.read_image(path)
+    array = volume.array_zyx
+    if not np.issubdtype(array.dtype, np.integer):
+        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
+            raise ImageError(
+                "is not a label map", subject=path, expected="whole-number voxel values", found=f"{array.dtype} with fractions"
+            )
+    values = np.unique(array).astype(np.int64)
+    known = set(table.names) | {0} | ({table.ignore_value} if table.ignore_value is not None else set())
+    unknown = sorted(int(v) for v in values if int(v) not in known)
+    if unknown:
+        raise ImageError(
+            "holds label values its label table does not name",
+            subject=path,
+            expected=f"values {sorted(known)} ({table.source})",
+            found=f"{unknown}",
+            hint="Pass the dataset.json of the dataset this label map belongs to with --labels.",
+        )
+    layer = volume.with_array(array.astype(np.int32)[np.newaxis])
+    segments = tuple(io.SegmentInfo(name=name, label_value=value) for value, name in sorted(table.names.items()))
+    return io.Segmentation(layers=layer, segments=segments)
+
+
+def read_for_compare(
+    path: str | Path, labels_json: str | Path | None = None, fallback: LabelTable | None = None
+) -> tuple[io.Segmentation, LabelTable | None]:
+    """A ``.seg.nrrd`` or a label map as a segmentation, and the label table that named the label
+    map (None for a ``.seg.nrrd``). ``fallback`` names a label map that nothing else names."""
+    path = Path(path)
+    if _is_segmentation_file(path):
+        return io.read_segmentation(path), None
+    table = _table_for(path, Path(labels_json) if labels_json is not None else None, fallback)
+    return read_labelmap_segmentation(path, table), table
+
+
+def compare_files(
+    prediction: str | Path,
+    reference: str | Path,
+    *,
+    labels_json: str | Path | None = None,
+    tolerance_mm: float = 2.0,
+) -> dict[str, dict[str, Any]]:
+    """Per reference segment, the metrics of the prediction's segment of the same name
+    (:func:`metrics.compute_all`: Dice, IoU, precision, recall, HD95 and ASSD in mm, surface Dice at
+    ``tolerance_mm``, volumes in ml). A segment the prediction lacks is scored as empty (logged).
+
+    Either file may be cropped to its segments' extent (Slicer's "Crop to minimum extent"): both are
+    then compared on the box of their shared voxel lattice that covers both.
+
+    Raises:
+        ImageError: a file cannot be read, a label map cannot be named, or the grids share no lattice.
+    """
+    ref, reference_table = read_for_compare(reference, labels_json)
+    pred, _ = read_for_compare(prediction, labels_json, fallback=reference_table)
+    ignore_value = reference_table.ignore_value if reference_table is not None else None
+    if not pred.grid.same_grid(ref.grid):
+        common = io.union_grid(ref.grid, pred.grid)
+        if common is None:
+            raise DeepSegError(
+                "the two segmentations are on different voxel grids",
+                expected=f"the reference's grid (spacing {ref.grid.spacing_xyz_mm}, origin {ref.grid.origin_lps}) "
+                "or a box of it (same spacing and direction, origin a whole number of voxels away)",
+                found=f"shape {pred.grid.shape_zyx}, spacing {pred.grid.spacing_xyz_mm}, origin {pred.grid.origin_lps}",
+                hint="Resample the prediction onto the reference image first.",
+            )
+        pred = dataclasses.replace(pred, layers=io.place_on_grid(pred.layers, common, prediction))
+        ref = dataclasses.replace(ref, layers=io.place_on_grid(ref.layers, common, reference))
+    scored = None if ignore_value is None else ref.layers.array_zyx[0] != ignore_value
+    if scored is not None:
+        log.info("%d voxels carry the ignore label %d: left out", int(scored.size - np.count_nonzero(scored)), ignore_value)
+    predicted_names = {s.name for s in pred.segments}
+    result: dict[str, dict[str, Any]] = {}
+    for segment in ref.segments:
+        reference_mask = ref.mask(segment.name)
+        if segment.name in predicted_names:
+            predicted_mask = pred.mask(segment.name)
+        else:
+            log.warning("segment %r is missing from the prediction; scored as empty", segment.name)
+            predicted_mask = np.zeros_like(reference_mask)
+        if scored is not None:
+            predicted_mask, reference_mask = predicted_mask & scored, reference_mask & scored
+        scores = metrics.compute_all(predicted_mask, reference_mask, ref.grid.spacing_zyx_mm, tolerance_mm)
+        result[segment.name] = scores.as_dict()
+    return result

@@ -1,0 +1,136 @@
+"""``deepseg compare`` with label maps: a dataset's labelsTr case, nnU-Net-style predictions, the ignore label."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deepseg_core import io, metrics
+from deepseg_core.cli import EXIT_INPUT, EXIT_OK, main
+from deepseg_core.compare import compare_files, read_label_table
+from deepseg_core.datasets import Dataset
+from deepseg_core.errors import ImageError
+from deepseg_core.phantoms import PHANTOM_LABELS, generate_phantom
+
+SHAPE_ZYX = (12, 40, 40)
+
+
+@pytest.fixture()
+def case(tmp_path):
+    """A DeepSeg dataset with one phantom case, and the same labels as a Slicer .seg.nrrd."""
+    phantom = generate_phantom(seed=5, shape_zyx=SHAPE_ZYX, n_lesions=2, lesion_radius_mm=(4.0, 6.0))
+    dataset = Dataset.create(tmp_path / "ds", "site", PHANTOM_LABELS, ("CT",))
+    dataset.add_case("case01", [phantom.image], phantom.labels.array_zyx)
+    seg_path = io.write_segmentation(tmp_path / "case01.seg.nrrd", phantom.labels, [lab.segment_info() for lab in PHANTOM_LABELS])
+    return dataset, phantom, seg_path
+
+
+def _eroded_lesion(labels_zyx: np.ndarray) -> np.ndarray:
+    """The labels with the lesion's first slice given to the liver (a prediction that misses some lesion)."""
+    out = labels_zyx.copy()
+    first = np.flatnonzero((out == 2).any(axis=(1, 2)))[0]
+    out[first][out[first] == 2] = 1
+    return out
+
+
+def test_a_seg_nrrd_against_the_datasets_label_map_names_segments_from_its_dataset_json(case):
+    dataset, phantom, seg_path = case
+    result = compare_files(seg_path, dataset.label_path("case01"))
+    assert sorted(result) == ["liver", "liver lesion"]
+    assert result["liver"]["dice"] == 1.0 and result["liver lesion"]["dice"] == 1.0 and result["liver lesion"]["hd95_mm"] == 0.0
+
+
+def test_label_maps_on_both_sides_score_as_the_metrics_on_their_arrays(case, tmp_path):
+    dataset, phantom, _ = case
+    predicted = _eroded_lesion(phantom.labels.array_zyx)
+    prediction = io.write_image(phantom.labels.with_array(predicted), tmp_path / "case01.nii.gz")
+    result = compare_files(prediction, dataset.label_path("case01"), labels_json=dataset.root / "dataset.json")
+    spacing = phantom.labels.spacing_zyx_mm
+    for value, name in ((1, "liver"), (2, "liver lesion")):
+        expected = metrics.compute_all(predicted == value, phantom.labels.array_zyx == value, spacing, 2.0).as_dict()
+        assert result[name] == pytest.approx(expected)
+    lesion, reference_lesion = predicted == 2, phantom.labels.array_zyx == 2
+    dice = 2 * np.count_nonzero(lesion & reference_lesion) / (np.count_nonzero(lesion) + np.count_nonzero(reference_lesion))
+    assert result["liver lesion"]["dice"] == pytest.approx(dice) and 0.3 < dice < 1.0
+
+
+def test_voxels_with_the_ignore_label_are_left_out(tmp_path):
+    reference = np.zeros(SHAPE_ZYX, np.uint8)
+    reference[2:10, 10:30, 10:30] = 1
+    reference[2:10, 10:30, 25:30] = 3  # a strip nobody labelled, as nnU-Net's sparse annotations mark it
+    organ_over_the_strip = np.where(reference > 0, 1, 0).astype(np.uint8)
+    grid = io.Volume(reference, spacing_xyz_mm=(1.0, 1.0, 2.0))
+    root = tmp_path / "ds"
+    (root / "labelsTr").mkdir(parents=True)
+    ref_path = io.write_image(grid, root / "labelsTr" / "c.nii.gz")
+    pred_path = io.write_image(grid.with_array(organ_over_the_strip), tmp_path / "c.nii.gz")
+    (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "organ": 1, "ignore": 3}}))
+    assert compare_files(pred_path, ref_path)["organ"]["dice"] == 1.0
+    # the same strip as a label of its own: the organ predicted over it is wrong there
+    (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "organ": 1, "strip": 3}}))
+    scores = compare_files(pred_path, ref_path)
+    assert scores["organ"]["dice"] == pytest.approx(2 * 8 * 20 * 15 / (8 * 20 * 20 + 8 * 20 * 15))
+    assert scores["strip"]["dice"] == 0.0
+
+
+def test_a_label_map_with_nothing_to_name_it_is_refused_with_what_to_pass(case, tmp_path):
+    _, phantom, seg_path = case
+    loose = io.write_image(phantom.labels, tmp_path / "loose.nii.gz")
+    for prediction, reference in ((seg_path, loose), (loose, seg_path)):
+        with pytest.raises(ImageError, match="nothing names its values") as caught:
+            compare_files(prediction, reference)
+        assert "--labels" in str(caught.value)
+
+
+def test_a_predicted_label_map_outside_a_dataset_takes_the_references_names(case, tmp_path):
+    dataset, phantom, _ = case
+    (tmp_path / "nnunet_output").mkdir()
+    prediction = io.write_image(phantom.labels, tmp_path / "nnunet_output" / "case01.nii.gz")
+    result = compare_files(prediction, dataset.label_path("case01"))
+    assert sorted(result) == ["liver", "liver lesion"] and result["liver lesion"]["dice"] == 1.0
+
+
+def test_values_the_table_does_not_name_are_refused(case, tmp_path):
+    dataset, phantom, seg_path = case
+    table = tmp_path / "liver_only.json"
+    table.write_text(json.dumps({"labels": {"background": 0, "liver": 1}}))
+    with pytest.raises(ImageError, match="does not name") as caught:
+        compare_files(seg_path, dataset.label_path("case01"), labels_json=table)
+    assert "[2]" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("labels", "problem"),
+    [
+        ({"background": 0, "organ": [1, 2]}, "not one integer value"),
+        ({"background": 0, "organ": 1, "lesion": 1}, "two names"),
+        (None, "no label table"),
+    ],
+)
+def test_label_tables_that_cannot_name_values_are_refused(tmp_path, labels, problem):
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps({"labels": labels} if labels is not None else {"name": "x"}))
+    with pytest.raises(ImageError, match=problem):
+        read_label_table(path)
+
+
+def test_a_probability_map_is_not_a_label_map(case, tmp_path):
+    dataset, phantom, seg_path = case
+    fractional = io.write_image(phantom.labels.with_array(phantom.labels.array_zyx * np.float32(0.5)), tmp_path / "p.nrrd")
+    with pytest.raises(ImageError, match="is not a label map"):
+        compare_files(fractional, dataset.label_path("case01"))
+
+
+def test_cli_compare_takes_a_label_map_and_labels(case, tmp_path, capsys):
+    dataset, phantom, seg_path = case
+    assert (
+        main(["compare", str(seg_path), str(dataset.label_path("case01")), "--labels", str(dataset.root / "dataset.json")])
+        == EXIT_OK
+    )
+    assert json.loads(capsys.readouterr().out)["liver"]["dice"] == 1.0
+    loose = io.write_image(phantom.labels, Path(tmp_path) / "loose.nii.gz")
+    assert main(["compare", str(seg_path), str(loose)]) == EXIT_INPUT
+    assert "--labels" in capsys.readouterr().err

@@ -838,6 +838,39 @@ def test_compare_reads_nnunets_own_label_map_named_by_the_model_folders_dataset_
     assert scores["liver"]["dice"] >= MIN_DICE
 
 
+def test_compare_scores_as_nnunets_own_evaluation_with_the_ignore_label(tmp_path):
+    # nnU-Net's evaluate_predictions.compute_metrics on the same two label maps: Dice, IoU and the voxel
+    # counts per label, with the voxels under the ignore label left out by both
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    phantom = phantoms.generate_phantom(seed=21, shape_zyx=(16, 48, 40), n_lesions=3, lesion_radius_mm=(4.0, 7.0))
+    reference = phantom.labels.array_zyx.copy()
+    reference[:, :, :6] = 3  # an unannotated strip (nnU-Net's sparse labels)
+    predicted = phantom.labels.array_zyx.copy()
+    lesion_slice = np.flatnonzero((predicted == 2).any(axis=(1, 2)))[0]
+    predicted[lesion_slice][predicted[lesion_slice] == 2] = 1  # a lesion slice called liver
+    liver_rows = np.flatnonzero((predicted == 1).any(axis=(0, 2)))
+    edge = predicted[:, liver_rows[0] : liver_rows[0] + 3]
+    edge[edge == 1] = 0  # and the liver's edge missed
+    predicted[:, 10:30, :6] = 1  # liver where nobody annotated: no error where the reference says ignore
+    root = tmp_path / "ds"
+    (root / "labelsTr").mkdir(parents=True)
+    table = {"background": 0, "liver": 1, "liver lesion": 2, "ignore": 3}
+    (root / "dataset.json").write_text(json.dumps({"labels": table}))
+    ref_path = io.write_image(phantom.labels.with_array(reference), root / "labelsTr" / "case.nii.gz")
+    pred_path = io.write_image(phantom.labels.with_array(predicted), tmp_path / "case.nii.gz")
+    ours = compare_files(pred_path, ref_path)
+    theirs = compute_metrics(str(ref_path), str(pred_path), SimpleITKIO(), [1, 2], ignore_label=3)["metrics"]
+    for name, value in (("liver", 1), ("liver lesion", 2)):
+        assert 0.0 < theirs[value]["Dice"] < 1.0
+        assert ours[name]["dice"] == pytest.approx(theirs[value]["Dice"], abs=1e-12)
+        assert ours[name]["iou"] == pytest.approx(theirs[value]["IoU"], abs=1e-12)
+        voxel_ml = phantom.labels.voxel_volume_ml
+        assert ours[name]["ref_ml"] == pytest.approx(theirs[value]["n_ref"] * voxel_ml)
+        assert ours[name]["pred_ml"] == pytest.approx(theirs[value]["n_pred"] * voxel_ml)
+
+
 def test_reorient_ras_segments_as_nnunet_does_the_image_reoriented_to_closest_ras(store, tiny_folders, images, references):
     # TotalSegmentator's first step, on an LPS-stored (DICOM-like) oblique image: reorient to RAS, nnU-Net, back
     card = import_model(tiny_folders["3d"], store, name="tiny-3d-ras", reorient="ras")

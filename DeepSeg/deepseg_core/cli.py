@@ -67,9 +67,19 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import compare_files
+    from .compare import compare_files, compare_folders
 
-    print_json(compare_files(args.prediction, args.reference, labels_json=args.labels, tolerance_mm=args.tolerance_mm))
+    folders = [Path(args.prediction).is_dir(), Path(args.reference).is_dir()]
+    if folders[0] != folders[1]:
+        raise DeepSegError(
+            "compare takes two files or two folders",
+            expected="PREDICTION and REFERENCE both files, or both folders of case files",
+            found=f"{'a folder' if folders[0] else 'a file'} and {'a folder' if folders[1] else 'a file'}",
+        )
+    if all(folders):
+        print_json(compare_folders(args.prediction, args.reference, labels_json=args.labels, tolerance_mm=args.tolerance_mm))
+    else:
+        print_json(compare_files(args.prediction, args.reference, labels_json=args.labels, tolerance_mm=args.tolerance_mm))
     return EXIT_OK
 
 
@@ -179,8 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_phantom)
 
     p = sub.add_parser("compare", help="metrics per segment of a prediction against a reference (.seg.nrrd or label map)")
-    p.add_argument("prediction", help=".seg.nrrd, or a label map image (.nii.gz, .nii, .nrrd, .mha)")
-    p.add_argument("reference", help=".seg.nrrd, or a label map image such as a dataset's labelsTr/CASE.nii.gz")
+    p.add_argument("prediction", help=".seg.nrrd, or a label map image (.nii.gz, .nii, .nrrd, .mha); or a folder of them")
+    p.add_argument(
+        "reference",
+        help=".seg.nrrd, or a label map image such as a dataset's labelsTr/CASE.nii.gz; or a folder of them "
+        "(cases matched by file name, a mean per segment)",
+    )
     p.add_argument(
         "--labels",
         metavar="DATASET_JSON",

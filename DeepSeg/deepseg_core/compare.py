@@ -197,3 +197,74 @@ def compare_files(
         scores = metrics.compute_all(predicted_mask, reference_mask, ref.grid.spacing_zyx_mm, tolerance_mm)
         result[segment.name] = scores.as_dict()
     return result
+
+
+#: what a case's file may end with, longest first (``CASE.seg.nrrd`` before ``CASE.nrrd``)
+CASE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+def _case_files(folder: Path) -> dict[str, Path]:
+    """Case id (file name without its suffix) -> file, for the segmentation files directly in ``folder``."""
+    cases: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        suffix = next((s for s in CASE_SUFFIXES if path.name.lower().endswith(s)), None)
+        if suffix is None or not path.is_file():
+            continue
+        case = path.name[: -len(suffix)]
+        if case in cases:
+            raise ImageError(
+                f"case {case!r} has two files",
+                subject=folder,
+                expected="one segmentation file per case",
+                found=f"{cases[case].name} and {path.name}",
+                hint="Move one of them out of the folder.",
+            )
+        cases[case] = path
+    return cases
+
+
+def compare_folders(
+    prediction_folder: str | Path,
+    reference_folder: str | Path,
+    *,
+    labels_json: str | Path | None = None,
+    tolerance_mm: float = 2.0,
+) -> dict[str, Any]:
+    """:func:`compare_files` for every case of ``reference_folder`` that ``prediction_folder`` holds
+    (matched by file name without its suffix: DeepSeg's ``CASE.seg.nrrd`` or nnU-Net's ``CASE.nii.gz``
+    against a dataset's ``labelsTr/CASE.nii.gz``), as nnU-Net's ``evaluate_folder`` does.
+
+    Returns:
+        ``{"cases": {case: {segment: metrics}}, "mean": {segment: {metric: mean}}, "cases_scored": n,
+        "missing_predictions": [case, ...]}``; a mean is over the cases where that metric is finite
+        (HD95 and ASSD are infinite where one side is empty), and ``"finite_cases"`` says how many.
+
+    Raises:
+        ImageError: a folder holds two files for one case, or no reference case has a prediction.
+    """
+    predictions, references = _case_files(Path(prediction_folder)), _case_files(Path(reference_folder))
+    scored = [case for case in references if case in predictions]
+    missing = [case for case in references if case not in predictions]
+    if not scored:
+        raise ImageError(
+            "no reference case has a prediction",
+            subject=prediction_folder,
+            expected=f"files named as the reference's cases ({', '.join(list(references)[:3]) or 'none found'}, ...)",
+            found=f"{len(predictions)} segmentation files ({', '.join(list(predictions)[:3]) or 'none'})",
+        )
+    if missing:
+        log.warning("%d reference case(s) have no prediction and are not scored: %s", len(missing), ", ".join(missing))
+    cases = {
+        case: compare_files(predictions[case], references[case], labels_json=labels_json, tolerance_mm=tolerance_mm)
+        for case in scored
+    }
+    mean: dict[str, dict[str, Any]] = {}
+    for segment in dict.fromkeys(name for scores in cases.values() for name in scores):
+        rows = [scores[segment] for scores in cases.values() if segment in scores]
+        summary: dict[str, Any] = {}
+        for metric in rows[0]:
+            finite = [float(row[metric]) for row in rows if np.isfinite(row[metric])]
+            summary[metric] = float(np.mean(finite)) if finite else float("nan")
+        summary["finite_cases"] = {metric: sum(bool(np.isfinite(row[metric])) for row in rows) for metric in rows[0]}
+        mean[segment] = summary
+    return {"cases": cases, "mean": mean, "cases_scored": len(scored), "missing_predictions": missing}

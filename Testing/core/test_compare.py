@@ -10,7 +10,7 @@ import pytest
 
 from deepseg_core import io, metrics
 from deepseg_core.cli import EXIT_INPUT, EXIT_OK, main
-from deepseg_core.compare import compare_files, read_label_table
+from deepseg_core.compare import compare_files, compare_folders, read_label_table
 from deepseg_core.datasets import Dataset
 from deepseg_core.errors import ImageError
 from deepseg_core.phantoms import PHANTOM_LABELS, generate_phantom
@@ -134,3 +134,43 @@ def test_cli_compare_takes_a_label_map_and_labels(case, tmp_path, capsys):
     loose = io.write_image(phantom.labels, Path(tmp_path) / "loose.nii.gz")
     assert main(["compare", str(seg_path), str(loose)]) == EXIT_INPUT
     assert "--labels" in capsys.readouterr().err
+
+
+def test_folders_are_compared_case_by_case_with_a_mean_per_segment(tmp_path, capsys):
+    dataset = Dataset.create(tmp_path / "ds", "site", PHANTOM_LABELS, ("CT",))
+    predictions = tmp_path / "predictions"
+    predictions.mkdir()
+    expected_lesion_dice = []
+    for index in range(3):
+        phantom = generate_phantom(seed=30 + index, shape_zyx=SHAPE_ZYX, n_lesions=2, lesion_radius_mm=(4.0, 6.0))
+        dataset.add_case(f"case{index}", [phantom.image], phantom.labels.array_zyx)
+        if index == 2:
+            continue  # not predicted (yet)
+        predicted = _eroded_lesion(phantom.labels.array_zyx) if index == 1 else phantom.labels.array_zyx
+        if index == 0:  # DeepSeg's batch output and nnU-Net's output side by side
+            io.write_segmentation(predictions / "case0.seg.nrrd", phantom.labels, [lab.segment_info() for lab in PHANTOM_LABELS])
+        else:
+            io.write_image(phantom.labels.with_array(predicted), predictions / "case1.nii.gz")
+        ours, truth = predicted == 2, phantom.labels.array_zyx == 2
+        expected_lesion_dice.append(2 * np.count_nonzero(ours & truth) / (np.count_nonzero(ours) + np.count_nonzero(truth)))
+    (predictions / "notes.txt").write_text("not a case")
+    result = compare_folders(predictions, dataset.root / "labelsTr")
+    assert sorted(result["cases"]) == ["case0", "case1"] and result["cases_scored"] == 2
+    assert result["missing_predictions"] == ["case2"]
+    assert result["cases"]["case1"]["liver lesion"]["dice"] == pytest.approx(expected_lesion_dice[1])
+    assert expected_lesion_dice == [1.0, pytest.approx(expected_lesion_dice[1])] and expected_lesion_dice[1] < 1.0
+    assert result["mean"]["liver lesion"]["dice"] == pytest.approx(np.mean(expected_lesion_dice))
+    assert result["mean"]["liver"]["finite_cases"]["hd95_mm"] == 2
+
+    assert main(["compare", str(predictions), str(dataset.root / "labelsTr")]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["mean"]["liver lesion"]["dice"] == pytest.approx(np.mean(expected_lesion_dice))
+    assert main(["compare", str(predictions / "case1.nii.gz"), str(dataset.root / "labelsTr")]) == EXIT_INPUT
+    assert "two files or two folders" in capsys.readouterr().err
+
+    io.write_image(io.read_image(predictions / "case1.nii.gz"), predictions / "case1.nrrd")
+    with pytest.raises(ImageError, match="case 'case1' has two files"):
+        compare_folders(predictions, dataset.root / "labelsTr")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ImageError, match="no reference case has a prediction"):
+        compare_folders(empty, dataset.root / "labelsTr")

@@ -204,13 +204,19 @@ CASE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
 
 
 def _case_files(folder: Path) -> dict[str, Path]:
-    """Case id (file name without its suffix) -> file, for the segmentation files directly in ``folder``."""
+    """Case id (file name without its suffix) -> file, for the segmentation files directly in ``folder``.
+
+    A ``CASE.seg.nrrd`` beside another ``CASE`` file is the segmentation: DeepSeg writes its results
+    beside the images it segmented (``deepseg segment in/ --output in/``)."""
     cases: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
+    for path in sorted(folder.iterdir(), key=lambda p: (not p.name.lower().endswith(".seg.nrrd"), p.name)):
         suffix = next((s for s in CASE_SUFFIXES if path.name.lower().endswith(s)), None)
         if suffix is None or not path.is_file():
             continue
         case = path.name[: -len(suffix)]
+        if case in cases and _is_segmentation_file(cases[case]):
+            log.info("%s: %s is taken as the segmentation of case %r, not %s", folder, cases[case].name, case, path.name)
+            continue
         if case in cases:
             raise ImageError(
                 f"case {case!r} has two files",

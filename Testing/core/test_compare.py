@@ -149,6 +149,7 @@ def test_folders_are_compared_case_by_case_with_a_mean_per_segment(tmp_path, cap
         predicted = _eroded_lesion(phantom.labels.array_zyx) if index == 1 else phantom.labels.array_zyx
         if index == 0:  # DeepSeg's batch output and nnU-Net's output side by side
             io.write_segmentation(predictions / "case0.seg.nrrd", phantom.labels, [lab.segment_info() for lab in PHANTOM_LABELS])
+            io.write_image(phantom.image, predictions / "case0.nrrd")  # the image it segmented, beside it
         else:
             io.write_image(phantom.labels.with_array(predicted), predictions / "case1.nii.gz")
         ours, truth = predicted == 2, phantom.labels.array_zyx == 2

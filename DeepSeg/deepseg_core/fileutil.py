@@ -224,7 +224,12 @@ def _staging_owner_alive(staging: Path) -> bool:
         if not pid_text.isdigit():
             return False
         pid, host = int(pid_text), socket.gethostname()
-        created = staging.stat().st_mtime
+        try:
+            created = staging.stat().st_mtime
+        except FileNotFoundError:
+            # its owner finished (or another run recovered) it since the caller listed it: nothing
+            # is left to remove. Ranks of one torchrun recover the same output folder at once.
+            return True
     if host != socket.gethostname():
         return time.time() - created < _FOREIGN_STAGING_STALE_S
     return _process_alive(pid)

@@ -300,3 +300,27 @@ def test_a_journal_whose_target_became_a_folder_names_the_folder(tmp_path):
     b.rmdir()
     assert recover_commits([tmp_path]).finished == [a, b]
     assert (a.read_text(), b.read_text()) == ("new a", "new b") and debris(tmp_path) == []
+
+
+def test_a_staging_folder_finished_by_another_process_while_recovery_looks_at_it_is_skipped(tmp_path, monkeypatch):
+    # torchrun ranks share an output folder: one rank's recovery lists a staging folder that the other
+    # rank's commit then renames and removes. The listing rank failed with FileNotFoundError (CI, 2 workers).
+    from deepseg_core import fileutil
+
+    dead_pid = 2**22 + 12345  # above Linux's default pid_max: no such process
+    staging = tmp_path / f"{fileutil.STAGING_PREFIX}{dead_pid}-abc"
+    staging.mkdir()
+    (staging / "case.seg.nrrd").write_bytes(b"partial")
+    real_journal_of = fileutil._journal_of
+
+    def journal_of_then_finished_elsewhere(folder: Path):
+        journal = real_journal_of(folder)
+        if folder == staging:
+            for child in folder.iterdir():
+                child.unlink()
+            folder.rmdir()
+        return journal
+
+    monkeypatch.setattr(fileutil, "_journal_of", journal_of_then_finished_elsewhere)
+    report = recover_commits([tmp_path])
+    assert not report.discarded and not report.finished and not staging.exists()

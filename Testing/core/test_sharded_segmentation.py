@@ -55,7 +55,8 @@ def test_two_ranks_share_the_cases_a_killed_rank_is_finished_by_the_rerun_and_ra
     assert rerun.returncode != 0, "the broken case still fails (exit 2)"
     skipped = {e["case"] for e in events if e["event"] == "case_skipped"}
     done = {e["case"] for e in events if e["event"] == "case_done"}
-    assert skipped and skipped.isdisjoint(done) and skipped | done == set(CASES)
+    what_happened = f"events {[(e['event'], e.get('case'), e.get('rank')) for e in events]}; stderr: {rerun.stderr[-3000:]}"
+    assert skipped and skipped.isdisjoint(done) and skipped | done == set(CASES), what_happened
     assert [e["case"] for e in events if e["event"] == "case_failed"] == ["case5"]
     summary = json.loads((out / "deepseg_summary.json").read_text())
     assert [e for e in events if e["event"] == "summary"] == [

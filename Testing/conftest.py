@@ -63,8 +63,7 @@ LONG_FILES = (
 
 def _long_files_first(items: list[pytest.Item]) -> None:
     rank = {path: index for index, path in enumerate(LONG_FILES)}
-    positions = {id(item): index for index, item in enumerate(items)}
-    items.sort(key=lambda item: (rank.get(item.nodeid.split("::")[0], len(rank)), positions[id(item)]))
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
 
 
 def pytest_collection_modifyitems(config, items):

@@ -21,9 +21,10 @@ from .events import EventSink
 from .fileutil import RecoveryReport, check_not_a_folder, outputs_complete, recover_commits, staged_commit
 from .inference import SegmentationResult, Segmenter, SegmentOptions
 from .inference.sliding_window import Cancelled
+from .io import LABELMAP_SUFFIXES
 from .model_card import ModelError
 from .model_store import ModelStore
-from .outputs import LABELMAP_SUFFIXES, instances_path, write_measurements, write_probabilities, write_segmentation_result
+from .outputs import instances_path, write_measurements, write_probabilities, write_segmentation_result
 
 log = logging.getLogger("deepseg")
 

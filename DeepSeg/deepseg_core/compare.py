@@ -200,7 +200,7 @@ def compare_files(
 
 
 #: what a case's file may end with, longest first (``CASE.seg.nrrd`` before ``CASE.nrrd``)
-CASE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
+CASE_SUFFIXES = (".seg.nrrd", *io.LABELMAP_SUFFIXES)
 
 
 def _case_files(folder: Path) -> dict[str, Path]:
@@ -209,7 +209,7 @@ def _case_files(folder: Path) -> dict[str, Path]:
     A ``CASE.seg.nrrd`` beside another ``CASE`` file is the segmentation: DeepSeg writes its results
     beside the images it segmented (``deepseg segment in/ --output in/``)."""
     cases: dict[str, Path] = {}
-    for path in sorted(folder.iterdir(), key=lambda p: (not p.name.lower().endswith(".seg.nrrd"), p.name)):
+    for path in sorted(folder.iterdir(), key=lambda p: (not _is_segmentation_file(p), p.name)):
         suffix = next((s for s in CASE_SUFFIXES if path.name.lower().endswith(s)), None)
         if suffix is None or not path.is_file():
             continue
@@ -267,10 +267,10 @@ def compare_folders(
     mean: dict[str, dict[str, Any]] = {}
     for segment in dict.fromkeys(name for scores in cases.values() for name in scores):
         rows = [scores[segment] for scores in cases.values() if segment in scores]
-        summary: dict[str, Any] = {}
+        summary: dict[str, Any] = {"finite_cases": {}}
         for metric in rows[0]:
             finite = [float(row[metric]) for row in rows if np.isfinite(row[metric])]
             summary[metric] = float(np.mean(finite)) if finite else float("nan")
-        summary["finite_cases"] = {metric: sum(bool(np.isfinite(row[metric])) for row in rows) for metric in rows[0]}
+            summary["finite_cases"][metric] = len(finite)
         mean[segment] = summary
     return {"cases": cases, "mean": mean, "cases_scored": len(scored), "missing_predictions": missing}

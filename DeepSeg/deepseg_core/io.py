@@ -27,6 +27,8 @@ from .fileutil import atomic_path
 
 #: File name endings DeepSeg reads and writes as single images.
 IMAGE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
+#: File name endings of label map files DeepSeg writes (segmentation results) and scores.
+LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 _ORTHOGONALITY_TOLERANCE = 1e-4
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 

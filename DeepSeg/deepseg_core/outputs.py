@@ -12,10 +12,8 @@ from . import io
 from .errors import ImageError
 from .fileutil import atomic_path
 from .inference import SegmentationResult
-from .io import SegmentInfo
+from .io import LABELMAP_SUFFIXES, SegmentInfo
 from .measurements import measure_segments, write_measurements_csv
-
-LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 
 def instance_segments(result: SegmentationResult) -> tuple[np.ndarray, list[SegmentInfo]]:

@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--labels",
         metavar="DATASET_JSON",
-        help="names of a label map's values: an nnU-Net / DeepSeg dataset.json "
+        help="names of a label map's values: an nnU-Net / DeepSeg dataset.json, labels or nnU-Net regions "
         "(default: the dataset.json beside the labelsTr / labelsTs folder holding the label map)",
     )
     p.add_argument("--tolerance-mm", type=float, default=2.0, help="surface Dice tolerance")

@@ -2,7 +2,8 @@
 
 Either side may be a Slicer ``.seg.nrrd`` (segments by name) or a label map image (NIfTI, NRRD, MHA:
 one integer value per voxel), such as a case of a DeepSeg or nnU-Net dataset (``labelsTr/*.nii.gz``)
-or an nnU-Net prediction. A label map's values are named by an nnU-Net / DeepSeg ``dataset.json``:
+or an nnU-Net prediction. A label map's values are named by an nnU-Net / DeepSeg ``dataset.json``
+(labels, or nnU-Net's regions: a name for several values, such as BraTS's tumour core):
 given with ``labels_json``, or found two folders up when the label map sits in the dataset's
 ``labelsTr`` / ``labelsTs``; a predicted label map elsewhere takes the reference's table. Segments
 are matched by name. Voxels that the reference marks with the
@@ -33,22 +34,51 @@ class LabelTable:
     """What a ``dataset.json`` says about label values.
 
     Attributes:
-        names: segment name by label value (background excluded).
+        segments: label values by segment name, in the file's order (background excluded): one value
+            for a label, several for an nnU-Net region (the union of those labels' voxels).
         ignore_value: the value of nnU-Net's ``ignore`` label, or None.
         source: the file it was read from.
     """
 
-    names: dict[int, str]
+    segments: dict[str, tuple[int, ...]]
     ignore_value: int | None
     source: Path
 
+    @property
+    def region_based(self) -> bool:
+        """True when a segment is a region of several values (nnU-Net's region-based training, e.g.
+        BraTS's whole tumour, tumour core, enhancing tumour): its segments then overlap."""
+        return any(len(values) > 1 for values in self.segments.values())
+
+    @property
+    def values(self) -> set[int]:
+        """Every value a label map named by this table may hold: background, the segments', ignore."""
+        ignore = {self.ignore_value} if self.ignore_value is not None else set()
+        return {0, *ignore, *(v for values in self.segments.values() for v in values)}
+
+
+def _label_values(path: Path, name: str, value: Any) -> tuple[int, ...]:
+    """A label's value(s) as a tuple: an integer, or (nnU-Net regions) a non-empty list of integers."""
+    values = value if isinstance(value, list) else [value]
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
+        raise ImageError(
+            f"label {name!r} is not a label value or a region",
+            subject=path,
+            expected="an integer >= 0, or a non-empty list of them (an nnU-Net region)",
+            found=repr(value),
+        )
+    return tuple(dict.fromkeys(values))
+
 
 def read_label_table(dataset_json: str | Path) -> LabelTable:
-    """The label names of an nnU-Net v2 / DeepSeg ``dataset.json`` (``"labels": {name: value}``).
+    """The label names of an nnU-Net v2 / DeepSeg ``dataset.json``: ``"labels": {name: value}``, or
+    nnU-Net's region-based ``{name: [value, ...]}`` (a name for the union of those labels), with an
+    optional integer ``ignore``. Entries whose values are all 0 (background) name no segment, as in
+    nnU-Net's ``LabelManager``.
 
     Raises:
-        ImageError: the file is missing, not JSON, or has no table of names to integer values
-            (nnU-Net's region-based labels, a name to a list of values, are not label values).
+        ImageError: the file is missing or not JSON, has no label table, a label is neither an
+            integer nor a list of them, ``ignore`` is not one integer, or two names name the same values.
     """
     path = Path(dataset_json)
     try:
@@ -61,24 +91,24 @@ def read_label_table(dataset_json: str | Path) -> LabelTable:
         raise ImageError(
             "has no label table", subject=path, expected='"labels": {"background": 0, "liver": 1, ...}', found=repr(table)
         )
-    names: dict[int, str] = {}
+    segments: dict[str, tuple[int, ...]] = {}
+    named: dict[tuple[int, ...], str] = {}
     ignore_value = None
     for name, value in table.items():
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ImageError(
-                f"label {name!r} is not one integer value",
-                subject=path,
-                expected="one integer value per label name",
-                found=repr(value),
-                hint="Region-based nnU-Net labels (lists of values) cannot name a label map's values.",
-            )
+        values = _label_values(path, name, value)
         if name == "ignore":
-            ignore_value = value
-        elif value != 0:
-            if value in names:
-                raise ImageError(f"value {value} has two names", subject=path, found=f"{names[value]!r} and {name!r}")
-            names[value] = str(name)
-    return LabelTable(names=names, ignore_value=ignore_value, source=path)
+            if len(values) != 1 or isinstance(value, list):
+                raise ImageError("the ignore label is not one integer", subject=path, found=repr(value))
+            ignore_value = values[0]
+            continue
+        if set(values) == {0}:
+            continue
+        same = tuple(sorted(values))
+        if same in named:
+            raise ImageError(f"values {list(same)} have two names", subject=path, found=f"{named[same]!r} and {name!r}")
+        named[same] = str(name)
+        segments[str(name)] = values
+    return LabelTable(segments=segments, ignore_value=ignore_value, source=path)
 
 
 def _is_segmentation_file(path: Path) -> bool:
@@ -105,9 +135,12 @@ def _table_for(path: Path, labels_json: Path | None, fallback: LabelTable | None
 
 
 def read_labelmap_segmentation(path: str | Path, table: LabelTable) -> io.Segmentation:
-    """A label map image as a one-layer :class:`io.Segmentation`, one segment per named value.
+    """A label map image as an :class:`io.Segmentation`, one segment per name of ``table``.
 
-    The layer keeps every voxel value, ``ignore`` included (``array_zyx`` ``(1, Z, Y, X)``, int32).
+    Layer 0 keeps every voxel value, ``ignore`` included (``array_zyx`` ``(L, Z, Y, X)``, int32). With
+    labels, each segment is its value in layer 0 (``L = 1``). With nnU-Net regions, which overlap,
+    segment ``i`` is layer ``i + 1``: 1 where the voxel's value is one of the region's, as nnU-Net's
+    ``region_or_label_to_mask`` (``L`` = regions + 1).
 
     Raises:
         ImageError: the voxels are not whole numbers, or a value is neither named nor background/ignore.
@@ -121,7 +154,7 @@ def read_labelmap_segmentation(path: str | Path, table: LabelTable) -> io.Segmen
                 "is not a label map", subject=path, expected="whole-number voxel values", found=f"{array.dtype} with fractions"
             )
     values = np.unique(array).astype(np.int64)
-    known = set(table.names) | {0} | ({table.ignore_value} if table.ignore_value is not None else set())
+    known = table.values
     unknown = sorted(int(v) for v in values if int(v) not in known)
     if unknown:
         raise ImageError(
@@ -131,9 +164,17 @@ def read_labelmap_segmentation(path: str | Path, table: LabelTable) -> io.Segmen
             found=f"{unknown}",
             hint="Pass the dataset.json of the dataset this label map belongs to with --labels.",
         )
-    layer = volume.with_array(array.astype(np.int32)[np.newaxis])
-    segments = tuple(io.SegmentInfo(name=name, label_value=value) for value, name in sorted(table.names.items()))
-    return io.Segmentation(layers=layer, segments=segments)
+    label_map = array.astype(np.int32)
+    if not table.region_based:
+        by_value = sorted(table.segments.items(), key=lambda item: item[1])
+        segments = tuple(io.SegmentInfo(name=name, label_value=values[0]) for name, values in by_value)
+        return io.Segmentation(layers=volume.with_array(label_map[np.newaxis]), segments=segments)
+    layers = np.zeros((len(table.segments) + 1, *label_map.shape), dtype=np.int32)
+    layers[0] = label_map
+    for layer, region in enumerate(table.segments.values(), start=1):
+        layers[layer] = np.isin(label_map, region)
+    segments = tuple(io.SegmentInfo(name=name, label_value=1, layer=layer) for layer, name in enumerate(table.segments, start=1))
+    return io.Segmentation(layers=volume.with_array(layers), segments=segments)
 
 
 def read_for_compare(

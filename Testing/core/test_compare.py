@@ -76,6 +76,51 @@ def test_voxels_with_the_ignore_label_are_left_out(tmp_path):
     assert scores["strip"]["dice"] == 0.0
 
 
+def _tumour_label_maps() -> tuple[np.ndarray, np.ndarray, io.Volume]:
+    """BraTS-like label maps (1 oedema, 2 necrosis, 3 enhancing): a reference, and a prediction that
+    calls part of the enhancing rim necrosis and misses part of the oedema."""
+    reference = np.zeros(SHAPE_ZYX, np.uint8)
+    reference[2:11, 8:32, 8:32] = 1
+    reference[3:10, 12:28, 12:28] = 3
+    reference[4:9, 15:25, 15:25] = 2
+    predicted = reference.copy()
+    predicted[3:10, 12:14, 12:28] = np.where(predicted[3:10, 12:14, 12:28] == 3, 2, predicted[3:10, 12:14, 12:28])
+    predicted[2:11, 8:11, 8:32] = 0
+    return reference, predicted, io.Volume(reference, spacing_xyz_mm=(1.0, 1.0, 2.0))
+
+
+def test_nnunet_regions_are_scored_as_the_union_of_their_labels(tmp_path):
+    # nnU-Net's region-based dataset.json (BraTS): overlapping segments, each the union of some labels;
+    # "enhancing tumor" a plain integer, which in a region-based table is a region of one label
+    reference, predicted, grid = _tumour_label_maps()
+    regions = {"whole tumor": (1, 2, 3), "tumor core": (2, 3), "enhancing tumor": (3,)}
+    root = tmp_path / "ds"
+    (root / "labelsTs").mkdir(parents=True)
+    table = {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": 3}
+    (root / "dataset.json").write_text(json.dumps({"labels": table, "regions_class_order": [1, 2, 3]}))
+    ref_path = io.write_image(grid, root / "labelsTs" / "brats.nii.gz")
+    pred_path = io.write_image(grid.with_array(predicted), tmp_path / "brats.nii.gz")
+    result = compare_files(pred_path, ref_path)
+    assert list(result) == list(regions)
+    for name, values in regions.items():
+        expected = metrics.compute_all(np.isin(predicted, values), np.isin(reference, values), grid.spacing_zyx_mm, 2.0)
+        assert result[name] == pytest.approx(expected.as_dict())
+    assert result["tumor core"]["dice"] == 1.0  # necrosis for enhancing: both are tumour core
+    assert result["enhancing tumor"]["dice"] < 1.0 and result["whole tumor"]["dice"] < 1.0
+    assert result["whole tumor"]["ref_ml"] > result["tumor core"]["ref_ml"] > result["enhancing tumor"]["ref_ml"]
+    assert read_label_table(root / "dataset.json").region_based
+
+
+def test_a_one_value_list_is_a_plain_label(case, tmp_path):
+    # nnU-Net takes "liver": [1] as label 1 (a table is region-based only with a list of several values)
+    dataset, phantom, seg_path = case
+    plain = compare_files(seg_path, dataset.label_path("case01"))
+    listed = tmp_path / "listed.json"
+    listed.write_text(json.dumps({"labels": {"background": 0, "liver": [1], "liver lesion": 2}}))
+    assert not read_label_table(listed).region_based
+    assert compare_files(seg_path, dataset.label_path("case01"), labels_json=listed) == plain
+
+
 def test_a_label_map_with_nothing_to_name_it_is_refused_with_what_to_pass(case, tmp_path):
     _, phantom, seg_path = case
     loose = io.write_image(phantom.labels, tmp_path / "loose.nii.gz")
@@ -105,8 +150,12 @@ def test_values_the_table_does_not_name_are_refused(case, tmp_path):
 @pytest.mark.parametrize(
     ("labels", "problem"),
     [
-        ({"background": 0, "organ": [1, 2]}, "not one integer value"),
+        ({"background": 0, "organ": []}, "not a label value or a region"),
+        ({"background": 0, "organ": [1, "2"]}, "not a label value or a region"),
+        ({"background": 0, "organ": 1.5}, "not a label value or a region"),
         ({"background": 0, "organ": 1, "lesion": 1}, "two names"),
+        ({"background": 0, "core": [2, 3], "same core": [3, 2]}, "two names"),
+        ({"background": 0, "organ": 1, "ignore": [2]}, "ignore label is not one integer"),
         (None, "no label table"),
     ],
 )

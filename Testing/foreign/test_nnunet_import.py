@@ -871,6 +871,44 @@ def test_compare_scores_as_nnunets_own_evaluation_with_the_ignore_label(tmp_path
         assert ours[name]["pred_ml"] == pytest.approx(theirs[value]["n_pred"] * voxel_ml)
 
 
+def test_compare_scores_nnunet_regions_as_nnunets_own_evaluation(tmp_path):
+    # a region-based dataset.json (BraTS's nested tumour regions) with an ignore label: the regions come
+    # from nnU-Net's LabelManager, the scores from its compute_metrics, on the same two label maps
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    rng = np.random.default_rng(4)
+    reference = np.zeros((14, 40, 36), np.uint8)
+    reference[1:13, 5:35, 4:32] = 1  # oedema
+    reference[3:11, 10:30, 9:27] = 3  # enhancing rim
+    reference[5:9, 15:25, 13:23] = 2  # necrotic core
+    reference[:, :, :3] = 4  # unannotated
+    predicted = reference.copy()
+    predicted[predicted == 4] = rng.integers(0, 4, size=int(np.count_nonzero(predicted == 4)))
+    flips = rng.random(reference.shape) < 0.08  # scattered errors, each a random label
+    predicted[flips] = rng.integers(0, 4, size=int(np.count_nonzero(flips)))
+    table = {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": [3], "ignore": 4}
+    root = tmp_path / "ds"
+    (root / "labelsTr").mkdir(parents=True)
+    (root / "dataset.json").write_text(json.dumps({"labels": table, "regions_class_order": [1, 2, 3]}))
+    grid = io.Volume(reference, spacing_xyz_mm=(0.9, 0.9, 1.5))
+    ref_path = io.write_image(grid, root / "labelsTr" / "case.nii.gz")
+    pred_path = io.write_image(grid.with_array(predicted), tmp_path / "case.nii.gz")
+    manager = LabelManager(table, regions_class_order=[1, 2, 3])
+    regions = [tuple(r) if isinstance(r, (list, tuple)) else (r,) for r in manager.foreground_regions]
+    assert manager.has_regions and regions == [(1, 2, 3), (2, 3), (3,)]
+    theirs = compute_metrics(str(ref_path), str(pred_path), SimpleITKIO(), manager.foreground_regions, ignore_label=4)["metrics"]
+    ours = compare_files(pred_path, ref_path)
+    assert list(ours) == ["whole tumor", "tumor core", "enhancing tumor"]
+    for name, region in zip(ours, manager.foreground_regions, strict=True):
+        assert 0.0 < theirs[region]["Dice"] < 1.0
+        assert ours[name]["dice"] == pytest.approx(theirs[region]["Dice"], abs=1e-12)
+        assert ours[name]["iou"] == pytest.approx(theirs[region]["IoU"], abs=1e-12)
+        assert ours[name]["ref_ml"] == pytest.approx(theirs[region]["n_ref"] * grid.voxel_volume_ml)
+        assert ours[name]["pred_ml"] == pytest.approx(theirs[region]["n_pred"] * grid.voxel_volume_ml)
+
+
 def test_reorient_ras_segments_as_nnunet_does_the_image_reoriented_to_closest_ras(store, tiny_folders, images, references):
     # TotalSegmentator's first step, on an LPS-stored (DICOM-like) oblique image: reorient to RAS, nnU-Net, back
     card = import_model(tiny_folders["3d"], store, name="tiny-3d-ras", reorient="ras")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,7 +78,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
             found=f"{'a folder' if folders[0] else 'a file'} and {'a folder' if folders[1] else 'a file'}",
         )
     if all(folders):
-        print_json(compare_folders(args.prediction, args.reference, labels_json=args.labels, tolerance_mm=args.tolerance_mm))
+        result = compare_folders(
+            args.prediction, args.reference, labels_json=args.labels, tolerance_mm=args.tolerance_mm, workers=args.workers
+        )
+        print_json(result)
     else:
         print_json(compare_files(args.prediction, args.reference, labels_json=args.labels, tolerance_mm=args.tolerance_mm))
     return EXIT_OK
@@ -202,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the dataset.json beside the labelsTr / labelsTs folder holding the label map)",
     )
     p.add_argument("--tolerance-mm", type=float, default=2.0, help="surface Dice tolerance")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="folders: cases scored at once (default: up to 4, one per core; each holds its two label maps)",
+    )
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("demo", help="the README's main job: segment the bundled sample with the bundled model")

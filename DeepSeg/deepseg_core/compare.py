@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -276,10 +277,15 @@ def compare_folders(
     *,
     labels_json: str | Path | None = None,
     tolerance_mm: float = 2.0,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """:func:`compare_files` for every case of ``reference_folder`` that ``prediction_folder`` holds
     (matched by file name without its suffix: DeepSeg's ``CASE.seg.nrrd`` or nnU-Net's ``CASE.nii.gz``
     against a dataset's ``labelsTr/CASE.nii.gz``), as nnU-Net's ``evaluate_folder`` does.
+
+    ``workers``: cases scored at once, in threads (reading, numpy, scipy's erosion and k-d tree
+    release the GIL; ``Testing/Benchmarks/bench_compare.py`` times 1 and 2). Each holds its two label
+    maps (a 512 x 512 x 300 CT: about 0.7 GB) while it scores them. The result does not depend on it.
 
     Returns:
         ``{"cases": {case: {segment: metrics}}, "mean": {segment: {metric: mean}}, "cases_scored": n,
@@ -288,7 +294,10 @@ def compare_folders(
 
     Raises:
         ImageError: a folder holds two files for one case, or no reference case has a prediction.
+        DeepSegError: ``workers`` is below 1.
     """
+    if workers < 1:
+        raise DeepSegError("invalid number of workers", expected="1 or more", found=str(workers))
     predictions, references = _case_files(Path(prediction_folder)), _case_files(Path(reference_folder))
     scored = [case for case in references if case in predictions]
     missing = [case for case in references if case not in predictions]
@@ -301,10 +310,12 @@ def compare_folders(
         )
     if missing:
         log.warning("%d reference case(s) have no prediction and are not scored: %s", len(missing), ", ".join(missing))
-    cases = {
-        case: compare_files(predictions[case], references[case], labels_json=labels_json, tolerance_mm=tolerance_mm)
-        for case in scored
-    }
+
+    def score(case: str) -> dict[str, dict[str, Any]]:
+        return compare_files(predictions[case], references[case], labels_json=labels_json, tolerance_mm=tolerance_mm)
+
+    with ThreadPoolExecutor(max_workers=min(workers, len(scored))) as pool:
+        cases = dict(zip(scored, pool.map(score, scored), strict=True))
     mean: dict[str, dict[str, Any]] = {}
     for segment in dict.fromkeys(name for scores in cases.values() for name in scores):
         rows = [scores[segment] for scores in cases.values() if segment in scores]

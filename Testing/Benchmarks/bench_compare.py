@@ -9,7 +9,9 @@ the seconds of ``metrics.compute_all`` (what ``compare`` and ``evaluate`` run pe
 surfaces by erosion and scipy's Euclidean distance transform over the whole array (how
 ``compute_all`` computed them before 2026-11-27), with whether the two gave identical numbers. Then
 ``compare_files`` end to end on the two label maps written as NIfTI (reading, the value check, both
-segments). ``--device`` is accepted for ``run_all.py`` and ignored (metrics run on the CPU).
+segments). Last, ``compare_folders`` on 4 cases of 160 x 256 x 256 (an organ and a lesion each)
+with 1 and with 2 workers (threads). ``--device`` is accepted for ``run_all.py`` and ignored
+(metrics run on the CPU).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "DeepSeg"))
 
 from deepseg_core import io, metrics
-from deepseg_core.compare import compare_files
+from deepseg_core.compare import compare_files, compare_folders
 
 SHAPE_ZYX = (300, 512, 512)
 SPACING_ZYX_MM = (1.5, 0.8, 0.8)
@@ -60,6 +62,32 @@ def whole_array_distance_metrics(pred: np.ndarray, ref: np.ndarray, tolerance_mm
     return hd95, assd, float(within / (d_pr.size + d_rp.size))
 
 
+def folder_workers(cases: int = 4, shape_zyx: tuple[int, int, int] = (160, 256, 256)) -> dict[str, float | int]:
+    """Seconds of ``compare_folders`` over ``cases`` label-map pairs with 1 and 2 workers."""
+    zz, yy, xx = np.ogrid[: shape_zyx[0], : shape_zyx[1], : shape_zyx[2]]
+    timings: dict[str, float | int] = {"cases": cases, "case_shape_zyx": list(shape_zyx)}
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        (root / "labelsTs").mkdir()
+        (root / "predictions").mkdir()
+        (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "organ": 1, "lesion": 2}}))
+        for index in range(cases):
+            reference, predicted = np.zeros(shape_zyx, np.uint8), np.zeros(shape_zyx, np.uint8)
+            reference[((zz - 80) / 50.0) ** 2 + ((yy - 128) / 80.0) ** 2 + ((xx - 128) / 90.0) ** 2 < 1] = 1
+            predicted[((zz - 81 - index) / 49.0) ** 2 + ((yy - 129) / 80.0) ** 2 + ((xx - 127) / 92.0) ** 2 < 1] = 1
+            reference[(zz - 60) ** 2 + (yy - 100) ** 2 + (xx - 140) ** 2 < 100] = 2
+            predicted[(zz - 61) ** 2 + (yy - 101) ** 2 + (xx - 140) ** 2 < 90] = 2
+            io.write_image(io.Volume(reference, (0.8, 0.8, 1.5)), root / "labelsTs" / f"case{index}.nii.gz")
+            io.write_image(io.Volume(predicted, (0.8, 0.8, 1.5)), root / "predictions" / f"case{index}.nii.gz")
+        results = []
+        for workers in (1, 2):
+            started = time.perf_counter()
+            results.append(compare_folders(root / "predictions", root / "labelsTs", workers=workers))
+            timings[f"workers_{workers}_s"] = round(time.perf_counter() - started, 2)
+        timings["same_result"] = json.dumps(results[0], sort_keys=True) == json.dumps(results[1], sort_keys=True)
+    return timings
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true")
@@ -90,7 +118,9 @@ def main() -> int:
         started = time.perf_counter()
         compare_files(pred_path, ref_path, labels_json=table)
         compare_s = time.perf_counter() - started
+    folders = folder_workers()
     result = {
+        "folders": folders,
         "shape_zyx": list(SHAPE_ZYX),
         "spacing_zyx_mm": list(SPACING_ZYX_MM),
         "segments": rows,

@@ -12,7 +12,7 @@ from deepseg_core import io, metrics
 from deepseg_core.cli import EXIT_INPUT, EXIT_OK, main
 from deepseg_core.compare import compare_files, compare_folders, read_label_table
 from deepseg_core.datasets import Dataset
-from deepseg_core.errors import ImageError
+from deepseg_core.errors import DeepSegError, ImageError
 from deepseg_core.phantoms import PHANTOM_LABELS, generate_phantom
 
 SHAPE_ZYX = (12, 40, 40)
@@ -211,8 +211,12 @@ def test_folders_are_compared_case_by_case_with_a_mean_per_segment(tmp_path, cap
     assert expected_lesion_dice == [1.0, pytest.approx(expected_lesion_dice[1])] and expected_lesion_dice[1] < 1.0
     assert result["mean"]["liver lesion"]["dice"] == pytest.approx(np.mean(expected_lesion_dice))
     assert result["mean"]["liver"]["finite_cases"]["hd95_mm"] == 2
+    in_threads = compare_folders(predictions, dataset.root / "labelsTr", workers=3)
+    assert json.dumps(in_threads, sort_keys=True) == json.dumps(result, sort_keys=True)
+    with pytest.raises(DeepSegError, match="invalid number of workers"):
+        compare_folders(predictions, dataset.root / "labelsTr", workers=0)
 
-    assert main(["compare", str(predictions), str(dataset.root / "labelsTr")]) == EXIT_OK
+    assert main(["compare", str(predictions), str(dataset.root / "labelsTr"), "--workers", "2"]) == EXIT_OK
     assert json.loads(capsys.readouterr().out)["mean"]["liver lesion"]["dice"] == pytest.approx(np.mean(expected_lesion_dice))
     assert main(["compare", str(predictions / "case1.nii.gz"), str(dataset.root / "labelsTr")]) == EXIT_INPUT
     assert "two files or two folders" in capsys.readouterr().err

@@ -288,9 +288,11 @@ def compare_folders(
     maps (a 512 x 512 x 300 CT: about 0.7 GB) while it scores them. The result does not depend on it.
 
     Returns:
-        ``{"cases": {case: {segment: metrics}}, "mean": {segment: {metric: mean}}, "cases_scored": n,
-        "missing_predictions": [case, ...]}``; a mean is over the cases where that metric is finite
-        (HD95 and ASSD are infinite where one side is empty), and ``"finite_cases"`` says how many.
+        ``{"cases": {case: {segment: metrics}}, "mean": {segment: {metric: mean}}, "foreground_mean":
+        {metric: mean of the segments' means}, "cases_scored": n, "missing_predictions": [case, ...]}``;
+        a mean is over the cases where that metric is finite (HD95 and ASSD are infinite where one side
+        is empty), and ``"finite_cases"`` says how many. ``foreground_mean`` is nnU-Net's
+        ``summary.json`` headline, over the segments whose mean is finite.
 
     Raises:
         ImageError: a folder holds two files for one case, or no reference case has a prediction.
@@ -325,4 +327,15 @@ def compare_folders(
             summary[metric] = float(np.mean(finite)) if finite else float("nan")
             summary["finite_cases"][metric] = len(finite)
         mean[segment] = summary
-    return {"cases": cases, "mean": mean, "cases_scored": len(scored), "missing_predictions": missing}
+    metric_names = [metric for metric in next(iter(mean.values())) if metric != "finite_cases"] if mean else []
+    foreground_mean = {}
+    for metric in metric_names:
+        finite = [summary[metric] for summary in mean.values() if np.isfinite(summary[metric])]
+        foreground_mean[metric] = float(np.mean(finite)) if finite else float("nan")
+    return {
+        "cases": cases,
+        "mean": mean,
+        "foreground_mean": foreground_mean,
+        "cases_scored": len(scored),
+        "missing_predictions": missing,
+    }

@@ -211,6 +211,9 @@ def test_folders_are_compared_case_by_case_with_a_mean_per_segment(tmp_path, cap
     assert expected_lesion_dice == [1.0, pytest.approx(expected_lesion_dice[1])] and expected_lesion_dice[1] < 1.0
     assert result["mean"]["liver lesion"]["dice"] == pytest.approx(np.mean(expected_lesion_dice))
     assert result["mean"]["liver"]["finite_cases"]["hd95_mm"] == 2
+    assert result["foreground_mean"]["dice"] == pytest.approx(
+        (result["mean"]["liver"]["dice"] + np.mean(expected_lesion_dice)) / 2
+    )
     in_threads = compare_folders(predictions, dataset.root / "labelsTr", workers=3)
     assert json.dumps(in_threads, sort_keys=True) == json.dumps(result, sort_keys=True)
     with pytest.raises(DeepSegError, match="invalid number of workers"):

@@ -23,7 +23,7 @@ import torch
 
 from deepseg_core import io, phantoms
 from deepseg_core.cli import EXIT_MODEL, EXIT_OK, main
-from deepseg_core.compare import compare_files
+from deepseg_core.compare import compare_files, compare_folders
 from deepseg_core.errors import ConfigError
 from deepseg_core.importers import import_model
 from deepseg_core.importers.nnunet import NnUNetImportError, load_checkpoint
@@ -871,42 +871,94 @@ def test_compare_scores_as_nnunets_own_evaluation_with_the_ignore_label(tmp_path
         assert ours[name]["pred_ml"] == pytest.approx(theirs[value]["n_pred"] * voxel_ml)
 
 
+BRATS_LIKE_LABELS = {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": [3], "ignore": 4}
+
+
+def brats_like_case(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A reference label map (1 oedema, 3 enhancing rim, 2 necrotic core, 4 unannotated strip) and a
+    prediction with scattered errors, each voxel a random label (also under the strip)."""
+    rng = np.random.default_rng(seed)
+    reference = np.zeros((14, 40, 36), np.uint8)
+    shift = int(rng.integers(0, 3))
+    reference[1:13, 5 + shift : 35, 4:32] = 1
+    reference[3:11, 10:30, 9 + shift : 27] = 3
+    reference[5:9, 15:25, 13:23] = 2
+    reference[:, :, :3] = 4
+    predicted = reference.copy()
+    predicted[predicted == 4] = rng.integers(0, 4, size=int(np.count_nonzero(predicted == 4)))
+    flips = rng.random(reference.shape) < 0.08
+    predicted[flips] = rng.integers(0, 4, size=int(np.count_nonzero(flips)))
+    return reference, predicted
+
+
+def brats_like_regions() -> list:
+    """nnU-Net's own regions of :data:`BRATS_LIKE_LABELS` (its ``LabelManager``)."""
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    manager = LabelManager(BRATS_LIKE_LABELS, regions_class_order=[1, 2, 3])
+    regions = manager.foreground_regions
+    assert manager.has_regions and [tuple(r) if isinstance(r, (list, tuple)) else (r,) for r in regions] == [
+        (1, 2, 3),
+        (2, 3),
+        (3,),
+    ]
+    return regions
+
+
+def write_brats_like_dataset(root: Path) -> None:
+    (root / "labelsTr").mkdir(parents=True)
+    (root / "dataset.json").write_text(json.dumps({"labels": BRATS_LIKE_LABELS, "regions_class_order": [1, 2, 3]}))
+
+
 def test_compare_scores_nnunet_regions_as_nnunets_own_evaluation(tmp_path):
     # a region-based dataset.json (BraTS's nested tumour regions) with an ignore label: the regions come
     # from nnU-Net's LabelManager, the scores from its compute_metrics, on the same two label maps
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-    from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
-    rng = np.random.default_rng(4)
-    reference = np.zeros((14, 40, 36), np.uint8)
-    reference[1:13, 5:35, 4:32] = 1  # oedema
-    reference[3:11, 10:30, 9:27] = 3  # enhancing rim
-    reference[5:9, 15:25, 13:23] = 2  # necrotic core
-    reference[:, :, :3] = 4  # unannotated
-    predicted = reference.copy()
-    predicted[predicted == 4] = rng.integers(0, 4, size=int(np.count_nonzero(predicted == 4)))
-    flips = rng.random(reference.shape) < 0.08  # scattered errors, each a random label
-    predicted[flips] = rng.integers(0, 4, size=int(np.count_nonzero(flips)))
-    table = {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": [3], "ignore": 4}
+    reference, predicted = brats_like_case(4)
     root = tmp_path / "ds"
-    (root / "labelsTr").mkdir(parents=True)
-    (root / "dataset.json").write_text(json.dumps({"labels": table, "regions_class_order": [1, 2, 3]}))
+    write_brats_like_dataset(root)
     grid = io.Volume(reference, spacing_xyz_mm=(0.9, 0.9, 1.5))
     ref_path = io.write_image(grid, root / "labelsTr" / "case.nii.gz")
     pred_path = io.write_image(grid.with_array(predicted), tmp_path / "case.nii.gz")
-    manager = LabelManager(table, regions_class_order=[1, 2, 3])
-    regions = [tuple(r) if isinstance(r, (list, tuple)) else (r,) for r in manager.foreground_regions]
-    assert manager.has_regions and regions == [(1, 2, 3), (2, 3), (3,)]
-    theirs = compute_metrics(str(ref_path), str(pred_path), SimpleITKIO(), manager.foreground_regions, ignore_label=4)["metrics"]
+    regions = brats_like_regions()
+    theirs = compute_metrics(str(ref_path), str(pred_path), SimpleITKIO(), regions, ignore_label=4)["metrics"]
     ours = compare_files(pred_path, ref_path)
     assert list(ours) == ["whole tumor", "tumor core", "enhancing tumor"]
-    for name, region in zip(ours, manager.foreground_regions, strict=True):
+    for name, region in zip(ours, regions, strict=True):
         assert 0.0 < theirs[region]["Dice"] < 1.0
         assert ours[name]["dice"] == pytest.approx(theirs[region]["Dice"], abs=1e-12)
         assert ours[name]["iou"] == pytest.approx(theirs[region]["IoU"], abs=1e-12)
         assert ours[name]["ref_ml"] == pytest.approx(theirs[region]["n_ref"] * grid.voxel_volume_ml)
         assert ours[name]["pred_ml"] == pytest.approx(theirs[region]["n_pred"] * grid.voxel_volume_ml)
+
+
+def test_compare_on_folders_averages_as_nnunets_evaluate_folder(tmp_path):
+    # nnU-Net's compute_metrics_on_folder (what nnUNetv2_evaluate_folder runs) over three cases with
+    # regions and an ignore label: the same mean per region and the same foreground mean
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    root, predictions = tmp_path / "ds", tmp_path / "predictions"
+    write_brats_like_dataset(root)
+    predictions.mkdir()
+    for seed in (5, 6, 7):
+        reference, predicted = brats_like_case(seed)
+        grid = io.Volume(reference, spacing_xyz_mm=(1.0, 1.0, 1.2))
+        io.write_image(grid, root / "labelsTr" / f"case{seed}.nii.gz")
+        io.write_image(grid.with_array(predicted), predictions / f"case{seed}.nii.gz")
+    regions = brats_like_regions()
+    theirs = compute_metrics_on_folder(
+        str(root / "labelsTr"), str(predictions), None, SimpleITKIO(), ".nii.gz", regions, ignore_label=4, num_processes=1
+    )
+    ours = compare_folders(predictions, root / "labelsTr", workers=2)
+    assert ours["cases_scored"] == len(theirs["metric_per_case"]) == 3
+    for name, region in zip(ours["mean"], regions, strict=True):
+        assert ours["mean"][name]["dice"] == pytest.approx(theirs["mean"][region]["Dice"], abs=1e-12)
+        assert ours["mean"][name]["iou"] == pytest.approx(theirs["mean"][region]["IoU"], abs=1e-12)
+    assert ours["foreground_mean"]["dice"] == pytest.approx(theirs["foreground_mean"]["Dice"], abs=1e-12)
+    assert 0.5 < ours["foreground_mean"]["dice"] < 1.0
 
 
 def test_reorient_ras_segments_as_nnunet_does_the_image_reoriented_to_closest_ras(store, tiny_folders, images, references):

@@ -22,24 +22,47 @@ PANOPTIC_DIVISOR = 1000
 _FULL_3D = np.ones((3, 3, 3), dtype=bool)
 
 
+def class_boxes(labels_zyx: np.ndarray, values: Iterable[int]) -> dict[int, tuple[slice, ...]]:
+    """The bounding box of each class of ``values`` present in ``labels_zyx`` (one pass over the array;
+    absent classes are left out).
+
+    Each class is then cleaned inside its box: a 512 x 512 x 300 CT is 79 M voxels, and a pass over the
+    whole array per class and step cost seconds per class however small the class."""
+    wanted = sorted({int(v) for v in values if int(v) > 0})
+    if not wanted or labels_zyx.size == 0:
+        return {}
+    labels = np.asarray(labels_zyx)
+    if labels.dtype.kind not in "iu":  # find_objects takes integer labels only
+        labels = labels.astype(np.int64)
+    # a box per value up to the largest asked for; values above it are ignored
+    found = ndimage.find_objects(labels, max_label=wanted[-1])
+    return {value: found[value - 1] for value in wanted if found[value - 1] is not None}
+
+
 def keep_largest_component(labels_zyx: np.ndarray, values: Iterable[int]) -> np.ndarray:
-    """Copy of ``labels_zyx`` where each class in ``values`` keeps only its largest component."""
+    """Copy of ``labels_zyx`` where each class in ``values`` keeps only its largest component (the
+    first of equal ones in scan order)."""
     out = labels_zyx.copy()
-    for value in values:
-        mask = labels_zyx == value
+    for value, box in class_boxes(labels_zyx, values).items():
+        mask = labels_zyx[box] == value
         components, count = ndimage.label(mask, structure=_FULL_3D)
         if count > 1:
             sizes = np.bincount(components.ravel())[1:]
-            out[mask & (components != int(np.argmax(sizes)) + 1)] = 0
+            out[box][mask & (components != int(np.argmax(sizes)) + 1)] = 0
     return out
 
 
 def fill_holes(labels_zyx: np.ndarray, values: Iterable[int]) -> np.ndarray:
-    """Copy of ``labels_zyx`` with enclosed background holes of each class in ``values`` filled."""
+    """Copy of ``labels_zyx`` with enclosed background holes of each class in ``values`` filled.
+
+    A hole is a region outside the class that does not reach the array's edge. Everything outside the
+    class's box is outside the class and reaches the array's edge, so a region that reaches the box's
+    edge is no hole either: filling inside the box finds the same holes as on the whole array."""
     out = labels_zyx.copy()
-    for value in values:
-        filled = ndimage.binary_fill_holes(labels_zyx == value)
-        out[filled & (out == 0)] = value
+    for value, box in class_boxes(labels_zyx, values).items():
+        filled = ndimage.binary_fill_holes(labels_zyx[box] == value)
+        region = out[box]
+        region[filled & (region == 0)] = value
     return out
 
 
@@ -63,28 +86,45 @@ def label_instances(
     """Instance ids (int32, 0 = none) numbered 1..N over all thing classes, and their summaries.
 
     Components smaller than ``min_size_mm3`` get id 0 (their semantic label is left unchanged).
-    Ids are assigned class by class, then by descending size.
+    Ids are assigned class by class, then by descending size. Each class is labelled inside its box;
+    a centroid is the sum of its voxels' array indices over their count, the same float64 values as
+    ``ndimage.center_of_mass`` over the whole array.
     """
     voxel_mm3 = float(np.prod(spacing_zyx_mm))
     ids = np.zeros(labels_zyx.shape, dtype=np.int32)
     instances: list[Instance] = []
-    for value in thing_values:
-        components, count = ndimage.label(labels_zyx == value, structure=_FULL_3D)
-        if count == 0:
+    boxes = class_boxes(labels_zyx, thing_values)
+    for value in dict.fromkeys(int(v) for v in thing_values):
+        if value not in boxes:
             continue
-        sizes = np.bincount(components.ravel())[1:]
-        centroids = ndimage.center_of_mass(np.ones_like(components), components, range(1, count + 1))
+        box = boxes[value]
+        components, count = ndimage.label(labels_zyx[box] == value, structure=_FULL_3D)
+        flat = components.ravel()
+        sizes = np.bincount(flat, minlength=count + 1)
+        # whole-number index sums are exact in float64, so adding the box's offset per voxel is too
+        index_sums = [
+            np.bincount(flat, weights=np.broadcast_to(_axis_indices(box, axis, components.shape), components.shape).ravel())
+            for axis in range(components.ndim)
+        ]
         lookup = np.zeros(count + 1, dtype=np.int32)
-        for component in np.argsort(-sizes, kind="stable") + 1:
-            size = int(sizes[component - 1])
+        for component in np.argsort(-sizes[1:], kind="stable") + 1:
+            size = int(sizes[component])
             if size * voxel_mm3 < min_size_mm3:
                 continue
             lookup[component] = len(instances) + 1
-            centroid = tuple(float(c) for c in centroids[component - 1])
-            instances.append(Instance(len(instances) + 1, int(value), size, size * voxel_mm3, centroid))  # type: ignore[arg-type]
+            centroid = tuple(float(total[component] / size) for total in index_sums)
+            instances.append(Instance(len(instances) + 1, value, size, size * voxel_mm3, centroid))  # type: ignore[arg-type]
         inside = components > 0
-        ids[inside] = np.maximum(ids[inside], lookup[components[inside]])
+        target = ids[box]
+        target[inside] = np.maximum(target[inside], lookup[components[inside]])
     return ids, instances
+
+
+def _axis_indices(box: tuple[slice, ...], axis: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The whole array's index along ``axis`` of each voxel of ``box``, shaped to broadcast over it (float64)."""
+    view = [1] * len(shape)
+    view[axis] = shape[axis]
+    return np.arange(box[axis].start, box[axis].start + shape[axis], dtype=np.float64).reshape(view)
 
 
 def panoptic(labels_zyx: np.ndarray, instance_ids: np.ndarray, thing_values: Sequence[int]) -> np.ndarray:

@@ -1,0 +1,104 @@
+"""Time the clean-up after Segment (largest component, fill holes, lesion instances) on a CT-sized label map.
+
+    python Testing/Benchmarks/bench_postprocessing.py [--json] [--device cpu] [--skip-whole-array]
+
+Label map: 512 x 512 x 300 at 0.8 x 0.8 x 1.5 mm with 10 classes: an ellipsoid "liver" of about
+9.6 M voxels and 9 balls (radius 5-30 voxels), each with a small second piece. Times
+``keep_largest_component`` and ``fill_holes`` over the 10 classes and ``label_instances`` over the
+9 balls (what ``SegmentOptions(largest_component=True, fill_holes=True, instances=True)`` runs; the
+panel asks for instances by default), each class inside its box. Unless ``--skip-whole-array``, the
+same three steps are also timed as they ran before 2026-11-27, one pass over the whole array per
+class (written out here), with whether the outputs are identical. ``--device`` is accepted for
+``run_all.py`` and ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "DeepSeg"))
+
+from deepseg_core import postprocessing
+
+SHAPE_ZYX = (300, 512, 512)
+SPACING_ZYX_MM = (1.5, 0.8, 0.8)
+FULL_3D = np.ones((3, 3, 3), dtype=bool)
+
+
+def ct_sized_labels() -> np.ndarray:
+    zz, yy, xx = np.ogrid[: SHAPE_ZYX[0], : SHAPE_ZYX[1], : SHAPE_ZYX[2]]
+    labels = np.zeros(SHAPE_ZYX, np.uint8)
+    labels[((zz - 150) / 90.0) ** 2 + ((yy - 250) / 150.0) ** 2 + ((xx - 260) / 170.0) ** 2 < 1] = 1
+    rng = np.random.default_rng(0)
+    for value in range(2, 11):
+        centre, radius = rng.integers([40, 100, 100], [260, 420, 420]), int(rng.integers(5, 30))
+        labels[(zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2 < radius * radius] = value
+        labels[(zz - centre[0] - radius) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2 < 9] = value
+    return labels
+
+
+def whole_array_steps(
+    labels: np.ndarray, values: list[int], things: list[int]
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], dict[str, float]]:
+    """The three steps with one pass over the whole array per class: (largest, filled, instance ids)
+    and the seconds of each."""
+    seconds, started = {}, time.perf_counter()
+    largest = labels.copy()
+    for value in values:
+        mask = labels == value
+        components, count = ndimage.label(mask, structure=FULL_3D)
+        if count > 1:
+            largest[mask & (components != int(np.argmax(np.bincount(components.ravel())[1:])) + 1)] = 0
+    seconds["keep_largest_component"], started = round(time.perf_counter() - started, 2), time.perf_counter()
+    filled = labels.copy()
+    for value in values:
+        filled[ndimage.binary_fill_holes(labels == value) & (filled == 0)] = value
+    seconds["fill_holes"], started = round(time.perf_counter() - started, 2), time.perf_counter()
+    ids, next_id = np.zeros(labels.shape, np.int32), 1
+    for value in things:
+        components, count = ndimage.label(labels == value, structure=FULL_3D)
+        sizes = np.bincount(components.ravel())[1:]
+        ndimage.center_of_mass(np.ones_like(components), components, range(1, count + 1))
+        lookup = np.zeros(count + 1, np.int32)
+        for component in np.argsort(-sizes, kind="stable") + 1:
+            lookup[component], next_id = next_id, next_id + 1
+        inside = components > 0
+        ids[inside] = np.maximum(ids[inside], lookup[components[inside]])
+    seconds["label_instances"] = round(time.perf_counter() - started, 2)
+    return (largest, filled, ids), seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--skip-whole-array", action="store_true")
+    args = parser.parse_args()
+    labels = ct_sized_labels()
+    values, things = list(range(1, 11)), list(range(2, 11))
+    seconds, outputs = {}, []
+    for name, step in (
+        ("keep_largest_component", lambda: postprocessing.keep_largest_component(labels, values)),
+        ("fill_holes", lambda: postprocessing.fill_holes(labels, values)),
+        ("label_instances", lambda: postprocessing.label_instances(labels, things, SPACING_ZYX_MM)[0]),
+    ):
+        started = time.perf_counter()
+        outputs.append(step())
+        seconds[name] = round(time.perf_counter() - started, 2)
+    result: dict = {"shape_zyx": list(SHAPE_ZYX), "classes": len(values), "thing_classes": len(things), "seconds": seconds}
+    if not args.skip_whole_array:
+        reference, result["whole_array_seconds"] = whole_array_steps(labels, values, things)
+        result["identical"] = all(np.array_equal(a, b) for a, b in zip(outputs, reference, strict=True))
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

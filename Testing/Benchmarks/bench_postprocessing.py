@@ -6,9 +6,10 @@ Label map: 512 x 512 x 300 at 0.8 x 0.8 x 1.5 mm with 10 classes: an ellipsoid "
 9.6 M voxels and 9 balls (radius 5-30 voxels), each with a small second piece. Times
 ``keep_largest_component`` and ``fill_holes`` over the 10 classes and ``label_instances`` over the
 9 balls (what ``SegmentOptions(largest_component=True, fill_holes=True, instances=True)`` runs; the
-panel asks for instances by default), each class inside its box. Unless ``--skip-whole-array``, the
-same three steps are also timed as they ran before 2026-11-27, one pass over the whole array per
-class (written out here), with whether the outputs are identical. ``--device`` is accepted for
+panel asks for instances by default), each class inside its box, and ``uncertainty.segment_uncertainty``
+(the per-segment summary of an uncertainty run) on a random entropy map. Unless
+``--skip-whole-array``, the same four steps are also timed as they ran before 2026-11-27, one pass
+over the whole array per class (written out here), with whether the outputs are identical. ``--device`` is accepted for
 ``run_all.py`` and ignored.
 """
 
@@ -25,7 +26,8 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "DeepSeg"))
 
-from deepseg_core import postprocessing
+from deepseg_core import postprocessing, uncertainty
+from deepseg_core.io import SegmentInfo, Volume
 
 SHAPE_ZYX = (300, 512, 512)
 SPACING_ZYX_MM = (1.5, 0.8, 0.8)
@@ -75,6 +77,16 @@ def whole_array_steps(
     return (largest, filled, ids), seconds
 
 
+def whole_array_segment_uncertainty(labels: np.ndarray, entropy: np.ndarray, values: list[int]) -> list[tuple[float, int]]:
+    """(mean entropy, uncertain voxels in the segment and its one-voxel shell) per class, over the whole array."""
+    rows = []
+    for value in values:
+        mask = labels == value
+        near = ndimage.binary_dilation(mask, structure=FULL_3D)
+        rows.append((float(entropy[mask].mean()), int(np.count_nonzero((entropy >= uncertainty.DEFAULT_THRESHOLD) & near))))
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true")
@@ -92,10 +104,21 @@ def main() -> int:
         started = time.perf_counter()
         outputs.append(step())
         seconds[name] = round(time.perf_counter() - started, 2)
+    entropy = np.random.default_rng(1).random(SHAPE_ZYX, dtype=np.float32)
+    grid = Volume(labels, tuple(reversed(SPACING_ZYX_MM)))
+    started = time.perf_counter()
+    summaries = uncertainty.segment_uncertainty(grid, entropy, [SegmentInfo(f"class {v}", v) for v in values])
+    seconds["segment_uncertainty"] = round(time.perf_counter() - started, 2)
     result: dict = {"shape_zyx": list(SHAPE_ZYX), "classes": len(values), "thing_classes": len(things), "seconds": seconds}
     if not args.skip_whole_array:
         reference, result["whole_array_seconds"] = whole_array_steps(labels, values, things)
-        result["identical"] = all(np.array_equal(a, b) for a, b in zip(outputs, reference, strict=True))
+        started = time.perf_counter()
+        reference_summaries = whole_array_segment_uncertainty(labels, entropy, values)
+        result["whole_array_seconds"]["segment_uncertainty"] = round(time.perf_counter() - started, 2)
+        ours = [(s.mean_entropy, round(s.uncertain_ml / grid.voxel_volume_ml)) for s in summaries]
+        result["identical"] = all(np.array_equal(a, b) for a, b in zip(outputs, reference, strict=True)) and ours == [
+            (mean, voxels) for mean, voxels in reference_summaries
+        ]
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     return 0
 

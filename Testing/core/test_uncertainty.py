@@ -78,6 +78,30 @@ def test_segment_summary_counts_the_uncertain_shell():
     assert math.isnan(empty.mean_entropy) and empty.uncertain_ml == 0.0
 
 
+def test_segment_summaries_in_boxes_are_the_whole_arrays():
+    # each segment is summarised in its box and shell: the whole array's numbers, exactly, also for
+    # segments cut by the array's edge and one that is absent
+    from scipy import ndimage
+
+    rng = np.random.default_rng(8)
+    labels = np.zeros((16, 28, 24), np.uint8)
+    labels[0:6, 3:12, 0:9] = 1  # at the array's edge
+    labels[7:14, 15:28, 10:20] = 2
+    labels[rng.random(labels.shape) < 0.02] = 3  # scattered over the whole array
+    entropy = rng.random(labels.shape, dtype=np.float32)
+    grid = Volume(labels, (0.7, 0.9, 2.0))
+    segments = [SegmentInfo(f"s{v}", v) for v in (1, 2, 3, 4)]
+    ours = uncertainty.segment_uncertainty(grid, entropy, segments, threshold=0.6)
+    for summary, value in zip(ours, (1, 2, 3, 4), strict=True):
+        mask = labels == value
+        if not mask.any():
+            assert math.isnan(summary.mean_entropy) and summary.uncertain_ml == 0.0
+            continue
+        near = ndimage.binary_dilation(mask, structure=np.ones((3, 3, 3), bool))
+        assert summary.mean_entropy == float(entropy[mask].mean())
+        assert summary.uncertain_ml == float(((entropy >= 0.6) & near).sum() * grid.voxel_volume_ml) > 0.0
+
+
 def test_sliding_window_passes_cover_mirrors_perturbations_and_repeats():
     config = SlidingWindowConfig((8, 8, 8), mirror_axes=(0, 1, 2), intensity_perturbations=((0.9, 0.0), (1.0, 0.2)))
     passes = config.passes()

@@ -111,6 +111,36 @@ def test_nnunet_regions_are_scored_as_the_union_of_their_labels(tmp_path):
     assert read_label_table(root / "dataset.json").region_based
 
 
+def test_each_segment_is_scored_as_on_the_whole_arrays(tmp_path):
+    # segments are scored in the box around both masks: the whole arrays' numbers exactly, for a segment
+    # at the array's edge, one only the prediction has, one neither has, under an ignore strip
+    rng = np.random.default_rng(2)
+    reference = np.zeros(SHAPE_ZYX, np.int16)
+    reference[0:5, 0:12, 3:15] = 1
+    reference[6:11, 20:34, 22:37] = 2
+    reference[:, 36:, :] = 9  # ignore
+    predicted = np.where(rng.random(SHAPE_ZYX) < 0.1, 0, reference).astype(np.float32)  # whole numbers as floats
+    predicted[predicted == 9] = 0
+    predicted[2:4, 25:30, 5:9] = 3  # only predicted
+    predicted[6:11, 34:36, 18:37] = 2  # beyond the reference's b
+    table = {"background": 0, "a": 1, "b": 2, "c": 3, "never": 4, "ignore": 9}
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": table}))
+    grid = io.Volume(reference, spacing_xyz_mm=(0.8, 0.9, 2.5))
+    ref_path = io.write_image(grid, tmp_path / "ref.nrrd")
+    pred_path = io.write_image(grid.with_array(predicted), tmp_path / "pred.nrrd")
+    result = compare_files(pred_path, ref_path, labels_json=tmp_path / "dataset.json")
+    scored = reference != 9
+    for name, value in (("a", 1), ("b", 2), ("c", 3), ("never", 4)):
+        expected = metrics.compute_all((predicted == value) & scored, (reference == value) & scored, grid.spacing_zyx_mm, 2.0)
+        assert result[name] == expected.as_dict()
+    assert result["c"]["dice"] == 0.0 and result["never"]["dice"] == 1.0 and 0.0 < result["a"]["dice"] < 1.0
+    reference[0, 0, 0] = -1
+    io.write_image(grid.with_array(reference), ref_path)
+    with pytest.raises(ImageError, match="does not name") as caught:
+        compare_files(pred_path, ref_path, labels_json=tmp_path / "dataset.json")
+    assert "[-1]" in str(caught.value)
+
+
 def test_a_one_value_list_is_a_plain_label(case, tmp_path):
     # nnU-Net takes "liver": [1] as label 1 (a table is region-based only with a list of several values)
     dataset, phantom, seg_path = case

@@ -24,7 +24,6 @@ from scipy import ndimage
 
 from . import io, metrics
 from .errors import DeepSegError, ImageError
-from .postprocessing import class_boxes
 
 log = logging.getLogger("deepseg.compare")
 
@@ -265,7 +264,7 @@ def _segment_boxes(segmentation: io.Segmentation) -> dict[str, tuple[slice, ...]
     layers = segmentation.layers.array_zyx
     for layer in range(layers.shape[0]):
         held = [s for s in segmentation.segments if s.layer == layer]
-        found = class_boxes(layers[layer], [s.label_value for s in held]) if held else {}
+        found = io.class_boxes(layers[layer], [s.label_value for s in held]) if held else {}
         boxes.update({s.name: found[s.label_value] for s in held if s.label_value in found})
     return boxes
 

@@ -14,13 +14,14 @@ naming the file and the problem. Every writing function writes to a temporary na
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from .errors import DeepSegError, ImageError
 from .fileutil import atomic_path
@@ -505,6 +506,24 @@ class SegmentInfo:
     segment_id: str | None = None
 
 
+def class_boxes(labels_zyx: np.ndarray, values: Iterable[int]) -> dict[int, tuple[slice, ...]]:
+    """The bounding box of each class of ``values`` present in ``labels_zyx`` (one pass over the array;
+    absent classes are left out).
+
+    Per-class work (clean-up, summaries, scores, a segment's extent) then runs inside the class's box: a
+    512 x 512 x 300 CT is 79 M voxels, and a pass over the whole array per class cost seconds per class
+    however small the class. ``values`` <= 0 are left out (background)."""
+    wanted = sorted({int(v) for v in values if int(v) > 0})
+    if not wanted or labels_zyx.size == 0:
+        return {}
+    labels = np.asarray(labels_zyx)
+    if labels.dtype.kind not in "iu":  # find_objects takes integer labels only
+        labels = labels.astype(np.int64)
+    # a box per value up to the largest asked for; values above it are ignored
+    found = ndimage.find_objects(labels, max_label=wanted[-1])
+    return {value: found[value - 1] for value in wanted if found[value - 1] is not None}
+
+
 @dataclass(frozen=True, eq=False)
 class Segmentation:
     """Labelmap layers on a grid plus the segments they hold.
@@ -632,6 +651,13 @@ def write_segmentation(
                 expected=f"layer in [0, {voxels.shape[0] - 1}] and label value > 0",
                 found=f"layer {seg.layer}, label value {seg.label_value}",
             )
+    # every segment's extent from one find_objects pass per layer (a comparison and np.nonzero per
+    # segment passed over the whole image once per segment)
+    boxes = {
+        (layer, value): box
+        for layer in range(voxels.shape[0])
+        for value, box in class_boxes(voxels[layer], [s.label_value for s in segments if s.layer == layer]).items()
+    }
     stored_dtype = np.uint8 if int(voxels.max(initial=0)) < 256 else np.uint16
     voxels_ijk = np.transpose(voxels.astype(stored_dtype), (0, 3, 2, 1))
     raw = {
@@ -640,18 +666,18 @@ def write_segmentation(
         "containedRepresentationNames": ["Binary labelmap"],
         "masterRepresentation": "Binary labelmap",
         "referenceImageExtentOffset": [0, 0, 0],
-        "segments": [_segment_to_slicerio(seg, voxels) for seg in segments],
+        "segments": [_segment_to_slicerio(seg, boxes.get((seg.layer, seg.label_value))) for seg in segments],
     }
     with atomic_path(path) as tmp:
         slicerio.write_segmentation(str(tmp), raw)
     return path
 
 
-def _segment_to_slicerio(seg: SegmentInfo, voxels_lzyx: np.ndarray) -> dict[str, Any]:
-    mask = voxels_lzyx[seg.layer] == seg.label_value
-    if mask.any():
-        z, y, x = np.nonzero(mask)
-        extent = [int(x.min()), int(x.max()), int(y.min()), int(y.max()), int(z.min()), int(z.max())]
+def _segment_to_slicerio(seg: SegmentInfo, box_zyx: tuple[slice, ...] | None) -> dict[str, Any]:
+    """``box_zyx``: the bounding box of the segment's voxels, None when it has none."""
+    if box_zyx is not None:
+        z, y, x = box_zyx
+        extent = [x.start, x.stop - 1, y.start, y.stop - 1, z.start, z.stop - 1]
     else:
         extent = [0, -1, 0, -1, 0, -1]
     entry: dict[str, Any] = {

@@ -18,25 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from .io import class_boxes
+
 PANOPTIC_DIVISOR = 1000
 _FULL_3D = np.ones((3, 3, 3), dtype=bool)
-
-
-def class_boxes(labels_zyx: np.ndarray, values: Iterable[int]) -> dict[int, tuple[slice, ...]]:
-    """The bounding box of each class of ``values`` present in ``labels_zyx`` (one pass over the array;
-    absent classes are left out).
-
-    Each class is then cleaned inside its box: a 512 x 512 x 300 CT is 79 M voxels, and a pass over the
-    whole array per class and step cost seconds per class however small the class."""
-    wanted = sorted({int(v) for v in values if int(v) > 0})
-    if not wanted or labels_zyx.size == 0:
-        return {}
-    labels = np.asarray(labels_zyx)
-    if labels.dtype.kind not in "iu":  # find_objects takes integer labels only
-        labels = labels.astype(np.int64)
-    # a box per value up to the largest asked for; values above it are ignored
-    found = ndimage.find_objects(labels, max_label=wanted[-1])
-    return {value: found[value - 1] for value in wanted if found[value - 1] is not None}
 
 
 def keep_largest_component(labels_zyx: np.ndarray, values: Iterable[int]) -> np.ndarray:

@@ -21,8 +21,7 @@ import numpy as np
 from scipy import ndimage, stats
 
 from .errors import ShapeError
-from .io import SegmentInfo, Volume
-from .postprocessing import class_boxes
+from .io import SegmentInfo, Volume, class_boxes
 
 #: default threshold on normalised entropy for "uncertain" voxels (about 75/25 between two classes).
 DEFAULT_THRESHOLD = 0.5

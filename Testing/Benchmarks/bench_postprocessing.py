@@ -7,9 +7,11 @@ Label map: 512 x 512 x 300 at 0.8 x 0.8 x 1.5 mm with 10 classes: an ellipsoid "
 ``keep_largest_component`` and ``fill_holes`` over the 10 classes and ``label_instances`` over the
 9 balls (what ``SegmentOptions(largest_component=True, fill_holes=True, instances=True)`` runs; the
 panel asks for instances by default), each class inside its box, and ``uncertainty.segment_uncertainty``
-(the per-segment summary of an uncertainty run) on a random entropy map. Unless
-``--skip-whole-array``, the same four steps are also timed as they ran before 2026-11-27, one pass
-over the whole array per class (written out here), with whether the outputs are identical. ``--device`` is accepted for
+(the per-segment summary of an uncertainty run) on a random entropy map, then ``io.write_segmentation``
+of the 10 classes (``write_segmentation_s``; each segment's extent in the header is taken from its
+box, ``seconds.segment_extents``). Unless ``--skip-whole-array``, the same steps are also timed as
+they ran before 2026-11-27, one pass over the whole array per class (written out here), with
+whether the outputs are identical. ``--device`` is accepted for
 ``run_all.py`` and ignored.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +29,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "DeepSeg"))
 
-from deepseg_core import postprocessing, uncertainty
+from deepseg_core import io, postprocessing, uncertainty
 from deepseg_core.io import SegmentInfo, Volume
 
 SHAPE_ZYX = (300, 512, 512)
@@ -87,6 +90,15 @@ def whole_array_segment_uncertainty(labels: np.ndarray, entropy: np.ndarray, val
     return rows
 
 
+def whole_array_extents(labels: np.ndarray, values: list[int]) -> list[tuple[int, ...] | None]:
+    """Each class's (z0, z1, y0, y1, x0, x1) from a comparison and ``np.nonzero`` over the whole array."""
+    extents = []
+    for value in values:
+        z, y, x = np.nonzero(labels == value)
+        extents.append((z.min(), z.max(), y.min(), y.max(), x.min(), x.max()) if z.size else None)
+    return extents
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true")
@@ -109,16 +121,35 @@ def main() -> int:
     started = time.perf_counter()
     summaries = uncertainty.segment_uncertainty(grid, entropy, [SegmentInfo(f"class {v}", v) for v in values])
     seconds["segment_uncertainty"] = round(time.perf_counter() - started, 2)
-    result: dict = {"shape_zyx": list(SHAPE_ZYX), "classes": len(values), "thing_classes": len(things), "seconds": seconds}
+    started = time.perf_counter()
+    boxes = io.class_boxes(labels, values)
+    seconds["segment_extents"] = round(time.perf_counter() - started, 2)
+    extents = [tuple(v for b in boxes[c] for v in (b.start, b.stop - 1)) if c in boxes else None for c in values]
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        io.write_segmentation(Path(folder) / "out.seg.nrrd", grid, [SegmentInfo(f"class {v}", v) for v in values])
+        write_s = round(time.perf_counter() - started, 2)
+    result: dict = {
+        "shape_zyx": list(SHAPE_ZYX),
+        "classes": len(values),
+        "thing_classes": len(things),
+        "seconds": seconds,
+        "write_segmentation_s": write_s,
+    }
     if not args.skip_whole_array:
         reference, result["whole_array_seconds"] = whole_array_steps(labels, values, things)
         started = time.perf_counter()
         reference_summaries = whole_array_segment_uncertainty(labels, entropy, values)
         result["whole_array_seconds"]["segment_uncertainty"] = round(time.perf_counter() - started, 2)
+        started = time.perf_counter()
+        reference_extents = whole_array_extents(labels, values)
+        result["whole_array_seconds"]["segment_extents"] = round(time.perf_counter() - started, 2)
         ours = [(s.mean_entropy, round(s.uncertain_ml / grid.voxel_volume_ml)) for s in summaries]
-        result["identical"] = all(np.array_equal(a, b) for a, b in zip(outputs, reference, strict=True)) and ours == [
-            (mean, voxels) for mean, voxels in reference_summaries
-        ]
+        result["identical"] = (
+            all(np.array_equal(a, b) for a, b in zip(outputs, reference, strict=True))
+            and ours == reference_summaries
+            and extents == reference_extents
+        )
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     return 0
 

@@ -250,6 +250,9 @@ def test_seg_nrrd_round_trip(tmp_path):
     header = path.read_bytes()[:4000].decode("latin-1")
     assert "Segment0_Name:=liver" in header and "Segment1_LabelValue:=2" in header
     assert "Segment0_Extent:=1 5 2 4 1 3" in header  # i (x), j (y), k (z) ranges
+    assert "Segment1_Extent:=3 3 3 3 2 2" in header
+    empty = io.write_segmentation(tmp_path / "empty.seg.nrrd", volume.with_array(labels * (labels == 1)), SEGMENTS)
+    assert "Segment1_Extent:=0 -1 0 -1 0 -1" in empty.read_bytes()[:4000].decode("latin-1")  # no voxels
 
 
 def test_seg_nrrd_overlapping_segments_in_layers(tmp_path):
@@ -264,6 +267,9 @@ def test_seg_nrrd_overlapping_segments_in_layers(tmp_path):
     np.testing.assert_array_equal(seg.mask("b"), layers[1] == 1)
     with pytest.raises(ImageError, match="overlaps"):
         seg.to_labelmap()
+    header = path.read_bytes()[:4000].decode("latin-1")
+    x_stop, y_stop = volume.shape_zyx[2] - 1, volume.shape_zyx[1] - 1
+    assert f"Segment0_Extent:=0 {x_stop} 0 {y_stop} 1 3" in header and f"Segment1_Extent:=0 {x_stop} 0 {y_stop} 2 4" in header
 
 
 def test_seg_nrrd_bad_segments_refused(tmp_path):

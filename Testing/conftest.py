@@ -58,6 +58,7 @@ LONG_FILES = (
     "Testing/realdata/test_segment_real_images.py",
     "Testing/mrml/test_jobs.py",
     "Testing/foreign/test_monai_import.py",
+    "Testing/realdata/test_class_boxes_aal.py",
 )
 
 

@@ -24,9 +24,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "DeepSeg"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # Testing/whole_array.py
+
+import whole_array
 
 from deepseg_core import io, metrics
 from deepseg_core.compare import compare_files, compare_folders
@@ -46,20 +48,6 @@ def case() -> dict[str, tuple[np.ndarray, np.ndarray]]:
         "liver": (ellipsoid((152, 253, 258), (88, 150, 172)), ellipsoid((150, 250, 260), (90, 150, 170))),
         "lesion": (ellipsoid((101, 201, 300), (6, 11, 11)), ellipsoid((100, 200, 300), (7, 12.5, 12.5))),
     }
-
-
-def whole_array_distance_metrics(pred: np.ndarray, ref: np.ndarray, tolerance_mm: float = 2.0) -> tuple[float, float, float]:
-    """(HD95, ASSD, surface Dice) with the distance transform over the whole array."""
-
-    def directed(from_mask: np.ndarray, to_mask: np.ndarray) -> np.ndarray:
-        distance = ndimage.distance_transform_edt(~metrics.surface(to_mask), sampling=SPACING_ZYX_MM)
-        return distance[metrics.surface(from_mask)]
-
-    d_pr, d_rp = directed(pred, ref), directed(ref, pred)
-    hd95 = float(max(np.percentile(d_pr, 95), np.percentile(d_rp, 95)))
-    assd = float((d_pr.sum() + d_rp.sum()) / (d_pr.size + d_rp.size))
-    within = np.count_nonzero(d_pr <= tolerance_mm) + np.count_nonzero(d_rp <= tolerance_mm)
-    return hd95, assd, float(within / (d_pr.size + d_rp.size))
 
 
 def folder_workers(cases: int = 4, shape_zyx: tuple[int, int, int] = (160, 256, 256)) -> dict[str, float | int]:
@@ -102,7 +90,7 @@ def main() -> int:
         row = {"voxels": int(ref.sum()), "compute_all_s": round(time.perf_counter() - started, 3), "hd95_mm": ours.hd95_mm}
         if not args.skip_whole_array:
             started = time.perf_counter()
-            reference = whole_array_distance_metrics(pred, ref)
+            reference = whole_array.distance_metrics(pred, ref, SPACING_ZYX_MM, 2.0)
             row["whole_array_s"] = round(time.perf_counter() - started, 2)
             row["identical"] = reference == (ours.hd95_mm, ours.assd_mm, ours.surface_dice)
         rows[name] = row

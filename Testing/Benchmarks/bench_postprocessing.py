@@ -10,7 +10,7 @@ panel asks for instances by default), each class inside its box, and ``uncertain
 (the per-segment summary of an uncertainty run) on a random entropy map, then ``io.write_segmentation``
 of the 10 classes (``write_segmentation_s``; each segment's extent in the header is taken from its
 box, ``seconds.segment_extents``). Unless ``--skip-whole-array``, the same steps are also timed as
-they ran before 2026-11-27, one pass over the whole array per class (written out here), with
+they ran before 2026-11-27, one pass over the whole array per class (``Testing/whole_array.py``), with
 whether the outputs are identical. ``--device`` is accepted for
 ``run_all.py`` and ignored.
 """
@@ -25,16 +25,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "DeepSeg"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # Testing/whole_array.py
+
+import whole_array
 
 from deepseg_core import io, postprocessing, uncertainty
 from deepseg_core.io import SegmentInfo, Volume
 
 SHAPE_ZYX = (300, 512, 512)
 SPACING_ZYX_MM = (1.5, 0.8, 0.8)
-FULL_3D = np.ones((3, 3, 3), dtype=bool)
 
 
 def ct_sized_labels() -> np.ndarray:
@@ -52,51 +53,18 @@ def ct_sized_labels() -> np.ndarray:
 def whole_array_steps(
     labels: np.ndarray, values: list[int], things: list[int]
 ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], dict[str, float]]:
-    """The three steps with one pass over the whole array per class: (largest, filled, instance ids)
-    and the seconds of each."""
-    seconds, started = {}, time.perf_counter()
-    largest = labels.copy()
-    for value in values:
-        mask = labels == value
-        components, count = ndimage.label(mask, structure=FULL_3D)
-        if count > 1:
-            largest[mask & (components != int(np.argmax(np.bincount(components.ravel())[1:])) + 1)] = 0
-    seconds["keep_largest_component"], started = round(time.perf_counter() - started, 2), time.perf_counter()
-    filled = labels.copy()
-    for value in values:
-        filled[ndimage.binary_fill_holes(labels == value) & (filled == 0)] = value
-    seconds["fill_holes"], started = round(time.perf_counter() - started, 2), time.perf_counter()
-    ids, next_id = np.zeros(labels.shape, np.int32), 1
-    for value in things:
-        components, count = ndimage.label(labels == value, structure=FULL_3D)
-        sizes = np.bincount(components.ravel())[1:]
-        ndimage.center_of_mass(np.ones_like(components), components, range(1, count + 1))
-        lookup = np.zeros(count + 1, np.int32)
-        for component in np.argsort(-sizes, kind="stable") + 1:
-            lookup[component], next_id = next_id, next_id + 1
-        inside = components > 0
-        ids[inside] = np.maximum(ids[inside], lookup[components[inside]])
-    seconds["label_instances"] = round(time.perf_counter() - started, 2)
-    return (largest, filled, ids), seconds
-
-
-def whole_array_segment_uncertainty(labels: np.ndarray, entropy: np.ndarray, values: list[int]) -> list[tuple[float, int]]:
-    """(mean entropy, uncertain voxels in the segment and its one-voxel shell) per class, over the whole array."""
-    rows = []
-    for value in values:
-        mask = labels == value
-        near = ndimage.binary_dilation(mask, structure=FULL_3D)
-        rows.append((float(entropy[mask].mean()), int(np.count_nonzero((entropy >= uncertainty.DEFAULT_THRESHOLD) & near))))
-    return rows
-
-
-def whole_array_extents(labels: np.ndarray, values: list[int]) -> list[tuple[int, ...] | None]:
-    """Each class's (z0, z1, y0, y1, x0, x1) from a comparison and ``np.nonzero`` over the whole array."""
-    extents = []
-    for value in values:
-        z, y, x = np.nonzero(labels == value)
-        extents.append((z.min(), z.max(), y.min(), y.max(), x.min(), x.max()) if z.size else None)
-    return extents
+    """The three clean-up steps as their definitions (``Testing/whole_array.py``): (largest, filled,
+    instance ids) and the seconds of each."""
+    seconds, outputs = {}, []
+    for name, step in (
+        ("keep_largest_component", lambda: whole_array.largest_component(labels, values)),
+        ("fill_holes", lambda: whole_array.holes_filled(labels, values)),
+        ("label_instances", lambda: whole_array.instances(labels, things, float(np.prod(SPACING_ZYX_MM)), 0.0)[0]),
+    ):
+        started = time.perf_counter()
+        outputs.append(step())
+        seconds[name] = round(time.perf_counter() - started, 2)
+    return (outputs[0], outputs[1], outputs[2]), seconds
 
 
 def main() -> int:
@@ -139,10 +107,10 @@ def main() -> int:
     if not args.skip_whole_array:
         reference, result["whole_array_seconds"] = whole_array_steps(labels, values, things)
         started = time.perf_counter()
-        reference_summaries = whole_array_segment_uncertainty(labels, entropy, values)
+        reference_summaries = whole_array.segment_uncertainty(labels, entropy, values, uncertainty.DEFAULT_THRESHOLD)
         result["whole_array_seconds"]["segment_uncertainty"] = round(time.perf_counter() - started, 2)
         started = time.perf_counter()
-        reference_extents = whole_array_extents(labels, values)
+        reference_extents = whole_array.extents(labels, values)
         result["whole_array_seconds"]["segment_extents"] = round(time.perf_counter() - started, 2)
         ours = [(s.mean_entropy, round(s.uncertain_ml / grid.voxel_volume_ml)) for s in summaries]
         result["identical"] = (

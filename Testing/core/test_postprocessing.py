@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
+import whole_array
 
 from deepseg_core import postprocessing
 
@@ -45,46 +45,6 @@ def test_panoptic_ids():
     assert pan[3, 6, 1] == 1000 and pan[0, 0, 0] == 0
 
 
-# The definitions, on the whole array: what the class-box versions must give, voxel for voxel.
-_FULL = np.ones((3, 3, 3), dtype=bool)
-
-
-def _largest_on_the_whole_array(labels, values):
-    out = labels.copy()
-    for value in values:
-        mask = labels == value
-        components, count = ndimage.label(mask, structure=_FULL)
-        if count > 1:
-            out[mask & (components != int(np.argmax(np.bincount(components.ravel())[1:])) + 1)] = 0
-    return out
-
-
-def _holes_filled_on_the_whole_array(labels, values):
-    out = labels.copy()
-    for value in values:
-        out[ndimage.binary_fill_holes(labels == value) & (out == 0)] = value
-    return out
-
-
-def _instances_on_the_whole_array(labels, values, voxel_mm3, min_size_mm3):
-    ids, rows = np.zeros(labels.shape, np.int32), []
-    for value in values:
-        components, count = ndimage.label(labels == value, structure=_FULL)
-        if count == 0:
-            continue
-        sizes = np.bincount(components.ravel())[1:]
-        centroids = ndimage.center_of_mass(np.ones_like(components), components, range(1, count + 1))
-        lookup = np.zeros(count + 1, np.int32)
-        for component in np.argsort(-sizes, kind="stable") + 1:
-            size = int(sizes[component - 1])
-            if size * voxel_mm3 < min_size_mm3:
-                continue
-            lookup[component] = len(rows) + 1
-            rows.append((len(rows) + 1, value, size, size * voxel_mm3, tuple(float(c) for c in centroids[component - 1])))
-        ids = np.maximum(ids, np.where(components > 0, lookup[components], 0))
-    return ids, rows
-
-
 def _random_classes(seed: int, shape=(18, 30, 26)) -> np.ndarray:
     """Classes 1-4 as blobs, hollow shells and specks, some cut by the array's edge; class 5 absent."""
     rng = np.random.default_rng(seed)
@@ -105,13 +65,13 @@ def test_cleaning_inside_class_boxes_gives_the_whole_arrays_result():
         labels = _random_classes(seed)
         values = [1, 2, 3, 4, 5]
         np.testing.assert_array_equal(
-            postprocessing.keep_largest_component(labels, values), _largest_on_the_whole_array(labels, values)
+            postprocessing.keep_largest_component(labels, values), whole_array.largest_component(labels, values)
         )
         filled = postprocessing.fill_holes(labels, values)
-        np.testing.assert_array_equal(filled, _holes_filled_on_the_whole_array(labels, values))
+        np.testing.assert_array_equal(filled, whole_array.holes_filled(labels, values))
         assert seed or np.count_nonzero(filled != labels) > 0  # some holes (the first map has them)
         ids, instances = postprocessing.label_instances(labels, [3, 1], (1.5, 0.8, 0.7), min_size_mm3=2.0)
-        expected_ids, expected_rows = _instances_on_the_whole_array(labels, [3, 1], 1.5 * 0.8 * 0.7, 2.0)
+        expected_ids, expected_rows = whole_array.instances(labels, [3, 1], 1.5 * 0.8 * 0.7, 2.0)
         np.testing.assert_array_equal(ids, expected_ids)
         assert [(i.instance_id, i.label, i.voxels, i.volume_mm3, i.centroid_zyx) for i in instances] == expected_rows
         assert len(instances) > 1

@@ -33,7 +33,7 @@ def _labels_from_model(ref: str, models_dir: str | None) -> tuple[list[LabelSpec
 
 def _read_labelmap(path: Path, dataset: Dataset, grid: io.Volume) -> np.ndarray:
     """A ``.seg.nrrd`` (segments mapped to schema values by name) or a labelmap image."""
-    if path.name.endswith(".seg.nrrd"):
+    if io.is_segmentation_file(path):
         segmentation = io.read_segmentation(path)
         segments = [(s.name, functools.partial(segmentation.mask, s.name)) for s in segmentation.segments]
         volume = segmentation.grid.with_array(dataset.labelmap_from_segments(segmentation.grid.shape_zyx, segments))

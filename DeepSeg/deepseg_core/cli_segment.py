@@ -64,7 +64,7 @@ def collect_cases(inputs: list[str]) -> list[Case]:
         path = Path(item)
         if path.is_dir():
             files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(io.IMAGE_SUFFIXES))
-            segmentations = [p for p in files if p.name.lower().endswith(".seg.nrrd")]
+            segmentations = [p for p in files if io.is_segmentation_file(p)]
             if segmentations:
                 log.info("%s: %d .seg.nrrd file(s) are segmentations, not images: skipped", path, len(segmentations))
                 files = [p for p in files if p not in segmentations]

@@ -113,10 +113,6 @@ def read_label_table(dataset_json: str | Path) -> LabelTable:
     return LabelTable(segments=segments, ignore_value=ignore_value, source=path)
 
 
-def _is_segmentation_file(path: Path) -> bool:
-    return path.name.lower().endswith(".seg.nrrd")
-
-
 def _table_for(path: Path, labels_json: Path | None, fallback: LabelTable | None = None) -> LabelTable:
     if labels_json is not None:
         return read_label_table(labels_json)
@@ -196,7 +192,7 @@ def read_for_compare(
     """A ``.seg.nrrd`` or a label map as a segmentation, and the label table that named the label
     map (None for a ``.seg.nrrd``). ``fallback`` names a label map that nothing else names."""
     path = Path(path)
-    if _is_segmentation_file(path):
+    if io.is_segmentation_file(path):
         return io.read_segmentation(path), None
     table = _table_for(path, Path(labels_json) if labels_json is not None else None, fallback)
     return read_labelmap_segmentation(path, table), table
@@ -290,12 +286,12 @@ def _case_files(folder: Path) -> dict[str, Path]:
     A ``CASE.seg.nrrd`` beside another ``CASE`` file is the segmentation: DeepSeg writes its results
     beside the images it segmented (``deepseg segment in/ --output in/``)."""
     cases: dict[str, Path] = {}
-    for path in sorted(folder.iterdir(), key=lambda p: (not _is_segmentation_file(p), p.name)):
+    for path in sorted(folder.iterdir(), key=lambda p: (not io.is_segmentation_file(p), p.name)):
         suffix = next((s for s in CASE_SUFFIXES if path.name.lower().endswith(s)), None)
         if suffix is None or not path.is_file():
             continue
         case = path.name[: -len(suffix)]
-        if case in cases and _is_segmentation_file(cases[case]):
+        if case in cases and io.is_segmentation_file(cases[case]):
             log.info("%s: %s is taken as the segmentation of case %r, not %s", folder, cases[case].name, case, path.name)
             continue
         if case in cases:

@@ -506,6 +506,12 @@ class SegmentInfo:
     segment_id: str | None = None
 
 
+def is_segmentation_file(path: str | Path) -> bool:
+    """Whether ``path`` names a Slicer ``.seg.nrrd`` (segments by name), whatever the case of its suffix
+    (``CASE.SEG.NRRD`` from a Windows share is one too, not a label map image)."""
+    return Path(path).name.lower().endswith(".seg.nrrd")
+
+
 def class_boxes(labels_zyx: np.ndarray, values: Iterable[int]) -> dict[int, tuple[slice, ...]]:
     """The bounding box of each class of ``values`` present in ``labels_zyx`` (one pass over the array;
     absent classes are left out).
@@ -627,7 +633,7 @@ def write_segmentation(
     import slicerio
 
     path = Path(path)
-    if not path.name.lower().endswith(".seg.nrrd"):
+    if not is_segmentation_file(path):
         raise ImageError("unsupported segmentation file type", subject=path, expected=".seg.nrrd", found=path.name)
     voxels = np.asarray(labelmap.array_zyx)
     if voxels.ndim == 3:

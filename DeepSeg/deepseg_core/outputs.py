@@ -53,7 +53,7 @@ def instances_path(path: str | Path) -> Path | None:
     """The second file a labelmap output gets with instances (``<name>_instances<suffix>``); None for ``.seg.nrrd``."""
     path = Path(path)
     suffix = next((s for s in LABELMAP_SUFFIXES if path.name.lower().endswith(s)), None)
-    if suffix is None or path.name.lower().endswith(".seg.nrrd"):
+    if suffix is None or io.is_segmentation_file(path):
         return None
     return path.with_name(path.name[: -len(suffix)] + "_instances" + suffix)
 
@@ -66,7 +66,7 @@ def write_segmentation_result(path: str | Path, result: SegmentationResult) -> P
     """
     path = Path(path)
     name = path.name.lower()
-    if name.endswith(".seg.nrrd"):
+    if io.is_segmentation_file(path):
         if result.instance_ids is not None:
             array, segments = instance_segments(result)
         else:

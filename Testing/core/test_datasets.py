@@ -165,6 +165,24 @@ def test_dataset_cli(tmp_path, capsys):
     assert "s1: unreadable" in capsys.readouterr().out
 
 
+def test_an_upper_case_seg_nrrd_is_read_by_segment_names(tmp_path):
+    # CASE.SEG.NRRD (a Windows share) is a segmentation, mapped by names, not an image of label values:
+    # here "liver" is stored as 2 and "liver lesion" as 1, the dataset's values the other way round
+    root = tmp_path / "ds"
+    assert main(["dataset", "create", str(root), "--labels-from", "phantom-liver"]) == 0
+    image, labels = small_case(6)
+    io.write_image(image, tmp_path / "img.nrrd")
+    swapped = np.select([labels == 1, labels == 2], [2, 1], 0).astype(np.uint8)
+    segments = [io.SegmentInfo("liver", 2), io.SegmentInfo("liver lesion", 1)]
+    io.write_segmentation(tmp_path / "corrected.seg.nrrd", image.with_array(swapped), segments)
+    upper = (tmp_path / "corrected.seg.nrrd").rename(tmp_path / "CORRECTED.SEG.NRRD")
+    args = ["dataset", "add", str(root), "--case", "c1", "--image", str(tmp_path / "img.nrrd"), "--labels", str(upper)]
+    assert main(args) == 0
+    _, stored = Dataset.open(root).load_case("c1")
+    np.testing.assert_array_equal(stored.array_zyx, labels)
+    assert np.count_nonzero(labels == 2) > 0
+
+
 def test_segment_names_map_to_schema_values_and_lesions_win_overlaps(dataset):
     assert dataset.value_for_segment("liver lesion 3") == 2  # an instance of the thing label
     with pytest.raises(DatasetError, match="not in the dataset's label schema"):

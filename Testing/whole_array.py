@@ -98,3 +98,16 @@ def extents(labels: np.ndarray, values: Sequence[int]) -> list[tuple[int, ...] |
         z, y, x = np.nonzero(labels == value)
         found.append(tuple(int(v) for v in (z.min(), z.max(), y.min(), y.max(), x.min(), x.max())) if z.size else None)
     return found
+
+
+def class_voxels(labels: np.ndarray, cap: int = 4096) -> dict[int, np.ndarray]:
+    """Each foreground class's voxel indices ``(N, 3)`` in scan order, thinned to every k-th past ``cap``
+    (what training patches are centred on)."""
+    found = {}
+    for value in np.unique(labels):
+        if value > 0:
+            coords = np.argwhere(labels == value)
+            if len(coords) > cap:
+                coords = coords[:: len(coords) // cap + 1]
+            found[int(value)] = coords
+    return found

@@ -9,7 +9,9 @@ Label map: 512 x 512 x 300 at 0.8 x 0.8 x 1.5 mm with 10 classes: an ellipsoid "
 panel asks for instances by default), each class inside its box, and ``uncertainty.segment_uncertainty``
 (the per-segment summary of an uncertainty run) on a random entropy map, then ``io.write_segmentation``
 of the 10 classes (``write_segmentation_s``; each segment's extent in the header is taken from its
-box, ``seconds.segment_extents``). Unless ``--skip-whole-array``, the same steps are also timed as
+box, ``seconds.segment_extents``), and the voxels training patches are centred on
+(``TrainingCase``, ``seconds.training_class_voxels``, once per case when a fine-tune starts). Unless
+``--skip-whole-array``, the same steps are also timed as
 they ran before 2026-11-27, one pass over the whole array per class (``Testing/whole_array.py``), with
 whether the outputs are identical. ``--device`` is accepted for
 ``run_all.py`` and ignored.
@@ -33,6 +35,7 @@ import whole_array
 
 from deepseg_core import io, postprocessing, uncertainty
 from deepseg_core.io import SegmentInfo, Volume
+from deepseg_core.training.patches import TrainingCase
 
 SHAPE_ZYX = (300, 512, 512)
 SPACING_ZYX_MM = (1.5, 0.8, 0.8)
@@ -90,6 +93,9 @@ def main() -> int:
     summaries = uncertainty.segment_uncertainty(grid, entropy, [SegmentInfo(f"class {v}", v) for v in values])
     seconds["segment_uncertainty"] = round(time.perf_counter() - started, 2)
     started = time.perf_counter()
+    training_case = TrainingCase(np.zeros((1, 1, 1, 1), np.float32), labels)
+    seconds["training_class_voxels"] = round(time.perf_counter() - started, 2)
+    started = time.perf_counter()
     boxes = io.class_boxes(labels, values)
     seconds["segment_extents"] = round(time.perf_counter() - started, 2)
     extents = [tuple(v for b in boxes[c] for v in (b.start, b.stop - 1)) if c in boxes else None for c in values]
@@ -112,11 +118,18 @@ def main() -> int:
         started = time.perf_counter()
         reference_extents = whole_array.extents(labels, values)
         result["whole_array_seconds"]["segment_extents"] = round(time.perf_counter() - started, 2)
+        started = time.perf_counter()
+        reference_voxels = whole_array.class_voxels(labels)
+        result["whole_array_seconds"]["training_class_voxels"] = round(time.perf_counter() - started, 2)
+        same_voxels = sorted(reference_voxels) == training_case.foreground_classes and all(
+            np.array_equal(training_case.class_voxels(value), coords) for value, coords in reference_voxels.items()
+        )
         ours = [(s.mean_entropy, round(s.uncertain_ml / grid.voxel_volume_ml)) for s in summaries]
         result["identical"] = (
             all(np.array_equal(a, b) for a, b in zip(outputs, reference, strict=True))
             and ours == reference_summaries
             and extents == reference_extents
+            and same_voxels
         )
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     return 0

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from . import io, metrics
 from .errors import DeepSegError, ImageError
@@ -175,15 +174,14 @@ def read_labelmap_segmentation(path: str | Path, table: LabelTable) -> io.Segmen
 
 
 def _values_present(label_map: np.ndarray) -> list[int]:
-    """The values in an integer label map, ascending. Where they are small and not negative, from one
-    ``find_objects`` pass (0.3 s for a 512 x 512 x 300 CT; ``np.unique`` sorts or hashes: 1.2 s)."""
+    """The values in an integer label map, ascending. Where they are small and not negative, from the
+    classes' boxes, one pass (0.3 s for a 512 x 512 x 300 CT; ``np.unique`` sorts or hashes: 1.2 s)."""
     if not label_map.size:
         return []
     lowest, highest = int(label_map.min()), int(label_map.max())
     if lowest < 0 or highest >= 1 << 16:
         return [int(v) for v in np.unique(label_map)]
-    found = ndimage.find_objects(label_map, max_label=highest) if highest > 0 else []
-    return [0] * (lowest == 0) + [value for value, box in enumerate(found, start=1) if box is not None]
+    return [0] * (lowest == 0) + sorted(io.class_boxes(label_map, range(1, highest + 1)))
 
 
 def read_for_compare(

@@ -30,7 +30,7 @@ class TrainingCase:
         # per class
         self._class_voxels: dict[int, np.ndarray] = {}
         labels = self.labels_zyx
-        highest = int(labels.max(initial=0)) if labels.size else 0
+        highest = int(labels.max(initial=0))
         for value, box in class_boxes(labels, range(1, highest + 1)).items():
             inside = labels[box] == value
             flat = np.flatnonzero(inside)  # thinned before the (N, 3) indices are made: a liver has 10 M voxels

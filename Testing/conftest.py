@@ -46,6 +46,7 @@ def pytest_configure(config):
 #: the tiny nnU-Net folders (about 3 minutes) that later files need too.
 LONG_FILES = (
     "Testing/foreign/test_nnunet_import.py",
+    "Testing/foreign/test_nnunet_regions.py",
     "Testing/core/test_retrain.py",
     "Testing/mrml/test_panel_logic.py",
     "Testing/foreign/test_imported_fine_tune.py",

@@ -21,7 +21,10 @@ Presets (what ends up in the cache, under ``Dataset501_DeepSegTiny/`` or ``Datas
   ``transpose_forward`` is ``[2, 0, 1]``); ``nnUNetTrainer__nnUNetPlans__3d_fullres`` (folds 0 and 1),
   ``nnUNetTrainer__nnUNetPlans__2d`` (fold 0) and ``nnUNetTrainer__nnUNetResEncUNetMPlans__3d_fullres``
   (fold 0): 3 stages of 8 / 16 / 32 features, patch 16 x 16 x 32 (2D: 16 x 32), 6-15 epochs of 10
-  iterations, two training runs at a time. About 2 minutes on 2 CPU cores.
+  iterations, two training runs at a time. The same phantoms again as ``Dataset504_DeepSegTinyRegions``,
+  whose dataset.json declares nnU-Net regions (``"liver and lesions": [1, 2]``, ``"liver lesion": 2``,
+  ``regions_class_order`` ``[1, 2]``): nnU-Net trains it region-based (sigmoids, BCE + Dice),
+  ``nnUNetTrainer__nnUNetPlans__3d_fullres`` fold 0. About 3 minutes on 2 CPU cores.
 - ``full``: nnU-Net's default 3d_fullres network (6 stages, 32-320 features, patch 128^3) on 5 phantoms
   of 128^3 voxels at 1.5 mm, CT (``CTNormalization``) and MR (``ZScoreNormalization`` with the
   non-zero mask), trained for 2 iterations of batch 1: parity needs real nnU-Net folders of the real
@@ -67,7 +70,20 @@ PACKAGES = ("nnunetv2", "dynamic_network_architectures", "batchgenerators", "tor
 DONE = "build.json"
 
 TINY = {
-    "datasets": [{"id": 501, "name": "DeepSegTiny", "modality": "CT", "channel": "CT", "profile": "ct-A"}],
+    "datasets": [
+        {"id": 501, "name": "DeepSegTiny", "modality": "CT", "channel": "CT", "profile": "ct-A"},
+        {
+            "id": 504,
+            "name": "DeepSegTinyRegions",
+            "modality": "CT",
+            "channel": "CT",
+            "profile": "ct-A",
+            # nnU-Net's region-based training (as BraTS and KiTS): overlapping regions, one sigmoid each;
+            # the key order is the regions' order, which regions_class_order pairs with by position
+            "regions": {"labels": {"background": 0, "liver and lesions": [1, 2], "liver lesion": 2}, "order": [1, 2]},
+            "runs": [("ExperimentPlanner", "3d_fullres", (0,), 10)],
+        },
+    ],
     "cases": 6,
     "shape_zyx": (24, 48, 32),
     "spacing_xyz_mm": (3.0, 2.0, 2.0),
@@ -213,6 +229,13 @@ def _make_dataset(raw: Path, spec: dict, preset: dict) -> str:
             lesion_radius_mm=preset["lesion_radius_mm"],
         )
         dataset.add_case(f"case{i:03d}", [phantom.image], phantom.labels.array_zyx)
+    if "regions" in spec:
+        # the label maps stay as they are; only dataset.json declares the regions, as a user does
+        path = raw / name / "dataset.json"
+        described = json.loads(path.read_text())
+        described["labels"] = spec["regions"]["labels"]
+        described["regions_class_order"] = spec["regions"]["order"]
+        path.write_text(json.dumps(described, indent=2))
     return name
 
 
@@ -310,7 +333,8 @@ def build(out: Path, preset_name: str) -> None:
         name = _make_dataset(work / "raw", spec, preset)
         extract_fingerprint_dataset(spec["id"], num_processes=1, check_dataset_integrity=True, show_progress_bar=False)
         plans_files: dict[str, Path] = {}
-        for planner, _, _, _ in preset["runs"]:
+        runs = spec.get("runs", preset["runs"])
+        for planner, _, _, _ in runs:
             if planner in plans_files:
                 continue
             _, identifier = plan_experiment_dataset(spec["id"], planners[planner])
@@ -319,11 +343,11 @@ def build(out: Path, preset_name: str) -> None:
             plans = _shrink_tiny(plans) if preset_name == "tiny" else _full_plans(plans, spec["modality"])
             save_json(plans, str(path), sort_keys=False)
             plans_files[planner] = path
-            configurations = sorted({c for p, c, _, _ in preset["runs"] if p == planner})
+            configurations = sorted({c for p, c, _, _ in runs if p == planner})
             preprocess_dataset(spec["id"], identifier, configurations, [1] * len(configurations), show_progress_bar=False)
         timings[f"{name} plan+preprocess"] = time.time() - started
         dataset_json = str(work / "preprocessed" / name / "dataset.json")
-        for planner, configuration, folds, epochs in preset["runs"]:
+        for planner, configuration, folds, epochs in runs:
             for fold in folds:
                 label = f"{name} {plans_files[planner].stem} {configuration} fold {fold}"
                 tasks.append((label, str(plans_files[planner]), dataset_json, configuration, fold, epochs, preset))

@@ -254,7 +254,8 @@ def write_case_outputs(
 
 
 def segment_summaries(result: SegmentationResult, options: SegmentOptions) -> list[dict]:
-    """Per label: voxels, ml, instance count (thing labels), and uncertainty when it was computed."""
+    """Per label: voxels, ml, instance count (thing labels), and uncertainty when it was computed; then each
+    multi-value region of a region-based nnU-Net model (``"region": true``, its ``values``, voxels, ml)."""
     grid = result.labels
     per_segment_uncertainty = (
         {
@@ -278,6 +279,25 @@ def segment_summaries(result: SegmentationResult, options: SegmentOptions) -> li
             row["mean_entropy"] = per_segment_uncertainty[label.value].mean_entropy
             row["uncertain_ml"] = per_segment_uncertainty[label.value].uncertain_ml
         rows.append(row)
+    # an nnU-Net region (BraTS' "whole tumor": [1, 2, 3]) is the union of its values in the label map, as
+    # nnU-Net evaluates it; a one-value region is its label's row already
+    regions = ((result.card.pipeline or {}).get("config") or {}).get("regions") or []
+    label_names = {label.name for label in result.card.labels}
+    for region in regions:
+        values = [int(v) for v in region["values"]]
+        if len(values) > 1:
+            voxels = int(sum(int(counts[v]) for v in values if v < len(counts)))
+            # the last region keeps its plain name as a label: its row needs another (the CSV keys columns by name)
+            name = str(region["name"]) if region["name"] not in label_names else f"{region['name']} (region)"
+            rows.append(
+                {
+                    "name": name,
+                    "values": values,
+                    "region": True,
+                    "voxels": voxels,
+                    "ml": float(voxels * grid.voxel_volume_ml),
+                }
+            )
     return rows
 
 

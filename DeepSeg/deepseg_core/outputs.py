@@ -98,7 +98,8 @@ def write_measurements(path: str | Path, result: SegmentationResult, intensity: 
 
 
 def write_probabilities(path: str | Path, result: SegmentationResult) -> Path:
-    """Class probabilities as a 4D image ``(X, Y, Z, K)`` float32 on the input grid (K includes background)."""
+    """Class probabilities as a 4D image ``(X, Y, Z, K)`` float32 on the input grid (K includes background;
+    a region-based nnU-Net model's K is its regions' sigmoids, without a background channel)."""
     path = Path(path)
     if result.probabilities is None:
         raise ImageError("no probabilities were computed", hint="Pass keep_probabilities=True (CLI: --probabilities).")

@@ -66,6 +66,22 @@ class SegmentUncertainty:
     threshold: float
 
 
+def region_entropy(probabilities_rzyx: np.ndarray) -> np.ndarray:
+    """The largest binary entropy of independent region probabilities ``(R, Z, Y, X)`` (sigmoids), in bits;
+    float32 ``(Z, Y, X)`` in [0, 1].
+
+    A voxel is as uncertain as its least certain region: 1 where any region's probability is 0.5.
+    Computed in torch's threads (see :func:`normalised_entropy`)."""
+    if probabilities_rzyx.ndim < 2 or probabilities_rzyx.shape[0] < 1:
+        raise ShapeError("region entropy needs region probabilities (R >= 1, ...)", found=str(probabilities_rzyx.shape))
+    from .inference.pipelines import torch_view
+
+    p = torch_view(probabilities_rzyx, np.float32).clamp(1e-8, 1.0 - 1e-7)
+    q = 1.0 - p
+    entropy = p.log().mul_(p).add_(q.log().mul_(q)).div_(-math.log(2.0))
+    return entropy.amax(dim=0).clamp_(0.0, 1.0).numpy()
+
+
 def segment_uncertainty(
     labels: Volume, entropy_zyx: np.ndarray, segments: Sequence[SegmentInfo], threshold: float = DEFAULT_THRESHOLD
 ) -> list[SegmentUncertainty]:

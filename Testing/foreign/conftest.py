@@ -19,6 +19,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "make_tiny_nnunet_model.py"
 TINY_DATASET = "Dataset501_DeepSegTiny"
+TINY_REGIONS_DATASET = "Dataset504_DeepSegTinyRegions"
 
 
 def _load(name: str, path: Path) -> ModuleType:
@@ -55,6 +56,13 @@ def tiny_folders(nnunet_results: Path) -> dict[str, Path]:
         "2d": maker.model_folder(nnunet_results, TINY_DATASET, "2d"),
         "resenc": maker.model_folder(nnunet_results, TINY_DATASET, "3d_fullres", "nnUNetResEncUNetMPlans"),
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_region_folder(nnunet_results: Path) -> Path:
+    """The tiny region-based model folder (``Dataset504_DeepSegTinyRegions``: regions "liver and lesions" [1, 2] and
+    "liver lesion" 2, ``regions_class_order`` [1, 2]; 3d_fullres, fold 0), trained region-based by nnU-Net."""
+    return maker.model_folder(nnunet_results, TINY_REGIONS_DATASET, "3d_fullres")
 
 
 @pytest.fixture(scope="session")

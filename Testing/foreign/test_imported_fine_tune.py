@@ -16,13 +16,12 @@ import sys
 from pathlib import Path
 
 import monai_fixtures as mf
-import numpy as np
 import pytest
+from foreign_cases import site_dataset
 
 from deepseg_core import io
 from deepseg_core.datasets import Dataset
 from deepseg_core.model_store import ModelStore, read_model_folder
-from deepseg_core.phantoms import PHANTOM_LABELS, generate_phantom
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,15 +41,6 @@ def cli(*args: str | Path) -> subprocess.CompletedProcess:
 
 def events(done: subprocess.CompletedProcess) -> list[dict]:
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-
-
-def site_dataset(folder: Path) -> Path:
-    """A ct-B site: 2 training cases and 1 validation case, the ground truth standing in for corrections."""
-    dataset = Dataset.create(folder, "siteB", PHANTOM_LABELS, ("CT",))
-    for seed, split in ((700, "train"), (701, "train"), (702, "validation")):
-        case = generate_phantom(seed=seed, profile="ct-B", shape_zyx=(36, 64, 64), spacing_xyz_mm=(1.5, 1.5, 2.0))
-        dataset.add_case(f"case{seed}", [case.image], case.labels.array_zyx.astype(np.uint8), split=split)
-    return folder
 
 
 @pytest.fixture(scope="module")

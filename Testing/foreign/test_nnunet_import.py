@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from foreign_cases import offgrid_ct_phantom
 
 from deepseg_core import io, phantoms
 from deepseg_core.cli import EXIT_MODEL, EXIT_OK, main
@@ -141,21 +142,8 @@ def images(tmp_path_factory, head_ct_path) -> dict[str, Path]:
     nnU-Net crops away; its z axis is anisotropic, so resampling takes the separate-axis path), and the
     real head CT (1 mm isotropic, background 0: cropped; plain 3D resampling)."""
     folder = tmp_path_factory.mktemp("images")
-    phantom = phantoms.generate_phantom(
-        seed=7,
-        profile="ct-A",
-        shape_zyx=(14, 60, 52),
-        spacing_xyz_mm=(0.9, 1.1, 4.0),
-        n_lesions=(2, 3),
-        lesion_radius_mm=(8.0, 14.0),
-        origin_lps=(-12.5, 30.0, 7.25),
-    )
-    array = phantom.image.array_zyx.astype(np.int16)
-    array[:, :4] = 0
-    array[:, -3:] = 0
-    array[:, :, :5] = 0
-    volume = io.Volume(array, phantom.image.spacing_xyz_mm, phantom.image.origin_lps, np.diag([-1.0, -1.0, 1.0]))
-    path = io.write_image(volume, folder / "phantom_0000.nii.gz")
+    frames = ((slice(None), slice(0, 4)), (slice(None), slice(-3, None)), (slice(None), slice(None), slice(0, 5)))
+    path = io.write_image(offgrid_ct_phantom(7, frames), folder / "phantom_0000.nii.gz")
     oblique = io.write_image(oblique_phantom(), folder / "oblique_0000.nii.gz")
     # the reference's way (TotalSegmentator's nib.as_closest_canonical): the voxels permuted and flipped to RAS
     oblique_ras = folder / "oblique_ras_0000.nii.gz"
@@ -412,18 +400,6 @@ def test_the_cascade_is_refused(tiny_folders, tmp_path, store):
     assert "cascade" not in store.names() and "lowres" not in store.names()
 
 
-def test_region_based_training_is_refused(tiny_folders, tmp_path, store):
-    folder = _copy(tiny_folders["2d"], tmp_path / "regions")
-
-    def regions(dataset):
-        dataset["labels"] = {"background": 0, "liver": [1, 2], "liver lesion": 2}
-        dataset["regions_class_order"] = [1, 2]
-
-    _edit_json(folder / "dataset.json", regions)
-    with pytest.raises(NnUNetImportError, match="region-based training is not supported yet"):
-        import_model(folder, store, name="regions")
-
-
 def _leave_a_mark(path: str) -> None:
     """What the unsafe checkpoint would run when unpickled by plain pickle: create ``path``."""
     Path(path).touch()
@@ -668,7 +644,17 @@ EXPORT_GEOMETRIES = [
 
 
 def streamed_export(
-    logits, crop_shape, network_spacing, spacing, values, tf, *, reorder=None, probabilities=False, depths=(3, 1, 4, 2)
+    logits,
+    crop_shape,
+    network_spacing,
+    spacing,
+    values,
+    tf,
+    *,
+    reorder=None,
+    probabilities=False,
+    depths=(3, 1, 4, 2),
+    regions=False,
 ):
     """``NnUNetExportCollector`` fed ``logits`` ``(K, *network_shape)`` in slabs of ``depths`` slices (repeated), the
     crop box at (2, 1, 0) inside a grid 5 and 2 slices larger along the first two axes.
@@ -688,7 +674,7 @@ def streamed_export(
     }
     resampling = {"order": 1, "order_z": 0, "force_separate_z": None}
     collector = NnUNetExportCollector(
-        context, values, list(tf), resampling, keep_probabilities=probabilities, uncertainty=probabilities
+        context, values, list(tf), resampling, regions=regions, keep_probabilities=probabilities, uncertainty=probabilities
     )
     z = 0
     while z < network_shape[0]:
@@ -732,11 +718,54 @@ def test_the_export_streamed_by_slabs_equals_nnunets_whole_volume_export(
         assert out.entropy_zyx.shape == out.labels_zyx.shape and float(out.entropy_zyx.max()) <= 1.0
 
 
-def the_export_arithmetic_on_the_whole_volume(logits, values, crop_shape, modes, box, before, tf, reorder):
+#: BraTS' regions as nnU-Net's documentation writes them (the key order is the regions' order)
+BRATS_REGIONS = {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": 3}
+
+
+@pytest.mark.parametrize("network_shape, crop_shape, network_spacing, spacing, modes", EXPORT_GEOMETRIES)
+def test_the_region_export_streamed_by_slabs_equals_nnunets_label_manager(
+    network_shape, crop_shape, network_spacing, spacing, modes
+):
+    from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    manager = LabelManager(BRATS_REGIONS, regions_class_order=[1, 2, 3])
+    rng = np.random.default_rng(2)
+    logits = (rng.normal(size=(3, *network_shape)) * 3).astype(np.float16)
+    tf = [1, 2, 0]
+    collector, out, box, before = streamed_export(
+        logits, crop_shape, network_spacing, spacing, [1, 2, 3], tf, probabilities=True, regions=True
+    )
+    assert [m.mode for m in collector.maps] == list(modes)
+    # nnU-Net's export: the whole volume's logits resampled, sigmoid, regions written in order, crop reverted
+    whole = resample_data_or_seg_to_shape(logits, crop_shape, network_spacing, spacing, False, 1, 0, None)
+    sigmoids = manager.apply_inference_nonlin(whole)
+    cropped = manager.convert_probabilities_to_segmentation(sigmoids)
+    expected = np.zeros(before, np.uint8)
+    expected[tuple(slice(a, b) for a, b in box)] = np.asarray(cropped)
+    expected = expected.transpose([tf.index(a) for a in range(3)])
+    assert set(np.unique(expected)) == {0, 1, 2, 3}  # every region wins somewhere, and so does nothing
+    assert (out.labels_zyx != expected).mean() < 0.002
+    full = manager.revert_cropping_on_probabilities(sigmoids, box, before).numpy()
+    full = full.transpose([0, *[tf.index(a) + 1 for a in range(3)]])
+    np.testing.assert_allclose(out.probabilities.astype(np.float32), full, atol=2e-3)
+    outside = np.ones(before, bool)
+    outside[tuple(slice(a, b) for a, b in box)] = False
+    outside = outside.transpose([tf.index(a) for a in range(3)])
+    assert float(np.abs(out.probabilities[:, outside]).max()) == 0.0  # no background channel to set to 1
+    # uncertainty: the least certain region's binary entropy, in bits
+    p = np.clip(full.astype(np.float64), 1e-8, 1 - 1e-7)
+    bits = (-(p * np.log2(p) + (1 - p) * np.log2(1 - p))).max(axis=0)
+    np.testing.assert_allclose(out.entropy_zyx, bits, atol=1e-2)
+    assert float(out.entropy_zyx.max()) > 0.99
+
+
+def the_export_arithmetic_on_the_whole_volume(logits, values, crop_shape, modes, box, before, tf, reorder, regions=False):
     """The labels DeepSeg's export must give, computed on the whole volume in numpy with nothing streamed or
     threaded: float16 logits to float32, the first axis linear or nearest, nearest axes, bilinear in-plane
     (torch, slices as the batch and classes as channels, as the collector states), float16 rounding,
-    numpy's argmax, the crop reverted, written back through the reorientation and transpose with numpy."""
+    numpy's argmax (``regions``: torch's float32 sigmoid, each channel writing its value where above 0.5,
+    in order), the crop reverted, written back through the reorientation and transpose with numpy."""
     block = logits.astype(np.float32)
     if modes[0] == "linear":
         i0, i1, t = linear_positions(logits.shape[1], crop_shape[0])
@@ -753,7 +782,14 @@ def the_export_arithmetic_on_the_whole_volume(logits, values, crop_shape, modes,
     rounded = planes.to(torch.float16).numpy().astype(np.float32)
     dtype = np.uint8 if max(values) < 255 else np.uint16
     labels_t = np.zeros(before, dtype=dtype)
-    labels_t[tuple(slice(a, b) for a, b in box)] = np.asarray(values)[np.argmax(rounded, axis=1)]
+    if regions:
+        sigmoids = torch.sigmoid(torch.from_numpy(rounded)).numpy()
+        written = np.zeros((rounded.shape[0], *rounded.shape[2:]), dtype=dtype)
+        for channel, value in enumerate(values):
+            written[sigmoids[:, channel] > 0.5] = value
+        labels_t[tuple(slice(a, b) for a, b in box)] = written
+    else:
+        labels_t[tuple(slice(a, b) for a, b in box)] = np.asarray(values)[np.argmax(rounded, axis=1)]
     oriented = [0, 0, 0]
     for i, a in enumerate(tf):
         oriented[a] = before[i]
@@ -791,6 +827,30 @@ def test_the_export_equals_its_arithmetic_on_the_whole_volume_exactly(
     assert out.labels_zyx.dtype == expected.dtype
     np.testing.assert_array_equal(out.labels_zyx, expected)
     assert len(np.unique(out.labels_zyx)) == len(set(values))  # every class won somewhere: the check has teeth
+
+
+@pytest.mark.parametrize("network_shape, crop_shape, network_spacing, spacing, modes", EXPORT_GEOMETRIES)
+@pytest.mark.parametrize("values", [(1, 2, 3), (1, 3, 2), (2, 1)], ids=["brats", "kits-order", "two"])
+@pytest.mark.parametrize(
+    "tf, reorder", [((2, 0, 1), None), ((1, 2, 0), ((1, 0, 2), (True, False, True)))], ids=["transposed", "flipped"]
+)
+def test_the_region_export_equals_its_arithmetic_on_the_whole_volume_exactly(
+    network_shape, crop_shape, network_spacing, spacing, modes, values, tf, reorder
+):
+    # regions overwrite one another in order; logits in thirds and quarters put many sigmoids at exactly 0.5
+    # (a logit of 0), where "above 0.5" must not write
+    rng = np.random.default_rng(len(values) + sum(values))
+    logits = (rng.integers(-6, 7, size=(len(values), *network_shape)) / 3).astype(np.float16)
+    logits[:, ::3] = (rng.integers(-2, 3, size=(len(values), *network_shape))[:, ::3] * 0.25).astype(np.float16)
+    axis_reorder = AxisReorder(*reorder) if reorder else AxisReorder()
+    collector, out, box, before = streamed_export(
+        logits, crop_shape, network_spacing, spacing, list(values), tf, reorder=axis_reorder, regions=True
+    )
+    expected = the_export_arithmetic_on_the_whole_volume(
+        logits, list(values), crop_shape, modes, box, before, tf, axis_reorder, regions=True
+    )
+    np.testing.assert_array_equal(out.labels_zyx, expected)
+    assert set(np.unique(out.labels_zyx)) == {0, *values}  # every region is last somewhere: the order matters
 
 
 def test_the_export_labels_do_not_depend_on_how_torch_picks_its_bilinear_kernel():

@@ -122,6 +122,18 @@ class Pipeline:
         """The card's pipeline settings (``card.pipeline["config"]``)."""
         return dict(self.card.pipeline.get("config", {})) if self.card.pipeline else {}
 
+    @property
+    def region_values(self) -> tuple[tuple[int, ...], ...]:
+        """The label values of each output channel when the channels are sigmoid regions (nnU-Net's
+        region-based models), else empty: the channels are softmax labels."""
+        return ()
+
+    @property
+    def output_channels(self) -> int:
+        """The network's output channels: background and one per label value up to the largest
+        (``card.num_classes``); pipelines whose channels are not labels (nnU-Net's regions) say otherwise."""
+        return self.card.num_classes
+
     def prepare(self, channels: Sequence[Volume]) -> PreparedInput:
         """Resample each channel to the card's spacing, normalise, stack (and 2.5D-stack)."""
         target = self.card.preprocessing.target_spacing_xyz_mm

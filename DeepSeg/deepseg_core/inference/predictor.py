@@ -338,7 +338,7 @@ class Segmenter:
             window_stats = sliding_window_predict(
                 tiles,
                 prepared.image_czyx,
-                self.card.num_classes,
+                self.pipeline.output_channels,
                 window,
                 collector.add,
                 device=self.device,

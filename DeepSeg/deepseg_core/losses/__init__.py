@@ -4,6 +4,9 @@ All losses take logits ``(B, C, *spatial)`` and integer targets ``(B, *spatial)`
 :mod:`deepseg_core.losses.base`. Compound names (``dice_ce``, ...) accept ``weights`` (one per
 term), a shared ``ignore_index``, and one dict of options per term named after it, e.g.
 ``build_loss("dice_ce", weights=(1, 1), dice={"reduction": "sample"}, ce={"class_weights": [1, 5]})``.
+
+:class:`RegionDiceBCELoss` (nnU-Net's loss for region-based models: sigmoid channels, one per region)
+is not in the registry: it needs the model's regions, and training picks it for such models.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from ..errors import ConfigError
 from .boundary import BoundaryLoss, signed_distance_map
 from .compound import CompoundLoss, DeepSupervisionLoss
 from .region import SoftDiceLoss, TverskyLoss, soft_confusion
+from .sigmoid_regions import RegionDiceBCELoss
 from .voxelwise import CrossEntropyLoss, FocalLoss, weighted_cross_entropy
 
 #: Single losses: name -> factory.
@@ -87,6 +91,7 @@ def build_loss(name: str, **cfg: Any) -> nn.Module:
 __all__ = [
     "COMPOUND_LOSSES",
     "DEFAULT_LOSS",
+    "RegionDiceBCELoss",
     "SINGLE_LOSSES",
     "BoundaryLoss",
     "CompoundLoss",

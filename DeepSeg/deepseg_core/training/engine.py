@@ -37,7 +37,7 @@ from ..errors import ConfigError
 from ..inference import Segmenter, SegmentOptions
 from ..inference.pipelines import pipeline_for
 from ..io import Volume
-from ..losses import DeepSupervisionLoss, build_loss
+from ..losses import DEFAULT_LOSS, DeepSupervisionLoss, RegionDiceBCELoss, build_loss
 from ..model_card import Architecture, InferenceDefaults, Inputs, ModelCard, Normalization, Preprocessing
 from ..model_store import ModelStore, load_network, resolve_model
 from ..nets import UNetConfig, build_net
@@ -187,6 +187,39 @@ def _prepare_cases(
             labels = lut[labels]
         out.append(TrainingCase(image.astype(np.float32), labels, name=case_id))
     return out
+
+
+def _training_loss(card: ModelCard, config: RetrainConfig, ignore_value: int | None) -> nn.Module:
+    """The loss of ``config`` (the dataset's ignore value passed on); a region-based nnU-Net model trains
+    with nnU-Net's own region loss (:class:`~deepseg_core.losses.sigmoid_regions.RegionDiceBCELoss`),
+    as its sigmoid channels need: softmax losses would train them as exclusive labels."""
+    net_config = card.architecture.config
+    pipeline = pipeline_for(card, int(net_config.get("spatial_dims", 3)), int(net_config.get("context_slices", 1)))
+    if not pipeline.region_values:
+        return build_loss(config.loss, **({"ignore_index": ignore_value} if ignore_value is not None else {}))
+    if config.loss != DEFAULT_LOSS:
+        raise ConfigError(
+            f"{card.ref} is a region-based nnU-Net model: it trains with nnU-Net's Dice + BCE over its regions",
+            expected=f"the default loss ({DEFAULT_LOSS}), which such a model replaces with nnU-Net's region loss",
+            found=f"--loss {config.loss}",
+            hint="Leave --loss out: softmax losses cannot train sigmoid regions.",
+        )
+    problems = pipeline.region_training_problems()
+    if problems:
+        raise ConfigError(
+            f"{card.ref}: its label values cannot train its regions ({'; '.join(problems)})",
+            expected="regions_class_order values that are each their own region's value and no later region's",
+            found=str(pipeline.config.get("label_values")),
+            hint="Segmenting with the model is unaffected; fine-tune it with nnU-Net itself.",
+        )
+    batch_dice = bool(getattr(pipeline, "batch_dice", True))
+    log.info(
+        "%s is region-based: training with nnU-Net's Dice + BCE over regions %s (batch Dice: %s, as its plans say)",
+        card.ref,
+        list(pipeline.region_values),
+        batch_dice,
+    )
+    return RegionDiceBCELoss(pipeline.region_values, ignore_index=ignore_value, batch_dice=batch_dice)
 
 
 def _dataset_fingerprint(dataset_name: str, loaded: dict[str, LoadedCase], card: ModelCard, parent: ModelCard | None) -> dict:
@@ -444,6 +477,7 @@ def retrain(
     else:
         card, net = _scratch_card(dataset, name, config, loaded)
         value_map = {label.value: label.value for label in dataset.labels}
+    training_loss = _training_loss(card, config, dataset.ignore_value)  # a loss the model cannot train fails here
     rank, world = distributed.rank_world()
     checkpoint_dir = Path(checkpoint_dir)
     if resume:
@@ -477,8 +511,7 @@ def retrain(
     if spatial_dims == 2:
         patch = (context, patch[-2], patch[-1])
     sampler = PatchSampler(train_cases, patch, foreground_fraction=config.foreground_fraction, augment=config.augment)
-    loss_options = {"ignore_index": dataset.ignore_value} if dataset.ignore_value is not None else {}
-    loss_fn = DeepSupervisionLoss(build_loss(config.loss, **loss_options))
+    loss_fn = DeepSupervisionLoss(training_loss)
     optimiser = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     total = max(1, config.epochs * config.steps_per_epoch)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=total, eta_min=0.05 * config.learning_rate)

@@ -20,8 +20,13 @@ Checkpoints are pickles: they are loaded only with ``torch.load(weights_only=Tru
 every global outside an allow-list (here the numpy scalar and dtype types nnU-Net's training log
 holds) without executing anything; anything else is refused with the name of what it needed.
 
+Region-based models (``dataset.json`` labels that are lists, with ``regions_class_order``: BraTS,
+KiTS) are imported with one sigmoid output channel per region; the card names each label value for
+what its voxels are (:func:`.card.check_labels`) and the pipeline settings carry the regions (a
+fine-tune trains them with nnU-Net's region loss, :mod:`deepseg_core.losses.sigmoid_regions`).
+
 Not supported yet, each refused with a clear error (never a wrong result): the cascade
-(``3d_lowres`` / ``3d_cascade_fullres``), region-based training, custom readers that reorient,
+(``3d_lowres`` / ``3d_cascade_fullres``), custom readers that reorient,
 preprocessors, resampling functions or normalisations other than nnU-Net's defaults, networks
 other than ``PlainConvUNet`` / ``ResidualEncoderUNet`` with BasicBlockD.
 

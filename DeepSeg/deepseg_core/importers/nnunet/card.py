@@ -8,8 +8,10 @@ closest to nnU-Net's (used by the domain check only: inference runs the pipeline
 from __future__ import annotations
 
 import importlib
+import json
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,35 +64,135 @@ def model_name(name: str | None, plans: dict[str, Any], dataset: dict[str, Any],
     return chosen
 
 
-def check_labels(dataset: dict[str, Any], folder: Path) -> list[tuple[str, int]]:
-    """``(name, value)`` of every output channel in nnU-Net's order (background first); refuses regions."""
+@dataclass(frozen=True)
+class OutputLabels:
+    """What the network's output channels are and which label map they become (nnU-Net's ``LabelManager``).
+
+    Label mode (``regions`` empty): one softmax channel per label value, background first; the label
+    map is the argmax. Region mode (``dataset.json`` labels that are lists of two or more values, as
+    BraTS' ``"whole tumor": [1, 2, 3]``): one sigmoid channel per region, no background channel; the
+    label map starts at 0 and, region by region, writes ``regions_class_order[i]`` where region ``i``'s
+    probability is above 0.5, so later regions overwrite earlier ones.
+
+    Attributes:
+        pairs: ``(name, value)`` of every value of the label map but 0, ascending. In region mode
+            value ``regions_class_order[i]`` is named after region ``i`` less the later regions that
+            overlap it, leaving out those inside another of them (BraTS: "whole tumor excluding tumor
+            core", not "... and enhancing tumor"): that is what those voxels are.
+        channel_values: the label value each output channel stands for (label mode: ``0..K-1``;
+            region mode: ``regions_class_order``).
+        regions: ``(name, values)`` of each region in output channel order (empty in label mode).
+    """
+
+    pairs: tuple[tuple[str, int], ...]
+    channel_values: tuple[int, ...]
+    regions: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+    @property
+    def channels(self) -> int:
+        """Network output channels."""
+        return len(self.channel_values)
+
+
+def _values(value: Any) -> tuple[int, ...]:
+    """A dataset.json label value as a tuple of ints (a region's list, or one value)."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return tuple(int(v) for v in items)
+
+
+def check_labels(dataset: dict[str, Any], folder: Path) -> OutputLabels:
+    """The output channels and label map of ``dataset.json`` (see :class:`OutputLabels`), checked as nnU-Net checks them.
+
+    Region mode follows nnU-Net's rule: some label is a list of two or more values; a
+    ``regions_class_order`` beside plain labels is ignored, as nnU-Net ignores it. The ``ignore``
+    label never has an output channel.
+    """
     labels = dataset.get("labels")
+    subject = folder / "dataset.json"
     if not isinstance(labels, dict) or not labels:
-        raise NnUNetImportError("dataset.json has no labels", subject=folder / "dataset.json")
-    regions = {k: v for k, v in labels.items() if isinstance(v, (list, tuple)) and len(v) > 1}
-    if regions or dataset.get("regions_class_order") is not None:
+        raise NnUNetImportError("dataset.json has no labels", subject=subject)
+    try:
+        parsed = {str(name): _values(value) for name, value in labels.items()}
+    except (TypeError, ValueError):
         raise NnUNetImportError(
-            "region-based training is not supported yet (the model predicts overlapping regions with sigmoids, not labels)",
-            subject=folder / "dataset.json",
-            expected="labels {name: int}",
-            found=f"regions {sorted(regions)[:3]}" if regions else "regions_class_order",
+            "dataset.json labels must be integers or lists of integers",
+            subject=subject,
+            found=json.dumps(labels)[:200],
+        ) from None
+    if len(parsed.get("ignore", ())) > 1:
+        raise NnUNetImportError(
+            "dataset.json's ignore label must be one integer (nnU-Net refuses a region there too)",
+            subject=subject,
+            found=f"ignore: {labels['ignore']}",
         )
-    pairs = []
-    for name, value in labels.items():
-        if name == "ignore":
-            continue  # nnU-Net's ignore label has no output channel
-        value = value[0] if isinstance(value, (list, tuple)) else value
-        pairs.append((str(name), int(value)))
-    pairs.sort(key=lambda p: p[1])
+    if any(len(values) > 1 for name, values in parsed.items() if name != "ignore"):
+        return _regions(parsed, dataset.get("regions_class_order"), subject)
+    pairs = sorted(((name, values[0]) for name, values in parsed.items() if name != "ignore"), key=lambda p: p[1])
     values = [v for _, v in pairs]
     if values != list(range(len(values))):
         raise NnUNetImportError(
             "dataset.json labels are not consecutive from 0 (nnU-Net requires it)",
-            subject=folder / "dataset.json",
+            subject=subject,
             expected="0, 1, 2, ...",
             found=str(values),
         )
-    return pairs
+    return OutputLabels(tuple(p for p in pairs if p[1] != 0), tuple(values))
+
+
+def _regions(parsed: dict[str, tuple[int, ...]], order: Any, subject: Path) -> OutputLabels:
+    """Region mode: the regions in dataset.json's order (not background, not ``ignore``) and the values they write."""
+    # nnU-Net's LabelManager skips the ignore label and anything that is only background
+    regions = tuple((name, values) for name, values in parsed.items() if name != "ignore" and set(values) != {0})
+    if not isinstance(order, (list, tuple)) or len(order) != len(regions):
+        raise NnUNetImportError(
+            "a region-based dataset.json needs regions_class_order with one label value per region",
+            subject=subject,
+            expected=f"{len(regions)} values, one per region {[name for name, _ in regions]}",
+            found=f"regions_class_order {order!r}",
+            hint="nnU-Net refuses such a dataset.json too; use the one the model was trained with.",
+        )
+    try:
+        written = tuple(int(v) for v in order)
+    except (TypeError, ValueError):
+        raise NnUNetImportError("regions_class_order must hold integers", subject=subject, found=repr(order)) from None
+    if len(set(written)) != len(written) or min(written) < 1 or max(written) > 65535:
+        raise NnUNetImportError(
+            "DeepSeg needs regions_class_order to give each region its own label value from 1 to 65535 "
+            "(each value becomes one named segment)",
+            subject=subject,
+            found=str(list(written)),
+        )
+    pairs = []
+    for i, (name, values) in enumerate(regions):
+        overlapping = [(later, set(v)) for later, v in regions[i + 1 :] if set(v) & set(values)]
+        # a later region inside another later one is excluded with it already ("tumor core", not "tumor core
+        # and enhancing tumor")
+        outer = [later for later, v in overlapping if not any(v < other for _, other in overlapping)]
+        pairs.append((f"{name} excluding {' and '.join(outer)}" if outer else name, written[i]))
+    pairs.sort(key=lambda p: p[1])
+    return OutputLabels(tuple(pairs), written, regions)
+
+
+def check_output_channels(weights: dict[str, Any], outputs: OutputLabels, folder: Path) -> None:
+    """The checkpoint's segmentation heads must have the channels dataset.json describes (a dataset.json
+    edited after training, or another model's, would otherwise give labels that mean something else)."""
+    heads = sorted(k for k in weights if k.startswith("decoder.seg_layers.") and k.endswith(".weight"))
+    if not heads:
+        return  # not a plans network nnU-Net builds: the weights' own check names what is missing
+    found = int(weights[heads[-1]].shape[0])
+    if found != outputs.channels:
+        described = (
+            f"{outputs.channels} sigmoid regions {[name for name, _ in outputs.regions]}"
+            if outputs.regions
+            else f"{outputs.channels} labels (background included)"
+        )
+        raise NnUNetImportError(
+            "the checkpoint's network does not output what dataset.json describes",
+            subject=folder / "dataset.json",
+            expected=described,
+            found=f"{found} output channels in {heads[-1]}",
+            hint="Use the dataset.json that was saved with the model (nnU-Net copies it into the model folder).",
+        )
 
 
 def channel_names(dataset: dict[str, Any], folder: Path) -> list[str]:
@@ -126,7 +228,7 @@ def _terminology(name: str) -> tuple[TerminologyCode | None, TerminologyCode | N
 
 
 def label_specs(pairs: Sequence[tuple[str, int]]) -> tuple[LabelSpec, ...]:
-    """One label per output channel but the background: its name, value, palette colour and terminology codes."""
+    """One label per value of the label map but 0: its name, value, palette colour and terminology codes."""
     specs = []
     for name, value in pairs:
         if value == 0:

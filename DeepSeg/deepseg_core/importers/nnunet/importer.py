@@ -15,8 +15,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...model_card import Architecture, InferenceDefaults, Inputs, ModelCard, Preprocessing
-from .card import channel_names, check_labels, fingerprint, grid_defaults, label_specs, model_name, normalization
-from .checkpoint import essentials, load_checkpoint
+from .card import (
+    OutputLabels,
+    channel_names,
+    check_labels,
+    check_output_channels,
+    fingerprint,
+    grid_defaults,
+    label_specs,
+    model_name,
+    normalization,
+)
+from .checkpoint import essentials, load_checkpoint, network_weights
 from .network import build_ensemble, legacy_architecture
 from .plans import check_configuration, pipeline_config, resolve_configuration
 from .source import NnUNetImportError, checkpoint_name, configuration_name, fold_folders, name_parts, read_json, source_files
@@ -65,7 +75,7 @@ def import_nnunet(
     reorient = _reorient_option(reorient)
     dataset = read_json(folder / "dataset.json")
     plans = read_json(folder / "plans.json")
-    label_pairs = check_labels(dataset, folder)
+    outputs = check_labels(dataset, folder)
     fold_dirs = fold_folders(folder, folds, checkpoint)
     files = source_files(folder, fold_dirs, checkpoint)
     stored_name = model_name(name, plans, dataset, folder)
@@ -80,11 +90,11 @@ def import_nnunet(
     checkpoints = {p.name: essentials(load_checkpoint(p / checkpoint)) for p in fold_dirs}
     configuration = configuration_name(folder, checkpoints, configuration)
     architecture, ensemble, settings, channels = _network_and_settings(
-        folder, plans, dataset, configuration, label_pairs, checkpoints, checkpoint
+        folder, plans, dataset, configuration, outputs, checkpoints, checkpoint
     )
     settings["reorient"] = reorient
     source = _source(folder, files, configuration, checkpoints[ensemble.names[0]], plans, ensemble.names, checkpoint)
-    card = _card(stored_name, folder, plans, architecture, channels, label_pairs, settings, source)
+    card = _card(stored_name, folder, plans, architecture, channels, outputs, settings, source)
     stored = store.add_version(card, ensemble, activate=activate)
     log.info("imported %s from %s (%s, folds %s)", stored.ref, folder, configuration, ensemble.names)
     return stored
@@ -95,7 +105,7 @@ def _network_and_settings(
     plans: dict[str, Any],
     dataset: dict[str, Any],
     configuration: str,
-    label_pairs: Sequence[tuple[str, int]],
+    outputs: OutputLabels,
     checkpoints: dict[str, dict[str, Any]],
     checkpoint: str,
 ) -> tuple[Architecture, LogitEnsemble, dict[str, Any], list[str]]:
@@ -106,11 +116,13 @@ def _network_and_settings(
     if "architecture" not in config:
         config["architecture"] = legacy_architecture(config)
     channels = channel_names(dataset, folder)
+    for state in checkpoints.values():
+        check_output_channels(network_weights(state), outputs, folder)
     net_name, net_config, ensemble = build_ensemble(
-        config["architecture"], len(channels), len(label_pairs), checkpoints, checkpoint
+        config["architecture"], len(channels), outputs.channels, checkpoints, checkpoint
     )
     mirroring = checkpoints[ensemble.names[0]].get("inference_allowed_mirroring_axes")
-    settings = pipeline_config(plans, config, configuration, channels, [v for _, v in label_pairs], mirroring, folder)
+    settings = pipeline_config(plans, config, configuration, channels, outputs, mirroring, folder)
     return Architecture(net_name, net_config), ensemble, settings, channels
 
 
@@ -176,7 +188,7 @@ def _card(
     plans: dict[str, Any],
     architecture: Architecture,
     channels: Sequence[str],
-    label_pairs: Sequence[tuple[str, int]],
+    outputs: OutputLabels,
     settings: dict[str, Any],
     source: dict[str, Any],
 ) -> ModelCard:
@@ -186,6 +198,8 @@ def _card(
     spacing_xyz, patch_zyx = grid_defaults(settings, plans)
     members = source["folds"]
     what = f"{source['configuration']}, {source['trainer_name']}, {source['plans_name']}, {', '.join(members)}"
+    if outputs.regions:
+        what += ", regions " + ", ".join(f"{name} {list(values)}" for name, values in outputs.regions)
     if settings.get("reorient") == "ras":
         what += ", reoriented to the closest RAS orientation"
     return ModelCard(
@@ -193,7 +207,7 @@ def _card(
         version=1,
         architecture=architecture,
         inputs=Inputs(modality=modality, channels=tuple(channels)),
-        labels=label_specs(label_pairs),
+        labels=label_specs(outputs.pairs),
         preprocessing=Preprocessing(
             spacing_xyz, normalization(schemes[0], settings["foreground_intensity_properties_per_channel"]["0"])
         ),

@@ -11,9 +11,12 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .source import NnUNetImportError
+
+if TYPE_CHECKING:
+    from .card import OutputLabels
 
 #: readers that give the voxels in SimpleITK's order (nnU-Net's default; nibabel's transposed to match)
 READERS = ("SimpleITKIO", "NibabelIO")
@@ -91,11 +94,14 @@ def pipeline_config(
     config: dict[str, Any],
     configuration: str,
     channels: Sequence[str],
-    label_values: Sequence[int],
+    outputs: OutputLabels,
     mirroring: Sequence[int] | None,
     folder: Path,
 ) -> dict[str, Any]:
     """The ``nnunetv2`` pipeline settings of a resolved configuration (``card.pipeline["config"]``).
+
+    ``outputs``: the output channels (:func:`.card.check_labels`); a region-based model also gets
+    ``regions`` (name and label values of each output channel).
 
     ``mirroring``: the checkpoint's ``inference_allowed_mirroring_axes``. The keys are described in
     :class:`~deepseg_core.pipelines.nnunet.NnUNetPipeline`.
@@ -116,7 +122,7 @@ def pipeline_config(
         raise NnUNetImportError(
             "CT normalisation without the channel's foreground intensity properties", subject=folder / "plans.json"
         )
-    return {
+    settings = {
         "configuration": configuration,
         "transpose_forward": [int(a) for a in plans.get("transpose_forward", [0, 1, 2])],
         "transpose_backward": [int(a) for a in plans.get("transpose_backward", [0, 1, 2])],
@@ -133,5 +139,10 @@ def pipeline_config(
         "anisotropy_threshold": 3.0,
         "tile_step_size": 0.5,
         "allowed_mirroring_axes": [int(a) for a in mirroring] if mirroring is not None else None,
-        "label_values": [int(v) for v in label_values],
+        "label_values": [int(v) for v in outputs.channel_values],
+        # the Dice of nnU-Net's training loss: counts summed over the batch, or one Dice per sample
+        "batch_dice": bool(config.get("batch_dice", True)),
     }
+    if outputs.regions:
+        settings["regions"] = [{"name": name, "values": list(values)} for name, values in outputs.regions]
+    return settings

@@ -4,7 +4,8 @@ An imported nnU-Net model (:mod:`deepseg_core.importers.nnunet`) segments exactl
 ``nnUNetPredictor`` does, with DeepSeg's own code (``nnunetv2`` is never imported here):
 preprocessing as nnU-Net's ``DefaultPreprocessor`` (transpose, crop, normalise, resample), nnU-Net's
 sliding window (step rule, Gaussian, logits blended and averaged over folds), and its export
-(logits resampled back, argmax, crop reverted, transposed back), streamed slab by slab.
+(logits resampled back, argmax or, for region-based models, sigmoid regions written in
+``regions_class_order``; crop reverted, transposed back), streamed slab by slab.
 
 Where DeepSeg differs from ``nnUNetPredictor`` (none of these changes the segmentation beyond
 near-ties; the parity tests and ``Testing/Benchmarks/bench_nnunet_parity.py`` measure it): tiles

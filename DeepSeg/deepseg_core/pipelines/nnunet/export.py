@@ -14,6 +14,12 @@ interpolation is computed axis by axis in float32, where nnU-Net lets ``scipy.nd
 the tensor-product weights in float64 (both are rounded to float16 afterwards, so they differ only
 where a value sits on a float16 rounding boundary); and order-1 interpolation never leaves the input
 range (a convex combination), so skimage's clip to the input's min/max is dropped.
+
+Region-based models (nnU-Net's ``LabelManager`` with regions): the same resampled float16 logits go
+through a float32 sigmoid instead of the argmax; the labels start at 0 and each region in turn
+writes its value (``regions_class_order``) where its probability is above 0.5, so later regions
+overwrite earlier ones; probabilities are 0 outside the crop in every channel (there is no
+background channel); the uncertainty is the largest binary entropy of any region.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import torch
 
 from ...errors import ConfigError
 from ...inference.pipelines import CollectedOutput, first_argmax, torch_view
-from ...uncertainty import normalised_entropy
+from ...uncertainty import normalised_entropy, region_entropy
 from .orientation import AxisReorder, input_shape
 from .resampling import ANISOTROPY_THRESHOLD, linear_positions, nearest_positions, separate_axis
 
@@ -95,12 +101,13 @@ class NnUNetExportCollector:
     Args:
         context: :meth:`NnUNetPipeline.prepare`'s context (shapes, crop box, spacings, ``reorder``: the
             voxel reorder of the input, none when missing).
-        label_values: label value of each output channel.
+        label_values: label value of each output channel (regions: the value each region writes).
         transpose_forward: the model's axis order.
         resampling: ``resampling_fn_probabilities`` kwargs (``order``, ``order_z``, ``force_separate_z``).
+        regions: the channels are nnU-Net regions (sigmoids written in channel order), not softmax labels.
         threshold: the anisotropy threshold.
-        keep_probabilities: also return float16 softmax probabilities ``(K, Z, Y, X)``.
-        uncertainty: also return the normalised entropy of the softmax.
+        keep_probabilities: also return float16 probabilities ``(K, Z, Y, X)`` (softmax, or each region's sigmoid).
+        uncertainty: also return the normalised entropy of the softmax (regions: the largest binary entropy).
     """
 
     def __init__(
@@ -110,12 +117,14 @@ class NnUNetExportCollector:
         transpose_forward: Sequence[int],
         resampling: dict[str, Any],
         *,
+        regions: bool = False,
         threshold: float = ANISOTROPY_THRESHOLD,
         keep_probabilities: bool = False,
         uncertainty: bool = False,
     ) -> None:
         self.values = np.asarray(label_values)
         self.channels = len(self.values)
+        self.regions = regions
         self._identity_values = bool(np.array_equal(self.values, np.arange(self.channels)))
         self.crop = [tuple(int(v) for v in b) for b in context["bbox"]]
         self.crop_shape = tuple(int(s) for s in context["shape_after_crop"])
@@ -153,7 +162,8 @@ class NnUNetExportCollector:
         self._probabilities_t = None
         if keep_probabilities:
             self.probabilities = np.zeros((self.channels, *shape), dtype=np.float16)
-            self.probabilities[0] = 1  # background outside the crop, as nnU-Net reverts the crop of probabilities
+            if not self.regions:  # background outside the crop, as nnU-Net reverts the crop of probabilities
+                self.probabilities[0] = 1
             self._probabilities_t = reorder.apply(self.probabilities).transpose([0, *[a + 1 for a in tf]])
         self.entropy = np.zeros(shape, dtype=np.float32) if uncertainty else None
         self._entropy_t = reorder.apply(self.entropy).transpose(tf) if self.entropy is not None else None
@@ -234,17 +244,31 @@ class NnUNetExportCollector:
         logits = self._logits(self._source(m0, m1), rows, m0)
         (z0, _), (y0, y1), (x0, x1) = self.crop
         target = (slice(z0 + r0, z0 + r1), slice(y0, y1), slice(x0, x1))
-        if self.probabilities is None and self.entropy is None:
+        if self.regions:
+            probabilities = torch.sigmoid(logits.float())
+            _store(self._labels_t[target], self._region_labels(probabilities))
+        elif self.probabilities is None and self.entropy is None:
             # the first maximum wins, as numpy's argmax in nnU-Net
             _store(self._labels_t[target], self._label_values(first_argmax(logits, 1)))
             return
-        probabilities = torch.softmax(logits.float(), dim=1)
-        _store(self._labels_t[target], self._label_values(first_argmax(probabilities, 1)))
+        else:
+            probabilities = torch.softmax(logits.float(), dim=1)
+            _store(self._labels_t[target], self._label_values(first_argmax(probabilities, 1)))
+        if self.probabilities is None and self.entropy is None:
+            return
         by_class = probabilities.numpy().transpose(1, 0, 2, 3)
         if self._probabilities_t is not None:
             _store(self._probabilities_t[(slice(None), *target)], by_class)
         if self._entropy_t is not None:
-            _store(self._entropy_t[target], normalised_entropy(by_class))
+            _store(self._entropy_t[target], region_entropy(by_class) if self.regions else normalised_entropy(by_class))
+
+    def _region_labels(self, probabilities: torch.Tensor) -> np.ndarray:
+        """nnU-Net's ``convert_probabilities_to_segmentation`` with regions: sigmoids ``(n, R, Y, X)`` ->
+        labels ``(n, Y, X)``, each region writing its value where its probability is above 0.5, in order."""
+        labels = torch.zeros((probabilities.shape[0], *probabilities.shape[2:]), dtype=torch.int32)
+        for channel, value in enumerate(self.values):
+            labels.masked_fill_(probabilities[:, channel] > 0.5, int(value))
+        return labels.numpy()
 
     def _label_values(self, index: np.ndarray) -> np.ndarray:
         """Channel indices -> label values (the indices themselves when channel ``k`` is label ``k``)."""

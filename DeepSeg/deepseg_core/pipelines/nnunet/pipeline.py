@@ -64,8 +64,11 @@ class NnUNetPipeline(Pipeline):
     ``patch_size`` (same order), ``normalization_schemes``, ``use_mask_for_norm``,
     ``foreground_intensity_properties_per_channel``, ``resampling_data`` / ``resampling_seg`` /
     ``resampling_probabilities`` (``order``, ``order_z``, ``force_separate_z``), ``anisotropy_threshold``,
-    ``allowed_mirroring_axes`` (the checkpoint's, in the patch's axes), ``label_values`` (output
-    channel order), ``reorient`` (``none`` when missing, or ``ras``: :mod:`.orientation`).
+    ``allowed_mirroring_axes`` (the checkpoint's, in the patch's axes), ``label_values`` (the label
+    value of each output channel), ``reorient`` (``none`` when missing, or ``ras``: :mod:`.orientation`),
+    ``regions`` (region-based models only: ``{"name", "values"}`` per output channel; the channels are
+    sigmoids and ``label_values`` is nnU-Net's ``regions_class_order``, see :mod:`.export`),
+    ``batch_dice`` (the plans' choice for nnU-Net's training loss; True when missing).
     """
 
     name = "nnunetv2"
@@ -83,17 +86,57 @@ class NnUNetPipeline(Pipeline):
             self.intensity_properties = dict(cfg["foreground_intensity_properties_per_channel"])
             self.resampling = {k: dict(cfg[f"resampling_{k}"]) for k in ("data", "seg", "probabilities")}
             self.label_values = [int(v) for v in cfg["label_values"]]
+            self.regions = [(str(r["name"]), tuple(int(v) for v in r["values"])) for r in cfg.get("regions") or ()]
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(
                 f"model {card.ref}: the nnunetv2 pipeline settings are incomplete ({exc})",
                 hint="Re-import the model with `deepseg models import FOLDER`.",
             ) from None
+        self.batch_dice = bool(cfg.get("batch_dice", True))
         self.threshold = float(cfg.get("anisotropy_threshold", ANISOTROPY_THRESHOLD))
         axes = cfg.get("allowed_mirroring_axes")
         self.mirroring_axes = tuple(int(a) for a in axes) if axes is not None else None
         self.reorient = check_reorient(cfg.get("reorient", "none"))
         if sorted(self.transpose_forward) != [0, 1, 2] or len(self.patch_size) not in (2, 3):
             raise ConfigError("invalid nnunetv2 pipeline settings", found=f"{self.transpose_forward}, patch {self.patch_size}")
+        if self.regions and len(self.regions) != len(self.label_values):
+            raise ConfigError(
+                f"model {card.ref}: the nnunetv2 regions and their label values differ in number",
+                found=f"{len(self.regions)} regions, {len(self.label_values)} values",
+                hint="Re-import the model with `deepseg models import FOLDER`.",
+            )
+
+    @property
+    def output_channels(self) -> int:
+        """One channel per label value, background included, or one sigmoid channel per region."""
+        return len(self.label_values)
+
+    @property
+    def region_values(self) -> tuple[tuple[int, ...], ...]:
+        """Each sigmoid channel's label values (region-based models), else empty."""
+        return tuple(values for _, values in self.regions)
+
+    def region_training_problems(self) -> list[str]:
+        """Why a label map of this model's values cannot train its regions (empty when it can).
+
+        Training turns each voxel's value into region targets (region on where the value is one of
+        its values). The export writes value ``regions_class_order[i]`` where region ``i`` is on and
+        every later region off, so that value must be one of region ``i``'s values and of no later
+        region's, or a corrected voxel would teach the opposite of what it shows (BraTS, KiTS and
+        nnU-Net's examples all keep this). Training label maps are 8-bit, so values stop at 255.
+        """
+        problems = []
+        for i, ((name, values), written) in enumerate(zip(self.regions, self.label_values, strict=True)):
+            if written not in values:
+                problems.append(f"value {written}, which region '{name}' writes, is not one of its values {list(values)}")
+            for later, later_values in self.regions[i + 1 :]:
+                if written in later_values:
+                    problems.append(
+                        f"value {written}, which region '{name}' writes where '{later}' is off, is one of '{later}'s values"
+                    )
+            if written > 255:
+                problems.append(f"value {written} does not fit the 8-bit training label maps")
+        return problems
 
     # -- preprocessing ---------------------------------------------------------------------------
 
@@ -271,6 +314,7 @@ class NnUNetPipeline(Pipeline):
             self.label_values,
             self.transpose_forward,
             self.resampling["probabilities"],
+            regions=bool(self.regions),
             threshold=self.threshold,
             keep_probabilities=options.keep_probabilities,
             uncertainty=options.uncertainty is not None,

@@ -129,6 +129,21 @@ def _now() -> str:
     return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
 
 
+def _refuse_regions(root: Path, nn_labels: dict[str, Any]) -> None:
+    """A plain nnU-Net dataset whose ``dataset.json`` declares regions (BraTS' ``"whole tumor": [1, 2, 3]``) names
+    regions, not label values; writing to it as a DeepSeg dataset would rewrite its labels without them."""
+    regions = [name for name, value in nn_labels.items() if isinstance(value, list) and len(value) > 1]
+    if regions:
+        raise DatasetError(
+            "dataset.json declares nnU-Net regions, which name unions of label values, not the values themselves",
+            subject=root / "dataset.json",
+            expected="labels {name: value}, one name per value (DeepSeg writes dataset.json that way)",
+            found=f"regions {regions}",
+            hint="Create a DeepSeg dataset with the region model's value names (deepseg dataset create DIR "
+            "--labels-from MODEL) and add these cases to it with deepseg dataset add; this folder stays as it is.",
+        )
+
+
 def _label_to_json(label: LabelSpec) -> dict[str, Any]:
     entry: dict[str, Any] = {"value": label.value, "name": label.name, "color": list(label.color), "thing": label.thing}
     if label.code is not None:
@@ -254,6 +269,9 @@ class Dataset:
             split_fixed = manifest.get("split_fixed")
             name = manifest.get("name", meta.get("name", root.name))
         else:
+            _refuse_regions(root, nn_labels)
+            # one-value lists (``"liver": [1]``) are plain labels, as nnU-Net reads them
+            nn_labels = {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in nn_labels.items()}
             ignore_value = nn_labels.pop("ignore", None)
             labels = tuple(
                 LabelSpec(int(v), k, default_color(int(v)))

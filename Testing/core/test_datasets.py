@@ -140,6 +140,26 @@ def test_plain_nnunet_dataset_opens_with_a_derived_schema(tmp_path):
     assert ds.channel_names == ("MRI",) and [label.name for label in ds.labels] == ["tumour"]
 
 
+def test_a_plain_nnunet_dataset_of_regions_is_refused_and_left_as_it_is(tmp_path):
+    # BraTS' dataset.json names regions; DeepSeg rewrites dataset.json as {name: value}, which would drop them
+    root = tmp_path / "Dataset002_BraTS"
+    (root / "labelsTr").mkdir(parents=True)
+    (root / "imagesTr").mkdir()
+    labels = {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": 3}
+    meta = {"channel_names": {"0": "T1"}, "labels": labels, "regions_class_order": [1, 2, 3], "file_ending": ".nii.gz"}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    before = (root / "dataset.json").read_bytes()
+    with pytest.raises(DatasetError, match="declares nnU-Net regions") as caught:
+        Dataset.open(root)
+    assert "['whole tumor', 'tumor core']" in str(caught.value) and "--labels-from MODEL" in str(caught.value)
+    assert (root / "dataset.json").read_bytes() == before
+    # one-value lists are plain labels, as nnU-Net reads them
+    meta["labels"] = {"background": 0, "liver": [1], "liver lesion": 2}
+    del meta["regions_class_order"]
+    (root / "dataset.json").write_text(json.dumps(meta))
+    assert [(label.value, label.name) for label in Dataset.open(root).labels] == [(1, "liver"), (2, "liver lesion")]
+
+
 def test_dataset_cli(tmp_path, capsys):
     root = tmp_path / "cli"
     assert main(["dataset", "create", str(root), "--labels-from", "phantom-liver"]) == 0

@@ -35,7 +35,7 @@ from ..config import to_dict
 from ..datasets import Dataset, DatasetError
 from ..errors import ConfigError
 from ..inference import Segmenter, SegmentOptions
-from ..inference.pipelines import pipeline_for
+from ..inference.pipelines import Pipeline, pipeline_for
 from ..io import Volume
 from ..losses import DEFAULT_LOSS, DeepSupervisionLoss, RegionDiceBCELoss, build_loss
 from ..model_card import Architecture, InferenceDefaults, Inputs, ModelCard, Normalization, Preprocessing
@@ -171,13 +171,18 @@ def _label_lut(value_map: dict[int, int] | None, ignore_value: int | None) -> np
 LoadedCase = tuple[list[Volume], Volume]
 
 
+def _card_pipeline(card: ModelCard) -> Pipeline:
+    """The card's pipeline (DeepSeg's own, or the imported model's tool's), for its network's dimensions."""
+    config = card.architecture.config
+    return pipeline_for(card, int(config.get("spatial_dims", 3)), int(config.get("context_slices", 1)))
+
+
 def _prepare_cases(
     loaded: dict[str, LoadedCase], card: ModelCard, ignore_value: int | None, value_map: dict[int, int] | None = None
 ) -> list[TrainingCase]:
     """Cases as the card's pipeline prepares them (DeepSeg's own: resampled to the card's spacing and
     normalised as the card says; an imported model's: as its original tool does); labels in model values."""
-    config = card.architecture.config
-    pipeline = pipeline_for(card, int(config.get("spatial_dims", 3)), int(config.get("context_slices", 1)))
+    pipeline = _card_pipeline(card)
     out = []
     lut = _label_lut(value_map, ignore_value)
     for case_id, (images, label) in loaded.items():
@@ -193,8 +198,7 @@ def _training_loss(card: ModelCard, config: RetrainConfig, ignore_value: int | N
     """The loss of ``config`` (the dataset's ignore value passed on); a region-based nnU-Net model trains
     with nnU-Net's own region loss (:class:`~deepseg_core.losses.sigmoid_regions.RegionDiceBCELoss`),
     as its sigmoid channels need: softmax losses would train them as exclusive labels."""
-    net_config = card.architecture.config
-    pipeline = pipeline_for(card, int(net_config.get("spatial_dims", 3)), int(net_config.get("context_slices", 1)))
+    pipeline = _card_pipeline(card)
     if not pipeline.region_values:
         return build_loss(config.loss, **({"ignore_index": ignore_value} if ignore_value is not None else {}))
     if config.loss != DEFAULT_LOSS:

@@ -244,17 +244,19 @@ class NnUNetExportCollector:
         logits = self._logits(self._source(m0, m1), rows, m0)
         (z0, _), (y0, y1), (x0, x1) = self.crop
         target = (slice(z0 + r0, z0 + r1), slice(y0, y1), slice(x0, x1))
-        if self.regions:
-            probabilities = torch.sigmoid(logits.float())
-            _store(self._labels_t[target], self._region_labels(probabilities))
-        elif self.probabilities is None and self.entropy is None:
+        extras = self.probabilities is not None or self.entropy is not None
+        if not self.regions and not extras:
             # the first maximum wins, as numpy's argmax in nnU-Net
             _store(self._labels_t[target], self._label_values(first_argmax(logits, 1)))
             return
+        if self.regions:
+            probabilities = torch.sigmoid(logits.float())
+            labels = self._region_labels(probabilities)
         else:
             probabilities = torch.softmax(logits.float(), dim=1)
-            _store(self._labels_t[target], self._label_values(first_argmax(probabilities, 1)))
-        if self.probabilities is None and self.entropy is None:
+            labels = self._label_values(first_argmax(probabilities, 1))
+        _store(self._labels_t[target], labels)
+        if not extras:
             return
         by_class = probabilities.numpy().transpose(1, 0, 2, 3)
         if self._probabilities_t is not None:

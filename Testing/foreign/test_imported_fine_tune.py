@@ -112,3 +112,23 @@ def test_an_ensemble_of_folds_is_refused_for_fine_tuning_with_what_to_do(tiny_fo
     assert done.returncode != 0
     assert "is an ensemble of 2 networks ['fold_0', 'fold_1']" in done.stderr and "--folds 0" in done.stderr
     assert ModelStore(store_dir).versions("folds") == [1], "nothing stored"
+
+
+def test_an_imported_nnunet_model_fine_tunes_under_two_process_ddp(sources, tmp_path):
+    # nnU-Net weighs its lowest-resolution output 0; a head left out of the loss would stop DDP ("parameters that
+    # were not used in producing loss"), so DeepSeg gives it a zero gradient instead
+    folder, options = sources["nnunetv2"]
+    store_dir = tmp_path / "store"
+    cli("models", "import", folder, "--name", "site", "--models-dir", store_dir, *options)
+    dataset = site_dataset(tmp_path / "siteB")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "deepseg_core"]
+    command += ["train", "--dataset", str(dataset), "--base", "site", "--name", "site", "--epochs", "1", "--steps", "2"]
+    command += ["--batch-size", "1", "--device", "cpu", "--json", "--models-dir", str(store_dir)]
+    command += ["--checkpoints", str(tmp_path / "ck")]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "DeepSeg"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reported = events(done)
+    digests = {e["rank"]: e["weights_sha256"] for e in reported if e["event"] == "rank_done"}
+    assert sorted(digests) == [0, 1] and digests[0] == digests[1]
+    assert [e["model"] for e in reported if e["event"] == "done"] == ["site:2"]

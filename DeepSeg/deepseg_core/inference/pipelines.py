@@ -101,6 +101,23 @@ class SlabCollector(Protocol):
         """Labels (and the rest) on the input grid, once every slab was added."""
 
 
+@dataclass(frozen=True)
+class TrainingScheme:
+    """How a fine-tune weighs a model's losses (the pipeline's tool decides; DeepSeg's own by default).
+
+    Attributes:
+        dice_reduction: ``"batch"`` or ``"sample"`` for the loss's Dice / Tversky terms; None keeps the
+            loss's own default (batch).
+        drop_lowest_output: weigh the lowest-resolution deep-supervision output 0.
+        target_sampling: how targets are down-sampled for the lower-resolution outputs
+            (``nearest`` or ``nearest-exact``, see :data:`deepseg_core.losses.compound.TARGET_SAMPLINGS`).
+    """
+
+    dice_reduction: str | None = None
+    drop_lowest_output: bool = False
+    target_sampling: str = "nearest"
+
+
 class Pipeline:
     """DeepSeg's own pipeline (see the module docstring); imported pipelines subclass it.
 
@@ -127,6 +144,11 @@ class Pipeline:
         """The label values of each output channel when the channels are sigmoid regions (nnU-Net's
         region-based models), else empty: the channels are softmax labels."""
         return ()
+
+    @property
+    def training_scheme(self) -> TrainingScheme:
+        """How a fine-tune weighs this model's losses: DeepSeg's own choices (imported tools: theirs)."""
+        return TrainingScheme()
 
     @property
     def output_channels(self) -> int:

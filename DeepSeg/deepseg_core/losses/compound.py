@@ -32,37 +32,68 @@ class CompoundLoss(nn.Module):
         return total
 
 
+#: How targets are down-sampled to a lower-resolution output: torch's ``nearest`` takes fine voxel
+#: ``floor(i s)`` for coarse voxel ``i`` (scale ``s``); ``nearest-exact`` takes ``floor((i + 0.5) s)``, as
+#: nnU-Net's ``DownsampleSegForDSTransform`` does.
+TARGET_SAMPLINGS = ("nearest", "nearest-exact")
+
+
 class DeepSupervisionLoss(nn.Module):
     """Apply ``loss`` to every output of a deep-supervised net against a down-sampled target.
 
-    Outputs come finest first (as :class:`~deepseg_core.nets.UNet` returns them). Weights default to
-    ``1, 1/2, 1/4, ...`` normalised to sum 1 (nnU-Net's scheme). Targets are down-sampled by
-    nearest neighbour, so label values (and the ignore value) survive.
+    Outputs come finest first (as DeepSeg's nets return them). Weights default to ``1, 1/2, 1/4, ...``
+    normalised to sum 1; ``drop_lowest`` weighs the lowest-resolution output 0 before normalising
+    (nnU-Net's trainer does). Targets are down-sampled by nearest neighbour (``target_sampling``, one of
+    :data:`TARGET_SAMPLINGS`), so label values (and the ignore value) survive.
+
+    An output of weight 0 adds ``0 * sum(output)``: its head gets a zero gradient rather than none, so
+    DistributedDataParallel finds every parameter used (nnU-Net weighs it 1e-6 under DDP instead).
     """
 
-    def __init__(self, loss: nn.Module, weights: Sequence[float] | None = None) -> None:
+    def __init__(
+        self,
+        loss: nn.Module,
+        weights: Sequence[float] | None = None,
+        *,
+        drop_lowest: bool = False,
+        target_sampling: str = "nearest",
+    ) -> None:
         super().__init__()
+        if target_sampling not in TARGET_SAMPLINGS:
+            raise ConfigError(
+                "invalid deep supervision target sampling", expected=f"one of {TARGET_SAMPLINGS}", found=repr(target_sampling)
+            )
         self.loss = loss
         self.weights = tuple(weights) if weights is not None else None
+        self.drop_lowest = drop_lowest
+        self.target_sampling = target_sampling
+
+    def output_weights(self, outputs: int) -> tuple[float, ...]:
+        """The normalised weight of each of ``outputs`` outputs, finest first."""
+        weights = list(self.weights or tuple(0.5**i for i in range(outputs)))
+        if len(weights) != outputs:
+            raise ConfigError("deep supervision weights do not match the outputs", expected=str(outputs), found=str(len(weights)))
+        if self.drop_lowest and outputs > 1:
+            weights[-1] = 0.0
+        norm = sum(weights)
+        if norm <= 0:
+            raise ConfigError("deep supervision needs a positive weight", found=str(weights))
+        return tuple(w / norm for w in weights)
 
     def forward(self, outputs: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         if isinstance(outputs, torch.Tensor):
             return self.loss(outputs, target)
-        weights = self.weights or tuple(0.5**i for i in range(len(outputs)))
-        if len(weights) != len(outputs):
-            raise ConfigError(
-                "deep supervision weights do not match the outputs", expected=str(len(outputs)), found=str(len(weights))
-            )
-        norm = sum(weights)
+        weights = self.output_weights(len(outputs))
         target_c = target if target.ndim == outputs[0].ndim else target.unsqueeze(1)
         total = outputs[0].new_zeros(())
         for weight, out in zip(weights, outputs, strict=True):
             if weight == 0:
+                total = total + 0.0 * out.sum()
                 continue
             scaled = (
                 target_c
                 if out.shape[2:] == target_c.shape[2:]
-                else (F.interpolate(target_c.float(), size=out.shape[2:], mode="nearest").to(target.dtype))
+                else F.interpolate(target_c.float(), size=out.shape[2:], mode=self.target_sampling).to(target.dtype)
             )
-            total = total + (weight / norm) * self.loss(out, scaled)
+            total = total + weight * self.loss(out, scaled)
         return total

@@ -37,7 +37,7 @@ from ..errors import ConfigError
 from ..inference import Segmenter, SegmentOptions
 from ..inference.pipelines import Pipeline, pipeline_for
 from ..io import Volume
-from ..losses import DEFAULT_LOSS, DeepSupervisionLoss, RegionDiceBCELoss, build_loss
+from ..losses import COMPOUND_LOSSES, DEFAULT_LOSS, DeepSupervisionLoss, RegionDiceBCELoss, build_loss
 from ..model_card import Architecture, InferenceDefaults, Inputs, ModelCard, Normalization, Preprocessing
 from ..model_store import ModelStore, load_network, resolve_model
 from ..nets import UNetConfig, build_net
@@ -194,13 +194,50 @@ def _prepare_cases(
     return out
 
 
-def _training_loss(card: ModelCard, config: RetrainConfig, ignore_value: int | None) -> nn.Module:
-    """The loss of ``config`` (the dataset's ignore value passed on); a region-based nnU-Net model trains
-    with nnU-Net's own region loss (:class:`~deepseg_core.losses.sigmoid_regions.RegionDiceBCELoss`),
-    as its sigmoid channels need: softmax losses would train them as exclusive labels."""
+def training_objective(card: ModelCard, config: RetrainConfig, ignore_value: int | None) -> DeepSupervisionLoss:
+    """What a run of ``config`` on ``card`` minimises: its loss on every deep-supervision output.
+
+    The loss is ``config.loss`` with the dataset's ignore value. The card's pipeline says how it is
+    weighed (:class:`~deepseg_core.inference.pipelines.TrainingScheme`): DeepSeg's own models weigh
+    outputs ``1, 1/2, 1/4, ...``; an imported nnU-Net model trains as nnU-Net's trainer trains it, with
+    Dice terms per batch or per sample as its plans say, the lowest-resolution output weighted 0 and
+    targets down-sampled ``nearest-exact``. A region-based nnU-Net model trains with nnU-Net's region
+    loss (:class:`~deepseg_core.losses.sigmoid_regions.RegionDiceBCELoss`), as its sigmoid channels
+    need: softmax losses would train them as exclusive labels.
+
+    Raises:
+        ConfigError: a loss the model cannot train (before anything is written).
+    """
     pipeline = _card_pipeline(card)
-    if not pipeline.region_values:
-        return build_loss(config.loss, **({"ignore_index": ignore_value} if ignore_value is not None else {}))
+    scheme = pipeline.training_scheme
+    loss = (
+        _region_loss(card, pipeline, config, ignore_value, batch_dice=scheme.dice_reduction != "sample")
+        if pipeline.region_values
+        else build_loss(config.loss, **_loss_options(config.loss, scheme.dice_reduction, ignore_value))
+    )
+    return DeepSupervisionLoss(loss, drop_lowest=scheme.drop_lowest_output, target_sampling=scheme.target_sampling)
+
+
+#: losses whose terms count overlap (and take ``reduction``: batch or sample)
+_OVERLAP_TERMS = ("dice", "tversky")
+
+
+def _loss_options(name: str, dice_reduction: str | None, ignore_value: int | None) -> dict[str, Any]:
+    """``build_loss`` options: the ignore value, and the Dice / Tversky terms' reduction when the scheme sets one."""
+    options: dict[str, Any] = {"ignore_index": ignore_value} if ignore_value is not None else {}
+    if dice_reduction is None:
+        return options
+    if name in _OVERLAP_TERMS:
+        options["reduction"] = dice_reduction
+    for term in COMPOUND_LOSSES.get(name, ()):
+        if term in _OVERLAP_TERMS:
+            options[term] = {"reduction": dice_reduction}
+    return options
+
+
+def _region_loss(
+    card: ModelCard, pipeline: Pipeline, config: RetrainConfig, ignore_value: int | None, batch_dice: bool
+) -> RegionDiceBCELoss:
     if config.loss != DEFAULT_LOSS:
         raise ConfigError(
             f"{card.ref} is a region-based nnU-Net model: it trains with nnU-Net's Dice + BCE over its regions",
@@ -216,7 +253,6 @@ def _training_loss(card: ModelCard, config: RetrainConfig, ignore_value: int | N
             found=str(pipeline.config.get("label_values")),
             hint="Segmenting with the model is unaffected; fine-tune it with nnU-Net itself.",
         )
-    batch_dice = bool(getattr(pipeline, "batch_dice", True))
     log.info(
         "%s is region-based: training with nnU-Net's Dice + BCE over regions %s (batch Dice: %s, as its plans say)",
         card.ref,
@@ -481,7 +517,7 @@ def retrain(
     else:
         card, net = _scratch_card(dataset, name, config, loaded)
         value_map = {label.value: label.value for label in dataset.labels}
-    training_loss = _training_loss(card, config, dataset.ignore_value)  # a loss the model cannot train fails here
+    loss_fn = training_objective(card, config, dataset.ignore_value)  # a loss the model cannot train fails here
     rank, world = distributed.rank_world()
     checkpoint_dir = Path(checkpoint_dir)
     if resume:
@@ -515,7 +551,6 @@ def retrain(
     if spatial_dims == 2:
         patch = (context, patch[-2], patch[-1])
     sampler = PatchSampler(train_cases, patch, foreground_fraction=config.foreground_fraction, augment=config.augment)
-    loss_fn = DeepSupervisionLoss(training_loss)
     optimiser = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     total = max(1, config.epochs * config.steps_per_epoch)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=total, eta_min=0.05 * config.learning_rate)

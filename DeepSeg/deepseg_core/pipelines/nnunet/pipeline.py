@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ...errors import ConfigError, ImageError
-from ...inference.pipelines import NetworkGrid, Pipeline, PreparedInput
+from ...inference.pipelines import NetworkGrid, Pipeline, PreparedInput, TrainingScheme
 from ...inference.sliding_window import SlidingWindowConfig
 from ...io import Volume
 from . import tiling  # noqa: F401  (registers the sliding window's placement and importance "nnunet")
@@ -115,6 +115,15 @@ class NnUNetPipeline(Pipeline):
     def region_values(self) -> tuple[tuple[int, ...], ...]:
         """Each sigmoid channel's label values (region-based models), else empty."""
         return tuple(values for _, values in self.regions)
+
+    @property
+    def training_scheme(self) -> TrainingScheme:
+        """nnU-Net's trainer's: Dice counts summed over the batch or per sample as the plans' ``batch_dice``
+        says, the lowest-resolution output weighted 0, targets down-sampled ``nearest-exact``
+        (``DownsampleSegForDSTransform``)."""
+        return TrainingScheme(
+            dice_reduction="batch" if self.batch_dice else "sample", drop_lowest_output=True, target_sampling="nearest-exact"
+        )
 
     def region_training_problems(self) -> list[str]:
         """Why a label map of this model's values cannot train its regions (empty when it can).

@@ -281,18 +281,13 @@ def segment_summaries(result: SegmentationResult, options: SegmentOptions) -> li
         rows.append(row)
     # an nnU-Net region (BraTS' "whole tumor": [1, 2, 3]) is the union of its values in the label map, as
     # nnU-Net evaluates it; a one-value region is its label's row already
-    regions = ((result.card.pipeline or {}).get("config") or {}).get("regions") or []
-    label_names = {label.name for label in result.card.labels}
-    for region in regions:
-        values = [int(v) for v in region["values"]]
-        if len(values) > 1:
-            voxels = int(sum(int(counts[v]) for v in values if v < len(counts)))
-            # the last region keeps its plain name as a label: its row needs another (the CSV keys columns by name)
-            name = str(region["name"]) if region["name"] not in label_names else f"{region['name']} (region)"
+    for region in result.card.regions:
+        if len(region.values) > 1:
+            voxels = int(sum(int(counts[v]) for v in region.values if v < len(counts)))
             rows.append(
                 {
-                    "name": name,
-                    "values": values,
+                    "name": region.row_name,
+                    "values": list(region.values),
                     "region": True,
                     "voxels": voxels,
                     "ml": float(voxels * grid.voxel_volume_ml),

@@ -123,6 +123,23 @@ class Inputs:
 
 
 @dataclass(frozen=True)
+class Region:
+    """An overlapping region of a region-based nnU-Net model (BraTS' "whole tumor": values 1, 2, 3).
+
+    Attributes:
+        name: as the model's dataset.json names it.
+        values: the label values whose union it is, in the label map (nnU-Net evaluates it so).
+        row_name: its row in measurement and evaluation tables: a one-value region is its label's row
+            (that label's name); a region of several values is a row of its own, named ``name``, or
+            ``"<name> (region)"`` when a label already has that name.
+    """
+
+    name: str
+    values: tuple[int, ...]
+    row_name: str
+
+
+@dataclass(frozen=True)
 class ModelCard:
     """The whole ``model.json``.
 
@@ -164,6 +181,21 @@ class ModelCard:
     def num_classes(self) -> int:
         """Network output channels: background + one per label value up to the largest."""
         return max(label.value for label in self.labels) + 1
+
+    @property
+    def regions(self) -> tuple[Region, ...]:
+        """The regions of a region-based nnU-Net model, in its ``regions_class_order``; empty for other models."""
+        config = (self.pipeline or {}).get("config") or {}
+        names = {label.value: label.name for label in self.labels}
+        regions = []
+        for entry in config.get("regions") or ():
+            name, values = str(entry["name"]), tuple(int(v) for v in entry["values"])
+            if len(values) == 1 and values[0] in names:
+                row_name = names[values[0]]
+            else:
+                row_name = name if name not in names.values() else f"{name} (region)"
+            regions.append(Region(name, values, row_name))
+        return tuple(regions)
 
     def label(self, value: int) -> LabelSpec:
         """The label with voxel value ``value``."""

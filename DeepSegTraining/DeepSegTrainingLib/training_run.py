@@ -124,7 +124,8 @@ def status_text(event: dict) -> str:
 
 
 def comparison_table(scene: slicer.vtkMRMLScene, done_event: dict) -> slicer.vtkMRMLTableNode:
-    """Old vs new Dice per label on the fixed validation split, from the ``done`` event."""
+    """Old vs new Dice per label (and per region of a region-based nnU-Net model) on the fixed validation split,
+    from the ``done`` event."""
     table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{done_event['model']} vs {done_event.get('parent') or 'none'}")
     new = done_event["validation"]
     old = done_event.get("parent_validation") or {}
@@ -135,7 +136,9 @@ def comparison_table(scene: slicer.vtkMRMLScene, done_event: dict) -> slicer.vtk
     for name, scores in new.items():
         row = table.InsertNextBlankRow()
         before = old.get(name, {}).get("dice")
-        table.SetValue(row, 0, name)
+        # a region of several values (nnU-Net's "whole tumor") is scored as their union: say which
+        values = scores.get("values") if scores.get("region") else None
+        table.SetValue(row, 0, f"{name} (values {', '.join(str(v) for v in values)})" if values else name)
         table.SetValue(row, 1, f"{before:.3f}" if before is not None else "-")
         table.SetValue(row, 2, f"{scores['dice']:.3f}")
         table.SetValue(row, 3, f"{scores['dice'] - before:+.3f}" if before is not None else "-")

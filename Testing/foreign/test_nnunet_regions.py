@@ -20,7 +20,7 @@ import SimpleITK as sitk
 import torch
 from foreign_cases import offgrid_ct_phantom, site_dataset
 
-from deepseg_core import io
+from deepseg_core import io, metrics
 from deepseg_core.cli import EXIT_OK, main
 from deepseg_core.compare import compare_files
 from deepseg_core.datasets import Dataset
@@ -239,16 +239,28 @@ def test_a_region_model_is_fine_tuned_with_nnunets_region_loss(card, store, tmp_
     # measurably better on the new site's validation case: value 1 from nnU-Net's sigmoid export
     before, after = outcome.parent_validation["mean"]["liver"]["dice"], outcome.validation["mean"]["liver"]["dice"]
     lesion = [v["mean"]["liver lesion"]["dice"] for v in (outcome.parent_validation, outcome.validation)]
+    region = [v["mean"]["liver and lesions"]["dice"] for v in (outcome.parent_validation, outcome.validation)]
     record_property(
         "realdata",
         f"nnU-Net region model fine-tuned on site ct-B (4 x 10 steps): loss {losses[0]:.3f} -> {losses[-1]:.3f}; "
-        f"validation Dice of value 1 {before:.3f} -> {after:.3f}, of 'liver lesion' {lesion[0]:.3f} -> {lesion[1]:.3f}",
+        f"validation Dice of value 1 {before:.3f} -> {after:.3f}, of 'liver lesion' {lesion[0]:.3f} -> {lesion[1]:.3f}, "
+        f"of region 'liver and lesions' {region[0]:.3f} -> {region[1]:.3f}",
     )
     assert after > before + 0.03, (before, after)
+    # validation also scores each region as nnU-Net evaluates it, and keeps the best checkpoint by the regions' mean
+    for validation in (outcome.validation, outcome.parent_validation):
+        assert validation["regions"] == ["liver and lesions", "liver lesion"]
+        assert validation["mean"]["liver and lesions"]["region"] is True
+        assert validation["mean"]["liver and lesions"]["values"] == [1, 2]
+    assert outcome.history[-1]["mean_dice"] == pytest.approx((region[1] + lesion[1]) / 2)
     # and it segments as a region model still: the values the regions write, named as before
-    volume = Dataset.open(dataset).load_case("case702")[0][0]
-    labels = Segmenter.load(child.ref, device="cpu", store=store).segment([volume], options()).labels.array_zyx
+    volume, truth = Dataset.open(dataset).load_case("case702")
+    labels = Segmenter.load(child.ref, device="cpu", store=store).segment(volume, options()).labels.array_zyx
     assert set(np.unique(labels)) <= {0, 1, 2} and (labels == 1).sum() > 100
+    # the region is the union of its values in both label maps (the site's liver and liver lesion: 1 and 2)
+    union = metrics.dice(np.isin(labels, [1, 2]), np.isin(truth.array_zyx, [1, 2]))
+    assert outcome.validation["cases"]["case702"]["liver and lesions"]["dice"] == pytest.approx(union, abs=1e-12)
+    assert union > after  # the liver region is easier than value 1 alone: the boundary against lesions does not count
 
 
 def test_a_loss_a_region_model_cannot_train_is_refused_before_anything_is_written(card, store, tmp_path):
@@ -421,3 +433,19 @@ def test_one_value_lists_are_plain_labels(tiny_folders, tmp_path, store):
     card = import_model(_edited_copy(tiny_folders["2d"], tmp_path / "lists", one_value_lists), store, name="lists")
     assert [(label.value, label.name) for label in card.labels] == [(1, "liver"), (2, "liver lesion")]
     assert card.pipeline["config"]["label_values"] == [0, 1, 2] and "regions" not in card.pipeline["config"]
+
+
+def test_evaluation_rows_of_regions_keep_names_of_their_own(card, tmp_path):
+    # a dataset whose label is named like the model's multi-value region, and that lacks the lesion label: the
+    # region's row is renamed, and the lesion region (one value, no dataset label) gets a row of its own
+    from deepseg_core.phantoms import PHANTOM_LABELS
+    from deepseg_core.training.engine import _region_rows
+
+    renamed = (dataclasses.replace(PHANTOM_LABELS[0], name="liver and lesions"),)
+    dataset = Dataset.create(tmp_path / "site", "site", renamed)
+    rows = _region_rows(card, dataset, {1: 1})
+    assert rows == {
+        "liver and lesions": ("liver and lesions (region)", [1], (1, 2)),
+        "liver lesion": ("liver lesion", [], (2,)),
+    }
+    assert [region.row_name for region in card.regions] == ["liver and lesions", "liver lesion"]

@@ -13,7 +13,7 @@ from deepseg_core.demo import DEFAULT_MODEL, SAMPLE_SPACING_XYZ_MM
 from deepseg_core.model_store import ModelStore
 from deepseg_core.phantoms import PHANTOM_LABELS, generate_phantom
 from DeepSegTrainingLib.training_panel_logic import FROM_SCRATCH_REF, TrainingPanelError, TrainingPanelLogic, TrainingSettings
-from DeepSegTrainingLib.training_run import TrainingRequest, parse_label_mapping_text, start_training
+from DeepSegTrainingLib.training_run import TrainingRequest, comparison_table, parse_label_mapping_text, start_training
 
 LABELS = [label.name for label in PHANTOM_LABELS]
 
@@ -93,6 +93,28 @@ def test_train_compare_keep_old_promote_and_roll_back_through_the_panel(
     panel.rollback(settings)
     assert store.active_version("phantom-liver") == 1 and settings.baseModel == "phantom-liver:1"
     assert panel.view.status == "phantom-liver: active version is 1 again (was 2)."
+
+
+def test_the_comparison_shows_a_region_models_regions_beside_its_values(mrml_scene):
+    # a region-based nnU-Net model's done event (deepseg train --json) scores its multi-value region as a row of its own
+    done = {
+        "model": "brats:2",
+        "parent": "brats:1",
+        "validation": {
+            "whole tumor excluding tumor core": {"dice": 0.71, "hd95_mm": 4.0},
+            "whole tumor": {"dice": 0.9, "hd95_mm": 3.0, "region": True, "values": [1, 2, 3]},
+        },
+        "parent_validation": {
+            "whole tumor excluding tumor core": {"dice": 0.61, "hd95_mm": 5.0},
+            "whole tumor": {"dice": 0.85, "hd95_mm": 3.5, "region": True, "values": [1, 2, 3]},
+        },
+    }
+    table = comparison_table(mrml_scene, done).GetTable()
+    rows = [[table.GetValue(row, column).ToString() for column in range(4)] for row in range(table.GetNumberOfRows())]
+    assert rows == [
+        ["whole tumor excluding tumor core", "0.610", "0.710", "+0.100"],
+        ["whole tumor (values 1, 2, 3)", "0.850", "0.900", "+0.050"],
+    ]
 
 
 def test_stop_keeps_the_checkpoint_ticks_resume_and_resume_finishes(mrml_scene, dataset_dir, store_dir, engine_python, tmp_path):

@@ -38,7 +38,7 @@ from ..inference import Segmenter, SegmentOptions
 from ..inference.pipelines import Pipeline, pipeline_for
 from ..io import Volume
 from ..losses import COMPOUND_LOSSES, DEFAULT_LOSS, DeepSupervisionLoss, RegionDiceBCELoss, build_loss
-from ..model_card import Architecture, InferenceDefaults, Inputs, ModelCard, Normalization, Preprocessing
+from ..model_card import Architecture, InferenceDefaults, Inputs, ModelCard, Normalization, Preprocessing, Region
 from ..model_store import ModelStore, load_network, resolve_model
 from ..nets import UNetConfig, build_net
 from ..preprocessing import ct_normalization, intensity_fingerprint
@@ -403,29 +403,72 @@ def evaluate_model(
     name, i.e. ``match_labels(dataset, segmenter.card)``. ``backend``: torch by default, so that
     validation during training (whose weights change every epoch: nothing to export) and a later
     ``deepseg evaluate`` compute the same numbers.
+
+    A region-based nnU-Net model is also scored per region, as nnU-Net evaluates it: a region of several
+    values (BraTS' "whole tumor") is the union of its values in both label maps, a row of its own
+    (``"region": true``, its model ``values``); a one-value region is its label's row. ``regions`` lists
+    the row of every region (empty for other models), and :func:`validation_score` averages those.
     """
     value_map = match_labels(dataset, segmenter.card) if value_map is None else value_map
+    region_rows = _region_rows(segmenter.card, dataset, value_map)
+    rows = [(spec.name, [spec.value], [value_map.get(spec.value, -1)]) for spec in dataset.labels]
+    rows += [(row, dataset_values, list(model_values)) for row, dataset_values, model_values in region_rows.values()]
     per_case = {}
     for case_id in case_ids:
         images, label = dataset.load_case(case_id)
         result = segmenter.segment(images, SegmentOptions(check_modality=False, backend=backend))
         scores = {}
-        for spec in dataset.labels:
-            model_value = value_map.get(spec.value, -1)
-            pred, ref = result.labels.array_zyx == model_value, label.array_zyx == spec.value
+        for name, dataset_values, model_values in rows:
+            pred, ref = np.isin(result.labels.array_zyx, model_values), np.isin(label.array_zyx, dataset_values)
             entry = {"dice": metrics.dice(pred, ref)}
             if hd95:
                 entry["hd95_mm"] = metrics.hausdorff95(pred, ref, label.spacing_zyx_mm)
-            scores[spec.name] = entry
+            scores[name] = entry
         per_case[case_id] = scores
     mean = {}
-    for spec in dataset.labels:
-        dice = [per_case[c][spec.name]["dice"] for c in case_ids]
-        mean[spec.name] = {"dice": float(np.mean(dice)) if dice else float("nan")}
+    for name, _, model_values in rows:
+        dice = [per_case[c][name]["dice"] for c in case_ids]
+        mean[name] = {"dice": float(np.mean(dice)) if dice else float("nan")}
         if hd95:
-            finite = [per_case[c][spec.name]["hd95_mm"] for c in case_ids if np.isfinite(per_case[c][spec.name]["hd95_mm"])]
-            mean[spec.name]["hd95_mm"] = float(np.mean(finite)) if finite else float("inf")
-    return {"cases": per_case, "mean": mean, "case_ids": case_ids}
+            finite = [per_case[c][name]["hd95_mm"] for c in case_ids if np.isfinite(per_case[c][name]["hd95_mm"])]
+            mean[name]["hd95_mm"] = float(np.mean(finite)) if finite else float("inf")
+        if name in {row for row, _, _ in region_rows.values()}:
+            mean[name].update(region=True, values=model_values)
+    regions = [
+        region_rows[region.name][0] if region.name in region_rows else _label_row(region, dataset, value_map)
+        for region in segmenter.card.regions
+    ]
+    return {"cases": per_case, "mean": mean, "case_ids": case_ids, "regions": regions}
+
+
+def _label_row(region: Region, dataset: Dataset, value_map: dict[int, int]) -> str:
+    """The dataset label row of a one-value region (its label's)."""
+    return next(spec.name for spec in dataset.labels if value_map.get(spec.value) == region.values[0])
+
+
+RegionRow = tuple[str, list[int], tuple[int, ...]]
+
+
+def _region_rows(card: ModelCard, dataset: Dataset, value_map: dict[int, int]) -> dict[str, RegionRow]:
+    """Region name -> (row name, dataset values, model values) for each region that needs a row of its own:
+    several values, or one value no dataset label maps onto."""
+    names = {spec.name for spec in dataset.labels}
+    mapped = set(value_map.values())
+    rows = {}
+    for region in card.regions:
+        if len(region.values) == 1 and region.values[0] in mapped:
+            continue
+        row = region.row_name if region.row_name not in names else f"{region.name} (region)"
+        dataset_values = [value for value, model_value in value_map.items() if model_value in region.values]
+        rows[region.name] = (row, dataset_values, region.values)
+    return rows
+
+
+def validation_score(result: dict[str, Any]) -> float:
+    """The number a run keeps its best checkpoint by: mean Dice over the model's regions (region-based
+    nnU-Net models, as nnU-Net's trainer does), else over the dataset's labels."""
+    rows = result.get("regions") or list(result["mean"])
+    return float(np.mean([result["mean"][row]["dice"] for row in rows]))
 
 
 def _encoder_parameters(net: nn.Module) -> list[nn.Parameter]:
@@ -573,7 +616,7 @@ def retrain(
         segmenter = Segmenter(card, net, device_t)
         result = evaluate_model(segmenter, dataset, split["validation"], hd95=True, value_map=value_map)
         net.train()
-        return result["mean"]
+        return result
 
     for epoch in range(start_epoch, config.epochs + 1):
         frozen = base is not None and epoch <= config.freeze_encoder_epochs
@@ -594,8 +637,9 @@ def retrain(
             "encoder_frozen": frozen,
         }
         if rank == 0 and (epoch % config.validate_every == 0 or epoch == config.epochs):
-            record["validation"] = validate()
-            score = float(np.mean([v["dice"] for v in record["validation"].values()]))
+            result = validate()
+            record["validation"] = result["mean"]
+            score = validation_score(result)
             record["mean_dice"] = score
             if score > best_score:
                 best_score = score

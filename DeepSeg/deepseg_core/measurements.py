@@ -42,14 +42,15 @@ _LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
 
 @dataclass(frozen=True)
 class SegmentMeasurement:
-    """One row: a whole segment (``instance == 0``) or one instance of a thing class.
+    """One row: a whole segment (``instance == 0``), one instance of a thing class, or a region of
+    several label values (a region-based nnU-Net model's "whole tumor": ``label_value`` None).
 
     Lengths in mm, areas in mm^2, volumes in mm^3 and ml; intensities in the input image's units.
     Intensity fields are NaN when no input image was given.
     """
 
     segment: str
-    label_value: int
+    label_value: int | None
     instance: int
     instance_count: int
     voxel_count: int
@@ -226,8 +227,9 @@ def measure_segments(
     intensity: Volume | None = None,
     instance_ids_zyx: np.ndarray | None = None,
     thing_values: Sequence[int] = (),
+    regions: Sequence[tuple[str, Sequence[int]]] = (),
 ) -> list[SegmentMeasurement]:
-    """Measure every segment of a labelmap, and every instance of the thing classes.
+    """Measure every segment of a labelmap, every instance of the thing classes, and each region.
 
     Args:
         labels: label values on the image grid, ``array_zyx`` of shape ``(Z, Y, X)``.
@@ -236,9 +238,13 @@ def measure_segments(
         intensity: the input image on the same grid, for intensity statistics (optional).
         instance_ids_zyx: instance ids ``(Z, Y, X)`` (0 = none) of the thing classes, or None.
         thing_values: label values whose instances are measured one by one.
+        regions: ``(name, label values)`` of regions measured as the union of their values (a region-based
+            nnU-Net model's "whole tumor": 1, 2, 3); each row is named ``"<name> (values 1, 2, 3)"`` and has
+            no label value.
 
     Returns:
-        One row per segment, in ``segments`` order, each followed by its instances (largest first).
+        One row per segment, in ``segments`` order, each followed by its instances (largest first);
+        then one row per region.
     """
     if intensity is not None and not intensity.same_grid(labels):
         raise ImageError(
@@ -294,7 +300,26 @@ def measure_segments(
                     **inst_stats,
                 )
             )
+    for name, region_values in regions:
+        rows.append(_region_row(name, [int(v) for v in region_values], array, labels, values))
     return rows
+
+
+def _region_row(
+    name: str, region_values: list[int], array: np.ndarray, grid: Volume, values: np.ndarray | None
+) -> SegmentMeasurement:
+    """The row of the union of ``region_values`` in ``array`` (one more pass over the labels per region)."""
+    mask = np.isin(array, region_values)
+    shape = dict(_shape_rows(mask, grid).get(1, _empty_shape()))
+    stats = intensity_statistics(np.empty(0))
+    box = ndimage.find_objects(mask.astype(np.int8))
+    if box:
+        crop = mask[box[0]]
+        shape["feret_diameter_mm"] = feret_diameter_mm(crop, grid, [s.start for s in box[0]])
+        if values is not None:
+            stats = intensity_statistics(values[box[0]][crop])
+    title = f"{name} (values {', '.join(str(v) for v in region_values)})"
+    return SegmentMeasurement(segment=title, label_value=None, instance=0, instance_count=0, **shape, **stats)
 
 
 def _instance_row(
@@ -324,6 +349,8 @@ def measurements_csv(rows: Sequence[SegmentMeasurement]) -> str:
 
 
 def _format(value: object) -> str:
+    if value is None:
+        return ""
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.6g}"
     return str(value)

@@ -84,8 +84,9 @@ def write_segmentation_result(path: str | Path, result: SegmentationResult) -> P
 
 
 def write_measurements(path: str | Path, result: SegmentationResult, intensity: io.Volume) -> Path:
-    """Measure every label of the card (and each instance of its thing labels, when computed) against
-    ``intensity`` (the segmented image) and write the table as CSV (see :mod:`.measurements`)."""
+    """Measure every label of the card (and each instance of its thing labels, when computed, and each
+    multi-value region of a region-based nnU-Net model) against ``intensity`` (the segmented image) and
+    write the table as CSV (see :mod:`.measurements`)."""
     card = result.card
     rows = measure_segments(
         result.labels,
@@ -93,6 +94,7 @@ def write_measurements(path: str | Path, result: SegmentationResult, intensity: 
         intensity=intensity,
         instance_ids_zyx=result.instance_ids,
         thing_values=[label.value for label in card.labels if label.thing],
+        regions=[(region.row_name, region.values) for region in card.regions if len(region.values) > 1],
     )
     return write_measurements_csv(path, rows)
 

@@ -185,3 +185,23 @@ def test_the_convex_hull_feret_diameter_equals_itks_all_pairs_search(shape):
     box = ndimage.find_objects(mask.astype(int))[0]
     cropped = measurements.feret_diameter_mm(mask[box], grid, [s.start for s in box])
     assert cropped == pytest.approx(itk.GetFeretDiameter(1), abs=1e-9)
+
+
+def test_a_region_is_measured_as_the_segment_its_values_make_together():
+    # a region-based nnU-Net model's "whole tumor" (values 1, 2, 3) measured as one segment of the merged labelmap
+    case = phantoms.generate_phantom(seed=4, shape_zyx=(24, 40, 40), spacing_xyz_mm=(1.2, 1.2, 2.5))
+    labels = case.labels.array_zyx.astype(np.uint8)
+    assert set(np.unique(labels)) == {0, 1, 2}
+    segments = [SegmentInfo(name="liver", label_value=1), SegmentInfo(name="liver lesion", label_value=2)]
+    rows = measurements.measure_segments(
+        case.labels.with_array(labels), segments, intensity=case.image, regions=[("liver and lesions", [1, 2])]
+    )
+    merged = measurements.measure_segments(
+        case.labels.with_array((labels > 0).astype(np.uint8)), [SegmentInfo(name="x", label_value=1)], intensity=case.image
+    )[0]
+    region = rows[-1]
+    assert region.segment == "liver and lesions (values 1, 2)" and region.label_value is None
+    for field, value in merged.__dict__.items():
+        if field not in ("segment", "label_value"):
+            assert getattr(region, field) == pytest.approx(value, rel=1e-12, nan_ok=True), field
+    assert measurements.measurements_csv(rows).splitlines()[-1].startswith('"liver and lesions (values 1, 2)",,0,0,')

@@ -202,7 +202,7 @@ def test_segment_names_the_values_and_reports_each_regions_volume(segmenters, st
     out = tmp_path / "case.seg.nrrd"
     ref = segmenters["core"].card.ref
     args = ["segment", str(phantom_path), "--model", ref, "--models-dir", str(store.root), "--output", str(out)]
-    assert main([*args, "--device", "cpu", "--json"]) == EXIT_OK
+    assert main([*args, "--device", "cpu", "--json", "--stats", str(tmp_path / "stats.csv")]) == EXIT_OK
     done = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"case_done"' in line][-1]
     rows = {row["name"]: row for row in done["segments"]}
     assert list(rows) == [name for _, name in EXPECTED_LABELS] + ["liver and lesions"]
@@ -213,6 +213,18 @@ def test_segment_names_the_values_and_reports_each_regions_volume(segmenters, st
     assert rows[EXPECTED_LABELS[0][1]]["voxels"] > 0 and rows["liver lesion"]["voxels"] > 0
     assert region["voxels"] == rows[EXPECTED_LABELS[0][1]]["voxels"] + rows["liver lesion"]["voxels"]
     assert region["ml"] == pytest.approx(region["voxels"] * io.read_image(phantom_path).voxel_volume_ml)
+    # the measurement table (the panel's) has the region's row too: the union's size, shape and intensities
+    from deepseg_core.measurements import read_measurements_csv
+
+    table = {row["segment"]: row for row in read_measurements_csv(tmp_path / "stats.csv")}
+    assert list(table) == [name for _, name in EXPECTED_LABELS] + ["liver and lesions (values 1, 2)"]
+    union, parts = table["liver and lesions (values 1, 2)"], [table[name] for _, name in EXPECTED_LABELS]
+    assert union["label_value"] == "" and int(union["voxel_count"]) == region["voxels"]
+    assert float(union["volume_mm3"]) == pytest.approx(sum(float(p["volume_mm3"]) for p in parts), rel=1e-5)
+    weighted = sum(int(p["voxel_count"]) * float(p["intensity_mean"]) for p in parts) / region["voxels"]
+    assert float(union["intensity_mean"]) == pytest.approx(weighted, rel=1e-4)
+    assert float(union["feret_diameter_mm"]) >= max(float(p["feret_diameter_mm"]) for p in parts)
+    assert float(union["intensity_min"]) == min(float(p["intensity_min"]) for p in parts)
 
 
 def test_compare_scores_deepseg_against_nnunet_by_region(segmenter, references, phantom_path, tiny_region_folder, tmp_path):

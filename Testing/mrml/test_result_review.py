@@ -139,3 +139,12 @@ def test_table_from_rows_keeps_missing_values_as_nan(mrml_scene):
     node = measurements_table(mrml_scene, rows, "m")
     assert node.GetTable().GetValue(0, 0).ToString() == "empty"
     assert math.isnan(node.GetTable().GetColumnByName("Surface area [mm2]").GetValue(0))
+
+
+def test_a_region_row_shows_with_no_label_value(mrml_scene):
+    # a region-based nnU-Net model's "whole tumor" row: the union of values 1, 2 and 3 has no label value of its own
+    rows = [{"segment": "whole tumor (values 1, 2, 3)", "label_value": "", "voxel_count": "120", "volume_ml": "0.9"}]
+    table = measurements_table(mrml_scene, rows, "m").GetTable()
+    assert table.GetValue(0, 0).ToString() == "whole tumor (values 1, 2, 3)"
+    assert math.isnan(table.GetColumnByName("Label value").GetValue(0))
+    assert table.GetColumnByName("Volume [cm3]").GetValue(0) == 0.9

@@ -240,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-activate", action="store_true", help="import without making it the active version")
     p.add_argument("--name", default=None, help="import: the model's name in the store (default: from the source)")
     p.add_argument("--folds", nargs="+", default=None, help="import (nnU-Net): folds to ensemble (default: every fold found)")
-    p.add_argument("--configuration", default=None, help="import (nnU-Net): 2d or 3d_fullres when the folder is ambiguous")
+    p.add_argument(
+        "--configuration", default=None, help="import (nnU-Net): 2d, 3d_fullres or 3d_lowres when the folder is ambiguous"
+    )
     p.add_argument("--checkpoint", default=None, help="import (nnU-Net): checkpoint_final.pth (default) or checkpoint_best.pth")
     p.add_argument(
         "--reorient",

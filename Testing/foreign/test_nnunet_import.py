@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import sys
 import types
 import zipfile
@@ -71,6 +72,8 @@ CASES = [
     ("2d", "phantom", False),
     ("2d", "head_ct", False),
     ("resenc", "phantom", False),
+    ("lowres", "phantom", False),
+    ("lowres", "head_ct", False),
 ]
 
 
@@ -126,9 +129,35 @@ def store(tmp_path_factory) -> ModelStore:
     return ModelStore(tmp_path_factory.mktemp("store"))
 
 
+#: the 3d_lowres copy's spacing, as a multiple of 3d_fullres' (nnU-Net's planner coarsens by about 1.5-2)
+LOWRES_FACTOR = 1.6
+
+
 @pytest.fixture(scope="module")
-def imported(store, tiny_folders) -> dict:
-    return {key: import_model(folder, store, name=f"tiny-{key}") for key, folder in tiny_folders.items()}
+def folders(tiny_folders, tmp_path_factory) -> dict[str, Path]:
+    """The tiny folders, and ``lowres``: fold 0 of the 3d_fullres model as the ``3d_lowres`` configuration of
+    nnU-Net's cascade (plans with a coarser spacing, ``next_stage`` set; the checkpoint's configuration renamed),
+    which both tools run as a model of its own."""
+    folder = _copy(tiny_folders["3d"], tmp_path_factory.mktemp("lowres") / "nnUNetTrainer__nnUNetPlans__3d_lowres")
+    shutil.rmtree(folder / "fold_1")
+
+    def add_lowres(plans):
+        fullres = plans["configurations"]["3d_fullres"]
+        plans["configurations"]["3d_lowres"] = {
+            "inherits_from": "3d_fullres",
+            "data_identifier": "nnUNetPlans_3d_lowres",
+            "spacing": [s * LOWRES_FACTOR for s in fullres["spacing"]],
+            "next_stage": "3d_cascade_fullres",
+        }
+
+    _edit_json(folder / "plans.json", add_lowres)
+    _rewrite_checkpoint(folder / "fold_0" / "checkpoint_final.pth", lambda c: c["init_args"].update(configuration="3d_lowres"))
+    return {**tiny_folders, "lowres": folder}
+
+
+@pytest.fixture(scope="module")
+def imported(store, folders) -> dict:
+    return {key: import_model(folder, store, name=f"tiny-{key}") for key, folder in folders.items()}
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +209,7 @@ def oblique_phantom() -> io.Volume:
 
 
 @pytest.fixture(scope="module")
-def references(nnunet_maker, tiny_folders, images, tmp_path_factory) -> dict:
+def references(nnunet_maker, tiny_folders, folders, images, tmp_path_factory) -> dict:
     """nnU-Net's own segmentations of every parity case (one predictor subprocess for all), and a training
     case preprocessed by nnU-Net's DefaultPreprocessor."""
     work = tmp_path_factory.mktemp("nnunet-reference")
@@ -190,7 +219,7 @@ def references(nnunet_maker, tiny_folders, images, tmp_path_factory) -> dict:
         probabilities = (model, image, mirroring) == ("3d", "phantom", False)
         jobs.append(
             {
-                "model": str(tiny_folders[model]),
+                "model": str(folders[model]),
                 "mirroring": mirroring,
                 "inputs": [[str(images[image])]],
                 "outputs": [str(out)],
@@ -392,12 +421,18 @@ def test_the_cascade_is_refused(tiny_folders, tmp_path, store):
     _rewrite_checkpoint(
         folder / "fold_0" / "checkpoint_final.pth", lambda c: c["init_args"].update(configuration="3d_cascade_fullres")
     )
-    with pytest.raises(NnUNetImportError, match="cascade.*not supported yet.*3d_fullres"):
+    with pytest.raises(NnUNetImportError, match="cascade.*not supported yet.*3d_fullres or 3d_lowres"):
         import_model(folder, store, name="cascade", folds=[0])
-    _rewrite_checkpoint(folder / "fold_1" / "checkpoint_final.pth", lambda c: c["init_args"].update(configuration="3d_lowres"))
-    with pytest.raises(NnUNetImportError, match="cascade.*not supported yet"):
-        import_model(folder, store, name="lowres", folds=[1])
-    assert "cascade" not in store.names() and "lowres" not in store.names()
+    assert "cascade" not in store.names()
+
+
+def test_the_lowres_stage_of_a_cascade_imports_as_a_model_of_its_own(imported, folders):
+    card = imported["lowres"]
+    config = card.pipeline["config"]
+    fullres = imported["3d"].pipeline["config"]
+    assert card.source["configuration"] == "3d_lowres" and "3d_lowres" in card.description
+    assert config["spacing"] == pytest.approx([s * LOWRES_FACTOR for s in fullres["spacing"]])
+    assert config["patch_size"] == fullres["patch_size"] and card.ensemble == ("fold_0",)
 
 
 def _leave_a_mark(path: str) -> None:
@@ -874,11 +909,14 @@ def test_the_export_labels_do_not_depend_on_how_torch_picks_its_bilinear_kernel(
 
 
 @pytest.mark.parametrize("model, image, mirroring", CASES, ids=[f"{m}-{i}-{'tta' if t else 'plain'}" for m, i, t in CASES])
-def test_labels_match_nnunets_own_predictor(model, image, mirroring, segmenters, images, references):
+def test_labels_match_nnunets_own_predictor(model, image, mirroring, segmenters, images, references, record_property):
     reference = references[(model, image, mirroring)]["labels"]
     volume = io.read_image(images[image])
     result = segmenters[model].segment([volume], options(tta=mirroring))
     assert result.labels.same_grid(volume)
+    if model == "lowres":
+        differ = int((result.labels.array_zyx != reference).sum())
+        record_property("realdata", f"nnU-Net 3d_lowres parity, {image}: {differ} of {reference.size} voxels differ")
     assert_parity(result.labels.array_zyx, reference)
 
 

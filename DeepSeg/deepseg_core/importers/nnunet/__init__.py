@@ -25,8 +25,10 @@ KiTS) are imported with one sigmoid output channel per region; the card names ea
 what its voxels are (:func:`.card.check_labels`) and the pipeline settings carry the regions (a
 fine-tune trains them with nnU-Net's region loss, :mod:`deepseg_core.losses.sigmoid_regions`).
 
-Not supported yet, each refused with a clear error (never a wrong result): the cascade
-(``3d_lowres`` / ``3d_cascade_fullres``), custom readers that reorient,
+``3d_lowres``, the cascade's first stage, imports as a model of its own (as ``nnUNetPredictor`` runs it).
+
+Not supported yet, each refused with a clear error (never a wrong result): the cascade's second
+stage (``3d_cascade_fullres``), custom readers that reorient,
 preprocessors, resampling functions or normalisations other than nnU-Net's defaults, networks
 other than ``PlainConvUNet`` / ``ResidualEncoderUNet`` with BasicBlockD.
 

@@ -57,7 +57,7 @@ def import_nnunet(
             ``Dataset501_Liver``, made a valid name).
         activate: make the version active.
         folds: the folds to ensemble (default: every ``fold_N`` holding the checkpoint, as nnU-Net).
-        configuration: ``2d`` or ``3d_fullres``; only needed when neither the checkpoints nor the
+        configuration: ``2d``, ``3d_fullres`` or ``3d_lowres``; only needed when neither the checkpoints nor the
             folder name tell, and it must agree with them.
         checkpoint: ``checkpoint_final.pth`` (default) or ``checkpoint_best.pth``.
         reorient: ``none`` (default: the voxels as read, as ``nnUNetPredictor``) or ``ras``: the voxel

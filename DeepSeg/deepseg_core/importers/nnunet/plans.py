@@ -1,7 +1,7 @@
 """``plans.json``: the configuration resolved, what DeepSeg does not reproduce refused, the pipeline settings.
 
 The ``nnunetv2`` pipeline (:mod:`deepseg_core.pipelines.nnunet`) reproduces nnU-Net's default
-preprocessing and export; a configuration that asks for anything else (the cascade, a custom
+preprocessing and export; a configuration that asks for anything else (the cascade's second stage, a custom
 reader, preprocessor, label manager, resampling function or normalisation) is refused here, with
 what to do, rather than segmented differently.
 """
@@ -45,12 +45,15 @@ def check_configuration(config: dict[str, Any], configuration: str, plans: dict[
             f"{what} is not supported yet", subject=folder / "plans.json", expected=expected, found=str(found), hint=hint
         )
 
-    if config.get("previous_stage") or config.get("next_stage") or configuration in ("3d_lowres", "3d_cascade_fullres"):
+    # 3d_lowres, the cascade's first stage, is a model of its own (nnUNetPredictor runs it alone); its second
+    # stage needs the first stage's segmentation as input channels
+    if config.get("previous_stage") or configuration == "3d_cascade_fullres":
         raise refuse(
-            f"the nnU-Net cascade (configuration {configuration!r})",
-            "2d or 3d_fullres",
+            f"the nnU-Net cascade's second stage (configuration {configuration!r})",
+            "2d, 3d_fullres or 3d_lowres",
             configuration,
-            "Train or download the 3d_fullres configuration of this dataset, and import that folder.",
+            "Import this dataset's 3d_fullres folder, or its 3d_lowres folder (the cascade's first stage, coarser "
+            "and faster): running the two stages chained is not supported yet.",
         )
     reader = str(plans.get("image_reader_writer", "SimpleITKIO"))
     if reader not in READERS:

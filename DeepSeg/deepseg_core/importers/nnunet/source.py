@@ -104,7 +104,7 @@ def configuration_name(folder: Path, checkpoints: dict[str, dict[str, Any]], ask
             "cannot tell which configuration this folder holds",
             subject=folder,
             expected="checkpoints with init_args, or a folder named <Trainer>__<Plans>__<configuration>",
-            hint="Give it with --configuration 2d or --configuration 3d_fullres.",
+            hint="Give it with --configuration 2d, 3d_fullres or 3d_lowres.",
         )
     return configuration
 

@@ -55,6 +55,7 @@ LONG_FILES = (
     "Testing/mrml/test_training_panel.py",
     "Testing/core/test_atomic_outputs.py",
     "Testing/mrml/test_effect_logic.py",
+    "Testing/foreign/test_nnunet_cascade.py",
     "Testing/core/test_cli_segment.py",
     "Testing/realdata/test_segment_real_images.py",
     "Testing/mrml/test_jobs.py",

@@ -37,7 +37,8 @@ CI builds it once per run, developers once. ``ensure_models()`` is what the test
 ``--predict JOBS.json`` runs ``nnUNetPredictor`` (step 0.5, Gaussian, ``predict_from_files_sequential``:
 no worker processes) on each job ``{"model": folder, "folds": [...] or null, "checkpoint": ...,
 "mirroring": bool, "inputs": [[channel files]], "outputs": [truncated output paths], "probabilities":
-bool, "dump": bool, "device": "cpu" (default) or "cuda"}`` and writes ``JOBS.json.result.json`` (seconds and peak RSS per job).
+bool, "dump": bool, "device": "cpu" (default) or "cuda", "prev_stage": folder (a cascade's second stage: the first
+stage's segmentations, named ``<case>.nii.gz``)}`` and writes ``JOBS.json.result.json`` (seconds and peak RSS per job).
 ``probabilities`` also writes nnU-Net's ``<output>.npz``; ``dump`` saves the preprocessed array and the
 fold-averaged logits of the first input (``<output>_intermediates.npz``). A job ``{"kind": "preprocess",
 "model", "configuration", "inputs": [[files]], "seg": file, "outputs": [path]}`` runs nnU-Net's
@@ -443,7 +444,11 @@ def predict(jobs_file: Path) -> None:
         setup = time.perf_counter() - clock
         clock = time.perf_counter()
         predictor.predict_from_files_sequential(
-            job["inputs"], job["outputs"], save_probabilities=bool(job.get("probabilities")), overwrite=True
+            job["inputs"],
+            job["outputs"],
+            save_probabilities=bool(job.get("probabilities")),
+            overwrite=True,
+            folder_with_segs_from_prev_stage=job.get("prev_stage"),
         )
         seconds = time.perf_counter() - clock
         if job.get("dump"):

@@ -8,6 +8,7 @@ SHA-256 of its weights. ``schemas/model.schema.json`` is enforced on every load 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 from dataclasses import dataclass, field
@@ -196,6 +197,32 @@ class ModelCard:
                 row_name = name if name not in names.values() else f"{name} (region)"
             regions.append(Region(name, values, row_name))
         return tuple(regions)
+
+    @property
+    def previous_stage(self) -> ModelCard | None:
+        """The first stage of an nnU-Net cascade (``3d_cascade_fullres``), as a card of its own, or None.
+
+        The cascade's card carries its first stage (``3d_lowres``) in ``pipeline["config"]["previous_stage"]``:
+        ``architecture`` (``name``, ``config``), ``ensemble`` (its folds), ``pipeline`` (its tool's settings)
+        and ``patch_size_zyx``; its weights are stored under ``previous_stage.`` in the same weights file.
+        The first stage segments the input, and its labels become extra input channels of the second.
+        """
+        stage = ((self.pipeline or {}).get("config") or {}).get("previous_stage")
+        if not stage:
+            return None
+        try:
+            return dataclasses.replace(
+                self,
+                architecture=Architecture(str(stage["architecture"]["name"]), dict(stage["architecture"]["config"])),
+                ensemble=tuple(str(m) for m in stage.get("ensemble") or ()),
+                pipeline=dict(stage["pipeline"]),
+                inference=dataclasses.replace(self.inference, patch_size_zyx=tuple(int(p) for p in stage["patch_size_zyx"])),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(
+                f"model {self.ref}: its cascade's first stage is incompletely described ({exc})",
+                hint="Re-import the model with `deepseg models import FOLDER`.",
+            ) from None
 
     def label(self, value: int) -> LabelSpec:
         """The label with voxel value ``value``."""

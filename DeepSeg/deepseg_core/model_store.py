@@ -60,9 +60,9 @@ def write_model_folder(folder: Path, card: ModelCard, net: nn.Module) -> ModelCa
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        from .nets import LogitEnsemble
+        from .nets import network_weights
 
-        tensors = net.weights() if isinstance(net, LogitEnsemble) else net.state_dict()
+        tensors = network_weights(net)
         state = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt", "model": card.name})
         card = dataclasses.replace(card, weights_sha256=sha256_file(staging / WEIGHTS_FILE))
@@ -103,11 +103,10 @@ def load_network(
 ) -> tuple[ModelCard, nn.Module]:
     """Card and network (eval mode, on ``device``) of a model folder. Never unpickles.
 
-    An ensemble card (``card.ensemble``) gives a :class:`~deepseg_core.nets.LogitEnsemble` of its members.
+    An ensemble card (``card.ensemble``) gives a :class:`~deepseg_core.nets.LogitEnsemble` of its members; a
+    cascade's card (``card.previous_stage``) a :class:`~deepseg_core.nets.CascadeNetwork` of both stages.
     """
     from safetensors.torch import load_file
-
-    from .nets import LogitEnsemble
 
     folder = Path(folder)
     card = card or read_model_folder(folder)
@@ -115,19 +114,35 @@ def load_network(
         state = load_file(str(folder / WEIGHTS_FILE), device="cpu")
     except Exception as exc:  # safetensors raises its own error types for a bad file
         raise ModelError("weights file cannot be read as safetensors", subject=folder / WEIGHTS_FILE, found=str(exc)) from None
-    if card.ensemble:
-        members = {}
-        for member in card.ensemble:
-            prefix = f"{member}."
-            own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            members[member] = _built_and_loaded(card, own, folder, f" (ensemble member {member!r})")
-        leftover = sorted(k for k in state if not k.startswith(tuple(f"{m}." for m in card.ensemble)))
-        if leftover:
-            raise ModelError("weights hold tensors of no ensemble member", subject=folder, found=str(leftover[:3]))
-        net: nn.Module = LogitEnsemble(members)
-    else:
-        net = _built_and_loaded(card, state, folder, "")
+    previous = card.previous_stage
+    if previous is None:
+        return card, _network_from_state(card, state, folder).to(device).eval()
+    from .nets import CascadeNetwork
+
+    prefix = "previous_stage."
+    first = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    second = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    net = CascadeNetwork(
+        _network_from_state(card, second, folder), _network_from_state(previous, first, folder, " (first stage)")
+    )
     return card, net.to(device).eval()
+
+
+def _network_from_state(card: ModelCard, state: dict[str, torch.Tensor], folder: Path, stage: str = "") -> nn.Module:
+    """The card's network (an ensemble of its members when ``card.ensemble``) with ``state`` loaded."""
+    from .nets import LogitEnsemble
+
+    if not card.ensemble:
+        return _built_and_loaded(card, state, folder, stage)
+    members = {}
+    for member in card.ensemble:
+        prefix = f"{member}."
+        own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        members[member] = _built_and_loaded(card, own, folder, f"{stage} (ensemble member {member!r})")
+    leftover = sorted(k for k in state if not k.startswith(tuple(f"{m}." for m in card.ensemble)))
+    if leftover:
+        raise ModelError(f"weights hold tensors of no ensemble member{stage}", subject=folder, found=str(leftover[:3]))
+    return LogitEnsemble(members)
 
 
 def _built_and_loaded(card: ModelCard, state: dict[str, torch.Tensor], folder: Path, what: str) -> nn.Module:

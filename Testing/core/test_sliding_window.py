@@ -283,3 +283,23 @@ def test_unknown_sliding_window_rules_are_refused_with_the_known_ones():
         SlidingWindowConfig(patch_size_zyx=(8, 8, 8), placement="nnunet-v0")
     with pytest.raises(ShapeError, match="unknown sliding-window blend"):
         SlidingWindowConfig(patch_size_zyx=(8, 8, 8), blend="max")
+
+
+@pytest.mark.parametrize("perturbed_channels", [None, 1])
+def test_intensity_perturbations_leave_channels_past_perturbed_channels_alone(perturbed_channels):
+    # a cascade's second stage reads the image (channel 0) and the first stage's one-hot labels (channel 1): only the
+    # image is an intensity to perturb. The echo net returns both channels as logits, averaged over the passes.
+    rng = np.random.default_rng(1)
+    image = np.stack([rng.normal(size=(6, 16, 16)), (rng.random((6, 16, 16)) > 0.5)]).astype(np.float32)
+    config = SlidingWindowConfig(
+        patch_size_zyx=(6, 16, 16),
+        blend="logits",
+        intensity_perturbations=((1.5, 0.2),),
+        perturbed_channels=perturbed_channels,
+    )
+    slabs = []
+    sliding_window_predict(_EchoNet(), image, 4, config, lambda z0, z1, b: slabs.append(b))
+    out = np.concatenate(slabs, axis=1)
+    np.testing.assert_allclose(out[0], (image[0] + image[0] * 1.5 + 0.2) / 2, atol=1e-5)  # the plain and the perturbed pass
+    expected_labels = image[1] if perturbed_channels == 1 else (image[1] + image[1] * 1.5 + 0.2) / 2
+    np.testing.assert_allclose(out[1], expected_labels, atol=1e-5)

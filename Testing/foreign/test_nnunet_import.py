@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from foreign_cases import offgrid_ct_phantom
+from foreign_cases import THREE_SIDED_FRAMES, add_lowres_configuration, offgrid_ct_phantom, one_torch_thread  # noqa: F401 (one_torch_thread: a fixture)
 
 from deepseg_core import io, phantoms
 from deepseg_core.cli import EXIT_MODEL, EXIT_OK, main
@@ -57,7 +57,7 @@ from deepseg_core.pipelines.nnunet import (
 )
 from deepseg_core.pipelines.nnunet.orientation import input_shape, reorientation, reoriented_spacing_zyx
 
-pytestmark = pytest.mark.needs_torch
+pytestmark = [pytest.mark.needs_torch, pytest.mark.usefixtures("one_torch_thread")]
 
 MIN_DICE = 0.99
 MIN_AGREEMENT = 0.995
@@ -114,16 +114,6 @@ def sha256(path: Path) -> str:
 # fixtures
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One torch thread, as the nnU-Net reference runs: on the shared 2-core CI machine two threads per process
-    made the 2D run 30x slower (OpenMP threads spin while waiting for a core)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> ModelStore:
     return ModelStore(tmp_path_factory.mktemp("store"))
@@ -141,16 +131,7 @@ def folders(tiny_folders, tmp_path_factory) -> dict[str, Path]:
     folder = _copy(tiny_folders["3d"], tmp_path_factory.mktemp("lowres") / "nnUNetTrainer__nnUNetPlans__3d_lowres")
     shutil.rmtree(folder / "fold_1")
 
-    def add_lowres(plans):
-        fullres = plans["configurations"]["3d_fullres"]
-        plans["configurations"]["3d_lowres"] = {
-            "inherits_from": "3d_fullres",
-            "data_identifier": "nnUNetPlans_3d_lowres",
-            "spacing": [s * LOWRES_FACTOR for s in fullres["spacing"]],
-            "next_stage": "3d_cascade_fullres",
-        }
-
-    _edit_json(folder / "plans.json", add_lowres)
+    _edit_json(folder / "plans.json", lambda plans: add_lowres_configuration(plans, LOWRES_FACTOR))
     _rewrite_checkpoint(folder / "fold_0" / "checkpoint_final.pth", lambda c: c["init_args"].update(configuration="3d_lowres"))
     return {**tiny_folders, "lowres": folder}
 
@@ -171,8 +152,7 @@ def images(tmp_path_factory, head_ct_path) -> dict[str, Path]:
     nnU-Net crops away; its z axis is anisotropic, so resampling takes the separate-axis path), and the
     real head CT (1 mm isotropic, background 0: cropped; plain 3D resampling)."""
     folder = tmp_path_factory.mktemp("images")
-    frames = ((slice(None), slice(0, 4)), (slice(None), slice(-3, None)), (slice(None), slice(None), slice(0, 5)))
-    path = io.write_image(offgrid_ct_phantom(7, frames), folder / "phantom_0000.nii.gz")
+    path = io.write_image(offgrid_ct_phantom(7, THREE_SIDED_FRAMES), folder / "phantom_0000.nii.gz")
     oblique = io.write_image(oblique_phantom(), folder / "oblique_0000.nii.gz")
     # the reference's way (TotalSegmentator's nib.as_closest_canonical): the voxels permuted and flipped to RAS
     oblique_ras = folder / "oblique_ras_0000.nii.gz"
@@ -410,18 +390,19 @@ def _copy(folder: Path, target: Path) -> Path:
     return target
 
 
-def test_the_cascade_is_refused(tiny_folders, tmp_path, store):
+def test_a_cascade_of_three_stages_is_refused(tiny_folders, tmp_path, store):
+    # nnU-Net's own cascades have two stages (test_nnunet_cascade.py); a first stage that has a stage before it is not run
     folder = _copy(tiny_folders["3d"], tmp_path / "nnUNetTrainer__nnUNetPlans__3d_cascade_fullres")
 
     def add_cascade(plans):
-        plans["configurations"]["3d_lowres"] = {**plans["configurations"]["3d_fullres"], "next_stage": "3d_cascade_fullres"}
+        plans["configurations"]["3d_lowres"] = {**plans["configurations"]["3d_fullres"], "previous_stage": "3d_verylowres"}
         plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
 
     _edit_json(folder / "plans.json", add_cascade)
     _rewrite_checkpoint(
         folder / "fold_0" / "checkpoint_final.pth", lambda c: c["init_args"].update(configuration="3d_cascade_fullres")
     )
-    with pytest.raises(NnUNetImportError, match="cascade.*not supported yet.*3d_fullres or 3d_lowres"):
+    with pytest.raises(NnUNetImportError, match="cascade of more than two stages.*not supported yet"):
         import_model(folder, store, name="cascade", folds=[0])
     assert "cascade" not in store.names()
 

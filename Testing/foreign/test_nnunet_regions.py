@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from foreign_cases import offgrid_ct_phantom, site_dataset
+from foreign_cases import offgrid_ct_phantom, one_torch_thread, site_dataset  # noqa: F401 (one_torch_thread: a fixture)
 
 from deepseg_core import io, metrics
 from deepseg_core.cli import EXIT_OK, main
@@ -33,21 +33,12 @@ from deepseg_core.losses.sigmoid_regions import RegionDiceBCELoss
 from deepseg_core.model_store import ModelStore
 from deepseg_core.training.engine import RetrainConfig, retrain
 
-pytestmark = pytest.mark.needs_torch
+pytestmark = [pytest.mark.needs_torch, pytest.mark.usefixtures("one_torch_thread")]
 
 #: the label map's values and what they are: value 1 is written where "liver and lesions" is predicted and
 #: "liver lesion" is not
 EXPECTED_LABELS = [(1, "liver and lesions excluding liver lesion"), (2, "liver lesion")]
 MIN_AGREEMENT = 0.995
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One torch thread, as the nnU-Net reference runs (2 shared CI cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def options(**kwargs) -> SegmentOptions:

@@ -170,6 +170,11 @@ class Pipeline:
             stacked = stack_neighbour_slices(stacked, self.context_slices).transpose(1, 0, 2, 3)
         return PreparedInput(np.ascontiguousarray(stacked), grid)
 
+    def prepare_with_previous_stage(self, channels: Sequence[Volume], previous_labels_zyx: np.ndarray) -> PreparedInput:
+        """The network input of a cascade's second stage: the channels and the first stage's labels (on their
+        grid, ``(Z, Y, X)``) as extra input channels. Only nnU-Net's cascade has one."""
+        raise ConfigError(f"model {self.card.ref}: the {self.name} pipeline has no cascade stages")
+
     def network_grid(self, channels: Sequence[Volume]) -> NetworkGrid:
         """The model grid :meth:`prepare` resamples the channels onto (2D / 2.5D: one slice per tile)."""
         target = self.card.preprocessing.target_spacing_xyz_mm

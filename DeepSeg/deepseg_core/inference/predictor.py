@@ -17,6 +17,7 @@ Segment Editor effect. Steps:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -36,6 +37,7 @@ from ..io import Volume
 from ..model_card import ModelCard
 from ..model_catalog import store_root
 from ..model_store import ModelStore, load_network, resolve_model
+from ..nets import CascadeNetwork
 from .backends import (
     BACKENDS,
     BackendChoice,
@@ -188,6 +190,13 @@ class Segmenter:
         config = card.architecture.config
         self.spatial_dims = int(config.get("spatial_dims", 3))
         self.context_slices = int(config.get("context_slices", 1))
+        #: an nnU-Net cascade's first stage, a model of its own whose labels the second stage reads
+        self.previous_stage: Segmenter | None = None
+        if isinstance(net, CascadeNetwork):
+            previous = card.previous_stage
+            assert previous is not None, "a cascade network needs a cascade card"
+            self.previous_stage = Segmenter(previous, net.previous_stage, device, cache_dir)
+            net = net.stage
         self.net = (_SliceNet(net) if self.spatial_dims == 2 else net).to(self.device).eval()
         self.pipeline = pipeline_for(card, self.spatial_dims, self.context_slices)
         #: where exported graphs of other backends are cached (beside the model store).
@@ -279,8 +288,26 @@ class Segmenter:
             network_axis_names=grid.input_axes,
         )
 
-    def prepare(self, channels: Sequence[Volume], options: SegmentOptions, subjects: Sequence[str]) -> PreparedInput:
-        """Check the channels against the card, then the pipeline's network input ``(C_net, Z, Y, X)``."""
+    def prepare(
+        self,
+        channels: Sequence[Volume],
+        options: SegmentOptions,
+        subjects: Sequence[str],
+        previous_labels_zyx: np.ndarray | None = None,
+    ) -> PreparedInput:
+        """Check the channels against the card, then the pipeline's network input ``(C_net, Z, Y, X)``
+        (a cascade's second stage: with the first stage's labels ``previous_labels_zyx`` as channels too)."""
+        self.check_channels(channels, options, subjects)
+        if previous_labels_zyx is not None:
+            return self.pipeline.prepare_with_previous_stage(channels, previous_labels_zyx)
+        return self.pipeline.prepare(channels)
+
+    def check_channels(self, channels: Sequence[Volume], options: SegmentOptions, subjects: Sequence[str]) -> None:
+        """The channels' number and grids against the card, and their modality unless ``options`` skip it.
+
+        Raises:
+            ImageError: what was expected, what was found and what to do.
+        """
         card = self.card
         expected = len(card.inputs.channels)
         if len(channels) != expected:
@@ -298,7 +325,6 @@ class Segmenter:
         if options.check_modality:
             for volume, subject in zip(channels, subjects, strict=True):
                 check_modality(card, volume, subject)
-        return self.pipeline.prepare(channels)
 
     def segment(
         self,
@@ -317,12 +343,28 @@ class Segmenter:
         timings: dict[str, float] = {}
         clock = time.perf_counter()
         subjects = list(subjects or [f"channel {i}" for i in range(len(channels))])
+        previous_labels = None
+        if self.previous_stage is not None:
+            self.check_channels(channels, options, subjects)  # a wrong input is refused before the first stage runs
+            if domain_check is None:
+                domain_check = self.check_inputs(channels)
+            first = self.previous_stage.segment(
+                channels,
+                _first_stage_options(options),
+                subjects=subjects,
+                on_progress=on_progress,
+                should_cancel=should_cancel,
+                domain_check=domain_check,
+            )
+            previous_labels = first.labels.array_zyx
+            timings.update({f"first_stage_{key}": value for key, value in first.timings_s.items()})
+            clock = time.perf_counter()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepseg-weights-digest") as pool:
             # An exported graph's cache key hashes the weights (0.1 s for nnU-Net's 31M parameters) and
             # its runtime takes a while to import: both beside the preprocessing, which needs neither.
             choice = self.backend_choice(options)
             digest = pool.submit(input_free_setup, self.net, choice.name) if choice.name != "torch" else None
-            prepared = self.prepare(channels, options, subjects)
+            prepared = self.prepare(channels, options, subjects, previous_labels)
             if domain_check is None:
                 domain_check = self.check_inputs(channels)
             timings["preprocess"] = time.perf_counter() - clock
@@ -374,6 +416,21 @@ class Segmenter:
                 array, things, labels.spacing_zyx_mm, options.min_instance_mm3
             )
         return result
+
+
+def _first_stage_options(options: SegmentOptions) -> SegmentOptions:
+    """What the first stage of a cascade runs with: the same window, mirroring, backend and precision; its labels
+    as they come (post-processing, instances, probabilities and uncertainty are the second stage's), as nnU-Net
+    feeds the first stage's exported segmentation to the second."""
+    return dataclasses.replace(
+        options,
+        instances=False,
+        largest_component=False,
+        fill_holes=False,
+        keep_probabilities=False,
+        uncertainty=None,
+        check_modality=False,
+    )
 
 
 @contextmanager

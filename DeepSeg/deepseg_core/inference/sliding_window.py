@@ -64,6 +64,8 @@ class SlidingWindowConfig:
             every combination is run (``2 ** len(mirror_axes)`` passes).
         intensity_perturbations: extra unmirrored passes, each ``(gain, shift)`` applied to the
             normalised input (``x * gain + shift``); used for uncertainty.
+        perturbed_channels: the first input channels the perturbations apply to (None: all); the
+            rest are not intensities (the one-hot labels a cascade's second stage reads).
         repeats: times the unmirrored, unperturbed pass is run; > 1 only makes sense with
             stochastic layers (Monte-Carlo dropout).
         amp: float16 autocast on CUDA (ignored on CPU).
@@ -87,6 +89,7 @@ class SlidingWindowConfig:
     sigma_scale: float = 0.125
     mirror_axes: tuple[int, ...] = ()
     intensity_perturbations: tuple[tuple[float, float], ...] = ()
+    perturbed_channels: int | None = None
     repeats: int = 1
     amp: bool = True
     placement: str = "deepseg"
@@ -433,7 +436,10 @@ def _predict_batch(
         dims = [a + 2 for a in combo]
         inputs = torch.flip(tiles, dims) if dims else tiles
         if gain != 1.0 or shift != 0.0:
-            inputs = inputs * gain + shift
+            n = inputs.shape[1] if config.perturbed_channels is None else config.perturbed_channels
+            inputs = (
+                torch.cat([inputs[:, :n] * gain + shift, inputs[:, n:]], dim=1) if n < inputs.shape[1] else inputs * gain + shift
+            )
         with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
             logits = net(inputs)
         probs = logits.float() if config.blend == "logits" else _probabilities(logits.float(), num_classes)

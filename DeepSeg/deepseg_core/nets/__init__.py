@@ -80,6 +80,37 @@ class LogitEnsemble(nn.Module):
         return sum(outputs[1:], outputs[0]) / len(self.names)
 
 
+def network_weights(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a model's weights file holds: an ensemble's under ``<member>.``, a cascade's first stage
+    under ``previous_stage.``, any other network's state dict."""
+    if isinstance(net, (LogitEnsemble, CascadeNetwork)):
+        return net.weights()
+    return net.state_dict()
+
+
+class CascadeNetwork(nn.Module):
+    """nnU-Net's cascade: a first stage (``3d_lowres``) that segments the image, and the second stage
+    (``3d_cascade_fullres``) that reads the image plus that segmentation as one-hot channels.
+
+    ``forward`` is the second stage's: ``(B, C + F, *patch)`` -> logits, where ``F`` is the number of
+    foreground labels. The first stage runs as a model of its own (its own pipeline and sliding window),
+    see :class:`~deepseg_core.inference.Segmenter`.
+    """
+
+    def __init__(self, stage: nn.Module, previous_stage: nn.Module) -> None:
+        super().__init__()
+        self.stage = stage
+        self.previous_stage = previous_stage
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The second stage's tensors as a model's, the first stage's under ``previous_stage.``."""
+        first = network_weights(self.previous_stage)
+        return {**network_weights(self.stage), **{f"previous_stage.{key}": value for key, value in first.items()}}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        return self.stage(x)
+
+
 def count_parameters(net: nn.Module, trainable_only: bool = True) -> int:
     """Number of (trainable) parameters."""
     return sum(p.numel() for p in net.parameters() if p.requires_grad or not trainable_only)
@@ -87,11 +118,13 @@ def count_parameters(net: nn.Module, trainable_only: bool = True) -> int:
 
 __all__ = [
     "NET_REGISTRY",
+    "CascadeNetwork",
     "LogitEnsemble",
     "UNet",
     "UNetConfig",
     "build_net",
     "count_parameters",
+    "network_weights",
     "pad_to_divisor",
     "unet_config",
 ]

@@ -532,6 +532,15 @@ def retrain(
     parent_card = None
     if base is not None:
         parent_card, net = load_network(resolve_model(base, store))
+        if parent_card.previous_stage is not None:
+            stages = f"{parent_card.source.get('configuration')} after {parent_card.source['previous_stage']['configuration']}"
+            raise ConfigError(
+                f"{parent_card.ref} is nnU-Net's cascade ({stages}): fine-tuning its second stage would need its first"
+                " stage's segmentation of every training case",
+                expected="a model of one stage (nnU-Net's 3d_fullres, 3d_lowres or 2d)",
+                found=stages,
+                hint="Import the dataset's 3d_fullres (or 3d_lowres) folder and fine-tune that.",
+            )
         if len(parent_card.ensemble) > 1:
             raise ConfigError(
                 f"{parent_card.ref} is an ensemble of {len(parent_card.ensemble)} networks {list(parent_card.ensemble)}; "

@@ -25,10 +25,13 @@ KiTS) are imported with one sigmoid output channel per region; the card names ea
 what its voxels are (:func:`.card.check_labels`) and the pipeline settings carry the regions (a
 fine-tune trains them with nnU-Net's region loss, :mod:`deepseg_core.losses.sigmoid_regions`).
 
-``3d_lowres``, the cascade's first stage, imports as a model of its own (as ``nnUNetPredictor`` runs it).
+``3d_lowres`` imports as a model of its own (as ``nnUNetPredictor`` runs it). The cascade's second stage
+(``3d_cascade_fullres``) imports with its first stage (the ``3d_lowres`` folder beside it, the same folds)
+into one version (:attr:`~deepseg_core.model_card.ModelCard.previous_stage`): the first stage segments,
+and its labels become one-hot input channels of the second, as nnU-Net's predictor feeds them.
 
-Not supported yet, each refused with a clear error (never a wrong result): the cascade's second
-stage (``3d_cascade_fullres``), custom readers that reorient,
+Not supported yet, each refused with a clear error (never a wrong result): cascades of more than
+two stages or of regions, fine-tuning a cascade, custom readers that reorient,
 preprocessors, resampling functions or normalisations other than nnU-Net's defaults, networks
 other than ``PlainConvUNet`` / ``ResidualEncoderUNet`` with BasicBlockD.
 

@@ -1,7 +1,7 @@
 """``plans.json``: the configuration resolved, what DeepSeg does not reproduce refused, the pipeline settings.
 
 The ``nnunetv2`` pipeline (:mod:`deepseg_core.pipelines.nnunet`) reproduces nnU-Net's default
-preprocessing and export; a configuration that asks for anything else (the cascade's second stage, a custom
+preprocessing and export; a configuration that asks for anything else (a cascade of more than two stages, a custom
 reader, preprocessor, label manager, resampling function or normalisation) is refused here, with
 what to do, rather than segmented differently.
 """
@@ -45,16 +45,21 @@ def check_configuration(config: dict[str, Any], configuration: str, plans: dict[
             f"{what} is not supported yet", subject=folder / "plans.json", expected=expected, found=str(found), hint=hint
         )
 
-    # 3d_lowres, the cascade's first stage, is a model of its own (nnUNetPredictor runs it alone); its second
-    # stage needs the first stage's segmentation as input channels
-    if config.get("previous_stage") or configuration == "3d_cascade_fullres":
-        raise refuse(
-            f"the nnU-Net cascade's second stage (configuration {configuration!r})",
-            "2d, 3d_fullres or 3d_lowres",
-            configuration,
-            "Import this dataset's 3d_fullres folder, or its 3d_lowres folder (the cascade's first stage, coarser "
-            "and faster): running the two stages chained is not supported yet.",
-        )
+    previous = config.get("previous_stage")
+    if previous is not None:
+        # a cascade's second stage reads its first stage's segmentation (importer.py runs it first); that first
+        # stage must be a model of its own
+        first = resolve_configuration(plans, str(previous))
+        seg_order_z = int(config.get("resampling_fn_seg_kwargs", {}).get("order_z", 0))
+        if seg_order_z != 0:
+            # the first stage's labels are resampled as segmentations (resampling_fn_seg) on the way in
+            raise refuse("a cascade whose segmentations are resampled with order_z != 0", "order_z 0", seg_order_z)
+        if first.get("previous_stage"):
+            raise refuse(
+                f"a cascade of more than two stages ({configuration!r} after {previous!r} after {first['previous_stage']!r})",
+                "a second stage whose first stage reads only the image",
+                first["previous_stage"],
+            )
     reader = str(plans.get("image_reader_writer", "SimpleITKIO"))
     if reader not in READERS:
         raise refuse(

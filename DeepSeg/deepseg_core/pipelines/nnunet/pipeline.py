@@ -260,6 +260,34 @@ class NnUNetPipeline(Pipeline):
         log.debug("nnU-Net preprocessing: %s -> %s", done.context["shape_before_crop"], done.context["network_shape"])
         return PreparedInput(done.image_czyx, None, {**done.context, "reorder": reorder})
 
+    def prepare_with_previous_stage(self, channels: Sequence[Volume], previous_labels_zyx: np.ndarray) -> PreparedInput:
+        """The input of the cascade's second stage (``3d_cascade_fullres``), as nnU-Net's predictor makes it.
+
+        The first stage's labels go through the preprocessing as a segmentation does (reoriented,
+        transposed and cropped with the image, -1 outside the non-zero mask, resampled as
+        ``resampling_fn_seg``), then one channel per foreground label value (ascending, nnU-Net's
+        ``convert_labelmap_to_one_hot``: 1 where the voxel has that value, else 0) follows the image's.
+
+        Returns:
+            ``(C + F, Z', Y', X')`` float32, ``F`` the number of foreground labels, and the export context.
+        """
+        if tuple(previous_labels_zyx.shape) != tuple(channels[0].shape_zyx):
+            raise ImageError(
+                "the cascade's first stage labels are not on the input grid",
+                expected=str(channels[0].shape_zyx),
+                found=str(previous_labels_zyx.shape),
+            )
+        reorder = self.reorder_for(channels[0])
+        data, spacing_zyx = self.stack_channels(channels, reorder)
+        done = self.preprocess(data, spacing_zyx, reorder.apply(previous_labels_zyx))
+        assert done.labels_zyx is not None
+        foreground = sorted(v for v in self.label_values if v != 0)
+        image = np.empty((done.image_czyx.shape[0] + len(foreground), *done.image_czyx.shape[1:]), dtype=np.float32)
+        image[: done.image_czyx.shape[0]] = done.image_czyx
+        for offset, value in enumerate(foreground, start=done.image_czyx.shape[0]):
+            image[offset] = done.labels_zyx == value
+        return PreparedInput(image, None, {**done.context, "reorder": reorder})
+
     def prepare_training_case(self, images: Sequence[Volume], label: Volume | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One training case preprocessed as nnU-Net preprocesses it for training (for fine-tuning).
 
@@ -307,6 +335,8 @@ class NnUNetPipeline(Pipeline):
             sigma_scale=1.0 / 8.0,
             mirror_axes=mirror,
             intensity_perturbations=options.uncertainty_perturbations if options.uncertainty == "tta" else (),
+            # a cascade's second stage: the image's channels are intensities, the first stage's one-hot labels not
+            perturbed_channels=len(self.card.inputs.channels) if self.config.get("previous_stage") else None,
             repeats=options.uncertainty_passes if options.uncertainty == "mc_dropout" else 1,
             placement="nnunet",
             importance="nnunet",

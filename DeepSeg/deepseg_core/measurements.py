@@ -34,6 +34,7 @@ from scipy import ndimage
 from .errors import ImageError
 from .fileutil import atomic_path
 from .io import SegmentInfo, Volume
+from .model_card import region_title
 
 #: percentiles reported for intensities (Segment Statistics' scalar plugin reports 5 and 95 too).
 PERCENTILES = (5.0, 25.0, 50.0, 75.0, 95.0)
@@ -318,8 +319,9 @@ def _region_row(
         shape["feret_diameter_mm"] = feret_diameter_mm(crop, grid, [s.start for s in box[0]])
         if values is not None:
             stats = intensity_statistics(values[box[0]][crop])
-    title = f"{name} (values {', '.join(str(v) for v in region_values)})"
-    return SegmentMeasurement(segment=title, label_value=None, instance=0, instance_count=0, **shape, **stats)
+    return SegmentMeasurement(
+        segment=region_title(name, region_values), label_value=None, instance=0, instance_count=0, **shape, **stats
+    )
 
 
 def _instance_row(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -138,6 +139,11 @@ class Region:
     name: str
     values: tuple[int, ...]
     row_name: str
+
+
+def region_title(name: str, values: Sequence[int]) -> str:
+    """How tables show a region of several values: ``"whole tumor (values 1, 2, 3)"``."""
+    return f"{name} (values {', '.join(str(v) for v in values)})"
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 import slicer
 
 from deepseg_core.locations import default_checkpoint_dir
+from deepseg_core.model_card import region_title
 from deepseg_core.model_store import ModelStore
 from DeepSegLib.segment_job import DeepSegJob, launch
 
@@ -138,7 +139,7 @@ def comparison_table(scene: slicer.vtkMRMLScene, done_event: dict) -> slicer.vtk
         before = old.get(name, {}).get("dice")
         # a region of several values (nnU-Net's "whole tumor") is scored as their union: say which
         values = scores.get("values") if scores.get("region") else None
-        table.SetValue(row, 0, f"{name} (values {', '.join(str(v) for v in values)})" if values else name)
+        table.SetValue(row, 0, region_title(name, values) if values else name)
         table.SetValue(row, 1, f"{before:.3f}" if before is not None else "-")
         table.SetValue(row, 2, f"{scores['dice']:.3f}")
         table.SetValue(row, 3, f"{scores['dice'] - before:+.3f}" if before is not None else "-")

@@ -436,10 +436,8 @@ def _predict_batch(
         dims = [a + 2 for a in combo]
         inputs = torch.flip(tiles, dims) if dims else tiles
         if gain != 1.0 or shift != 0.0:
-            n = inputs.shape[1] if config.perturbed_channels is None else config.perturbed_channels
-            inputs = (
-                torch.cat([inputs[:, :n] * gain + shift, inputs[:, n:]], dim=1) if n < inputs.shape[1] else inputs * gain + shift
-            )
+            n = config.perturbed_channels
+            inputs = inputs * gain + shift if n is None else torch.cat([inputs[:, :n] * gain + shift, inputs[:, n:]], dim=1)
         with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
             logits = net(inputs)
         probs = logits.float() if config.blend == "logits" else _probabilities(logits.float(), num_classes)

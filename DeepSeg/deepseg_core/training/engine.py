@@ -411,14 +411,14 @@ def evaluate_model(
     """
     value_map = match_labels(dataset, segmenter.card) if value_map is None else value_map
     region_rows = _region_rows(segmenter.card, dataset, value_map)
-    rows = [(spec.name, [spec.value], [value_map.get(spec.value, -1)]) for spec in dataset.labels]
-    rows += [(row, dataset_values, list(model_values)) for row, dataset_values, model_values in region_rows.values()]
+    rows = [(spec.name, [spec.value], [value_map.get(spec.value, -1)], False) for spec in dataset.labels]
+    rows += [(row, dataset_values, list(model_values), True) for row, dataset_values, model_values in region_rows.values()]
     per_case = {}
     for case_id in case_ids:
         images, label = dataset.load_case(case_id)
         result = segmenter.segment(images, SegmentOptions(check_modality=False, backend=backend))
         scores = {}
-        for name, dataset_values, model_values in rows:
+        for name, dataset_values, model_values, _ in rows:
             pred, ref = np.isin(result.labels.array_zyx, model_values), np.isin(label.array_zyx, dataset_values)
             entry = {"dice": metrics.dice(pred, ref)}
             if hd95:
@@ -426,13 +426,13 @@ def evaluate_model(
             scores[name] = entry
         per_case[case_id] = scores
     mean = {}
-    for name, _, model_values in rows:
+    for name, _, model_values, is_region in rows:
         dice = [per_case[c][name]["dice"] for c in case_ids]
         mean[name] = {"dice": float(np.mean(dice)) if dice else float("nan")}
         if hd95:
             finite = [per_case[c][name]["hd95_mm"] for c in case_ids if np.isfinite(per_case[c][name]["hd95_mm"])]
             mean[name]["hd95_mm"] = float(np.mean(finite)) if finite else float("inf")
-        if name in {row for row, _, _ in region_rows.values()}:
+        if is_region:
             mean[name].update(region=True, values=model_values)
     regions = [
         region_rows[region.name][0] if region.name in region_rows else _label_row(region, dataset, value_map)

@@ -165,20 +165,18 @@ def _first_stage(
             found=str([name for name, _ in outputs.regions]),
         )
     first_dataset = read_json(first_folder / "dataset.json")
-    if check_labels(first_dataset, first_folder) != outputs:
-        raise NnUNetImportError(
-            "the cascade's first stage has other labels than its second stage",
-            subject=first_folder / "dataset.json",
-            expected=str(outputs.pairs),
-            found=str(check_labels(first_dataset, first_folder).pairs),
-        )
-    if channel_names(first_dataset, first_folder) != channel_names(dataset, folder):
-        raise NnUNetImportError(
-            "the cascade's first stage reads other input channels than its second stage",
-            subject=first_folder / "dataset.json",
-            expected=str(channel_names(dataset, folder)),
-            found=str(channel_names(first_dataset, first_folder)),
-        )
+    first_outputs = check_labels(first_dataset, first_folder)
+    for what, ours, theirs in (
+        ("has other labels", outputs, first_outputs),
+        ("reads other input channels", channel_names(dataset, folder), channel_names(first_dataset, first_folder)),
+    ):
+        if ours != theirs:
+            raise NnUNetImportError(
+                f"the cascade's first stage {what} than its second stage",
+                subject=first_folder / "dataset.json",
+                expected=str(ours),
+                found=str(theirs),
+            )
     try:
         first_dirs = fold_folders(first_folder, [name.removeprefix("fold_") for name in fold_names], checkpoint)
     except NnUNetImportError as exc:
@@ -188,12 +186,13 @@ def _first_stage(
             hint="Each fold of the second stage runs after the same fold of the first; import the folds both have (--folds).",
         ) from None
     first_checkpoints = {p.name: essentials(load_checkpoint(p / checkpoint)) for p in first_dirs}
-    if configuration_name(first_folder, first_checkpoints, None) != previous:
+    first_configuration = configuration_name(first_folder, first_checkpoints, None)
+    if first_configuration != previous:
         raise NnUNetImportError(
             f"the first stage's checkpoints are not of configuration {previous}",
             subject=first_folder,
             expected=str(previous),
-            found=configuration_name(first_folder, first_checkpoints, None),
+            found=first_configuration,
         )
     first_plans = read_json(first_folder / "plans.json")
     architecture, ensemble, settings, _ = _network_and_settings(

@@ -22,7 +22,9 @@ there, float16 autocast, with MONAI under the same autocast (the float32 pair is
 of measured TF32 / float16 matmul ceilings are added; TensorRT is reported as installed or not.
 MONAI's output is brought to host memory whole, every class, inside its timing, as DeepSeg's sliding
 window hands every class of each slab to host memory (``*_foreground_copy``: one class only, this
-benchmark's CUDA definition before 2026-11-26).
+benchmark's CUDA definition before 2026-11-26); DeepSeg's slabs are kept as handed over and its
+foreground gathered from them after the clock stops, as MONAI's is a view of its copy (before
+2026-11-27 DeepSeg's gathering was timed). ``parts_s`` times the parts of a CUDA run alone.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "DeepSeg"))
 
 from deepseg_core.inference import SlidingWindowConfig, gaussian_importance, sliding_window_predict
 from deepseg_core.inference.backends import choose_backend, installed, native_bfloat16, tile_function
-from deepseg_core.inference.sliding_window import tile_starts
+from deepseg_core.inference.sliding_window import SLAB_PIECE_BYTES, SlabCopier, tile_starts
 
 SHAPE_ZYX = (160, 192, 192)
 PATCH = (96, 96, 96)
@@ -155,16 +157,21 @@ def time_deepseg(net, image, batch, device, repeats, amp=False):
     float32 unless a row says otherwise."""
     best, probs, stats = float("inf"), np.zeros(SHAPE_ZYX, np.float32), {}
     config = SlidingWindowConfig(patch_size_zyx=PATCH, overlap=OVERLAP, batch_size=batch, sigma_scale=0.125, amp=amp)
-
-    def on_slab(z0, z1, slab_probs):
-        probs[z0:z1] = slab_probs[1]
-
     for _ in range(repeats):
+        # Inside the timing both tools only bring every class to host memory: MONAI's foreground is
+        # a view of its copied output, so DeepSeg's slabs are kept by reference and the foreground is
+        # gathered from them after the clock stops (before 2026-11-27 it was copied inside the timing:
+        # at 300 x 512 x 512 a 315 MB copy MONAI's row did not make).
+        slabs: list = []
         sync(device)
         start = time.perf_counter()
-        stats = sliding_window_predict(net, image, 2, config, on_slab, device=device)
+        stats = sliding_window_predict(
+            net, image, 2, config, lambda z0, z1, slab, kept=slabs: kept.append((z0, z1, slab)), device=device
+        )
         sync(device)
         best = min(best, time.perf_counter() - start)
+        for z0, z1, slab in slabs:
+            probs[z0:z1] = slab[1]
     return best, probs, stats
 
 
@@ -195,17 +202,39 @@ def time_network_only(net, image, batch, device, repeats, amp=False) -> float:
 
 
 def time_copies_back(device, repeats) -> dict[str, float]:
-    """Best-of-``repeats`` seconds to copy to host memory the blended volume ``(2, Z, Y, X)`` float32
-    (``all_classes``: what DeepSeg's slabs hand over) and one class of it (``foreground``: what this
-    benchmark copies from MONAI's output)."""
+    """Best-of-``repeats`` seconds to copy to host memory the blended volume ``(2, Z, Y, X)`` float32:
+    all classes straight to pageable memory (``all_classes``: what DeepSeg's slabs cost before
+    2026-11-27 and what this benchmark's MONAI rows do), one class of it (``foreground``: what the
+    benchmark copied from MONAI's output before 2026-11-26), and all classes in DeepSeg's slab pieces
+    through its page-locked staging buffer (``all_classes_pinned_staging``, ``SlabCopier``). Also the
+    seconds to page-lock one staging buffer (``pin_staging_buffer``: paid once per process, since
+    torch's caching host allocator keeps it; absent where this torch cannot empty that cache)."""
     volume = torch.rand((2, *SHAPE_ZYX), device=device)
-    best = {"all_classes": float("inf"), "foreground": float("inf")}
+    piece_depth = max(1, SLAB_PIECE_BYTES // (volume[:, 0].numel() * 4))
+    copier = SlabCopier(volume[:, :piece_depth].numel())
+
+    def staged() -> None:
+        for z in range(0, SHAPE_ZYX[0], piece_depth):
+            copier(volume[:, z : z + piece_depth])
+
+    best = {"all_classes": float("inf"), "foreground": float("inf"), "all_classes_pinned_staging": float("inf")}
     for _ in range(repeats):
-        for key, part in (("all_classes", volume), ("foreground", volume[1])):
+        for key, copy in (
+            ("all_classes", lambda: volume.cpu().numpy()),
+            ("foreground", lambda: volume[1].cpu().numpy()),
+            ("all_classes_pinned_staging", staged),
+        ):
             sync(device)
             start = time.perf_counter()
-            part.cpu().numpy()
+            copy()
             best[key] = min(best[key], time.perf_counter() - start)
+    empty_host_cache = getattr(torch._C, "_host_emptyCache", getattr(torch._C, "_accelerator_emptyHostCache", None))
+    if empty_host_cache is not None:
+        copier.staging = None
+        empty_host_cache()
+        start = time.perf_counter()
+        torch.empty(copier.max_elements, pin_memory=True)
+        best["pin_staging_buffer"] = time.perf_counter() - start
     return best
 
 

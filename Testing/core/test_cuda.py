@@ -21,7 +21,7 @@ from torch import nn
 from deepseg_core import io
 from deepseg_core.datasets import Dataset
 from deepseg_core.demo import DEFAULT_MODEL, SAMPLE_SPACING_XYZ_MM, SAMPLE_VOLUME
-from deepseg_core.inference import Segmenter, SegmentOptions, SlidingWindowConfig, sliding_window_predict
+from deepseg_core.inference import Segmenter, SegmentOptions, SlidingWindowConfig, sliding_window, sliding_window_predict
 from deepseg_core.model_store import ModelStore, load_network
 from deepseg_core.phantoms import PHANTOM_LABELS, generate_phantom
 from deepseg_core.training.engine import RetrainConfig, retrain
@@ -140,6 +140,44 @@ def test_tiles_are_cut_from_the_image_in_gpu_memory(exact_float32):
     net = Pointwise(lambda x, call: False).cuda()
     probs, stats = _run(net, image, batch=2)
     assert stats["image_device"].startswith("cuda")
+    np.testing.assert_allclose(probs, _direct(net.cpu(), image), atol=1e-5)
+
+
+def _kept_slabs(net: nn.Module, image: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Probabilities assembled after the run from the slabs as handed over, each kept by reference."""
+    kept: list = []
+    config = SlidingWindowConfig(patch_size_zyx=(16, 16, 16), overlap=0.5, batch_size=2, amp=False)
+    stats = sliding_window_predict(net, image, 3, config, lambda z0, z1, probs: kept.append((z0, z1, probs)), device="cuda")
+    out = np.zeros((3, *image.shape[1:]), np.float32)
+    for z0, z1, probs in kept:
+        out[:, z0:z1] = probs
+    return out, stats
+
+
+def test_slabs_reach_host_memory_through_one_pinned_buffer_and_stay_valid(monkeypatch, exact_float32):
+    # pieces of 3 slices: the one staging buffer is refilled 12 times while every earlier slab is kept
+    monkeypatch.setattr(sliding_window, "SLAB_PIECE_BYTES", 3 * 3 * 40 * 40 * 4)
+    image = np.random.default_rng(4).normal(size=(1, 36, 40, 40)).astype(np.float32)
+    net = Pointwise(lambda x, call: False).cuda()
+    probs, stats = _kept_slabs(net, image)
+    assert stats["host_copy"] == "pinned"
+    np.testing.assert_allclose(probs, _direct(net.cpu(), image), atol=1e-5)
+
+
+def test_without_page_locked_memory_slabs_are_copied_to_pageable_memory(monkeypatch, caplog, exact_float32):
+    real_empty = torch.empty
+
+    def empty_without_pinning(*args, pin_memory=False, **kwargs):
+        if pin_memory:
+            raise RuntimeError("cudaHostAlloc refused (simulated)")
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", empty_without_pinning)
+    image = np.random.default_rng(5).normal(size=(1, 24, 40, 40)).astype(np.float32)
+    net = Pointwise(lambda x, call: False).cuda()
+    with caplog.at_level(logging.WARNING):
+        probs, stats = _kept_slabs(net, image)
+    assert stats["host_copy"] == "pageable" and "no page-locked host memory" in caplog.text
     np.testing.assert_allclose(probs, _direct(net.cpu(), image), atol=1e-5)
 
 

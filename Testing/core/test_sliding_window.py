@@ -53,6 +53,7 @@ def test_tiled_result_equals_whole_volume_prediction(shape):
     assert all(a[1] == b[0] for a, b in zip(slabs, slabs[1:], strict=False))
     assert stats["tiles"] == sum(net.calls)
     assert stats["image_device"] == "cpu", "a CPU run leaves the image where it is"
+    assert stats["host_copy"] == "not needed", "slabs computed on the CPU are handed over as they are"
 
 
 @pytest.mark.parametrize("batch_size", [2, 3, 7])

@@ -76,3 +76,32 @@ def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Mean of ``values`` over valid voxels (0 when none is valid, keeping the graph)."""
     weights = valid.to(values.dtype)
     return (values * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) whose gradient is the all-reduced gradient: every rank's loss reads the sum, so
+    a rank's own counts get the gradient of every rank's loss (nnU-Net's ``AllGatherGrad`` then a sum)."""
+
+    @staticmethod
+    def forward(ctx: object, counts: torch.Tensor) -> torch.Tensor:
+        total = counts.clone()
+        torch.distributed.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad)
+        return grad
+
+
+def sum_over_ranks(*counts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each of ``counts`` (same shape, e.g. per-class TP, FP, FN ``(C,)``) summed over the ranks of a
+    started ``torch.distributed`` process group, with gradients; unchanged without one.
+
+    Batch Dice under DDP counts the whole global batch, as nnU-Net's trainer does: every rank computes
+    the same Dice, and after DDP averages the parameters' gradients over the ranks they are the
+    gradient of that one Dice. Every rank must call this equally often (each training step does)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
+        return counts
+    return tuple(_SumOverRanks.apply(torch.stack(counts)).unbind(0))

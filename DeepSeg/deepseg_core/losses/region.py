@@ -9,7 +9,9 @@ counts, so soft Dice equals the F1 score.
   smoothing ``s / 2`` it is exactly the Dice index with smoothing ``s``.
 
 ``reduction="batch"`` sums counts over the whole batch before the ratio (stable for rare
-foreground, nnU-Net's default); ``"sample"`` computes one index per sample and averages.
+foreground, nnU-Net's default); ``"sample"`` computes one index per sample and averages. With
+``across_ranks``, batch counts are summed over the ranks of a DDP run too (the global batch, as
+nnU-Net's trainer counts under DDP).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import PreparedBatch, prepare
+from .base import PreparedBatch, prepare, sum_over_ranks
 
 REDUCTIONS = ("batch", "sample")
 
@@ -38,7 +40,9 @@ def soft_confusion(batch: PreparedBatch, reduction: str) -> tuple[torch.Tensor, 
 
 
 class _OverlapLoss(nn.Module):
-    def __init__(self, include_background: bool, reduction: str, smooth: float, ignore_index: int | None) -> None:
+    def __init__(
+        self, include_background: bool, reduction: str, smooth: float, ignore_index: int | None, across_ranks: bool
+    ) -> None:
         super().__init__()
         if reduction not in REDUCTIONS:
             raise ConfigError("invalid reduction", expected=f"one of {REDUCTIONS}", found=repr(reduction))
@@ -48,14 +52,17 @@ class _OverlapLoss(nn.Module):
         self.reduction = reduction
         self.smooth = float(smooth)
         self.ignore_index = ignore_index
+        self.across_ranks = across_ranks
 
     def index(self, tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def per_class_index(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The overlap index per class, ``(C,)`` or ``(B, C)``, background included."""
-        batch = prepare(logits, target, self.ignore_index)
-        return self.index(*soft_confusion(batch, self.reduction))
+        counts = soft_confusion(prepare(logits, target, self.ignore_index), self.reduction)
+        if self.across_ranks and self.reduction == "batch":
+            counts = sum_over_ranks(*counts)
+        return self.index(*counts)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         index = self.per_class_index(logits, target)
@@ -72,12 +79,18 @@ class SoftDiceLoss(_OverlapLoss):
         reduction: ``"batch"`` or ``"sample"`` (see module docstring).
         smooth: additive smoothing ``s`` (keeps empty classes at index 1, avoids 0/0).
         ignore_index: target value whose voxels are skipped.
+        across_ranks: with ``reduction="batch"`` in a DDP run, count the batches of all ranks.
     """
 
     def __init__(
-        self, include_background: bool = False, reduction: str = "batch", smooth: float = 1e-5, ignore_index: int | None = None
+        self,
+        include_background: bool = False,
+        reduction: str = "batch",
+        smooth: float = 1e-5,
+        ignore_index: int | None = None,
+        across_ranks: bool = False,
     ) -> None:
-        super().__init__(include_background, reduction, smooth, ignore_index)
+        super().__init__(include_background, reduction, smooth, ignore_index, across_ranks)
 
     def index(self, tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> torch.Tensor:
         return (2.0 * tp + self.smooth) / (2.0 * tp + fp + fn + self.smooth)
@@ -97,8 +110,9 @@ class TverskyLoss(_OverlapLoss):
         reduction: str = "batch",
         smooth: float = 1e-5,
         ignore_index: int | None = None,
+        across_ranks: bool = False,
     ) -> None:
-        super().__init__(include_background, reduction, smooth, ignore_index)
+        super().__init__(include_background, reduction, smooth, ignore_index, across_ranks)
         if alpha < 0 or beta < 0:
             raise ConfigError("Tversky alpha and beta must be >= 0", found=f"alpha={alpha}, beta={beta}")
         self.alpha = float(alpha)

@@ -10,8 +10,8 @@ included, smoothing 1e-5); :class:`RegionDiceBCELoss` computes the same terms:
   so a run with an ignore value weighs BCE against Dice as nnU-Net's does.
 * Dice: per region ``(2 TP + s) / (|pred| + |ref| + s)`` over valid voxels, counts summed over the
   batch (``batch_dice``) or per sample, then averaged; nnU-Net takes the choice from the plans
-  (its planner sets it per configuration). Under DDP nnU-Net gathers the batch counts of all ranks;
-  this counts each rank's own.
+  (its planner sets it per configuration). Under DDP nnU-Net gathers the batch counts of all ranks,
+  and so does this with ``across_ranks``.
 
 nnU-Net returns ``BCE - Dice``; this returns ``BCE + (1 - Dice)``, which differs by the constant 1
 only (same gradients), so that the loss stays non-negative like DeepSeg's other losses.
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, ShapeError
+from .base import sum_over_ranks
 
 
 class RegionDiceBCELoss(nn.Module):
@@ -36,6 +37,7 @@ class RegionDiceBCELoss(nn.Module):
         ignore_index: label value that counts in neither term (nnU-Net's ``ignore`` label).
         batch_dice: sum Dice counts over the batch before the ratio (else one Dice per sample).
         smooth: added to the Dice numerator and denominator.
+        across_ranks: with ``batch_dice`` in a DDP run, sum the counts over all ranks' batches.
 
     ``forward(logits, target)``: logits ``(B, R, *spatial)``, integer label values ``(B, *spatial)``
     or ``(B, 1, *spatial)``; returns a scalar.
@@ -47,8 +49,10 @@ class RegionDiceBCELoss(nn.Module):
         ignore_index: int | None = None,
         batch_dice: bool = True,
         smooth: float = 1e-5,
+        across_ranks: bool = False,
     ) -> None:
         super().__init__()
+        self.across_ranks = across_ranks
         self.regions = [tuple(int(v) for v in values) for values in regions]
         if not self.regions or any(not values for values in self.regions):
             raise ConfigError("a region loss needs at least one region, each with label values", found=str(regions))
@@ -88,5 +92,7 @@ class RegionDiceBCELoss(nn.Module):
             predicted, reference = (probabilities * valid).sum(axes), (masks * valid).sum(axes)
         if self.batch_dice:
             intersect, predicted, reference = intersect.sum(0), predicted.sum(0), reference.sum(0)
+            if self.across_ranks:
+                intersect, predicted, reference = sum_over_ranks(intersect, predicted, reference)
         dice = (2.0 * intersect + self.smooth) / (reference + predicted + self.smooth).clamp_min(1e-8)
         return bce_term + (1.0 - dice.mean())

@@ -194,7 +194,9 @@ def _prepare_cases(
     return out
 
 
-def training_objective(card: ModelCard, config: RetrainConfig, ignore_value: int | None) -> DeepSupervisionLoss:
+def training_objective(
+    card: ModelCard, config: RetrainConfig, ignore_value: int | None, *, across_ranks: bool = False
+) -> DeepSupervisionLoss:
     """What a run of ``config`` on ``card`` minimises: its loss on every deep-supervision output.
 
     The loss is ``config.loss`` with the dataset's ignore value. The card's pipeline says how it is
@@ -203,17 +205,19 @@ def training_objective(card: ModelCard, config: RetrainConfig, ignore_value: int
     Dice terms per batch or per sample as its plans say, the lowest-resolution output weighted 0 and
     targets down-sampled ``nearest-exact``. A region-based nnU-Net model trains with nnU-Net's region
     loss (:class:`~deepseg_core.losses.sigmoid_regions.RegionDiceBCELoss`), as its sigmoid channels
-    need: softmax losses would train them as exclusive labels.
+    need: softmax losses would train them as exclusive labels. ``across_ranks`` (a DDP run): Dice and
+    Tversky terms counted per batch count the global batch, all ranks' (nnU-Net's trainer does so).
 
     Raises:
         ConfigError: a loss the model cannot train (before anything is written).
     """
     pipeline = _card_pipeline(card)
     scheme = pipeline.training_scheme
+    batch_dice = scheme.dice_reduction != "sample"
     loss = (
-        _region_loss(card, pipeline, config, ignore_value, batch_dice=scheme.dice_reduction != "sample")
+        _region_loss(card, pipeline, config, ignore_value, batch_dice=batch_dice, across_ranks=across_ranks)
         if pipeline.region_values
-        else build_loss(config.loss, **_loss_options(config.loss, scheme.dice_reduction, ignore_value))
+        else build_loss(config.loss, **_loss_options(config.loss, scheme.dice_reduction, ignore_value, across_ranks))
     )
     return DeepSupervisionLoss(loss, drop_lowest=scheme.drop_lowest_output, target_sampling=scheme.target_sampling)
 
@@ -222,21 +226,25 @@ def training_objective(card: ModelCard, config: RetrainConfig, ignore_value: int
 _OVERLAP_TERMS = ("dice", "tversky")
 
 
-def _loss_options(name: str, dice_reduction: str | None, ignore_value: int | None) -> dict[str, Any]:
-    """``build_loss`` options: the ignore value, and the Dice / Tversky terms' reduction when the scheme sets one."""
+def _loss_options(name: str, dice_reduction: str | None, ignore_value: int | None, across_ranks: bool = False) -> dict[str, Any]:
+    """``build_loss`` options: the ignore value, and the Dice / Tversky terms' reduction when the scheme sets
+    one and whether they count all ranks' batches."""
     options: dict[str, Any] = {"ignore_index": ignore_value} if ignore_value is not None else {}
-    if dice_reduction is None:
+    overlap: dict[str, Any] = {"reduction": dice_reduction} if dice_reduction is not None else {}
+    if across_ranks:
+        overlap["across_ranks"] = True
+    if not overlap:
         return options
     if name in _OVERLAP_TERMS:
-        options["reduction"] = dice_reduction
+        options.update(overlap)
     for term in COMPOUND_LOSSES.get(name, ()):
         if term in _OVERLAP_TERMS:
-            options[term] = {"reduction": dice_reduction}
+            options[term] = dict(overlap)
     return options
 
 
 def _region_loss(
-    card: ModelCard, pipeline: Pipeline, config: RetrainConfig, ignore_value: int | None, batch_dice: bool
+    card: ModelCard, pipeline: Pipeline, config: RetrainConfig, ignore_value: int | None, batch_dice: bool, across_ranks: bool
 ) -> RegionDiceBCELoss:
     if config.loss != DEFAULT_LOSS:
         raise ConfigError(
@@ -259,7 +267,7 @@ def _region_loss(
         list(pipeline.region_values),
         batch_dice,
     )
-    return RegionDiceBCELoss(pipeline.region_values, ignore_index=ignore_value, batch_dice=batch_dice)
+    return RegionDiceBCELoss(pipeline.region_values, ignore_index=ignore_value, batch_dice=batch_dice, across_ranks=across_ranks)
 
 
 def _dataset_fingerprint(dataset_name: str, loaded: dict[str, LoadedCase], card: ModelCard, parent: ModelCard | None) -> dict:
@@ -569,8 +577,9 @@ def retrain(
     else:
         card, net = _scratch_card(dataset, name, config, loaded)
         value_map = {label.value: label.value for label in dataset.labels}
-    loss_fn = training_objective(card, config, dataset.ignore_value)  # a loss the model cannot train fails here
     rank, world = distributed.rank_world()
+    # a loss the model cannot train fails here, on every rank alike
+    loss_fn = training_objective(card, config, dataset.ignore_value, across_ranks=world > 1)
     checkpoint_dir = Path(checkpoint_dir)
     if resume:
         check_resumable(checkpoint_dir / "last", rank, world)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from deepseg_core.inference import Cancelled, SlidingWindowConfig, gaussian_importance, sliding_window_predict, tile_starts
+from deepseg_core.inference.sliding_window import TILE_PLACEMENTS, count_tiles
 
 
 class PointwiseNet(nn.Module):
@@ -39,6 +40,15 @@ def run(net, image, classes, config, **kwargs):
 def direct(net, image):
     with torch.no_grad():
         return torch.softmax(net.conv(torch.from_numpy(image)[None]), 1)[0].numpy()
+
+
+@pytest.mark.parametrize("placement", sorted(TILE_PLACEMENTS))
+@pytest.mark.parametrize("shape", [(20, 30, 26), (5, 9, 40), (33, 17, 17)])
+def test_count_tiles_is_what_a_run_counts(shape, placement):
+    # a cascade's progress bar is sized from it before the second stage runs
+    config = SlidingWindowConfig(patch_size_zyx=(8, 12, 12), overlap=0.5, batch_size=3, placement=placement)
+    _, _, stats = run(PointwiseNet(), np.zeros((2, *shape), np.float32), 3, config)
+    assert count_tiles(shape, config) == stats["tiles"] > 1
 
 
 @pytest.mark.parametrize("shape", [(20, 30, 26), (5, 9, 40), (33, 17, 17)])

@@ -170,8 +170,17 @@ def test_the_second_stage_reads_the_first_stages_labels_as_nnunet_prepares_them(
 @pytest.mark.parametrize("image", ["phantom", "head_ct"])
 def test_labels_match_nnunets_own_cascade(image, card, store, images, references, record_property):
     volume = io.read_image(images[image])
-    result = Segmenter.load(card.ref, device="cpu", store=store).segment([volume], options())
+    segmenter = Segmenter.load(card.ref, device="cpu", store=store)
+    progress = []
+    result = segmenter.segment([volume], options(), on_progress=lambda *event: progress.append(event))
     ours, theirs = result.labels.array_zyx, references[("second", image)]
+    # one progress bar over both stages: the total (the second stage's tiles planned from its network
+    # grid before the first runs) holds from the first event to the last
+    first_tiles = segmenter.previous_stage.planned_tiles([volume], options())
+    total = first_tiles + result.window_stats["tiles"]
+    assert first_tiles > 0 and {event[1] for event in progress} == {total}
+    assert [event[0] for event in progress] == sorted(event[0] for event in progress) and progress[-1][:2] == (total, total)
+    assert all(eta > 0 for done, _, eta in progress if done < first_tiles), "the first stage's estimate counts the second's tiles"
     assert result.labels.same_grid(volume)
     differ = int((ours != theirs).sum())
     record_property("realdata", f"nnU-Net cascade parity, {image}: {differ} of {theirs.size} voxels differ")

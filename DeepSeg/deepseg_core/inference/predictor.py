@@ -51,7 +51,7 @@ from .backends import (
     weights_digest,
 )
 from .pipelines import PreparedInput, pipeline_for
-from .sliding_window import ProgressCallback, SlidingWindowConfig, sliding_window_predict
+from .sliding_window import ProgressCallback, SlidingWindowConfig, count_tiles, sliding_window_predict
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +288,11 @@ class Segmenter:
             network_axis_names=grid.input_axes,
         )
 
+    def planned_tiles(self, channels: Sequence[Volume], options: SegmentOptions) -> int:
+        """How many tiles the sliding window will run over ``channels`` (on the pipeline's network grid,
+        found without preprocessing; a cascade's first stage not counted)."""
+        return count_tiles(self.pipeline.network_grid(channels).shape_zyx, self.window_config(options))
+
     def prepare(
         self,
         channels: Sequence[Volume],
@@ -348,11 +353,12 @@ class Segmenter:
             self.check_channels(channels, options, subjects)  # a wrong input is refused before the first stage runs
             if domain_check is None:
                 domain_check = self.check_inputs(channels)
+            first_progress, on_progress = _two_stage_progress(on_progress, self.planned_tiles(channels, options))
             first = self.previous_stage.segment(
                 channels,
                 _first_stage_options(options),
                 subjects=subjects,
-                on_progress=on_progress,
+                on_progress=first_progress,
                 should_cancel=should_cancel,
                 domain_check=domain_check,
             )
@@ -416,6 +422,28 @@ class Segmenter:
                 array, things, labels.spacing_zyx_mm, options.min_instance_mm3
             )
         return result
+
+
+def _two_stage_progress(
+    on_progress: ProgressCallback | None, second_stage_tiles: int
+) -> tuple[ProgressCallback | None, ProgressCallback | None]:
+    """Progress callbacks for a cascade's first and second stage that report one run: tiles counted over
+    both stages, and while the first runs, the second's time estimated at the first's pace per tile."""
+    if on_progress is None:
+        return None, None
+    first_total, seconds_per_tile = 0, 0.0
+
+    def first(done: int, total: int, eta_s: float) -> None:
+        nonlocal first_total, seconds_per_tile
+        first_total = total
+        if total > done:
+            seconds_per_tile = eta_s / (total - done)
+        on_progress(done, total + second_stage_tiles, eta_s + seconds_per_tile * second_stage_tiles)
+
+    def second(done: int, total: int, eta_s: float) -> None:
+        on_progress(first_total + done, first_total + total, eta_s)
+
+    return first, second
 
 
 def _first_stage_options(options: SegmentOptions) -> SegmentOptions:

@@ -296,8 +296,7 @@ def sliding_window_predict(
             pads += [b, p - s - b]
         image = torch.nn.functional.pad(image, pads, mode=pad_mode)
     image = _place_image(image, device)
-    place = TILE_PLACEMENTS[config.placement]
-    starts = list(itertools.product(*(place(s, p, config.overlap) for s, p in zip(padded_shape, patch, strict=True))))
+    starts = _tile_grid(padded_shape, config)
     gaussian = _importance(IMPORTANCE_MAPS[config.importance], patch, config.sigma_scale).to(device)
     out_channels = num_classes if config.blend == "logits" else max(num_classes, 2)
     z_before, y_before, x_before = before
@@ -374,6 +373,18 @@ def sliding_window_predict(
         "image_device": str(image.device),
         "host_copy": to_host.kind,
     }
+
+
+def _tile_grid(padded_shape_zyx: Sequence[int], config: SlidingWindowConfig) -> list[tuple[int, ...]]:
+    """Every tile's start ``(z, y, x)`` over an image padded to at least the patch, in z order."""
+    place = TILE_PLACEMENTS[config.placement]
+    patch = config.patch_size_zyx
+    return list(itertools.product(*(place(s, p, config.overlap) for s, p in zip(padded_shape_zyx, patch, strict=True))))
+
+
+def count_tiles(shape_zyx: Sequence[int], config: SlidingWindowConfig) -> int:
+    """How many tiles :func:`sliding_window_predict` runs over an image of ``shape_zyx`` voxels."""
+    return len(_tile_grid([max(int(s), int(p)) for s, p in zip(shape_zyx, config.patch_size_zyx, strict=True)], config))
 
 
 class SlabCopier:

@@ -72,41 +72,60 @@ def parse_label_mapping_text(text: str) -> tuple[str, ...]:
 
 
 class TrainingCurves:
-    """Loss and validation Dice per epoch in a table node, drawn by a plot chart node."""
+    """Loss and validation Dice per epoch in a table node, drawn by a plot chart node.
+
+    One Dice column per dataset label; a region-based nnU-Net model's validation also scores its
+    multi-value regions (``"region": true`` rows), which get a column and a curve when they first
+    appear, empty on the epochs before."""
 
     def __init__(self, scene: slicer.vtkMRMLScene, label_names: Sequence[str], name: str = "DeepSeg training") -> None:
         self.scene = scene
+        self.name = name
         self.label_names = list(label_names)
+        #: validation row name -> its column in the table (labels first, then regions as they appear)
+        self.dice_columns: dict[str, str] = {}
         self.table = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{name} curves")
-        for column in ["epoch", "loss", *(f"Dice {n}" for n in self.label_names)]:
-            array = self.table.AddColumn()
-            array.SetName(column)
-            self.table.SetColumnType(column, 10)  # VTK_DOUBLE: numeric columns for plotting
         self.chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{name} chart")
         self.chart.SetTitle("Training loss and validation Dice")
         self.chart.SetXAxisTitle("epoch")
         self.series = []
-        for column in ["loss", *(f"Dice {n}" for n in self.label_names)]:
-            series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{name} {column}")
+        self._add_column("epoch", plotted=False)
+        self._add_column("loss")
+        for label in self.label_names:
+            self.dice_columns[label] = self._add_column(f"Dice {label}")
+
+    def _add_column(self, column: str, plotted: bool = True) -> str:
+        """A numeric column (empty on the rows already there) and, if ``plotted``, its curve."""
+        array = self.table.AddColumn()
+        array.SetName(column)
+        self.table.SetColumnType(column, 11)  # VTK_DOUBLE (VTK_FLOAT is 10): numeric columns for plotting
+        for row in range(self.table.GetTable().GetNumberOfRows()):
+            self.table.GetTable().SetValueByName(row, column, float("nan"))
+        if plotted:
+            series = self.scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{self.name} {column}")
             series.SetAndObserveTableNodeID(self.table.GetID())
             series.SetXColumnName("epoch")
             series.SetYColumnName(column)
             series.SetPlotType(series.PlotTypeScatter)
             self.chart.AddAndObservePlotSeriesNodeID(series.GetID())
             self.series.append(series)
+        return column
 
     def add_event(self, event: dict) -> bool:
         """Append a row for an ``epoch_end`` event (Dice left empty on epochs without validation)."""
         if event.get("event") != "epoch_end":
             return False
+        validation = event.get("validation") or {}
+        for name, scores in validation.items():
+            if scores.get("region") and name not in self.dice_columns:
+                self.dice_columns[name] = self._add_column(f"Dice {region_title(name, scores.get('values'))}")
         table = self.table.GetTable()
         row = table.InsertNextBlankRow()
-        table.SetValue(row, 0, float(event["epoch"]))
-        table.SetValue(row, 1, float(event["loss"]))
-        validation = event.get("validation") or {}
-        for index, name in enumerate(self.label_names):
+        table.SetValueByName(row, "epoch", float(event["epoch"]))
+        table.SetValueByName(row, "loss", float(event["loss"]))
+        for name, column in self.dice_columns.items():
             value = validation.get(name, {}).get("dice")
-            table.SetValue(row, 2 + index, float(value) if value is not None else float("nan"))
+            table.SetValueByName(row, column, float(value) if value is not None else float("nan"))
         table.Modified()
         self.table.Modified()
         return True

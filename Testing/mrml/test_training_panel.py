@@ -13,7 +13,13 @@ from deepseg_core.demo import DEFAULT_MODEL, SAMPLE_SPACING_XYZ_MM
 from deepseg_core.model_store import ModelStore
 from deepseg_core.phantoms import PHANTOM_LABELS, generate_phantom
 from DeepSegTrainingLib.training_panel_logic import FROM_SCRATCH_REF, TrainingPanelError, TrainingPanelLogic, TrainingSettings
-from DeepSegTrainingLib.training_run import TrainingRequest, comparison_table, parse_label_mapping_text, start_training
+from DeepSegTrainingLib.training_run import (
+    TrainingCurves,
+    TrainingRequest,
+    comparison_table,
+    parse_label_mapping_text,
+    start_training,
+)
 
 LABELS = [label.name for label in PHANTOM_LABELS]
 
@@ -115,6 +121,24 @@ def test_the_comparison_shows_a_region_models_regions_beside_its_values(mrml_sce
         ["whole tumor excluding tumor core", "0.610", "0.710", "+0.100"],
         ["whole tumor (values 1, 2, 3)", "0.850", "0.900", "+0.050"],
     ]
+
+
+def test_the_live_curves_add_a_region_models_regions_when_they_are_first_scored(mrml_scene):
+    # epoch_end events of a region-based nnU-Net model (deepseg train --json): validation on epoch 2 only
+    curves = TrainingCurves(mrml_scene, ["edema", "tumor core"], name="brats")
+    curves.add_event({"event": "epoch_end", "epoch": 1, "loss": 0.9})
+    region = {"dice": 0.8, "region": True, "values": [1, 2]}
+    validation = {"edema": {"dice": 0.5}, "tumor core": {"dice": 0.6}, "whole tumor": region}
+    curves.add_event({"event": "epoch_end", "epoch": 2, "loss": 0.7, "validation": validation})
+    table = curves.table.GetTable()
+    columns = [table.GetColumnName(column) for column in range(table.GetNumberOfColumns())]
+    assert columns == ["epoch", "loss", "Dice edema", "Dice tumor core", "Dice whole tumor (values 1, 2)"]
+    rows = [[table.GetValue(row, column).ToDouble() for column in range(5)] for row in range(2)]
+    assert rows[1] == [2.0, 0.7, 0.5, 0.6, 0.8]
+    assert rows[0][:2] == [1.0, 0.9] and all(np.isnan(value) for value in rows[0][2:])
+    chart = curves.chart
+    plotted = [chart.GetNthPlotSeriesNode(index).GetYColumnName() for index in range(chart.GetNumberOfPlotSeriesNodes())]
+    assert plotted == columns[1:]
 
 
 def test_stop_keeps_the_checkpoint_ticks_resume_and_resume_finishes(mrml_scene, dataset_dir, store_dir, engine_python, tmp_path):

@@ -397,7 +397,7 @@ class SlabCopier:
     the run's one buffer (taken from torch's caching host allocator, reused by the next run).
 
     ``kind`` says what was done: ``"not needed"`` (every slab was on the CPU already), ``"pinned"``,
-    or ``"pageable"`` (page-locked memory could not be had; logged once).
+    or ``"pageable"`` (page-locked memory could not be had, logged once; or a device other than CUDA).
     """
 
     def __init__(self, max_elements: int) -> None:
@@ -409,8 +409,10 @@ class SlabCopier:
     def __call__(self, slab: torch.Tensor) -> np.ndarray:
         """``slab`` ``(K, D, Y, X)`` float32 on any device -> the same values in a numpy array it owns (on
         the CPU: a view of ``slab``)."""
-        if slab.device.type != "cuda":
+        if slab.device.type == "cpu":
             return slab.numpy()
+        if slab.device.type != "cuda":  # page-locked memory serves CUDA copies
+            self.kind = "pageable"
         if self.kind == "not needed":
             try:
                 self.staging = torch.empty(self.max_elements, dtype=slab.dtype, pin_memory=True)

@@ -206,16 +206,20 @@ def time_copies_back(device, repeats) -> dict[str, float]:
     all classes straight to pageable memory (``all_classes``: what DeepSeg's slabs cost before
     2026-11-27 and what this benchmark's MONAI rows do), one class of it (``foreground``: what the
     benchmark copied from MONAI's output before 2026-11-26), and all classes in DeepSeg's slab pieces
-    through its page-locked staging buffer (``all_classes_pinned_staging``, ``SlabCopier``). Also the
+    through its page-locked staging buffer (``all_classes_pinned_staging``, ``SlabCopier``; the first
+    repeat also page-locks the buffer, so read it with ``--repeats`` 2 or more). Also the
     seconds to page-lock one staging buffer (``pin_staging_buffer``: paid once per process, since
     torch's caching host allocator keeps it; absent where this torch cannot empty that cache)."""
     volume = torch.rand((2, *SHAPE_ZYX), device=device)
     piece_depth = max(1, SLAB_PIECE_BYTES // (volume[:, 0].numel() * 4))
     copier = SlabCopier(volume[:, :piece_depth].numel())
 
+    # contiguous, as the normalised slabs of a run are
+    pieces = [volume[:, z : z + piece_depth].contiguous() for z in range(0, SHAPE_ZYX[0], piece_depth)]
+
     def staged() -> None:
-        for z in range(0, SHAPE_ZYX[0], piece_depth):
-            copier(volume[:, z : z + piece_depth])
+        for piece in pieces:
+            copier(piece)
 
     best = {"all_classes": float("inf"), "foreground": float("inf"), "all_classes_pinned_staging": float("inf")}
     for _ in range(repeats):

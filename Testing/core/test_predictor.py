@@ -148,3 +148,16 @@ def test_normalisation_schemes():
     assert abs(float(z.mean())) < 0.2 and abs(float(z.std()) - 1) < 0.1
     p = normalize(data, Normalization("percentile", percentiles=(5.0, 95.0)))
     assert abs(float(p.mean())) < 1e-4
+
+
+def test_a_cascades_progress_counts_both_stages_also_when_the_first_reports_once():
+    from deepseg_core.inference.predictor import _two_stage_progress
+
+    events = []
+    first, second = _two_stage_progress(lambda *event: events.append(event), 6)
+    first(2, 2, 0.0)  # a first stage of one tile batch reports once, when it is done
+    second(3, 6, 1.0)
+    second(6, 6, 0.0)
+    assert [event[:2] for event in events] == [(2, 8), (5, 8), (8, 8)]
+    assert events[0][2] > 0, "the second stage's six tiles are still to run"
+    assert _two_stage_progress(None, 6) == (None, None)

@@ -353,7 +353,9 @@ class Segmenter:
             self.check_channels(channels, options, subjects)  # a wrong input is refused before the first stage runs
             if domain_check is None:
                 domain_check = self.check_inputs(channels)
-            first_progress, on_progress = _two_stage_progress(on_progress, self.planned_tiles(channels, options))
+            # planning reads the crop box again (a pass over the input): only for a progress bar
+            planned = self.planned_tiles(channels, options) if on_progress is not None else 0
+            first_progress, on_progress = _two_stage_progress(on_progress, planned)
             first = self.previous_stage.segment(
                 channels,
                 _first_stage_options(options),
@@ -428,16 +430,16 @@ def _two_stage_progress(
     on_progress: ProgressCallback | None, second_stage_tiles: int
 ) -> tuple[ProgressCallback | None, ProgressCallback | None]:
     """Progress callbacks for a cascade's first and second stage that report one run: tiles counted over
-    both stages, and while the first runs, the second's time estimated at the first's pace per tile."""
+    both stages, and while the first runs, the second's time estimated at the first's pace per tile
+    (its preprocessing included, as the second stage has its own)."""
     if on_progress is None:
         return None, None
-    first_total, seconds_per_tile = 0, 0.0
+    first_total, started = 0, time.perf_counter()
 
     def first(done: int, total: int, eta_s: float) -> None:
-        nonlocal first_total, seconds_per_tile
+        nonlocal first_total
         first_total = total
-        if total > done:
-            seconds_per_tile = eta_s / (total - done)
+        seconds_per_tile = (time.perf_counter() - started) / max(done, 1)
         on_progress(done, total + second_stage_tiles, eta_s + seconds_per_tile * second_stage_tiles)
 
     def second(done: int, total: int, eta_s: float) -> None:

@@ -393,8 +393,9 @@ class SlabCopier:
     A copy from device memory to pageable host memory ran at 1.6 GB/s on an H200 (0.40 s of a 0.76 s
     sliding window over 300 x 512 x 512 with two classes: ``bench_sliding_window.py``'s ``parts_s``). Into
     page-locked memory the GPU writes at full bus speed; the staged slab is then copied to an ordinary
-    array by the CPU's threads, so callers may keep what they receive and no pinned memory outlives
-    the run's one buffer (taken from torch's caching host allocator, reused by the next run).
+    array by the CPU's threads, so callers may keep what they receive. The one buffer holds one slab
+    (at most :data:`SLAB_PIECE_BYTES`, or one slice where a slice is larger); it comes from torch's
+    caching host allocator, which keeps it page-locked for the process's next runs.
 
     ``kind`` says what was done: ``"not needed"`` (every slab was on the CPU already), ``"pinned"``,
     or ``"pageable"`` (page-locked memory could not be had, logged once; or a device other than CUDA).

@@ -12,9 +12,14 @@ import os
 import torch
 
 
+def launched_world_size() -> int:
+    """How many processes ``torchrun`` started (``WORLD_SIZE``; 1 without it), before any process group."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def rank_world() -> tuple[int, int]:
     """``(rank, world size)``; under ``torchrun`` (WORLD_SIZE > 1) the process group is started."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world_size()
     if world <= 1:
         return 0, 1
     if not torch.distributed.is_initialized():

@@ -366,6 +366,8 @@ class Segmenter:
             )
             previous_labels = first.labels.array_zyx
             timings.update({f"first_stage_{key}": value for key, value in first.timings_s.items()})
+            # the modality check (a pass over the input) ran before the first stage
+            options = dataclasses.replace(options, check_modality=False)
             clock = time.perf_counter()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepseg-weights-digest") as pool:
             # An exported graph's cache key hashes the weights (0.1 s for nnU-Net's 31M parameters) and

@@ -577,9 +577,9 @@ def retrain(
     else:
         card, net = _scratch_card(dataset, name, config, loaded)
         value_map = {label.value: label.value for label in dataset.labels}
+    # a loss the model cannot train fails here, before a process group is started
+    loss_fn = training_objective(card, config, dataset.ignore_value, across_ranks=distributed.launched_world_size() > 1)
     rank, world = distributed.rank_world()
-    # a loss the model cannot train fails here, on every rank alike
-    loss_fn = training_objective(card, config, dataset.ignore_value, across_ranks=world > 1)
     checkpoint_dir = Path(checkpoint_dir)
     if resume:
         check_resumable(checkpoint_dir / "last", rank, world)

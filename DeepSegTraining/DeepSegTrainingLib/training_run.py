@@ -81,7 +81,6 @@ class TrainingCurves:
     def __init__(self, scene: slicer.vtkMRMLScene, label_names: Sequence[str], name: str = "DeepSeg training") -> None:
         self.scene = scene
         self.name = name
-        self.label_names = list(label_names)
         #: validation row name -> its column in the table (labels first, then regions as they appear)
         self.dice_columns: dict[str, str] = {}
         self.table = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{name} curves")
@@ -91,7 +90,7 @@ class TrainingCurves:
         self.series = []
         self._add_column("epoch", plotted=False)
         self._add_column("loss")
-        for label in self.label_names:
+        for label in label_names:
             self.dice_columns[label] = self._add_column(f"Dice {label}")
 
     def _add_column(self, column: str, plotted: bool = True) -> str:
@@ -118,7 +117,7 @@ class TrainingCurves:
         validation = event.get("validation") or {}
         for name, scores in validation.items():
             if scores.get("region") and name not in self.dice_columns:
-                self.dice_columns[name] = self._add_column(f"Dice {region_title(name, scores.get('values'))}")
+                self.dice_columns[name] = self._add_column(f"Dice {row_title(name, scores)}")
         table = self.table.GetTable()
         row = table.InsertNextBlankRow()
         table.SetValueByName(row, "epoch", float(event["epoch"]))
@@ -129,6 +128,12 @@ class TrainingCurves:
         table.Modified()
         self.table.Modified()
         return True
+
+
+def row_title(name: str, scores: dict) -> str:
+    """How a validation row is titled: a region of several values (nnU-Net's "whole tumor") is scored as
+    their union, so its title says which."""
+    return region_title(name, scores["values"]) if scores.get("region") and scores.get("values") else name
 
 
 def status_text(event: dict) -> str:
@@ -156,9 +161,7 @@ def comparison_table(scene: slicer.vtkMRMLScene, done_event: dict) -> slicer.vtk
     for name, scores in new.items():
         row = table.InsertNextBlankRow()
         before = old.get(name, {}).get("dice")
-        # a region of several values (nnU-Net's "whole tumor") is scored as their union: say which
-        values = scores.get("values") if scores.get("region") else None
-        table.SetValue(row, 0, region_title(name, values) if values else name)
+        table.SetValue(row, 0, row_title(name, scores))
         table.SetValue(row, 1, f"{before:.3f}" if before is not None else "-")
         table.SetValue(row, 2, f"{scores['dice']:.3f}")
         table.SetValue(row, 3, f"{scores['dice'] - before:+.3f}" if before is not None else "-")

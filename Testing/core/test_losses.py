@@ -168,6 +168,23 @@ def test_deep_supervision_downsamples_the_target():
     assert float(wrapped([x, low], t)) == pytest.approx(float(expected), rel=1e-6)
 
 
+def test_a_dropped_output_that_overflowed_leaves_the_loss_and_the_gradients_finite():
+    base = build_loss("dice_ce")
+    wrapped = DeepSupervisionLoss(base, drop_lowest=True)
+    x = torch.randn(1, 3, 8, 8, requires_grad=True)
+    t = torch.randint(0, 3, (1, 8, 8))
+    low = torch.randn(1, 3, 4, 4)
+    low[0, 1, 2, 2] = float("inf")  # a float16 head overflowing, as under AMP
+    low[0, 2, 0, 0] = float("nan")
+    low.requires_grad_(True)
+    loss = wrapped([x, low], t)
+    assert float(loss) == pytest.approx(float(base(x, t)), rel=1e-6)
+    loss.backward()
+    assert torch.isfinite(x.grad).all() and float(x.grad.abs().sum()) > 0
+    # the dropped head still gets a gradient (DDP needs every parameter used), and it is zero
+    assert low.grad is not None and float(low.grad.abs().max()) == 0.0
+
+
 def foreground_gradient_share(name: str, p_fg_at_background: float, p_fg_at_lesion: float, n_background: int = 10_000) -> float:
     """|dL/dlogit| on the single foreground voxel divided by the total over all voxels."""
     x = torch.full((1, 1, n_background + 1), float(logit(p_fg_at_background)), dtype=torch.float64)

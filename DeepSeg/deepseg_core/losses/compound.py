@@ -47,7 +47,9 @@ class DeepSupervisionLoss(nn.Module):
     :data:`TARGET_SAMPLINGS`), so label values (and the ignore value) survive.
 
     An output of weight 0 adds ``0 * sum(output)``: its head gets a zero gradient rather than none, so
-    DistributedDataParallel finds every parameter used (nnU-Net weighs it 1e-6 under DDP instead).
+    DistributedDataParallel finds every parameter used (nnU-Net weighs it 1e-6 under DDP instead). That
+    term is 0 also where the output is not finite (a float16 overflow in the head nnU-Net leaves out),
+    so it never turns the loss into NaN.
     """
 
     def __init__(
@@ -88,7 +90,9 @@ class DeepSupervisionLoss(nn.Module):
         total = outputs[0].new_zeros(())
         for weight, out in zip(weights, outputs, strict=True):
             if weight == 0:
-                total = total + 0.0 * out.sum()
+                # 0 * inf is NaN, which would make the optimiser (or AMP's scaler) skip a good step;
+                # nan_to_num passes no gradient where its input was not finite, so every gradient is 0
+                total = total + torch.nan_to_num(0.0 * out.sum(), nan=0.0, posinf=0.0, neginf=0.0)
                 continue
             scaled = (
                 target_c

@@ -133,6 +133,8 @@ def progress_text(event: dict) -> tuple[int | None, str]:
         return 100, f"Done in {float(event.get('seconds', 0.0)):.1f} s."
     if kind == "case_failed":
         return None, f"Failed: {event.get('error')}"
+    if kind == "status":  # the engine exporting the network for this computer (first run of a model version)
+        return None, str(event.get("message", ""))
     return None, ""
 
 
@@ -324,8 +326,14 @@ class DeepSegPanelLogic:
 
     def _finish_import(self, job: DeepSegJob, settings: PanelSettings | None) -> None:
         imported = next((e for e in job.events if e.get("event") == "imported"), None)
-        if job.outcome == "cancelled":
+        if job.outcome == "cancelled" and imported is None:
             self.view.status = "Import cancelled; the store is unchanged."
+            return
+        if job.outcome == "cancelled":  # while the network was being prepared: the model is in the store
+            if settings is not None:
+                settings.model = imported["model"]
+            self.refresh_models(settings)
+            self.view.status = f"Imported {imported['model']}; preparing it for this computer was cancelled (its first run will)."
             return
         if job.outcome != "succeeded" or imported is None:
             self.view.status = f"Import failed: {job.error or f'the engine exited with code {job.returncode}'}"

@@ -13,12 +13,16 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import DeepSegError
 from .model_card import ModelError
 
 EXIT_OK, EXIT_INPUT, EXIT_MODEL, EXIT_CANCELLED = 0, 2, 3, 130
+if TYPE_CHECKING:
+    from .model_store import ModelStore
+
 log = logging.getLogger("deepseg")
 
 
@@ -106,6 +110,39 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _prepare_imported(ref: str, store: ModelStore, json_mode: bool) -> None:
+    """Export and compile an imported model's network for this computer's default backend, so that its first
+    segmentation does not (nothing to do where PyTorch runs it, as on CUDA). The model is imported already:
+    a failure here is logged and left to the first run, never an import error."""
+    from .events import to_json_line
+    from .inference import Segmenter, SegmentOptions
+    from .inference.predictor import preparing_message
+
+    def say(event: dict) -> None:
+        print(to_json_line(event) if json_mode else event["message"], flush=True)
+
+    try:
+        segmenter = Segmenter.load(ref, device="auto", store=store)
+        backend = segmenter.backend_choice(SegmentOptions()).name
+        if backend == "torch":
+            return
+        say({"event": "status", "message": preparing_message(backend)})
+        stages = segmenter.prepare_backend()
+    except Exception as exc:  # the import stands; the first run exports the network instead
+        log.warning("%s is imported, but its network could not be prepared for this computer (%s): the first run will", ref, exc)
+        return
+    seconds = sum(float(stage["seconds"]) for stage in stages)
+    backends = ", ".join(dict.fromkeys(str(stage["backend"]) for stage in stages))
+    say(
+        {
+            "event": "prepared",
+            "model": ref,
+            "stages": stages,
+            "message": f"prepared {ref} for {backends} on this computer in {seconds:.1f} s",
+        }
+    )
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .model_store import ModelStore, bundled_models, read_model_folder, resolve_model
 
@@ -155,14 +192,16 @@ def cmd_models(args: argparse.Namespace) -> int:
             if value is not None
         }
         card = import_model(args.ref, store, name=args.name, activate=not args.no_activate, **options)
-        if args.json:  # one JSON-lines event, as the Slicer panel reads them
+        if args.json:  # JSON-lines events, as the Slicer panel reads them
             from .events import to_json_line
 
             event = {"event": "imported", "model": card.ref, "source": card.source, "labels": [x.name for x in card.labels]}
-            print(to_json_line(event))
+            print(to_json_line(event), flush=True)
         else:
             origin = f" from {card.source['format']}" if card.source.get("format") else ""
-            print(f"imported {card.ref}{origin} into {store.root}")
+            print(f"imported {card.ref}{origin} into {store.root}", flush=True)
+        if not args.no_prepare:
+            _prepare_imported(card.ref, store, args.json)
         return EXIT_OK
     if args.action == "activate":
         version = store.activate(args.ref)
@@ -238,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref", nargs="?", help="NAME[:VERSION] (show, activate), a model FOLDER (import), NAME (rollback)")
     p.add_argument("--models-dir", default=None, help="model store folder (default $DEEPSEG_MODELS or ~/.deepseg/models)")
     p.add_argument("--no-activate", action="store_true", help="import without making it the active version")
+    p.add_argument(
+        "--no-prepare",
+        action="store_true",
+        help="import: do not export and compile the network for this computer's CPU runtime now (the first run will)",
+    )
     p.add_argument("--name", default=None, help="import: the model's name in the store (default: from the source)")
     p.add_argument("--folds", nargs="+", default=None, help="import (nnU-Net): folds to ensemble (default: every fold found)")
     p.add_argument(

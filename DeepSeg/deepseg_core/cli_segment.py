@@ -346,12 +346,20 @@ def run_segment(args: argparse.Namespace, sink: EventSink) -> tuple[int, int]:
             def progress(done: int, total: int, eta: float, case_name: str = case.name) -> None:
                 sink.emit({"event": "progress", "case": case_name, "done": done, "total": total, "eta_s": round(eta, 2)})
 
+            def status(message: str, case_name: str = case.name) -> None:
+                sink.emit({"event": "status", "case": case_name, "message": message, **ranked})
+
             report = segmenter.check_inputs(channels)
             sink.emit({"event": "domain_check", "case": case.name, "index": index, **report.to_json()})
             if report.verdict != "ok":
                 log.warning("%s: %s", case.name, report.summary())
             result = segmenter.segment(
-                channels, options, subjects=[str(p) for p in case.channels], on_progress=progress, domain_check=report
+                channels,
+                options,
+                subjects=[str(p) for p in case.channels],
+                on_progress=progress,
+                domain_check=report,
+                on_status=status,
             )
             segments = segment_summaries(result, options)
             record = {
@@ -363,6 +371,7 @@ def run_segment(args: argparse.Namespace, sink: EventSink) -> tuple[int, int]:
                 "domain_check": report.verdict,
                 "backend": result.backend,
                 "precision": result.precision,
+                **({"first_stage": result.first_stage} if result.first_stage is not None else {}),
                 "model": segmenter.card.ref,
                 "segments": segments,
             }
@@ -428,6 +437,8 @@ def _report_case(
             "backend": result.backend,
             "precision": result.precision,
             "tiles": result.window_stats.get("tiles"),
+            # a cascade: its first stage's backend, precision and tiles ("tiles" above are the second's)
+            **({"first_stage": result.first_stage} if result.first_stage is not None else {}),
             "segments": segments,
             "domain_check": report.verdict,
             **extra_outputs,

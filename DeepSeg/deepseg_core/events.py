@@ -45,6 +45,9 @@ class EventSink:
             self.out.flush()
         elif event.get("event") == "progress":
             self._bar(event)
+        elif event.get("event") == "status":
+            self.err.write(f"{event.get('message', '')}\n")
+            self.err.flush()
 
     def _bar(self, event: dict[str, Any]) -> None:
         if not self.err.isatty():

@@ -383,6 +383,45 @@ def test_segment_reports_the_backend_and_keeps_progress_and_uncertainty(segmente
     assert result.uncertainty is not None and 0.0 < float(result.uncertainty.array_zyx.max()) <= 1.0
 
 
+@pytest.mark.parametrize("backend", EXPORTED)
+def test_a_prepared_model_runs_without_exporting_and_an_unprepared_one_says_it_is_preparing(tmp_path, backend, monkeypatch):
+    fresh = Segmenter.load(DEFAULT_MODEL, device="cpu")
+    fresh.cache_dir = tmp_path / "compiled"
+    options = SegmentOptions(device="cpu", backend=backend)
+    assert fresh.pipeline.network_input_channels == fresh.pipeline.prepare([sample_crop()]).image_czyx.shape[0]
+    statuses, order = [], []
+    result = fresh.segment(
+        [sample_crop()],
+        options,
+        on_status=lambda message: (statuses.append(message), order.append("status")),
+        on_progress=lambda *event: order.append("progress"),
+    )
+    assert result.backend == backend
+    assert len(statuses) == 1 and backend in statuses[0] and order[0] == "status", "said before the progress stood still"
+
+    later = Segmenter.load(DEFAULT_MODEL, device="cpu")  # a new process: only the disk cache
+    later.cache_dir = tmp_path / "other"
+    assert later.will_export(options, later.pipeline.network_input_channels)
+    (stage,) = later.prepare_backend(options)
+    assert stage["backend"] == backend and stage["exported"] is True and stage["seconds"] > 0
+    assert not later.will_export(options, later.pipeline.network_input_channels)
+    if backend == "onnxruntime":  # the single-tile graph for partial batches is exported now too
+        assert len(list(later.cache_dir.glob("*.onnx"))) == 2
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(torch.onnx, "export", no_export)
+    again = Segmenter.load(DEFAULT_MODEL, device="cpu")
+    again.cache_dir = later.cache_dir
+    assert again.prepare_backend(options)[0]["exported"] is False
+    statuses.clear()
+    result = again.segment([sample_crop()], options, on_status=statuses.append)
+    assert result.backend == backend and statuses == [], "a prepared model runs at once"
+    torch_only = again.prepare_backend(SegmentOptions(device="cpu", backend="torch"))
+    assert torch_only == [{"backend": "torch", "exported": False, "seconds": 0.0}]
+
+
 def test_changed_weights_are_never_run_through_a_graph_exported_from_the_old_ones(tmp_path):
     """Validation during training runs the same network object epoch after epoch: the export key is
     the weights themselves, not the card's checksum (which still names the parent's weights)."""

@@ -18,7 +18,9 @@ from model_fixtures import tiny_model_folder
 from deepseg_core import io, phantoms
 from deepseg_core.cli import EXIT_CANCELLED, EXIT_INPUT, EXIT_MODEL, EXIT_OK, main
 from deepseg_core.errors import ImageError
+from deepseg_core.inference import Segmenter, SegmentOptions
 from deepseg_core.inference.backends import native_bfloat16
+from deepseg_core.model_store import ModelStore
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -221,7 +223,28 @@ def test_cancel_by_sigterm_exits_130_and_writes_nothing(tmp_path):
 def test_models_commands(tmp_path, capsys):
     store = tmp_path / "store"
     model = tiny_model_folder(tmp_path / "model")
-    assert main(["models", "import", str(model), "--models-dir", str(store)]) == EXIT_OK
+    assert main(["models", "import", str(model), "--models-dir", str(store), "--json"]) == EXIT_OK
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [e["event"] for e in events] == ["imported", "status", "prepared"]
+    # the network is exported and compiled for this computer's CPU runtime at import, not at the first run
+    (stage,) = events[-1]["stages"]
+    assert stage["backend"] == "openvino" and stage["exported"] is True
+    graphs = sorted((store / ".cache" / "compiled").glob("*.onnx"))
+    assert len(graphs) == 1
+    # a 2.5D model's tiles carry its neighbour slices as channels: the graph prepared is the one a run needs
+    context = tiny_model_folder(tmp_path / "context", name="context", arch="2.5d")
+    assert main(["models", "import", str(context), "--models-dir", str(store)]) == EXIT_OK
+    assert capsys.readouterr().out.splitlines()[-1].startswith("prepared context:1 for openvino")
+    for ref in ("tiny:1", "context:1"):
+        segmenter = Segmenter.load(ref, device="cpu", store=ModelStore(store))
+        channels = segmenter.pipeline.network_input_channels
+        assert not segmenter.will_export(SegmentOptions(), channels)
+        assert channels == segmenter.pipeline.prepare([io.read_image(write_case(tmp_path / "case.nrrd"))]).image_czyx.shape[0]
+    graphs = sorted((store / ".cache" / "compiled").glob("*.onnx"))
+    plain = tiny_model_folder(tmp_path / "plain", name="plain", arch="2d")
+    assert main(["models", "import", str(plain), "--models-dir", str(store), "--no-prepare"]) == EXIT_OK
+    assert capsys.readouterr().out.strip() == f"imported plain:1 into {store}"
+    assert sorted((store / ".cache" / "compiled").glob("*.onnx")) == graphs, "--no-prepare exports nothing"
     assert main(["models", "list", "--models-dir", str(store), "--json"]) == EXIT_OK
     capsys.readouterr()
     main(["models", "list", "--models-dir", str(store), "--json"])

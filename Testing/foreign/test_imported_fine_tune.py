@@ -56,7 +56,7 @@ def sources(tiny_folders) -> dict[str, tuple[Path, list[str]]]:
 def test_an_imported_model_is_fine_tuned_compared_promoted_and_rolled_back(fmt, sources, tmp_path):
     folder, options = sources[fmt]
     store_dir = tmp_path / "store"
-    imported = events(cli("models", "import", folder, "--name", "site", "--models-dir", store_dir, "--json", *options))[-1]
+    imported = events(cli("models", "import", folder, "--name", "site", "--models-dir", store_dir, "--json", *options))[0]
     assert imported["model"] == "site:1" and imported["source"]["format"] == fmt
     dataset = site_dataset(tmp_path / "siteB")
 

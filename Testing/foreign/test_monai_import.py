@@ -515,6 +515,7 @@ def test_preprocessing_equals_monais_transforms(bundle, variant, work, inputs, s
         ours = pipeline.prepare([read_image(inputs[case])]).image_czyx
         theirs = np.asarray(_monai_preprocessing(folder, inputs[case])).transpose(0, 3, 2, 1)
         assert ours.shape == theirs.shape, (folder.name, ours.shape, theirs.shape)
+        assert pipeline.network_input_channels == ours.shape[0]  # what an export before any input is made for
         np.testing.assert_allclose(ours, theirs, atol=2e-5, err_msg=folder.name)
 
 
@@ -658,9 +659,13 @@ def test_cli_import_prints_the_imported_version(bundle, work, engine_python):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    event = json.loads(done.stdout.strip().splitlines()[-1])
+    events = [json.loads(line) for line in done.stdout.strip().splitlines()]
+    event = events[0]
     assert event["event"] == "imported" and event["model"] == "cli-bundle:1"
     assert event["source"]["format"] == "monai_bundle" and event["labels"] == ["liver", "liver lesion"]
+    # then the bundle's network is exported and compiled for this computer's CPU runtime
+    assert [e["event"] for e in events[1:]] == ["status", "prepared"]
+    assert [stage["backend"] for stage in events[-1]["stages"]] == ["openvino"]
 
 
 @pytest.mark.parametrize("kind", ["zoo", "variant"])

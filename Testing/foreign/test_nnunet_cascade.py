@@ -21,6 +21,7 @@ import torch
 from foreign_cases import THREE_SIDED_FRAMES, add_lowres_configuration, offgrid_ct_phantom, one_torch_thread, site_dataset  # noqa: F401 (one_torch_thread: a fixture)
 
 from deepseg_core import io
+from deepseg_core.cli import EXIT_OK, main
 from deepseg_core.errors import ConfigError
 from deepseg_core.importers import import_model
 from deepseg_core.importers.nnunet import NnUNetImportError, load_checkpoint
@@ -188,7 +189,8 @@ def test_labels_match_nnunets_own_cascade(image, card, store, images, references
     assert (theirs == 1).sum() > 100
     # the first stage's labels steer the second: the cascade's labels are not the first stage's
     assert int((theirs != references[("first", image)]).sum()) > 100
-    assert "first_stage_network" in result.timings_s
+    assert "first_stage_network" in result.timings_s and "input_checks" in result.timings_s
+    assert result.first_stage == {"backend": "torch", "precision": "float32", "tiles": first_tiles}
 
 
 def test_other_backends_run_both_stages(card, store, images):
@@ -196,8 +198,41 @@ def test_other_backends_run_both_stages(card, store, images):
     segmenter = Segmenter.load(card.ref, device="cpu", store=store)
     torch_labels = segmenter.segment([volume], options()).labels.array_zyx
     result = segmenter.segment([volume], options(backend="onnxruntime"))
-    assert result.backend == "onnxruntime"
+    assert result.backend == "onnxruntime" and result.first_stage["backend"] == "onnxruntime"
     assert float((result.labels.array_zyx == torch_labels).mean()) >= 0.999
+
+
+def test_the_summary_names_each_stages_backend_and_tiles(card, store, images, tmp_path, capsys):
+    out = tmp_path / "case.seg.nrrd"
+    args = ["segment", str(images["phantom"]), "--model", card.ref, "--models-dir", str(store.root), "--output", str(out)]
+    assert main([*args, "--device", "cpu", "--backend", "torch", "--json"]) == EXIT_OK
+    done = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"case_done"' in line][-1]
+    segmenter = Segmenter.load(card.ref, device="cpu", store=store)
+    volume = io.read_image(images["phantom"])
+    assert done["tiles"] == segmenter.planned_tiles([volume], options())
+    assert done["first_stage"] == {
+        "backend": "torch",
+        "precision": "float32",
+        "tiles": segmenter.previous_stage.planned_tiles([volume], options()),
+    }
+    assert "input_checks" in done["timings_s"] and "first_stage_network" in done["timings_s"]
+
+
+def test_both_stages_are_prepared_and_then_run_without_exporting(card, store, images, tmp_path, monkeypatch):
+    segmenter = Segmenter.load(card.ref, device="cpu", store=store)
+    segmenter.cache_dir = segmenter.previous_stage.cache_dir = tmp_path
+    # the second stage reads the image and one channel per foreground label of the first stage
+    assert (segmenter.previous_stage.pipeline.network_input_channels, segmenter.pipeline.network_input_channels) == (1, 3)
+    stages = segmenter.prepare_backend(options(backend="openvino"))
+    assert [(stage["backend"], stage["exported"]) for stage in stages] == [("openvino", True), ("openvino", True)]
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(torch.onnx, "export", no_export)
+    statuses = []
+    result = segmenter.segment([io.read_image(images["phantom"])], options(backend="openvino"), on_status=statuses.append)
+    assert statuses == [] and result.backend == "openvino" and result.first_stage["backend"] == "openvino"
 
 
 def test_a_cascade_is_not_fine_tuned_and_says_what_to_do(card, store, tmp_path):

@@ -361,8 +361,13 @@ def test_reorient_is_an_import_option_stored_on_the_card(tiny_folders, tmp_path,
 def test_cli_imports_an_nnunet_folder(tiny_folders, tmp_path, capsys):
     args = ["models", "import", str(tiny_folders["resenc"]), "--models-dir", str(tmp_path), "--name", "cli", "--json"]
     assert main(args) == EXIT_OK
-    event = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert (event["model"], event["source"]["format"], event["labels"]) == ("cli:1", "nnunetv2", ["liver", "liver lesion"])
+    events = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    event = events[0]
+    assert (event["event"], event["model"], event["source"]["format"]) == ("imported", "cli:1", "nnunetv2")
+    assert event["labels"] == ["liver", "liver lesion"]
+    # then the ResEnc network is exported and compiled for this computer's CPU runtime
+    assert [e["event"] for e in events[1:]] == ["status", "prepared"]
+    assert [stage["backend"] for stage in events[-1]["stages"]] == ["openvino"]
     assert main(["models", "import", str(tiny_folders["resenc"].parent), "--models-dir", str(tmp_path)]) == EXIT_MODEL
     assert "trained model folders" in capsys.readouterr().err
 
@@ -1094,6 +1099,7 @@ def test_the_network_grid_of_the_head_ct_is_its_cropped_head(segmenters, images)
     volume = io.read_image(images["head_ct"])
     grid = segmenters["3d"].pipeline.network_grid([volume])
     prepared = segmenters["3d"].pipeline.prepare([volume])
+    assert segmenters["3d"].pipeline.network_input_channels == prepared.image_czyx.shape[0]
     assert prepared.context["shape_after_crop"] != prepared.context["shape_before_crop"]
     assert grid.shape_zyx == prepared.context["network_shape"]
 

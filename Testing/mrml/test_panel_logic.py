@@ -135,6 +135,8 @@ def test_segment_requests_name_what_is_missing(mrml_scene, store_dir):
 def test_progress_text():
     assert progress_text({"event": "progress", "done": 9, "total": 18, "eta_s": 3.2}) == (50, "Tile 9/18, about 3 s left")
     assert progress_text({"event": "case_failed", "error": "bad"})[1] == "Failed: bad"
+    # the engine exporting the network before the first tile: a line instead of a bar standing at 0
+    assert progress_text({"event": "status", "message": "Preparing the network..."}) == (None, "Preparing the network...")
 
 
 def test_segment_through_the_panel_then_undo_then_export(mrml_scene, store_dir, engine_python, tmp_path):
@@ -212,10 +214,12 @@ def test_import_model_through_the_panel_selects_the_new_version(mrml_scene, stor
     run_panel(panel, settings, timeout_s=120)
     assert panel.view.status.startswith("Import failed: ") and "not a model folder DeepSeg can import" in panel.view.status
     copy_model(tmp_path / "elsewhere", "site-model", 1)  # a DeepSeg model folder outside the store
-    panel.start_import(str(tmp_path / "elsewhere" / "site-model" / "1"))
+    job = panel.start_import(str(tmp_path / "elsewhere" / "site-model" / "1"))
     assert not panel.view.segment_enabled
     run_panel(panel, settings, timeout_s=120)
     assert panel.view.status == "Imported site-model:1; it is selected."
+    # the engine prepared the network for this computer's CPU runtime as part of the import
+    assert [e["event"] for e in job.events] == ["imported", "status", "prepared"]
     assert settings.model == "site-model:1" and panel.view.models[panel.view.model_index].ref == "site-model:1"
 
 

@@ -724,6 +724,29 @@ def _verified(graph: Path, key: dict[str, Any], key_file: Path, load: Callable[[
     return True, load(graph) if load is not None else graph
 
 
+def _graph_paths(weights_sha256: str, backend: str, input_shape: tuple[int, ...], cache_dir: Path) -> tuple[Path, Path]:
+    """The cached graph and its key file for this network, backend and input shape."""
+    key = export_key(weights_sha256, backend, input_shape)
+    stem = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_dir / f"{stem}.onnx", cache_dir / f"{stem}.json"
+
+
+def graph_cached(weights_sha256: str, backend: str, input_shape: tuple[int, ...], cache_dir: Path) -> bool:
+    """Whether :func:`cached_onnx` will find this graph exported already: its key matches and the file is the
+    one the key recorded (size and modification time; the checksum is checked when it is loaded). A
+    False means the next run exports the network first (a forward pass of the tile shape, so seconds
+    to a minute on a CPU)."""
+    graph, key_file = _graph_paths(weights_sha256, backend, input_shape, cache_dir)
+    key = _recorded_key(key_file, export_key(weights_sha256, backend, input_shape)) if key_file.is_file() else None
+    if key is None:
+        return False
+    try:
+        current = graph.stat()
+    except OSError:
+        return False
+    return all(key.get(k) == v for k, v in _file_identity(current).items())
+
+
 def cached_onnx(
     net: nn.Module,
     weights_sha256: str,
@@ -741,8 +764,8 @@ def cached_onnx(
     and time its key recorded while its checksum is checked (:func:`_verified`), and on a graph
     exported anew; what it made of a damaged graph is dropped. Without ``load``: the path.
     """
-    stem = hashlib.sha256(json.dumps(export_key(weights_sha256, backend, input_shape), sort_keys=True).encode()).hexdigest()[:24]
-    graph, key_file = cache_dir / f"{stem}.onnx", cache_dir / f"{stem}.json"
+    graph, key_file = _graph_paths(weights_sha256, backend, input_shape, cache_dir)
+    stem = graph.stem
     wanted = export_key(weights_sha256, backend, input_shape)
     if graph.is_file() and key_file.is_file():
         key = _recorded_key(key_file, wanted)
@@ -811,6 +834,11 @@ class ExportedTiles:
         self._make_run_one = run_one
         self._run_one: Callable[[np.ndarray], np.ndarray] | None = None
         self.padded_calls = 0
+
+    def prepare_single_tile(self) -> bool:
+        """Make the single-tile runner now rather than at the first partial batch (ONNX Runtime exports a
+        second graph for it); whether there is one."""
+        return self._single_tile_runner() is not None
 
     def _single_tile_runner(self) -> Callable[[np.ndarray], np.ndarray] | None:
         if self._run_one is None and self._make_run_one is not None:

@@ -156,6 +156,12 @@ class Pipeline:
         (``card.num_classes``); pipelines whose channels are not labels (nnU-Net's regions) say otherwise."""
         return self.card.num_classes
 
+    @property
+    def network_input_channels(self) -> int:
+        """The channels of the network's input (the first axis of :meth:`prepare`'s image, ``C_net``): one per
+        image channel, times the neighbour slices of a 2.5D model."""
+        return len(self.card.inputs.channels) * self.context_slices
+
     def prepare(self, channels: Sequence[Volume]) -> PreparedInput:
         """Resample each channel to the card's spacing, normalise, stack (and 2.5D-stack)."""
         target = self.card.preprocessing.target_spacing_xyz_mm

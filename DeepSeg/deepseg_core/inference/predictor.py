@@ -42,9 +42,11 @@ from .backends import (
     BACKENDS,
     BackendChoice,
     BFloat16Tiles,
+    ExportedTiles,
     TileFunction,
     check_precision,
     choose_backend,
+    graph_cached,
     input_free_setup,
     native_bfloat16,
     tile_function,
@@ -129,7 +131,11 @@ class SegmentationResult:
         card: the model card used.
         timings_s: seconds per stage.
         window_stats: the sliding window's own figures (:func:`.sliding_window_predict`'s return:
-            ``tiles``, ``network_calls``, ``max_buffer_depth`` in slices, ``batch_size``, ``image_device``).
+            ``tiles``, ``network_calls``, ``max_buffer_depth`` in slices, ``batch_size``, ``image_device``);
+            of a cascade, its second stage's.
+        first_stage: of a cascade, what its first stage ran with (``backend``, ``precision``, ``tiles``),
+            which may differ from the second's (a runtime that could not export one of the networks falls
+            back to torch for that stage alone); None for a single-stage model.
     """
 
     labels: Volume
@@ -143,6 +149,7 @@ class SegmentationResult:
     backend: str = "torch"
     precision: str = "float32"
     window_stats: dict[str, int | str] = field(default_factory=dict)
+    first_stage: dict[str, int | str] | None = None
 
 
 class _SliceNet(nn.Module):
@@ -245,6 +252,40 @@ class Segmenter:
         function, used = self._tile_functions[key]
         return function, used.name
 
+    def will_export(self, options: SegmentOptions, input_channels: int, weights_sha256: str | None = None) -> bool:
+        """Whether a run with ``options`` must first export the network for its backend (nothing cached yet for
+        these weights and tile shape): a forward pass of one tile batch, seconds to a minute on a CPU."""
+        choice = self.backend_choice(options)
+        if choice.name == "torch":
+            return False
+        window = self.window_config(options)
+        shape = (window.batch_size, input_channels, *window.patch_size_zyx)
+        sha = weights_sha256 or weights_digest(self.net)
+        if (choice.name, shape, sha, self._cpu_precision(options)) in self._tile_functions:
+            return False
+        return not graph_cached(sha, choice.name, shape, self.cache_dir)
+
+    def prepare_backend(self, options: SegmentOptions | None = None) -> list[dict[str, object]]:
+        """Export and compile the network for the backend ``options`` choose on this device (default options:
+        ``auto``, float32), so that the first segmentation does not (``deepseg models import`` calls this).
+
+        The graph, and the single-tile runner for partial batches, are cached as a run caches them; a cascade
+        prepares its first stage too. Returns one entry per stage, first stage first: ``backend`` (what will
+        run), ``exported`` (False when the graph was cached already, or for torch) and ``seconds``.
+        """
+        options = options or SegmentOptions()
+        prepared = [] if self.previous_stage is None else self.previous_stage.prepare_backend(_first_stage_options(options))
+        clock = time.perf_counter()
+        if self.backend_choice(options).name == "torch":
+            return [*prepared, {"backend": "torch", "exported": False, "seconds": 0.0}]
+        channels = self.pipeline.network_input_channels
+        sha = weights_digest(self.net)
+        exported = self.will_export(options, channels, sha)
+        function, used = self.tile_function(options, self.window_config(options), channels, sha)
+        if isinstance(function, ExportedTiles):
+            function.prepare_single_tile()
+        return [*prepared, {"backend": used, "exported": exported and used != "torch", "seconds": time.perf_counter() - clock}]
+
     def precision(self, options: SegmentOptions) -> str:
         """The precision a run computes in: on CUDA ``float16`` (autocast, the sliding window's ``amp``,
         on by default) or ``float32``; on the CPU ``options.precision``, except bfloat16 on a CPU without
@@ -340,21 +381,26 @@ class Segmenter:
         on_progress: ProgressCallback | None = None,
         should_cancel: Callable[[], bool] | None = None,
         domain_check: DomainReport | None = None,
+        on_status: Callable[[str], None] | None = None,
     ) -> SegmentationResult:
         """Segment one case (one :class:`Volume` per input channel, all on one grid).
 
         ``domain_check``: a report already made by :meth:`check_inputs` (made here when None).
+        ``on_status``: told, before the network is exported for its backend (once per model version and tile
+        shape, see :meth:`prepare_backend`), what is happening, as a sentence for a status line: otherwise
+        the progress would stand at 0 for that time.
         """
         timings: dict[str, float] = {}
         clock = time.perf_counter()
         subjects = list(subjects or [f"channel {i}" for i in range(len(channels))])
-        previous_labels = None
+        previous_labels, first_stage = None, None
         if self.previous_stage is not None:
             self.check_channels(channels, options, subjects)  # a wrong input is refused before the first stage runs
             if domain_check is None:
                 domain_check = self.check_inputs(channels)
             # planning reads the crop box again (a pass over the input): only for a progress bar
             planned = self.planned_tiles(channels, options) if on_progress is not None else 0
+            timings["input_checks"] = time.perf_counter() - clock
             first_progress, on_progress = _two_stage_progress(on_progress, planned)
             first = self.previous_stage.segment(
                 channels,
@@ -363,8 +409,10 @@ class Segmenter:
                 on_progress=first_progress,
                 should_cancel=should_cancel,
                 domain_check=domain_check,
+                on_status=on_status,
             )
             previous_labels = first.labels.array_zyx
+            first_stage = {"backend": first.backend, "precision": first.precision, "tiles": first.window_stats["tiles"]}
             timings.update({f"first_stage_{key}": value for key, value in first.timings_s.items()})
             # the modality check (a pass over the input) ran before the first stage
             options = dataclasses.replace(options, check_modality=False)
@@ -383,7 +431,10 @@ class Segmenter:
             window = self.window_config(options)
             clock = time.perf_counter()
             weights_sha256 = digest.result() if digest is not None else None
-        tiles, backend = self.tile_function(options, window, int(prepared.image_czyx.shape[0]), weights_sha256)
+        input_channels = int(prepared.image_czyx.shape[0])
+        if on_status is not None and self.will_export(options, input_channels, weights_sha256):
+            on_status(preparing_message(choice.name))
+        tiles, backend = self.tile_function(options, window, input_channels, weights_sha256)
         timings["backend_setup"] = time.perf_counter() - clock
         clock = time.perf_counter()
         with _mc_dropout(self.net, options.uncertainty == "mc_dropout", self.card.ref):
@@ -406,6 +457,7 @@ class Segmenter:
         result.backend = backend
         result.precision = self.precision(options)
         result.window_stats = window_stats
+        result.first_stage = first_stage
         if collected.entropy_zyx is not None:
             result.uncertainty = reference.with_array(np.clip(collected.entropy_zyx, 0.0, 1.0).astype(np.float32))
         timings["postprocess"] = time.perf_counter() - clock
@@ -426,6 +478,11 @@ class Segmenter:
                 array, things, labels.spacing_zyx_mm, options.min_instance_mm3
             )
         return result
+
+
+def preparing_message(backend: str) -> str:
+    """The status line while the network is exported and compiled for ``backend``."""
+    return f"Preparing the network for {backend} on this computer (once per model version; later runs skip this)..."
 
 
 def _two_stage_progress(

@@ -260,6 +260,19 @@ class NnUNetPipeline(Pipeline):
         log.debug("nnU-Net preprocessing: %s -> %s", done.context["shape_before_crop"], done.context["network_shape"])
         return PreparedInput(done.image_czyx, None, {**done.context, "reorder": reorder})
 
+    @property
+    def network_input_channels(self) -> int:
+        """The image's channels, and for a cascade's second stage one more per foreground label (see
+        :meth:`prepare_with_previous_stage`)."""
+        channels = len(self.card.inputs.channels)
+        if self.card.previous_stage is None:
+            return channels
+        return channels + len(self._foreground_values())
+
+    def _foreground_values(self) -> list[int]:
+        """The first stage's label values that become one-hot channels of the second stage, ascending."""
+        return sorted(v for v in self.label_values if v != 0)
+
     def prepare_with_previous_stage(self, channels: Sequence[Volume], previous_labels_zyx: np.ndarray) -> PreparedInput:
         """The input of the cascade's second stage (``3d_cascade_fullres``), as nnU-Net's predictor makes it.
 
@@ -281,7 +294,7 @@ class NnUNetPipeline(Pipeline):
         data, spacing_zyx = self.stack_channels(channels, reorder)
         done = self.preprocess(data, spacing_zyx, reorder.apply(previous_labels_zyx))
         assert done.labels_zyx is not None
-        foreground = sorted(v for v in self.label_values if v != 0)
+        foreground = self._foreground_values()
         image = np.empty((done.image_czyx.shape[0] + len(foreground), *done.image_czyx.shape[1:]), dtype=np.float32)
         image[: done.image_czyx.shape[0]] = done.image_czyx
         for offset, value in enumerate(foreground, start=done.image_czyx.shape[0]):

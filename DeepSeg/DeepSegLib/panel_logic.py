@@ -329,11 +329,12 @@ class DeepSegPanelLogic:
         if job.outcome == "cancelled" and imported is None:
             self.view.status = "Import cancelled; the store is unchanged."
             return
-        if job.outcome == "cancelled":  # while the network was being prepared: the model is in the store
+        if job.outcome != "succeeded" and imported is not None:  # stopped while preparing: the model is in the store
             if settings is not None:
                 settings.model = imported["model"]
             self.refresh_models(settings)
-            self.view.status = f"Imported {imported['model']}; preparing it for this computer was cancelled (its first run will)."
+            how = "was cancelled" if job.outcome == "cancelled" else "did not finish"
+            self.view.status = f"Imported {imported['model']}; preparing it for this computer {how} (its first run will)."
             return
         if job.outcome != "succeeded" or imported is None:
             self.view.status = f"Import failed: {job.error or f'the engine exited with code {job.returncode}'}"

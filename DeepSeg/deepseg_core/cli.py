@@ -113,34 +113,35 @@ def cmd_segment(args: argparse.Namespace) -> int:
 def _prepare_imported(ref: str, store: ModelStore, json_mode: bool) -> None:
     """Export and compile an imported model's network for this computer's default backend, so that its first
     segmentation does not (nothing to do where PyTorch runs it, as on CUDA). The model is imported already:
-    a failure here is logged and left to the first run, never an import error."""
+    a failure here is logged and left to the first run, never an import error (a cancel raises
+    KeyboardInterrupt, which the caller reports as such)."""
     from .events import to_json_line
-    from .inference import Segmenter, SegmentOptions
+    from .inference import Segmenter, SegmentOptions, choose_device
+    from .inference.backends import choose_backend
     from .inference.predictor import preparing_message
 
     def say(event: dict) -> None:
         print(to_json_line(event) if json_mode else event["message"], flush=True)
 
     try:
-        segmenter = Segmenter.load(ref, device="auto", store=store)
-        backend = segmenter.backend_choice(SegmentOptions()).name
-        if backend == "torch":
+        chosen = choose_backend("auto", choose_device("auto")).name
+        if chosen == "torch":  # CUDA, or no CPU runtime installed: nothing to export (and no GPU load for nothing)
             return
-        say({"event": "status", "message": preparing_message(backend)})
-        stages = segmenter.prepare_backend()
+        say({"event": "status", "message": preparing_message(chosen)})
+        segmenter = Segmenter.load(ref, device="cpu", store=store)
+        stages = segmenter.prepare_backend(SegmentOptions(device="cpu"))
     except Exception as exc:  # the import stands; the first run exports the network instead
         log.warning("%s is imported, but its network could not be prepared for this computer (%s): the first run will", ref, exc)
         return
     seconds = sum(float(stage["seconds"]) for stage in stages)
-    backends = ", ".join(dict.fromkeys(str(stage["backend"]) for stage in stages))
-    say(
-        {
-            "event": "prepared",
-            "model": ref,
-            "stages": stages,
-            "message": f"prepared {ref} for {backends} on this computer in {seconds:.1f} s",
-        }
-    )
+    fell_back = [stage for stage in stages if stage["backend"] != chosen]
+    if fell_back:
+        reason = fell_back[0].get("reason", "")
+        message = f"{ref} is imported, but {chosen} could not run its network; it runs on PyTorch ({reason})"
+        log.warning("%s", message)
+    else:
+        message = f"prepared {ref} for {chosen} on this computer in {seconds:.1f} s"
+    say({"event": "prepared", "model": ref, "stages": stages, "message": message})
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -201,7 +202,11 @@ def cmd_models(args: argparse.Namespace) -> int:
             origin = f" from {card.source['format']}" if card.source.get("format") else ""
             print(f"imported {card.ref}{origin} into {store.root}", flush=True)
         if not args.no_prepare:
-            _prepare_imported(card.ref, store, args.json)
+            try:
+                _prepare_imported(card.ref, store, args.json)
+            except KeyboardInterrupt:  # Cancel in the panel: the import itself is done and stays
+                print(f"cancelled: {card.ref} is imported; its network was not prepared (its first run will)", file=sys.stderr)
+                return EXIT_CANCELLED
         return EXIT_OK
     if args.action == "activate":
         version = store.activate(args.ref)

@@ -37,6 +37,7 @@ class EventSink:
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self._last_bar = 0.0
+        self._bar_open = False  # a bar drawn without its closing newline
 
     def emit(self, event: dict[str, Any]) -> None:
         """Send one event (a dict with an ``"event"`` key)."""
@@ -46,7 +47,8 @@ class EventSink:
         elif event.get("event") == "progress":
             self._bar(event)
         elif event.get("event") == "status":
-            self.err.write(f"{event.get('message', '')}\n")
+            self.err.write(("\n" if self._bar_open else "") + f"{event.get('message', '')}\n")
+            self._bar_open = False
             self.err.flush()
 
     def _bar(self, event: dict[str, Any]) -> None:
@@ -62,6 +64,7 @@ class EventSink:
         eta = event.get("eta_s", 0.0)
         label = event.get("case", "")
         self.err.write(f"\r{label[:28]:<28} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} ETA {eta:5.1f}s")
+        self._bar_open = done < total
         if done >= total:
             self.err.write("\n")
         self.err.flush()

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from model_fixtures import tiny_model_folder
 
 from deepseg_core import io, phantoms
@@ -225,6 +226,9 @@ def test_models_commands(tmp_path, capsys):
     model = tiny_model_folder(tmp_path / "model")
     assert main(["models", "import", str(model), "--models-dir", str(store), "--json"]) == EXIT_OK
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    if torch.cuda.is_available():  # PyTorch runs it there: nothing to prepare
+        assert [e["event"] for e in events] == ["imported"]
+        return
     assert [e["event"] for e in events] == ["imported", "status", "prepared"]
     # the network is exported and compiled for this computer's CPU runtime at import, not at the first run
     (stage,) = events[-1]["stages"]
@@ -254,6 +258,22 @@ def test_models_commands(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["labels"][1]["name"] == "liver lesion"
     assert main(["models", "rollback", "tiny", "--models-dir", str(store)]) == EXIT_MODEL
     assert "nothing to roll back" in capsys.readouterr().err
+
+
+def test_a_run_that_must_export_its_network_says_so_before_its_progress(tmp_path, capsys):
+    model = tiny_model_folder(tmp_path / "model")
+    image = write_case(tmp_path / "case.nrrd")
+    args = ["segment", str(image), "--model", str(model), "--models-dir", str(tmp_path / "store")]
+    args += ["--backend", "onnxruntime", "--device", "cpu", "--json"]
+    kinds = []
+    for run in ("first", "second"):
+        assert main([*args, "--output", str(tmp_path / f"{run}.seg.nrrd")]) == EXIT_OK
+        events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        kinds.append([e["event"] for e in events if e["event"] in ("status", "progress")])
+        if run == "first":
+            assert "onnxruntime" in next(e["message"] for e in events if e["event"] == "status")
+    assert kinds[0][0] == "status" and kinds[0].count("status") == 1 and "progress" in kinds[0]
+    assert "status" not in kinds[1], "the graph is cached: nothing to say"
 
 
 def test_uncertainty_stats_and_domain_check_from_the_cli(tmp_path):

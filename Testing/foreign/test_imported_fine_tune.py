@@ -56,7 +56,12 @@ def sources(tiny_folders) -> dict[str, tuple[Path, list[str]]]:
 def test_an_imported_model_is_fine_tuned_compared_promoted_and_rolled_back(fmt, sources, tmp_path):
     folder, options = sources[fmt]
     store_dir = tmp_path / "store"
-    imported = events(cli("models", "import", folder, "--name", "site", "--models-dir", store_dir, "--json", *options))[0]
+    # --no-prepare: the imported version is only evaluated (torch) and fine-tuned here, so an export would only cost time
+    imported_events = events(
+        cli("models", "import", folder, "--name", "site", "--models-dir", store_dir, "--json", "--no-prepare", *options)
+    )
+    assert [e["event"] for e in imported_events] == ["imported"]
+    imported = imported_events[0]
     assert imported["model"] == "site:1" and imported["source"]["format"] == fmt
     dataset = site_dataset(tmp_path / "siteB")
 
@@ -99,7 +104,7 @@ def test_an_imported_model_is_fine_tuned_compared_promoted_and_rolled_back(fmt, 
 
 def test_an_ensemble_of_folds_is_refused_for_fine_tuning_with_what_to_do(tiny_folders, tmp_path):
     store_dir = tmp_path / "store"
-    cli("models", "import", tiny_folders["3d"], "--name", "folds", "--models-dir", store_dir)
+    cli("models", "import", tiny_folders["3d"], "--name", "folds", "--models-dir", store_dir, "--no-prepare")
     dataset = site_dataset(tmp_path / "siteB")
     train = ["train", "--dataset", dataset, "--base", "folds", "--name", "folds", "--epochs", "1", "--steps", "1"]
     done = subprocess.run(
@@ -119,7 +124,7 @@ def test_an_imported_nnunet_model_fine_tunes_under_two_process_ddp(sources, tmp_
     # were not used in producing loss"), so DeepSeg gives it a zero gradient instead
     folder, options = sources["nnunetv2"]
     store_dir = tmp_path / "store"
-    cli("models", "import", folder, "--name", "site", "--models-dir", store_dir, *options)
+    cli("models", "import", folder, "--name", "site", "--models-dir", store_dir, "--no-prepare", *options)
     dataset = site_dataset(tmp_path / "siteB")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "deepseg_core"]
     command += ["train", "--dataset", str(dataset), "--base", "site", "--name", "site", "--epochs", "1", "--steps", "2"]

@@ -663,9 +663,10 @@ def test_cli_import_prints_the_imported_version(bundle, work, engine_python):
     event = events[0]
     assert event["event"] == "imported" and event["model"] == "cli-bundle:1"
     assert event["source"]["format"] == "monai_bundle" and event["labels"] == ["liver", "liver lesion"]
-    # then the bundle's network is exported and compiled for this computer's CPU runtime
-    assert [e["event"] for e in events[1:]] == ["status", "prepared"]
-    assert [stage["backend"] for stage in events[-1]["stages"]] == ["openvino"]
+    # then the bundle's network is exported and compiled for this computer's CPU runtime (on CUDA: nothing to do)
+    if not torch.cuda.is_available():
+        assert [e["event"] for e in events[1:]] == ["status", "prepared"]
+        assert [stage["backend"] for stage in events[-1]["stages"]] == ["openvino"]
 
 
 @pytest.mark.parametrize("kind", ["zoo", "variant"])

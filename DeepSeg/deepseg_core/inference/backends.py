@@ -732,19 +732,13 @@ def _graph_paths(weights_sha256: str, backend: str, input_shape: tuple[int, ...]
 
 
 def graph_cached(weights_sha256: str, backend: str, input_shape: tuple[int, ...], cache_dir: Path) -> bool:
-    """Whether :func:`cached_onnx` will find this graph exported already: its key matches and the file is the
-    one the key recorded (size and modification time; the checksum is checked when it is loaded). A
-    False means the next run exports the network first (a forward pass of the tile shape, so seconds
-    to a minute on a CPU)."""
+    """Whether :func:`cached_onnx` will find this graph exported already: its key matches and the graph is
+    there (its checksum is checked when it is loaded, and a damaged one exported again). A False means the
+    next run exports the network first (a forward pass of the tile shape, so seconds to a minute on a CPU)."""
     graph, key_file = _graph_paths(weights_sha256, backend, input_shape, cache_dir)
-    key = _recorded_key(key_file, export_key(weights_sha256, backend, input_shape)) if key_file.is_file() else None
-    if key is None:
+    if not (graph.is_file() and key_file.is_file()):
         return False
-    try:
-        current = graph.stat()
-    except OSError:
-        return False
-    return all(key.get(k) == v for k, v in _file_identity(current).items())
+    return _recorded_key(key_file, export_key(weights_sha256, backend, input_shape)) is not None
 
 
 def cached_onnx(

@@ -252,18 +252,24 @@ class Segmenter:
         function, used = self._tile_functions[key]
         return function, used.name
 
-    def will_export(self, options: SegmentOptions, input_channels: int, weights_sha256: str | None = None) -> bool:
+    def will_export(
+        self, options: SegmentOptions, input_channels: int, weights_sha256: str | None = None, tiles: int | None = None
+    ) -> bool:
         """Whether a run with ``options`` must first export the network for its backend (nothing cached yet for
-        these weights and tile shape): a forward pass of one tile batch, seconds to a minute on a CPU."""
+        these weights and tile shape): a forward pass of one tile batch, seconds to a minute on a CPU. With
+        ``tiles`` (the run's tile count), also when ONNX Runtime will need its single-tile graph for a partial
+        batch and that is not cached (it is exported only when first needed)."""
         choice = self.backend_choice(options)
         if choice.name == "torch":
             return False
-        window = self.window_config(options)
-        shape = (window.batch_size, input_channels, *window.patch_size_zyx)
+        shape = self._tile_shape(options, input_channels)
         sha = weights_sha256 or weights_digest(self.net)
         if (choice.name, shape, sha, self._cpu_precision(options)) in self._tile_functions:
             return False
-        return not graph_cached(sha, choice.name, shape, self.cache_dir)
+        shapes = [shape]
+        if choice.name == "onnxruntime" and tiles is not None and tiles % shape[0] != 0:
+            shapes.append((1, *shape[1:]))
+        return not all(graph_cached(sha, choice.name, each, self.cache_dir) for each in shapes)
 
     def prepare_backend(self, options: SegmentOptions | None = None) -> list[dict[str, object]]:
         """Export and compile the network for the backend ``options`` choose on this device (default options:
@@ -271,12 +277,14 @@ class Segmenter:
 
         The graph, and the single-tile runner for partial batches, are cached as a run caches them; a cascade
         prepares its first stage too. Returns one entry per stage, first stage first: ``backend`` (what will
-        run), ``exported`` (False when the graph was cached already, or for torch) and ``seconds``.
+        run), ``exported`` (False when the graph was cached already, or for torch), ``seconds``, and where the
+        runtime could not take the network (a run then uses torch too) the ``reason``.
         """
         options = options or SegmentOptions()
         prepared = [] if self.previous_stage is None else self.previous_stage.prepare_backend(_first_stage_options(options))
         clock = time.perf_counter()
-        if self.backend_choice(options).name == "torch":
+        choice = self.backend_choice(options)
+        if choice.name == "torch":
             return [*prepared, {"backend": "torch", "exported": False, "seconds": 0.0}]
         channels = self.pipeline.network_input_channels
         sha = weights_digest(self.net)
@@ -284,7 +292,17 @@ class Segmenter:
         function, used = self.tile_function(options, self.window_config(options), channels, sha)
         if isinstance(function, ExportedTiles):
             function.prepare_single_tile()
-        return [*prepared, {"backend": used, "exported": exported and used != "torch", "seconds": time.perf_counter() - clock}]
+        seconds = time.perf_counter() - clock
+        stage: dict[str, object] = {"backend": used, "exported": exported and used != "torch", "seconds": seconds}
+        if used == "torch":  # the export or the runtime failed: the fallback's reason, as a run logs it
+            key = (choice.name, self._tile_shape(options, channels), sha, self._cpu_precision(options))
+            stage["reason"] = self._tile_functions[key][1].reason
+        return [*prepared, stage]
+
+    def _tile_shape(self, options: SegmentOptions, input_channels: int) -> tuple[int, ...]:
+        """The shape ``(B, C_net, *patch)`` of a tile batch, which an exported graph is made for."""
+        window = self.window_config(options)
+        return (window.batch_size, input_channels, *window.patch_size_zyx)
 
     def precision(self, options: SegmentOptions) -> str:
         """The precision a run computes in: on CUDA ``float16`` (autocast, the sliding window's ``amp``,
@@ -432,8 +450,10 @@ class Segmenter:
             clock = time.perf_counter()
             weights_sha256 = digest.result() if digest is not None else None
         input_channels = int(prepared.image_czyx.shape[0])
-        if on_status is not None and self.will_export(options, input_channels, weights_sha256):
-            on_status(preparing_message(choice.name))
+        if on_status is not None:
+            tiles = count_tiles(tuple(prepared.image_czyx.shape[1:]), window)
+            if self.will_export(options, input_channels, weights_sha256, tiles):
+                on_status(preparing_message(choice.name))
         tiles, backend = self.tile_function(options, window, input_channels, weights_sha256)
         timings["backend_setup"] = time.perf_counter() - clock
         clock = time.perf_counter()

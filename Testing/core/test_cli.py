@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io as io_module
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import numpy as np
 
 from deepseg_core import demo, io
 from deepseg_core.cli import EXIT_INPUT, EXIT_OK, main
+from deepseg_core.events import EventSink
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -129,3 +131,24 @@ def test_bad_input_exits_2_with_one_clear_message(tmp_path):
     )
     result = run_cli("phantom", "--output", str(tmp_path), "--profile", "nope")
     assert result.returncode == EXIT_INPUT and "one of ['ct-A'" in result.stderr
+
+
+class TerminalText(io_module.StringIO):
+    """A text stream that says it is a terminal, as a person's stderr is (the bar is drawn only there)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_status_line_starts_on_its_own_line_also_after_an_unfinished_bar():
+    err = TerminalText()
+    sink = EventSink(json_mode=False, out=io_module.StringIO(), err=err)
+    sink.emit({"event": "progress", "case": "ct", "done": 1, "total": 4, "eta_s": 3.0})
+    sink.emit({"event": "status", "message": "Preparing the network..."})
+    sink.emit({"event": "status", "message": "again"})
+    lines = err.getvalue().split("\n")
+    assert lines[0].startswith("\rct") and lines[0].endswith("1/4 ETA   3.0s")
+    assert lines[1:] == ["Preparing the network...", "again", ""]
+    quiet = io_module.StringIO()
+    EventSink(json_mode=True, out=quiet, err=err).emit({"event": "status", "message": "x"})
+    assert json.loads(quiet.getvalue()) == {"event": "status", "message": "x"}

@@ -335,11 +335,15 @@ def test_a_runtime_that_will_not_import_falls_back_to_torch(segmenter, monkeypat
     segmenter._tile_functions.clear()
     with caplog.at_level("WARNING"):
         result = segmenter.segment([sample_crop()], SegmentOptions(device="cpu", backend="openvino"))
+    (stage,) = segmenter.prepare_backend(SegmentOptions(device="cpu", backend="openvino"))  # as an import would
     segmenter._tile_functions.clear()
     assert (
         result.backend == "torch"
         and "openvino could not run this network (ModuleNotFoundError: import of openvino halted" in caplog.text
     )
+    # the import says why it will run on PyTorch instead of claiming the network was prepared
+    assert stage["backend"] == "torch" and stage["exported"] is False
+    assert stage["reason"].startswith("openvino could not run this network (ModuleNotFoundError")
 
 
 def test_the_weights_digest_is_the_sha256_of_names_dtypes_shapes_and_bytes():

@@ -724,21 +724,21 @@ def _verified(graph: Path, key: dict[str, Any], key_file: Path, load: Callable[[
     return True, load(graph) if load is not None else graph
 
 
-def _graph_paths(weights_sha256: str, backend: str, input_shape: tuple[int, ...], cache_dir: Path) -> tuple[Path, Path]:
-    """The cached graph and its key file for this network, backend and input shape."""
+def _graph_paths(
+    weights_sha256: str, backend: str, input_shape: tuple[int, ...], cache_dir: Path
+) -> tuple[Path, Path, dict[str, object]]:
+    """The cached graph and its key file for this network, backend and input shape, and the key itself."""
     key = export_key(weights_sha256, backend, input_shape)
     stem = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    return cache_dir / f"{stem}.onnx", cache_dir / f"{stem}.json"
+    return cache_dir / f"{stem}.onnx", cache_dir / f"{stem}.json", key
 
 
 def graph_cached(weights_sha256: str, backend: str, input_shape: tuple[int, ...], cache_dir: Path) -> bool:
     """Whether :func:`cached_onnx` will find this graph exported already: its key matches and the graph is
     there (its checksum is checked when it is loaded, and a damaged one exported again). A False means the
     next run exports the network first (a forward pass of the tile shape, so seconds to a minute on a CPU)."""
-    graph, key_file = _graph_paths(weights_sha256, backend, input_shape, cache_dir)
-    if not (graph.is_file() and key_file.is_file()):
-        return False
-    return _recorded_key(key_file, export_key(weights_sha256, backend, input_shape)) is not None
+    graph, key_file, wanted = _graph_paths(weights_sha256, backend, input_shape, cache_dir)
+    return graph.is_file() and key_file.is_file() and _recorded_key(key_file, wanted) is not None
 
 
 def cached_onnx(
@@ -758,9 +758,8 @@ def cached_onnx(
     and time its key recorded while its checksum is checked (:func:`_verified`), and on a graph
     exported anew; what it made of a damaged graph is dropped. Without ``load``: the path.
     """
-    graph, key_file = _graph_paths(weights_sha256, backend, input_shape, cache_dir)
+    graph, key_file, wanted = _graph_paths(weights_sha256, backend, input_shape, cache_dir)
     stem = graph.stem
-    wanted = export_key(weights_sha256, backend, input_shape)
     if graph.is_file() and key_file.is_file():
         key = _recorded_key(key_file, wanted)
         if key is not None:

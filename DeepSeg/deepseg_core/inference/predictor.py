@@ -236,21 +236,30 @@ class Segmenter:
         Exported graphs are built once per Segmenter and shape (cached on disk across runs).
         ``weights_sha256``: :func:`.backends.weights_digest` of the network, when the caller has it already.
         """
+        function, used = self._tile_function_and_choice(options, window, input_channels, weights_sha256)
+        return function, used.name
+
+    def _tile_function_and_choice(
+        self, options: SegmentOptions, window: SlidingWindowConfig, input_channels: int, weights_sha256: str | None
+    ) -> tuple[TileFunction, BackendChoice]:
+        """:meth:`tile_function`, with the backend actually used (and why, where it fell back to torch)."""
         note = self.precision_note(options)
         if note:
             log.warning("precision bfloat16 not used: %s", note)
         precision = self._cpu_precision(options)
         choice = self.backend_choice(options)
         if choice.name == "torch":
-            return (BFloat16Tiles(self.net) if precision == "bfloat16" else self.net), "torch"
-        shape = (window.batch_size, input_channels, *window.patch_size_zyx)
+            return (BFloat16Tiles(self.net) if precision == "bfloat16" else self.net), choice
         # the weights may have changed (training): the key is their digest now, never the card's
-        key = (choice.name, shape, weights_sha256 or weights_digest(self.net), precision)
+        key = self._tile_key(options, _tile_shape(window, input_channels), weights_sha256 or weights_digest(self.net))
         if key not in self._tile_functions:
             log.info("inference backend: %s in %s (%s)", choice.name, precision, choice.reason)
-            self._tile_functions[key] = tile_function(self.net, choice, key[2], shape, self.cache_dir, precision)
-        function, used = self._tile_functions[key]
-        return function, used.name
+            self._tile_functions[key] = tile_function(self.net, choice, key[2], key[1], self.cache_dir, precision)
+        return self._tile_functions[key]
+
+    def _tile_key(self, options: SegmentOptions, shape: tuple[int, ...], weights_sha256: str) -> tuple:
+        """Which made tile function a run with ``options`` reuses: backend, tile batch shape, weights, precision."""
+        return (self.backend_choice(options).name, shape, weights_sha256, self._cpu_precision(options))
 
     def will_export(
         self, options: SegmentOptions, input_channels: int, weights_sha256: str | None = None, tiles: int | None = None
@@ -259,17 +268,17 @@ class Segmenter:
         these weights and tile shape): a forward pass of one tile batch, seconds to a minute on a CPU. With
         ``tiles`` (the run's tile count), also when ONNX Runtime will need its single-tile graph for a partial
         batch and that is not cached (it is exported only when first needed)."""
-        choice = self.backend_choice(options)
-        if choice.name == "torch":
+        backend = self.backend_choice(options).name
+        if backend == "torch":
             return False
-        shape = self._tile_shape(options, input_channels)
+        shape = _tile_shape(self.window_config(options), input_channels)
         sha = weights_sha256 or weights_digest(self.net)
-        if (choice.name, shape, sha, self._cpu_precision(options)) in self._tile_functions:
+        if self._tile_key(options, shape, sha) in self._tile_functions:
             return False
         shapes = [shape]
-        if choice.name == "onnxruntime" and tiles is not None and tiles % shape[0] != 0:
+        if backend == "onnxruntime" and tiles is not None and tiles % shape[0] != 0:
             shapes.append((1, *shape[1:]))
-        return not all(graph_cached(sha, choice.name, each, self.cache_dir) for each in shapes)
+        return not all(graph_cached(sha, backend, each, self.cache_dir) for each in shapes)
 
     def prepare_backend(self, options: SegmentOptions | None = None) -> list[dict[str, object]]:
         """Export and compile the network for the backend ``options`` choose on this device (default options:
@@ -283,26 +292,19 @@ class Segmenter:
         options = options or SegmentOptions()
         prepared = [] if self.previous_stage is None else self.previous_stage.prepare_backend(_first_stage_options(options))
         clock = time.perf_counter()
-        choice = self.backend_choice(options)
-        if choice.name == "torch":
+        if self.backend_choice(options).name == "torch":
             return [*prepared, {"backend": "torch", "exported": False, "seconds": 0.0}]
         channels = self.pipeline.network_input_channels
         sha = weights_digest(self.net)
         exported = self.will_export(options, channels, sha)
-        function, used = self.tile_function(options, self.window_config(options), channels, sha)
+        function, used = self._tile_function_and_choice(options, self.window_config(options), channels, sha)
         if isinstance(function, ExportedTiles):
             function.prepare_single_tile()
         seconds = time.perf_counter() - clock
-        stage: dict[str, object] = {"backend": used, "exported": exported and used != "torch", "seconds": seconds}
-        if used == "torch":  # the export or the runtime failed: the fallback's reason, as a run logs it
-            key = (choice.name, self._tile_shape(options, channels), sha, self._cpu_precision(options))
-            stage["reason"] = self._tile_functions[key][1].reason
+        stage: dict[str, object] = {"backend": used.name, "exported": exported and used.name != "torch", "seconds": seconds}
+        if used.name == "torch":  # the export or the runtime failed: the fallback's reason, as a run logs it
+            stage["reason"] = used.reason
         return [*prepared, stage]
-
-    def _tile_shape(self, options: SegmentOptions, input_channels: int) -> tuple[int, ...]:
-        """The shape ``(B, C_net, *patch)`` of a tile batch, which an exported graph is made for."""
-        window = self.window_config(options)
-        return (window.batch_size, input_channels, *window.patch_size_zyx)
 
     def precision(self, options: SegmentOptions) -> str:
         """The precision a run computes in: on CUDA ``float16`` (autocast, the sliding window's ``amp``,
@@ -451,8 +453,8 @@ class Segmenter:
             weights_sha256 = digest.result() if digest is not None else None
         input_channels = int(prepared.image_czyx.shape[0])
         if on_status is not None:
-            tiles = count_tiles(tuple(prepared.image_czyx.shape[1:]), window)
-            if self.will_export(options, input_channels, weights_sha256, tiles):
+            tile_count = count_tiles(tuple(prepared.image_czyx.shape[1:]), window)
+            if self.will_export(options, input_channels, weights_sha256, tile_count):
                 on_status(preparing_message(choice.name))
         tiles, backend = self.tile_function(options, window, input_channels, weights_sha256)
         timings["backend_setup"] = time.perf_counter() - clock
@@ -498,6 +500,11 @@ class Segmenter:
                 array, things, labels.spacing_zyx_mm, options.min_instance_mm3
             )
         return result
+
+
+def _tile_shape(window: SlidingWindowConfig, input_channels: int) -> tuple[int, ...]:
+    """The shape ``(B, C_net, *patch)`` of a tile batch, which an exported graph is made for."""
+    return (window.batch_size, input_channels, *window.patch_size_zyx)
 
 
 def preparing_message(backend: str) -> str:

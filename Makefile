@@ -10,9 +10,11 @@ SLICER_PY := $(SLICER_VENV)/bin/python
 SLICER_STAMP := $(SLICER_VENV)/.installed
 # pytest-xdist workers for `make test`: one per CI core, each test file in one worker (a module-scoped
 # fixture, such as a trained model or an engine run, is made once: tests of two files in one worker
-# would tear it down between them), the longest files first (Testing/conftest.py's LONG_FILES)
+# would tear it down between them), the longest files first (Testing/conftest.py's LONG_FILES). A worker
+# that crashes ends the run with its test named: pytest-xdist would otherwise rerun that test in new
+# workers, and after such a crash a run once waited for a dead worker until CI's time ran out.
 TEST_WORKERS ?= 2
-PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --max-worker-restart=0
 
 .PHONY: setup setup-slicer test-data demo test test-slow bench lint clean
 

@@ -98,6 +98,47 @@ def _few_threads():
     torch.set_num_threads(previous)
 
 
+def _unmapped_signal_stack() -> str | None:
+    """The calling thread's alternate signal stack, described, when its memory is no longer mapped (Linux).
+
+    Python installs its signal handlers to run on that stack; a library that unmaps it without
+    putting back a live one (OpenVINO 2026.4's CPU plugin did) turns the next signal handled on
+    this thread into a SIGSEGV, which kills the pytest-xdist worker in a later, unrelated test.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    class StackT(ctypes.Structure):
+        _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+    current = StackT()
+    ss_disable = 2
+    if ctypes.CDLL(None).sigaltstack(None, ctypes.byref(current)) != 0 or not current.ss_sp:
+        return None
+    if current.ss_flags & ss_disable:
+        return None
+    ends = {current.ss_sp, current.ss_sp + current.ss_size - 1}
+    with open("/proc/self/maps", encoding="ascii") as maps:
+        for line in maps:
+            low, high = (int(bound, 16) for bound in line.split(None, 1)[0].split("-"))
+            ends = {end for end in ends if not low <= end < high}
+            if not ends:
+                return None
+    disabled = StackT(None, ss_disable, 0)
+    ctypes.CDLL(None).sigaltstack(ctypes.byref(disabled), None)  # keep the worker alive for the tests after
+    return f"{current.ss_size} bytes at {current.ss_sp:#x}"
+
+
+@pytest.fixture(autouse=True)
+def _signal_stack_left_mapped():
+    """Fail the test that leaves this thread's alternate signal stack unmapped, not the one it would crash."""
+    yield
+    dangling = _unmapped_signal_stack()
+    if dangling is not None:
+        pytest.fail(f"this test left the main thread's alternate signal stack unmapped ({dangling}): the next signal would crash")
+
+
 #: lines that real-image tests report (``record_property("realdata", line)``) for the end of the run:
 #: a test's own output does not reach the terminal from a pytest-xdist worker, its report does
 _REAL_DATA_LINES: list[str] = []

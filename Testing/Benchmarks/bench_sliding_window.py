@@ -262,14 +262,12 @@ def openvino_layer_times(
     """OpenVINO's own per-layer timers (``PERF_COUNT``) over one float32 tile batch, best of 3:
     seconds per layer type, and the GFLOP/s inside the convolutions alone (every FLOP counted
     above is a convolution's), which bounds the fraction of the ceiling the whole network can reach."""
-    import openvino
-
-    from deepseg_core.inference.backends import cached_onnx, openvino_properties
+    from deepseg_core.inference.backends import cached_onnx, openvino_core, openvino_properties
 
     shape, batch = tuple(input_shape), input_shape[0]
     graph = cached_onnx(net, "0" * 64, "openvino", shape, cache)
     properties = {**openvino_properties("float32"), "PERF_COUNT": True}
-    request = openvino.Core().compile_model(str(graph), "CPU", properties).create_infer_request()
+    request = openvino_core().compile_model(str(graph), "CPU", properties).create_infer_request()
     tiles = np.random.default_rng(2).normal(size=shape).astype(np.float32)
     best: dict[str, float] = {}
     for _ in range(3):

@@ -6,7 +6,10 @@ import copy
 import hashlib
 import json
 import os
+import signal
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,6 +235,45 @@ def test_the_single_tile_graph_is_never_read_from_a_graph_exported_after_the_che
         torch.testing.assert_close(function(tiles[:1]), net(tiles[:1]), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(function(tiles[:2]), net(tiles[:2]), atol=1e-4, rtol=1e-4)
     assert function.padded_calls == 1
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# Run in its own process: without the fix it dies with SIGSEGV, which would take the test worker down.
+RELEASED_MODELS_THEN_CANCEL = """
+import gc, os, pathlib, signal, sys
+from deepseg_core.inference.backends import cached_onnx, openvino_tiles
+from deepseg_core.nets import build_net
+folder = pathlib.Path(sys.argv[1])
+config = {"spatial_dims": 2, "in_channels": 1, "num_classes": 2, "features": [4, 8]}
+graphs = [cached_onnx(build_net("unet", config, seed=s).eval(), str(s) * 64, "openvino", (1, 1, 16, 16), folder) for s in (1, 2)]
+first, second = (openvino_tiles(graph, 1) for graph in graphs)  # a cascade's two stages, two folds
+del first  # released in the order they were made
+gc.collect()
+del second
+gc.collect()
+signal.signal(signal.SIGTERM, lambda signum, frame: print("cancel handled", flush=True))
+os.kill(os.getpid(), signal.SIGTERM)  # what the panel's Cancel sends
+print("went on", flush=True)
+"""
+
+
+@pytest.mark.skipif(not installed("openvino") or not hasattr(signal, "SIGKILL"), reason="OpenVINO on POSIX")
+def test_a_cancel_after_openvino_models_were_released_is_handled_not_a_crash(tmp_path):
+    """OpenVINO's CPU plugin installs an alternate signal stack for the thread that loads it and unmaps
+    it when released, restoring the one it found; two plugins released in the order they were made left
+    the thread on unmapped memory, and Cancel's SIGTERM then ended the process with SIGSEGV (no
+    "cancelled", and in the test suite a dead pytest-xdist worker). One Core per process avoids it."""
+    run = subprocess.run(
+        [sys.executable, "-c", RELEASED_MODELS_THEN_CANCEL, str(tmp_path)],
+        cwd=REPO / "DeepSeg",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, f"exit {run.returncode} (-11 is SIGSEGV): {run.stderr[-2000:]}"
+    assert run.stdout.splitlines() == ["cancel handled", "went on"]
 
 
 def test_the_exported_graph_is_cached_by_key_and_rebuilt_when_stale(tmp_path, monkeypatch):

@@ -43,6 +43,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -885,6 +886,29 @@ def openvino_properties(precision: str = "float32") -> dict[str, str]:
     }
 
 
+_OPENVINO_CORE: Any = None
+_OPENVINO_CORE_LOCK = threading.Lock()
+
+
+def openvino_core() -> Any:
+    """The process's one ``openvino.Core``, made on first use and kept until the process ends.
+
+    One, and never released, because OpenVINO's CPU plugin (one per Core) installs an alternate
+    signal stack for the thread that loads it and, when it is released, puts back the stack it
+    found and unmaps its own. Two plugins released in the order they were made leave that thread
+    on unmapped memory, and the next signal handled there (Cancel's SIGTERM, Ctrl-C) kills the
+    process with SIGSEGV instead of stopping it cleanly (seen with OpenVINO 2026.4). The blob
+    cache folder is given per compilation (``CACHE_DIR``), not set on the shared Core.
+    """
+    global _OPENVINO_CORE
+    import openvino  # each call: a runtime that cannot load still raises ImportError here
+
+    with _OPENVINO_CORE_LOCK:
+        if _OPENVINO_CORE is None:
+            _OPENVINO_CORE = openvino.Core()
+        return _OPENVINO_CORE
+
+
 def openvino_tiles(graph: Path, batch: int, precision: str = "float32") -> ExportedTiles:
     """OpenVINO compiled model on the CPU (latency hint, torch's thread count); its output buffer is
     reused by the next call (``ExportedTiles.reuses_output``).
@@ -893,17 +917,15 @@ def openvino_tiles(graph: Path, batch: int, precision: str = "float32") -> Expor
     later processes skip the compilation. The precision is always asked for explicitly: on CPUs with AMX or AVX512-BF16
     OpenVINO would otherwise pick bfloat16 by itself.
     """
-    import openvino
-
     cache = openvino_cache_dir(graph)
     for legacy in cache.parent.glob("*.blob"):  # blobs of the shared folder used before: never read again
         legacy.unlink(missing_ok=True)
     # The file compiled now is the one whose checksum the caller checks (it is dropped otherwise); the
     # single-tile graph, read later, must come from that same file, not from one exported since.
     checked = graph.stat()
-    core = openvino.Core()
-    core.set_property({"CACHE_DIR": str(cache)})
-    compiled = core.compile_model(str(graph), "CPU", openvino_properties(precision))
+    core = openvino_core()
+    properties = {**openvino_properties(precision), "CACHE_DIR": str(cache)}
+    compiled = core.compile_model(str(graph), "CPU", properties)
     request = compiled.create_infer_request()
     output = compiled.output(0)
 
@@ -919,7 +941,7 @@ def openvino_tiles(graph: Path, batch: int, precision: str = "float32") -> Expor
         if not _still_names(graph, checked):  # replaced while OpenVINO read it: it may hold either
             raise replaced
         model.reshape({model.input(0): [1, *list(model.input(0).get_shape())[1:]]})
-        single = core.compile_model(model, "CPU", openvino_properties(precision))
+        single = core.compile_model(model, "CPU", properties)
         single_request, single_output = single.create_infer_request(), single.output(0)
         return lambda x: single_request.infer({0: x})[single_output]
 

@@ -119,12 +119,15 @@ def _unmapped_signal_stack() -> str | None:
     if current.ss_flags & ss_disable:
         return None
     ends = {current.ss_sp, current.ss_sp + current.ss_size - 1}
-    with open("/proc/self/maps", encoding="ascii") as maps:
-        for line in maps:
-            low, high = (int(bound, 16) for bound in line.split(None, 1)[0].split("-"))
-            ends = {end for end in ends if not low <= end < high}
-            if not ends:
-                return None
+    try:
+        with open("/proc/self/maps", "rb") as maps:  # bytes: mapped files' paths need not be ASCII
+            for line in maps:
+                low, high = (int(bound, 16) for bound in line.split(None, 1)[0].split(b"-"))
+                ends = {end for end in ends if not low <= end < high}
+                if not ends:
+                    return None
+    except OSError:  # no /proc (a sandbox): nothing to check
+        return None
     disabled = StackT(None, ss_disable, 0)
     ctypes.CDLL(None).sigaltstack(ctypes.byref(disabled), None)  # keep the worker alive for the tests after
     return f"{current.ss_size} bytes at {current.ss_sp:#x}"
@@ -132,7 +135,11 @@ def _unmapped_signal_stack() -> str | None:
 
 @pytest.fixture(autouse=True)
 def _signal_stack_left_mapped():
-    """Fail the test that leaves this thread's alternate signal stack unmapped, not the one it would crash."""
+    """Report the test that leaves this thread's alternate signal stack unmapped (an error at its teardown),
+    not the later one it would crash; checked before each test too, for a fixture torn down in between."""
+    dangling = _unmapped_signal_stack()
+    if dangling is not None:
+        pytest.fail(f"an earlier test or a fixture's teardown left the alternate signal stack unmapped ({dangling})")
     yield
     dangling = _unmapped_signal_stack()
     if dangling is not None:

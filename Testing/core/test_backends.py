@@ -6,9 +6,9 @@ import copy
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ import torch
 
 from deepseg_core import io
 from deepseg_core.demo import DEFAULT_MODEL, SAMPLE_VOLUME
-from deepseg_core.errors import ConfigError
+from deepseg_core.errors import ConfigError, DeepSegError
 from deepseg_core.inference import Segmenter, SegmentOptions, sliding_window_predict
 from deepseg_core.inference.backends import (
     PHASE_STACK_BACKENDS,
@@ -29,9 +29,12 @@ from deepseg_core.inference.backends import (
     cached_onnx,
     choose_backend,
     exportable,
+    failure_record_path,
     installed,
     native_bfloat16,
     openvino_cache_dir,
+    recorded_failure,
+    remove_abandoned_exports,
     split_concatenated_convolutions,
     tile_function,
     weights_digest,
@@ -215,6 +218,19 @@ def test_a_2d_network_and_a_partial_last_batch_through_an_exported_backend(tmp_p
 
 
 @pytest.mark.skipif(not installed("openvino"), reason="OpenVINO not installed")
+def test_openvinos_blobs_of_the_batch_and_of_the_single_tile_are_kept_in_the_graphs_own_folder(tmp_path):
+    """The blob folder is given with each compilation (the process shares one Core), for both runners."""
+    net = build_net("unet", {"spatial_dims": 2, "in_channels": 1, "num_classes": 2, "features": [4, 8]}, seed=6).eval()
+    function, used = tile_function(net, choose_backend("openvino", torch.device("cpu")), "9" * 64, (2, 1, 16, 16), tmp_path)
+    (graph,) = tmp_path.glob("*.onnx")
+    assert used.name == "openvino" and len(list(openvino_cache_dir(graph).glob("*.blob"))) == 1
+    with torch.no_grad():
+        function(torch.randn(1, 1, 16, 16))  # a partial batch: the single-tile runner is compiled now
+    assert function.padded_calls == 0 and len(list(openvino_cache_dir(graph).glob("*.blob"))) == 2
+    assert [p for p in tmp_path.rglob("*.blob") if p.parent != openvino_cache_dir(graph)] == []
+
+
+@pytest.mark.skipif(not installed("openvino"), reason="OpenVINO not installed")
 def test_the_single_tile_graph_is_never_read_from_a_graph_exported_after_the_check(tmp_path):
     """OpenVINO reads the graph again, lazily, to make its one-tile runner. If another process has
     exported the graph anew since this one checked and compiled it, the file now holds other weights:
@@ -259,7 +275,7 @@ print("went on", flush=True)
 """
 
 
-@pytest.mark.skipif(not installed("openvino") or not hasattr(signal, "SIGKILL"), reason="OpenVINO on POSIX")
+@pytest.mark.skipif(not installed("openvino") or os.name != "posix", reason="OpenVINO, and POSIX signals")
 def test_a_cancel_after_openvino_models_were_released_is_handled_not_a_crash(tmp_path):
     """OpenVINO's CPU plugin installs an alternate signal stack for the thread that loads it and unmaps
     it when released, restoring the one it found; two plugins released in the order they were made left
@@ -274,6 +290,116 @@ def test_a_cancel_after_openvino_models_were_released_is_handled_not_a_crash(tmp
     )
     assert run.returncode == 0, f"exit {run.returncode} (-11 is SIGSEGV): {run.stderr[-2000:]}"
     assert run.stdout.splitlines() == ["cancel handled", "went on"]
+
+
+def test_temporary_graphs_left_by_killed_exports_are_removed_by_the_next_export(tmp_path):
+    net = build_net("unet", {"spatial_dims": 2, "in_channels": 1, "num_classes": 2, "features": [4, 8]}, seed=3).eval()
+    abandoned = tmp_path / f".{'a' * 24}.k2x9q1.onnx"  # the name cached_onnx's mkstemp gives
+    abandoned.write_bytes(b"a graph half written when the export was killed")
+    two_hours_ago = time.time() - 7200
+    os.utime(abandoned, (two_hours_ago, two_hours_ago))
+    in_progress = tmp_path / f".{'b' * 24}.p0w3m7.onnx"  # another process's export, still running
+    in_progress.write_bytes(b"")
+    not_ours = tmp_path / ".notes.onnx"
+    not_ours.write_bytes(b"")
+    os.utime(not_ours, (two_hours_ago, two_hours_ago))
+    graph = cached_onnx(net, "c" * 64, "onnxruntime", (1, 1, 16, 16), tmp_path)
+    assert graph.is_file() and not abandoned.exists()
+    assert in_progress.exists() and not_ours.exists()
+    assert remove_abandoned_exports(tmp_path, older_than_s=-1.0) == [in_progress]  # age is what decides
+
+
+@pytest.mark.skipif("onnxruntime" not in EXPORTED, reason="ONNX Runtime not installed")
+def test_a_network_the_runtime_cannot_take_is_tried_once_not_on_every_run(tmp_path, monkeypatch, caplog):
+    """An export that fails (an operator the exporter or the runtime lacks) cost its seconds to a minute on
+    every run, each then on torch anyway; it is recorded and believed until torch or the runtime changes."""
+    net = build_net("unet", {"spatial_dims": 2, "in_channels": 1, "num_classes": 2, "features": [4, 8]}, seed=4).eval()
+    choice, shape, sha = choose_backend("onnxruntime", torch.device("cpu")), (2, 1, 16, 16), "d" * 64
+    exports = []
+
+    def export_fails(*args, **kwargs):
+        exports.append(args)
+        raise torch.onnx.errors.UnsupportedOperatorError("aten::frobnicate", 17, 18)
+
+    monkeypatch.setattr(torch.onnx, "export", export_fails)
+    function, used = tile_function(net, choice, sha, shape, tmp_path)
+    assert function is net and used.name == "torch" and len(exports) == 1
+    error = recorded_failure(sha, "onnxruntime", shape, tmp_path)
+    assert error is not None and error.startswith("UnsupportedOperatorError") and "frobnicate" in error
+    with caplog.at_level("WARNING"):
+        function, used = tile_function(net, choice, sha, shape, tmp_path)
+    assert function is net and len(exports) == 1, "not exported again"
+    assert used.name == "torch" and f"could not run this network when last tried ({error})" in used.reason
+    assert str(failure_record_path(sha, "onnxruntime", shape, tmp_path)) in caplog.text  # how to try again
+    assert recorded_failure(sha, "onnxruntime", shape, tmp_path, precision="bfloat16") is None  # another precision
+    assert recorded_failure(sha, "onnxruntime", (4, 1, 16, 16), tmp_path) is None  # another tile batch
+
+    record = failure_record_path(sha, "onnxruntime", shape, tmp_path)
+    assert record != failure_record_path(sha, "onnxruntime", shape, tmp_path, precision="bfloat16"), "one per precision"
+
+    monkeypatch.setattr("deepseg_core.inference.backends._runtime_version", lambda backend: "99.0")
+    tile_function(net, choice, sha, shape, tmp_path)
+    assert len(exports) == 2 and recorded_failure(sha, "onnxruntime", shape, tmp_path), "another runtime version tries again"
+    assert record.exists(), "and keeps its own record: two environments may share a store"
+    failure_record_path(sha, "onnxruntime", shape, tmp_path).unlink()
+
+    transient = [
+        OSError(28, "No space left on device"),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: not enough memory: you tried to allocate 8 GB"),
+        RuntimeError("Exception from src/inference/src/dev/core_impl.cpp: Couldn't create directory [/models/.cache]"),
+    ]
+    for count, error in enumerate(transient, start=3):
+
+        def fails_for_the_machine(*args, error=error, **kwargs):
+            exports.append(args)
+            raise error
+
+        monkeypatch.setattr(torch.onnx, "export", fails_for_the_machine)
+        tile_function(net, choice, sha, shape, tmp_path)
+        tile_function(net, choice, sha, shape, tmp_path)
+        assert len(exports) == 2 * count - 2, f"tried again after {error!r}: it says nothing about the network"
+        assert not failure_record_path(sha, "onnxruntime", shape, tmp_path).exists()
+
+    monkeypatch.setattr(torch.onnx, "export", export_fails)
+    monkeypatch.setattr("deepseg_core.inference.backends._runtime_version", lambda backend: None)
+    tile_function(net, choice, sha, shape, tmp_path)  # a runtime whose version is unknown: nothing to key on
+    assert recorded_failure(sha, "onnxruntime", shape, tmp_path) is None and len(exports) == 9
+    assert not failure_record_path(sha, "onnxruntime", shape, tmp_path).exists()
+
+    def read_only_cache(path, text):
+        raise DeepSegError("cannot write the output folder", expected="a writable folder", found=str(path.parent))
+
+    monkeypatch.setattr("deepseg_core.inference.backends._runtime_version", lambda backend: "99.0")
+    monkeypatch.setattr("deepseg_core.inference.backends.atomic_write_text", read_only_cache)
+    function, used = tile_function(net, choice, sha, shape, tmp_path)  # the record cannot be written: still torch
+    assert function is net and used.name == "torch" and len(exports) == 10
+
+    monkeypatch.undo()  # the real exporter and runtime version
+    record.write_text("{not json")  # a record this run does not believe: a working export removes it
+    function, used = tile_function(net, choice, sha, shape, tmp_path)
+    assert used.name == "onnxruntime" and not record.exists()
+
+
+@pytest.mark.skipif("onnxruntime" not in EXPORTED, reason="ONNX Runtime not installed")
+def test_a_model_whose_export_failed_is_not_announced_as_preparing_again(tmp_path, monkeypatch):
+    options = SegmentOptions(device="cpu", backend="onnxruntime")
+    first = Segmenter.load(DEFAULT_MODEL, device="cpu")
+    first.cache_dir = tmp_path
+    channels = first.pipeline.network_input_channels
+    assert first.will_export(options, channels)
+
+    def export_fails(*args, **kwargs):
+        raise torch.onnx.errors.UnsupportedOperatorError("aten::frobnicate", 17, 18)
+
+    monkeypatch.setattr(torch.onnx, "export", export_fails)
+    (stage,) = first.prepare_backend(options)  # as `deepseg models import` does
+    assert stage["backend"] == "torch" and "frobnicate" in stage["reason"]
+    later = Segmenter.load(DEFAULT_MODEL, device="cpu")  # the next run, another process
+    later.cache_dir = tmp_path
+    assert not later.will_export(options, channels), "no 'Preparing' line: it goes straight to torch"
+    (stage,) = later.prepare_backend(options)
+    assert stage == {"backend": "torch", "exported": False, "seconds": stage["seconds"], "reason": stage["reason"]}
+    assert "when last tried" in stage["reason"] and "frobnicate" in stage["reason"]
 
 
 def test_the_exported_graph_is_cached_by_key_and_rebuilt_when_stale(tmp_path, monkeypatch):

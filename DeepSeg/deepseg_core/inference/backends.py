@@ -36,14 +36,17 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import importlib.metadata
 import importlib.util
 import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -55,7 +58,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DeepSegError
 from ..fileutil import atomic_write_text, default_mode
 
 log = logging.getLogger(__name__)
@@ -720,7 +723,7 @@ def _verified(graph: Path, key: dict[str, Any], key_file: Path, load: Callable[[
     if _still_names(graph, hashed):
         try:  # best effort: a read-only cache still works, on this slower path
             atomic_write_text(key_file, json.dumps({**key, **_file_identity(hashed)}, indent=2) + "\n")
-        except OSError:
+        except (OSError, DeepSegError):  # DeepSegError: atomic_write_text's check of the folder
             pass
     return True, load(graph) if load is not None else graph
 
@@ -732,6 +735,102 @@ def _graph_paths(
     key = export_key(weights_sha256, backend, input_shape)
     stem = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     return cache_dir / f"{stem}.onnx", cache_dir / f"{stem}.json", key
+
+
+#: a temporary graph (``.<stem>.<random>.onnx``) older than this was left by a killed export (an
+#: export takes seconds to minutes; its file is written last, just before the rename)
+ABANDONED_EXPORT_AGE_S = 3600.0
+_TEMPORARY_GRAPH = re.compile(r"\.[0-9a-f]{24}\..+\.onnx")
+
+
+def remove_abandoned_exports(cache_dir: Path, older_than_s: float = ABANDONED_EXPORT_AGE_S) -> list[Path]:
+    """Remove the temporary graphs that exports killed before their rename left in ``cache_dir`` (a
+    SIGKILL, the out-of-memory killer, a power cut: each one up to the graph's size, about 120 MB for
+    nnU-Net's default network). Those younger than ``older_than_s`` may belong to an export running
+    in another process and are kept. Returns the paths removed."""
+    removed = []
+    now = time.time()
+    for leftover in cache_dir.glob(".*.onnx"):
+        if not _TEMPORARY_GRAPH.fullmatch(leftover.name):
+            continue
+        try:
+            if now - leftover.stat().st_mtime > older_than_s:
+                leftover.unlink()
+                removed.append(leftover)
+        except OSError:  # gone meanwhile (its export finished or another run removed it), or read-only
+            continue
+    if removed:
+        log.info("removed %d temporary graph(s) left by killed exports in %s", len(removed), cache_dir)
+    return removed
+
+
+#: failures that say nothing about the network (the disk, memory, a runtime that cannot load): never recorded
+_TRANSIENT_FAILURES = (OSError, MemoryError, ImportError)
+#: words of the RuntimeErrors by which torch, OpenVINO and ONNX Runtime report memory, the disk or a library
+#: that will not load ("DefaultCPUAllocator: can't allocate memory", "std::bad_alloc", "Couldn't create
+#: directory", "Cannot load library")
+_TRANSIENT_WORDS = (
+    "memory", "bad_alloc", "allocat", "directory", "no such file", "permission", "no space", "read-only",
+    "cannot load", "couldn't create", "failed to create", "disk",
+)  # fmt: skip
+
+
+def _says_something_about_the_network(error: Exception) -> bool:
+    """Whether an export or compilation that raised ``error`` would fail again for the same network, torch,
+    runtime and precision; not for the disk, memory or a runtime that cannot load (see ``_TRANSIENT_WORDS``)."""
+    if isinstance(error, _TRANSIENT_FAILURES):
+        return False
+    message = str(error).lower()
+    return not any(word in message for word in _TRANSIENT_WORDS)
+
+
+def _runtime_version(backend: str) -> str | None:
+    """The installed version of ``backend``'s package; None when its metadata is missing (a build installed
+    under another distribution name, such as ``onnxruntime-gpu``)."""
+    try:
+        return importlib.metadata.version(BACKEND_PACKAGES[backend])
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _failure_key(weights_sha256: str, backend: str, input_shape: tuple[int, ...], precision: str) -> dict[str, object]:
+    """What a recorded failure must match to be believed: the export key, the precision and the runtime's version."""
+    return {
+        **export_key(weights_sha256, backend, input_shape),
+        "precision": precision,
+        "runtime_version": _runtime_version(backend),
+    }
+
+
+def failure_record_path(
+    weights_sha256: str, backend: str, input_shape: tuple[int, ...], cache_dir: Path, precision: str = "float32"
+) -> Path:
+    """Where :func:`tile_function` records that ``backend`` could not export or compile this network: beside
+    its graph, one file per precision and runtime version (two environments sharing a store, with different
+    runtimes, keep their own records)."""
+    graph, _, _ = _graph_paths(weights_sha256, backend, input_shape, cache_dir)
+    variant = json.dumps([precision, _runtime_version(backend)]).encode()
+    return graph.with_name(f"{graph.stem}.{hashlib.sha256(variant).hexdigest()[:8]}.failed.json")
+
+
+def recorded_failure(
+    weights_sha256: str, backend: str, input_shape: tuple[int, ...], cache_dir: Path, precision: str = "float32"
+) -> str | None:
+    """Why ``backend`` could not take this network when it was last tried with the same torch, runtime version
+    and precision (the error, as :func:`tile_function` recorded it), or None. A run then goes straight to
+    torch: exporting again would cost the same seconds to a minute and fail the same way. Another torch or
+    runtime version, or removing the record, tries again; so does a runtime whose version is unknown."""
+    if _runtime_version(backend) is None:
+        return None
+    path = failure_record_path(weights_sha256, backend, input_shape, cache_dir, precision)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    wanted = _failure_key(weights_sha256, backend, input_shape, precision)
+    if not isinstance(record, dict) or {k: record.get(k) for k in wanted} != wanted or not isinstance(record.get("error"), str):
+        return None
+    return record["error"]
 
 
 def graph_cached(weights_sha256: str, backend: str, input_shape: tuple[int, ...], cache_dir: Path) -> bool:
@@ -769,6 +868,7 @@ def cached_onnx(
                 return loaded
         log.info("cached %s graph %s is stale or damaged: exporting it again", backend, graph.name)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_exports(cache_dir)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=".onnx", dir=cache_dir)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -966,7 +1066,9 @@ def tile_function(
     """The callable the sliding window runs tiles through, and the backend actually used.
 
     ``weights_sha256``: :func:`weights_digest` of ``net`` (the export cache's key). An export or
-    runtime failure falls back to torch (logged with its reason), never a failed run.
+    runtime failure falls back to torch (logged with its reason), never a failed run, and is recorded
+    beside the graph cache (:func:`recorded_failure`) so that later runs do not export again to fail
+    again; failures of the disk, of memory or of loading the runtime are not recorded.
     ``precision``: see the module docstring; the network must be on the CPU for bfloat16.
     """
     check_precision(choice.name, precision)
@@ -978,6 +1080,14 @@ def tile_function(
 
     if choice.name == "torch":
         return torch_tiles(choice)
+    record = failure_record_path(weights_sha256, choice.name, input_shape, cache_dir, precision)
+    earlier = recorded_failure(weights_sha256, choice.name, input_shape, cache_dir, precision)
+    if earlier is not None:
+        reason = (
+            f"{choice.name} could not run this network when last tried ({earlier}); using torch (remove {record} to try again)"
+        )
+        log.warning("%s", reason)
+        return torch_tiles(BackendChoice("torch", reason))
     try:
         if choice.name == "openvino":
             load = functools.partial(openvino_tiles, batch=input_shape[0], precision=precision)
@@ -992,8 +1102,20 @@ def tile_function(
                 onnxruntime_tiles, batch=input_shape[0], run_one=single_tile_session if input_shape[0] > 1 else None
             )
         tiles: ExportedTiles = cached_onnx(net, weights_sha256, choice.name, input_shape, cache_dir, load)  # type: ignore[assignment]
-        return tiles, choice
     except Exception as exc:  # any exporter/runtime error: the torch path still works
-        reason = f"{choice.name} could not run this network ({type(exc).__name__}: {str(exc)[:200]}); using torch"
+        error = f"{type(exc).__name__}: {str(exc)[:200]}"
+        reason = f"{choice.name} could not run this network ({error}); using torch"
         log.warning("%s", reason)
+        if _says_something_about_the_network(exc) and _runtime_version(choice.name) is not None:
+            failure = {**_failure_key(weights_sha256, choice.name, input_shape, precision), "error": error}
+            try:  # best effort, as the graph cache itself: the next run then tries again
+                atomic_write_text(record, json.dumps(failure, indent=2) + "\n")
+            except (OSError, DeepSegError):
+                pass
         return torch_tiles(BackendChoice("torch", reason))
+    if record.exists():  # written by a run whose failure this one did not meet (another process, a misread error)
+        try:
+            record.unlink()
+        except OSError:
+            pass
+    return tiles, choice

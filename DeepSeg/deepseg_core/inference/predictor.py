@@ -49,6 +49,7 @@ from .backends import (
     graph_cached,
     input_free_setup,
     native_bfloat16,
+    recorded_failure,
     tile_function,
     weights_digest,
 )
@@ -267,7 +268,8 @@ class Segmenter:
         """Whether a run with ``options`` must first export the network for its backend (nothing cached yet for
         these weights and tile shape): a forward pass of one tile batch, seconds to a minute on a CPU. With
         ``tiles`` (the run's tile count), also when ONNX Runtime will need its single-tile graph for a partial
-        batch and that is not cached (it is exported only when first needed)."""
+        batch and that is not cached (it is exported only when first needed). False when the runtime could not
+        take this network before (:func:`.backends.recorded_failure`): the run goes straight to torch."""
         backend = self.backend_choice(options).name
         if backend == "torch":
             return False
@@ -275,6 +277,8 @@ class Segmenter:
         sha = weights_sha256 or weights_digest(self.net)
         if self._tile_key(options, shape, sha) in self._tile_functions:
             return False
+        if recorded_failure(sha, backend, shape, self.cache_dir, self._cpu_precision(options)) is not None:
+            return False  # the runtime could not take this network: the run goes straight to torch
         shapes = [shape]
         if backend == "onnxruntime" and tiles is not None and tiles % shape[0] != 0:
             shapes.append((1, *shape[1:]))

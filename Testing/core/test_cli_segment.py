@@ -260,6 +260,28 @@ def test_models_commands(tmp_path, capsys):
     assert "nothing to roll back" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="PyTorch runs it on CUDA: nothing is prepared")
+def test_cancel_while_an_import_prepares_keeps_the_import_and_says_so(tmp_path, capsys, monkeypatch):
+    """The panel's Cancel (SIGTERM) can land while the imported network is exported for this computer."""
+
+    def cancelled_while_exporting(self, options=None):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # the CLI's handler interrupts this sleep
+        raise AssertionError("SIGTERM did not stop the preparation")
+
+    monkeypatch.setattr(Segmenter, "prepare_backend", cancelled_while_exporting)
+    store = tmp_path / "store"
+    model = tiny_model_folder(tmp_path / "model")
+    handler_before = signal.getsignal(signal.SIGTERM)
+    assert main(["models", "import", str(model), "--models-dir", str(store), "--json"]) == EXIT_CANCELLED
+    assert signal.getsignal(signal.SIGTERM) is handler_before
+    out, err = capsys.readouterr()
+    assert [json.loads(line)["event"] for line in out.splitlines()] == ["imported", "status"]
+    assert "cancelled: tiny:1 is imported; its network was not prepared (its first run will)" in err
+    assert [(row["name"], row["version"], row["active"]) for row in ModelStore(store).list()] == [("tiny", 1, True)]
+    assert not list((store / ".cache").rglob("*.onnx"))
+
+
 def test_a_run_that_must_export_its_network_says_so_before_its_progress(tmp_path, capsys):
     model = tiny_model_folder(tmp_path / "model")
     image = write_case(tmp_path / "case.nrrd")

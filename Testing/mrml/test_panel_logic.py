@@ -225,6 +225,31 @@ def test_import_model_through_the_panel_selects_the_new_version(mrml_scene, stor
     assert settings.model == "site-model:1" and panel.view.models[panel.view.model_index].ref == "site-model:1"
 
 
+def test_cancel_while_an_import_prepares_the_network_keeps_the_imported_model(mrml_scene, engine_python, tmp_path):
+    """Cancel lands after the model was stored, while its network is exported for this computer: the
+    panel selects the imported model and says the first run will prepare it (not "Import failed")."""
+    cuda = subprocess.run([engine_python, "-c", "import torch; print(torch.cuda.is_available())"], capture_output=True, text=True)
+    if cuda.stdout.strip() == "True":
+        pytest.skip("PyTorch runs it on CUDA: nothing is prepared")
+    store = tmp_path / "store"  # its own store: nothing exported yet, so the preparation takes seconds
+    panel = DeepSegPanelLogic(mrml_scene, models_dir=str(store), python=engine_python)
+    settings = PanelSettings()
+    copy_model(tmp_path / "elsewhere", "site-model", 1)
+    job = panel.start_import(str(tmp_path / "elsewhere" / "site-model" / "1"))
+    deadline = time.monotonic() + 120
+    while not any(event.get("event") == "status" for event in job.events):
+        assert panel.poll(settings), f"the import ended before it said it was preparing: {job.events}"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert panel.view.status.startswith("Preparing")
+    panel.cancel()
+    run_panel(panel, settings, timeout_s=120)
+    assert [event["event"] for event in job.events] == ["imported", "status"] and job.outcome == "cancelled"
+    assert panel.view.status == "Imported site-model:1; preparing it for this computer was cancelled (its first run will)."
+    assert settings.model == "site-model:1" and panel.view.models[panel.view.model_index].ref == "site-model:1"
+    assert panel.view.segment_enabled and not panel.view.cancel_enabled
+
+
 def nnunet_layout(folder: Path, folds: list[str], checkpoint: str = "checkpoint_final.pth") -> Path:
     """The file names of an nnU-Net results folder (the panel reads names only, never the files)."""
     folder.mkdir(parents=True)

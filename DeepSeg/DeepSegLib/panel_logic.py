@@ -326,17 +326,19 @@ class DeepSegPanelLogic:
 
     def _finish_import(self, job: DeepSegJob, settings: PanelSettings | None) -> None:
         imported = next((e for e in job.events if e.get("event") == "imported"), None)
+        # a stop after the engine said "prepared" changed nothing: the import is complete
+        finished = job.outcome == "succeeded" or any(e.get("event") == "prepared" for e in job.events)
         if job.outcome == "cancelled" and imported is None:
             self.view.status = "Import cancelled; the store is unchanged."
             return
-        if job.outcome != "succeeded" and imported is not None:  # stopped while preparing: the model is in the store
+        if not finished and imported is not None:  # stopped while preparing: the model is in the store
             if settings is not None:
                 settings.model = imported["model"]
             self.refresh_models(settings)
             how = "was cancelled" if job.outcome == "cancelled" else "did not finish"
             self.view.status = f"Imported {imported['model']}; preparing it for this computer {how} (its first run will)."
             return
-        if job.outcome != "succeeded" or imported is None:
+        if not finished or imported is None:
             self.view.status = f"Import failed: {job.error or f'the engine exited with code {job.returncode}'}"
             return
         if settings is not None:

@@ -127,8 +127,9 @@ def _prepare_imported(ref: str, store: ModelStore, json_mode: bool) -> None:
         chosen = choose_backend("auto", choose_device("auto")).name
         if chosen == "torch":  # CUDA, or no CPU runtime installed: nothing to export (and no GPU load for nothing)
             return
-        say({"event": "status", "message": preparing_message(chosen)})
         segmenter = Segmenter.load(ref, device="cpu", store=store)
+        if segmenter.needs_preparing(SegmentOptions(device="cpu")):  # not for weights prepared already
+            say({"event": "status", "message": preparing_message(chosen)})
         stages = segmenter.prepare_backend(SegmentOptions(device="cpu"))
     except Exception as exc:  # the import stands; the first run exports the network instead
         log.warning("%s is imported, but its network could not be prepared for this computer (%s): the first run will", ref, exc)

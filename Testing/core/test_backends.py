@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -292,13 +293,21 @@ def test_a_cancel_after_openvino_models_were_released_is_handled_not_a_crash(tmp
     assert run.stdout.splitlines() == ["cancel handled", "went on"]
 
 
-def test_temporary_graphs_left_by_killed_exports_are_removed_by_the_next_export(tmp_path):
+def test_openvino_counts_as_installed_only_with_the_onnx_package_its_export_needs(monkeypatch):
+    """Without ``onnx`` every OpenVINO run would export, fail on the graph rewrite and fall back to torch."""
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "onnx" else real_find_spec(name, *args))
+    assert not installed("openvino") and installed("onnxruntime") and installed("torch")
+    assert choose_backend("auto", torch.device("cpu")).name == "onnxruntime"
+
+
+def test_temporary_graphs_left_by_killed_exports_are_removed_by_the_next_lookup(tmp_path):
     net = build_net("unet", {"spatial_dims": 2, "in_channels": 1, "num_classes": 2, "features": [4, 8]}, seed=3).eval()
-    abandoned = tmp_path / f".{'a' * 24}.k2x9q1.onnx"  # the name cached_onnx's mkstemp gives
+    abandoned = tmp_path / f".{'a' * 24}.k2x9q1ab.onnx"  # the name cached_onnx's mkstemp gives
     abandoned.write_bytes(b"a graph half written when the export was killed")
     two_hours_ago = time.time() - 7200
     os.utime(abandoned, (two_hours_ago, two_hours_ago))
-    in_progress = tmp_path / f".{'b' * 24}.p0w3m7.onnx"  # another process's export, still running
+    in_progress = tmp_path / f".{'b' * 24}.p0w3m7cd.onnx"  # another process's export, still running
     in_progress.write_bytes(b"")
     not_ours = tmp_path / ".notes.onnx"
     not_ours.write_bytes(b"")
@@ -307,6 +316,10 @@ def test_temporary_graphs_left_by_killed_exports_are_removed_by_the_next_export(
     assert graph.is_file() and not abandoned.exists()
     assert in_progress.exists() and not_ours.exists()
     assert remove_abandoned_exports(tmp_path, older_than_s=-1.0) == [in_progress]  # age is what decides
+    abandoned.write_bytes(b"left by an export killed later")
+    os.utime(abandoned, (two_hours_ago, two_hours_ago))
+    assert cached_onnx(net, "c" * 64, "onnxruntime", (1, 1, 16, 16), tmp_path) == graph  # cached: no export
+    assert not abandoned.exists(), "removed on a lookup too: once the graph is cached, no export runs again"
 
 
 @pytest.mark.skipif("onnxruntime" not in EXPORTED, reason="ONNX Runtime not installed")

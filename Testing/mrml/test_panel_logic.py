@@ -236,15 +236,19 @@ def test_cancel_while_an_import_prepares_the_network_keeps_the_imported_model(mr
     settings = PanelSettings()
     copy_model(tmp_path / "elsewhere", "site-model", 1)
     job = panel.start_import(str(tmp_path / "elsewhere" / "site-model" / "1"))
-    deadline = time.monotonic() + 120
-    while not any(event.get("event") == "status" for event in job.events):
-        assert panel.poll(settings), f"the import ended before it said it was preparing: {job.events}"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    assert panel.view.status.startswith("Preparing")
-    panel.cancel()
-    run_panel(panel, settings, timeout_s=120)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(event.get("event") == "status" for event in job.events):
+            assert panel.poll(settings), f"the import ended before it said it was preparing: {job.events}"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert panel.view.status.startswith("Preparing")
+        panel.cancel()
+        run_panel(panel, settings, timeout_s=120)
+    finally:
+        panel.close()  # a failed assertion above must not leave the engine running
     assert [event["event"] for event in job.events] == ["imported", "status"] and job.outcome == "cancelled"
+    assert job.returncode == 130 and "cancelled: site-model:1 is imported" in job.error, "the engine stopped cleanly"
     assert panel.view.status == "Imported site-model:1; preparing it for this computer was cancelled (its first run will)."
     assert settings.model == "site-model:1" and panel.view.models[panel.view.model_index].ref == "site-model:1"
     assert panel.view.segment_enabled and not panel.view.cancel_enabled

@@ -42,8 +42,10 @@ import itertools
 import json
 import logging
 import os
+import platform
 import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -82,10 +84,17 @@ TileFunction = Callable[[torch.Tensor], torch.Tensor]
 Loaded = TypeVar("Loaded")
 
 
+#: what exporting for a runtime needs besides the runtime itself: OpenVINO's graph is rewritten with ``onnx``
+EXPORT_PACKAGES = {"openvino": ("onnx",)}
+
+
 def installed(backend: str) -> bool:
-    """True when ``backend``'s package can be imported (torch always)."""
-    package = BACKEND_PACKAGES.get(backend)
-    return package is None or importlib.util.find_spec(package) is not None
+    """True when ``backend``'s package, and what its export needs (:data:`EXPORT_PACKAGES`), can be imported
+    (torch always). Without them every run would export, fail and fall back to torch."""
+    if backend not in BACKEND_PACKAGES:
+        return True
+    packages = (BACKEND_PACKAGES[backend], *EXPORT_PACKAGES.get(backend, ()))
+    return all(importlib.util.find_spec(package) is not None for package in packages)
 
 
 @dataclass(frozen=True)
@@ -740,7 +749,7 @@ def _graph_paths(
 #: a temporary graph (``.<stem>.<random>.onnx``) older than this was left by a killed export (an
 #: export takes seconds to minutes; its file is written last, just before the rename)
 ABANDONED_EXPORT_AGE_S = 3600.0
-_TEMPORARY_GRAPH = re.compile(r"\.[0-9a-f]{24}\..+\.onnx")
+_TEMPORARY_GRAPH = re.compile(r"\.[0-9a-f]{24}\.[a-z0-9_]{8}\.onnx")  # mkstemp's 8 random characters
 
 
 def remove_abandoned_exports(cache_dir: Path, older_than_s: float = ABANDONED_EXPORT_AGE_S) -> list[Path]:
@@ -748,7 +757,7 @@ def remove_abandoned_exports(cache_dir: Path, older_than_s: float = ABANDONED_EX
     SIGKILL, the out-of-memory killer, a power cut: each one up to the graph's size, about 120 MB for
     nnU-Net's default network). Those younger than ``older_than_s`` may belong to an export running
     in another process and are kept. Returns the paths removed."""
-    removed = []
+    removed: list[Path] = []
     now = time.time()
     for leftover in cache_dir.glob(".*.onnx"):
         if not _TEMPORARY_GRAPH.fullmatch(leftover.name):
@@ -771,7 +780,8 @@ _TRANSIENT_FAILURES = (OSError, MemoryError, ImportError)
 #: directory", "Cannot load library")
 _TRANSIENT_WORDS = (
     "memory", "bad_alloc", "allocat", "directory", "no such file", "permission", "no space", "read-only",
-    "cannot load", "couldn't create", "failed to create", "disk",
+    "cannot load", "couldn't create", "failed to create", "disk", "resource temporarily unavailable",
+    "too many open files", "timed out", "timeout",
 )  # fmt: skip
 
 
@@ -793,31 +803,40 @@ def _runtime_version(backend: str) -> str | None:
         return None
 
 
-def _failure_key(weights_sha256: str, backend: str, input_shape: tuple[int, ...], precision: str) -> dict[str, object]:
-    """What a recorded failure must match to be believed: the export key, the precision and the runtime's version."""
+def _failure_variant(backend: str, precision: str) -> dict[str, object]:
+    """What besides the export key a recorded failure must match: the precision, the runtime's version and
+    the computer (a compilation can fail on one CPU and not on another that shares the model store)."""
     return {
-        **export_key(weights_sha256, backend, input_shape),
         "precision": precision,
         "runtime_version": _runtime_version(backend),
+        "host": socket.gethostname(),
+        "machine": platform.machine(),
     }
+
+
+def _failure_key(weights_sha256: str, backend: str, input_shape: tuple[int, ...], precision: str) -> dict[str, object]:
+    """What a recorded failure must match to be believed (``input_shape``: the tile batch, ``(B, C, *patch)``)."""
+    return {**export_key(weights_sha256, backend, input_shape), **_failure_variant(backend, precision)}
 
 
 def failure_record_path(
     weights_sha256: str, backend: str, input_shape: tuple[int, ...], cache_dir: Path, precision: str = "float32"
 ) -> Path:
-    """Where :func:`tile_function` records that ``backend`` could not export or compile this network: beside
-    its graph, one file per precision and runtime version (two environments sharing a store, with different
-    runtimes, keep their own records)."""
+    """Where :func:`tile_function` records that ``backend`` could not export or compile this network
+    (``input_shape``: the tile batch, ``(B, C, *patch)``): beside its graph, named after the graph and a
+    hash of the precision, runtime version and computer, so that environments and computers sharing a
+    store keep their own records."""
     graph, _, _ = _graph_paths(weights_sha256, backend, input_shape, cache_dir)
-    variant = json.dumps([precision, _runtime_version(backend)]).encode()
+    variant = json.dumps(_failure_variant(backend, precision), sort_keys=True).encode()
     return graph.with_name(f"{graph.stem}.{hashlib.sha256(variant).hexdigest()[:8]}.failed.json")
 
 
 def recorded_failure(
     weights_sha256: str, backend: str, input_shape: tuple[int, ...], cache_dir: Path, precision: str = "float32"
 ) -> str | None:
-    """Why ``backend`` could not take this network when it was last tried with the same torch, runtime version
-    and precision (the error, as :func:`tile_function` recorded it), or None. A run then goes straight to
+    """Why ``backend`` could not take this network (``input_shape``: the tile batch, ``(B, C, *patch)``) when it
+    was last tried on this computer with the same torch, runtime version and precision (the error, as
+    :func:`tile_function` recorded it), or None. A run then goes straight to
     torch: exporting again would cost the same seconds to a minute and fail the same way. Another torch or
     runtime version, or removing the record, tries again; so does a runtime whose version is unknown."""
     if _runtime_version(backend) is None:
@@ -860,6 +879,8 @@ def cached_onnx(
     """
     graph, key_file, wanted = _graph_paths(weights_sha256, backend, input_shape, cache_dir)
     stem = graph.stem
+    if cache_dir.is_dir():  # on every lookup: once a graph is cached, its export never runs again
+        remove_abandoned_exports(cache_dir)
     if graph.is_file() and key_file.is_file():
         key = _recorded_key(key_file, wanted)
         if key is not None:
@@ -868,7 +889,6 @@ def cached_onnx(
                 return loaded
         log.info("cached %s graph %s is stale or damaged: exporting it again", backend, graph.name)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    remove_abandoned_exports(cache_dir)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=".onnx", dir=cache_dir)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -1080,7 +1100,7 @@ def tile_function(
 
     if choice.name == "torch":
         return torch_tiles(choice)
-    record = failure_record_path(weights_sha256, choice.name, input_shape, cache_dir, precision)
+    record = failure_record_path(weights_sha256, choice.name, input_shape, cache_dir, precision).absolute()
     earlier = recorded_failure(weights_sha256, choice.name, input_shape, cache_dir, precision)
     if earlier is not None:
         reason = (
@@ -1110,6 +1130,7 @@ def tile_function(
             failure = {**_failure_key(weights_sha256, choice.name, input_shape, precision), "error": error}
             try:  # best effort, as the graph cache itself: the next run then tries again
                 atomic_write_text(record, json.dumps(failure, indent=2) + "\n")
+                log.warning("recorded in %s: later runs use torch at once, until it is removed", record)
             except (OSError, DeepSegError):
                 pass
         return torch_tiles(BackendChoice("torch", reason))

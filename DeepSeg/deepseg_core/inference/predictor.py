@@ -284,6 +284,15 @@ class Segmenter:
             shapes.append((1, *shape[1:]))
         return not all(graph_cached(sha, backend, each, self.cache_dir) for each in shapes)
 
+    def needs_preparing(self, options: SegmentOptions | None = None) -> bool:
+        """Whether :meth:`prepare_backend` with ``options`` has anything to export: the graph of this stage or of
+        a cascade's first stage, or ONNX Runtime's single-tile graph, is not cached (and no failure is recorded)."""
+        options = options or SegmentOptions()
+        if self.previous_stage is not None and self.previous_stage.needs_preparing(_first_stage_options(options)):
+            return True
+        # one tile: a partial batch, so that the single-tile graph prepare_backend makes is counted too
+        return self.will_export(options, self.pipeline.network_input_channels, tiles=1)
+
     def prepare_backend(self, options: SegmentOptions | None = None) -> list[dict[str, object]]:
         """Export and compile the network for the backend ``options`` choose on this device (default options:
         ``auto``, float32), so that the first segmentation does not (``deepseg models import`` calls this).

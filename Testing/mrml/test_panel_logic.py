@@ -56,6 +56,12 @@ def run_panel(panel: DeepSegPanelLogic, settings: PanelSettings, timeout_s: floa
     return seen
 
 
+def engine_has_cuda(engine_python: str) -> bool:
+    """Whether the engine's torch sees a GPU (imports then prepare nothing: PyTorch runs the model)."""
+    probe = [engine_python, "-c", "import torch; print(torch.cuda.is_available())"]
+    return subprocess.run(probe, capture_output=True, text=True).stdout.strip() == "True"
+
+
 def test_the_model_shown_is_the_model_saved_on_first_open_and_after_a_scene_close(mrml_scene, store_dir):
     copy_model(Path(store_dir), "liver-site", 1)
     copy_model(Path(store_dir), "liver-site", 2, active=1)
@@ -219,8 +225,7 @@ def test_import_model_through_the_panel_selects_the_new_version(mrml_scene, stor
     run_panel(panel, settings, timeout_s=120)
     assert panel.view.status == "Imported site-model:1; it is selected."
     # the engine prepared the network for this computer's CPU runtime as part of the import (on CUDA: nothing to do)
-    cuda = subprocess.run([engine_python, "-c", "import torch; print(torch.cuda.is_available())"], capture_output=True, text=True)
-    expected = ["imported"] if cuda.stdout.strip() == "True" else ["imported", "status", "prepared"]
+    expected = ["imported"] if engine_has_cuda(engine_python) else ["imported", "status", "prepared"]
     assert [e["event"] for e in job.events] == expected
     assert settings.model == "site-model:1" and panel.view.models[panel.view.model_index].ref == "site-model:1"
 
@@ -228,8 +233,7 @@ def test_import_model_through_the_panel_selects_the_new_version(mrml_scene, stor
 def test_cancel_while_an_import_prepares_the_network_keeps_the_imported_model(mrml_scene, engine_python, tmp_path):
     """Cancel lands after the model was stored, while its network is exported for this computer: the
     panel selects the imported model and says the first run will prepare it (not "Import failed")."""
-    cuda = subprocess.run([engine_python, "-c", "import torch; print(torch.cuda.is_available())"], capture_output=True, text=True)
-    if cuda.stdout.strip() == "True":
+    if engine_has_cuda(engine_python):
         pytest.skip("PyTorch runs it on CUDA: nothing is prepared")
     store = tmp_path / "store"  # its own store: nothing exported yet, so the preparation takes seconds
     panel = DeepSegPanelLogic(mrml_scene, models_dir=str(store), python=engine_python)

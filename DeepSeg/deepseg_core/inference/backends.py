@@ -666,15 +666,22 @@ def _still_names(graph: Path, hashed: os.stat_result) -> bool:
     return (now.st_ino, now.st_size, now.st_mtime_ns) == (hashed.st_ino, hashed.st_size, hashed.st_mtime_ns)
 
 
+def _matching_record(path: Path, wanted: dict[str, object]) -> dict[str, Any] | None:
+    """The JSON object in ``path`` when its entries include every one of ``wanted``; None when the file is
+    missing, unreadable, not JSON, or written for another key."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or {k: record.get(k) for k in wanted} != wanted:
+        return None
+    return record
+
+
 def _recorded_key(key_file: Path, wanted: dict[str, object]) -> dict[str, Any] | None:
     """The key file's content when its key is ``wanted`` and it records the graph's checksum; else None."""
-    try:
-        key = json.loads(key_file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not isinstance(key, dict) or {k: key.get(k) for k in wanted} != wanted or not isinstance(key.get("graph_sha256"), str):
-        return None
-    return key
+    key = _matching_record(key_file, wanted)
+    return key if key is not None and isinstance(key.get("graph_sha256"), str) else None
 
 
 def _load_while_verifying(graph: Path, recorded_sha256: str, load: Callable[[Path], Loaded]) -> tuple[bool, Loaded | None]:
@@ -794,6 +801,7 @@ def _says_something_about_the_network(error: Exception) -> bool:
     return not any(word in message for word in _TRANSIENT_WORDS)
 
 
+@functools.cache  # read once per process: several lookups per run (record path, key, will_export)
 def _runtime_version(backend: str) -> str | None:
     """The installed version of ``backend``'s package; None when its metadata is missing (a build installed
     under another distribution name, such as ``onnxruntime-gpu``)."""
@@ -842,14 +850,8 @@ def recorded_failure(
     if _runtime_version(backend) is None:
         return None
     path = failure_record_path(weights_sha256, backend, input_shape, cache_dir, precision)
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    wanted = _failure_key(weights_sha256, backend, input_shape, precision)
-    if not isinstance(record, dict) or {k: record.get(k) for k in wanted} != wanted or not isinstance(record.get("error"), str):
-        return None
-    return record["error"]
+    record = _matching_record(path, _failure_key(weights_sha256, backend, input_shape, precision))
+    return record["error"] if record is not None and isinstance(record.get("error"), str) else None
 
 
 def graph_cached(weights_sha256: str, backend: str, input_shape: tuple[int, ...], cache_dir: Path) -> bool:
@@ -879,8 +881,7 @@ def cached_onnx(
     """
     graph, key_file, wanted = _graph_paths(weights_sha256, backend, input_shape, cache_dir)
     stem = graph.stem
-    if cache_dir.is_dir():  # on every lookup: once a graph is cached, its export never runs again
-        remove_abandoned_exports(cache_dir)
+    remove_abandoned_exports(cache_dir)  # on every lookup: once a graph is cached, its export never runs again
     if graph.is_file() and key_file.is_file():
         key = _recorded_key(key_file, wanted)
         if key is not None:

@@ -1,7 +1,5 @@
 """``python -m deepseg_core`` runs the ``deepseg`` command line."""
 
-import sys
+from .cli import run
 
-from .cli import main
-
-sys.exit(main())
+run()

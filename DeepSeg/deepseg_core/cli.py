@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from . import __version__
 from .errors import DeepSegError
@@ -335,3 +335,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INPUT
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def run(argv: Sequence[str] | None = None) -> NoReturn:
+    """The ``deepseg`` program (``python -m deepseg_core`` and the console script): :func:`main`, then exit
+    without tearing the interpreter down object by object.
+
+    That teardown freed torch's and OpenVINO's modules for 0.5 to 1 s after a run's last output, and the
+    Slicer panel waits for the process to exit before it applies a result or an import
+    (``Testing/Benchmarks/bench_engine_exit.py``). What an exit must do still happens, in Python's own
+    order: threads that are not daemons are joined, the ``atexit`` callbacks run (logging's flush,
+    temporary folders), and the standard streams are flushed; then the process ends with main's code.
+    An exception out of :func:`main` (a bug, ``--help``) takes Python's usual way out instead.
+    """
+    import atexit
+    import threading
+
+    code = main(argv)
+    join_threads = getattr(threading, "_shutdown", None)  # CPython's own first step of an exit
+    if join_threads is None:  # another Python: leave the exit to it
+        sys.exit(code)
+    join_threads()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (the reader has gone): nothing left to deliver
+            pass
+    os._exit(code)

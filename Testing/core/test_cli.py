@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io as io_module
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from deepseg_core import demo, io
-from deepseg_core.cli import EXIT_INPUT, EXIT_OK, main
+from deepseg_core.cli import EXIT_INPUT, EXIT_MODEL, EXIT_OK, main
 from deepseg_core.events import EventSink
 
 REPO = Path(__file__).resolve().parents[2]
@@ -131,6 +132,60 @@ def test_bad_input_exits_2_with_one_clear_message(tmp_path):
     )
     result = run_cli("phantom", "--output", str(tmp_path), "--profile", "nope")
     assert result.returncode == EXIT_INPUT and "one of ['ct-A'" in result.stderr
+
+
+PROGRAM_WITH_A_THREAD_AND_AN_EXIT_HANDLER = """
+import atexit, sys, threading, time
+from pathlib import Path
+from deepseg_core import cli
+
+returned = threading.Event()
+real_main = cli.main
+
+def main(argv):
+    code = real_main(argv)
+    returned.set()
+    return code
+
+def finish_late(path):
+    returned.wait()
+    time.sleep(0.2)
+    Path(path).write_text("written by a thread that was still running when main returned")
+
+cli.main = main
+
+threading.Thread(target=finish_late, args=(sys.argv[1],)).start()
+atexit.register(lambda: print("an exit handler ran"))
+cli.run(sys.argv[2:])
+"""
+
+
+def test_the_program_skips_only_the_teardown_of_an_exit(tmp_path):
+    """`run` (``python -m deepseg_core``, the ``deepseg`` script) ends the process without freeing the
+    interpreter's objects, but does everything else an exit does: a thread still working is joined,
+    exit handlers run, piped (block-buffered) output arrives whole, and main's code is the exit code."""
+    marker = tmp_path / "thread.txt"
+    command = [sys.executable, "-c", PROGRAM_WITH_A_THREAD_AND_AN_EXIT_HANDLER, str(marker)]
+    store = ["--models-dir", str(tmp_path / "store")]
+    block_buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as a pipe is by default
+    listed = subprocess.run(
+        [*command, "models", "list", "--json", *store], capture_output=True, text=True, cwd=REPO / "DeepSeg", env=block_buffered
+    )
+    assert listed.returncode == EXIT_OK, listed.stderr
+    json_text, _, after = listed.stdout.rpartition("]\n")
+    assert [row["name"] for row in json.loads(json_text + "]")] == ["phantom-liver"]
+    assert after == "an exit handler ran\n"
+    assert marker.read_text().startswith("written by a thread")
+    marker.unlink()
+    missing = subprocess.run(
+        [*command, "models", "activate", "nosuch:1", *store],
+        capture_output=True,
+        text=True,
+        cwd=REPO / "DeepSeg",
+        env=block_buffered,
+    )
+    assert missing.returncode == EXIT_MODEL and "unknown model 'nosuch'" in missing.stderr
+    assert missing.stdout == "an exit handler ran\n" and marker.exists()
 
 
 class TerminalText(io_module.StringIO):

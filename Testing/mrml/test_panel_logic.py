@@ -261,6 +261,36 @@ def test_cancel_while_an_import_prepares_the_network_keeps_the_imported_model(mr
     assert panel.view.segment_enabled and not panel.view.cancel_enabled
 
 
+def test_a_cancel_after_the_engine_said_prepared_is_a_finished_import(mrml_scene, engine_python, tmp_path):
+    """Cancel clicked after the engine's "prepared" event, while its process is still ending: the import
+    and the preparation are complete, so the panel says so (not "preparing ... was cancelled")."""
+    if engine_has_cuda(engine_python):
+        pytest.skip("PyTorch runs it on CUDA: nothing is prepared")
+    copy_model(tmp_path / "elsewhere", "site-model", 1)
+    tries = []
+    for attempt in range(5):  # the engine ends about 0.1 s after its last event: Cancel must land before that
+        store = tmp_path / f"store{attempt}"  # a store of its own: the network is prepared anew each time
+        panel = DeepSegPanelLogic(mrml_scene, models_dir=str(store), python=engine_python)
+        settings = PanelSettings()
+        job = panel.start_import(str(tmp_path / "elsewhere" / "site-model" / "1"))
+        try:
+            deadline = time.monotonic() + 120
+            while panel.poll(settings) and not any(event.get("event") == "prepared" for event in job.events):
+                assert time.monotonic() < deadline
+                time.sleep(0.002)
+            panel.cancel()
+            run_panel(panel, settings, timeout_s=120)
+        finally:
+            panel.close()
+        tries.append((job.cancel_requested, job.returncode))
+        if job.cancel_requested:
+            break
+    assert job.cancel_requested, f"the engine had always exited before Cancel (cancel landed, exit code): {tries}"
+    assert [event["event"] for event in job.events] == ["imported", "status", "prepared"] and job.outcome == "cancelled"
+    assert panel.view.status == "Imported site-model:1; it is selected."
+    assert settings.model == "site-model:1" and panel.view.models[panel.view.model_index].ref == "site-model:1"
+
+
 def nnunet_layout(folder: Path, folds: list[str], checkpoint: str = "checkpoint_final.pth") -> Path:
     """The file names of an nnU-Net results folder (the panel reads names only, never the files)."""
     folder.mkdir(parents=True)

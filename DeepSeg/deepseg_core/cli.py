@@ -343,23 +343,39 @@ def run(argv: Sequence[str] | None = None) -> NoReturn:
 
     That teardown freed torch's and OpenVINO's modules for 0.5 to 1 s after a run's last output, and the
     Slicer panel waits for the process to exit before it applies a result or an import
-    (``Testing/Benchmarks/bench_engine_exit.py``). What an exit must do still happens, in Python's own
-    order: threads that are not daemons are joined, the ``atexit`` callbacks run (logging's flush,
-    temporary folders), and the standard streams are flushed; then the process ends with main's code.
-    An exception out of :func:`main` (a bug, ``--help``) takes Python's usual way out instead.
+    (``Testing/Benchmarks/bench_engine_exit.py``). The steps of Python's own exit that matter still happen,
+    in its order: threads that are not daemons are joined, the ``atexit`` callbacks run (logging's flush),
+    and the standard streams are flushed (a failure other than a closed pipe gives exit code 120, as
+    Python's exit does); then the process ends with main's code. Skipped are the teardown of Python's
+    objects (finalizers of objects still alive) and the C library's exit (native ``atexit`` handlers and
+    destructors, unflushed C ``stdio``), none of which DeepSeg's outputs depend on. A Cancel (SIGTERM) that
+    lands while :func:`main` restores its handler ends the run as cancelled (130). Any other exception out
+    of :func:`main` (a bug, ``--help``) takes Python's usual way out.
     """
     import atexit
     import threading
 
-    code = main(argv)
+    try:
+        code = main(argv)
+    except KeyboardInterrupt:  # main restores the SIGTERM handler last, and a pending signal runs first
+        print("cancelled", file=sys.stderr)
+        code = EXIT_CANCELLED
     join_threads = getattr(threading, "_shutdown", None)  # CPython's own first step of an exit
     if join_threads is None:  # another Python: leave the exit to it
         sys.exit(code)
-    join_threads()
+    try:
+        join_threads()
+    except BaseException as exc:  # Ctrl-C while waiting, or a failing thread hook: reported, and the exit goes on
+        log.warning("at exit, waiting for the running threads stopped: %r", exc)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # no console (pythonw)
+            continue
         try:
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe (the reader has gone): nothing left to deliver
+        except (BrokenPipeError, ValueError):  # the reader has gone, or the stream was closed
             pass
+        except OSError as exc:  # e.g. a full disk under `deepseg ... > file`: the output is incomplete
+            code = 120
+            log.error("the output could not be written in full: %s", exc)
     os._exit(code)

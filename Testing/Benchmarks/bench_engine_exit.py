@@ -3,9 +3,10 @@
     python Testing/Benchmarks/bench_engine_exit.py [--json] [--repeats 5] [--device cpu]
 
 The panel applies a segmentation (or an import) when the engine's process tree has exited, not when
-the engine prints its last event. This script segments the bundled sample with the bundled model as the
-panel does (``python -m deepseg_core segment ... --json``, its own process, outputs in a temporary
-folder) and, in the same turns, through the same ``main`` ended by Python's ordinary exit
+the engine prints its last event. This script segments the bundled sample with the bundled model
+through the command line the panel starts (``python -m deepseg_core segment ... --json``, its own
+process, ``PYTHONUNBUFFERED``, outputs in a temporary folder; the panel's input is a file it wrote from
+the scene, here the sample's own file) and, in the same turns, through the same ``main`` ended by Python's ordinary exit
 (``sys.exit(main())``, which frees the interpreter's objects module by module). The two alternate; each
 row gives the median of ``--repeats`` runs of:
 
@@ -44,15 +45,17 @@ def one_run(kind: str, device: str, workdir: Path) -> dict:
     command = [sys.executable, *KINDS[kind], "segment", str(SAMPLE_VOLUME), "--model", str(DEFAULT_MODEL)]
     command += ["--output", str(output), "--device", device, "--json"]
     env = dict(os.environ, PYTHONPATH=str(DEEPSEG), PYTHONUNBUFFERED="1")  # as the panel starts it
-    started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=workdir)
-    last_line_at, last_event = started, None
-    for line in process.stdout:
-        last_line_at = time.perf_counter()
-        last_event = json.loads(line).get("event") if line.startswith("{") else last_event
-    stderr = process.stderr.read()
-    code = process.wait()
-    ended = time.perf_counter()
+    with open(workdir / f"{kind}.stderr.txt", "w+") as stderr_file:  # a file: a full stderr pipe would stall the run
+        started = time.perf_counter()
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr_file, text=True, env=env, cwd=workdir)
+        last_line_at, last_event = started, None
+        for line in process.stdout:
+            last_line_at = time.perf_counter()
+            last_event = json.loads(line).get("event") if line.startswith("{") else last_event
+        code = process.wait()
+        ended = time.perf_counter()
+        stderr_file.seek(0)
+        stderr = stderr_file.read()
     if code != 0 or not output.exists():
         raise SystemExit(f"{kind}: exit {code}, output written: {output.exists()}\n{stderr[-2000:]}")
     output.unlink()

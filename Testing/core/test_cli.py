@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from deepseg_core import demo, io
-from deepseg_core.cli import EXIT_INPUT, EXIT_MODEL, EXIT_OK, main
+from deepseg_core.cli import EXIT_CANCELLED, EXIT_INPUT, EXIT_MODEL, EXIT_OK, main
 from deepseg_core.events import EventSink
 
 REPO = Path(__file__).resolve().parents[2]
@@ -143,14 +143,21 @@ returned = threading.Event()
 real_main = cli.main
 
 def main(argv):
-    code = real_main(argv)
-    returned.set()
-    return code
+    try:
+        return real_main(argv)
+    finally:
+        returned.set()
 
 def finish_late(path):
-    returned.wait()
+    returned.wait(60)
     time.sleep(0.2)
     Path(path).write_text("written by a thread that was still running when main returned")
+
+class TornDown:
+    def __del__(self):
+        print("the interpreter's objects were torn down")
+
+kept_to_the_end = TornDown()
 
 cli.main = main
 
@@ -162,14 +169,19 @@ cli.run(sys.argv[2:])
 
 def test_the_program_skips_only_the_teardown_of_an_exit(tmp_path):
     """`run` (``python -m deepseg_core``, the ``deepseg`` script) ends the process without freeing the
-    interpreter's objects, but does everything else an exit does: a thread still working is joined,
-    exit handlers run, piped (block-buffered) output arrives whole, and main's code is the exit code."""
+    interpreter's objects (an object's finalizer does not run), but joins a thread still working, runs
+    exit handlers, delivers piped (block-buffered) output whole and ends with main's code."""
     marker = tmp_path / "thread.txt"
     command = [sys.executable, "-c", PROGRAM_WITH_A_THREAD_AND_AN_EXIT_HANDLER, str(marker)]
     store = ["--models-dir", str(tmp_path / "store")]
     block_buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as a pipe is by default
     listed = subprocess.run(
-        [*command, "models", "list", "--json", *store], capture_output=True, text=True, cwd=REPO / "DeepSeg", env=block_buffered
+        [*command, "models", "list", "--json", *store],
+        capture_output=True,
+        text=True,
+        cwd=REPO / "DeepSeg",
+        env=block_buffered,
+        timeout=300,
     )
     assert listed.returncode == EXIT_OK, listed.stderr
     json_text, _, after = listed.stdout.rpartition("]\n")
@@ -183,9 +195,35 @@ def test_the_program_skips_only_the_teardown_of_an_exit(tmp_path):
         text=True,
         cwd=REPO / "DeepSeg",
         env=block_buffered,
+        timeout=300,
     )
     assert missing.returncode == EXIT_MODEL and "unknown model 'nosuch'" in missing.stderr
     assert missing.stdout == "an exit handler ran\n" and marker.exists()
+
+
+def test_the_program_says_when_its_output_could_not_be_written_or_a_cancel_came_as_main_returned(tmp_path):
+    """Output that cannot be written in full (a full disk: ``/dev/full``) is exit code 120 with the reason,
+    as Python's own exit gives; a Cancel whose handler runs as main restores it (a KeyboardInterrupt out of
+    main) is a cancelled run, 130, not a traceback and death by SIGINT."""
+    store = ["--models-dir", str(tmp_path / "store")]
+    block_buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if Path("/dev/full").exists():
+        with open("/dev/full", "w") as full:
+            listed = subprocess.run(
+                [sys.executable, "-m", "deepseg_core", "models", "list", "--json", *store],
+                stdout=full,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=REPO / "DeepSeg",
+                env=block_buffered,
+                timeout=300,
+            )
+        assert listed.returncode == 120 and "the output could not be written in full" in listed.stderr, listed.stderr
+    interrupted = "from deepseg_core import cli\n\ndef main(argv):\n    raise KeyboardInterrupt\n\ncli.main = main\ncli.run([])\n"
+    cancelled = subprocess.run(
+        [sys.executable, "-c", interrupted], capture_output=True, text=True, cwd=REPO / "DeepSeg", timeout=300
+    )
+    assert cancelled.returncode == EXIT_CANCELLED and cancelled.stderr == "cancelled\n"
 
 
 class TerminalText(io_module.StringIO):

@@ -110,11 +110,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _prepare_imported(ref: str, store: ModelStore, json_mode: bool) -> None:
+def _prepare_imported(ref: str, store: ModelStore, json_mode: bool, done: list[str]) -> None:
     """Export and compile an imported model's network for this computer's default backend, so that its first
     segmentation does not (nothing to do where PyTorch runs it, as on CUDA). The model is imported already:
     a failure here is logged and left to the first run, never an import error (a cancel raises
-    KeyboardInterrupt, which the caller reports as such)."""
+    KeyboardInterrupt, which the caller reports as such). ``done`` gets ``"prepared"`` once nothing is left
+    to do, so that a cancel landing after that is not reported as an unprepared network."""
     from .events import to_json_line
     from .inference import Segmenter, SegmentOptions, choose_device
     from .inference.backends import choose_backend
@@ -131,6 +132,7 @@ def _prepare_imported(ref: str, store: ModelStore, json_mode: bool) -> None:
         if segmenter.needs_preparing(SegmentOptions(device="cpu")):  # not for weights prepared already
             say({"event": "status", "message": preparing_message(chosen)})
         stages = segmenter.prepare_backend(SegmentOptions(device="cpu"))
+        done.append("prepared")
     except Exception as exc:  # the import stands; the first run exports the network instead
         log.warning("%s is imported, but its network could not be prepared for this computer (%s): the first run will", ref, exc)
         return
@@ -203,9 +205,13 @@ def cmd_models(args: argparse.Namespace) -> int:
             origin = f" from {card.source['format']}" if card.source.get("format") else ""
             print(f"imported {card.ref}{origin} into {store.root}", flush=True)
         if not args.no_prepare:
+            done: list[str] = []
             try:
-                _prepare_imported(card.ref, store, args.json)
+                _prepare_imported(card.ref, store, args.json, done)
             except KeyboardInterrupt:  # Cancel in the panel: the import itself is done and stays
+                if "prepared" in done:  # it landed after the work: nothing was left undone
+                    print(f"cancelled after {card.ref} was imported and prepared: nothing was left undone", file=sys.stderr)
+                    return EXIT_OK
                 print(f"cancelled: {card.ref} is imported; its network was not prepared (its first run will)", file=sys.stderr)
                 return EXIT_CANCELLED
         return EXIT_OK

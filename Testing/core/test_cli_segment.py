@@ -16,7 +16,7 @@ import SimpleITK as sitk
 import torch
 from model_fixtures import tiny_model_folder
 
-from deepseg_core import io, phantoms
+from deepseg_core import events, io, phantoms
 from deepseg_core.cli import EXIT_CANCELLED, EXIT_INPUT, EXIT_MODEL, EXIT_OK, main
 from deepseg_core.errors import ImageError
 from deepseg_core.inference import Segmenter, SegmentOptions
@@ -288,6 +288,31 @@ def test_cancel_while_an_import_prepares_keeps_the_import_and_says_so(tmp_path, 
     assert [(row["name"], row["version"], row["active"]) for row in ModelStore(store).list()] == [("tiny", 1, True)]
     leftovers = [p.name for p in (store / ".cache" / "compiled").iterdir() if p.is_file()]
     assert leftovers == [], "no graph, no temporary graph, no failure record"
+
+
+def test_a_cancel_after_the_import_was_prepared_is_not_reported_as_unprepared(tmp_path, capsys, monkeypatch):
+    """A Cancel (a real SIGTERM) that lands once the network is prepared, before the engine says so: the
+    work is complete, so the engine says that and ends with 0, and the graph stays in the cache."""
+    real_to_json_line = events.to_json_line
+    not_interrupted = []
+
+    def cancelled_once_prepared(event: dict) -> str:
+        if event["event"] == "prepared":  # the network is exported and compiled: only saying so is left
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)  # the CLI's handler interrupts this sleep
+            not_interrupted.append(True)
+        return real_to_json_line(event)
+
+    monkeypatch.setattr(events, "to_json_line", cancelled_once_prepared)
+    store = tmp_path / "store"
+    model = tiny_model_folder(tmp_path / "model")
+    assert main(["models", "import", str(model), "--models-dir", str(store), "--json"]) == EXIT_OK
+    assert not not_interrupted
+    out, err = capsys.readouterr()
+    assert [json.loads(line)["event"] for line in out.splitlines()] == ["imported", "status"]
+    assert "cancelled after tiny:1 was imported and prepared: nothing was left undone" in err
+    assert "not prepared" not in err
+    assert any(p.suffix == ".onnx" for p in (store / ".cache" / "compiled").rglob("*")), "the prepared graph stays"
 
 
 def test_a_run_that_must_export_its_network_says_so_before_its_progress(tmp_path, capsys):

@@ -134,6 +134,12 @@ def test_bad_input_exits_2_with_one_clear_message(tmp_path):
     assert result.returncode == EXIT_INPUT and "one of ['ct-A'" in result.stderr
 
 
+def block_buffered() -> dict[str, str]:
+    """This environment without ``PYTHONUNBUFFERED`` (set on this machine): a child's piped stdout is then
+    block-buffered, as a pipe is by default, so output lost at exit shows."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+
+
 PROGRAM_WITH_A_THREAD_AND_AN_EXIT_HANDLER = """
 import atexit, sys, threading, time
 from pathlib import Path
@@ -172,31 +178,20 @@ def test_the_program_skips_only_the_teardown_of_an_exit(tmp_path):
     interpreter's objects (an object's finalizer does not run), but joins a thread still working, runs
     exit handlers, delivers piped (block-buffered) output whole and ends with main's code."""
     marker = tmp_path / "thread.txt"
-    command = [sys.executable, "-c", PROGRAM_WITH_A_THREAD_AND_AN_EXIT_HANDLER, str(marker)]
     store = ["--models-dir", str(tmp_path / "store")]
-    block_buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as a pipe is by default
-    listed = subprocess.run(
-        [*command, "models", "list", "--json", *store],
-        capture_output=True,
-        text=True,
-        cwd=REPO / "DeepSeg",
-        env=block_buffered,
-        timeout=300,
-    )
+
+    def program(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-c", PROGRAM_WITH_A_THREAD_AND_AN_EXIT_HANDLER, str(marker), *args, *store]
+        return subprocess.run(command, capture_output=True, text=True, cwd=REPO / "DeepSeg", env=block_buffered(), timeout=300)
+
+    listed = program("models", "list", "--json")
     assert listed.returncode == EXIT_OK, listed.stderr
     json_text, _, after = listed.stdout.rpartition("]\n")
     assert [row["name"] for row in json.loads(json_text + "]")] == ["phantom-liver"]
     assert after == "an exit handler ran\n"
     assert marker.read_text().startswith("written by a thread")
     marker.unlink()
-    missing = subprocess.run(
-        [*command, "models", "activate", "nosuch:1", *store],
-        capture_output=True,
-        text=True,
-        cwd=REPO / "DeepSeg",
-        env=block_buffered,
-        timeout=300,
-    )
+    missing = program("models", "activate", "nosuch:1")
     assert missing.returncode == EXIT_MODEL and "unknown model 'nosuch'" in missing.stderr
     assert missing.stdout == "an exit handler ran\n" and marker.exists()
 
@@ -206,7 +201,6 @@ def test_the_program_says_when_its_output_could_not_be_written_or_a_cancel_came_
     as Python's own exit gives; a Cancel whose handler runs as main restores it (a KeyboardInterrupt out of
     main) is a cancelled run, 130, not a traceback and death by SIGINT."""
     store = ["--models-dir", str(tmp_path / "store")]
-    block_buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     if Path("/dev/full").exists():
         with open("/dev/full", "w") as full:
             listed = subprocess.run(
@@ -215,7 +209,7 @@ def test_the_program_says_when_its_output_could_not_be_written_or_a_cancel_came_
                 stderr=subprocess.PIPE,
                 text=True,
                 cwd=REPO / "DeepSeg",
-                env=block_buffered,
+                env=block_buffered(),
                 timeout=300,
             )
         assert listed.returncode == 120 and "the output could not be written in full" in listed.stderr, listed.stderr

@@ -347,7 +347,7 @@ def run(argv: Sequence[str] | None = None) -> NoReturn:
     """The ``deepseg`` program (``python -m deepseg_core`` and the console script): :func:`main`, then exit
     without tearing the interpreter down object by object.
 
-    That teardown freed torch's and OpenVINO's modules for 0.5 to 1 s after a run's last output, and the
+    That teardown freed torch's and OpenVINO's modules for 0.7 to 1 s after a run's last output, and the
     Slicer panel waits for the process to exit before it applies a result or an import
     (``Testing/Benchmarks/bench_engine_exit.py``). The steps of Python's own exit that matter still happen,
     in its order: threads that are not daemons are joined, the ``atexit`` callbacks run (logging's flush),

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage, stats
+from scipy import ndimage
 
 from .errors import ShapeError
 from .io import SegmentInfo, Volume, class_boxes
@@ -206,6 +206,9 @@ def error_detection(uncertainty: np.ndarray, errors: np.ndarray, top_fraction: f
     n_err = int(e.sum())
     n_ok = int(e.size - n_err)
     if n_err and n_ok:
+        # scipy.stats takes 0.6 s to import: every segmentation imports this module, only evaluations rank
+        from scipy import stats
+
         ranks = stats.rankdata(u)
         auroc = (ranks[e].sum() - n_err * (n_err + 1) / 2) / (n_err * n_ok)
     else:

@@ -134,6 +134,29 @@ def test_bad_input_exits_2_with_one_clear_message(tmp_path):
     assert result.returncode == EXIT_INPUT and "one of ['ct-A'" in result.stderr
 
 
+#: Modules that take a large part of a second to import (scipy.stats 0.6 s, scipy.optimize 0.5 s, pandas,
+#: matplotlib) and that a segmentation does not use: imported at the top of a module on its path, every
+#: Segment click in Slicer would pay for them before the first event.
+NOT_IMPORTED_BY_A_SEGMENTATION = ("scipy.stats", "scipy.optimize", "scipy.spatial", "pandas", "matplotlib")
+
+
+def test_a_segmentation_imports_none_of_the_slow_modules_it_does_not_use(tmp_path):
+    program = (
+        "import json, sys\n"
+        "from deepseg_core.cli import main\n"
+        "code = main(sys.argv[1:])\n"
+        f"print(json.dumps([code, sorted(set(sys.modules) & set({NOT_IMPORTED_BY_A_SEGMENTATION!r}))]))\n"
+    )
+    sample = REPO / "DeepSeg" / "deepseg_core" / "bundled" / "sample_ct.nrrd"
+    output = tmp_path / "sample.seg.nrrd"
+    args = ["segment", str(sample), "--model", "phantom-liver", "--output", str(output), "--backend", "torch"]
+    env = {**os.environ, "DEEPSEG_MODELS": str(tmp_path / "store")}
+    result = subprocess.run([sys.executable, "-c", program, *args], capture_output=True, text=True, env=env, timeout=300)
+    code, imported = json.loads(result.stdout.strip().splitlines()[-1])
+    assert code == EXIT_OK and output.is_file(), result.stderr
+    assert imported == [], f"a segmentation imported {imported}; import them where they are used"
+
+
 def block_buffered() -> dict[str, str]:
     """This environment without ``PYTHONUNBUFFERED`` (set on this machine): a child's piped stdout is then
     block-buffered, as a pipe is by default, so output lost at exit shows."""

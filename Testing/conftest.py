@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -82,6 +83,14 @@ def pytest_collection_modifyitems(config, items):
 def engine_python() -> str:
     """The interpreter that runs ``deepseg`` subprocesses (Slicer: PythonSlicer; here: one with torch)."""
     return os.environ.get("DEEPSEG_ENGINE_PYTHON", sys.executable)
+
+
+@pytest.fixture(scope="session")
+def engine_has_cuda(engine_python) -> bool:
+    """Whether the engine's torch sees a GPU (imports and retraining then prepare nothing: PyTorch runs the model).
+    Asked of the engine's interpreter: the Slicer-side run has no torch of its own."""
+    probe = [engine_python, "-c", "import torch; print(torch.cuda.is_available())"]
+    return subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip() == "True"
 
 
 @pytest.fixture(autouse=True)

@@ -110,12 +110,31 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _prepare_imported(ref: str, store: ModelStore, json_mode: bool, done: list[str]) -> None:
-    """Export and compile an imported model's network for this computer's default backend, so that its first
-    segmentation does not (nothing to do where PyTorch runs it, as on CUDA). The model is imported already:
-    a failure here is logged and left to the first run, never an import error (a cancel raises
-    KeyboardInterrupt, which the caller reports as such). ``done`` gets ``"prepared"`` once nothing is left
-    to do, so that a cancel landing after that is not reported as an unprepared network."""
+def prepare_for_this_computer(ref: str, store: ModelStore, json_mode: bool, origin: str) -> int:
+    """Export and compile a newly stored model's network for this computer's default backend, so that its
+    first segmentation does not; returns the command's exit code.
+
+    ``deepseg models import`` and ``deepseg train`` call this once the version is in the store (``origin``,
+    ``"imported"`` or ``"stored"``, says so in messages). The version stands whatever happens here: a failure is
+    logged and left to the first run (exit 0), and a Cancel (KeyboardInterrupt) gives ``EXIT_CANCELLED`` with
+    what was left undone, or exit 0 when it landed once the network was prepared.
+    """
+    done: list[str] = []
+    try:
+        _prepare(ref, store, json_mode, done, origin)
+    except KeyboardInterrupt:  # Cancel in a panel: the version itself is stored and stays
+        if "prepared" in done:  # it landed after the work: nothing was left undone
+            print(f"cancelled after {ref} was {origin} and prepared: nothing was left undone", file=sys.stderr)
+            return EXIT_OK
+        print(f"cancelled: {ref} is {origin}; its network was not prepared (its first run will)", file=sys.stderr)
+        return EXIT_CANCELLED
+    return EXIT_OK
+
+
+def _prepare(ref: str, store: ModelStore, json_mode: bool, done: list[str], origin: str) -> None:
+    """:func:`prepare_for_this_computer`'s work (nothing to do where PyTorch runs the network, as on CUDA). A
+    failure is logged, never raised; ``done`` gets ``"prepared"`` once nothing is left to do, so that a cancel
+    landing after that is not reported as an unprepared network."""
     from .events import to_json_line
     from .inference import Segmenter, SegmentOptions, choose_device
     from .inference.backends import choose_backend
@@ -133,14 +152,14 @@ def _prepare_imported(ref: str, store: ModelStore, json_mode: bool, done: list[s
             say({"event": "status", "message": preparing_message(chosen)})
         stages = segmenter.prepare_backend(SegmentOptions(device="cpu"))
         done.append("prepared")
-    except Exception as exc:  # the import stands; the first run exports the network instead
-        log.warning("%s is imported, but its network could not be prepared for this computer (%s): the first run will", ref, exc)
+    except Exception as exc:  # the version stands; the first run exports the network instead
+        log.warning("%s is %s, but its network could not be prepared here (%s): the first run will", ref, origin, exc)
         return
     seconds = sum(float(stage["seconds"]) for stage in stages)
     fell_back = [stage for stage in stages if stage["backend"] != chosen]
     if fell_back:
         reason = fell_back[0].get("reason", "")
-        message = f"{ref} is imported, but {chosen} could not run its network; it runs on PyTorch ({reason})"
+        message = f"{ref} is {origin}, but {chosen} could not run its network; it runs on PyTorch ({reason})"
         log.warning("%s", message)
     else:
         message = f"prepared {ref} for {chosen} on this computer in {seconds:.1f} s"
@@ -204,17 +223,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         else:
             origin = f" from {card.source['format']}" if card.source.get("format") else ""
             print(f"imported {card.ref}{origin} into {store.root}", flush=True)
-        if not args.no_prepare:
-            done: list[str] = []
-            try:
-                _prepare_imported(card.ref, store, args.json, done)
-            except KeyboardInterrupt:  # Cancel in the panel: the import itself is done and stays
-                if "prepared" in done:  # it landed after the work: nothing was left undone
-                    print(f"cancelled after {card.ref} was imported and prepared: nothing was left undone", file=sys.stderr)
-                    return EXIT_OK
-                print(f"cancelled: {card.ref} is imported; its network was not prepared (its first run will)", file=sys.stderr)
-                return EXIT_CANCELLED
-        return EXIT_OK
+        return EXIT_OK if args.no_prepare else prepare_for_this_computer(card.ref, store, args.json, "imported")
     if args.action == "activate":
         version = store.activate(args.ref)
         print(f"{args.ref.split(':')[0]}: active version is now {version}")

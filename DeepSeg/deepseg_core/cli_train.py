@@ -57,13 +57,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     except Stopped as exc:
         print(str(exc), file=sys.stderr)
         return 130
+    if outcome.card is None:  # a torchrun rank other than 0: rank 0 stores, reports and prepares
+        return 0
     if not args.json:
         print(f"stored {outcome.card.ref} (parent {outcome.card.parent_version}); checkpoints in {checkpoints}")
         print(f"{'label':<16}{'new Dice':>10}{'parent Dice':>13}")
         for name, value in outcome.validation["mean"].items():
             parent = outcome.parent_validation["mean"][name]["dice"] if outcome.parent_validation else float("nan")
             print(f"{name:<16}{value['dice']:>10.3f}{parent:>13.3f}")
-    return 0
+    if args.no_prepare:
+        return 0
+    from .cli import prepare_for_this_computer
+
+    # the new version's first Segment would otherwise export and compile its network (seconds to a minute)
+    return prepare_for_this_computer(outcome.card.ref, ModelStore(args.models_dir), args.json, "stored")
 
 
 def _cuda() -> bool:
@@ -147,6 +154,11 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default="auto")
     p.add_argument("--no-activate", action="store_true", help="store the new version without making it active")
+    p.add_argument(
+        "--no-prepare",
+        action="store_true",
+        help="do not export and compile the new version's network for this computer's CPU runtime now (its first run will)",
+    )
     p.add_argument("--models-dir", default=None)
     p.add_argument("--json", action="store_true", help="JSON-lines events on stdout")
     p.set_defaults(func=cmd_train)

@@ -4,7 +4,9 @@
 widgets. Decided here: the base-model list and the saved choice, the dataset summary line, whether
 Start may run and what it starts (a ``deepseg train`` process tree), live curves and ETA, Stop
 (non-blocking; the last finished epoch stays checkpointed and *Resume* is ticked), the old-vs-new
-comparison on the fixed validation split, and Promote / Keep old / Roll back.
+comparison on the fixed validation split, and Promote / Keep old / Roll back. Once the new version is
+stored, the engine prepares its network for this computer's CPU runtime (so that its first Segment does
+not) while the user compares; a Stop then only skips that, and the status line says which happened.
 
 The new version is stored without being activated: nothing changes for users of the model until
 Promote; Roll back returns to the version that was active before.
@@ -25,7 +27,15 @@ from DeepSegLib.model_choices import ModelEntry, available_models
 from DeepSegLib.segment_job import DeepSegJob
 
 from .dataset_summary import describe_dataset_folder
-from .training_run import TrainingCurves, TrainingRequest, comparison_table, parse_label_mapping_text, start_training, status_text
+from .training_run import (
+    TrainingCurves,
+    TrainingRequest,
+    comparison_table,
+    parse_label_mapping_text,
+    preparation_text,
+    start_training,
+    status_text,
+)
 
 FROM_SCRATCH = "(from scratch)"
 #: ``baseModel`` value for training from scratch ("" means: not chosen yet, the first model is taken).
@@ -105,6 +115,8 @@ class TrainingPanelLogic:
         self.job: DeepSegJob | None = None
         self.curves: TrainingCurves | None = None
         self.done_event: dict | None = None
+        self._decided = ""  # the status line about the new version: stored, promoted or kept old
+        self._preparation = ""  # what the engine said about preparing the new version's network
         self._models: list[ModelEntry] = []
         self._epochs = 1
 
@@ -193,6 +205,7 @@ class TrainingPanelLogic:
         self.job = start_training(request, self.python)
         self._epochs = request.epochs
         self.done_event = None
+        self._preparation = ""
         self.view.start_enabled = False
         self.view.stop_enabled = True
         self.view.promote_enabled = self.view.keep_old_enabled = False
@@ -210,11 +223,19 @@ class TrainingPanelLogic:
                 self.curves.add_event(event)
             if event.get("event") == "epoch_end":
                 self.view.progress_percent = round(100 * event["epoch"] / max(1, self._epochs))
-            if event.get("event") == "done":
+            kind = event.get("event")
+            if kind == "done":
                 self.done_event = event
                 self.view.comparison_table = comparison_table(self.scene, event)
                 self.view.promote_enabled = self.view.keep_old_enabled = True
+            if kind in ("status", "prepared") and self.done_event is not None:
+                self._preparation = preparation_text(event)
+                if not job.cancel_requested:
+                    self._show_decision(self._decided)
+                continue
             text = status_text(event)
+            if kind == "done":
+                self._decided = text
             if text and not job.cancel_requested:
                 self.view.status = text
         if not job.finished:
@@ -224,7 +245,14 @@ class TrainingPanelLogic:
         job.cleanup()
         self.view.start_enabled = True
         self.view.stop_enabled = False
-        if job.outcome == "cancelled":
+        if self.done_event is not None:  # the version is stored: a Stop only skipped preparing it (nothing to resume)
+            if not any(e.get("event") == "prepared" for e in job.events):
+                if job.outcome == "cancelled":
+                    self._preparation = "Stopped before its network was prepared for this computer: its first Segment will."
+                else:  # nothing to prepare (CUDA, no CPU runtime), or it could not be and the first run will try
+                    self._preparation = job.failure_text() if job.outcome == "failed" else ""
+            self.view.status = f"{self._decided} {self._preparation}".strip()
+        elif job.outcome == "cancelled":
             self.view.status = "Stopped; the last finished epoch is checkpointed. Tick Resume and Start to continue."
             if settings is not None:
                 settings.resume = True
@@ -256,7 +284,7 @@ class TrainingPanelLogic:
         name = ref.split(":")[0]
         previous = store.active_version(name)
         store.activate(ref)
-        self.view.status = f"{ref} is now active (was {name}:{previous}). Roll back returns to it."
+        self._show_decision(f"{ref} is now active (was {name}:{previous}). Roll back returns to it.")
         self.view.promote_enabled = self.view.keep_old_enabled = False
         self.refresh_models(settings)
 
@@ -264,8 +292,14 @@ class TrainingPanelLogic:
         """Leave the active version as it is; the new one stays in the store, not active."""
         if self.done_event is None:
             return
-        self.view.status = f"Kept the active version; {self.done_event['model']} stays in the store, not active."
+        self._show_decision(f"Kept the active version; {self.done_event['model']} stays in the store, not active.")
         self.view.promote_enabled = self.view.keep_old_enabled = False
+
+    def _show_decision(self, text: str) -> None:
+        """Show a status about the new version, and while the engine still runs, what it says about preparing
+        the version's network."""
+        self._decided = text
+        self.view.status = f"{text} {self._preparation}".strip() if self.job is not None else text
 
     def rollback(self, settings: TrainingSettings | None) -> None:
         """Return the base model's name to the version that was active before the last promotion."""

@@ -148,6 +148,15 @@ def status_text(event: dict) -> str:
     return ""
 
 
+def preparation_text(event: dict) -> str:
+    """What the status line adds, after the new version is stored, for the engine's ``status`` and ``prepared``
+    events about preparing its network for this computer."""
+    message = str(event.get("message", ""))
+    if message.startswith("prepared "):  # "prepared NAME:VERSION for openvino on this computer in 1.9 s"
+        return f"Prepared {message.removeprefix('prepared ')}."
+    return message
+
+
 def comparison_table(scene: slicer.vtkMRMLScene, done_event: dict) -> slicer.vtkMRMLTableNode:
     """Old vs new Dice per label (and per region of a region-based nnU-Net model) on the fixed validation split,
     from the ``done`` event."""

@@ -139,10 +139,19 @@ def test_train_and_evaluate_cli(site_b_dataset, tmp_path, capsys):
     args += ["--steps", "1", "--batch-size", "1", "--models-dir", store, "--checkpoints", str(tmp_path / "ck"), "--json"]
     assert main([*args, "--dropout", "0.2"]) == 0  # the bundled base has no dropout: the layers are added
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert [e["event"] for e in events] == ["start", "epoch_end", "done"]
-    assert events[-1]["model"] == "liver-b:1" and events[-1]["parent"] == "phantom-liver:1"
+    # on the CPU the new version's network is then prepared for this computer's runtime, as an import's is
+    prepared = [] if torch.cuda.is_available() else ["status", "prepared"]
+    assert [e["event"] for e in events] == ["start", "epoch_end", "done", *prepared]
+    done = next(e for e in events if e["event"] == "done")
+    assert done["model"] == "liver-b:1" and done["parent"] == "phantom-liver:1"
     card = ModelStore(store).card("liver-b:1")
     assert card.architecture.config["dropout"] == 0.2 and card.metrics["training"]["dropout"] == 0.2
+    if prepared:
+        from deepseg_core.inference import Segmenter, SegmentOptions
+
+        assert events[-1]["model"] == "liver-b:1" and events[-1]["stages"][0]["exported"] is True
+        segmenter = Segmenter.load("liver-b:1", device="cpu", store=ModelStore(store))
+        assert not segmenter.needs_preparing(SegmentOptions(device="cpu")), "its first run would export it again"
     assert (
         main(["evaluate", "--model", "liver-b", "--dataset", str(site_b_dataset), "--models-dir", store, "--device", "cpu"]) == 0
     )
@@ -165,9 +174,10 @@ def test_first_finetune_of_the_bundled_model_from_the_cli_keeps_it_active_and_ro
     store = str(tmp_path / "store")
     args = ["train", "--dataset", str(site_b_dataset), "--name", "phantom-liver", "--base", "phantom-liver", "--epochs", "1"]
     args += ["--steps", "1", "--batch-size", "1", "--models-dir", store, "--checkpoints", str(tmp_path / "ck"), "--json"]
-    assert main([*args, "--no-activate"]) == 0
+    assert main([*args, "--no-activate", "--no-prepare"]) == 0
     done = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")][-1]
     assert (done["model"], done["parent"]) == ("phantom-liver:2", "phantom-liver:1")
+    assert not (tmp_path / "store" / ".cache").exists(), "--no-prepare exports nothing"
     assert main(["models", "list", "--models-dir", store, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(r["name"], r["version"], r["parent_version"], r["active"], r.get("bundled", False)) for r in rows] == [
@@ -215,6 +225,21 @@ def ddp_uninterrupted(site_b_dataset, tmp_path_factory):
     done, events = _torchrun(site_b_dataset, tmp_path_factory.mktemp("ddp"))
     assert done.returncode == 0, done.stderr[-3000:]
     return events
+
+
+def test_two_process_training_without_json_reports_once_and_succeeds(site_b_dataset, tmp_path):
+    """Without ``--json`` every rank reached the printed summary, and rank 1, which stores nothing, failed on it:
+    torchrun then exited 1 although the version was stored."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2] / "DeepSeg"), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "deepseg_core"]
+    command += ["train", "--dataset", str(site_b_dataset), "--name", "ddp", "--base", str(DEFAULT_MODEL), "--epochs", "1"]
+    command += ["--steps", "1", "--batch-size", "1", "--device", "cpu", "--models-dir", str(tmp_path / "store")]
+    command += ["--checkpoints", str(tmp_path / "ck")]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("stored ddp:1 (parent None)") == 1, done.stdout
+    assert done.stdout.count("prepared ddp:1 for") == (0 if torch.cuda.is_available() else 1), done.stdout
+    assert ModelStore(tmp_path / "store").versions("ddp") == [1]
 
 
 def _rank_done(events: list[dict], key: str) -> dict[int, str]:

@@ -4,6 +4,7 @@ table and plot nodes, Stop and Resume, the comparison table, Promote / Keep old 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,6 +47,15 @@ def run_panel(panel: TrainingPanelLogic, settings: TrainingSettings, timeout_s: 
         time.sleep(0.05)
 
 
+def poll_until_the_engine_says(panel: TrainingPanelLogic, settings: TrainingSettings, event_name: str, waiting_for: str):
+    """Poll the running training until it has sent an ``event_name`` event (Stop is pressed then)."""
+    deadline = time.monotonic() + 300
+    while not any(e.get("event") == event_name for e in panel.job.events):
+        assert panel.poll(settings), f"training finished before {waiting_for}: {panel.view.status}"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
 def test_base_models_and_the_saved_choice(mrml_scene, store_dir):
     panel = TrainingPanelLogic(mrml_scene, models_dir=store_dir)
     settings = TrainingSettings()
@@ -62,7 +72,7 @@ def test_base_models_and_the_saved_choice(mrml_scene, store_dir):
 
 
 def test_train_compare_keep_old_promote_and_roll_back_through_the_panel(
-    mrml_scene, dataset_dir, store_dir, engine_python, tmp_path
+    mrml_scene, dataset_dir, store_dir, engine_python, engine_has_cuda, tmp_path
 ):
     panel = TrainingPanelLogic(mrml_scene, models_dir=store_dir, python=engine_python, checkpoints_root=str(tmp_path))
     settings = TrainingSettings(datasetFolder=dataset_dir, epochs=2, stepsPerEpoch=1, device="cpu")
@@ -81,6 +91,10 @@ def test_train_compare_keep_old_promote_and_roll_back_through_the_panel(
     done = panel.done_event
     assert done["model"] == "phantom-liver:2" and done["parent"] == "phantom-liver:1"
     assert "not active yet" in panel.view.status and panel.view.promote_enabled and panel.view.keep_old_enabled
+    if not engine_has_cuda:  # the engine prepared the new version's network while the user compared
+        assert panel.view.status.startswith("Done: phantom-liver:2 stored (not active yet). Compare, then Promote or Keep old.")
+        assert " Prepared phantom-liver:2 for openvino on this computer in " in panel.view.status, panel.view.status
+        assert not settings.resume
     compare = panel.view.comparison_table.GetTable()
     assert compare.GetNumberOfRows() == len(LABELS) and compare.GetValue(0, 0).ToString() == "liver"
     assert float(compare.GetValue(0, 2).ToString()) == pytest.approx(done["validation"]["liver"]["dice"], abs=5e-4)
@@ -146,11 +160,7 @@ def test_stop_keeps_the_checkpoint_ticks_resume_and_resume_finishes(mrml_scene, 
     settings = TrainingSettings(datasetFolder=dataset_dir, epochs=6, stepsPerEpoch=2, device="cpu")
     panel.refresh_models(settings)
     job = panel.start(settings)
-    deadline = time.monotonic() + 300
-    while not any(e.get("event") == "epoch_end" for e in job.events):
-        assert panel.poll(settings), "training finished before Stop could be pressed"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    poll_until_the_engine_says(panel, settings, "epoch_end", "Stop could be pressed")
     panel.stop()
     run_panel(panel, settings, timeout_s=60)
     assert job.outcome == "cancelled" and settings.resume
@@ -162,6 +172,39 @@ def test_stop_keeps_the_checkpoint_ticks_resume_and_resume_finishes(mrml_scene, 
     epochs = [e["epoch"] for e in resumed.events if e["event"] == "epoch_end"]
     assert first >= 1 and epochs == list(range(first + 1, 7))
     assert ModelStore(store_dir).versions("phantom-liver") == [1, 2]
+
+
+def test_stop_while_the_new_version_is_prepared_keeps_it_and_does_not_offer_resume(
+    mrml_scene, dataset_dir, store_dir, engine_python, engine_has_cuda, tmp_path
+):
+    """Stop after the engine stored the new version, while it prepares its network: the version, the comparison
+    and Promote stay, Resume is not ticked (there is nothing left to train), and the status says what was skipped."""
+    if engine_has_cuda:
+        pytest.skip("PyTorch runs it on CUDA: nothing is prepared")
+    panel = TrainingPanelLogic(mrml_scene, models_dir=store_dir, python=engine_python, checkpoints_root=str(tmp_path))
+    settings = TrainingSettings(datasetFolder=dataset_dir, epochs=1, stepsPerEpoch=1, device="cpu")
+    panel.refresh_models(settings)
+    job = panel.start(settings)
+    poll_until_the_engine_says(panel, settings, "status", "it prepared the new version")
+    assert panel.view.status.startswith("Done: phantom-liver:2 stored (not active yet). Compare, then Promote or Keep old.")
+    assert "Preparing the network for openvino" in panel.view.status, panel.view.status
+    panel.stop()
+    run_panel(panel, settings, timeout_s=60)
+    assert job.outcome == "cancelled" and not settings.resume
+    assert panel.view.start_enabled and panel.view.promote_enabled and panel.view.keep_old_enabled
+    assert ModelStore(store_dir).versions("phantom-liver") == [1, 2]
+    if any(e.get("event") == "prepared" for e in job.events):  # Stop landed after the work: it is reported as done
+        assert " Prepared phantom-liver:2 for openvino" in panel.view.status, panel.view.status
+    else:
+        assert panel.view.status == (
+            "Done: phantom-liver:2 stored (not active yet). Compare, then Promote or Keep old. "
+            "Stopped before its network was prepared for this computer: its first Segment will."
+        )
+        compiled = Path(store_dir) / ".cache" / "compiled"
+        assert not list(compiled.glob("*.onnx")), "no graph half-written by the stopped preparation"
+    panel.promote(settings)
+    assert ModelStore(store_dir).active_version("phantom-liver") == 2
+    assert panel.view.status == "phantom-liver:2 is now active (was phantom-liver:1). Roll back returns to it."
 
 
 def test_dropout_set_in_the_panel_is_trained_into_the_new_version(mrml_scene, dataset_dir, store_dir, engine_python, tmp_path):

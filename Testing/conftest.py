@@ -86,11 +86,13 @@ def engine_python() -> str:
 
 
 @pytest.fixture(scope="session")
-def engine_has_cuda(engine_python) -> bool:
-    """Whether the engine's torch sees a GPU (imports and retraining then prepare nothing: PyTorch runs the model).
-    Asked of the engine's interpreter: the Slicer-side run has no torch of its own."""
-    probe = [engine_python, "-c", "import torch; print(torch.cuda.is_available())"]
-    return subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip() == "True"
+def engine_prepares_for(engine_python) -> str:
+    """The backend ``--backend auto`` picks in the engine's interpreter, which imports and retraining prepare a new
+    version's network for: ``torch`` (CUDA, or no CPU runtime installed) means nothing is prepared. Asked of the
+    engine's interpreter: the Slicer-side run has no torch of its own."""
+    probe = "from deepseg_core.inference import choose_device; from deepseg_core.inference.backends import choose_backend;"
+    probe += " print(choose_backend('auto', choose_device('auto')).name)"
+    return subprocess.run([engine_python, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
 
 
 @pytest.fixture(autouse=True)

@@ -32,6 +32,7 @@ from .training_run import (
     TrainingRequest,
     comparison_table,
     parse_label_mapping_text,
+    preparation_outcome,
     preparation_text,
     start_training,
     status_text,
@@ -246,11 +247,7 @@ class TrainingPanelLogic:
         self.view.start_enabled = True
         self.view.stop_enabled = False
         if self.done_event is not None:  # the version is stored: a Stop only skipped preparing it (nothing to resume)
-            if not any(e.get("event") == "prepared" for e in job.events):
-                if job.outcome == "cancelled":
-                    self._preparation = "Stopped before its network was prepared for this computer: its first Segment will."
-                else:  # nothing to prepare (CUDA, no CPU runtime), or it could not be and the first run will try
-                    self._preparation = job.failure_text() if job.outcome == "failed" else ""
+            self._preparation = preparation_outcome(job.events, job.returncode, job.cancel_requested)
             self.view.status = f"{self._decided} {self._preparation}".strip()
         elif job.outcome == "cancelled":
             self.view.status = "Stopped; the last finished epoch is checkpointed. Tick Resume and Start to continue."
@@ -266,7 +263,11 @@ class TrainingPanelLogic:
         if self.job is not None and not self.job.cancel_requested:
             self.job.cancel()
             self.view.stop_enabled = False
-            self.view.status = "Stopping after the current step..."
+            if self.done_event is not None:
+                self._preparation = "Stopping: its network is not prepared now; the new version stays."
+                self.view.status = f"{self._decided} {self._preparation}"
+            else:
+                self.view.status = "Stopping after the current step..."
 
     def close(self) -> None:
         """Module destroyed: stop the tree now and remove its folder."""
@@ -299,7 +300,8 @@ class TrainingPanelLogic:
         """Show a status about the new version, and while the engine still runs, what it says about preparing
         the version's network."""
         self._decided = text
-        self.view.status = f"{text} {self._preparation}".strip() if self.job is not None else text
+        running = self.job is not None and not self.job.cancel_requested
+        self.view.status = f"{text} {self._preparation}".strip() if running else text
 
     def rollback(self, settings: TrainingSettings | None) -> None:
         """Return the base model's name to the version that was active before the last promotion."""
@@ -309,7 +311,7 @@ class TrainingPanelLogic:
         store = ModelStore(self.models_dir)
         current = store.active_version(name)
         version = store.rollback(name)
-        self.view.status = f"{name}: active version is {version} again (was {current})."
+        self._show_decision(f"{name}: active version is {version} again (was {current}).")
         self.refresh_models(settings)
         if settings is not None:
             settings.baseModel = f"{name}:{version}"

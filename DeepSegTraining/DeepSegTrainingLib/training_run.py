@@ -153,8 +153,33 @@ def preparation_text(event: dict) -> str:
     events about preparing its network for this computer."""
     message = str(event.get("message", ""))
     if message.startswith("prepared "):  # "prepared NAME:VERSION for openvino on this computer in 1.9 s"
-        return f"Prepared {message.removeprefix('prepared ')}."
-    return message
+        message = f"Prepared {message.removeprefix('prepared ')}"
+    return message if message.endswith(".") else f"{message}."
+
+
+def preparation_outcome(events: list[dict], returncode: int | None, stop_requested: bool) -> str:
+    """What the status line says, once a training that stored its new version has ended, about preparing that
+    version's network for this computer (``events``: the run's).
+
+    The engine says ``status`` ("Preparing ...") before it exports and ``prepared`` when done; it exits 0 also
+    when a Stop landed once the work was done, or when preparing failed (logged: the first Segment tries again).
+    With neither event, there was nothing to prepare (CUDA, no CPU runtime) or a Stop came first.
+    """
+    done_at = next((i for i, event in enumerate(events) if event.get("event") == "done"), len(events))
+    after_done = events[done_at + 1 :]
+    kinds = [event.get("event") for event in after_done]
+    prepared = [event for event in after_done if event.get("event") == "prepared"]
+    if prepared:
+        return preparation_text(prepared[-1])
+    if "status" not in kinds:
+        return ""
+    if returncode == 0:
+        if stop_requested:  # the Stop landed after the work, before the engine said so
+            return "Its network is prepared for this computer."
+        return "Its network could not be prepared for this computer; its first Segment will try again."
+    if stop_requested:
+        return "Stopped before its network was prepared for this computer: its first Segment will prepare it."
+    return "Preparing its network for this computer failed; its first Segment will try again."
 
 
 def comparison_table(scene: slicer.vtkMRMLScene, done_event: dict) -> slicer.vtkMRMLTableNode:

@@ -31,6 +31,7 @@ from deepseg_core.inference.backends import (
     choose_backend,
     exportable,
     failure_record_path,
+    graph_cached,
     installed,
     native_bfloat16,
     openvino_cache_dir,
@@ -252,6 +253,35 @@ def test_the_single_tile_graph_is_never_read_from_a_graph_exported_after_the_che
         torch.testing.assert_close(function(tiles[:1]), net(tiles[:1]), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(function(tiles[:2]), net(tiles[:2]), atol=1e-4, rtol=1e-4)
     assert function.padded_calls == 1
+
+
+@pytest.mark.skipif(not installed("openvino"), reason="OpenVINO not installed")
+def test_a_graph_another_process_cached_during_this_export_is_used_not_replaced(tmp_path, monkeypatch):
+    """A Segment started while a training prepares the same new version exports the same graph beside it. The
+    one that finishes second must not replace the first one's graph: that would also remove the OpenVINO blob
+    the first may be writing at that moment."""
+    net = build_net("unet", {"spatial_dims": 2, "in_channels": 1, "num_classes": 2, "features": [4, 8]}, seed=5).eval()
+    shape, sha = (1, 1, 16, 16), "e" * 64
+    real_export = torch.onnx.export
+    theirs: list[tuple[Path, os.stat_result]] = []
+
+    def export_while_another_process_caches_it(*args, **kwargs):
+        real_export(*args, **kwargs)
+        if not theirs:  # the other process: its whole export and its compilation, while ours is under way
+            monkeypatch.setattr(torch.onnx, "export", real_export)
+            their_graph = cached_onnx(net, sha, "openvino", shape, tmp_path)
+            theirs.append((their_graph, their_graph.stat()))
+            openvino_cache_dir(their_graph).mkdir(parents=True)
+            (openvino_cache_dir(their_graph) / "theirs.blob").write_bytes(b"the blob their compilation writes")
+            monkeypatch.setattr(torch.onnx, "export", export_while_another_process_caches_it)
+
+    monkeypatch.setattr(torch.onnx, "export", export_while_another_process_caches_it)
+    graph = cached_onnx(net, sha, "openvino", shape, tmp_path)
+    ((their_graph, their_file),) = theirs
+    assert graph == their_graph and os.path.samestat(graph.stat(), their_file), "their graph is kept, not replaced"
+    assert (openvino_cache_dir(graph) / "theirs.blob").is_file(), "their blob is not removed"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [], "our temporary graph is gone"
+    assert graph_cached(sha, "openvino", shape, tmp_path)
 
 
 REPO = Path(__file__).resolve().parents[2]

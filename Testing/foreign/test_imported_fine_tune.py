@@ -21,6 +21,8 @@ from foreign_cases import site_dataset
 
 from deepseg_core import io
 from deepseg_core.datasets import Dataset
+from deepseg_core.inference import choose_device
+from deepseg_core.inference.backends import choose_backend
 from deepseg_core.model_store import ModelStore, read_model_folder
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,7 +70,11 @@ def test_an_imported_model_is_fine_tuned_compared_promoted_and_rolled_back(fmt, 
     train = ["train", "--dataset", dataset, "--base", "site", "--name", "site", "--epochs", "1", "--steps", "2"]
     train += ["--device", "cpu", "--no-activate", "--models-dir", store_dir, "--checkpoints", tmp_path / "ck", "--json"]
     trained = events(cli(*train))
-    assert trained[-1]["event"] == "done", trained[-1]
+    done = next((e for e in trained if e["event"] == "done"), trained[-1])
+    assert done["event"] == "done", done
+    # the stored version's network is then prepared for this computer's CPU runtime, as an import's would be
+    prepared = choose_backend("auto", choose_device("auto")).name != "torch"
+    assert [e["event"] for e in trained[trained.index(done) + 1 :]] == (["status", "prepared"] if prepared else [])
     store = ModelStore(store_dir)
     parent, child = read_model_folder(store.folder("site:1")), read_model_folder(store.folder("site:2"))
     assert child.parent_version == 1 and child.source == parent.source == imported["source"]
@@ -80,7 +86,6 @@ def test_an_imported_model_is_fine_tuned_compared_promoted_and_rolled_back(fmt, 
     assert (store.folder("site:2") / "weights.safetensors").read_bytes() != (
         store.folder("site:1") / "weights.safetensors"
     ).read_bytes()
-    done = trained[-1]
     for ref, reported in (("site:1", done["parent_validation"]), ("site:2", done["validation"])):
         evaluate = ["evaluate", "--model", ref, "--dataset", dataset, "--device", "cpu", "--models-dir", store_dir]
         result = json.loads(cli(*evaluate).stdout)
@@ -91,7 +96,8 @@ def test_an_imported_model_is_fine_tuned_compared_promoted_and_rolled_back(fmt, 
     # the new version segments with its source's preprocessing, on the input's grid
     case = Dataset.open(dataset).image_paths("case702")[0]
     output = tmp_path / "case702.seg.nrrd"
-    cli("segment", case, "--model", "site:2", "--output", output, "--device", "cpu", "--models-dir", store_dir)
+    segmented = cli("segment", case, "--model", "site:2", "--output", output, "--device", "cpu", "--models-dir", store_dir)
+    assert not prepared or "Preparing the network" not in segmented.stdout + segmented.stderr, "prepared by training already"
     segmentation = io.read_segmentation(output)
     assert segmentation.grid.same_grid(io.read_image(case))
     assert [s.name for s in segmentation.segments] == ["liver", "liver lesion"]

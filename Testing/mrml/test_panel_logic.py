@@ -204,7 +204,9 @@ def test_a_scene_close_during_a_run_never_applies_its_result(mrml_scene, store_d
     assert panel.view.status == "Cancelled; the scene is unchanged." and panel.job is None
 
 
-def test_import_model_through_the_panel_selects_the_new_version(mrml_scene, store_dir, engine_python, engine_has_cuda, tmp_path):
+def test_import_model_through_the_panel_selects_the_new_version(
+    mrml_scene, store_dir, engine_python, engine_prepares_for, tmp_path
+):
     panel = DeepSegPanelLogic(mrml_scene, models_dir=store_dir, python=engine_python)
     settings = PanelSettings()
     panel.refresh_models(settings)
@@ -219,17 +221,17 @@ def test_import_model_through_the_panel_selects_the_new_version(mrml_scene, stor
     run_panel(panel, settings, timeout_s=120)
     assert panel.view.status == "Imported site-model:1; it is selected."
     # the engine prepared the network for this computer's CPU runtime as part of the import (on CUDA: nothing to do)
-    expected = ["imported"] if engine_has_cuda else ["imported", "status", "prepared"]
+    expected = ["imported"] if engine_prepares_for == "torch" else ["imported", "status", "prepared"]
     assert [e["event"] for e in job.events] == expected
     assert settings.model == "site-model:1" and panel.view.models[panel.view.model_index].ref == "site-model:1"
 
 
 def test_cancel_while_an_import_prepares_the_network_keeps_the_imported_model(
-    mrml_scene, engine_python, engine_has_cuda, tmp_path
+    mrml_scene, engine_python, engine_prepares_for, tmp_path
 ):
     """Cancel lands after the model was stored, while its network is exported for this computer: the
     panel selects the imported model and says the first run will prepare it (not "Import failed")."""
-    if engine_has_cuda:
+    if engine_prepares_for == "torch":
         pytest.skip("PyTorch runs it on CUDA: nothing is prepared")
     store = tmp_path / "store"  # its own store: nothing exported yet, so the preparation takes seconds
     panel = DeepSegPanelLogic(mrml_scene, models_dir=str(store), python=engine_python)
@@ -257,10 +259,10 @@ def test_cancel_while_an_import_prepares_the_network_keeps_the_imported_model(
     assert panel.view.segment_enabled and not panel.view.cancel_enabled
 
 
-def test_a_cancel_after_the_engine_said_prepared_is_a_finished_import(mrml_scene, engine_python, engine_has_cuda, tmp_path):
+def test_a_cancel_after_the_engine_said_prepared_is_a_finished_import(mrml_scene, engine_python, engine_prepares_for, tmp_path):
     """Cancel clicked after the engine's "prepared" event, while its process is still ending: the import
     and the preparation are complete, so the panel says so (not "preparing ... was cancelled")."""
-    if engine_has_cuda:
+    if engine_prepares_for == "torch":
         pytest.skip("PyTorch runs it on CUDA: nothing is prepared")
     copy_model(tmp_path / "elsewhere", "site-model", 1)
     tries = []

@@ -19,6 +19,7 @@ from DeepSegTrainingLib.training_run import (
     TrainingRequest,
     comparison_table,
     parse_label_mapping_text,
+    preparation_outcome,
     start_training,
 )
 
@@ -72,7 +73,7 @@ def test_base_models_and_the_saved_choice(mrml_scene, store_dir):
 
 
 def test_train_compare_keep_old_promote_and_roll_back_through_the_panel(
-    mrml_scene, dataset_dir, store_dir, engine_python, engine_has_cuda, tmp_path
+    mrml_scene, dataset_dir, store_dir, engine_python, engine_prepares_for, tmp_path
 ):
     panel = TrainingPanelLogic(mrml_scene, models_dir=store_dir, python=engine_python, checkpoints_root=str(tmp_path))
     settings = TrainingSettings(datasetFolder=dataset_dir, epochs=2, stepsPerEpoch=1, device="cpu")
@@ -91,9 +92,9 @@ def test_train_compare_keep_old_promote_and_roll_back_through_the_panel(
     done = panel.done_event
     assert done["model"] == "phantom-liver:2" and done["parent"] == "phantom-liver:1"
     assert "not active yet" in panel.view.status and panel.view.promote_enabled and panel.view.keep_old_enabled
-    if not engine_has_cuda:  # the engine prepared the new version's network while the user compared
+    if engine_prepares_for != "torch":  # the engine prepared the new version's network while the user compared
         assert panel.view.status.startswith("Done: phantom-liver:2 stored (not active yet). Compare, then Promote or Keep old.")
-        assert " Prepared phantom-liver:2 for openvino on this computer in " in panel.view.status, panel.view.status
+        assert f" Prepared phantom-liver:2 for {engine_prepares_for} on this computer in " in panel.view.status, panel.view.status
         assert not settings.resume
     compare = panel.view.comparison_table.GetTable()
     assert compare.GetNumberOfRows() == len(LABELS) and compare.GetValue(0, 0).ToString() == "liver"
@@ -175,36 +176,72 @@ def test_stop_keeps_the_checkpoint_ticks_resume_and_resume_finishes(mrml_scene, 
 
 
 def test_stop_while_the_new_version_is_prepared_keeps_it_and_does_not_offer_resume(
-    mrml_scene, dataset_dir, store_dir, engine_python, engine_has_cuda, tmp_path
+    mrml_scene, dataset_dir, store_dir, engine_python, engine_prepares_for, tmp_path
 ):
     """Stop after the engine stored the new version, while it prepares its network: the version, the comparison
     and Promote stay, Resume is not ticked (there is nothing left to train), and the status says what was skipped."""
-    if engine_has_cuda:
-        pytest.skip("PyTorch runs it on CUDA: nothing is prepared")
+    if engine_prepares_for == "torch":
+        pytest.skip("PyTorch runs it (CUDA, or no CPU runtime): nothing is prepared")
     panel = TrainingPanelLogic(mrml_scene, models_dir=store_dir, python=engine_python, checkpoints_root=str(tmp_path))
     settings = TrainingSettings(datasetFolder=dataset_dir, epochs=1, stepsPerEpoch=1, device="cpu")
     panel.refresh_models(settings)
     job = panel.start(settings)
     poll_until_the_engine_says(panel, settings, "status", "it prepared the new version")
     assert panel.view.status.startswith("Done: phantom-liver:2 stored (not active yet). Compare, then Promote or Keep old.")
-    assert "Preparing the network for openvino" in panel.view.status, panel.view.status
+    assert f"Preparing the network for {engine_prepares_for}" in panel.view.status, panel.view.status
     panel.stop()
+    assert panel.view.status.endswith(" Stopping: its network is not prepared now; the new version stays.")
     run_panel(panel, settings, timeout_s=60)
     assert job.outcome == "cancelled" and not settings.resume
     assert panel.view.start_enabled and panel.view.promote_enabled and panel.view.keep_old_enabled
     assert ModelStore(store_dir).versions("phantom-liver") == [1, 2]
     if any(e.get("event") == "prepared" for e in job.events):  # Stop landed after the work: it is reported as done
-        assert " Prepared phantom-liver:2 for openvino" in panel.view.status, panel.view.status
+        assert f" Prepared phantom-liver:2 for {engine_prepares_for}" in panel.view.status, panel.view.status
     else:
         assert panel.view.status == (
             "Done: phantom-liver:2 stored (not active yet). Compare, then Promote or Keep old. "
-            "Stopped before its network was prepared for this computer: its first Segment will."
+            "Stopped before its network was prepared for this computer: its first Segment will prepare it."
         )
         compiled = Path(store_dir) / ".cache" / "compiled"
-        assert not list(compiled.glob("*.onnx")), "no graph half-written by the stopped preparation"
+        # a complete graph may be there (Stop landed while it compiled); a temporary one may not
+        assert not list(compiled.glob(".*")), "no graph half-written by the stopped preparation"
     panel.promote(settings)
     assert ModelStore(store_dir).active_version("phantom-liver") == 2
     assert panel.view.status == "phantom-liver:2 is now active (was phantom-liver:1). Roll back returns to it."
+
+
+PREPARED = {"event": "prepared", "message": "prepared m:2 for openvino on this computer in 1.9 s"}
+FIRST_SEGMENT, WILL_TRY = "its first Segment will prepare it.", "its first Segment will try again."
+FELL_BACK = {"event": "prepared", "message": "m:2 is stored, but openvino could not run its network; it runs on PyTorch (x)"}
+
+
+@pytest.mark.parametrize(
+    "after_done, returncode, stopped, said",
+    [
+        ([{"event": "status"}, PREPARED], 0, False, "Prepared m:2 for openvino on this computer in 1.9 s."),
+        ([{"event": "status"}, PREPARED], -15, True, "Prepared m:2 for openvino on this computer in 1.9 s."),
+        ([FELL_BACK], 0, False, FELL_BACK["message"] + "."),
+        ([], 0, False, ""),  # nothing to prepare: CUDA, or no CPU runtime
+        ([], 130, True, ""),  # Stop before the engine said anything: it may have had nothing to prepare
+        (
+            [{"event": "status"}],
+            130,
+            True,
+            "Stopped before its network was prepared for this computer: its first Segment will prepare it.",
+        ),
+        ([{"event": "status"}], 0, True, "Its network is prepared for this computer."),  # Stop after the work
+        (
+            [{"event": "status"}],
+            0,
+            False,
+            "Its network could not be prepared for this computer; its first Segment will try again.",
+        ),
+        ([{"event": "status"}], 1, False, "Preparing its network for this computer failed; " + WILL_TRY),
+    ],
+)
+def test_what_the_status_line_says_about_preparing_the_new_version(after_done, returncode, stopped, said):
+    before = [{"event": "epoch_end"}, {"event": "status", "message": "an earlier status"}, {"event": "done", "model": "m:2"}]
+    assert preparation_outcome([*before, *after_done], returncode, stopped) == said
 
 
 def test_dropout_set_in_the_panel_is_trained_into_the_new_version(mrml_scene, dataset_dir, store_dir, engine_python, tmp_path):

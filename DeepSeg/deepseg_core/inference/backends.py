@@ -874,7 +874,8 @@ def cached_onnx(
     what ``load`` makes of it.
 
     The graph and its key (JSON) sit in ``cache_dir``; a graph whose key or own checksum does not
-    match is exported again (written to a temporary name, then renamed, its OpenVINO blobs removed).
+    match is exported again (written to a temporary name, then renamed, its OpenVINO blobs removed),
+    unless another process cached an intact one while this export ran: that one is used.
     ``load`` (a runtime session from the graph's path) runs on a cached graph that still has the size
     and time its key recorded while its checksum is checked (:func:`_verified`), and on a graph
     exported anew; what it made of a damaged graph is dropped. Without ``load``: the path.
@@ -912,6 +913,16 @@ def cached_onnx(
             split = split_concatenated_convolutions(tmp)
             log.debug("exported %s graph %s: %d convolutions of concatenations split", backend, graph.name, split)
         os.chmod(tmp, default_mode())
+        meanwhile = _recorded_key(key_file, wanted) if graph.is_file() and key_file.is_file() else None
+        if meanwhile is not None:
+            # Another process exported this graph while this one did (a Segment started while a training or an
+            # import prepares the same version) and may be compiling it: replacing the file would remove the
+            # blob it is writing. Its graph is used instead, if intact.
+            intact, loaded = _verified(graph, meanwhile, key_file, load)
+            if intact:
+                log.info("%s graph %s was exported by another process meanwhile: using that one", backend, graph.name)
+                tmp.unlink()
+                return loaded
         with tmp.open("rb", buffering=0) as handle:
             written = {"graph_sha256": _sha256(handle), **_file_identity(os.fstat(handle.fileno()))}
         shutil.rmtree(openvino_cache_dir(graph), ignore_errors=True)

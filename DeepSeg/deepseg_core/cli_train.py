@@ -32,7 +32,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     sink = EventSink(json_mode=args.json)
     checkpoints = Path(args.checkpoints) if args.checkpoints else default_checkpoint_dir(args.name)
 
+    stored: list[str] = []
+
     def on_event(event: dict) -> None:
+        if event.get("event") == "done":
+            stored.append(event["model"])
         sink.emit(event)
         if not args.json and event.get("event") == "epoch_end":
             val = event.get("validation")
@@ -56,6 +60,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     except Stopped as exc:
         print(str(exc), file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        if not stored:
+            raise
+        # the Stop landed as the version was stored: it stays, and only its preparation is left to its first run
+        print(f"cancelled: {stored[0]} is stored; its network was not prepared (its first run will)", file=sys.stderr)
         return 130
     if outcome.card is None:  # a torchrun rank other than 0: rank 0 stores, reports and prepares
         return 0

@@ -173,6 +173,32 @@ def test_train_and_evaluate_cli(site_b_dataset, tmp_path, capsys):
     assert "dataset folder not found" in capsys.readouterr().err
 
 
+def test_a_stop_as_the_version_is_stored_keeps_it_and_still_says_done(site_b_dataset, tmp_path, capsys, monkeypatch):
+    """A Stop (a real SIGTERM) that lands once the new version is in the store, before the engine says ``done``:
+    the panel would take the run for a stopped one (Resume ticked, no comparison) though the version is stored."""
+    import signal
+
+    from deepseg_core.cli import main
+
+    real_add_version = ModelStore.add_version
+
+    def stopped_once_stored(self, *args, **kwargs):
+        card = real_add_version(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # the CLI's handler raises KeyboardInterrupt at once unless deferred
+        return card
+
+    monkeypatch.setattr(ModelStore, "add_version", stopped_once_stored)
+    store = tmp_path / "store"
+    args = ["train", "--dataset", str(site_b_dataset), "--name", "liver-b", "--base", str(DEFAULT_MODEL), "--epochs", "1"]
+    args += ["--steps", "1", "--batch-size", "1", "--models-dir", str(store), "--checkpoints", str(tmp_path / "ck"), "--json"]
+    assert main(args) == 130
+    out, err = capsys.readouterr()
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [e["event"] for e in events] == ["start", "epoch_end", "done"] and events[-1]["model"] == "liver-b:1"
+    assert "cancelled: liver-b:1 is stored; its network was not prepared (its first run will)" in err, err
+    assert ModelStore(store).versions("liver-b") == [1]
+
+
 def test_first_finetune_of_the_bundled_model_from_the_cli_keeps_it_active_and_rollback_returns_to_it(
     site_b_dataset, tmp_path, capsys
 ):

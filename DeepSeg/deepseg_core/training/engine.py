@@ -34,6 +34,7 @@ from .. import distributed, domain_shift, metrics
 from ..config import to_dict
 from ..datasets import Dataset, DatasetError
 from ..errors import ConfigError
+from ..fileutil import cancel_deferred
 from ..inference import Segmenter, SegmentOptions
 from ..inference.pipelines import Pipeline, pipeline_for
 from ..io import Volume
@@ -731,16 +732,19 @@ def retrain(
     )
     if parent_card is not None and parent_card.name == name:
         store.keep_parent(resolve_model(base, store))  # a bundled base becomes the version rollback returns to
-    stored = store.add_version(card, net.cpu(), activate=activate)
-    emit(
-        {
-            "event": "done",
-            "model": stored.ref,
-            "parent": parent_card.ref if parent_card else None,
-            "validation": validation["mean"],
-            "parent_validation": parent_validation["mean"] if parent_validation else None,
-        }
-    )
+    # A Stop between storing and saying so would leave a stored version that the panel takes for a stopped
+    # run (Resume ticked, no comparison): it is delivered once the done event is out.
+    with cancel_deferred():
+        stored = store.add_version(card, net.cpu(), activate=activate)
+        emit(
+            {
+                "event": "done",
+                "model": stored.ref,
+                "parent": parent_card.ref if parent_card else None,
+                "validation": validation["mean"],
+                "parent_validation": parent_validation["mean"] if parent_validation else None,
+            }
+        )
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

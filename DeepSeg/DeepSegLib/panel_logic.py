@@ -326,9 +326,9 @@ class DeepSegPanelLogic:
 
     def _finish_import(self, job: DeepSegJob, settings: PanelSettings | None) -> None:
         imported = next((e for e in job.events if e.get("event") == "imported"), None)
-        # a stop after the engine said "prepared", or one it ended with 0 (it landed after the work), changed
-        # nothing: the import is complete
-        finished = job.outcome == "succeeded" or job.returncode == 0 or any(e.get("event") == "prepared" for e in job.events)
+        # exit 0 (also a stop the engine took after the work), or a stop after the engine said "prepared",
+        # changed nothing: the import is complete
+        finished = job.returncode == 0 or any(e.get("event") == "prepared" for e in job.events)
         if job.outcome == "cancelled" and imported is None:
             self.view.status = "Import cancelled; the store is unchanged."
             return

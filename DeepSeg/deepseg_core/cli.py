@@ -126,9 +126,14 @@ def prepare_for_this_computer(ref: str, store: ModelStore, json_mode: bool, orig
         if "prepared" in done:  # it landed after the work: nothing was left undone
             print(f"cancelled after {ref} was {origin} and prepared: nothing was left undone", file=sys.stderr)
             return EXIT_OK
-        print(f"cancelled: {ref} is {origin}; its network was not prepared (its first run will)", file=sys.stderr)
-        return EXIT_CANCELLED
+        return cancelled_before_preparing(ref, origin)
     return EXIT_OK
+
+
+def cancelled_before_preparing(ref: str, origin: str) -> int:
+    """Say that a cancel kept the stored version ``ref`` but left its network unprepared; the exit code."""
+    print(f"cancelled: {ref} is {origin}; its network was not prepared (its first run will)", file=sys.stderr)
+    return EXIT_CANCELLED
 
 
 def _prepare(ref: str, store: ModelStore, json_mode: bool, done: list[str], origin: str) -> None:

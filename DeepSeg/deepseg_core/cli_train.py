@@ -64,9 +64,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         if not stored:
             raise
+        from .cli import cancelled_before_preparing
+
         # the Stop landed as the version was stored: it stays, and only its preparation is left to its first run
-        print(f"cancelled: {stored[0]} is stored; its network was not prepared (its first run will)", file=sys.stderr)
-        return 130
+        return cancelled_before_preparing(stored[0], "stored")
     if outcome.card is None:  # a torchrun rank other than 0: rank 0 stores, reports and prepares
         return 0
     if not args.json:

@@ -222,9 +222,9 @@ class TrainingPanelLogic:
         for event in job.poll():
             if self.curves is not None:
                 self.curves.add_event(event)
-            if event.get("event") == "epoch_end":
-                self.view.progress_percent = round(100 * event["epoch"] / max(1, self._epochs))
             kind = event.get("event")
+            if kind == "epoch_end":
+                self.view.progress_percent = round(100 * event["epoch"] / max(1, self._epochs))
             if kind == "done":
                 self.done_event = event
                 self.view.comparison_table = comparison_table(self.scene, event)

@@ -131,15 +131,7 @@ def test_augmentation_keeps_shapes_labels_and_is_seeded():
     np.testing.assert_array_equal(same[0], image)
 
 
-def auto_backend() -> str:
-    """What ``--backend auto`` runs on this computer; a new version is prepared for it unless it is torch."""
-    from deepseg_core.inference import choose_device
-    from deepseg_core.inference.backends import choose_backend
-
-    return choose_backend("auto", choose_device("auto")).name
-
-
-def test_train_and_evaluate_cli(site_b_dataset, tmp_path, capsys):
+def test_train_and_evaluate_cli(site_b_dataset, tmp_path, capsys, engine_prepares_for):
     from deepseg_core.cli import main
 
     store = str(tmp_path / "store")
@@ -148,7 +140,7 @@ def test_train_and_evaluate_cli(site_b_dataset, tmp_path, capsys):
     assert main([*args, "--dropout", "0.2"]) == 0  # the bundled base has no dropout: the layers are added
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     # on the CPU the new version's network is then prepared for this computer's runtime, as an import's is
-    prepared = [] if auto_backend() == "torch" else ["status", "prepared"]
+    prepared = [] if engine_prepares_for == "torch" else ["status", "prepared"]
     assert [e["event"] for e in events] == ["start", "epoch_end", "done", *prepared]
     done = next(e for e in events if e["event"] == "done")
     assert done["model"] == "liver-b:1" and done["parent"] == "phantom-liver:1"
@@ -261,7 +253,7 @@ def ddp_uninterrupted(site_b_dataset, tmp_path_factory):
     return events
 
 
-def test_two_process_training_without_json_reports_once_and_succeeds(site_b_dataset, tmp_path):
+def test_two_process_training_without_json_reports_once_and_succeeds(site_b_dataset, tmp_path, engine_prepares_for):
     """Without ``--json`` every rank reached the printed summary, and rank 1, which stores nothing, failed on it:
     torchrun then exited 1 although the version was stored."""
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2] / "DeepSeg"), OMP_NUM_THREADS="1")
@@ -272,7 +264,7 @@ def test_two_process_training_without_json_reports_once_and_succeeds(site_b_data
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("stored ddp:1 (parent None)") == 1, done.stdout
-    assert done.stdout.count("prepared ddp:1 for") == (0 if auto_backend() == "torch" else 1), done.stdout
+    assert done.stdout.count("prepared ddp:1 for") == (0 if engine_prepares_for == "torch" else 1), done.stdout
     assert ModelStore(tmp_path / "store").versions("ddp") == [1]
 
 

@@ -21,8 +21,6 @@ from foreign_cases import site_dataset
 
 from deepseg_core import io
 from deepseg_core.datasets import Dataset
-from deepseg_core.inference import choose_device
-from deepseg_core.inference.backends import choose_backend
 from deepseg_core.model_store import ModelStore, read_model_folder
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,7 +53,7 @@ def sources(tiny_folders) -> dict[str, tuple[Path, list[str]]]:
 
 
 @pytest.mark.parametrize("fmt", ["nnunetv2", "monai_bundle"])
-def test_an_imported_model_is_fine_tuned_compared_promoted_and_rolled_back(fmt, sources, tmp_path):
+def test_an_imported_model_is_fine_tuned_compared_promoted_and_rolled_back(fmt, sources, tmp_path, engine_prepares_for):
     folder, options = sources[fmt]
     store_dir = tmp_path / "store"
     # --no-prepare: the imported version is only evaluated (torch) and fine-tuned here, so an export would only cost time
@@ -73,7 +71,7 @@ def test_an_imported_model_is_fine_tuned_compared_promoted_and_rolled_back(fmt, 
     done = next((e for e in trained if e["event"] == "done"), trained[-1])
     assert done["event"] == "done", done
     # the stored version's network is then prepared for this computer's CPU runtime, as an import's would be
-    prepared = choose_backend("auto", choose_device("auto")).name != "torch"
+    prepared = engine_prepares_for != "torch"
     assert [e["event"] for e in trained[trained.index(done) + 1 :]] == (["status", "prepared"] if prepared else [])
     store = ModelStore(store_dir)
     parent, child = read_model_folder(store.folder("site:1")), read_model_folder(store.folder("site:2"))

@@ -744,6 +744,17 @@ def _verified(graph: Path, key: dict[str, Any], key_file: Path, load: Callable[[
     return True, load(graph) if load is not None else graph
 
 
+def _cached_and_intact(
+    graph: Path, key_file: Path, wanted: dict[str, object], load: Callable[[Path], Loaded] | None
+) -> tuple[bool, Any]:
+    """:func:`_verified` of the cached graph when it and a key file recording ``wanted`` are there, else
+    ``(False, None)``."""
+    if not (graph.is_file() and key_file.is_file()):
+        return False, None
+    key = _recorded_key(key_file, wanted)
+    return (False, None) if key is None else _verified(graph, key, key_file, load)
+
+
 def _graph_paths(
     weights_sha256: str, backend: str, input_shape: tuple[int, ...], cache_dir: Path
 ) -> tuple[Path, Path, dict[str, object]]:
@@ -883,12 +894,10 @@ def cached_onnx(
     graph, key_file, wanted = _graph_paths(weights_sha256, backend, input_shape, cache_dir)
     stem = graph.stem
     remove_abandoned_exports(cache_dir)  # on every lookup: once a graph is cached, its export never runs again
+    intact, loaded = _cached_and_intact(graph, key_file, wanted, load)
+    if intact:
+        return loaded
     if graph.is_file() and key_file.is_file():
-        key = _recorded_key(key_file, wanted)
-        if key is not None:
-            intact, loaded = _verified(graph, key, key_file, load)
-            if intact:
-                return loaded
         log.info("cached %s graph %s is stale or damaged: exporting it again", backend, graph.name)
     cache_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=".onnx", dir=cache_dir)
@@ -913,16 +922,14 @@ def cached_onnx(
             split = split_concatenated_convolutions(tmp)
             log.debug("exported %s graph %s: %d convolutions of concatenations split", backend, graph.name, split)
         os.chmod(tmp, default_mode())
-        meanwhile = _recorded_key(key_file, wanted) if graph.is_file() and key_file.is_file() else None
-        if meanwhile is not None:
-            # Another process exported this graph while this one did (a Segment started while a training or an
-            # import prepares the same version) and may be compiling it: replacing the file would remove the
-            # blob it is writing. Its graph is used instead, if intact.
-            intact, loaded = _verified(graph, meanwhile, key_file, load)
-            if intact:
-                log.info("%s graph %s was exported by another process meanwhile: using that one", backend, graph.name)
-                tmp.unlink()
-                return loaded
+        # Another process may have exported this graph while this one did (a Segment started while a training
+        # or an import prepares the same version) and be compiling it: replacing the file would remove the blob
+        # it is writing. Its graph is used instead, if intact.
+        intact, loaded = _cached_and_intact(graph, key_file, wanted, load)
+        if intact:
+            log.info("%s graph %s was exported by another process meanwhile: using that one", backend, graph.name)
+            tmp.unlink()
+            return loaded
         with tmp.open("rb", buffering=0) as handle:
             written = {"graph_sha256": _sha256(handle), **_file_identity(os.fstat(handle.fileno()))}
         shutil.rmtree(openvino_cache_dir(graph), ignore_errors=True)

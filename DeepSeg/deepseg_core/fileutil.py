@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -334,6 +334,82 @@ def cancel_deferred() -> Iterator[None]:
             signal.signal(signum, handler)
         for signum in dict.fromkeys(pending):
             signal.raise_signal(signum)  # now the original handler runs (KeyboardInterrupt in the CLI)
+
+
+#: how often a wait for a lock held by another process looks again where the OS cannot block for it (Windows)
+LOCK_POLL_S = 0.1
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[bool]:
+    """Hold an exclusive lock on the file ``path`` (made if missing, never removed) for the block.
+
+    Between processes and between threads alike: each call opens the file anew, and ``flock`` (or, on
+    Windows, ``msvcrt.locking``) locks per open file. ``on_wait`` is called once when another holder makes
+    this one wait. The wait ends with the block of whoever holds the lock, or with its process (the OS
+    releases a dead process's locks), and a Cancel (SIGTERM, Ctrl-C) interrupts it. Yields True while the
+    lock is held, or False at once where no lock can be had (a read-only folder, a file system without
+    locks): the block then runs unlocked, as it would have without this.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = path.open("a+b")
+    except OSError as exc:
+        log.debug("running without the lock %s: %s", path, exc)
+        yield False
+        return
+    with handle:
+        try:
+            held = _lock(handle, on_wait)
+        except OSError as exc:  # ENOLCK, EOPNOTSUPP: a file system that keeps no locks
+            log.debug("running without the lock %s: %s", path, exc)
+            held = False
+        try:
+            yield held
+        finally:
+            if held:
+                _unlock(handle)
+
+
+def _lock(handle: Any, on_wait: Callable[[], None] | None) -> bool:
+    """Lock ``handle``'s file, waiting for another holder (calling ``on_wait`` first); True once held."""
+    if os.name == "nt":
+        import msvcrt
+
+        handle.seek(0)
+        waited = False
+        while True:
+            try:
+                msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+                return True
+            except PermissionError:  # held elsewhere (EACCES); LK_LOCK would give up after 10 s
+                if not waited and on_wait is not None:
+                    on_wait()
+                waited = True
+                time.sleep(LOCK_POLL_S)
+    import fcntl
+
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        pass
+    if on_wait is not None:
+        on_wait()
+    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # a signal whose handler raises ends the wait (PEP 475)
+    return True
+
+
+def _unlock(handle: Any) -> None:
+    if os.name == "nt":
+        import msvcrt
+
+        handle.seek(0)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+        return
+    import fcntl
+
+    fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 class StagedCommit:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +22,8 @@ import torch
 from deepseg_core import io
 from deepseg_core.demo import DEFAULT_MODEL, SAMPLE_VOLUME
 from deepseg_core.errors import ConfigError, DeepSegError
-from deepseg_core.inference import Segmenter, SegmentOptions, sliding_window_predict
+from deepseg_core.fileutil import exclusive_lock
+from deepseg_core.inference import Segmenter, SegmentOptions, backends, sliding_window_predict
 from deepseg_core.inference.backends import (
     PHASE_STACK_BACKENDS,
     PHASE_STACK_MAX_CHANNELS,
@@ -32,6 +36,7 @@ from deepseg_core.inference.backends import (
     exportable,
     failure_record_path,
     graph_cached,
+    graph_lock_path,
     installed,
     native_bfloat16,
     openvino_cache_dir,
@@ -269,7 +274,9 @@ def test_a_graph_another_process_cached_during_this_export_is_used_not_replaced(
         real_export(*args, **kwargs)
         if not theirs:  # the other process: its whole export and its compilation, while ours is under way
             monkeypatch.setattr(torch.onnx, "export", real_export)
-            their_graph = cached_onnx(net, sha, "openvino", shape, tmp_path)
+            with monkeypatch.context() as unlocked:  # a process that could not take the lock (an older DeepSeg)
+                unlocked.setattr(backends, "exclusive_lock", lambda *args, **kwargs: contextlib.nullcontext(False))
+                their_graph = cached_onnx(net, sha, "openvino", shape, tmp_path)
             theirs.append((their_graph, their_graph.stat()))
             openvino_cache_dir(their_graph).mkdir(parents=True)
             (openvino_cache_dir(their_graph) / "theirs.blob").write_bytes(b"the blob their compilation writes")
@@ -282,6 +289,67 @@ def test_a_graph_another_process_cached_during_this_export_is_used_not_replaced(
     assert (openvino_cache_dir(graph) / "theirs.blob").is_file(), "their blob is not removed"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [], "our temporary graph is gone"
     assert graph_cached(sha, "openvino", shape, tmp_path)
+
+
+@pytest.mark.skipif(not installed("onnxruntime"), reason="ONNX Runtime not installed")
+def test_a_second_lookup_waits_for_the_one_preparing_the_graph_and_exports_nothing(tmp_path, monkeypatch, caplog):
+    """torchrun's ranks, or a Segment started while a training prepares the same version, look up the same
+    graph at once: the second waits for the first and then uses its graph, instead of exporting the same
+    network beside it on the same cores."""
+    net = build_net("unet", {"spatial_dims": 2, "in_channels": 1, "num_classes": 2, "features": [4, 8]}, seed=6).eval()
+    shape, sha = (1, 1, 16, 16), "f" * 64
+    stem = cached_onnx(net, sha, "onnxruntime", shape, tmp_path / "elsewhere").stem  # the name depends on the key only
+    real_export = torch.onnx.export
+    exported_by: list[str] = []
+
+    def counting_export(*args, **kwargs):
+        exported_by.append(threading.current_thread().name)
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", counting_export)
+    caplog.set_level(logging.INFO, logger="deepseg_core.inference.backends")
+    found: list[Path] = []
+    with exclusive_lock(graph_lock_path(tmp_path / f"{stem}.onnx")) as held:  # the first one, preparing it
+        assert held
+        second = threading.Thread(
+            target=lambda: found.append(cached_onnx(net, sha, "onnxruntime", shape, tmp_path)), name="second"
+        )
+        second.start()
+        deadline = time.monotonic() + 60
+        while "waiting for it" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "waiting for it" in caplog.text, "the second lookup went ahead while the graph was being prepared"
+        assert second.is_alive() and not exported_by
+        with monkeypatch.context() as first:  # the holder's own export and its key, under the lock it holds
+            first.setattr(backends, "exclusive_lock", lambda *args, **kwargs: contextlib.nullcontext(True))
+            graph = cached_onnx(net, sha, "onnxruntime", shape, tmp_path)
+        exported = graph.stat()
+    second.join(60)
+    assert not second.is_alive()
+    assert exported_by == ["MainThread"], "the second lookup exported the graph again"
+    assert found == [graph] and os.path.samestat(graph.stat(), exported), "the graph is the first one's, not replaced"
+
+
+def test_the_graph_lock_is_held_across_threads_and_skipped_where_none_can_be_had(tmp_path):
+    lock = tmp_path / "locks" / "a.lock"
+    order: list[str] = []
+    with exclusive_lock(lock) as held:
+        assert held and lock.is_file()
+        other = threading.Thread(target=lambda: _hold(lock, order))
+        other.start()
+        time.sleep(0.2)
+        order.append("first released")
+    other.join(10)
+    assert order == ["first released", "second held"]
+    not_a_folder = tmp_path / "a file where the lock's folder would be"
+    not_a_folder.write_text("")
+    with exclusive_lock(not_a_folder / "b.lock") as held:  # as where the cache cannot be written to
+        assert held is False  # the block still runs, unlocked, as a read-only cache is still used
+
+
+def _hold(lock: Path, order: list[str]) -> None:
+    with exclusive_lock(lock):
+        order.append("second held")
 
 
 REPO = Path(__file__).resolve().parents[2]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,8 +20,9 @@ from model_fixtures import tiny_model_folder
 from deepseg_core import events, io, phantoms
 from deepseg_core.cli import EXIT_CANCELLED, EXIT_INPUT, EXIT_MODEL, EXIT_OK, main
 from deepseg_core.errors import ImageError
+from deepseg_core.fileutil import exclusive_lock
 from deepseg_core.inference import Segmenter, SegmentOptions
-from deepseg_core.inference.backends import native_bfloat16
+from deepseg_core.inference.backends import installed, native_bfloat16
 from deepseg_core.model_store import ModelStore
 
 REPO = Path(__file__).resolve().parents[2]
@@ -329,6 +331,46 @@ def test_a_run_that_must_export_its_network_says_so_before_its_progress(tmp_path
             assert "onnxruntime" in next(e["message"] for e in events if e["event"] == "status")
     assert kinds[0][0] == "status" and kinds[0].count("status") == 1 and "progress" in kinds[0]
     assert "status" not in kinds[1], "the graph is cached: nothing to say"
+
+
+@pytest.mark.skipif(not installed("onnxruntime"), reason="ONNX Runtime not installed")
+def test_a_run_waiting_for_another_process_preparing_its_network_can_be_cancelled_then_uses_its_graph(tmp_path, capsys):
+    """A run whose graph another process is preparing (a torchrun rank, a training preparing the version) waits
+    for it: a Cancel (a real SIGTERM) ends that wait with exit 130 and nothing written, and once the lock is free
+    the next run finds the graph cached."""
+    model = tiny_model_folder(tmp_path / "model")
+    image = write_case(tmp_path / "case.nrrd")
+    store = tmp_path / "store"
+    args = ["segment", str(image), "--model", str(model), "--models-dir", str(store)]
+    args += ["--backend", "onnxruntime", "--device", "cpu", "--json"]
+    assert main([*args, "--output", str(tmp_path / "first.seg.nrrd")]) == EXIT_OK
+    capsys.readouterr()
+    locks = sorted((store / ".cache" / "compiled" / "locks").glob("*.lock"))
+    assert locks, "the graph's lookup took a lock"
+    with contextlib.ExitStack() as held:
+        for lock in locks:  # as the process preparing the graph holds it
+            assert held.enter_context(exclusive_lock(lock))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "deepseg_core", "--verbose", *args, "--output", str(tmp_path / "waited.seg.nrrd")],
+            cwd=REPO / "DeepSeg",
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        said = []
+        for line in process.stderr:
+            said.append(line)
+            if "waiting for it" in line:
+                break
+        assert any("waiting for it" in line for line in said), "".join(said)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == EXIT_CANCELLED, stderr
+    assert "cancelled" in stderr
+    assert not (tmp_path / "waited.seg.nrrd").exists()
+    assert main([*args, "--output", str(tmp_path / "second.seg.nrrd")]) == EXIT_OK
+    kinds = [json.loads(line)["event"] for line in capsys.readouterr().out.splitlines()]
+    assert "status" not in kinds and (tmp_path / "second.seg.nrrd").is_file(), "the graph is cached: nothing to say"
 
 
 def test_uncertainty_stats_and_domain_check_from_the_cli(tmp_path):

@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, DeepSegError
-from ..fileutil import atomic_write_text, default_mode
+from ..fileutil import atomic_write_text, default_mode, exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -890,10 +890,38 @@ def cached_onnx(
     ``load`` (a runtime session from the graph's path) runs on a cached graph that still has the size
     and time its key recorded while its checksum is checked (:func:`_verified`), and on a graph
     exported anew; what it made of a damaged graph is dropped. Without ``load``: the path.
+
+    One process at a time looks up, exports and loads a given graph (:func:`graph_lock_path`): the
+    others wait, then find it cached, and OpenVINO's blob compiled. So torchrun's ranks, or a Segment
+    started while a training or an import prepares the same version, do not export and compile the
+    same network side by side on the same cores, each for nothing but the first.
     """
     graph, key_file, wanted = _graph_paths(weights_sha256, backend, input_shape, cache_dir)
-    stem = graph.stem
     remove_abandoned_exports(cache_dir)  # on every lookup: once a graph is cached, its export never runs again
+
+    def waiting() -> None:
+        log.info("another process is preparing the %s graph %s: waiting for it", backend, graph.name)
+
+    with exclusive_lock(graph_lock_path(graph), on_wait=waiting):
+        return _cached_or_exported(net, backend, input_shape, graph, key_file, wanted, load)
+
+
+def graph_lock_path(graph: Path) -> Path:
+    """The file locked while ``graph`` is looked up, exported or loaded (an empty file, kept)."""
+    return graph.parent / "locks" / f"{graph.stem}.lock"
+
+
+def _cached_or_exported(
+    net: nn.Module,
+    backend: str,
+    input_shape: tuple[int, ...],
+    graph: Path,
+    key_file: Path,
+    wanted: dict[str, object],
+    load: Callable[[Path], Loaded] | None,
+) -> Loaded | Path:
+    """:func:`cached_onnx`'s work, under its lock."""
+    cache_dir, stem = graph.parent, graph.stem
     intact, loaded = _cached_and_intact(graph, key_file, wanted, load)
     if intact:
         return loaded
@@ -922,8 +950,8 @@ def cached_onnx(
             split = split_concatenated_convolutions(tmp)
             log.debug("exported %s graph %s: %d convolutions of concatenations split", backend, graph.name, split)
         os.chmod(tmp, default_mode())
-        # Another process may have exported this graph while this one did (a Segment started while a training
-        # or an import prepares the same version) and be compiling it: replacing the file would remove the blob
+        # A process that could not take the lock (an older DeepSeg, a file system without locks) may have
+        # exported this graph while this one did and be compiling it: replacing the file would remove the blob
         # it is writing. Its graph is used instead, if intact.
         intact, loaded = _cached_and_intact(graph, key_file, wanted, load)
         if intact:

@@ -21,6 +21,7 @@ from .batch import SUMMARY_JSON, read_record, record_path, record_text, shard, w
 from .errors import DeepSegError, ImageError
 from .events import EventSink
 from .fileutil import RecoveryReport, check_not_a_folder, outputs_complete, recover_commits, staged_commit
+from .host_memory import check_probabilities_fit
 from .inference import SegmentationResult, Segmenter, SegmentOptions
 from .inference.sliding_window import Cancelled
 from .io import LABELMAP_SUFFIXES
@@ -342,6 +343,8 @@ def run_segment(args: argparse.Namespace, sink: EventSink) -> tuple[int, int]:
             for path in case_outputs(args, case, batch):  # before the work: a folder in the way would fail its commit
                 check_not_a_folder(path)
             channels = [io.read_image(p) for p in case.channels]
+            if args.probabilities:  # before minutes of work that the out-of-memory killer would end silently
+                check_probabilities_fit(segmenter.pipeline.output_channels, channels[0].array_zyx.shape, args.probabilities)
 
             def progress(done: int, total: int, eta: float, case_name: str = case.name) -> None:
                 sink.emit({"event": "progress", "case": case_name, "done": done, "total": total, "eta_s": round(eta, 2)})

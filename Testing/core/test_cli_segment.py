@@ -17,7 +17,7 @@ import SimpleITK as sitk
 import torch
 from model_fixtures import tiny_model_folder
 
-from deepseg_core import events, io, phantoms
+from deepseg_core import events, host_memory, io, phantoms
 from deepseg_core.cli import EXIT_CANCELLED, EXIT_INPUT, EXIT_MODEL, EXIT_OK, main
 from deepseg_core.errors import ImageError
 from deepseg_core.fileutil import exclusive_lock
@@ -506,3 +506,78 @@ def test_a_batch_case_whose_output_is_a_folder_fails_before_its_work_and_the_res
     assert (out / "a.seg.nrrd").is_file() and (out / "b.seg.nrrd").is_dir()
     summary = json.loads((out / "deepseg_summary.json").read_text())
     assert summary["done"] == 1 and summary["failed"] == 1
+
+
+def test_probabilities_that_cannot_fit_in_memory_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """Every class's probability on the input grid grows with both: a 118-class model on a 512 x 512 x 300 CT
+    needs 102 GB while the file is written, and the out-of-memory killer would end the run silently after its
+    minutes of work. The computer's available memory is the one thing a test cannot vary: it is replaced
+    here by a figure 1 byte short of what this small case needs (a stand-in for a smaller computer)."""
+    model = tiny_model_folder(tmp_path / "model")
+    image = write_case(tmp_path / "case.nrrd")  # 12 x 24 x 24 voxels, 3 classes
+    needed = host_memory.probabilities_bytes(3, 12 * 24 * 24)
+    args = ["segment", str(image), "--model", str(model), "--output", str(tmp_path / "case.seg.nrrd"), "--json"]
+    monkeypatch.setattr(host_memory, "available_bytes", lambda: needed - 1)
+    assert main([*args, "--probabilities", str(tmp_path / "p.nii.gz")]) != EXIT_OK
+    said = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert "progress" not in [e["event"] for e in said], "refused before the network ran"
+    (error,) = [e["error"] for e in said if e["event"] == "case_failed"]
+    assert "not enough memory to write the class probabilities" in error
+    assert "for 3 classes on 24 x 24 x 12 voxels" in error and "Leave out --probabilities" in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case.nrrd", "model"], "nothing written"
+    monkeypatch.setattr(host_memory, "available_bytes", lambda: needed)
+    assert main([*args, "--probabilities", str(tmp_path / "p.nii.gz")]) == EXIT_OK
+    assert (tmp_path / "p.nii.gz").is_file()
+
+
+def test_the_probability_memory_check_reads_this_computer_and_refuses_twice_its_memory():
+    available = host_memory.available_bytes()
+    if available is None:
+        pytest.skip("this computer's available memory cannot be read")
+    with open("/proc/meminfo") as meminfo:
+        total = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemTotal:"))
+    assert 0 < available <= total
+    shape = (300, 512, 512)
+    classes = 2 * available // host_memory.probabilities_bytes(1, 300 * 512 * 512) + 1
+    with pytest.raises(ImageError, match="not enough memory"):
+        host_memory.check_probabilities_fit(int(classes), shape, "p.nii.gz")
+    host_memory.check_probabilities_fit(1, (12, 24, 24), "p.nii.gz")  # a small case passes
+
+
+WRITE_PROBABILITIES_AND_MEASURE = """
+import json, sys, tempfile, pathlib
+from types import SimpleNamespace
+import numpy as np
+from deepseg_core import outputs
+from deepseg_core.io import Volume
+
+def status(key):
+    with open("/proc/self/status") as lines:
+        return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(key))
+
+classes, shape = 6, (60, 256, 256)
+probabilities = np.empty((classes, *shape), dtype=np.float16)
+rng = np.random.default_rng(0)
+for k in range(classes):  # one class at a time: nothing larger than the float16 array is ever allocated
+    probabilities[k] = rng.random(shape, dtype=np.float32)
+result = SimpleNamespace(probabilities=probabilities, labels=Volume(np.zeros(shape, np.uint8)))
+before = status("VmRSS")
+assert status("VmHWM") <= before + probabilities.nbytes // 2, "the peak so far is the array"
+outputs.write_probabilities(pathlib.Path(tempfile.mkdtemp()) / "p.nii.gz", result)
+print(json.dumps({"above": status("VmHWM") - before, "voxel_classes": probabilities.size}))
+"""
+
+
+def test_the_probability_file_is_written_within_the_memory_the_check_counts():
+    """The memory check counts 2 bytes per voxel and class for the float16 probabilities and the rest of
+    PROBABILITY_BYTES_PER_VOXEL_AND_CLASS for writing them; this measures the writing's own peak (VmHWM, in a
+    fresh process) above the float16 array."""
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("needs /proc/self/status (Linux)")
+    done = subprocess.run(
+        [sys.executable, "-c", WRITE_PROBABILITIES_AND_MEASURE], cwd=REPO / "DeepSeg", capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    measured = json.loads(done.stdout)
+    per_voxel_and_class = measured["above"] / measured["voxel_classes"]
+    assert per_voxel_and_class <= host_memory.PROBABILITY_BYTES_PER_VOXEL_AND_CLASS - 2, per_voxel_and_class

@@ -336,7 +336,7 @@ def cancel_deferred() -> Iterator[None]:
             signal.raise_signal(signum)  # now the original handler runs (KeyboardInterrupt in the CLI)
 
 
-#: how often a wait for a lock held by another process looks again where the OS cannot block for it (Windows)
+#: how often a wait for a lock held by another process looks again
 LOCK_POLL_S = 0.1
 
 
@@ -347,56 +347,71 @@ def exclusive_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Ite
     Between processes and between threads alike: each call opens the file anew, and ``flock`` (or, on
     Windows, ``msvcrt.locking``) locks per open file. ``on_wait`` is called once when another holder makes
     this one wait. The wait ends with the block of whoever holds the lock, or with its process (the OS
-    releases a dead process's locks), and a Cancel (SIGTERM, Ctrl-C) interrupts it. Yields True while the
-    lock is held, or False at once where no lock can be had (a read-only folder, a file system without
-    locks): the block then runs unlocked, as it would have without this.
+    releases a dead process's locks); it polls every ``LOCK_POLL_S``, so a Cancel (SIGTERM, Ctrl-C) ends it
+    at once. Yields True while the lock is held, or False at once where no lock can be had (a cache folder
+    this user cannot write to and no lock file in it, a file system without locks): the block then runs
+    unlocked, as it would have without this.
     """
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = path.open("a+b")
-    except OSError as exc:
-        log.debug("running without the lock %s: %s", path, exc)
+    handle = _open_lock_file(path)
+    if handle is None:
         yield False
         return
     with handle:
+        held = True
         try:
-            held = _lock(handle, on_wait)
+            _lock(handle, on_wait)
         except OSError as exc:  # ENOLCK, EOPNOTSUPP: a file system that keeps no locks
             log.debug("running without the lock %s: %s", path, exc)
             held = False
         try:
-            yield held
+            yield held  # outside the except clause: the block's own errors carry no lock error as their context
         finally:
             if held:
-                _unlock(handle)
+                with contextlib.suppress(OSError):  # never hide the block's own error; closing releases it anyway
+                    _unlock(handle)
 
 
-def _lock(handle: Any, on_wait: Callable[[], None] | None) -> bool:
-    """Lock ``handle``'s file, waiting for another holder (calling ``on_wait`` first); True once held."""
+def _open_lock_file(path: Path) -> Any:
+    """``path`` opened for locking (made if missing), or read-only where this user cannot write it (a shared
+    store: ``flock`` and ``msvcrt.locking`` lock read-only files too); None where neither can be had."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path.open("a+b")
+    except OSError as exc:
+        try:
+            return path.open("rb")
+        except OSError:
+            log.debug("running without the lock %s: %s", path, exc)
+            return None
+
+
+def _lock(handle: Any, on_wait: Callable[[], None] | None) -> None:
+    """Lock ``handle``'s file, waiting for another holder (calling ``on_wait`` first)."""
+    waited = False
+    while not _try_lock(handle):
+        if not waited and on_wait is not None:
+            on_wait()
+        waited = True
+        time.sleep(LOCK_POLL_S)  # a signal handler that raises (Cancel) ends the wait here
+
+
+def _try_lock(handle: Any) -> bool:
+    """Whether ``handle``'s file is now locked by this handle; False while another holds it."""
     if os.name == "nt":
         import msvcrt
 
         handle.seek(0)
-        waited = False
-        while True:
-            try:
-                msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
-                return True
-            except PermissionError:  # held elsewhere (EACCES); LK_LOCK would give up after 10 s
-                if not waited and on_wait is not None:
-                    on_wait()
-                waited = True
-                time.sleep(LOCK_POLL_S)
+        try:
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        except PermissionError:  # EACCES: held by another handle
+            return False
+        return True
     import fcntl
 
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
     except BlockingIOError:
-        pass
-    if on_wait is not None:
-        on_wait()
-    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # a signal whose handler raises ends the wait (PEP 475)
+        return False
     return True
 
 

@@ -12,6 +12,7 @@ import ctypes
 import logging
 import os
 import sys
+from pathlib import Path
 
 from .errors import ImageError
 
@@ -25,20 +26,92 @@ PROBABILITY_BYTES_PER_VOXEL_AND_CLASS = 11
 
 
 def available_bytes() -> int | None:
-    """Memory that new allocations can have without swapping, in bytes: Linux's ``MemAvailable``, Windows'
-    available physical memory; None where it cannot be read (macOS, a locked-down ``/proc``)."""
+    """Memory that new allocations can have without swapping, in bytes: Linux's ``MemAvailable``, or less where
+    this process's cgroup (a container's, a batch job's) allows less; Windows' available physical memory; None
+    where it cannot be read (macOS, a locked-down ``/proc``)."""
     if sys.platform.startswith("linux"):
-        try:
-            with open("/proc/meminfo", encoding="ascii") as meminfo:
-                for line in meminfo:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except (OSError, ValueError):
-            return None
-        return None
+        system = _meminfo_available_bytes()
+        room = cgroup_room_bytes()
+        known = [value for value in (system, room) if value is not None]
+        return min(known) if known else None
     if os.name == "nt":
         return _windows_available_bytes()
     return None
+
+
+def _meminfo_available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+#: a cgroup v1 limit at or above this is "no limit" (the kernel writes 2^63 rounded down to a page)
+_NO_LIMIT = 1 << 60
+
+
+def cgroup_room_bytes(cgroups: Path = Path("/proc/self/cgroup"), mount: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """What this process's memory cgroup and its ancestors still allow, in bytes: the smallest limit minus
+    the usage that cannot be reclaimed (page cache not recently used, ``inactive_file``, can), over every
+    level with a limit; None without a limit or where it cannot be read. cgroup v2 (``memory.max``,
+    ``memory.current``) and v1 (``memory.limit_in_bytes``, ``memory.usage_in_bytes``); inside a container the
+    process's own cgroup is the mount's root. ``cgroups`` and ``mount``: where the kernel shows them."""
+    try:
+        lines = cgroups.read_text(encoding="ascii").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, relative = rest.partition(":")
+        if hierarchy == "0" and controllers == "" and (mount / "cgroup.controllers").is_file():
+            root, files = mount, ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):
+            root, files = mount / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        folder = root / relative.lstrip("/")
+        if not folder.is_dir():  # a cgroup namespace: the process's cgroup is the mount's root
+            folder = root
+        return _smallest_room(folder, root, *files)
+    return None
+
+
+def _smallest_room(folder: Path, root: Path, limit_file: str, usage_file: str, inactive_key: str) -> int | None:
+    rooms = []
+    while True:
+        limit = _read_number(folder / limit_file)
+        usage = _read_number(folder / usage_file)
+        if limit is not None and limit < _NO_LIMIT and usage is not None:
+            rooms.append(limit - max(0, usage - _stat_value(folder / "memory.stat", inactive_key)))
+        if folder == root or root not in folder.parents:
+            break
+        folder = folder.parent
+    return max(0, min(rooms)) if rooms else None
+
+
+def _read_number(path: Path) -> int | None:
+    """The integer in a cgroup file; None when missing, unreadable or ``max`` (no limit)."""
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _stat_value(path: Path, key: str) -> int:
+    try:
+        with open(path, encoding="ascii") as stat:
+            for line in stat:
+                name, _, value = line.partition(" ")
+                if name == key and value.strip().isdigit():
+                    return int(value)
+    except OSError:
+        pass
+    return 0
 
 
 def _windows_available_bytes() -> int | None:

@@ -345,6 +345,9 @@ def test_the_graph_lock_is_held_across_threads_and_skipped_where_none_can_be_had
     not_a_folder.write_text("")
     with exclusive_lock(not_a_folder / "b.lock") as held:  # as where the cache cannot be written to
         assert held is False  # the block still runs, unlocked, as a read-only cache is still used
+    with pytest.raises(ValueError) as raised, exclusive_lock(not_a_folder / "b.lock"):
+        raise ValueError("the block's own error")
+    assert raised.value.__context__ is None, "the block's error does not read as raised while handling the lock's"
 
 
 def _hold(lock: Path, order: list[str]) -> None:

@@ -531,9 +531,10 @@ def test_probabilities_that_cannot_fit_in_memory_are_refused_before_any_work(tmp
 
 
 def test_the_probability_memory_check_reads_this_computer_and_refuses_twice_its_memory():
+    if not sys.platform.startswith("linux"):
+        pytest.skip("compares with Linux's /proc/meminfo")
     available = host_memory.available_bytes()
-    if available is None:
-        pytest.skip("this computer's available memory cannot be read")
+    assert available is not None
     with open("/proc/meminfo") as meminfo:
         total = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemTotal:"))
     assert 0 < available <= total
@@ -581,3 +582,38 @@ def test_the_probability_file_is_written_within_the_memory_the_check_counts():
     measured = json.loads(done.stdout)
     per_voxel_and_class = measured["above"] / measured["voxel_classes"]
     assert per_voxel_and_class <= host_memory.PROBABILITY_BYTES_PER_VOXEL_AND_CLASS - 2, per_voxel_and_class
+
+
+def test_a_containers_memory_limit_counts_as_what_is_available(tmp_path):
+    """Inside a container or a batch job, MemAvailable is the host's: the cgroup's limit (and its ancestors')
+    minus what it uses, less the reclaimable page cache, is what the out-of-memory killer goes by. The cgroup
+    trees here are written in the kernel's own file formats (a test cannot set this machine's limits)."""
+    v2 = tmp_path / "v2"
+    job = v2 / "batch" / "job7"
+    job.mkdir(parents=True)
+    (v2 / "cgroup.controllers").write_text("cpu memory\n")
+    (tmp_path / "cgroup2").write_text("0::/batch/job7\n")
+    (job / "memory.max").write_text("max\n")
+    (job / "memory.current").write_text("1000\n")
+    assert host_memory.cgroup_room_bytes(tmp_path / "cgroup2", v2) is None, "no limit at any level"
+    (v2 / "batch" / "memory.max").write_text("8000000000\n")  # the parent's limit applies to the job too
+    (v2 / "batch" / "memory.current").write_text("3000000000\n")
+    (v2 / "batch" / "memory.stat").write_text("anon 1\ninactive_file 1000000000\nactive_file 5\n")
+    assert host_memory.cgroup_room_bytes(tmp_path / "cgroup2", v2) == 8_000_000_000 - 2_000_000_000
+    (job / "memory.max").write_text("4000000000\n")
+    assert host_memory.cgroup_room_bytes(tmp_path / "cgroup2", v2) == 4_000_000_000 - 1000
+    (tmp_path / "namespaced").write_text("0::/\n")  # a container: its own cgroup is the mount's root
+    (job / "cgroup.controllers").write_text("memory\n")
+    assert host_memory.cgroup_room_bytes(tmp_path / "namespaced", job) == 4_000_000_000 - 1000
+
+    v1 = tmp_path / "v1"
+    (v1 / "memory" / "docker" / "abc").mkdir(parents=True)
+    (tmp_path / "cgroup1").write_text("4:memory:/docker/abc\n3:cpuset:/\n0::/\n")
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # the kernel's "no limit"
+    (v1 / "memory" / "memory.usage_in_bytes").write_text("7\n")
+    assert host_memory.cgroup_room_bytes(tmp_path / "cgroup1", v1) is None
+    (v1 / "memory" / "docker" / "abc" / "memory.limit_in_bytes").write_text("2000000000\n")
+    (v1 / "memory" / "docker" / "abc" / "memory.usage_in_bytes").write_text("1500000000\n")
+    (v1 / "memory" / "docker" / "abc" / "memory.stat").write_text("inactive_file 9\ntotal_inactive_file 500000000\n")
+    assert host_memory.cgroup_room_bytes(tmp_path / "cgroup1", v1) == 1_000_000_000
+    assert host_memory.cgroup_room_bytes(tmp_path / "missing", v1) is None

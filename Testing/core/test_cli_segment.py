@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -351,18 +352,25 @@ def test_a_run_waiting_for_another_process_preparing_its_network_can_be_cancelle
         for lock in locks:  # as the process preparing the graph holds it
             assert held.enter_context(exclusive_lock(lock))
         process = subprocess.Popen(
-            [sys.executable, "-m", "deepseg_core", "--verbose", *args, "--output", str(tmp_path / "waited.seg.nrrd")],
+            [sys.executable, "-m", "deepseg_core", *args, "--output", str(tmp_path / "waited.seg.nrrd")],
             cwd=REPO / "DeepSeg",
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
         said = []
-        for line in process.stderr:
-            said.append(line)
-            if "waiting for it" in line:
+        watchdog = threading.Timer(60, process.kill)  # a run that never says so would wait for the lock forever
+        watchdog.start()
+        for line in process.stdout:  # the status line says why the progress stands still
+            said.append(json.loads(line))
+            if said[-1]["event"] == "status":
                 break
-        assert any("waiting for it" in line for line in said), "".join(said)
+        watchdog.cancel()
+        assert said[-1] == {
+            "event": "status",
+            "case": "case",
+            "message": "Waiting for another DeepSeg run that is preparing this network for onnxruntime...",
+        }, said
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)
     assert process.returncode == EXIT_CANCELLED, stderr

@@ -33,6 +33,8 @@ CPU without native bfloat16 runs float32 (logged).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import functools
 import hashlib
@@ -50,7 +52,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -901,9 +903,28 @@ def cached_onnx(
 
     def waiting() -> None:
         log.info("another process is preparing the %s graph %s: waiting for it", backend, graph.name)
+        announce = _GRAPH_WAIT_ANNOUNCER.get()
+        if announce is not None:
+            announce()
 
     with exclusive_lock(graph_lock_path(graph), on_wait=waiting):
         return _cached_or_exported(net, backend, input_shape, graph, key_file, wanted, load)
+
+
+_GRAPH_WAIT_ANNOUNCER: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "graph_wait_announcer", default=None
+)
+
+
+@contextlib.contextmanager
+def announcing_graph_waits(announce: Callable[[], None]) -> Iterator[None]:
+    """Within the block, ``announce()`` is called when a graph lookup starts to wait for another process that
+    prepares the same graph (:func:`cached_onnx`), so that a status line can say why nothing moves."""
+    token = _GRAPH_WAIT_ANNOUNCER.set(announce)
+    try:
+        yield
+    finally:
+        _GRAPH_WAIT_ANNOUNCER.reset(token)
 
 
 def graph_lock_path(graph: Path) -> Path:

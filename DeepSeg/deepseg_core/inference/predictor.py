@@ -44,6 +44,7 @@ from .backends import (
     BFloat16Tiles,
     ExportedTiles,
     TileFunction,
+    announcing_graph_waits,
     check_precision,
     choose_backend,
     graph_cached,
@@ -469,7 +470,13 @@ class Segmenter:
             tile_count = count_tiles(tuple(prepared.image_czyx.shape[1:]), window)
             if self.will_export(options, input_channels, weights_sha256, tile_count):
                 on_status(preparing_message(choice.name))
-        tiles, backend = self.tile_function(options, window, input_channels, weights_sha256)
+
+        def announce_wait() -> None:  # otherwise the progress stands still with no word while this run waits
+            if on_status is not None:
+                on_status(waiting_message(choice.name))
+
+        with announcing_graph_waits(announce_wait):
+            tiles, backend = self.tile_function(options, window, input_channels, weights_sha256)
         timings["backend_setup"] = time.perf_counter() - clock
         clock = time.perf_counter()
         with _mc_dropout(self.net, options.uncertainty == "mc_dropout", self.card.ref):
@@ -518,6 +525,11 @@ class Segmenter:
 def _tile_shape(window: SlidingWindowConfig, input_channels: int) -> tuple[int, ...]:
     """The shape ``(B, C_net, *patch)`` of a tile batch, which an exported graph is made for."""
     return (window.batch_size, input_channels, *window.patch_size_zyx)
+
+
+def waiting_message(backend: str) -> str:
+    """The status line while another process prepares the same network for ``backend`` and this run waits."""
+    return f"Waiting for another DeepSeg run that is preparing this network for {backend}..."
 
 
 def preparing_message(backend: str) -> str:

@@ -210,6 +210,39 @@ def test_stop_while_the_new_version_is_prepared_keeps_it_and_does_not_offer_resu
     assert panel.view.status == "phantom-liver:2 is now active (was phantom-liver:1). Roll back returns to it."
 
 
+def test_promote_and_roll_back_while_the_new_version_is_prepared(
+    mrml_scene, dataset_dir, store_dir, engine_python, engine_prepares_for, tmp_path
+):
+    """Promote, then Roll back, while the engine still prepares the new version's network: each says what it did
+    with the preparation still shown, the store ends on the old version, and the preparation's own ending follows
+    the last decision (the new version stays prepared for a later Promote)."""
+    if engine_prepares_for == "torch":
+        pytest.skip("PyTorch runs it (CUDA, or no CPU runtime): nothing is prepared")
+    panel = TrainingPanelLogic(mrml_scene, models_dir=store_dir, python=engine_python, checkpoints_root=str(tmp_path))
+    settings = TrainingSettings(datasetFolder=dataset_dir, epochs=1, stepsPerEpoch=1, device="cpu")
+    panel.refresh_models(settings)
+    job = panel.start(settings)
+    poll_until_the_engine_says(panel, settings, "status", "it prepared the new version")
+    preparing = f"Preparing the network for {engine_prepares_for}"
+    panel.promote(settings)
+    assert ModelStore(store_dir).active_version("phantom-liver") == 2
+    assert panel.view.status.startswith("phantom-liver:2 is now active (was phantom-liver:1). Roll back returns to it.")
+    if panel.job is not None:  # still preparing: its line stays
+        assert preparing in panel.view.status, panel.view.status
+    panel.rollback(settings)
+    assert ModelStore(store_dir).active_version("phantom-liver") == 1
+    rolled_back = "phantom-liver: active version is 1 again (was 2)."
+    assert panel.view.status.startswith(rolled_back), panel.view.status
+    if panel.job is not None:
+        assert preparing in panel.view.status, panel.view.status
+    run_panel(panel, settings, timeout_s=120)
+    assert job.outcome == "succeeded" and not settings.resume
+    assert panel.view.status == f"{rolled_back} {preparation_outcome(job.events, job.returncode, False)}"
+    assert panel.view.status.startswith(f"{rolled_back} Prepared phantom-liver:2 for {engine_prepares_for} on this computer")
+    assert ModelStore(store_dir).versions("phantom-liver") == [1, 2]
+    assert ModelStore(store_dir).active_version("phantom-liver") == 1
+
+
 PREPARED = {"event": "prepared", "message": "prepared m:2 for openvino on this computer in 1.9 s"}
 FIRST_SEGMENT, WILL_TRY = "its first Segment will prepare it.", "its first Segment will try again."
 FELL_BACK = {"event": "prepared", "message": "m:2 is stored, but openvino could not run its network; it runs on PyTorch (x)"}

@@ -10,7 +10,6 @@ from model_fixtures import tiny_card
 from deepseg_core.errors import ConfigError
 from deepseg_core.inference import pipelines
 from deepseg_core.inference.pipelines import (
-    RUNNING_ARGMAX_MAX_CLASSES,
     StreamingGridCollector,
     first_argmax,
     linear_axes,
@@ -185,11 +184,14 @@ def test_an_unknown_pipeline_names_the_known_ones():
 
 @pytest.mark.parametrize("axis", [0, 1, 3])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int16])
-@pytest.mark.parametrize("count", [1, 3, RUNNING_ARGMAX_MAX_CLASSES, RUNNING_ARGMAX_MAX_CLASSES + 1, 300])
-def test_first_argmax_is_numpys_argmax_ties_nans_and_infinities_included(axis, dtype, count):
+@pytest.mark.parametrize("count", [1, 3, 64, 65, 300])
+@pytest.mark.parametrize("in_turn", [True, False], ids=["planes-in-turn", "axis-moved-last"])
+def test_first_argmax_is_numpys_argmax_ties_nans_and_infinities_included(axis, dtype, count, in_turn, monkeypatch):
     # few distinct values, so most positions hold ties, which must go to the first maximum; a NaN is a
-    # maximum (the first NaN wins), as in numpy and torch. Up to RUNNING_ARGMAX_MAX_CLASSES the planes
-    # are compared in turn, above that the axis is moved last: both must agree with numpy.
+    # maximum (the first NaN wins), as in numpy and torch. Planes as large as RUNNING_ARGMAX_MIN_PLANE are
+    # compared in turn, smaller arrays move the axis last: both ways must agree with numpy (the threshold is
+    # set here so that these small arrays take each way).
+    monkeypatch.setattr(pipelines, "RUNNING_ARGMAX_MIN_PLANE", 1 if in_turn else 10**9)
     rng = np.random.default_rng(axis + count)
     shape = [3, 5, 6, 4]
     shape[axis] = count

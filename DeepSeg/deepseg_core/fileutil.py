@@ -390,7 +390,10 @@ def _lock(handle: Any, on_wait: Callable[[], None] | None) -> None:
     waited = False
     while not _try_lock(handle):
         if not waited and on_wait is not None:
-            on_wait()
+            try:
+                on_wait()
+            except Exception as exc:  # saying so failed (a closed pipe): the wait, and the lock, go on
+                log.debug("could not say that %s is waited for: %s", handle.name, exc)
         waited = True
         time.sleep(LOCK_POLL_S)  # a signal handler that raises (Cancel) ends the wait here
 

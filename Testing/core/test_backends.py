@@ -350,9 +350,27 @@ def test_the_graph_lock_is_held_across_threads_and_skipped_where_none_can_be_had
     assert raised.value.__context__ is None, "the block's error does not read as raised while handling the lock's"
 
 
-def _hold(lock: Path, order: list[str]) -> None:
+def _hold(lock: Path, order: list[str], on_wait=None) -> None:
+    with exclusive_lock(lock, on_wait) as held:
+        order.append("second held" if held else "second unlocked")
+
+
+def test_a_wait_that_cannot_be_announced_still_waits_for_the_lock(tmp_path):
+    """Saying that a run waits goes to the run's output; a closed pipe there must not run it unlocked beside
+    the process preparing the graph."""
+    lock = tmp_path / "locks" / "c.lock"
+
+    def closed_pipe() -> None:
+        raise BrokenPipeError("the panel is gone")
+
+    order: list[str] = []
     with exclusive_lock(lock):
-        order.append("second held")
+        other = threading.Thread(target=lambda: _hold(lock, order, closed_pipe))
+        other.start()
+        time.sleep(0.3)
+        order.append("first released")
+    other.join(10)
+    assert order == ["first released", "second held"]
 
 
 REPO = Path(__file__).resolve().parents[2]

@@ -366,7 +366,7 @@ def test_a_run_waiting_for_another_process_preparing_its_network_can_be_cancelle
             if said[-1]["event"] == "status":
                 break
         watchdog.cancel()
-        assert said[-1] == {
+        assert said and said[-1] == {
             "event": "status",
             "case": "case",
             "message": "Waiting for another DeepSeg run that is preparing this network for onnxruntime...",

@@ -1182,9 +1182,12 @@ def tile_function(
         else:
             one_tile = (1, *input_shape[1:])
 
+            announce = _GRAPH_WAIT_ANNOUNCER.get()  # the run's, also for the lookup made later, mid-run
+
             def single_tile_session() -> Callable[[np.ndarray], np.ndarray]:
                 # exported (and cached, under its own key) when a partial batch first needs it
-                return cached_onnx(net, weights_sha256, choice.name, one_tile, cache_dir, onnxruntime_session)  # type: ignore[return-value]
+                with announcing_graph_waits(announce) if announce is not None else contextlib.nullcontext():
+                    return cached_onnx(net, weights_sha256, choice.name, one_tile, cache_dir, onnxruntime_session)  # type: ignore[return-value]
 
             load = functools.partial(
                 onnxruntime_tiles, batch=input_shape[0], run_one=single_tile_session if input_shape[0] > 1 else None

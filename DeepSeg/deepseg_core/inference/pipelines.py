@@ -272,8 +272,8 @@ def first_argmax(scores: np.ndarray | torch.Tensor, axis: int) -> np.ndarray:
     numpy than over the last one (3 x 40 x 512 x 512 float32 on 2 cores: 2.0 s over the middle axis).
     Where a plane along ``axis`` has at least :data:`RUNNING_ARGMAX_MIN_PLANE` values, the planes are
     compared in turn (a running maximum, in threads): 0.08 s there, against 0.13 s for moving the axis
-    last and taking the argmax over it, and for any number of planes (118 float16 class planes of 512 x
-    512: 0.08 s against 0.16 s; ``bench_nnunet_export.py`` times it inside the export). Smaller arrays
+    last and taking the argmax over it, and for any number of planes (ad hoc: 118 float16 class planes of
+    512 x 512, 0.08 s against 0.16 s; ``bench_nnunet_export.py`` times the whole export). Smaller arrays
     move the axis last.
     """
     tensor = torch.as_tensor(scores).detach()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -147,10 +148,7 @@ def check_probabilities_fit(classes: int, shape_zyx: tuple[int, ...], subject: s
     """Raise :class:`ImageError` when writing ``classes`` probability channels on an input grid of
     ``shape_zyx`` voxels needs more memory than this computer has available now (nothing is checked where
     that cannot be read)."""
-    voxels = 1
-    for size in shape_zyx:
-        voxels *= int(size)
-    needed = probabilities_bytes(classes, voxels)
+    needed = probabilities_bytes(classes, math.prod(int(size) for size in shape_zyx))
     available = available_bytes()
     if available is None:
         log.debug("available memory unknown: --probabilities (%s) not checked", _size(needed))

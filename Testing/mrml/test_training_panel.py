@@ -175,11 +175,9 @@ def test_stop_keeps_the_checkpoint_ticks_resume_and_resume_finishes(mrml_scene, 
     assert ModelStore(store_dir).versions("phantom-liver") == [1, 2]
 
 
-def test_stop_while_the_new_version_is_prepared_keeps_it_and_does_not_offer_resume(
-    mrml_scene, dataset_dir, store_dir, engine_python, engine_prepares_for, tmp_path
-):
-    """Stop after the engine stored the new version, while it prepares its network: the version, the comparison
-    and Promote stay, Resume is not ticked (there is nothing left to train), and the status says what was skipped."""
+def training_that_prepares(mrml_scene, dataset_dir, store_dir, engine_python, engine_prepares_for, tmp_path):
+    """A one-step training through the panel, polled until the engine has stored the new version and says it
+    prepares its network: ``(panel, settings, job)``. Skips where nothing is prepared."""
     if engine_prepares_for == "torch":
         pytest.skip("PyTorch runs it (CUDA, or no CPU runtime): nothing is prepared")
     panel = TrainingPanelLogic(mrml_scene, models_dir=store_dir, python=engine_python, checkpoints_root=str(tmp_path))
@@ -187,6 +185,17 @@ def test_stop_while_the_new_version_is_prepared_keeps_it_and_does_not_offer_resu
     panel.refresh_models(settings)
     job = panel.start(settings)
     poll_until_the_engine_says(panel, settings, "status", "it prepared the new version")
+    return panel, settings, job
+
+
+def test_stop_while_the_new_version_is_prepared_keeps_it_and_does_not_offer_resume(
+    mrml_scene, dataset_dir, store_dir, engine_python, engine_prepares_for, tmp_path
+):
+    """Stop after the engine stored the new version, while it prepares its network: the version, the comparison
+    and Promote stay, Resume is not ticked (there is nothing left to train), and the status says what was skipped."""
+    panel, settings, job = training_that_prepares(
+        mrml_scene, dataset_dir, store_dir, engine_python, engine_prepares_for, tmp_path
+    )
     assert panel.view.status.startswith("Done: phantom-liver:2 stored (not active yet). Compare, then Promote or Keep old.")
     assert f"Preparing the network for {engine_prepares_for}" in panel.view.status, panel.view.status
     panel.stop()
@@ -216,13 +225,9 @@ def test_promote_and_roll_back_while_the_new_version_is_prepared(
     """Promote, then Roll back, while the engine still prepares the new version's network: each says what it did
     with the preparation still shown, the store ends on the old version, and the preparation's own ending follows
     the last decision (the new version stays prepared for a later Promote)."""
-    if engine_prepares_for == "torch":
-        pytest.skip("PyTorch runs it (CUDA, or no CPU runtime): nothing is prepared")
-    panel = TrainingPanelLogic(mrml_scene, models_dir=store_dir, python=engine_python, checkpoints_root=str(tmp_path))
-    settings = TrainingSettings(datasetFolder=dataset_dir, epochs=1, stepsPerEpoch=1, device="cpu")
-    panel.refresh_models(settings)
-    job = panel.start(settings)
-    poll_until_the_engine_says(panel, settings, "status", "it prepared the new version")
+    panel, settings, job = training_that_prepares(
+        mrml_scene, dataset_dir, store_dir, engine_python, engine_prepares_for, tmp_path
+    )
     preparing = f"Preparing the network for {engine_prepares_for}"
     panel.promote(settings)
     assert ModelStore(store_dir).active_version("phantom-liver") == 2

@@ -917,9 +917,10 @@ _GRAPH_WAIT_ANNOUNCER: contextvars.ContextVar[Callable[[], None] | None] = conte
 
 
 @contextlib.contextmanager
-def announcing_graph_waits(announce: Callable[[], None]) -> Iterator[None]:
+def announcing_graph_waits(announce: Callable[[], None] | None) -> Iterator[None]:
     """Within the block, ``announce()`` is called when a graph lookup starts to wait for another process that
-    prepares the same graph (:func:`cached_onnx`), so that a status line can say why nothing moves."""
+    prepares the same graph (:func:`cached_onnx`), so that a status line can say why nothing moves (None: not
+    said)."""
     token = _GRAPH_WAIT_ANNOUNCER.set(announce)
     try:
         yield
@@ -1186,7 +1187,7 @@ def tile_function(
 
             def single_tile_session() -> Callable[[np.ndarray], np.ndarray]:
                 # exported (and cached, under its own key) when a partial batch first needs it
-                with announcing_graph_waits(announce) if announce is not None else contextlib.nullcontext():
+                with announcing_graph_waits(announce):
                     return cached_onnx(net, weights_sha256, choice.name, one_tile, cache_dir, onnxruntime_session)  # type: ignore[return-value]
 
             load = functools.partial(

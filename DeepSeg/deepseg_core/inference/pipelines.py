@@ -279,7 +279,7 @@ def first_argmax(scores: np.ndarray | torch.Tensor, axis: int) -> np.ndarray:
     tensor = torch.as_tensor(scores).detach()
     count = tensor.shape[axis]
     dtype = torch.uint8 if count <= 256 else torch.int64
-    small = tensor.numel() < RUNNING_ARGMAX_MIN_PLANE * max(count, 1)
+    small = tensor.numel() < RUNNING_ARGMAX_MIN_PLANE * count
     if count == 0 or small or not tensor.is_floating_point():
         return torch.argmax(tensor.movedim(axis, -1).contiguous(), dim=-1).to(dtype).numpy()
     planes = tensor.unbind(axis)

@@ -46,7 +46,11 @@ from deepseg_core.nets.nnunet import (
 from deepseg_core.outputs import write_segmentation_result
 from deepseg_core.pipelines.axes import AxisReorder
 from deepseg_core.pipelines.nnunet import (
+    CANDIDATE_MIN_CLASSES,
+    GENERIC_BILINEAR_MIN_CHANNELS,
     NnUNetExportCollector,
+    candidate_channels,
+    export,
     linear_positions,
     nearest_positions,
     nnunet_gaussian,
@@ -849,6 +853,148 @@ def test_the_export_equals_its_arithmetic_on_the_whole_volume_exactly(
     assert out.labels_zyx.dtype == expected.dtype
     np.testing.assert_array_equal(out.labels_zyx, expected)
     assert len(np.unique(out.labels_zyx)) == len(set(values))  # every class won somewhere: the check has teeth
+
+
+#: output planes large enough (height + width > 128) for the export to interpolate, per output slice, only
+#: the classes that can win there
+CANDIDATE_GEOMETRIES = [
+    ((10, 30, 40), (15, 70, 90), (1.5, 1.5, 1.5), (1.0, 0.64, 0.67), ("linear", "linear", "linear")),
+    ((4, 24, 40), (10, 60, 90), (3.5, 1.0, 1.0), (1.4, 0.4, 0.44), ("nearest", "linear", "linear")),  # separate axis 0
+    ((5, 12, 40), (5, 30, 100), (1.2, 3.6, 1.0), (1.2, 1.44, 0.4), ("identity", "nearest", "linear")),  # separate axis 1
+]
+
+
+def few_classes_per_slice(classes, network_shape, seed):
+    """float16 logits ``(classes, *network_shape)`` in which each network slice holds the background and 3
+    other classes (blocks of 3 x 3 voxels; one slice a single class): 8 where a class is, -4 where it is
+    present in the slice but not there, -20 where absent, plus thirds (float16 midpoints and ties). A last
+    class is never the largest at any network voxel yet wins between two others: in the first rows of
+    every slice two of its classes alternate at 10 and 0 along x, and the last class sits at 6 and beats
+    their 5 halfway. Returns the logits and that class."""
+    rng = np.random.default_rng(seed)
+    hidden = classes - 1
+    z_count, y_count, x_count = network_shape
+    logits = np.full((classes, *network_shape), -20.0)
+    for z in range(z_count):
+        present = [0, *((3 * z + j) % (classes - 2) + 1 for j in range(3))]
+        blocks = rng.choice(present, size=(-(-y_count // 3), -(-x_count // 3)))
+        if z == z_count // 2:
+            present, blocks = [1], np.ones_like(blocks)  # one class alone: the candidates are filled up to 4
+        labels = np.repeat(np.repeat(blocks, 3, axis=0), 3, axis=1)[:y_count, :x_count]
+        logits[present, z] = -4.0
+        np.put_along_axis(logits[:, z], labels[None], 8.0, axis=0)
+    logits += rng.integers(-9, 10, size=logits.shape) / 3
+    strip = (slice(None), slice(0, y_count // 2))
+    alternating = np.arange(x_count) % 2 == 0
+    for z in range(z_count):
+        if z == z_count // 2:
+            continue
+        a, b = (3 * z) % (classes - 2) + 1, (3 * z + 1) % (classes - 2) + 1
+        present = logits[:, z][strip] > -15
+        logits[:, z][strip] = np.where(present, -4.0, -20.0)
+        logits[a, z, : y_count // 2] = np.where(alternating, 10.0, 0.0)
+        logits[b, z, : y_count // 2] = np.where(alternating, 0.0, 10.0)
+        logits[hidden, z, : y_count // 2] = 6.0
+        logits[:, z][strip] += rng.integers(-1, 2, size=logits[:, z][strip].shape) / 3
+    return logits.astype(np.float16), hidden
+
+
+@pytest.mark.parametrize("network_shape, crop_shape, network_spacing, spacing, modes", CANDIDATE_GEOMETRIES)
+@pytest.mark.parametrize("classes, values", [(16, None), (24, tuple(range(0, 480, 20)))], ids=["16", "24-uint16"])
+@pytest.mark.parametrize(
+    "tf, reorder", [((0, 1, 2), None), ((1, 2, 0), ((1, 0, 2), (True, False, True)))], ids=["plain", "flipped"]
+)
+@pytest.mark.parametrize("one_row_chunks", [False, True], ids=["chunks", "one-row-chunks"])
+def test_the_export_of_the_classes_that_can_win_each_slice_equals_its_arithmetic_on_the_whole_volume(
+    network_shape, crop_shape, network_spacing, spacing, modes, classes, values, tf, reorder, one_row_chunks, monkeypatch
+):
+    # With labels only and many classes, each output slice interpolates only the classes that can win it
+    # (candidate_channels); the labels must be exactly those of every class interpolated, ties, a class
+    # that wins without being on top at any network voxel, a NaN and an infinity included.
+    assert classes >= CANDIDATE_MIN_CLASSES
+    logits, hidden = few_classes_per_slice(classes, network_shape, classes + len(modes[0]))
+    assert not (logits.argmax(axis=0) == hidden).any()
+    logits[2, 1, 3, 4] = np.nan  # the slices around it fall back to every class (NaN wins, as in numpy)
+    logits[3, -1, -2, -3] = np.inf
+    values = list(values or range(classes))
+    axis_reorder = AxisReorder(*reorder) if reorder else AxisReorder()
+    # torch's generic bilinear kernel, the one that computes each channel on its own, needs 4 channels: the
+    # slice with a single class is given 3 more (with 3 channels and one thread torch takes another kernel)
+    channels_given = []
+    interpolate = torch.nn.functional.interpolate
+    monkeypatch.setattr(
+        torch.nn.functional,
+        "interpolate",
+        lambda planes, **kw: channels_given.append(planes.shape[1]) or interpolate(planes, **kw),
+    )
+    searched = []
+    monkeypatch.setattr(export, "candidate_channels", lambda window: searched.append(1) or candidate_channels(window))
+    if one_row_chunks:  # as for 118 classes on 512 x 512: rows between the same two slices fall in two chunks
+        monkeypatch.setattr(export, "EXPORT_CHUNK_BYTES", 1)
+    collector, out, box, before = streamed_export(logits, crop_shape, network_spacing, spacing, values, tf, reorder=axis_reorder)
+    monkeypatch.undo()
+    first = collector.maps[0]
+    windows = {(first.i0[row], first.i1[row] if first.mode == "linear" else first.i0[row]) for row in range(crop_shape[0])}
+    assert len(searched) == len(windows)  # once per network slice or pair, however the rows fall into chunks
+    assert min(channels_given) >= GENERIC_BILINEAR_MIN_CHANNELS
+    if modes[0] != "linear":  # between two slices, the one with a single class takes every class
+        assert GENERIC_BILINEAR_MIN_CHANNELS in channels_given
+    assert [m.mode for m in collector.maps] == list(modes)
+    expected = the_export_arithmetic_on_the_whole_volume(logits, values, crop_shape, modes, box, before, tf, axis_reorder)
+    np.testing.assert_array_equal(out.labels_zyx, expected)
+    # the check has teeth: the hidden class won somewhere, fewer classes were interpolated, and some slices
+    # (next to the NaN and the infinity, and, between two slices, next to the one with a single class) took
+    # every class
+    assert (out.labels_zyx == values[hidden]).any()
+    assert 0 < collector.pruned_slices < crop_shape[0]
+    assert collector.interpolated_channel_slices < classes * crop_shape[0]
+
+
+def test_candidate_channels_keeps_every_class_that_can_win_a_cell_and_no_class_that_cannot():
+    # two network slices of one 2 x 2 cell. Class 1 leads at the first corner and class 2 at the others;
+    # class 3 is never first at a corner, yet wins halfway along the first row (5.5 against 5 and 5). The
+    # winner's floor is the largest minimum (class 3's 5.5) and the margin (M + 1) / 128 with M = 20: class
+    # 4 sits exactly on the threshold and stays, class 5's maximum is one float16 step below it, class 0 far.
+    window = torch.full((6, 2, 2, 2), -20.0)
+    window[0] = -1.0
+    window[1] = torch.tensor([[9.0, 1.0], [1.0, 1.0]])
+    window[2] = torch.tensor([[1.0, 9.0], [9.0, 9.0]])
+    window[3] = 5.5
+    threshold = 5.5 - 21 / 128
+    window[4] = threshold
+    window[5, :, 0, 0] = threshold - 2**-8
+    assert float(torch.tensor(threshold).half()) == threshold  # on the float16 grid: the test is exact
+    assert candidate_channels(window.half()).tolist() == [1, 2, 3, 4]
+    # one slice of one row is a cell too; a single voxel is its own cell (only its largest class can win)
+    assert candidate_channels(window[:, :1, :1].half()).tolist() == [1, 2, 3, 4]
+    assert candidate_channels(window[:, :1, :1, :1].half()).tolist() == [1]
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        spoiled = window.clone()
+        spoiled[0, 0, 0, 0] = bad
+        assert candidate_channels(spoiled.half()) is None
+
+
+def test_torchs_bilinear_kernel_gives_each_channel_the_values_it_has_among_all_channels():
+    # The export's labels are defined by torch's bilinear kernel with every class as a channel; interpolating
+    # only some of them must give each the same float32 values, bit for bit. True of torch's generic kernel,
+    # which it takes for NCHW input of at least 4 channels and output height + width above 128, at any
+    # thread count and batch (see GENERIC_BILINEAR_MIN_CHANNELS).
+    generator = torch.Generator().manual_seed(3)
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for source, size in (((273, 273), (512, 512)), ((24, 40), (60, 90)), ((12, 40), (30, 100)), ((1, 40), (1, 200))):
+                for channels in (4, 17, 118):
+                    planes = (torch.randint(-400, 400, (3, channels, *source), generator=generator) / 37).half().float()
+                    every = torch.nn.functional.interpolate(planes, size=size, mode="bilinear", align_corners=False)
+                    for subset in ([0, 1, 2, 3], sorted(torch.randperm(channels, generator=generator)[:4].tolist())):
+                        some = torch.nn.functional.interpolate(
+                            planes[:1, subset], size=size, mode="bilinear", align_corners=False
+                        )
+                        assert torch.equal(some[0], every[0, subset]), (threads, source, size, channels, subset)
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("network_shape, crop_shape, network_spacing, spacing, modes", EXPORT_GEOMETRIES)

@@ -26,7 +26,13 @@ interpolates axis by axis in float32 (:mod:`.export`). One module each:
 from __future__ import annotations
 
 from .crop import nonzero_bbox
-from .export import EXPORT_CHUNK_BYTES, NnUNetExportCollector
+from .export import (
+    CANDIDATE_MIN_CLASSES,
+    EXPORT_CHUNK_BYTES,
+    GENERIC_BILINEAR_MIN_CHANNELS,
+    NnUNetExportCollector,
+    candidate_channels,
+)
 from .normalization import NORMALIZATION_SCHEMES, normalise_channels
 from .orientation import REORIENTATIONS
 from .pipeline import NnUNetPipeline
@@ -45,12 +51,15 @@ from .tiling import GAUSSIAN_PEAK, nnunet_gaussian, nnunet_tile_starts
 
 __all__ = [
     "ANISOTROPY_THRESHOLD",
+    "CANDIDATE_MIN_CLASSES",
     "EXPORT_CHUNK_BYTES",
     "GAUSSIAN_PEAK",
+    "GENERIC_BILINEAR_MIN_CHANNELS",
     "NORMALIZATION_SCHEMES",
     "REORIENTATIONS",
     "NnUNetExportCollector",
     "NnUNetPipeline",
+    "candidate_channels",
     "linear_positions",
     "nearest_positions",
     "nnunet_gaussian",

@@ -9,6 +9,10 @@ on the one or two network slices its coordinate falls between (nearest: one; lin
 those are all it waits for. Memory holds one slab of float16 logits plus that margin, never the
 whole ``(K, Z, Y, X)`` logits.
 
+With labels only and many classes (TotalSegmentator's 118), each output slice interpolates only the
+classes that can win its argmax there (:func:`candidate_channels`): a few dozen where classes are
+local, as organs are, for the same labels bit for bit.
+
 Where it differs from nnU-Net (only at near-ties; the parity tests measure it): the separable
 interpolation is computed axis by axis in float32, where nnU-Net lets ``scipy.ndimage.zoom`` sum
 the tensor-product weights in float64 (both are rounded to float16 afterwards, so they differ only
@@ -24,6 +28,7 @@ background channel); the uncertainty is the largest binary entropy of any region
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +44,19 @@ from .resampling import ANISOTROPY_THRESHOLD, linear_positions, nearest_position
 
 #: the export's working memory per chunk of output slices (the chunk shrinks for many classes).
 EXPORT_CHUNK_BYTES = 256 << 20
+#: labels only, with at least this many classes: each output slice interpolates only the classes that can
+#: win its argmax (:func:`candidate_channels`); with fewer, finding them would cost more than it saves
+CANDIDATE_MIN_CLASSES = 8
+#: ... and only where they are at most this fraction of the classes (else all of them are interpolated)
+CANDIDATE_MAX_FRACTION = 0.75
+#: torch computes each channel's bilinear values independently of the other channels and of the batch in
+#: its generic kernel. ATen (``upsample_bilinear2d_kernel_impl_float`` in ``UpSampleKernel.cpp``) takes it for
+#: a tensor that is not channels-last contiguous (an NCHW tensor is, for a plane of one voxel) and whose
+#: output height plus width exceeds 128, except with one thread and exactly 3 channels; otherwise it takes
+#: the vectorised channels-last kernel, whose rounding changes with the channel count. So the export gives
+#: it at least 4 channels, on planes of more than one voxel.
+GENERIC_BILINEAR_MIN_CHANNELS = 4
+GENERIC_BILINEAR_MIN_OUTPUT_HEIGHT_PLUS_WIDTH = 129
 
 
 @dataclass(frozen=True)
@@ -80,6 +98,41 @@ class _AxisMap:
         return first.add_(second.mul_(t))
 
 
+def candidate_channels(window: torch.Tensor) -> torch.Tensor | None:
+    """The channels that can win the export's argmax at some output voxel interpolated from ``window``.
+
+    ``window``: float16 logits ``(K, w, Y, X)`` of the ``w`` (1 or 2) network slices an output slice is
+    interpolated from, in-plane nearest-neighbour axes already selected. Returns the channel indices,
+    ascending (int64), or None where a value is not finite (the full argmax decides NaN and infinities).
+
+    Every interpolated value of channel ``c`` is a convex combination (linear across the slices, bilinear
+    in plane: weights at least 0, summing to 1) of ``c``'s values at the corners of one cell: the two
+    slices times two neighbouring rows times two neighbouring columns (one where an axis has one sample).
+    So it lies between ``c``'s minimum and maximum over that cell, and the winner's value there is at
+    least the largest of the channels' minima. The float32 interpolation errs by a few units in the 24th
+    bit of the largest magnitude ``M`` and the rounding to float16 by half a unit in the 11th, so a
+    channel whose maximum over every cell is below that floor by more than ``(M + 1) / 128`` can neither
+    win nor tie anywhere. The labels are the same as with every channel interpolated; only less is
+    computed where few classes meet (an axial slice through 117 organs holds a few dozen of them).
+    """
+    if window.shape[1] == 2:  # (K, Y, X) over the slices; two elementwise passes beat a reduction over axis 1
+        low, high = torch.minimum(window[:, 0], window[:, 1]), torch.maximum(window[:, 0], window[:, 1])
+    else:
+        low, high = window.amin(1), window.amax(1)
+    for axis in (1, 2):
+        cells = low.shape[axis] - 1
+        if cells > 0:
+            low = torch.minimum(low.narrow(axis, 0, cells), low.narrow(axis, 1, cells))
+            high = torch.maximum(high.narrow(axis, 0, cells), high.narrow(axis, 1, cells))
+    magnitude = max(float(high.amax()), -float(low.amin()))
+    if not math.isfinite(magnitude):
+        return None
+    # rounding the threshold to float16 raises it by at most M / 2048, well inside the margin; the
+    # difference of two float16 values never rounds to 0, so its sign is the comparison's
+    threshold = low.amax(0).float().sub_((magnitude + 1.0) / 128).half()
+    return (high.sub_(threshold).flatten(1).amax(1) >= 0).nonzero().flatten()
+
+
 def _store(target: np.ndarray, values: np.ndarray) -> None:
     """``target[...] = values``, in torch's threads where ``target`` has no negative strides (torch
     cannot view those). The outputs are written through transposed views, and numpy copies into a
@@ -108,6 +161,10 @@ class NnUNetExportCollector:
         threshold: the anisotropy threshold.
         keep_probabilities: also return float16 probabilities ``(K, Z, Y, X)`` (softmax, or each region's sigmoid).
         uncertainty: also return the normalised entropy of the softmax (regions: the largest binary entropy).
+        candidates_only: with labels only (softmax labels, no probabilities, no uncertainty) and at least
+            :data:`CANDIDATE_MIN_CLASSES` classes, interpolate for each output slice only the classes that
+            can win its argmax (:func:`candidate_channels`); False interpolates every class (the same labels,
+            more work: for comparison).
     """
 
     def __init__(
@@ -121,6 +178,7 @@ class NnUNetExportCollector:
         threshold: float = ANISOTROPY_THRESHOLD,
         keep_probabilities: bool = False,
         uncertainty: bool = False,
+        candidates_only: bool = True,
     ) -> None:
         self.values = np.asarray(label_values)
         self.channels = len(self.values)
@@ -142,6 +200,26 @@ class NnUNetExportCollector:
         ]
         first = self.maps[0]
         self._lo, self._hi = first.i0, (first.i1 if first.mode == "linear" else first.i0)
+        # the plane torch interpolates: nearest axes are selected first
+        plane = math.prod(
+            n_out if m.mode == "nearest" else n_in
+            for m, n_in, n_out in zip(self.maps[1:], self.network_shape[1:], self.crop_shape[1:], strict=True)
+        )
+        self._prune_channels = (
+            candidates_only
+            and not regions
+            and not keep_probabilities
+            and not uncertainty
+            and self.channels >= CANDIDATE_MIN_CLASSES
+            and any(m.mode == "linear" for m in self.maps[1:])
+            and sum(self.crop_shape[1:]) >= GENERIC_BILINEAR_MIN_OUTPUT_HEIGHT_PLUS_WIDTH
+            # a 1 x 1 plane is channels-last contiguous too, and gets the vectorised kernel
+            and plane > 1
+        )
+        #: output slices whose argmax ran over a subset of the channels, and channels interpolated in all
+        self.pruned_slices = 0
+        self.interpolated_channel_slices = 0
+        self._candidates_of: tuple[tuple[int, int], torch.Tensor | None] = ((-1, -1), None)  # the last search's
         self._buffer: list[tuple[int, np.ndarray]] = []  # (network z0, float16 logits)
         self._received = 0
         self._emitted = 0
@@ -221,10 +299,7 @@ class NnUNetExportCollector:
             block = block[:, rows.start - m0 : rows.stop - m0]
         else:
             block = _AxisMap(first.mode, first.i0[rows], first.i1[rows], first.t[rows]).apply(block, 1, m0)
-        # nearest-neighbour axes first: a selection commutes with the linear interpolation of the other axis
-        for axis, mapping in ((2, self.maps[1]), (3, self.maps[2])):
-            if mapping.mode == "nearest":
-                block = block.index_select(axis, torch.from_numpy(mapping.i0))
+        block = self._select_nearest(block)
         # Slices first, classes as channels: torch picks its bilinear kernel (and with it the float32
         # rounding) by the channel count and plane size, and a value that lands on a float16 midpoint
         # can then round the other way. This layout is the one the export's labels are pinned to.
@@ -241,9 +316,14 @@ class NnUNetExportCollector:
     def _emit_rows(self, r0: int, r1: int) -> None:
         rows = slice(r0, r1)
         m0, m1 = int(self._lo[r0]), int(self._hi[r1 - 1]) + 1
-        logits = self._logits(self._source(m0, m1), rows, m0)
+        source = self._source(m0, m1)
         (z0, _), (y0, y1), (x0, x1) = self.crop
         target = (slice(z0 + r0, z0 + r1), slice(y0, y1), slice(x0, x1))
+        if self._prune_channels:
+            _store(self._labels_t[target], self._label_values(self._argmax_of_candidates(source, r0, r1, m0)))
+            return
+        logits = self._logits(source, rows, m0)
+        self.interpolated_channel_slices += self.channels * (r1 - r0)
         extras = self.probabilities is not None or self.entropy is not None
         if not self.regions and not extras:
             # the first maximum wins, as numpy's argmax in nnU-Net
@@ -263,6 +343,48 @@ class NnUNetExportCollector:
             _store(self._probabilities_t[(slice(None), *target)], by_class)
         if self._entropy_t is not None:
             _store(self._entropy_t[target], region_entropy(by_class) if self.regions else normalised_entropy(by_class))
+
+    def _argmax_of_candidates(self, source: np.ndarray, r0: int, r1: int, m0: int) -> np.ndarray:
+        """Channel index of the first maximum for output ``rows`` ``[r0, r1)``: ``(n, Yc, Xc)``, the labels
+        of the full argmax, interpolating per group of rows (those between the same network slices) only
+        the channels :func:`candidate_channels` leaves. The candidates keep their order, so ties go to the
+        same (first) channel, and each keeps the values it has among all channels: torch's generic
+        bilinear kernel computes a channel independently of the others (at least
+        :data:`GENERIC_BILINEAR_MIN_CHANNELS` of them are always given, the lowest others filling up)."""
+        index = np.empty((r1 - r0, *self.crop_shape[1:]), dtype=np.uint8 if self.channels <= 256 else np.int64)
+        start = r0
+        while start < r1:
+            lo, hi = int(self._lo[start]), int(self._hi[start])
+            stop = start + 1
+            while stop < r1 and int(self._lo[stop]) == lo and int(self._hi[stop]) == hi:
+                stop += 1
+            window = source[:, lo - m0 : hi - m0 + 1]
+            rows = slice(start - r0, stop - r0)
+            if self._candidates_of[0] != (lo, hi):  # rows between the same slices can fall in two chunks
+                self._candidates_of = ((lo, hi), candidate_channels(self._select_nearest(torch.from_numpy(window))))
+            candidates = self._candidates_of[1]
+            if candidates is None or len(candidates) > CANDIDATE_MAX_FRACTION * self.channels:
+                index[rows] = first_argmax(self._logits(window, slice(start, stop), lo), 1)
+                self.interpolated_channel_slices += self.channels * (stop - start)
+            else:
+                chosen = candidates.numpy()
+                if len(chosen) < GENERIC_BILINEAR_MIN_CHANNELS:
+                    fill = np.setdiff1d(np.arange(self.channels), chosen)[: GENERIC_BILINEAR_MIN_CHANNELS - len(chosen)]
+                    chosen = np.union1d(chosen, fill)
+                logits = self._logits(np.ascontiguousarray(window[chosen]), slice(start, stop), lo)
+                index[rows] = chosen[first_argmax(logits, 1)]
+                self.pruned_slices += stop - start
+                self.interpolated_channel_slices += len(chosen) * (stop - start)
+            start = stop
+        return index
+
+    def _select_nearest(self, block: torch.Tensor) -> torch.Tensor:
+        """``block`` ``(K, n, Y', X')`` with the in-plane nearest-neighbour axes selected (a selection commutes
+        with the linear interpolation of the other axes)."""
+        for axis, mapping in ((2, self.maps[1]), (3, self.maps[2])):
+            if mapping.mode == "nearest":
+                block = block.index_select(axis, torch.from_numpy(mapping.i0))
+        return block
 
     def _region_labels(self, probabilities: torch.Tensor) -> np.ndarray:
         """nnU-Net's ``convert_probabilities_to_segmentation`` with regions: sigmoids ``(n, R, Y, X)`` ->

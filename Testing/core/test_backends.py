@@ -25,12 +25,15 @@ from deepseg_core.errors import ConfigError, DeepSegError
 from deepseg_core.fileutil import exclusive_lock
 from deepseg_core.inference import Segmenter, SegmentOptions, backends, sliding_window_predict
 from deepseg_core.inference.backends import (
+    GRAPH_EXPORT_AFTER_WAIT,
+    GRAPH_WAIT,
     PHASE_STACK_BACKENDS,
     PHASE_STACK_MAX_CHANNELS,
     SPLIT_CONCAT_BACKENDS,
     PhaseStackedConvTranspose,
     PhaseStackedUpsampling,
     PooledInstanceNorm,
+    announcing_graph_waits,
     cached_onnx,
     choose_backend,
     exportable,
@@ -328,6 +331,40 @@ def test_a_second_lookup_waits_for_the_one_preparing_the_graph_and_exports_nothi
     assert not second.is_alive()
     assert exported_by == ["MainThread"], "the second lookup exported the graph again"
     assert found == [graph] and os.path.samestat(graph.stat(), exported), "the graph is the first one's, not replaced"
+
+
+def test_a_lookup_whose_wait_ends_without_the_graph_says_it_prepares_it_itself(tmp_path):
+    """The process waited for can die, or its export fail, without leaving the graph: the waiting lookup
+    then exports it itself, and its status must say so instead of still "waiting for another run"."""
+    net = build_net("unet", {"spatial_dims": 2, "in_channels": 1, "num_classes": 2, "features": [4, 8]}, seed=7).eval()
+    shape, sha = (1, 1, 16, 16), "e" * 64
+    stem = cached_onnx(net, sha, "onnxruntime", shape, tmp_path / "elsewhere").stem
+    said: list[str] = []
+
+    def closed_pipe(event: str) -> None:
+        said.append(event)
+        raise BrokenPipeError("the panel is gone")  # not worth the run: the lookup goes on
+
+    found: list[Path] = []
+
+    def lookup() -> None:
+        with announcing_graph_waits(closed_pipe):
+            found.append(cached_onnx(net, sha, "onnxruntime", shape, tmp_path))
+
+    with exclusive_lock(graph_lock_path(tmp_path / f"{stem}.onnx")):  # a holder that will leave no graph
+        waiting = threading.Thread(target=lookup)
+        waiting.start()
+        deadline = time.monotonic() + 60
+        while not said and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert said == [GRAPH_WAIT]
+    waiting.join(60)
+    assert said == [GRAPH_WAIT, GRAPH_EXPORT_AFTER_WAIT]
+    assert found and found[0].is_file()
+    said.clear()
+    with announcing_graph_waits(said.append):  # cached now, and nobody holds the lock: nothing to say
+        assert cached_onnx(net, sha, "onnxruntime", shape, tmp_path) == found[0]
+    assert said == []
 
 
 def test_the_graph_lock_is_held_across_threads_and_skipped_where_none_can_be_had(tmp_path):

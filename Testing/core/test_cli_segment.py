@@ -24,6 +24,7 @@ from deepseg_core.errors import ImageError
 from deepseg_core.fileutil import exclusive_lock
 from deepseg_core.inference import Segmenter, SegmentOptions
 from deepseg_core.inference.backends import installed, native_bfloat16
+from deepseg_core.inference.predictor import preparing_message
 from deepseg_core.model_store import ModelStore
 
 REPO = Path(__file__).resolve().parents[2]
@@ -335,10 +336,9 @@ def test_a_run_that_must_export_its_network_says_so_before_its_progress(tmp_path
 
 
 @pytest.mark.skipif(not installed("onnxruntime"), reason="ONNX Runtime not installed")
-def test_a_run_waiting_for_another_process_preparing_its_network_can_be_cancelled_then_uses_its_graph(tmp_path, capsys):
-    """A run whose graph another process is preparing (a torchrun rank, a training preparing the version) waits
-    for it: a Cancel (a real SIGTERM) ends that wait with exit 130 and nothing written, and once the lock is free
-    the next run finds the graph cached."""
+def _graph_locks_after_a_first_run(tmp_path: Path, capsys) -> tuple[list[str], list[Path]]:
+    """Segment arguments for the tiny model through ONNX Runtime (``--json``, no ``--output``), after one run
+    that exported its graph, and the lock files that run's lookups took."""
     model = tiny_model_folder(tmp_path / "model")
     image = write_case(tmp_path / "case.nrrd")
     store = tmp_path / "store"
@@ -348,29 +348,47 @@ def test_a_run_waiting_for_another_process_preparing_its_network_can_be_cancelle
     capsys.readouterr()
     locks = sorted((store / ".cache" / "compiled" / "locks").glob("*.lock"))
     assert locks, "the graph's lookup took a lock"
+    return args, locks
+
+
+def _start_run_and_read_until_it_waits(args: list[str], output: Path) -> tuple[subprocess.Popen, list[dict]]:
+    """``deepseg segment`` in its own process, and its JSON events up to its status line saying it waits (or
+    the end of its output)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "deepseg_core", *args, "--output", str(output)],
+        cwd=REPO / "DeepSeg",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    said = []
+    watchdog = threading.Timer(60, process.kill)  # a run that never says so would wait for the lock forever
+    watchdog.start()
+    for line in process.stdout:  # the status line says why the progress stands still
+        said.append(json.loads(line))
+        if said[-1]["event"] == "status" and said[-1]["message"].startswith("Waiting"):
+            break
+    watchdog.cancel()
+    return process, said
+
+
+WAITING = {
+    "event": "status",
+    "case": "case",
+    "message": "Waiting for another DeepSeg run that is preparing this network for onnxruntime...",
+}
+
+
+def test_a_run_waiting_for_another_process_preparing_its_network_can_be_cancelled_then_uses_its_graph(tmp_path, capsys):
+    """A run whose graph another process is preparing (a torchrun rank, a training preparing the version) waits
+    for it: a Cancel (a real SIGTERM) ends that wait with exit 130 and nothing written, and once the lock is free
+    the next run finds the graph cached."""
+    args, locks = _graph_locks_after_a_first_run(tmp_path, capsys)
     with contextlib.ExitStack() as held:
         for lock in locks:  # as the process preparing the graph holds it
             assert held.enter_context(exclusive_lock(lock))
-        process = subprocess.Popen(
-            [sys.executable, "-m", "deepseg_core", *args, "--output", str(tmp_path / "waited.seg.nrrd")],
-            cwd=REPO / "DeepSeg",
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        said = []
-        watchdog = threading.Timer(60, process.kill)  # a run that never says so would wait for the lock forever
-        watchdog.start()
-        for line in process.stdout:  # the status line says why the progress stands still
-            said.append(json.loads(line))
-            if said[-1]["event"] == "status":
-                break
-        watchdog.cancel()
-        assert said and said[-1] == {
-            "event": "status",
-            "case": "case",
-            "message": "Waiting for another DeepSeg run that is preparing this network for onnxruntime...",
-        }, said
+        process, said = _start_run_and_read_until_it_waits(args, tmp_path / "waited.seg.nrrd")
+        assert [event for event in said if event["event"] == "status"] == [WAITING], said  # cached: nothing else
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)
     assert process.returncode == EXIT_CANCELLED, stderr
@@ -379,6 +397,29 @@ def test_a_run_waiting_for_another_process_preparing_its_network_can_be_cancelle
     assert main([*args, "--output", str(tmp_path / "second.seg.nrrd")]) == EXIT_OK
     kinds = [json.loads(line)["event"] for line in capsys.readouterr().out.splitlines()]
     assert "status" not in kinds and (tmp_path / "second.seg.nrrd").is_file(), "the graph is cached: nothing to say"
+
+
+def test_a_run_whose_wait_ends_without_the_graph_says_it_prepares_the_network_itself(tmp_path, capsys):
+    """The process waited for can be killed, or its export fail, before the graph is written: the waiting run
+    then prepares the network itself, and its status line says so instead of still waiting."""
+    args, locks = _graph_locks_after_a_first_run(tmp_path, capsys)
+    compiled = locks[0].parent.parent
+    for graph in compiled.iterdir():  # the graph was never finished
+        if graph.is_file():
+            graph.unlink()
+    with contextlib.ExitStack() as held:
+        for lock in locks:
+            assert held.enter_context(exclusive_lock(lock))
+        process, said = _start_run_and_read_until_it_waits(args, tmp_path / "waited.seg.nrrd")
+        preparing = {**WAITING, "message": preparing_message("onnxruntime")}
+        # not cached: it says it prepares the network, then that it waits for the process already doing so
+        assert [event for event in said if event["event"] == "status"] == [preparing, WAITING], said
+    # the holder went away without the graph
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == EXIT_OK, stderr
+    statuses = [event["message"] for event in map(json.loads, stdout.splitlines()) if event["event"] == "status"]
+    assert statuses[:1] == [preparing_message("onnxruntime")], statuses
+    assert (tmp_path / "waited.seg.nrrd").is_file() and any(compiled.glob("*.onnx"))
 
 
 def test_uncertainty_stats_and_domain_check_from_the_cli(tmp_path):

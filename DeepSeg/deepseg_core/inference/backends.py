@@ -901,31 +901,55 @@ def cached_onnx(
     graph, key_file, wanted = _graph_paths(weights_sha256, backend, input_shape, cache_dir)
     remove_abandoned_exports(cache_dir)  # on every lookup: once a graph is cached, its export never runs again
 
+    waited = False
+
     def waiting() -> None:
+        nonlocal waited
+        waited = True
         log.info("another process is preparing the %s graph %s: waiting for it", backend, graph.name)
-        announce = _GRAPH_WAIT_ANNOUNCER.get()
-        if announce is not None:
-            announce()
+        _announce(GRAPH_WAIT)
+
+    def before_export() -> None:
+        if waited:  # the process waited for went away without the graph (killed, or its export failed)
+            log.info("the %s graph %s was not prepared by the process waited for: preparing it", backend, graph.name)
+            _announce(GRAPH_EXPORT_AFTER_WAIT)
 
     with exclusive_lock(graph_lock_path(graph), on_wait=waiting):
-        return _cached_or_exported(net, backend, input_shape, graph, key_file, wanted, load)
+        return _cached_or_exported(net, backend, input_shape, graph, key_file, wanted, load, before_export)
 
 
-_GRAPH_WAIT_ANNOUNCER: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+#: what :func:`announcing_graph_waits`' callable is told: this lookup waits for another process preparing the
+#: graph; or, after such a wait, that process went away without it and this one prepares it after all
+GRAPH_WAIT = "waiting"
+GRAPH_EXPORT_AFTER_WAIT = "preparing"
+
+_GRAPH_WAIT_ANNOUNCER: contextvars.ContextVar[Callable[[str], None] | None] = contextvars.ContextVar(
     "graph_wait_announcer", default=None
 )
 
 
 @contextlib.contextmanager
-def announcing_graph_waits(announce: Callable[[], None] | None) -> Iterator[None]:
-    """Within the block, ``announce()`` is called when a graph lookup starts to wait for another process that
-    prepares the same graph (:func:`cached_onnx`), so that a status line can say why nothing moves (None: not
-    said)."""
+def announcing_graph_waits(announce: Callable[[str], None] | None) -> Iterator[None]:
+    """Within the block, ``announce(GRAPH_WAIT)`` is called when a graph lookup starts to wait for another
+    process that prepares the same graph (:func:`cached_onnx`), so that a status line can say why nothing
+    moves, and ``announce(GRAPH_EXPORT_AFTER_WAIT)`` when that process went away without it and this lookup
+    prepares it itself (None: not said). An error raised by ``announce`` (a closed pipe) is logged, not raised:
+    the lookup goes on."""
     token = _GRAPH_WAIT_ANNOUNCER.set(announce)
     try:
         yield
     finally:
         _GRAPH_WAIT_ANNOUNCER.reset(token)
+
+
+def _announce(event: str) -> None:
+    announce = _GRAPH_WAIT_ANNOUNCER.get()
+    if announce is None:
+        return
+    try:
+        announce(event)
+    except Exception:  # saying so is not worth the run: the wait or the export goes on
+        log.warning("could not announce the graph lookup's %s", event, exc_info=True)
 
 
 def graph_lock_path(graph: Path) -> Path:
@@ -941,12 +965,14 @@ def _cached_or_exported(
     key_file: Path,
     wanted: dict[str, object],
     load: Callable[[Path], Loaded] | None,
+    before_export: Callable[[], None],
 ) -> Loaded | Path:
     """:func:`cached_onnx`'s work, under its lock."""
     cache_dir, stem = graph.parent, graph.stem
     intact, loaded = _cached_and_intact(graph, key_file, wanted, load)
     if intact:
         return loaded
+    before_export()
     if graph.is_file() and key_file.is_file():
         log.info("cached %s graph %s is stale or damaged: exporting it again", backend, graph.name)
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,7 @@ from ..model_store import ModelStore, load_network, resolve_model
 from ..nets import CascadeNetwork
 from .backends import (
     BACKENDS,
+    GRAPH_WAIT,
     BackendChoice,
     BFloat16Tiles,
     ExportedTiles,
@@ -471,9 +472,9 @@ class Segmenter:
             if self.will_export(options, input_channels, weights_sha256, tile_count):
                 on_status(preparing_message(choice.name))
 
-        def announce_wait() -> None:  # otherwise the progress stands still with no word while this run waits
+        def announce_wait(event: str) -> None:  # otherwise the progress stands still with no word while this run waits
             if on_status is not None:
-                on_status(waiting_message(choice.name))
+                on_status(waiting_message(choice.name) if event == GRAPH_WAIT else preparing_message(choice.name))
 
         with announcing_graph_waits(announce_wait):
             tiles, backend = self.tile_function(options, window, input_channels, weights_sha256)

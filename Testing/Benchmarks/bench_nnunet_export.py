@@ -2,10 +2,12 @@
 
     python Testing/Benchmarks/bench_nnunet_export.py [--json] [--device cpu] [--threads 2] [--classes 3 14]
         [--transpose 0 1 2] [--repeats 3] [--labels-only] [--logits random|atlas] [--every-class]
+        [--network-zyx 200 273 273]
 
 The geometry of ``bench_vs_nnunet.py``'s largest case: logits on the network grid (200 x 273 x 273 at
-1.5 mm) go back to the cropped input grid (300 x 512 x 512 at 1.0 x 0.8 x 0.8 mm), linear along every
-axis (no separate axis), then argmax, crop reverted and ``transpose_forward`` undone. The logits are
+1.5 mm; ``--network-zyx 100 137 137`` is 3 mm, the spacing of TotalSegmentator's ``--fast`` model) go
+back to the cropped input grid (300 x 512 x 512 at 1.0 x 0.8 x 0.8 mm), linear along every axis (no
+separate axis), then argmax, crop reverted and ``transpose_forward`` undone. The logits are
 handed over in z slabs of 64 then 32 slices as the sliding window finishes them, float32, either
 random normal (``--logits random``: every class is close to winning everywhere) or made from real
 anatomy (``--logits atlas``): the AAL atlas's 116 regions and background (``Testing/data/cache/aal.nii.gz``,
@@ -36,7 +38,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "DeepSeg"))
 
-NETWORK_SHAPE = (200, 273, 273)
+NETWORK_SHAPE = (200, 273, 273)  # --network-zyx changes it (TotalSegmentator's 3 mm model: 100 137 137)
+CROP_SPACING = (1.0, 0.8, 0.8)
 CROP_SHAPE = (300, 512, 512)
 SLAB_DEPTHS = (64, 32)
 
@@ -47,8 +50,9 @@ def context() -> dict:
         "bbox": [[0, s] for s in CROP_SHAPE],
         "shape_after_crop": CROP_SHAPE,
         "network_shape": NETWORK_SHAPE,
-        "network_spacing": [1.5, 1.5, 1.5],
-        "spacing_transposed": [1.0, 0.8, 0.8],
+        # the grid's own spacing, so that no axis is anisotropic enough to be taken separately
+        "network_spacing": [s * c / n for s, c, n in zip(CROP_SPACING, CROP_SHAPE, NETWORK_SHAPE, strict=True)],
+        "spacing_transposed": list(CROP_SPACING),
     }
 
 
@@ -177,6 +181,7 @@ def time_export(
 
 
 def main() -> int:
+    global NETWORK_SHAPE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="the export runs on the CPU either way")
@@ -197,7 +202,15 @@ def main() -> int:
         action="store_true",
         help="also time, in the same run, the export that interpolates every class for every output slice",
     )
+    parser.add_argument(
+        "--network-zyx",
+        type=int,
+        nargs=3,
+        default=list(NETWORK_SHAPE),
+        help="the network grid (default 200 273 273: 1.5 mm; 100 137 137 is 3 mm, TotalSegmentator's --fast)",
+    )
     args = parser.parse_args()
+    NETWORK_SHAPE = tuple(args.network_zyx)
     import torch
 
     if args.threads:

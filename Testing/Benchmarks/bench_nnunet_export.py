@@ -61,7 +61,7 @@ AAL_CLASSES = 117  # 116 regions and the background
 
 
 def atlas_labels(classes: int) -> np.ndarray:
-    """The AAL atlas's regions as ``classes`` classes on the network grid ``(200, 273, 273)``, int64."""
+    """The AAL atlas's regions as ``classes`` classes on the network grid ``NETWORK_SHAPE``, int64."""
     import SimpleITK as sitk
 
     if not AAL.is_file():
@@ -89,7 +89,7 @@ def box_average(values, axis: int, width: int = 5):
 
 
 def atlas_logits(labels: np.ndarray, z0: int, z1: int, classes: int, generator) -> np.ndarray:
-    """Soft-bordered logits ``(classes, z1 - z0, 273, 273)`` float32 of ``labels``' slices ``[z0, z1)``."""
+    """Soft-bordered logits ``(classes, z1 - z0, *NETWORK_SHAPE[1:])`` float32 of ``labels``' slices ``[z0, z1)``."""
     import torch
 
     out = np.empty((classes, z1 - z0, *NETWORK_SHAPE[1:]), dtype=np.float32)
@@ -107,7 +107,7 @@ def atlas_logits(labels: np.ndarray, z0: int, z1: int, classes: int, generator) 
 
 
 def slabs(classes: int, logits: str = "random") -> list[tuple[int, int, np.ndarray]]:
-    """``(z0, z1, logits (K, z1 - z0, 273, 273))`` in z order, as the sliding window hands them over."""
+    """``(z0, z1, logits (K, z1 - z0, *NETWORK_SHAPE[1:]))`` in z order, as the sliding window hands them over."""
     rng = np.random.default_rng(classes)
     labels = atlas_labels(classes) if logits == "atlas" else None
     if labels is not None:

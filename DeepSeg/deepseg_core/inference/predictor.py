@@ -472,11 +472,11 @@ class Segmenter:
             if self.will_export(options, input_channels, weights_sha256, tile_count):
                 on_status(preparing_message(choice.name))
 
-        def announce_wait(event: str) -> None:  # otherwise the progress stands still with no word while this run waits
+        def announce_graph_event(event: str) -> None:  # else the progress stands still with no word while this run waits
             if on_status is not None:
                 on_status(waiting_message(choice.name) if event == GRAPH_WAIT else preparing_message(choice.name))
 
-        with announcing_graph_waits(announce_wait):
+        with announcing_graph_waits(announce_graph_event):
             tiles, backend = self.tile_function(options, window, input_channels, weights_sha256)
         timings["backend_setup"] = time.perf_counter() - clock
         clock = time.perf_counter()

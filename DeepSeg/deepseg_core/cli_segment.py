@@ -320,6 +320,7 @@ def run_segment(args: argparse.Namespace, sink: EventSink) -> tuple[int, int]:
     store = ModelStore(args.models_dir) if args.models_dir else None
     segmenter = Segmenter.load(args.model, device=distributed.rank_device(args.device, world), store=store)
     options = options_from(args)
+    segmenter.build_networks_runs_need(options)  # a model that cannot be built fails here, on every rank alike
     ranked = {"rank": rank} if world > 1 else {}
     sink.emit(
         {

@@ -37,6 +37,8 @@ if TYPE_CHECKING:  # torch is imported where weights are read or written, so lis
     import torch
     from torch import nn
 
+    from .inference.backends import DeferredNetwork
+
 
 def sha256_file(path: Path) -> str:
     """Hex SHA-256 of a file, read in 1 MiB chunks."""
@@ -106,26 +108,74 @@ def load_network(
     An ensemble card (``card.ensemble``) gives a :class:`~deepseg_core.nets.LogitEnsemble` of its members; a
     cascade's card (``card.previous_stage``) a :class:`~deepseg_core.nets.CascadeNetwork` of both stages.
     """
-    from safetensors.torch import load_file
+    folder = Path(folder)
+    card = card or read_model_folder(folder)
+    second, first = _stage_weights(card, read_weights(folder))
+    if card.previous_stage is None:
+        return card, _network_from_state(card, second, folder).to(device).eval()
+    from .nets import CascadeNetwork
+
+    net = CascadeNetwork(
+        _network_from_state(card, second, folder), _network_from_state(card.previous_stage, first, folder, " (first stage)")
+    )
+    return card, net.to(device).eval()
+
+
+def deferred_networks(
+    folder: str | Path, card: ModelCard | None = None
+) -> tuple[ModelCard, DeferredNetwork, DeferredNetwork | None]:
+    """Card and network of a model folder as :func:`load_network` gives them (on the CPU, eval mode), each built
+    only when first needed (:class:`~deepseg_core.inference.backends.DeferredNetwork`); a cascade's two stages
+    apart, the first stage's last (None for any other model). The weights are read and their file checked now,
+    and so is each card's architecture (name and config); whether the weights fit it is checked when a network
+    is built."""
+    from .errors import ConfigError
+    from .inference.backends import DeferredNetwork
+    from .nets import architecture_config
 
     folder = Path(folder)
     card = card or read_model_folder(folder)
-    try:
-        state = load_file(str(folder / WEIGHTS_FILE), device="cpu")
-    except Exception as exc:  # safetensors raises its own error types for a bad file
-        raise ModelError("weights file cannot be read as safetensors", subject=folder / WEIGHTS_FILE, found=str(exc)) from None
-    previous = card.previous_stage
-    if previous is None:
-        return card, _network_from_state(card, state, folder).to(device).eval()
-    from .nets import CascadeNetwork
+    second, first = _stage_weights(card, read_weights(folder))
 
+    def deferred(stage_card: ModelCard, state: dict[str, torch.Tensor], stage: str) -> DeferredNetwork:
+        try:
+            architecture_config(stage_card.architecture.name, stage_card.architecture.config)
+        except ConfigError as exc:
+            raise ModelError(f"cannot build the model's network{stage}: {exc}", subject=folder / CARD_FILE) from None
+
+        def build() -> nn.Module:
+            return _network_from_state(stage_card, state, folder, stage).eval()
+
+        if not stage_card.ensemble:
+            return DeferredNetwork(build, state)
+        # LogitEnsemble registers member m as the submodule member_m: its state_dict names say so
+        return DeferredNetwork(build, {f"member_{name}": value for name, value in state.items()})
+
+    if card.previous_stage is None:
+        return card, deferred(card, second, ""), None
+    return card, deferred(card, second, ""), deferred(card.previous_stage, first, " (first stage)")
+
+
+def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a model folder's weights file, by name (safetensors: nothing is unpickled)."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / WEIGHTS_FILE
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types for a bad file
+        raise ModelError("weights file cannot be read as safetensors", subject=path, found=str(exc)) from None
+
+
+def _stage_weights(card: ModelCard, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A cascade's weights split into its second stage's and its first stage's (``previous_stage.``); any other
+    model's as they are, and no first stage's."""
+    if card.previous_stage is None:
+        return state, {}
     prefix = "previous_stage."
     first = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     second = {k: v for k, v in state.items() if not k.startswith(prefix)}
-    net = CascadeNetwork(
-        _network_from_state(card, second, folder), _network_from_state(previous, first, folder, " (first stage)")
-    )
-    return card, net.to(device).eval()
+    return second, first
 
 
 def _network_from_state(card: ModelCard, state: dict[str, torch.Tensor], folder: Path, stage: str = "") -> nn.Module:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from model_fixtures import tiny_model_folder
 
 from deepseg_core import io
 from deepseg_core.demo import DEFAULT_MODEL, SAMPLE_VOLUME
@@ -49,6 +51,7 @@ from deepseg_core.inference.backends import (
     tile_function,
     weights_digest,
 )
+from deepseg_core.model_card import ModelError
 from deepseg_core.nets import build_net
 
 EXPORTED = [b for b in ("openvino", "onnxruntime") if installed(b)]
@@ -201,6 +204,79 @@ def test_bfloat16_falls_back_to_float32_where_the_cpu_has_none(segmenter, monkey
         function, _ = segmenter.tile_function(options, segmenter.window_config(options), 1)
     assert function is segmenter.net
     assert caplog.text.count("precision bfloat16 not used: this CPU has no native bfloat16; computing in float32") == 1
+
+
+@pytest.mark.parametrize("arch", ["3d", "2.5d"])
+@pytest.mark.parametrize("backend", EXPORTED)
+def test_a_run_whose_graph_is_cached_never_builds_the_network(tmp_path, backend, arch):
+    folder = tiny_model_folder(tmp_path / "model", arch=arch)
+    options = SegmentOptions(device="cpu", backend=backend, check_modality=False)
+    volume = sample_crop()
+    preparing = Segmenter.load(folder, device="cpu")
+    preparing.cache_dir = tmp_path / "compiled"
+    assert not preparing.network_built
+    assert [stage["exported"] for stage in preparing.prepare_backend(options)] == [True]
+    assert preparing.network_built  # exporting needs the network
+    expected = preparing.segment([volume], options)
+
+    later = Segmenter.load(folder, device="cpu")
+    later.cache_dir = preparing.cache_dir
+    digest = later.weights_sha256()
+    result = later.segment([volume], options)
+    assert not later.network_built, "the cached graph computed every tile"
+    assert result.backend == backend
+    np.testing.assert_array_equal(result.labels.array_zyx, expected.labels.array_zyx)
+    # the key taken from the weights file is the one the built network gives (a 2.5D network is wrapped)
+    assert digest == weights_digest(preparing.net) == weights_digest(later.net)
+    assert later.network_built
+    torch_result = later.segment([volume], dataclasses.replace(options, backend="torch"))
+    assert (torch_result.labels.array_zyx == result.labels.array_zyx).mean() >= 0.999
+
+
+@pytest.mark.parametrize("backend", EXPORTED)
+def test_weights_that_do_not_fit_the_card_fail_the_run_and_are_not_taken_for_the_runtimes_failure(tmp_path, backend):
+    folder = tiny_model_folder(tmp_path / "model")
+    card = json.loads((folder / "model.json").read_text())
+    card["architecture"]["config"]["features"] = [4, 16]  # the weights file (and its checksum) stay as they are
+    (folder / "model.json").write_text(json.dumps(card))
+    segmenter = Segmenter.load(folder, device="cpu")  # the weights are read, the network is built when first needed
+    segmenter.cache_dir = tmp_path / "compiled"
+    options = SegmentOptions(device="cpu", backend=backend, check_modality=False)
+    for attempt in (options, options, dataclasses.replace(options, backend="torch")):
+        with pytest.raises(ModelError, match="weights do not fit the architecture in the card"):
+            segmenter.segment([sample_crop()], attempt)
+    shape = (2, 1, 8, 16, 16)
+    assert recorded_failure(segmenter.network_sha256(), backend, shape, segmenter.cache_dir) is None
+    assert not failure_record_path(segmenter.network_sha256(), backend, shape, segmenter.cache_dir).exists()
+    assert not list(segmenter.cache_dir.glob("*.onnx"))
+
+
+@pytest.mark.parametrize("backend", EXPORTED)
+def test_a_graph_is_not_used_for_a_card_whose_network_computes_otherwise_with_the_same_weights(tmp_path, backend):
+    folder = tiny_model_folder(tmp_path / "model")
+    options = SegmentOptions(device="cpu", backend=backend, check_modality=False)
+    volume = sample_crop()
+    first = Segmenter.load(folder, device="cpu")
+    first.cache_dir = tmp_path / "compiled"
+    first.prepare_backend(options)
+    graphs = set(first.cache_dir.glob("*.onnx"))
+    card = json.loads((folder / "model.json").read_text())
+    card["architecture"]["config"]["activation"] = "relu"  # the same tensors fit: only what they compute changes
+    (folder / "model.json").write_text(json.dumps(card))
+    edited = Segmenter.load(folder, device="cpu")
+    edited.cache_dir = first.cache_dir
+    assert edited.weights_sha256() == first.weights_sha256() and edited.network_sha256() != first.network_sha256()
+    assert edited.will_export(options, 1)
+    result = edited.segment([volume], options)
+    assert edited.network_built and set(first.cache_dir.glob("*.onnx")) > graphs, "exported anew"
+    expected = edited.segment([volume], dataclasses.replace(options, backend="torch"))
+    image_czyx = edited.pipeline.prepare([volume]).image_czyx
+    probabilities = [
+        blended(segmenter, name, image_czyx, options)
+        for segmenter, name in ((edited, backend), (edited, "torch"), (first, backend))
+    ]
+    assert (result.labels.array_zyx == expected.labels.array_zyx).mean() >= 0.999
+    assert np.abs(probabilities[0] - probabilities[1]).max() < 1e-3 < np.abs(probabilities[0] - probabilities[2]).max()
 
 
 @pytest.mark.parametrize("backend", EXPORTED)

@@ -179,6 +179,29 @@ def test_model_problems_exit_3(tmp_path):
     assert not (tmp_path / "o.seg.nrrd").exists()
 
 
+@pytest.mark.parametrize("edit", ["features", "architecture"])
+def test_a_model_whose_network_cannot_be_built_exits_3_before_any_case(tmp_path, capsys, edit):
+    # the network is built when a run first needs it (a run whose graph is cached never does), but a run that
+    # will need it builds it before its first case, as a run built it at load before
+    model = tiny_model_folder(tmp_path / "model")
+    card = json.loads((model / "model.json").read_text())
+    if edit == "features":
+        card["architecture"]["config"]["features"] = [4, 16]
+    else:
+        card["architecture"]["name"] = "resnet"
+    (model / "model.json").write_text(json.dumps(card))  # the weights and their checksum stay as they are
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for seed in (1, 2):
+        write_case(inputs / f"case{seed}.nrrd", seed=seed)
+    out = tmp_path / "out"
+    assert main(["segment", str(inputs), "--model", str(model), "--output", str(out), "--json"]) == EXIT_MODEL
+    printed = capsys.readouterr()
+    expected = "weights do not fit the architecture in the card" if edit == "features" else "unknown network architecture"
+    assert expected in printed.err
+    assert printed.out == "" and not (out.exists() and any(out.iterdir()))
+
+
 def test_bad_output_path_exit_2_and_nothing_written(tmp_path):
     model = tiny_model_folder(tmp_path / "model")
     image = write_case(tmp_path / "case.nrrd")

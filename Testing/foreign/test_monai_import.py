@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -233,6 +234,49 @@ def test_stored_network_is_monais_network_with_the_bundles_weights(imported, bun
     with torch.no_grad():
         expected = net.net(x.permute(0, 1, 4, 3, 2)).permute(0, 1, 4, 3, 2)
         np.testing.assert_allclose(net(x).numpy(), expected.numpy(), atol=1e-5)
+
+
+CACHED_RUN = """
+import json, sys
+from pathlib import Path
+from deepseg_core.inference.predictor import Segmenter, SegmentOptions
+from deepseg_core.io import read_image, write_image
+from deepseg_core.model_store import ModelStore
+args = json.loads(sys.argv[1])
+segmenter = Segmenter.load(args["ref"], device="cpu", store=ModelStore(args["store"]))
+segmenter.cache_dir = Path(args["cache"])
+result = segmenter.segment([read_image(args["image"])], SegmentOptions(device="cpu", backend="openvino"))
+write_image(result.labels, args["labels"])
+monai = sorted(name for name in sys.modules if name == "monai" or name.startswith("monai."))
+print(json.dumps({"monai": monai, "built": segmenter.network_built, "backend": result.backend,
+                  "digest": segmenter.weights_sha256()}))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="OpenVINO not installed")
+def test_a_run_whose_graph_is_cached_does_not_import_monai(imported, store, inputs, work):
+    from deepseg_core.inference.backends import weights_digest
+
+    segmenter = Segmenter.load(imported.ref, device="cpu", store=store)
+    segmenter.cache_dir = work / "compiled_for_the_cached_run"
+    assert [stage["exported"] for stage in segmenter.prepare_backend(SegmentOptions(backend="openvino"))] == [True]
+    expected = segmenter.segment([read_image(inputs["oblique_lps"])], torch_options())
+    args = {
+        "ref": imported.ref,
+        "store": str(store.root),
+        "cache": str(segmenter.cache_dir),
+        "image": str(inputs["oblique_lps"]),
+        "labels": str(work / "cached_run_labels.nii.gz"),
+    }
+    run = subprocess.run(
+        [sys.executable, "-c", CACHED_RUN, json.dumps(args)], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    # the graph computed every tile: the network, and MONAI with it, were never needed
+    assert report == {"monai": [], "built": False, "backend": "openvino", "digest": weights_digest(segmenter.net)}
+    labels = read_image(args["labels"]).array_zyx
+    assert (labels == expected.labels.array_zyx).mean() >= 0.999
 
 
 def test_a_checkpoint_dict_with_a_model_entry_imports(bundle, work):

@@ -235,6 +235,22 @@ def test_both_stages_are_prepared_and_then_run_without_exporting(card, store, im
     assert statuses == [] and result.backend == "openvino" and result.first_stage["backend"] == "openvino"
 
 
+def test_a_cascade_whose_graphs_are_cached_builds_neither_stages_network(card, store, images, tmp_path):
+    from deepseg_core.inference.backends import weights_digest
+
+    preparing = Segmenter.load(card.ref, device="cpu", store=store)
+    preparing.cache_dir = preparing.previous_stage.cache_dir = tmp_path
+    preparing.prepare_backend(options(backend="openvino"))
+    later = Segmenter.load(card.ref, device="cpu", store=store)
+    later.cache_dir = later.previous_stage.cache_dir = tmp_path
+    digests = (later.previous_stage.weights_sha256(), later.weights_sha256())
+    result = later.segment([io.read_image(images["phantom"])], options(backend="openvino"))
+    assert (result.backend, result.first_stage["backend"]) == ("openvino", "openvino")
+    assert not later.network_built and not later.previous_stage.network_built
+    assert digests == (weights_digest(preparing.previous_stage.net), weights_digest(preparing.net))
+    assert digests == (weights_digest(later.previous_stage.net), weights_digest(later.net))
+
+
 def test_a_cascade_is_not_fine_tuned_and_says_what_to_do(card, store, tmp_path):
     dataset = site_dataset(tmp_path / "site")
     versions = store.versions(card.name)

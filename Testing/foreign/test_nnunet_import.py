@@ -330,6 +330,17 @@ def test_labels_get_terminology_codes_when_deepseg_knows_them(tiny_folders, tmp_
     assert [(label.name, label.code) for label in card.labels] == [("liver", liver), ("liver lesion", None)]
 
 
+@pytest.mark.parametrize("key", ["3d", "2d", "resenc", "lowres"])
+def test_the_graph_key_read_from_the_weights_file_is_the_built_networks_digest(imported, store, key):
+    from deepseg_core.inference.backends import weights_digest
+
+    # "3d" is an ensemble of two folds (members registered as member_<fold>), "2d" a network wrapped for 2D tiles
+    segmenter = Segmenter.load(imported[key].ref, device="cpu", store=store)
+    before = segmenter.weights_sha256()
+    assert not segmenter.network_built
+    assert before == weights_digest(segmenter.net)
+
+
 def test_folds_and_configuration_options(tiny_folders, tmp_path, store):
     one = import_model(tiny_folders["3d"], store, name="tiny-fold1", folds=["1"])
     assert one.ensemble == ("fold_1",) and list(one.source["files"]) == [

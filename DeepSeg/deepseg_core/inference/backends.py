@@ -9,8 +9,9 @@ are optional (``pip install deepseg[cpu-fast]``).
 - ``onnxruntime`` / ``openvino``: the network exported once to ONNX (opset 17, the TorchScript
   exporter) with the sliding window's fixed batch and patch, cached per model version. A cached
   graph is used only when its key matches: the SHA-256 of the network's actual tensors
-  (:func:`weights_digest`), the patch, the batch, the input channels, the exporting torch version
-  and the graph file's own SHA-256; otherwise it is rebuilt. Instance norms are exported as
+  (:func:`weights_digest`, with the model card's architecture where a Segmenter runs it), the
+  patch, the batch, the input channels, the exporting torch version and the graph file's own
+  SHA-256; otherwise it is rebuilt. Instance norms are exported as
   :class:`PooledInstanceNorm` (the same arithmetic, reduced one axis at a time): OpenVINO's
   merged per-channel reduction drifted by up to 1e-2 in probability on tiles with padding. A
   decoder's convolution of a concatenation is split into one convolution per part, summed, for
@@ -52,7 +53,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,8 +169,13 @@ def weights_digest(net: nn.Module) -> str:
     """SHA-256 of the network's current tensors (names, dtypes, shapes, bytes): what an exported graph
     computes. Taken from the weights themselves, never from a card, so a network being trained
     can never be run through a graph exported from an earlier state of it."""
+    return tensors_digest(net.state_dict())
+
+
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """:func:`weights_digest` of a network whose ``state_dict()`` would be ``tensors``, from the tensors alone."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(net.state_dict().items()):
+    for name, tensor in sorted(tensors.items()):
         value = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
         # the tensor's own memory, not a bytes copy of it (the same digest)
@@ -177,14 +183,86 @@ def weights_digest(net: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def input_free_setup(net: nn.Module, backend: str) -> str:
+class DeferredNetwork:
+    """A network that is built the first time something needs it, with the digest of its weights before that.
+
+    A run whose graph is cached (:func:`cached_onnx`) computes every tile in the runtime and never calls the
+    network itself, so building it would be wasted: for a model imported from a MONAI bundle, building it
+    imports MONAI, 3.3 s and 160 MB of a run here. ``build()`` returns the network, with exactly
+    ``tensors`` (named as its ``state_dict()`` names them) loaded; it is called at most once, and raises
+    what building raises (a :class:`~deepseg_core.errors.ModelError` for weights that do not fit).
+    """
+
+    def __init__(self, build: Callable[[], nn.Module], tensors: Mapping[str, torch.Tensor]) -> None:
+        self._build: Callable[[], nn.Module] | None = build
+        self._tensors: Mapping[str, torch.Tensor] | None = tensors
+        self._net: nn.Module | None = None
+        self._digest: str | None = None
+        self._lock = threading.Lock()
+        #: what the last attempt to build raised, if it did (the next :meth:`network` tries again)
+        self.build_error: Exception | None = None
+
+    @classmethod
+    def of(cls, net: nn.Module) -> DeferredNetwork:
+        """An already built network (one being trained, say): its digest is always taken from it anew."""
+        deferred = cls(lambda: net, {})
+        deferred.network()
+        return deferred
+
+    @property
+    def built(self) -> bool:
+        """Whether :meth:`network` has built the network."""
+        return self._net is not None
+
+    def network(self) -> nn.Module:
+        """The network, built now if it was not yet."""
+        with self._lock:
+            if self._net is None:
+                assert self._build is not None
+                try:
+                    self._net = self._build()
+                except Exception as exc:
+                    self.build_error = exc
+                    raise
+                self.build_error = None
+                # the network holds the weights now: the file's copy of them would only double the memory
+                self._build, self._tensors = None, None
+            return self._net
+
+    def weights_sha256(self) -> str:
+        """:func:`weights_digest` of the network as it is now, without building it."""
+        with self._lock:
+            if self._net is not None:
+                return weights_digest(self._net)
+            if self._digest is None:
+                assert self._tensors is not None
+                self._digest = tensors_digest(self._tensors)
+            return self._digest
+
+    def then(self, transform: Callable[[nn.Module], nn.Module], name_prefix: str = "") -> DeferredNetwork:
+        """A deferred ``transform(network)``, whose ``state_dict()`` names the same tensors with ``name_prefix``
+        in front (a wrapper module registered under that name). Builds nothing now; the result builds this."""
+        if self._net is not None:
+            return DeferredNetwork.of(transform(self._net))
+        assert self._tensors is not None
+        tensors = {f"{name_prefix}{name}": value for name, value in self._tensors.items()}
+        return DeferredNetwork(lambda: transform(self.network()), tensors)
+
+
+def network_of(net: nn.Module | DeferredNetwork) -> nn.Module:
+    """``net``, built if it is a :class:`DeferredNetwork`."""
+    return net.network() if isinstance(net, DeferredNetwork) else net
+
+
+def input_free_setup(weights_sha256: Callable[[], str], backend: str) -> str:
     """The part of an exported backend's set-up that needs no input image, which a caller can run beside
-    the preprocessing: import the runtime (0.09 s for OpenVINO) and return :func:`weights_digest`."""
+    the preprocessing: import the runtime (0.09 s for OpenVINO) and return ``weights_sha256()`` (the graph key,
+    from the network's weights, :func:`weights_digest`)."""
     try:
         importlib.import_module(BACKEND_PACKAGES[backend])
     except Exception as exc:  # a runtime that will not import: tile_function meets it again and falls back
         log.debug("importing %s beforehand failed: %s", backend, exc)
-    return weights_digest(net)
+    return weights_sha256()
 
 
 def export_key(weights_sha256: str, backend: str, input_shape: tuple[int, ...]) -> dict[str, object]:
@@ -876,7 +954,7 @@ def graph_cached(weights_sha256: str, backend: str, input_shape: tuple[int, ...]
 
 
 def cached_onnx(
-    net: nn.Module,
+    net: nn.Module | DeferredNetwork,
     weights_sha256: str,
     backend: str,
     input_shape: tuple[int, ...],
@@ -884,7 +962,7 @@ def cached_onnx(
     load: Callable[[Path], Loaded] | None = None,
 ) -> Loaded | Path:
     """The ONNX graph of ``net`` for ``input_shape`` ``(B, C, *patch)``, exported once and cached, or
-    what ``load`` makes of it.
+    what ``load`` makes of it. A :class:`DeferredNetwork` is built only if the graph must be exported.
 
     The graph and its key (JSON) sit in ``cache_dir``; a graph whose key or own checksum does not
     match is exported again (written to a temporary name, then renamed, its OpenVINO blobs removed),
@@ -958,7 +1036,7 @@ def graph_lock_path(graph: Path) -> Path:
 
 
 def _cached_or_exported(
-    net: nn.Module,
+    net: nn.Module | DeferredNetwork,
     backend: str,
     input_shape: tuple[int, ...],
     graph: Path,
@@ -986,7 +1064,7 @@ def _cached_or_exported(
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                exportable(net, backend),
+                exportable(network_of(net), backend),
                 (example,),
                 str(tmp),
                 opset_version=ONNX_OPSET,
@@ -1171,7 +1249,7 @@ def openvino_tiles(graph: Path, batch: int, precision: str = "float32") -> Expor
 
 
 def tile_function(
-    net: nn.Module,
+    net: nn.Module | DeferredNetwork,
     choice: BackendChoice,
     weights_sha256: str,
     input_shape: tuple[int, ...],
@@ -1180,7 +1258,9 @@ def tile_function(
 ) -> tuple[TileFunction, BackendChoice]:
     """The callable the sliding window runs tiles through, and the backend actually used.
 
-    ``weights_sha256``: :func:`weights_digest` of ``net`` (the export cache's key). An export or
+    ``weights_sha256``: the export cache's key for ``net``: :func:`weights_digest`, or a digest of more that
+    fixes what it computes (a Segmenter's ``network_sha256`` adds the card's architecture). A
+    :class:`DeferredNetwork` is built only where it runs the tiles or must be exported. An export or
     runtime failure falls back to torch (logged with its reason), never a failed run, and is recorded
     beside the graph cache (:func:`recorded_failure`) so that later runs do not export again to fail
     again; failures of the disk, of memory or of loading the runtime are not recorded.
@@ -1190,8 +1270,8 @@ def tile_function(
 
     def torch_tiles(why: BackendChoice) -> tuple[TileFunction, BackendChoice]:
         if precision == "bfloat16":
-            return BFloat16Tiles(net), why
-        return net, why
+            return BFloat16Tiles(network_of(net)), why
+        return network_of(net), why
 
     if choice.name == "torch":
         return torch_tiles(choice)
@@ -1221,6 +1301,8 @@ def tile_function(
             )
         tiles: ExportedTiles = cached_onnx(net, weights_sha256, choice.name, input_shape, cache_dir, load)  # type: ignore[assignment]
     except Exception as exc:  # any exporter/runtime error: the torch path still works
+        if isinstance(net, DeferredNetwork) and net.build_error is exc:
+            raise  # the network itself cannot be built (weights that do not fit its card): torch cannot run it either
         error = f"{type(exc).__name__}: {str(exc)[:200]}"
         reason = f"{choice.name} could not run this network ({error}); using torch"
         log.warning("%s", reason)

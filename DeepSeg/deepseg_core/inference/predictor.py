@@ -18,6 +18,8 @@ Segment Editor effect. Steps:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -36,13 +38,14 @@ from ..errors import ConfigError, DeepSegError, ImageError
 from ..io import Volume
 from ..model_card import ModelCard
 from ..model_catalog import store_root
-from ..model_store import ModelStore, load_network, resolve_model
+from ..model_store import ModelStore, deferred_networks, resolve_model
 from ..nets import CascadeNetwork
 from .backends import (
     BACKENDS,
     GRAPH_WAIT,
     BackendChoice,
     BFloat16Tiles,
+    DeferredNetwork,
     ExportedTiles,
     TileFunction,
     announcing_graph_waits,
@@ -53,7 +56,6 @@ from .backends import (
     native_bfloat16,
     recorded_failure,
     tile_function,
-    weights_digest,
 )
 from .pipelines import PreparedInput, pipeline_for
 from .sliding_window import ProgressCallback, SlidingWindowConfig, count_tiles, sliding_window_predict
@@ -193,9 +195,21 @@ def check_modality(card: ModelCard, image: Volume, subject: str) -> None:
 
 
 class Segmenter:
-    """A loaded model, ready to segment many volumes (load once, run many)."""
+    """A loaded model, ready to segment many volumes (load once, run many).
 
-    def __init__(self, card: ModelCard, net: nn.Module, device: torch.device | str, cache_dir: Path | None = None) -> None:
+    ``net``: the network, or one built when first needed (:meth:`load` gives such a
+    :class:`~.backends.DeferredNetwork`: a run whose exported graph is cached never builds it). A cascade's
+    :class:`~deepseg_core.nets.CascadeNetwork`, or its second stage with ``previous_stage_net`` its first.
+    """
+
+    def __init__(
+        self,
+        card: ModelCard,
+        net: nn.Module | DeferredNetwork,
+        device: torch.device | str,
+        cache_dir: Path | None = None,
+        previous_stage_net: nn.Module | DeferredNetwork | None = None,
+    ) -> None:
         self.card, self.device = card, torch.device(device)
         config = card.architecture.config
         self.spatial_dims = int(config.get("spatial_dims", 3))
@@ -203,11 +217,17 @@ class Segmenter:
         #: an nnU-Net cascade's first stage, a model of its own whose labels the second stage reads
         self.previous_stage: Segmenter | None = None
         if isinstance(net, CascadeNetwork):
+            assert previous_stage_net is None, "a CascadeNetwork holds its first stage itself"
+            net, previous_stage_net = net.stage, net.previous_stage
+        if previous_stage_net is not None:
             previous = card.previous_stage
             assert previous is not None, "a cascade network needs a cascade card"
-            self.previous_stage = Segmenter(previous, net.previous_stage, device, cache_dir)
-            net = net.stage
-        self.net = (_SliceNet(net) if self.spatial_dims == 2 else net).to(self.device).eval()
+            self.previous_stage = Segmenter(previous, previous_stage_net, device, cache_dir)
+        deferred = net if isinstance(net, DeferredNetwork) else DeferredNetwork.of(net)
+        sliced = self.spatial_dims == 2  # a 2D network runs on one-slice tiles, wrapped as the submodule "net"
+        self._network = deferred.then(
+            lambda built: (_SliceNet(built) if sliced else built).to(self.device).eval(), "net." if sliced else ""
+        )
         self.pipeline = pipeline_for(card, self.spatial_dims, self.context_slices)
         #: where exported graphs of other backends are cached (beside the model store).
         self.cache_dir = cache_dir or store_root(None) / ".cache" / "compiled"
@@ -218,9 +238,30 @@ class Segmenter:
         """Load ``model`` (folder or ``NAME[:VERSION]``) onto ``device``."""
         torch_device = choose_device(device)
         folder = resolve_model(model, store)
-        card, net = load_network(folder, device="cpu")
+        card, net, previous_stage_net = deferred_networks(folder)
         root = store.root if store is not None else store_root(None)
-        return cls(card, net, torch_device, cache_dir=root / ".cache" / "compiled")
+        return cls(card, net, torch_device, cache_dir=root / ".cache" / "compiled", previous_stage_net=previous_stage_net)
+
+    @property
+    def net(self) -> nn.Module:
+        """The network (on :attr:`device`, eval mode), built now if it was not yet."""
+        return self._network.network()
+
+    @property
+    def network_built(self) -> bool:
+        """Whether the network has been built: not by a run whose exported graph was cached."""
+        return self._network.built
+
+    def weights_sha256(self) -> str:
+        """:func:`.backends.weights_digest` of the network as it is now; builds nothing."""
+        return self._network.weights_sha256()
+
+    def network_sha256(self) -> str:
+        """What the network computes, as the key of its exported graphs: SHA-256 of its weights' digest
+        (:meth:`weights_sha256`) and the card's architecture (name and config), so that a graph is never used
+        for a card whose network differs from the one it was exported from; builds nothing."""
+        architecture = json.dumps([self.card.architecture.name, self.card.architecture.config], sort_keys=True)
+        return hashlib.sha256(f"{self.weights_sha256()}:{architecture}".encode()).hexdigest()
 
     def backend_choice(self, options: SegmentOptions) -> BackendChoice:
         """The backend ``options`` ask for, as :func:`.backends.choose_backend` resolves it on this device."""
@@ -232,18 +273,18 @@ class Segmenter:
         )
 
     def tile_function(
-        self, options: SegmentOptions, window: SlidingWindowConfig, input_channels: int, weights_sha256: str | None = None
+        self, options: SegmentOptions, window: SlidingWindowConfig, input_channels: int, network_sha256: str | None = None
     ) -> tuple[TileFunction, str]:
         """What computes a tile batch's logits for this run (see :mod:`.backends`), and the backend's name.
 
         Exported graphs are built once per Segmenter and shape (cached on disk across runs).
-        ``weights_sha256``: :func:`.backends.weights_digest` of the network, when the caller has it already.
+        ``network_sha256``: :meth:`network_sha256`, when the caller has it already.
         """
-        function, used = self._tile_function_and_choice(options, window, input_channels, weights_sha256)
+        function, used = self._tile_function_and_choice(options, window, input_channels, network_sha256)
         return function, used.name
 
     def _tile_function_and_choice(
-        self, options: SegmentOptions, window: SlidingWindowConfig, input_channels: int, weights_sha256: str | None
+        self, options: SegmentOptions, window: SlidingWindowConfig, input_channels: int, network_sha256: str | None
     ) -> tuple[TileFunction, BackendChoice]:
         """:meth:`tile_function`, with the backend actually used (and why, where it fell back to torch)."""
         note = self.precision_note(options)
@@ -254,18 +295,18 @@ class Segmenter:
         if choice.name == "torch":
             return (BFloat16Tiles(self.net) if precision == "bfloat16" else self.net), choice
         # the weights may have changed (training): the key is their digest now, never the card's
-        key = self._tile_key(options, _tile_shape(window, input_channels), weights_sha256 or weights_digest(self.net))
+        key = self._tile_key(options, _tile_shape(window, input_channels), network_sha256 or self.network_sha256())
         if key not in self._tile_functions:
             log.info("inference backend: %s in %s (%s)", choice.name, precision, choice.reason)
-            self._tile_functions[key] = tile_function(self.net, choice, key[2], key[1], self.cache_dir, precision)
+            self._tile_functions[key] = tile_function(self._network, choice, key[2], key[1], self.cache_dir, precision)
         return self._tile_functions[key]
 
-    def _tile_key(self, options: SegmentOptions, shape: tuple[int, ...], weights_sha256: str) -> tuple:
+    def _tile_key(self, options: SegmentOptions, shape: tuple[int, ...], network_sha256: str) -> tuple:
         """Which made tile function a run with ``options`` reuses: backend, tile batch shape, weights, precision."""
-        return (self.backend_choice(options).name, shape, weights_sha256, self._cpu_precision(options))
+        return (self.backend_choice(options).name, shape, network_sha256, self._cpu_precision(options))
 
     def will_export(
-        self, options: SegmentOptions, input_channels: int, weights_sha256: str | None = None, tiles: int | None = None
+        self, options: SegmentOptions, input_channels: int, network_sha256: str | None = None, tiles: int | None = None
     ) -> bool:
         """Whether a run with ``options`` must first export the network for its backend (nothing cached yet for
         these weights and tile shape): a forward pass of one tile batch, seconds to a minute on a CPU. With
@@ -276,7 +317,7 @@ class Segmenter:
         if backend == "torch":
             return False
         shape = _tile_shape(self.window_config(options), input_channels)
-        sha = weights_sha256 or weights_digest(self.net)
+        sha = network_sha256 or self.network_sha256()
         if self._tile_key(options, shape, sha) in self._tile_functions:
             return False
         if recorded_failure(sha, backend, shape, self.cache_dir, self._cpu_precision(options)) is not None:
@@ -295,6 +336,22 @@ class Segmenter:
         # one tile: a partial batch, so that the single-tile graph prepare_backend makes is counted too
         return self.will_export(options, self.pipeline.network_input_channels, tiles=1)
 
+    def build_networks_runs_need(self, options: SegmentOptions) -> None:
+        """Build now each stage's network that runs with ``options`` will call or export (the torch backend, a graph
+        not cached yet, ONNX Runtime's single-tile graph, a runtime that could not take the network before), so that
+        weights that do not fit their card fail before the first case, not in it. A stage whose graphs are cached
+        stays unbuilt: its runs never call the network. Raises what building raises (:class:`ModelError`)."""
+        if self.previous_stage is not None:
+            self.previous_stage.build_networks_runs_need(_first_stage_options(options))
+        backend = self.backend_choice(options).name
+        if backend != "torch":
+            channels = self.pipeline.network_input_channels
+            shape = _tile_shape(self.window_config(options), channels)
+            failed = recorded_failure(self.network_sha256(), backend, shape, self.cache_dir, self._cpu_precision(options))
+            if failed is None and not self.will_export(options, channels, tiles=1):
+                return
+        self._network.network()
+
     def prepare_backend(self, options: SegmentOptions | None = None) -> list[dict[str, object]]:
         """Export and compile the network for the backend ``options`` choose on this device (default options:
         ``auto``, float32), so that the first segmentation does not (``deepseg models import`` calls this).
@@ -310,7 +367,7 @@ class Segmenter:
         if self.backend_choice(options).name == "torch":
             return [*prepared, {"backend": "torch", "exported": False, "seconds": 0.0}]
         channels = self.pipeline.network_input_channels
-        sha = weights_digest(self.net)
+        sha = self.network_sha256()
         exported = self.will_export(options, channels, sha)
         function, used = self._tile_function_and_choice(options, self.window_config(options), channels, sha)
         if isinstance(function, ExportedTiles):
@@ -456,7 +513,7 @@ class Segmenter:
             # An exported graph's cache key hashes the weights (0.1 s for nnU-Net's 31M parameters) and
             # its runtime takes a while to import: both beside the preprocessing, which needs neither.
             choice = self.backend_choice(options)
-            digest = pool.submit(input_free_setup, self.net, choice.name) if choice.name != "torch" else None
+            digest = pool.submit(input_free_setup, self.network_sha256, choice.name) if choice.name != "torch" else None
             prepared = self.prepare(channels, options, subjects, previous_labels)
             if domain_check is None:
                 domain_check = self.check_inputs(channels)
@@ -465,11 +522,11 @@ class Segmenter:
             collector = self.pipeline.collector(prepared, reference, options)
             window = self.window_config(options)
             clock = time.perf_counter()
-            weights_sha256 = digest.result() if digest is not None else None
+            network_sha256 = digest.result() if digest is not None else None
         input_channels = int(prepared.image_czyx.shape[0])
         if on_status is not None:
             tile_count = count_tiles(tuple(prepared.image_czyx.shape[1:]), window)
-            if self.will_export(options, input_channels, weights_sha256, tile_count):
+            if self.will_export(options, input_channels, network_sha256, tile_count):
                 on_status(preparing_message(choice.name))
 
         def announce_graph_event(event: str) -> None:  # else the progress stands still with no word while this run waits
@@ -477,10 +534,10 @@ class Segmenter:
                 on_status(waiting_message(choice.name) if event == GRAPH_WAIT else preparing_message(choice.name))
 
         with announcing_graph_waits(announce_graph_event):
-            tiles, backend = self.tile_function(options, window, input_channels, weights_sha256)
+            tiles, backend = self.tile_function(options, window, input_channels, network_sha256)
         timings["backend_setup"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        with _mc_dropout(self.net, options.uncertainty == "mc_dropout", self.card.ref):
+        with _mc_dropout(self._network, options.uncertainty == "mc_dropout", self.card.ref):
             window_stats = sliding_window_predict(
                 tiles,
                 prepared.image_czyx,
@@ -576,7 +633,7 @@ def _first_stage_options(options: SegmentOptions) -> SegmentOptions:
 
 
 @contextmanager
-def _mc_dropout(net: nn.Module, enable: bool, ref: str) -> Iterator[None]:
+def _mc_dropout(network: DeferredNetwork, enable: bool, ref: str) -> Iterator[None]:
     """Dropout layers in training mode (stochastic) for the duration; everything else stays as it is.
 
     Only the dropout layers switch: norms must keep their eval behaviour (batch norm would
@@ -586,7 +643,7 @@ def _mc_dropout(net: nn.Module, enable: bool, ref: str) -> Iterator[None]:
     if not enable:
         yield
         return
-    dropouts = [m for m in net.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
+    dropouts = [m for m in network.network().modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
     if not dropouts:
         raise ConfigError(
             f"model {ref} has no dropout layers, so Monte-Carlo dropout cannot vary its output",

@@ -33,18 +33,25 @@ def build_net(name: str, config: dict[str, Any] | UNetConfig, seed: int | None =
         seed: when given, weights are initialised from this seed without disturbing the global
             random state, so two builds with one seed are identical.
     """
-    try:
-        config_cls, net_cls = NET_REGISTRY[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown network architecture {name!r}", expected=f"one of {sorted(NET_REGISTRY)}", found=name
-        ) from None
-    cfg = config if isinstance(config, config_cls) else from_dict(config_cls, dict(config))  # type: ignore[arg-type]
+    cfg = architecture_config(name, config)
+    net_cls = NET_REGISTRY[name][1]
     if seed is None:
         return net_cls(cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return net_cls(cfg)
+
+
+def architecture_config(name: str, config: dict[str, Any] | UNetConfig) -> Any:
+    """Network ``name``'s config dataclass made from ``config``: what :func:`build_net` checks before it builds
+    anything (no module is made, no optional package imported). Raises ConfigError for an unknown ``name``."""
+    try:
+        config_cls = NET_REGISTRY[name][0]
+    except KeyError:
+        raise ConfigError(
+            f"unknown network architecture {name!r}", expected=f"one of {sorted(NET_REGISTRY)}", found=name
+        ) from None
+    return config if isinstance(config, config_cls) else from_dict(config_cls, dict(config))  # type: ignore[arg-type]
 
 
 class LogitEnsemble(nn.Module):
@@ -122,6 +129,7 @@ __all__ = [
     "LogitEnsemble",
     "UNet",
     "UNetConfig",
+    "architecture_config",
     "build_net",
     "count_parameters",
     "network_weights",

@@ -626,6 +626,40 @@ def test_a_network_the_runtime_cannot_take_is_tried_once_not_on_every_run(tmp_pa
 
 
 @pytest.mark.skipif("onnxruntime" not in EXPORTED, reason="ONNX Runtime not installed")
+def test_a_single_tile_graph_the_runtime_cannot_take_is_tried_once_and_partial_batches_are_padded(tmp_path, monkeypatch):
+    folder = tiny_model_folder(tmp_path / "model")
+    options = SegmentOptions(device="cpu", backend="onnxruntime", check_modality=False)
+    real_export = torch.onnx.export
+    exported = []
+
+    def no_single_tile(model, args, *rest, **kwargs):
+        exported.append(tuple(args[0].shape))
+        if args[0].shape[0] == 1:
+            raise torch.onnx.errors.UnsupportedOperatorError("aten::frobnicate", 17, 18)
+        return real_export(model, args, *rest, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", no_single_tile)
+    first = Segmenter.load(folder, device="cpu")
+    first.cache_dir = tmp_path / "compiled"
+    batch, one_tile = (2, 1, 8, 16, 16), (1, 1, 8, 16, 16)
+    assert [stage["backend"] for stage in first.prepare_backend(options)] == ["onnxruntime"]
+    assert exported == [batch, one_tile]
+    error = recorded_failure(first.network_sha256(), "onnxruntime", one_tile, first.cache_dir)
+    assert error is not None and "frobnicate" in error
+    assert recorded_failure(first.network_sha256(), "onnxruntime", batch, first.cache_dir) is None
+
+    later = Segmenter.load(folder, device="cpu")  # the next run, another process
+    later.cache_dir = first.cache_dir
+    assert not later.needs_preparing(options) and not later.will_export(options, 1, tiles=3)
+    assert not later.network_built, "nothing to export: the network is not built for it"
+    function, used = later.tile_function(options, later.window_config(options), 1)
+    tiles = torch.randn(3, *batch[1:], generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(function(tiles[:1]), later.net(tiles[:1]), atol=1e-4, rtol=1e-4)
+    assert used == "onnxruntime" and function.padded_calls == 1 and exported == [batch, one_tile], "not exported again"
+
+
+@pytest.mark.skipif("onnxruntime" not in EXPORTED, reason="ONNX Runtime not installed")
 def test_a_model_whose_export_failed_is_not_announced_as_preparing_again(tmp_path, monkeypatch):
     options = SegmentOptions(device="cpu", backend="onnxruntime")
     first = Segmenter.load(DEFAULT_MODEL, device="cpu")

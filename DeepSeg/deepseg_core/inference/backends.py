@@ -1248,6 +1248,35 @@ def openvino_tiles(graph: Path, batch: int, precision: str = "float32") -> Expor
     )
 
 
+def _record_failure(
+    error: Exception, weights_sha256: str, backend: str, input_shape: tuple[int, ...], precision: str, record: Path, then: str
+) -> None:
+    """Write ``error`` (an export or runtime failure for ``input_shape``) to ``record`` for :func:`recorded_failure`,
+    where it says something about the network (not the disk, memory or a library) and the runtime's version is
+    known; best effort, as the graph cache itself. ``then``: what later runs do instead, for the log."""
+    if not (_says_something_about_the_network(error) and _runtime_version(backend) is not None):
+        return
+    failure = {
+        **_failure_key(weights_sha256, backend, input_shape, precision),
+        "error": f"{type(error).__name__}: {str(error)[:200]}",
+    }
+    try:
+        atomic_write_text(record, json.dumps(failure, indent=2) + "\n")
+        log.warning("recorded in %s: later runs %s at once, until it is removed", record, then)
+    except (OSError, DeepSegError):
+        pass
+
+
+def _remove_stale_record(record: Path) -> None:
+    """Remove a failure record after a success (one written by a run whose failure this one did not meet:
+    another process, a misread error)."""
+    if record.exists():
+        try:
+            record.unlink()
+        except OSError:
+            pass
+
+
 def tile_function(
     net: nn.Module | DeferredNetwork,
     choice: BackendChoice,
@@ -1292,9 +1321,21 @@ def tile_function(
             announce = _GRAPH_WAIT_ANNOUNCER.get()  # the run's, also for the lookup made later, mid-run
 
             def single_tile_session() -> Callable[[np.ndarray], np.ndarray]:
-                # exported (and cached, under its own key) when a partial batch first needs it
-                with announcing_graph_waits(announce):
-                    return cached_onnx(net, weights_sha256, choice.name, one_tile, cache_dir, onnxruntime_session)  # type: ignore[return-value]
+                # exported (and cached, under its own key) when a partial batch first needs it; a failure makes
+                # the runner pad partial batches, and is recorded as the tile batch's is, so as not to cost every run
+                one_record = failure_record_path(weights_sha256, choice.name, one_tile, cache_dir, precision).absolute()
+                earlier_one = recorded_failure(weights_sha256, choice.name, one_tile, cache_dir, precision)
+                if earlier_one is not None:
+                    raise RuntimeError(f"not exported again: it failed when last tried ({earlier_one}; remove {one_record})")
+                try:
+                    with announcing_graph_waits(announce):
+                        session = cached_onnx(net, weights_sha256, choice.name, one_tile, cache_dir, onnxruntime_session)
+                except Exception as exc:
+                    if not (isinstance(net, DeferredNetwork) and net.build_error is exc):
+                        _record_failure(exc, weights_sha256, choice.name, one_tile, precision, one_record, "pad partial batches")
+                    raise
+                _remove_stale_record(one_record)
+                return session  # type: ignore[return-value]
 
             load = functools.partial(
                 onnxruntime_tiles, batch=input_shape[0], run_one=single_tile_session if input_shape[0] > 1 else None
@@ -1303,20 +1344,9 @@ def tile_function(
     except Exception as exc:  # any exporter/runtime error: the torch path still works
         if isinstance(net, DeferredNetwork) and net.build_error is exc:
             raise  # the network itself cannot be built (weights that do not fit its card): torch cannot run it either
-        error = f"{type(exc).__name__}: {str(exc)[:200]}"
-        reason = f"{choice.name} could not run this network ({error}); using torch"
+        reason = f"{choice.name} could not run this network ({type(exc).__name__}: {str(exc)[:200]}); using torch"
         log.warning("%s", reason)
-        if _says_something_about_the_network(exc) and _runtime_version(choice.name) is not None:
-            failure = {**_failure_key(weights_sha256, choice.name, input_shape, precision), "error": error}
-            try:  # best effort, as the graph cache itself: the next run then tries again
-                atomic_write_text(record, json.dumps(failure, indent=2) + "\n")
-                log.warning("recorded in %s: later runs use torch at once, until it is removed", record)
-            except (OSError, DeepSegError):
-                pass
+        _record_failure(exc, weights_sha256, choice.name, input_shape, precision, record, "use torch")
         return torch_tiles(BackendChoice("torch", reason))
-    if record.exists():  # written by a run whose failure this one did not meet (another process, a misread error)
-        try:
-            record.unlink()
-        except OSError:
-            pass
+    _remove_stale_record(record)
     return tiles, choice

@@ -323,8 +323,11 @@ class Segmenter:
         if recorded_failure(sha, backend, shape, self.cache_dir, self._cpu_precision(options)) is not None:
             return False  # the runtime could not take this network: the run goes straight to torch
         shapes = [shape]
+        one_tile = (1, *shape[1:])
         if backend == "onnxruntime" and tiles is not None and tiles % shape[0] != 0:
-            shapes.append((1, *shape[1:]))
+            # unless it failed before: partial batches are then padded, with nothing to export
+            if recorded_failure(sha, backend, one_tile, self.cache_dir, self._cpu_precision(options)) is None:
+                shapes.append(one_tile)
         return not all(graph_cached(sha, backend, each, self.cache_dir) for each in shapes)
 
     def needs_preparing(self, options: SegmentOptions | None = None) -> bool:

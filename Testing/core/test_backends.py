@@ -626,7 +626,7 @@ def test_a_network_the_runtime_cannot_take_is_tried_once_not_on_every_run(tmp_pa
 
 
 @pytest.mark.skipif("onnxruntime" not in EXPORTED, reason="ONNX Runtime not installed")
-def test_a_single_tile_graph_the_runtime_cannot_take_is_tried_once_and_partial_batches_are_padded(tmp_path, monkeypatch):
+def test_a_single_tile_graph_the_runtime_cannot_take_is_tried_once_and_partial_batches_are_padded(tmp_path, monkeypatch, caplog):
     folder = tiny_model_folder(tmp_path / "model")
     options = SegmentOptions(device="cpu", backend="onnxruntime", check_modality=False)
     real_export = torch.onnx.export
@@ -654,8 +654,10 @@ def test_a_single_tile_graph_the_runtime_cannot_take_is_tried_once_and_partial_b
     assert not later.network_built, "nothing to export: the network is not built for it"
     function, used = later.tile_function(options, later.window_config(options), 1)
     tiles = torch.randn(3, *batch[1:], generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
+    with torch.no_grad(), caplog.at_level("WARNING"):
         torch.testing.assert_close(function(tiles[:1]), later.net(tiles[:1]), atol=1e-4, rtol=1e-4)
+    record = failure_record_path(later.network_sha256(), "onnxruntime", one_tile, later.cache_dir)
+    assert f"padding partial batches (remove {record} to try again)" in caplog.text
     assert used == "onnxruntime" and function.padded_calls == 1 and exported == [batch, one_tile], "not exported again"
 
 

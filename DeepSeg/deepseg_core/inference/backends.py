@@ -1289,7 +1289,9 @@ def tile_function(
 
     ``weights_sha256``: the export cache's key for ``net``: :func:`weights_digest`, or a digest of more that
     fixes what it computes (a Segmenter's ``network_sha256`` adds the card's architecture). A
-    :class:`DeferredNetwork` is built only where it runs the tiles or must be exported. An export or
+    :class:`DeferredNetwork` is built only where it runs the tiles or must be exported. ONNX Runtime's
+    single-tile graph (for partial batches) is exported when first needed, and a failure of it recorded the
+    same way under its own shape (partial batches are then padded). An export or
     runtime failure falls back to torch (logged with its reason), never a failed run, and is recorded
     beside the graph cache (:func:`recorded_failure`) so that later runs do not export again to fail
     again; failures of the disk, of memory or of loading the runtime are not recorded.
@@ -1326,6 +1328,13 @@ def tile_function(
                 one_record = failure_record_path(weights_sha256, choice.name, one_tile, cache_dir, precision).absolute()
                 earlier_one = recorded_failure(weights_sha256, choice.name, one_tile, cache_dir, precision)
                 if earlier_one is not None:
+                    log.warning(
+                        "%s could not take this network's single-tile graph when last tried (%s); padding partial"
+                        " batches (remove %s to try again)",
+                        choice.name,
+                        earlier_one,
+                        one_record,
+                    )
                     raise RuntimeError(f"not exported again: it failed when last tried ({earlier_one}; remove {one_record})")
                 try:
                     with announcing_graph_waits(announce):

@@ -108,17 +108,12 @@ def load_network(
     An ensemble card (``card.ensemble``) gives a :class:`~deepseg_core.nets.LogitEnsemble` of its members; a
     cascade's card (``card.previous_stage``) a :class:`~deepseg_core.nets.CascadeNetwork` of both stages.
     """
-    folder = Path(folder)
-    card = card or read_model_folder(folder)
-    second, first = _stage_weights(card, read_weights(folder))
-    if card.previous_stage is None:
-        return card, _network_from_state(card, second, folder).to(device).eval()
+    card, net, previous_stage = deferred_networks(folder, card)
+    if previous_stage is None:
+        return card, net.network().to(device).eval()
     from .nets import CascadeNetwork
 
-    net = CascadeNetwork(
-        _network_from_state(card, second, folder), _network_from_state(card.previous_stage, first, folder, " (first stage)")
-    )
-    return card, net.to(device).eval()
+    return card, CascadeNetwork(net.network(), previous_stage.network()).to(device).eval()
 
 
 def deferred_networks(
@@ -131,7 +126,7 @@ def deferred_networks(
     is built."""
     from .errors import ConfigError
     from .inference.backends import DeferredNetwork
-    from .nets import architecture_config
+    from .nets import LogitEnsemble, architecture_config
 
     folder = Path(folder)
     card = card or read_model_folder(folder)
@@ -148,8 +143,12 @@ def deferred_networks(
 
         if not stage_card.ensemble:
             return DeferredNetwork(build, state)
-        # LogitEnsemble registers member m as the submodule member_m: its state_dict names say so
-        return DeferredNetwork(build, {f"member_{name}": value for name, value in state.items()})
+        # the file names a member's tensors "<member>.<name>", the ensemble's state_dict by the submodule it registers
+        renamed = {}
+        for key, value in state.items():
+            member, _, name = key.partition(".")
+            renamed[f"{LogitEnsemble.submodule_name(member)}.{name}"] = value
+        return DeferredNetwork(build, renamed)
 
     if card.previous_stage is None:
         return card, deferred(card, second, ""), None

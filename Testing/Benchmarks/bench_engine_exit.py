@@ -30,7 +30,6 @@ each row then is ``NAME/kind``. The engines share the model and its graph cache.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -102,15 +101,14 @@ def model_arguments(model: str, workdir: Path) -> list[str]:
     bundle is imported into a store in ``workdir`` first (without preparing it: the uncounted first run does)."""
     if model == "bundled":
         return ["--model", str(DEFAULT_MODEL)]
-    spec = importlib.util.spec_from_file_location("make_tiny_monai_bundle", REPO / "scripts" / "make_tiny_monai_bundle.py")
-    assert spec is not None and spec.loader is not None
-    maker = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(maker)
+    sys.path.insert(0, str(REPO / "Testing" / "foreign"))
+    from monai_fixtures import bundle_script
+
     from deepseg_core.importers import import_model
     from deepseg_core.model_store import ModelStore
 
     store = ModelStore(workdir / "store")
-    card = import_model(maker.ensure_bundle(full=model == "monai-bundle-full"), store, name="bundle")
+    card = import_model(bundle_script().ensure_bundle(full=model == "monai-bundle-full"), store, name="bundle")
     return ["--model", card.ref, "--models-dir", str(store.root)]
 
 

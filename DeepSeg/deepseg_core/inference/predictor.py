@@ -323,8 +323,8 @@ class Segmenter:
         if recorded_failure(sha, backend, shape, self.cache_dir, self._cpu_precision(options)) is not None:
             return False  # the runtime could not take this network: the run goes straight to torch
         shapes = [shape]
-        one_tile = (1, *shape[1:])
         if backend == "onnxruntime" and tiles is not None and tiles % shape[0] != 0:
+            one_tile = (1, *shape[1:])
             # unless it failed before: partial batches are then padded, with nothing to export
             if recorded_failure(sha, backend, one_tile, self.cache_dir, self._cpu_precision(options)) is None:
                 shapes.append(one_tile)
@@ -348,10 +348,11 @@ class Segmenter:
             self.previous_stage.build_networks_runs_need(_first_stage_options(options))
         backend = self.backend_choice(options).name
         if backend != "torch":
-            channels = self.pipeline.network_input_channels
+            channels, sha = self.pipeline.network_input_channels, self.network_sha256()
             shape = _tile_shape(self.window_config(options), channels)
-            failed = recorded_failure(self.network_sha256(), backend, shape, self.cache_dir, self._cpu_precision(options))
-            if failed is None and not self.will_export(options, channels, tiles=1):
+            # will_export is False also where a runtime failed before, and the run then computes in torch
+            failed = recorded_failure(sha, backend, shape, self.cache_dir, self._cpu_precision(options))
+            if failed is None and not self.will_export(options, channels, sha, tiles=1):
                 return
         self._network.network()
 

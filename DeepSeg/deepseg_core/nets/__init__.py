@@ -68,7 +68,12 @@ class LogitEnsemble(nn.Module):
             raise ConfigError("an ensemble needs at least one member network")
         self.names = list(members)
         for name, member in members.items():
-            self.add_module(f"member_{name}", member)
+            self.add_module(self.submodule_name(name), member)
+
+    @staticmethod
+    def submodule_name(member: str) -> str:
+        """What member ``member`` is registered as: its tensors' ``state_dict()`` names start with it."""
+        return f"member_{member}"
 
     def weights(self) -> dict[str, torch.Tensor]:
         """Every member's tensors under ``<member>.`` (the layout of an ensemble's weights file)."""
@@ -76,7 +81,7 @@ class LogitEnsemble(nn.Module):
 
     def member(self, name: str) -> nn.Module:
         """The member network ``name``."""
-        return getattr(self, f"member_{name}")
+        return getattr(self, self.submodule_name(name))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """``(B, C, *patch)`` -> mean logits ``(B, K, *patch)``; in training with deep supervision, the

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -75,3 +76,47 @@ def test_two_ranks_share_the_cases_a_killed_rank_is_finished_by_the_rerun_and_ra
     assert not [p for p in out.iterdir() if p.name.startswith((".deepseg-staging-", ".deepseg-commit-"))]
     liver_ml = [by_case[n]["segments"][0]["ml"] for n in CASES]
     assert np.all(np.isfinite(liver_ml))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_nodes_of_one_rank_each_share_the_cases_by_global_rank_and_node_0_writes_the_summary(tmp_path):
+    """`torchrun --nnodes 2 --node_rank K --nproc_per_node 1 ...` on each node (two here, on loopback, as two
+    machines sharing the output folder would run it): each process's LOCAL_RANK is 0, so a shard taken by
+    the local rank would do every case twice and leave the other half to no one."""
+    model = tiny_model_folder(tmp_path / "model")
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    names = CASES[:4]
+    for index, name in enumerate(names):
+        phantom = generate_phantom(seed=60 + index, shape_zyx=(16, 32, 32), spacing_xyz_mm=(1.5, 1.5, 2.5))
+        io.write_image(phantom.image, inputs / f"{name}.nrrd")
+    env = dict(os.environ, PYTHONPATH=str(REPO / "DeepSeg"), OMP_NUM_THREADS="1")
+    port = free_port()
+    nodes = []
+    for node_rank in (0, 1):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node_rank)]
+        command += ["--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "deepseg_core"]
+        command += ["segment", str(inputs), "--model", str(model), "--output", str(out), "--device", "cpu", "--json"]
+        command += ["--backend", "torch"]
+        nodes.append(
+            subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", errors="replace", env=env)
+        )
+    finished = [node.communicate(timeout=600) for node in nodes]
+    events = [[json.loads(line) for line in stdout.splitlines() if line.startswith("{")] for stdout, _ in finished]
+    what_happened = f"exit codes {[node.returncode for node in nodes]}; stderr: {[stderr[-2000:] for _, stderr in finished]}"
+    assert [node.returncode for node in nodes] == [0, 0], what_happened
+    done_by_node = [[e["case"] for e in node_events if e["event"] == "case_done"] for node_events in events]
+    assert done_by_node == [names[0::2], names[1::2]], what_happened
+    assert [e["rank"] for e in events[1] if e["event"] == "start"] == [1]
+    assert [e["event"] for e in events[1] if e["event"] == "summary"] == [], "only global rank 0 writes the summary"
+    summary = json.loads((out / "deepseg_summary.json").read_text())
+    assert {row["case"]: (row["status"], row["rank"]) for row in summary["results"]} == {
+        name: ("done", index % 2) for index, name in enumerate(names)
+    }
+    for name in names:
+        assert io.read_segmentation(out / f"{name}.seg.nrrd").grid.shape_zyx == (16, 32, 32)

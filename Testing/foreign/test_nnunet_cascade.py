@@ -251,6 +251,38 @@ def test_a_cascade_whose_graphs_are_cached_builds_neither_stages_network(card, s
     assert digests == (weights_digest(later.previous_stage.net), weights_digest(later.net))
 
 
+def test_a_cascade_whose_first_stage_the_runtime_cannot_take_runs_that_stage_in_torch_and_the_second_in_openvino(
+    card, store, images, tmp_path, monkeypatch
+):
+    """Each stage chooses its backend on its own: an export that fails for the first stage's network (one input
+    channel) sends that stage to torch, is recorded, and the second stage still runs in OpenVINO; the labels
+    are torch's, and a later run builds only the first stage's network."""
+    real_export = torch.onnx.export
+
+    def first_stage_unsupported(model, args, *rest, **kwargs):
+        if args[0].shape[1] == 1:
+            raise torch.onnx.errors.UnsupportedOperatorError("aten::frobnicate", 17, 18)
+        return real_export(model, args, *rest, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", first_stage_unsupported)
+    volume = io.read_image(images["phantom"])
+    first = Segmenter.load(card.ref, device="cpu", store=store)
+    first.cache_dir = first.previous_stage.cache_dir = tmp_path
+    result = first.segment([volume], options(backend="openvino"))
+    assert (result.first_stage["backend"], result.backend) == ("torch", "openvino")
+    torch_labels = Segmenter.load(card.ref, device="cpu", store=store).segment([volume], options()).labels.array_zyx
+    assert float((result.labels.array_zyx == torch_labels).mean()) >= 0.999
+
+    later = Segmenter.load(card.ref, device="cpu", store=store)  # the next run: the failure is on record
+    later.cache_dir = later.previous_stage.cache_dir = tmp_path
+    assert not later.needs_preparing(options(backend="openvino"))
+    later.build_networks_runs_need(options(backend="openvino"))
+    assert later.previous_stage.network_built and not later.network_built
+    again = later.segment([volume], options(backend="openvino"))
+    assert (again.first_stage["backend"], again.backend) == ("torch", "openvino")
+    assert np.array_equal(again.labels.array_zyx, result.labels.array_zyx)
+
+
 def test_a_cascade_is_not_fine_tuned_and_says_what_to_do(card, store, tmp_path):
     dataset = site_dataset(tmp_path / "site")
     versions = store.versions(card.name)

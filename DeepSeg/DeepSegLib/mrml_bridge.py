@@ -24,6 +24,9 @@ from .terminology import TerminologyIndex, slicer_terminology_logic
 SOURCE_TAG = "DeepSeg.Source"
 LABEL_TAG = "DeepSeg.LabelValue"
 TERMINOLOGY_TAG = "TerminologyEntry"
+#: node attributes (``DeepSeg.Model``, ``DeepSeg.PredictionPath``) and references DeepSeg sets on an output node
+ATTRIBUTE_PREFIX = "DeepSeg."
+INPUT_VOLUME_REFERENCE = "DeepSeg.InputVolume"
 _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
@@ -204,22 +207,59 @@ def add_segment(
 
 
 def segment_mask(segmentation_node: slicer.vtkMRMLSegmentationNode, segment_id: str, grid: io.Volume) -> np.ndarray:
-    """Boolean mask ``(Z, Y, X)`` of one segment resampled (nearest) onto ``grid``."""
+    """Boolean mask ``(Z, Y, X)`` of one segment resampled (nearest) onto ``grid``, in world coordinates: a
+    transform above the segmentation node is applied, as Slicer's own export to a labelmap applies it.
+
+    The segment's labelmap may lie on another geometry (the Segment Editor's "Specify geometry", another
+    source volume, oversampling) and reach beyond the image.
+
+    Raises:
+        ImageError: labelled voxels outside ``grid`` (they would be lost), or no labelmap can be made.
+    """
+    segmentation = segmentation_node.GetSegmentation()
+    labelmap_name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    # a segmentation whose source is another representation (closed surface) is converted one segment at a
+    # time, onto a copy that burns the segment as 1 whatever label value the segment keeps from a shared layer
+    converted = not segmentation.ContainsRepresentation(labelmap_name)
     labelmap = slicer.vtkOrientedImageData()
     if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
-        segmentation_node, segment_id, labelmap, False
+        segmentation_node, segment_id, labelmap, True
     ):
         raise io.ImageError(f"segment {segment_id!r} has no labelmap", subject=segmentation_node.GetName())
-    reference = reference_geometry(grid)
     resampled = slicer.vtkOrientedImageData()
-    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, reference, resampled, False, True)
-    dims = resampled.GetDimensions()
+    # padded: the output spans the image and the labelmap, so that voxels beyond the image are seen, not cut off
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+        labelmap, reference_geometry(grid), resampled, False, True
+    )
     if resampled.GetPointData().GetScalars() is None:
         return np.zeros(grid.shape_zyx, bool)
-    array = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(dims[2], dims[1], dims[0])
-    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
-    # Shared labelmap layers hold several segments: a segment is its own label value in the layer.
-    return array == segment.GetLabelValue()
+    x0, x1, y0, y1, z0, z1 = resampled.GetExtent()
+    array = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(z1 - z0 + 1, y1 - y0 + 1, x1 - x0 + 1)
+    # A shared labelmap layer holds several segments: a segment is its own label value in the layer.
+    mask = array != 0 if converted else array == segmentation.GetSegment(segment_id).GetLabelValue()
+    # the array starts at image voxel (z0, y0, x0): mask index i is image index i + start along each axis
+    starts = (z0, y0, x0)
+    on_image = tuple(
+        slice(max(-start, 0), max(min(size - start, extent), 0))
+        for start, size, extent in zip(starts, grid.shape_zyx, mask.shape, strict=True)
+    )
+    inside = np.zeros(grid.shape_zyx, bool)
+    if all(part.stop > part.start for part in on_image):
+        inside[tuple(slice(part.start + start, part.stop + start) for part, start in zip(on_image, starts, strict=True))] = mask[
+            on_image
+        ]
+    outside = int(np.count_nonzero(mask)) - int(np.count_nonzero(inside))
+    if outside:
+        name = segmentation.GetSegment(segment_id).GetName()
+        raise io.ImageError(
+            f"segment {name!r} has {outside} labelled voxels outside the image",
+            subject=segmentation_node.GetName(),
+            expected=f"labels within the image's grid ({' x '.join(str(n) for n in reversed(grid.shape_zyx))} voxels)",
+            found=f"{outside} voxels beyond it (a segmentation geometry larger than the image, or a transform moving it)",
+            hint="In the Segment Editor, click 'Specify geometry', choose the image as the source geometry and apply: "
+            "the segments are resampled onto the image and what lies outside it is removed.",
+        )
+    return inside
 
 
 def segments_by_name(segmentation_node: slicer.vtkMRMLSegmentationNode) -> dict[str, str]:
@@ -232,14 +272,33 @@ def segments_by_name(segmentation_node: slicer.vtkMRMLSegmentationNode) -> dict[
 
 
 class SegmentationSnapshot:
-    """A copy of a segmentation's segments, to restore after a cancelled or undone run."""
+    """A copy of a segmentation's segments and of the node's DeepSeg attributes and references (which model
+    predicted it, the cached prediction, the input volume), to restore after a cancelled or undone run: an
+    export after Undo must not credit the undone run's model or measure the correction against its output."""
 
     def __init__(self, segmentation_node: slicer.vtkMRMLSegmentationNode) -> None:
         self.node = segmentation_node
         self.copy = slicer.vtkSegmentation()
         self.copy.DeepCopy(segmentation_node.GetSegmentation())
+        self.attributes = {name: segmentation_node.GetAttribute(name) for name in _deepseg_attribute_names(segmentation_node)}
+        self.references = {
+            role: segmentation_node.GetNodeReferenceID(role)
+            for role in (INPUT_VOLUME_REFERENCE,)
+            if segmentation_node.GetNodeReferenceID(role) is not None
+        }
 
     def restore(self) -> None:
-        """Put the segments back exactly as they were."""
+        """Put the segments, attributes and references back exactly as they were."""
         self.node.GetSegmentation().DeepCopy(self.copy)
+        for name in _deepseg_attribute_names(self.node):
+            if name not in self.attributes:
+                self.node.RemoveAttribute(name)
+        for name, value in self.attributes.items():
+            self.node.SetAttribute(name, value)
+        for role in (INPUT_VOLUME_REFERENCE,):
+            self.node.SetNodeReferenceID(role, self.references.get(role))
         self.node.Modified()
+
+
+def _deepseg_attribute_names(node: slicer.vtkMRMLNode) -> list[str]:
+    return [name for name in node.GetAttributeNames() if name.startswith(ATTRIBUTE_PREFIX)]

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import shutil
 import uuid
 from collections.abc import Sequence
@@ -16,17 +17,23 @@ from pathlib import Path
 
 import numpy as np
 import slicer
+import vtk
 
 from deepseg_core import io
-from deepseg_core.datasets import CaseProvenance, CaseRecord, Dataset, correction_effort
+from deepseg_core.datasets import CaseProvenance, CaseRecord, Dataset, DatasetError, correction_effort
 
 from .mrml_bridge import (
+    INPUT_VOLUME_REFERENCE,
+    LABEL_TAG,
     SegmentationSnapshot,
+    deepseg_segment_ids,
     segment_mask,
     specs_from_segmentation,
     volume_from_node,
     write_result_segments,
 )
+
+log = logging.getLogger(__name__)
 
 MODEL_ATTRIBUTE = "DeepSeg.Model"
 PREDICTION_ATTRIBUTE = "DeepSeg.PredictionPath"
@@ -63,7 +70,7 @@ def apply_segmentation_file(
     snapshot = SegmentationSnapshot(segmentation_node)
     ids = write_result_segments(segmentation_node, specs_from_segmentation(result), grid, model_ref)
     segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
-    segmentation_node.SetNodeReferenceID("DeepSeg.InputVolume", volume_node.GetID())
+    segmentation_node.SetNodeReferenceID(INPUT_VOLUME_REFERENCE, volume_node.GetID())
     segmentation_node.SetAttribute(MODEL_ATTRIBUTE, model_ref)
     if keep_prediction:
         kept = prediction_cache_folder() / f"{uuid.uuid4().hex}.seg.nrrd"
@@ -87,14 +94,36 @@ def labelmap_from_segments(segmentation_node: slicer.vtkMRMLSegmentationNode, gr
     return dataset.labelmap_from_segments(grid.shape_zyx, segments)
 
 
-def _prediction_labelmap(path: Path, grid: io.Volume, dataset: Dataset) -> np.ndarray | None:
+def _prediction_labelmap(
+    path: Path, grid: io.Volume, dataset: Dataset, segmentation_node: slicer.vtkMRMLSegmentationNode
+) -> np.ndarray | None:
+    """The cached prediction as the dataset's labelmap, or None where it cannot be compared (gone, another
+    grid, a label the dataset does not have). A predicted segment the user renamed (to the dataset's name for
+    it, say) is taken under its name now: the node's DeepSeg segments carry the model's label value."""
     if not path.exists():
         return None
     prediction = io.read_segmentation(path)
     if not prediction.grid.same_grid(grid, tolerance_mm=1e-3):
         return None
-    segments = [(s.name, functools.partial(prediction.mask, s.name)) for s in prediction.segments]
-    return dataset.labelmap_from_segments(grid.shape_zyx, segments)
+    renamed = _names_of_predicted_segments(segmentation_node)
+    segments = [(renamed.get(s.label_value, s.name), functools.partial(prediction.mask, s.name)) for s in prediction.segments]
+    try:
+        return dataset.labelmap_from_segments(grid.shape_zyx, segments)
+    except DatasetError as exc:  # the correction itself is checked against the schema; only its effort is lost
+        log.info("correction effort not measured against the prediction: %s", exc)
+        return None
+
+
+def _names_of_predicted_segments(segmentation_node: slicer.vtkMRMLSegmentationNode) -> dict[int, str]:
+    """Model label value -> the name now of the segment DeepSeg wrote for it (tagged ``DeepSeg.LabelValue``)."""
+    segmentation = segmentation_node.GetSegmentation()
+    names = {}
+    for segment_id in deepseg_segment_ids(segmentation_node):
+        segment = segmentation.GetSegment(segment_id)
+        value = vtk.mutable("")
+        if segment.GetTag(LABEL_TAG, value) and str(value).isdigit():
+            names[int(str(value))] = segment.GetName()
+    return names
 
 
 def export_corrected_case(
@@ -121,7 +150,7 @@ def export_corrected_case(
     provenance = CaseProvenance(source=source, predicted_by=segmentation_node.GetAttribute(MODEL_ATTRIBUTE))
     prediction_path = segmentation_node.GetAttribute(PREDICTION_ATTRIBUTE)
     if prediction_path:
-        predicted = _prediction_labelmap(Path(prediction_path), grid, dataset)
+        predicted = _prediction_labelmap(Path(prediction_path), grid, dataset, segmentation_node)
         if predicted is not None:
             effort = correction_effort(predicted, labels, [label.value for label in dataset.labels], grid.voxel_volume_ml)
             provenance = CaseProvenance(**{**provenance.__dict__, **effort})

@@ -405,6 +405,29 @@ class Dataset:
         self.labels = tuple(sorted((*self.labels, label), key=lambda x: x.value))
         self.save()
 
+    def _check_case_files_free(self, case_id: str, overwrite: bool) -> None:
+        """Refuse a new case whose files would be another case's: an id that differs from a listed one only in
+        letter case (the same files on Windows and macOS), or files of this id on disk that the manifest does
+        not list (a stray, which ``dataset validate`` reports), unless ``overwrite``."""
+        same_but_case = [other for other in self.cases if other != case_id and other.casefold() == case_id.casefold()]
+        if same_but_case:
+            raise DatasetError(
+                f"case {case_id!r} differs from the existing case {same_but_case[0]!r} only in letter case",
+                subject=self.root,
+                hint="On Windows and macOS both names are the same files. Choose another case id, or use the existing one "
+                "(with overwrite=True / --overwrite to replace it).",
+            )
+        if case_id in self.cases or overwrite:
+            return
+        strays = [path for path in (*self.image_paths(case_id), self.label_path(case_id)) if path.exists()]
+        if strays:
+            raise DatasetError(
+                f"case {case_id!r} is not in the dataset's manifest, but files of it are",
+                subject=self.root,
+                found=", ".join(str(path.relative_to(self.root)) for path in strays),
+                hint="Choose another case id, or replace those files explicitly (overwrite=True / --overwrite).",
+            )
+
     def add_case(
         self,
         case_id: str,
@@ -437,6 +460,7 @@ class Dataset:
                 subject=self.root,
                 hint="Choose another case id, or replace it explicitly (overwrite=True / --overwrite).",
             )
+        self._check_case_files_free(case_id, overwrite)
         if split is not None and split not in SPLITS:
             raise DatasetError("unknown split", expected=" or ".join(SPLITS), found=split)
         if len(images) != len(self.channel_names):

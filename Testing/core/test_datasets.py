@@ -54,6 +54,27 @@ def test_existing_case_is_never_overwritten_silently(dataset):
     assert not Dataset.open(dataset.root).load_case("a")[1].array_zyx.any()
 
 
+def test_a_case_id_that_differs_only_in_letter_case_or_whose_files_are_strays_is_refused(dataset):
+    """On Windows and macOS "Case01" and "case01" are the same files: the second would replace the first's
+    files while the manifest listed both. Files of an id the manifest does not list are not replaced either."""
+    image, labels = small_case(0)
+    dataset.add_case("Case01", [image], labels)
+    before = (dataset.root / "labelsTr" / "Case01.nii.gz").read_bytes()
+    for overwrite in (False, True):
+        with pytest.raises(DatasetError, match="'case01' differs from the existing case 'Case01' only in letter case"):
+            dataset.add_case("case01", [image], np.zeros_like(labels), overwrite=overwrite)
+    assert (dataset.root / "labelsTr" / "Case01.nii.gz").read_bytes() == before
+    assert sorted(Dataset.open(dataset.root).cases) == ["Case01"]
+
+    stray = dataset.root / "labelsTr" / "b.nii.gz"
+    stray.write_bytes(before)  # left by hand, or by another tool
+    with pytest.raises(DatasetError, match=r"'b' is not in the dataset's manifest, but files of it are") as caught:
+        dataset.add_case("b", [image], np.zeros_like(labels))
+    assert "labelsTr/b.nii.gz" in str(caught.value) and stray.read_bytes() == before
+    dataset.add_case("b", [image], np.zeros_like(labels), overwrite=True)
+    assert not Dataset.open(dataset.root).load_case("b")[1].array_zyx.any()
+
+
 def test_bad_cases_write_nothing(dataset):
     image, labels = small_case(0)
     bad = labels.copy()

@@ -105,3 +105,114 @@ def test_volume_under_a_transform_is_refused(mrml_scene):
     node.SetAndObserveTransformNodeID(transform.GetID())
     with pytest.raises(io.ImageError, match="Harden the transform"):
         volume_from_node(node)
+
+
+def _grid(shape_zyx=(10, 20, 30)) -> io.Volume:
+    return io.Volume(np.zeros(shape_zyx, np.int16), (1.0, 1.0, 2.0), origin_lps=(0.0, 0.0, 0.0))
+
+
+def _segment_on(node, mask_zyx: np.ndarray, grid: io.Volume, name: str = "liver") -> str:
+    from DeepSegLib.mrml_bridge import add_segment
+
+    return add_segment(node, SegmentSpec(name, (1, 0, 0)), mask_zyx, grid)
+
+
+def test_a_segment_on_a_larger_geometry_is_read_onto_the_image_and_one_reaching_beyond_it_is_refused(mrml_scene):
+    """The Segment Editor's "Specify geometry" (or another source volume) can give the segments a grid larger
+    than the image. Labels inside the image come back exactly; labels beyond it are refused, naming how many
+    and how to remove them, rather than silently dropped (Slicer's own export pads nothing and drops them)."""
+    grid = _grid()
+    larger = io.Volume(np.zeros((10, 20, 40), np.int16), (1.0, 1.0, 2.0), origin_lps=(-10.0, 0.0, 0.0))  # 10 voxels more in -x
+    inside = np.zeros(larger.shape_zyx, bool)
+    inside[2:5, 2:5, 12:15] = True  # image voxels x 2..4
+    node = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    expected = np.zeros(grid.shape_zyx, bool)
+    expected[2:5, 2:5, 2:5] = True
+    np.testing.assert_array_equal(segment_mask(node, _segment_on(node, inside, larger), grid), expected)
+
+    beyond = inside.copy()
+    beyond[2:5, 2:5, 8:10] = True  # 18 voxels at image x -2 and -1
+    segment_id = _segment_on(node, beyond, larger, "spleen")
+    with pytest.raises(io.ImageError, match="'spleen' has 18 labelled voxels outside the image") as caught:
+        segment_mask(node, segment_id, grid)
+    assert "Specify geometry" in str(caught.value)
+
+
+def test_a_segment_on_an_oversampled_geometry_reaching_every_border_of_an_oblique_image_is_not_refused(mrml_scene):
+    import slicer
+
+    from DeepSegLib.mrml_bridge import _numpy_to_matrix
+
+    grid = oblique_volume((6, 8, 10))
+    mask = np.zeros(grid.shape_zyx, bool)
+    mask[:, :, :4] = True  # touches all six faces of the image
+    mask[:3, :, 4:] = True
+    node = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    segment_id = _segment_on(node, mask, grid)
+    coarse = node.GetSegmentation().GetSegment(segment_id).GetRepresentation("Binary labelmap")
+    fine = slicer.vtkOrientedImageData()  # the image's box at half the spacing (Segment Editor oversampling 2)
+    z, y, x = grid.shape_zyx
+    fine.SetExtent(0, 2 * x - 1, 0, 2 * y - 1, 0, 2 * z - 1)
+    ijk_to_ras = grid.ijk_to_ras()
+    fine_to_ras = ijk_to_ras.copy()
+    fine_to_ras[:3, :3] /= 2
+    fine_to_ras[:3, 3] -= 0.25 * ijk_to_ras[:3, :3].sum(axis=1)  # voxel centres a quarter voxel inside
+    fine.SetImageToWorldMatrix(_numpy_to_matrix(fine_to_ras))
+    oversampled = slicer.vtkOrientedImageData()
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(coarse, fine, oversampled, False, False)
+    assert oversampled.GetNumberOfPoints() == 8 * mask.size
+    node.GetSegmentation().GetSegment(segment_id).AddRepresentation("Binary labelmap", oversampled)
+    np.testing.assert_array_equal(segment_mask(node, segment_id, grid), mask)
+
+
+def test_a_transform_above_the_segmentation_is_applied_as_slicers_export_applies_it(mrml_scene):
+    import vtk
+
+    grid = _grid()
+    mask = np.zeros(grid.shape_zyx, bool)
+    mask[3:6, 4:9, 10:20] = True
+    node = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    segment_id = _segment_on(node, mask, grid)
+    transform = mrml_scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(1, 3, 3.0)  # 3 mm anterior (RAS +y): LPS y - 3, so 3 voxels lower y index
+    transform.SetMatrixTransformToParent(shift)
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    np.testing.assert_array_equal(segment_mask(node, segment_id, grid), np.roll(mask, -3, axis=1))
+
+
+def test_segments_of_a_shared_layer_read_back_after_the_closed_surface_became_the_source(mrml_scene):
+    """Slicer converts a segmentation without a binary labelmap one segment at a time, burning it as 1, while the
+    segment keeps the label value it had in a shared layer (2 for the second segment)."""
+    grid = _grid()
+    first, second = np.zeros(grid.shape_zyx, bool), np.zeros(grid.shape_zyx, bool)
+    first[2:8, 3:10, 3:10] = True
+    second[2:8, 12:18, 15:25] = True
+    node = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    ids = [_segment_on(node, first, grid, "liver"), _segment_on(node, second, grid, "spleen")]
+    segmentation = node.GetSegmentation()
+    segmentation.CollapseBinaryLabelmaps(False)
+    assert [segmentation.GetSegment(i).GetLabelValue() for i in ids] == [1, 2]
+    node.CreateClosedSurfaceRepresentation()
+    segmentation.SetSourceRepresentationName("Closed surface")
+    segmentation.RemoveRepresentation("Binary labelmap")
+    for segment_id, mask in zip(ids, (first, second), strict=True):
+        read = segment_mask(node, segment_id, grid)
+        dice = 2 * np.count_nonzero(read & mask) / (np.count_nonzero(read) + np.count_nonzero(mask))
+        assert dice > 0.8, f"{segment_id}: Dice {dice:.3f} with the labelmap it was made from"
+
+
+def test_snapshot_restores_the_nodes_deepseg_attributes_and_input_volume(mrml_scene):
+    from DeepSegLib.mrml_bridge import INPUT_VOLUME_REFERENCE
+
+    volume_node = node_from_volume(mrml_scene, _grid(), "ct")
+    node = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "out")
+    node.SetAttribute("DeepSeg.Model", "m:1")
+    node.SetAttribute("Other.Attribute", "kept")
+    snapshot = SegmentationSnapshot(node)
+    node.SetAttribute("DeepSeg.Model", "m:2")
+    node.SetAttribute("DeepSeg.PredictionPath", "/tmp/m2.seg.nrrd")
+    node.SetNodeReferenceID(INPUT_VOLUME_REFERENCE, volume_node.GetID())
+    snapshot.restore()
+    assert node.GetAttribute("DeepSeg.Model") == "m:1" and node.GetAttribute("DeepSeg.PredictionPath") is None
+    assert node.GetAttribute("Other.Attribute") == "kept" and node.GetNodeReferenceID(INPUT_VOLUME_REFERENCE) is None

@@ -144,3 +144,37 @@ def test_export_corrected_case(mrml_scene, segmented, tmp_path):
         export_corrected_case(dataset_root, "case02", volume_node, output)
     assert (dataset_root / "labelsTr" / "case01.nii.gz").read_bytes() == before
     assert sorted(Dataset.open(dataset_root).cases) == ["case01"]
+
+
+def test_predicted_segments_renamed_to_the_datasets_names_are_exported_with_their_correction_effort(
+    mrml_scene, segmented, tmp_path
+):
+    """A dataset that names the labels otherwise than the model ("hepar", "tumour"): the user renames DeepSeg's
+    segments to the dataset's names and exports. The cached prediction, under the model's names, is compared
+    through the segments' label tags; before, its names made the export fail."""
+    import dataclasses
+
+    from deepseg_core.phantoms import PHANTOM_LABELS
+
+    result_path, _ = segmented
+    volume = oblique_sample()
+    volume_node = node_from_volume(mrml_scene, volume, "CT")
+    output = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "out")
+    apply_segmentation_file(result_path, output, volume_node, "phantom-liver:1")
+    new_names = {"liver": "hepar", "liver lesion": "tumour"}
+    segmentation = output.GetSegmentation()
+    renamed = 0
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(index)
+        base, _, number = segment.GetName().rpartition(" ") if segment.GetName()[-1].isdigit() else (segment.GetName(), "", "")
+        segment.SetName(f"{new_names[base]} {number}".strip())
+        renamed += 1
+    assert renamed >= 3, "the liver and at least two lesion instances"
+    labels = [dataclasses.replace(label, name=new_names[label.name]) for label in PHANTOM_LABELS]
+    dataset_root = tmp_path / "ds"
+    Dataset.create(dataset_root, "site", labels, ("CT",))
+    record = export_corrected_case(dataset_root, "case01", volume_node, output)
+    assert record.provenance.predicted_by == "phantom-liver:1"
+    assert record.provenance.changed_voxels == 0 and record.provenance.dice_prediction_vs_correction == 1.0
+    _, label = Dataset.open(dataset_root).load_case("case01")
+    assert set(np.unique(label.array_zyx)) == {0, 1, 2}

@@ -30,3 +30,15 @@ def test_foreground_patches_hold_their_class():
     sampler = PatchSampler([case], (8, 16, 16), foreground_fraction=1.0, flip_axes=(), intensity_jitter=0.0)
     rng = np.random.default_rng(1)
     assert all((sampler.sample(rng)[1] == 2).any() for _ in range(20))
+
+
+def test_the_ignore_label_is_not_a_foreground_class_so_no_patch_is_centred_on_it():
+    """Voxels nobody reviewed (255) count in no loss: a third of the foreground patches centred on them would be
+    taken from the rare lesion the oversampling is for."""
+    labels = np.zeros((24, 48, 48), np.uint8)
+    labels[2:6, 2:10, 2:10] = 1
+    labels[18:21, 40:44, 3:7] = 2
+    labels[:, 24:40, 24:40] = 255
+    case = TrainingCase(np.zeros((1, *labels.shape), np.float32), labels, ignore_value=255)
+    assert case.foreground_classes == [1, 2]
+    assert TrainingCase(np.zeros((1, *labels.shape), np.float32), labels).foreground_classes == [1, 2, 255]

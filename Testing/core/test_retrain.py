@@ -460,3 +460,38 @@ def test_a_step_the_grad_scaler_skips_does_not_advance_the_learning_rate_schedul
     optimisation_step(net, net, x, y, loss_fn, optimiser, schedule, scaler)
     assert not all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
     assert schedule.last_epoch == 1
+
+
+def test_evaluation_leaves_out_the_voxels_nobody_reviewed_as_deepseg_compare_does(tmp_path):
+    """A case whose unreviewed region (the ignore label) holds liver that the model finds: those voxels count
+    neither for nor against the model, in the validation that decides between versions as in `deepseg compare`."""
+    from deepseg_core import metrics
+    from deepseg_core.inference import Segmenter, SegmentOptions
+    from deepseg_core.training.engine import evaluate_model
+
+    phantom = generate_phantom(seed=501, profile="ct-B", shape_zyx=(32, 64, 64), spacing_xyz_mm=SAMPLE_SPACING_XYZ_MM)
+    segmenter = Segmenter.load(DEFAULT_MODEL, device="cpu")
+    predicted = segmenter.segment([phantom.image], SegmentOptions(check_modality=False)).labels.array_zyx
+    label = phantom.labels.array_zyx.astype(np.uint8)
+    unreviewed = np.zeros(label.shape, bool)
+    unreviewed[:, :, 32:] = True  # half the image nobody looked at; the model's liver there must not count
+    assert np.count_nonzero(unreviewed & (predicted == 1)) > 1000
+    label[unreviewed] = 255
+    dataset = Dataset.create(tmp_path / "ds", "site", PHANTOM_LABELS, ("CT",), ignore_value=255)
+    dataset.add_case("c0", [phantom.image], label)
+    scores = evaluate_model(segmenter, dataset, ["c0"], hd95=False)
+    reviewed = ~unreviewed
+    expected = metrics.dice((predicted == 1) & reviewed, (label == 1) & reviewed)
+    assert scores["cases"]["c0"]["liver"]["dice"] == pytest.approx(expected, abs=1e-9)
+    assert expected > metrics.dice(predicted == 1, label == 1) + 0.1, "the ignored half would have counted as false positives"
+
+
+def test_training_cases_are_prepared_with_the_datasets_ignore_label_out_of_the_foreground_classes():
+    from deepseg_core.training.engine import _prepare_cases
+
+    phantom = generate_phantom(seed=502, profile="ct-B", shape_zyx=(16, 32, 32), spacing_xyz_mm=SAMPLE_SPACING_XYZ_MM)
+    label = phantom.labels.array_zyx.astype(np.uint8)
+    label[:, :, 16:] = 255
+    card = read_model_folder(DEFAULT_MODEL)
+    (case,) = _prepare_cases({"c0": ([phantom.image], phantom.labels.with_array(label))}, card, 255)
+    assert 255 in case.labels_zyx and case.foreground_classes == sorted({1, 2} & set(np.unique(case.labels_zyx)))

@@ -191,7 +191,7 @@ def _prepare_cases(
         labels = labels.astype(np.uint8)
         if lut is not None:
             labels = lut[labels]
-        out.append(TrainingCase(image.astype(np.float32), labels, name=case_id))
+        out.append(TrainingCase(image.astype(np.float32), labels, name=case_id, ignore_value=ignore_value))
     return out
 
 
@@ -406,7 +406,8 @@ def evaluate_model(
     value_map: dict[int, int] | None = None,
     backend: str = "torch",
 ) -> dict[str, Any]:
-    """Per-case and mean Dice (and HD95, mm) per dataset label of ``segmenter`` on ``case_ids``.
+    """Per-case and mean Dice (and HD95, mm) per dataset label of ``segmenter`` on ``case_ids``, over the voxels
+    that do not carry the dataset's ignore label.
 
     ``value_map``: dataset label value -> model output value (:func:`match_labels`); default: by
     name, i.e. ``match_labels(dataset, segmenter.card)``. ``backend``: torch by default, so that
@@ -426,9 +427,14 @@ def evaluate_model(
     for case_id in case_ids:
         images, label = dataset.load_case(case_id)
         result = segmenter.segment(images, SegmentOptions(check_modality=False, backend=backend))
+        # voxels nobody reviewed (the dataset's ignore label) are left out of both masks, as `deepseg compare`
+        # and nnU-Net's evaluation leave them out: a model is neither rewarded nor penalised there
+        scored = None if dataset.ignore_value is None else label.array_zyx != dataset.ignore_value
         scores = {}
         for name, dataset_values, model_values, _ in rows:
             pred, ref = np.isin(result.labels.array_zyx, model_values), np.isin(label.array_zyx, dataset_values)
+            if scored is not None:
+                pred, ref = pred & scored, ref & scored
             entry = {"dice": metrics.dice(pred, ref)}
             if hd95:
                 entry["hd95_mm"] = metrics.hausdorff95(pred, ref, label.spacing_zyx_mm)

@@ -18,11 +18,16 @@ from .augment import AugmentConfig, augment_patch
 
 @dataclass
 class TrainingCase:
-    """One case ready for training: normalised image ``(C, Z, Y, X)`` float32, labels ``(Z, Y, X)``."""
+    """One case ready for training: normalised image ``(C, Z, Y, X)`` float32, labels ``(Z, Y, X)``.
+
+    ``ignore_value``: the label of voxels nobody reviewed, which no loss counts; it is not a foreground class,
+    so patches are not centred on it (as nnU-Net leaves its ignore label out of its foreground classes).
+    """
 
     image_czyx: np.ndarray
     labels_zyx: np.ndarray
     name: str = ""
+    ignore_value: int | None = None
 
     def __post_init__(self) -> None:
         # each class's voxels in scan order (at most about 4096 of them, evenly thinned), found inside
@@ -31,7 +36,8 @@ class TrainingCase:
         self._class_voxels: dict[int, np.ndarray] = {}
         labels = self.labels_zyx
         highest = int(labels.max(initial=0))
-        for value, box in class_boxes(labels, range(1, highest + 1)).items():
+        classes = [value for value in range(1, highest + 1) if value != self.ignore_value]
+        for value, box in class_boxes(labels, classes).items():
             inside = labels[box] == value
             flat = np.flatnonzero(inside)  # thinned before the (N, 3) indices are made: a liver has 10 M voxels
             if len(flat) > 4096:

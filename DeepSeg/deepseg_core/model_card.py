@@ -146,6 +146,11 @@ def region_title(name: str, values: Sequence[int]) -> str:
     return f"{name} (values {', '.join(str(v) for v in values)})"
 
 
+def created_now() -> str:
+    """A card's ``created`` for a version made now (UTC, ISO 8601 to the second)."""
+    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 @dataclass(frozen=True)
 class ModelCard:
     """The whole ``model.json``.
@@ -170,7 +175,7 @@ class ModelCard:
     inference: InferenceDefaults
     weights_sha256: str
     parent_version: int | None = None
-    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    created: str = field(default_factory=lambda: created_now())
     description: str = ""
     fingerprint: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)

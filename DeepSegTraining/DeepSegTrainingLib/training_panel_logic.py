@@ -249,6 +249,8 @@ class TrainingPanelLogic:
         if self.done_event is not None:  # the version is stored: a Stop only skipped preparing it (nothing to resume)
             self._preparation = preparation_outcome(job.events, job.returncode, job.cancel_requested)
             self.view.status = f"{self._decided} {self._preparation}".strip()
+            if settings is not None:  # the next Start trains anew: its checkpoint is of a finished, stored run
+                settings.resume = False
         elif job.outcome == "cancelled":
             self.view.status = "Stopped; the last finished epoch is checkpointed. Tick Resume and Start to continue."
             if settings is not None:

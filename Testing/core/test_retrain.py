@@ -53,6 +53,8 @@ def test_finetune_makes_a_new_version_with_parent_metrics(site_b_dataset, tmp_pa
     )
     # The bundled model became a real store version (the parent), still the active one; the new one is not.
     assert outcome.card.ref == "phantom-liver:2" and outcome.card.parent_version == 1
+    parent_created = read_model_folder(DEFAULT_MODEL).created
+    assert store.card("phantom-liver:2").created > parent_created, "dated when it was trained, not as its parent"
     assert store.versions("phantom-liver") == [1, 2] and store.active_version("phantom-liver") == 1
     assert store.card("phantom-liver:1").weights_sha256 == read_model_folder(DEFAULT_MODEL).weights_sha256
     assert resolve_model("phantom-liver", store) == store.folder("phantom-liver:1")
@@ -112,6 +114,74 @@ def test_resume_with_another_dropout_is_refused_and_the_checkpoint_kept(site_b_d
     assert store.names() == []
     outcome = retrain(site_b_dataset, "m", with_dropout, checkpoints, base=DEFAULT_MODEL, store=store, resume=True)
     assert outcome.card.architecture.config["dropout"] == 0.1
+
+
+def test_a_resume_with_other_settings_or_of_a_run_already_stored_is_refused_and_changes_nothing(site_b_dataset, tmp_path):
+    """A resume continues the stopped run: another epoch count (whose cosine schedule the restored one would not
+    be) or a run that finished and was stored (whose weights would be stored again as a new version) is refused
+    before anything is loaded or written."""
+    import dataclasses
+
+    from deepseg_core.errors import ConfigError
+
+    store, checkpoints = ModelStore(tmp_path / "s"), tmp_path / "ck"
+    with pytest.raises(Stopped):
+        retrain(site_b_dataset, "m", CONFIG, checkpoints, base=DEFAULT_MODEL, store=store, stop_after_epoch=1)
+    written = _files(checkpoints)
+    longer = dataclasses.replace(CONFIG, epochs=CONFIG.epochs + 2)
+    with pytest.raises(ConfigError, match="other settings than this run's") as refused:
+        retrain(site_b_dataset, "m", longer, checkpoints, base=DEFAULT_MODEL, store=store, resume=True)
+    message = str(refused.value)
+    assert f"config.epochs={CONFIG.epochs}" in message and f"config.epochs={CONFIG.epochs + 2}" in message, message
+    with pytest.raises(ConfigError, match=r"name='m'.*name='other'"):
+        retrain(site_b_dataset, "other", CONFIG, checkpoints, base=DEFAULT_MODEL, store=store, resume=True)
+    assert _files(checkpoints) == written and store.names() == []
+
+    finished = retrain(site_b_dataset, "m", CONFIG, checkpoints, base=DEFAULT_MODEL, store=store, resume=True)
+    assert finished.card.ref == "m:1"
+    with pytest.raises(ConfigError, match="finished and was stored as m:1: there is nothing to resume"):
+        retrain(site_b_dataset, "m", CONFIG, checkpoints, base=DEFAULT_MODEL, store=store, resume=True)
+    assert store.versions("m") == [1]
+    again = retrain(site_b_dataset, "m", CONFIG, checkpoints, base=DEFAULT_MODEL, store=store)  # anew: no resume
+    assert again.card.ref == "m:2" and again.history[0]["epoch"] == 1
+
+
+def test_an_unversioned_base_is_the_version_active_when_training_started_even_if_another_is_activated_meanwhile(
+    site_b_dataset, tmp_path
+):
+    """`--base NAME` names the active version; a Promote in the panel (or `models activate`) during the run must not
+    make the stored card, its parent's validation or rollback refer to another version than the one trained."""
+    from deepseg_core.training.engine import evaluate_model
+
+    store = ModelStore(tmp_path / "store")
+    retrain(site_b_dataset, "phantom-liver", CONFIG, tmp_path / "ck1", base=DEFAULT_MODEL, store=store, activate=False)
+    assert store.versions("phantom-liver") == [1, 2] and store.active_version("phantom-liver") == 1
+
+    def promote_2_meanwhile(event: dict) -> None:
+        if event.get("event") == "epoch_end" and store.active_version("phantom-liver") == 1:
+            store.activate("phantom-liver:2")
+
+    events: list[dict] = []
+    outcome = retrain(
+        site_b_dataset,
+        "phantom-liver",
+        CONFIG,
+        tmp_path / "ck2",
+        base="phantom-liver",
+        store=store,
+        activate=False,
+        on_event=lambda event: (events.append(event), promote_2_meanwhile(event)),
+    )
+    assert store.active_version("phantom-liver") == 2, "the activation happened during the run"
+    assert outcome.card.parent_version == 1 and outcome.card.metrics["training"]["base"] == "phantom-liver"
+    assert [e["parent"] for e in events if e["event"] == "done"] == ["phantom-liver:1"]
+    dataset = Dataset.open(site_b_dataset)
+    from deepseg_core.inference import Segmenter
+
+    parent_scores = evaluate_model(
+        Segmenter.load(store.folder("phantom-liver:1"), device="cpu"), dataset, dataset.ensure_split()["validation"]
+    )
+    assert outcome.parent_validation["mean"] == parent_scores["mean"]
 
 
 def test_augmentation_keeps_shapes_labels_and_is_seeded():
@@ -495,3 +565,40 @@ def test_training_cases_are_prepared_with_the_datasets_ignore_label_out_of_the_f
     card = read_model_folder(DEFAULT_MODEL)
     (case,) = _prepare_cases({"c0": ([phantom.image], phantom.labels.with_array(label))}, card, 255)
     assert 255 in case.labels_zyx and case.foreground_classes == sorted({1, 2} & set(np.unique(case.labels_zyx)))
+
+
+@pytest.mark.parametrize("loss", ["wce", "dice_wce"])
+def test_the_weighted_cross_entropy_trains_with_class_weights_from_the_training_labels(site_b_dataset, tmp_path, loss):
+    """README offers every loss of the registry; `--loss wce` ended the run with a TypeError. Its weights are now
+    the training labels' median-frequency weights: the rare lesion weighs far more than the background."""
+    import dataclasses
+
+    from deepseg_core.training.engine import class_weights_from_labels
+
+    dataset = Dataset.open(site_b_dataset)
+    labels = [dataset.load_case(case)[1].array_zyx for case in dataset.ensure_split()["train"]]
+    weights = class_weights_from_labels(labels, 3)
+    counts = np.bincount(np.concatenate([label.ravel() for label in labels]), minlength=3)[:3]
+    np.testing.assert_allclose(weights, np.median(counts / counts.sum()) / (counts / counts.sum()))
+    assert weights[2] > weights[1] > weights[0]
+    outcome = retrain(
+        site_b_dataset,
+        "m",
+        dataclasses.replace(CONFIG, epochs=1, loss=loss),
+        tmp_path / "ck",
+        base=DEFAULT_MODEL,
+        store=ModelStore(tmp_path / "s"),
+    )
+    assert outcome.card.ref == "m:1" and np.isfinite(outcome.history[-1]["loss"])
+
+
+def test_class_weights_leave_out_the_ignore_value_and_weigh_an_absent_class_as_the_rarest():
+    from deepseg_core.training.engine import class_weights_from_labels
+
+    label = np.zeros((4, 10, 10), np.uint8)
+    label[0, :2] = 1  # 20 voxels of class 1, 80 of background; class 3 absent
+    label[1:] = 2  # 300 voxels nobody reviewed (a schema 1, 3 whose ignore value is 2)
+    weights = class_weights_from_labels([label], 4, ignore_value=2)
+    # frequencies 0.8 and 0.2, median 0.5: 0.625 and 2.5; the ignored and the absent value get the largest, 2.5
+    np.testing.assert_allclose(weights, [0.625, 2.5, 2.5, 2.5])
+    assert class_weights_from_labels([np.where(label == 2, 255, label)], 4, ignore_value=255) == weights

@@ -173,6 +173,7 @@ def test_stop_keeps_the_checkpoint_ticks_resume_and_resume_finishes(mrml_scene, 
     epochs = [e["epoch"] for e in resumed.events if e["event"] == "epoch_end"]
     assert first >= 1 and epochs == list(range(first + 1, 7))
     assert ModelStore(store_dir).versions("phantom-liver") == [1, 2]
+    assert not settings.resume, "the next Start trains anew: resuming the stored run would store its weights again"
 
 
 def training_that_prepares(mrml_scene, dataset_dir, store_dir, engine_python, engine_prepares_for, tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import random
 import shutil
@@ -23,6 +24,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, DeepSegError
+
+log = logging.getLogger(__name__)
 
 
 def save_checkpoint(
@@ -148,6 +151,63 @@ def check_same_network(folder: Path, name: str, config: dict[str, Any]) -> None:
         hint="Resume with the stopped run's settings (the same base model and dropout), or start without resuming"
         " (untick Resume in the panel; leave out --resume) to train anew.",
     )
+
+
+def check_same_run(folder: Path, run: dict[str, Any]) -> None:
+    """Refuse to resume from ``folder`` (``last/``) a run that finished and was stored (:func:`mark_stored`), or one
+    started with another base version, dataset, training cases, new model name or settings than ``run``
+    (``{"base", "dataset", "training_cases", "name", "config"}``, as ``state.json`` stores it under ``run``).
+
+    Resuming continues the stopped run exactly; with other settings it would store a version that neither run
+    describes (a finished run resumed stores its weights again as a new version). Checkpoints written before
+    the run was recorded are not checked here."""
+    state = json.loads((folder / "state.json").read_text())
+    if state.get("stored_as"):
+        raise ConfigError(
+            f"the run in this checkpoint folder finished and was stored as {state['stored_as']}: there is nothing to resume",
+            subject=folder.parent,
+            hint="Start without resuming (untick Resume in the panel; leave out --resume) to train anew.",
+        )
+    written = state.get("run")
+    if written is None:
+        return
+    wanted = json.loads(json.dumps(run))
+    before, now = _flat(written), _flat(wanted)
+    differing = [key for key in sorted({*before, *now}) if before.get(key) != now.get(key)]
+    if not differing:
+        return
+    raise ConfigError(
+        "the stopped run was started with other settings than this run's",
+        subject=folder.parent,
+        expected="the stopped run's: " + "; ".join(f"{key}={before.get(key)!r}" for key in differing),
+        found="; ".join(f"{key}={now.get(key)!r}" for key in differing),
+        hint="Resume with the stopped run's settings (the same base version, dataset cases and training settings), or"
+        " start without resuming (untick Resume in the panel; leave out --resume) to train anew.",
+    )
+
+
+def _flat(run: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in run.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def mark_stored(folder: Path, ref: str) -> None:
+    """Record in ``folder/state.json`` (``last/``) that the run's version was stored as ``ref``, so that a resume
+    does not store it a second time (:func:`check_same_run`). Best effort: the version is stored either way."""
+    path = folder / "state.json"
+    try:
+        state = json.loads(path.read_text())
+        state["stored_as"] = ref
+        staging = path.with_name("state.json.tmp")
+        staging.write_text(json.dumps(state, indent=1))
+        os.replace(staging, path)
+    except (OSError, ValueError) as exc:
+        log.warning("could not record in %s that the run was stored as %s (%s)", path, ref, exc)
 
 
 def check_resumable(folder: Path, rank: int, world: int) -> None:

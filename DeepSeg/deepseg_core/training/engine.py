@@ -21,7 +21,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,16 @@ from ..inference import Segmenter, SegmentOptions
 from ..inference.pipelines import Pipeline, pipeline_for
 from ..io import Volume
 from ..losses import COMPOUND_LOSSES, DEFAULT_LOSS, DeepSupervisionLoss, RegionDiceBCELoss, build_loss
-from ..model_card import Architecture, InferenceDefaults, Inputs, ModelCard, Normalization, Preprocessing, Region
+from ..model_card import (
+    Architecture,
+    InferenceDefaults,
+    Inputs,
+    ModelCard,
+    Normalization,
+    Preprocessing,
+    Region,
+    created_now,
+)
 from ..model_store import ModelStore, load_network, resolve_model
 from ..nets import UNetConfig, build_net
 from ..preprocessing import ct_normalization, intensity_fingerprint
@@ -48,8 +57,10 @@ from .checkpoints import (
     any_rank,
     check_resumable,
     check_same_network,
+    check_same_run,
     gather_random_states,
     load_checkpoint,
+    mark_stored,
     network_description,
     random_state,
     restore_random_state,
@@ -196,7 +207,12 @@ def _prepare_cases(
 
 
 def training_objective(
-    card: ModelCard, config: RetrainConfig, ignore_value: int | None, *, across_ranks: bool = False
+    card: ModelCard,
+    config: RetrainConfig,
+    ignore_value: int | None,
+    *,
+    across_ranks: bool = False,
+    class_weights: Sequence[float] | None = None,
 ) -> DeepSupervisionLoss:
     """What a run of ``config`` on ``card`` minimises: its loss on every deep-supervision output.
 
@@ -208,6 +224,8 @@ def training_objective(
     loss (:class:`~deepseg_core.losses.sigmoid_regions.RegionDiceBCELoss`), as its sigmoid channels
     need: softmax losses would train them as exclusive labels. ``across_ranks`` (a DDP run): Dice and
     Tversky terms counted per batch count the global batch, all ranks' (nnU-Net's trainer does so).
+    ``class_weights``: one per output channel, for the weighted cross-entropy terms (``wce``, ``dice_wce``);
+    a run computes them from its training labels (:func:`class_weights_from_labels`).
 
     Raises:
         ConfigError: a loss the model cannot train (before anything is written).
@@ -218,7 +236,9 @@ def training_objective(
     loss = (
         _region_loss(card, pipeline, config, ignore_value, batch_dice=batch_dice, across_ranks=across_ranks)
         if pipeline.region_values
-        else build_loss(config.loss, **_loss_options(config.loss, scheme.dice_reduction, ignore_value, across_ranks))
+        else build_loss(
+            config.loss, **_loss_options(config.loss, scheme.dice_reduction, ignore_value, across_ranks, class_weights)
+        )
     )
     return DeepSupervisionLoss(loss, drop_lowest=scheme.drop_lowest_output, target_sampling=scheme.target_sampling)
 
@@ -227,10 +247,27 @@ def training_objective(
 _OVERLAP_TERMS = ("dice", "tversky")
 
 
-def _loss_options(name: str, dice_reduction: str | None, ignore_value: int | None, across_ranks: bool = False) -> dict[str, Any]:
-    """``build_loss`` options: the ignore value, and the Dice / Tversky terms' reduction when the scheme sets
-    one and whether they count all ranks' batches."""
+def _loss_options(
+    name: str,
+    dice_reduction: str | None,
+    ignore_value: int | None,
+    across_ranks: bool = False,
+    class_weights: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """``build_loss`` options: the ignore value, the weighted cross-entropy's class weights, and the Dice /
+    Tversky terms' reduction when the scheme sets one and whether they count all ranks' batches."""
     options: dict[str, Any] = {"ignore_index": ignore_value} if ignore_value is not None else {}
+    weighted = [term for term in (name, *COMPOUND_LOSSES.get(name, ())) if term == "wce"]
+    if weighted and class_weights is None:
+        raise ConfigError(
+            f"loss {name!r} weighs the cross-entropy per class, and no class weights were given",
+            expected="one weight per output channel (a training run computes them from its labels)",
+        )
+    if weighted:
+        if name == "wce":
+            options["class_weights"] = list(class_weights)
+        else:
+            options["wce"] = {"class_weights": list(class_weights)}
     overlap: dict[str, Any] = {"reduction": dice_reduction} if dice_reduction is not None else {}
     if across_ranks:
         overlap["across_ranks"] = True
@@ -242,6 +279,26 @@ def _loss_options(name: str, dice_reduction: str | None, ignore_value: int | Non
         if term in _OVERLAP_TERMS:
             options[term] = dict(overlap)
     return options
+
+
+def class_weights_from_labels(labels: Iterable[np.ndarray], channels: int, ignore_value: int | None = None) -> list[float]:
+    """Median-frequency class weights for the weighted cross-entropy: ``median(f) / f_c`` for each of the
+    ``channels`` model label values ``0 .. channels - 1``, ``f_c`` its share of the labelled voxels of
+    ``labels`` (``(Z, Y, X)`` arrays in model values; the ignore value left out). A rare lesion thus weighs
+    far more than the background; a class absent from every case gets the largest weight of those present."""
+    counts = np.zeros(channels, np.float64)
+    for label in labels:
+        values = np.bincount(np.asarray(label, np.int64).ravel(), minlength=max(channels, 256))
+        if ignore_value is not None and ignore_value < len(values):
+            values[ignore_value] = 0
+        counts += values[:channels]
+    present = counts > 0
+    if not present.any():
+        return [1.0] * channels
+    frequency = counts / counts.sum()
+    weights = np.where(present, np.median(frequency[present]) / np.where(present, frequency, 1.0), 0.0)
+    weights[~present] = weights[present].max()
+    return [float(w) for w in weights]
 
 
 def _region_loss(
@@ -545,8 +602,10 @@ def retrain(
     random.seed(config.seed)  # unused by DeepSeg today; seeded so that checkpoints and resumes replay it too
     loaded = {case_id: dataset.load_case(case_id) for case_id in split["train"]}
     parent_card = None
-    if base is not None:
-        parent_card, net = load_network(resolve_model(base, store))
+    # resolved once: an unversioned base names the active version, which may change while this run trains
+    base_folder = resolve_model(base, store) if base is not None else None
+    if base_folder is not None:
+        parent_card, net = load_network(base_folder)
         if parent_card.previous_stage is not None:
             stages = f"{parent_card.source.get('configuration')} after {parent_card.source['previous_stage']['configuration']}"
             raise ConfigError(
@@ -580,12 +639,20 @@ def retrain(
             card, net = with_dropout(parent_card, net, config.dropout, seed=config.seed)
         card = dataclasses.replace(card, name=name, parent_version=parent_card.version if parent_card.name == name else None)
         if parent_card.name == name:
-            store.keep_parent(resolve_model(base, store), check_only=True)
+            store.keep_parent(base_folder, check_only=True)
     else:
         card, net = _scratch_card(dataset, name, config, loaded)
         value_map = {label.value: label.value for label in dataset.labels}
+    class_weights = None
+    if "wce" in (config.loss, *COMPOUND_LOSSES.get(config.loss, ())):
+        lut = _label_lut(value_map, dataset.ignore_value)
+        labels = (label.array_zyx if lut is None else lut[label.array_zyx] for _, label in loaded.values())
+        class_weights = class_weights_from_labels(labels, _card_pipeline(card).output_channels, dataset.ignore_value)
+        log.info("weighted cross-entropy class weights (median frequency, from the training labels): %s", class_weights)
     # a loss the model cannot train fails here, before a process group is started
-    loss_fn = training_objective(card, config, dataset.ignore_value, across_ranks=distributed.launched_world_size() > 1)
+    loss_fn = training_objective(
+        card, config, dataset.ignore_value, across_ranks=distributed.launched_world_size() > 1, class_weights=class_weights
+    )
     rank, world = distributed.rank_world()
     checkpoint_dir = Path(checkpoint_dir)
     if resume:
@@ -626,8 +693,17 @@ def retrain(
     rng = np.random.default_rng(config.seed if world == 1 else [config.seed, rank])
     history: list[dict[str, Any]] = []
     start_epoch, best_score = 1, -1.0
+    # what a resume must continue: the same base version, dataset cases, new model name and settings
+    run = {
+        "base": parent_card.ref if parent_card is not None else None,
+        "dataset": str(dataset.root.resolve()),
+        "training_cases": list(split["train"]),
+        "name": name,
+        "config": to_dict(config),
+    }
     if resume:
         check_same_network(checkpoint_dir / "last", card.architecture.name, card.architecture.config)
+        check_same_run(checkpoint_dir / "last", run)
         state = load_checkpoint(checkpoint_dir / "last", net, optimiser)
         schedule.load_state_dict(state["scheduler"])
         restore_random_state(checkpoint_dir / "last", state, rank, rng, device_t)
@@ -680,6 +756,7 @@ def retrain(
             "world_size": world,
             "config": to_dict(config),
             "network": network_description(card.architecture.name, card.architecture.config),
+            "run": run,
         }
         rank_states = gather_random_states(rng, device_t, rank, world)
         if rank == 0:
@@ -711,11 +788,12 @@ def retrain(
     parent_validation = None
     if parent_card is not None:
         parent_validation = evaluate_model(
-            Segmenter.load(resolve_model(base, store), device=device), dataset, split["validation"], value_map=value_map
+            Segmenter.load(base_folder, device=device), dataset, split["validation"], value_map=value_map
         )
     train_ids = split["train"]
     card = dataclasses.replace(
         card,
+        created=created_now(),  # the new version's, not the parent's it was copied from
         fingerprint=fingerprint,
         description=(card.description + f" Fine-tuned on {dataset.name}.").strip() if base is not None else card.description,
         metrics={
@@ -737,11 +815,12 @@ def retrain(
         },
     )
     if parent_card is not None and parent_card.name == name:
-        store.keep_parent(resolve_model(base, store))  # a bundled base becomes the version rollback returns to
+        store.keep_parent(base_folder)  # a bundled base becomes the version rollback returns to
     # A Stop between storing and saying so would leave a stored version that the panel takes for a stopped
     # run (Resume ticked, no comparison): it is delivered once the done event is out.
     with cancel_deferred():
         stored = store.add_version(card, net.cpu(), activate=activate)
+        mark_stored(checkpoint_dir / "last", stored.ref)
         emit(
             {
                 "event": "done",

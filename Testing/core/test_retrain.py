@@ -184,6 +184,22 @@ def test_an_unversioned_base_is_the_version_active_when_training_started_even_if
     assert outcome.parent_validation["mean"] == parent_scores["mean"]
 
 
+def test_frozen_encoder_epochs_keep_the_encoders_weights_and_train_the_decoders(site_b_dataset, tmp_path):
+    import dataclasses
+
+    store = ModelStore(tmp_path / "s")
+    events: list[dict] = []
+    frozen = dataclasses.replace(CONFIG, epochs=1, freeze_encoder_epochs=1)
+    outcome = retrain(site_b_dataset, "m", frozen, tmp_path / "ck", base=DEFAULT_MODEL, store=store, on_event=events.append)
+    assert [e["encoder_frozen"] for e in events if e["event"] == "epoch_end"] == [True]
+    base, tuned = load_network(DEFAULT_MODEL)[1].state_dict(), _weights(store, outcome.card.ref)
+    encoder = [key for key in base if key.startswith("encoder.")]
+    others = [key for key in base if not key.startswith("encoder.") and base[key].is_floating_point()]
+    assert encoder and others
+    assert all(torch.equal(base[key], tuned[key]) for key in encoder), "a frozen encoder's weights did not move"
+    assert any(not torch.equal(base[key], tuned[key]) for key in others), "the decoder trained"
+
+
 def test_augmentation_keeps_shapes_labels_and_is_seeded():
     rng = np.random.default_rng(0)
     image = rng.normal(size=(1, 8, 32, 32)).astype(np.float32)

@@ -141,3 +141,19 @@ def test_an_imported_nnunet_model_fine_tunes_under_two_process_ddp(sources, tmp_
     digests = {e["rank"]: e["weights_sha256"] for e in reported if e["event"] == "rank_done"}
     assert sorted(digests) == [0, 1] and digests[0] == digests[1]
     assert [e["model"] for e in reported if e["event"] == "done"] == ["site:2"]
+
+
+def test_freezing_the_encoder_of_a_monai_network_is_refused_rather_than_reported_and_not_done(sources, tmp_path):
+    """A MONAI bundle's network has no encoder module DeepSeg can tell apart: the run used to report every early
+    epoch as `encoder_frozen` while it trained every weight. It is now refused before training, storing nothing."""
+    from deepseg_core.errors import ConfigError
+    from deepseg_core.training.engine import RetrainConfig, retrain
+
+    store_dir = tmp_path / "store"
+    cli("models", "import", sources["monai_bundle"][0], "--name", "site", "--models-dir", store_dir, "--no-prepare")
+    dataset = site_dataset(tmp_path / "siteB")
+    config = RetrainConfig(epochs=1, steps_per_epoch=1, batch_size=1, freeze_encoder_epochs=1)
+    with pytest.raises(ConfigError, match="has no encoder DeepSeg can tell apart") as refused:
+        retrain(dataset, "site", config, tmp_path / "ck", base="site", store=ModelStore(store_dir))
+    assert "--freeze-encoder-epochs 0" in str(refused.value)
+    assert ModelStore(store_dir).versions("site") == [1] and not (tmp_path / "ck").exists()

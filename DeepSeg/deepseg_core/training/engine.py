@@ -643,6 +643,14 @@ def retrain(
     else:
         card, net = _scratch_card(dataset, name, config, loaded)
         value_map = {label.value: label.value for label in dataset.labels}
+    if base is not None and config.freeze_encoder_epochs > 0 and not _encoder_parameters(net):
+        raise ConfigError(
+            f"{parent_card.ref if parent_card else base}'s network has no encoder DeepSeg can tell apart from its decoder"
+            f" ({card.architecture.name}), so nothing would be frozen",
+            expected="--freeze-encoder-epochs 0 for this model",
+            found=f"--freeze-encoder-epochs {config.freeze_encoder_epochs}",
+            hint="Leave it out (the panel: Frozen encoder epochs 0); a lower --learning-rate keeps more of the base instead.",
+        )
     class_weights = None
     if "wce" in (config.loss, *COMPOUND_LOSSES.get(config.loss, ())):
         lut = _label_lut(value_map, dataset.ignore_value)

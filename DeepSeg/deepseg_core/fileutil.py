@@ -340,8 +340,12 @@ def cancel_deferred() -> Iterator[None]:
 LOCK_POLL_S = 0.1
 
 
+class LockHeld(Exception):
+    """Raised by :func:`exclusive_lock` with ``wait=False`` when another holder has the lock."""
+
+
 @contextlib.contextmanager
-def exclusive_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[bool]:
+def exclusive_lock(path: Path, on_wait: Callable[[], None] | None = None, *, wait: bool = True) -> Iterator[bool]:
     """Hold an exclusive lock on the file ``path`` (made if missing, never removed) for the block.
 
     Between processes and between threads alike: each call opens the file anew, and ``flock`` (or, on
@@ -350,7 +354,7 @@ def exclusive_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Ite
     releases a dead process's locks); it polls every ``LOCK_POLL_S``, so a Cancel (SIGTERM, Ctrl-C) ends it
     at once. Yields True while the lock is held, or False at once where no lock can be had (a cache folder
     this user cannot write to and no lock file in it, a file system without locks): the block then runs
-    unlocked, as it would have without this.
+    unlocked, as it would have without this. ``wait=False``: raise :class:`LockHeld` at once instead of waiting.
     """
     handle = _open_lock_file(path)
     if handle is None:
@@ -359,7 +363,7 @@ def exclusive_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Ite
     with handle:
         held = True
         try:
-            _lock(handle, on_wait)
+            _lock(handle, on_wait, wait)
         except OSError as exc:  # ENOLCK, EOPNOTSUPP: a file system that keeps no locks
             log.debug("running without the lock %s: %s", path, exc)
             held = False
@@ -385,10 +389,12 @@ def _open_lock_file(path: Path) -> Any:
             return None
 
 
-def _lock(handle: Any, on_wait: Callable[[], None] | None) -> None:
-    """Lock ``handle``'s file, waiting for another holder (calling ``on_wait`` first)."""
+def _lock(handle: Any, on_wait: Callable[[], None] | None, wait: bool = True) -> None:
+    """Lock ``handle``'s file, waiting for another holder (calling ``on_wait`` first), or raising :class:`LockHeld`."""
     waited = False
     while not _try_lock(handle):
+        if not wait:
+            raise LockHeld(handle.name)
         if not waited and on_wait is not None:
             try:
                 on_wait()

@@ -11,16 +11,18 @@ Slicer's own process); reading and writing weights does.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .fileutil import atomic_write_text, default_mode
+from .fileutil import atomic_write_text, default_mode, exclusive_lock
 from .model_card import ModelCard, ModelError
 from .model_catalog import (
     CARD_FILE,
@@ -32,6 +34,9 @@ from .model_catalog import (
     store_state,
     store_versions,
 )
+
+#: beside a name's versions: held while versions are added or the active version changes (:meth:`ModelStore._changing`)
+CHANGE_LOCK_FILE = ".changes.lock"
 
 if TYPE_CHECKING:  # torch is imported where weights are read or written, so listing and activating stay light
     import torch
@@ -302,21 +307,37 @@ class ModelStore:
     def _write_state(self, name: str, state: dict) -> None:
         atomic_write_text(self.root / name / STATE_FILE, json.dumps(state, indent=2) + "\n")
 
+    @contextlib.contextmanager
+    def _changing(self, name: str, create: bool = False) -> Iterator[None]:
+        """One process at a time adds versions of ``name`` or changes its active version: two trainings of one
+        name ending together both took the next version number, and the second, after all its epochs, failed
+        to store; two activations could each write the history it read before the other's."""
+        folder = self.root / name
+        if create:  # adding the name's first version
+            folder.mkdir(parents=True, exist_ok=True)
+        if not folder.is_dir():  # a name the store does not hold: the change fails as before, and no folder is made
+            yield
+            return
+        with exclusive_lock(folder / CHANGE_LOCK_FILE):
+            yield
+
     def add_version(self, card: ModelCard, net: nn.Module, activate: bool = False) -> ModelCard:
         """Store ``net`` as the next version of ``card.name`` (parent = ``card.parent_version``).
 
         The new version becomes active only when ``activate`` is True, also for a name the store
         does not hold yet (``NAME`` then has no active version until ``activate``).
         """
-        existing = self.versions(card.name)
-        state = self._state(card.name)
-        version = (existing[-1] + 1) if existing else 1
-        written = write_model_folder(self.root / card.name / str(version), dataclasses.replace(card, version=version), net)
-        if activate:
-            self.activate(f"{card.name}:{version}")
-        elif not (self.root / card.name / STATE_FILE).exists():
-            # Record what was active before this version existed, so nothing resolves to it by default.
-            self._write_state(card.name, {"active": state["active"], "history": state["history"]})
+        with self._changing(card.name, create=True):
+            existing = self.versions(card.name)
+            state = self._state(card.name)
+            version = (existing[-1] + 1) if existing else 1
+            folder = self.root / card.name / str(version)
+            written = write_model_folder(folder, dataclasses.replace(card, version=version), net)
+            if activate:
+                self._activate(card.name, version)
+            elif not (self.root / card.name / STATE_FILE).exists():
+                # Record what was active before this version existed, so nothing resolves to it by default.
+                self._write_state(card.name, {"active": state["active"], "history": state["history"]})
         return written
 
     def keep_parent(self, folder: str | Path, check_only: bool = False) -> ModelCard:
@@ -353,27 +374,27 @@ class ModelStore:
         """Copy a validated model folder into the store under its card's name and version."""
         card = read_model_folder(folder)
         target = self.root / card.name / str(card.version)
-        if target.exists():
-            if sha256_file(target / WEIGHTS_FILE) == card.weights_sha256:
-                return card
-            raise ModelError(
-                f"{card.ref} already exists in the store with different weights",
-                subject=target,
-                hint="Versions are immutable; give the new model another version number or name.",
-            )
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{card.version}.", dir=target.parent))
-        try:
-            for file in (CARD_FILE, WEIGHTS_FILE):
-                shutil.copy2(Path(folder) / file, staging / file)
-            os.chmod(staging, default_mode(is_dir=True))
-            os.replace(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        read_model_folder(target)
-        if activate:
-            self.activate(card.ref)
+        with self._changing(card.name, create=True):
+            if target.exists():
+                if sha256_file(target / WEIGHTS_FILE) == card.weights_sha256:
+                    return card
+                raise ModelError(
+                    f"{card.ref} already exists in the store with different weights",
+                    subject=target,
+                    hint="Versions are immutable; give the new model another version number or name.",
+                )
+            staging = Path(tempfile.mkdtemp(prefix=f".{card.version}.", dir=target.parent))
+            try:
+                for file in (CARD_FILE, WEIGHTS_FILE):
+                    shutil.copy2(Path(folder) / file, staging / file)
+                os.chmod(staging, default_mode(is_dir=True))
+                os.replace(staging, target)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            read_model_folder(target)
+            if activate:
+                self._activate(card.name, card.version)
         return card
 
     def activate(self, ref: str) -> int:
@@ -382,21 +403,25 @@ class ModelStore:
         self.folder(ref)
         if version is None:
             raise ModelError("activate needs an explicit version", expected="NAME:VERSION", found=ref)
+        with self._changing(name):
+            self._activate(name, version)
+        return version
+
+    def _activate(self, name: str, version: int) -> None:
         state = self._state(name)
         if state["active"] != version or not (self.root / name / STATE_FILE).exists():
             history = list(state["history"]) if state["history"][-1:] == [version] else [*state["history"], version]
             self._write_state(name, {"active": version, "history": history})
-        return version
 
     def rollback(self, name: str) -> int:
         """Return to the version active before the current one; returns it."""
-        state = self._state(name)
-        history = list(state["history"])
-        if len(history) < 2:
-            raise ModelError(f"nothing to roll back for {name!r}", found=f"activation history {history}")
-        history.pop()
-        state = {"active": history[-1], "history": history}
-        self._write_state(name, state)
+        with self._changing(name):
+            state = self._state(name)
+            history = list(state["history"])
+            if len(history) < 2:
+                raise ModelError(f"nothing to roll back for {name!r}", found=f"activation history {history}")
+            history.pop()
+            self._write_state(name, {"active": history[-1], "history": history})
         return history[-1]
 
 

@@ -138,3 +138,29 @@ def test_bundled_model_resolves_by_name(tmp_path):
     assert card.name == "phantom-liver" and [lab.name for lab in card.labels] == ["liver", "liver lesion"]
     assert card.labels[0].code.value == "10200004"
     assert card.fingerprint["num_cases"] > 0 and "validation" in card.metrics
+
+
+def test_a_version_stored_while_another_process_stores_one_of_the_same_name_waits_and_takes_the_next_number(tmp_path):
+    """Two trainings of one name that end together: the second took the same number and, after all its epochs,
+    failed to store. Here the test plays the other process, holding the name's lock while it writes version 1."""
+    import threading
+
+    from deepseg_core.fileutil import exclusive_lock
+    from deepseg_core.model_store import CHANGE_LOCK_FILE, write_model_folder
+
+    store = ModelStore(tmp_path / "store")
+    card, net = tiny_card()
+    (store.root / card.name).mkdir(parents=True)
+    stored: list = []
+    with exclusive_lock(store.root / card.name / CHANGE_LOCK_FILE):
+        adding = threading.Thread(target=lambda: stored.append(store.add_version(card, net, activate=True)))
+        adding.start()
+        adding.join(0.5)
+        assert adding.is_alive() and stored == [], "it waits for the other process's change"
+        write_model_folder(store.root / card.name / "1", card, net)  # the other process's version 1
+    adding.join(10)
+    assert [written.version for written in stored] == [2] and store.versions(card.name) == [1, 2]
+    assert store.active_version(card.name) == 2
+    with pytest.raises(ModelError, match="nothing to roll back"):
+        store.rollback("no-such-model")
+    assert not (store.root / "no-such-model").exists(), "a change to a name the store lacks makes no folder"

@@ -618,3 +618,18 @@ def test_class_weights_leave_out_the_ignore_value_and_weigh_an_absent_class_as_t
     # frequencies 0.8 and 0.2, median 0.5: 0.625 and 2.5; the ignored and the absent value get the largest, 2.5
     np.testing.assert_allclose(weights, [0.625, 2.5, 2.5, 2.5])
     assert class_weights_from_labels([np.where(label == 2, 255, label)], 4, ignore_value=255) == weights
+
+
+def test_a_training_whose_checkpoint_folder_another_training_writes_is_refused_at_once(site_b_dataset, tmp_path):
+    """Two trainings of one name (two Slicer sessions: the default folder is named after the model) deleted each
+    other's half-written checkpoints. The test holds the folder's lock as the running training does."""
+    from deepseg_core.errors import ConfigError
+    from deepseg_core.fileutil import exclusive_lock
+
+    checkpoints = tmp_path / "ck"
+    with exclusive_lock(tmp_path / "ck.lock"):
+        with pytest.raises(ConfigError, match="another training is writing its checkpoints to this folder"):
+            retrain(site_b_dataset, "m", CONFIG, checkpoints, base=DEFAULT_MODEL, store=ModelStore(tmp_path / "s"))
+    assert not checkpoints.exists()
+    outcome = retrain(site_b_dataset, "m", CONFIG, checkpoints, base=DEFAULT_MODEL, store=ModelStore(tmp_path / "s"))
+    assert outcome.card.ref == "m:1"

@@ -14,7 +14,9 @@ result equals an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -34,7 +36,7 @@ from .. import distributed, domain_shift, metrics
 from ..config import to_dict
 from ..datasets import Dataset, DatasetError
 from ..errors import ConfigError
-from ..fileutil import cancel_deferred
+from ..fileutil import LockHeld, cancel_deferred, exclusive_lock
 from ..inference import Segmenter, SegmentOptions
 from ..inference.pipelines import Pipeline, pipeline_for
 from ..io import Volume
@@ -558,6 +560,36 @@ class RetrainOutcome:
     parent_validation: dict[str, Any] | None
 
 
+def _one_run_per_checkpoint_folder(train: Callable[..., RetrainOutcome]) -> Callable[..., RetrainOutcome]:
+    """Refuse a run whose checkpoint folder another run is writing: two trainings of one name (two Slicer
+    sessions; the default folder is named after the model) deleted each other's half-written checkpoints.
+    Held by the process that writes the checkpoints (rank 0 under ``torchrun``) in a lock file beside the folder;
+    the OS drops a killed run's lock."""
+
+    @functools.wraps(train)
+    def locked(
+        dataset_dir: str | Path, name: str, config: RetrainConfig, checkpoint_dir: str | Path, **kwargs: Any
+    ) -> RetrainOutcome:
+        if int(os.environ.get("RANK", "0")) != 0:
+            return train(dataset_dir, name, config, checkpoint_dir, **kwargs)
+        folder = Path(checkpoint_dir).absolute()
+        folder.parent.mkdir(parents=True, exist_ok=True)
+
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(exclusive_lock(folder.with_name(folder.name + ".lock"), wait=False))
+            except LockHeld:
+                raise ConfigError(
+                    "another training is writing its checkpoints to this folder",
+                    subject=folder,
+                    hint="Wait for it to end, or give this run another checkpoint folder (--checkpoints).",
+                ) from None
+            return train(dataset_dir, name, config, checkpoint_dir, **kwargs)
+
+    return locked
+
+
+@_one_run_per_checkpoint_folder
 def retrain(
     dataset_dir: str | Path,
     name: str,

@@ -199,6 +199,11 @@ def comparison_table(scene: slicer.vtkMRMLScene, done_event: dict) -> slicer.vtk
         table.SetValue(row, 1, f"{before:.3f}" if before is not None else "-")
         table.SetValue(row, 2, f"{scores['dice']:.3f}")
         table.SetValue(row, 3, f"{scores['dice'] - before:+.3f}" if before is not None else "-")
+    if "validation_cases" in done_event:  # both versions on the same cases; one or two say little about a difference
+        row = table.InsertNextBlankRow()
+        cases = str(done_event["validation_cases"])
+        for column, value in enumerate(("validation cases", cases, cases, "")):
+            table.SetValue(row, column, value)
     table_node.Modified()
     return table_node
 

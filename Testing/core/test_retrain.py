@@ -571,6 +571,15 @@ def test_evaluation_leaves_out_the_voxels_nobody_reviewed_as_deepseg_compare_doe
     assert scores["cases"]["c0"]["liver"]["dice"] == pytest.approx(expected, abs=1e-9)
     assert expected > metrics.dice(predicted == 1, label == 1) + 0.1, "the ignored half would have counted as false positives"
 
+    # HD95 is undefined where a reference is empty and the prediction not: the mean says over how many cases
+    label[label == 2] = 0
+    assert np.count_nonzero((predicted == 2) & reviewed) > 0
+    dataset.add_case("c1", [phantom.image], label)
+    scores = evaluate_model(segmenter, dataset, ["c0", "c1"])
+    assert scores["cases"]["c1"]["liver lesion"]["hd95_mm"] == float("inf")
+    assert scores["mean"]["liver lesion"]["hd95_cases"] == 1 and scores["mean"]["liver"]["hd95_cases"] == 2
+    assert scores["mean"]["liver lesion"]["hd95_mm"] == scores["cases"]["c0"]["liver lesion"]["hd95_mm"]
+
 
 def test_training_cases_are_prepared_with_the_datasets_ignore_label_out_of_the_foreground_classes():
     from deepseg_core.training.engine import _prepare_cases

@@ -97,7 +97,10 @@ def test_train_compare_keep_old_promote_and_roll_back_through_the_panel(
         assert f" Prepared phantom-liver:2 for {engine_prepares_for} on this computer in " in panel.view.status, panel.view.status
         assert not settings.resume
     compare = panel.view.comparison_table.GetTable()
-    assert compare.GetNumberOfRows() == len(LABELS) and compare.GetValue(0, 0).ToString() == "liver"
+    assert compare.GetNumberOfRows() == len(LABELS) + 1 and compare.GetValue(0, 0).ToString() == "liver"
+    validation_cases = str(len(Dataset.open(dataset_dir).ensure_split()["validation"]))
+    last = [compare.GetValue(len(LABELS), column).ToString() for column in range(4)]
+    assert last == ["validation cases", validation_cases, validation_cases, ""] and done["validation_cases"] >= 1
     assert float(compare.GetValue(0, 2).ToString()) == pytest.approx(done["validation"]["liver"]["dice"], abs=5e-4)
     store = ModelStore(store_dir)
     assert store.versions("phantom-liver") == [1, 2]  # the bundled parent is now a real store version

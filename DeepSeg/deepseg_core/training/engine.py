@@ -506,6 +506,9 @@ def evaluate_model(
         if hd95:
             finite = [per_case[c][name]["hd95_mm"] for c in case_ids if np.isfinite(per_case[c][name]["hd95_mm"])]
             mean[name]["hd95_mm"] = float(np.mean(finite)) if finite else float("inf")
+            # HD95 is undefined (inf) where one mask is empty and the other not, a missed lesion among them: the
+            # mean leaves those cases out, so it says over how many cases it is taken
+            mean[name]["hd95_cases"] = len(finite)
         if is_region:
             mean[name].update(region=True, values=model_values)
     regions = [
@@ -868,6 +871,7 @@ def retrain(
                 "parent": parent_card.ref if parent_card else None,
                 "validation": validation["mean"],
                 "parent_validation": parent_validation["mean"] if parent_validation else None,
+                "validation_cases": len(split["validation"]),
             }
         )
     if world > 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -215,6 +216,23 @@ def test_augmentation_keeps_shapes_labels_and_is_seeded():
     assert not np.allclose(out1[0], image)
     same = augment_patch(np.random.default_rng(5), image, labels, AugmentConfig.none())
     np.testing.assert_array_equal(same[0], image)
+
+
+def test_a_rotation_extends_labels_beyond_the_patch_as_it_extends_the_image():
+    """A patch inside the liver, rotated: its corners come from beyond the patch, where the image repeats its edge
+    (liver texture). The labels there were background, teaching the network that liver texture is background."""
+    rng = np.random.default_rng(0)
+    image = (100.0 + rng.normal(size=(1, 4, 32, 32))).astype(np.float32)  # all liver
+    labels = np.ones((4, 32, 32), np.uint8)
+    rotate_only = dataclasses.replace(AugmentConfig.none(), p_rotate_scale=1.0, rotation_deg=30.0, scale_range=(1.0, 1.0))
+    for seed in range(5):
+        out_image, out_labels = augment_patch(np.random.default_rng(seed), image, labels, rotate_only)
+        assert out_image.min() > 90 and np.all(out_labels == 1), f"seed {seed}"
+    # an organ edge stays where the image's edge is: labels follow the image
+    half = np.zeros((4, 32, 32), np.uint8)
+    half[:, :, :16] = 1
+    out_image, out_labels = augment_patch(np.random.default_rng(1), 100.0 * half[None].astype(np.float32), half, rotate_only)
+    assert np.array_equal(out_labels == 1, out_image[0] > 50)
 
 
 def test_train_and_evaluate_cli(site_b_dataset, tmp_path, capsys, engine_prepares_for):

@@ -88,8 +88,10 @@ def _rotate_scale(
     matrix = np.array([[1.0, 0, 0], [0, c, -s], [0, s, c]])
     centre = (np.array(labels.shape) - 1) / 2.0
     offset = centre - matrix @ centre
+    # Both extended the same way beyond the patch (its edge voxels repeated): labels filled with background there
+    # called the repeated organ texture of an image background.
     out_image = np.stack([ndimage.affine_transform(ch, matrix, offset, order=1, mode="nearest") for ch in image])
-    out_labels = ndimage.affine_transform(labels, matrix, offset, order=0, mode="constant", cval=0)
+    out_labels = ndimage.affine_transform(labels, matrix, offset, order=0, mode="nearest")
     return out_image.astype(np.float32), out_labels.astype(labels.dtype)
 
 

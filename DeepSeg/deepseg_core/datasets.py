@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 MANIFEST_NAME = "deepseg.json"
 MANIFEST_FORMAT = 1
 CASE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-INSTANCE_NAME_PATTERN = re.compile(r"^(?P<base>.+) (?P<index>\d+)$")
+#: "liver lesion 3" (DeepSeg's instances) or "liver lesion_2" (Slicer's Islands effect, "Split islands to segments")
+INSTANCE_NAME_PATTERN = re.compile(r"^(?P<base>.+)[ _](?P<index>\d+)$")
 SPLITS = ("train", "validation")
 
 
@@ -366,15 +367,18 @@ class Dataset:
         )
 
     def value_for_segment(self, name: str) -> int:
-        """Schema value of a segment name; ``"liver lesion 3"`` (an instance) maps to its thing label."""
+        """Schema value of a segment name; an instance of a thing label maps to it: ``"liver lesion 3"``, and the
+        pieces Slicer's Islands effect splits a segment into, ``"liver lesion_2"`` or ``"liver lesion 3_2"``."""
         try:
             return self.label_by_name(name).value
         except DatasetError:
-            match = INSTANCE_NAME_PATTERN.match(name)
-            if match:
+            base, match = name, INSTANCE_NAME_PATTERN.match(name)
+            while match:
+                base = match["base"]
                 for label in self.labels:
-                    if label.thing and label.name == match["base"]:
+                    if label.thing and label.name == base:
                         return label.value
+                match = INSTANCE_NAME_PATTERN.match(base)
             raise
 
     def labelmap_from_segments(

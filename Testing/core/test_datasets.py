@@ -226,8 +226,12 @@ def test_an_upper_case_seg_nrrd_is_read_by_segment_names(tmp_path):
 
 def test_segment_names_map_to_schema_values_and_lesions_win_overlaps(dataset):
     assert dataset.value_for_segment("liver lesion 3") == 2  # an instance of the thing label
+    # pieces of Slicer's Islands effect ("Split islands to segments" names them <segment>_<n>)
+    assert dataset.value_for_segment("liver lesion_2") == dataset.value_for_segment("liver lesion 3_2") == 2
     with pytest.raises(DatasetError, match="not in the dataset's label schema"):
         dataset.value_for_segment("liver 2")  # liver is not a thing label: no instances of it
+    with pytest.raises(DatasetError, match="not in the dataset's label schema"):
+        dataset.value_for_segment("liver_2")
     liver = np.zeros((2, 3, 3), bool)
     liver[:, :2] = True
     lesion = np.zeros_like(liver)

@@ -59,6 +59,14 @@ def apply_segmentation_file(
         ``(new segment ids, snapshot of the node before)``; ``snapshot.restore()`` undoes the run.
     """
     grid = volume_from_node(volume_node)
+    if segmentation_node.GetParentTransformNode() is not None:
+        # segments are written on the volume's grid, in the node's own frame: under a transform they would be
+        # shown (and exported, which applies it) moved away from the image
+        raise io.ImageError(
+            "the output segmentation is under a transform",
+            subject=segmentation_node.GetName(),
+            hint="Choose another output segmentation, or harden or remove its transform (Data module) first.",
+        )
     result = io.read_segmentation(seg_path)
     if not result.grid.same_grid(grid, tolerance_mm=1e-3):
         raise io.ImageError(
@@ -97,21 +105,36 @@ def labelmap_from_segments(segmentation_node: slicer.vtkMRMLSegmentationNode, gr
 def _prediction_labelmap(
     path: Path, grid: io.Volume, dataset: Dataset, segmentation_node: slicer.vtkMRMLSegmentationNode
 ) -> np.ndarray | None:
-    """The cached prediction as the dataset's labelmap, or None where it cannot be compared (gone, another
-    grid, a label the dataset does not have). A predicted segment the user renamed (to the dataset's name for
-    it, say) is taken under its name now: the node's DeepSeg segments carry the model's label value."""
+    """The cached prediction as the dataset's labelmap, or None where it cannot be compared (gone, another grid).
+
+    A predicted segment is taken under the model's name where the dataset's schema has it, so that renaming it
+    to another label counts as a correction. Where the schema does not have it (a dataset that names its labels
+    otherwise), under the name the user gave that segment (the node's DeepSeg segments carry the model's label
+    value); where neither is in the schema (a model label the dataset lacks), it is background, as the
+    training's label matching counts it.
+    """
     if not path.exists():
         return None
     prediction = io.read_segmentation(path)
     if not prediction.grid.same_grid(grid, tolerance_mm=1e-3):
         return None
     renamed = _names_of_predicted_segments(segmentation_node)
-    segments = [(renamed.get(s.label_value, s.name), functools.partial(prediction.mask, s.name)) for s in prediction.segments]
+    segments = []
+    for info in prediction.segments:
+        name = next((n for n in (info.name, renamed.get(info.label_value)) if n is not None and _in_schema(dataset, n)), None)
+        if name is None:
+            log.info("predicted segment %r is not in the dataset's label schema: background for the correction effort", info.name)
+            continue
+        segments.append((name, functools.partial(prediction.mask, info.name)))
+    return dataset.labelmap_from_segments(grid.shape_zyx, segments)
+
+
+def _in_schema(dataset: Dataset, name: str) -> bool:
     try:
-        return dataset.labelmap_from_segments(grid.shape_zyx, segments)
-    except DatasetError as exc:  # the correction itself is checked against the schema; only its effort is lost
-        log.info("correction effort not measured against the prediction: %s", exc)
-        return None
+        dataset.value_for_segment(name)
+    except DatasetError:
+        return False
+    return True
 
 
 def _names_of_predicted_segments(segmentation_node: slicer.vtkMRMLSegmentationNode) -> dict[int, str]:

@@ -372,13 +372,15 @@ class Dataset:
         try:
             return self.label_by_name(name).value
         except DatasetError:
-            base, match = name, INSTANCE_NAME_PATTERN.match(name)
+            match = INSTANCE_NAME_PATTERN.match(name)
             while match:
-                base = match["base"]
-                for label in self.labels:
-                    if label.thing and label.name == base:
+                # the first base that names a label decides: a thing's instance, or no instance at all
+                label = next((label for label in self.labels if label.name == match["base"]), None)
+                if label is not None:
+                    if label.thing:
                         return label.value
-                match = INSTANCE_NAME_PATTERN.match(base)
+                    break
+                match = INSTANCE_NAME_PATTERN.match(match["base"])
             raise
 
     def labelmap_from_segments(

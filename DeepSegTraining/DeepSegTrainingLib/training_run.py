@@ -202,7 +202,8 @@ def comparison_table(scene: slicer.vtkMRMLScene, done_event: dict) -> slicer.vtk
     if "validation_cases" in done_event:  # both versions on the same cases; one or two say little about a difference
         row = table.InsertNextBlankRow()
         cases = str(done_event["validation_cases"])
-        for column, value in enumerate(("validation cases", cases, cases, "")):
+        parent_cases = cases if done_event.get("parent_validation") else "-"  # from scratch: no parent scored
+        for column, value in enumerate(("validation cases", parent_cases, cases, "")):
             table.SetValue(row, column, value)
     table_node.Modified()
     return table_node

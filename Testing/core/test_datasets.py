@@ -232,6 +232,12 @@ def test_segment_names_map_to_schema_values_and_lesions_win_overlaps(dataset):
         dataset.value_for_segment("liver 2")  # liver is not a thing label: no instances of it
     with pytest.raises(DatasetError, match="not in the dataset's label schema"):
         dataset.value_for_segment("liver_2")
+    # the first base that names a label decides: pieces of the stuff label "lesion 2" are not the thing "lesion"
+    labels = [LabelSpec(1, "lesion", (1, 0, 0), thing=True), LabelSpec(2, "lesion 2", (0, 1, 0))]
+    other = Dataset.create(dataset.root.parent / "other", "other", labels, ("CT",))
+    assert other.value_for_segment("lesion 3") == 1 and other.value_for_segment("lesion 2") == 2
+    with pytest.raises(DatasetError, match="not in the dataset's label schema"):
+        other.value_for_segment("lesion 2_1")
     liver = np.zeros((2, 3, 3), bool)
     liver[:, :2] = True
     lesion = np.zeros_like(liver)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -136,6 +137,12 @@ def test_a_resume_with_other_settings_or_of_a_run_already_stored_is_refused_and_
     assert f"config.epochs={CONFIG.epochs}" in message and f"config.epochs={CONFIG.epochs + 2}" in message, message
     with pytest.raises(ConfigError, match=r"name='m'.*name='other'"):
         retrain(site_b_dataset, "other", CONFIG, checkpoints, base=DEFAULT_MODEL, store=store, resume=True)
+    grown = tmp_path / "grown"
+    shutil.copytree(site_b_dataset, grown)  # a case exported since the stop: the stopped run never drew from it
+    image, label = Dataset.open(grown).load_case("b0")
+    Dataset.open(grown).add_case("b9", image, label.array_zyx)
+    with pytest.raises(ConfigError, match=r"stopped run's: training_cases: 2; found training_cases: 3 \(b9 not in the other\)"):
+        retrain(grown, "m", CONFIG, checkpoints, base=DEFAULT_MODEL, store=store, resume=True)
     assert _files(checkpoints) == written and store.names() == []
 
     finished = retrain(site_b_dataset, "m", CONFIG, checkpoints, base=DEFAULT_MODEL, store=store, resume=True)
@@ -645,6 +652,9 @@ def test_class_weights_leave_out_the_ignore_value_and_weigh_an_absent_class_as_t
     # frequencies 0.8 and 0.2, median 0.5: 0.625 and 2.5; the ignored and the absent value get the largest, 2.5
     np.testing.assert_allclose(weights, [0.625, 2.5, 2.5, 2.5])
     assert class_weights_from_labels([np.where(label == 2, 255, label)], 4, ignore_value=255) == weights
+    speck = np.zeros((40, 100, 100), np.uint8)
+    speck[0, 0, 0] = 1  # one voxel in 400,000: 2e5 uncapped
+    assert class_weights_from_labels([speck], 2) == [pytest.approx(0.5 / (1 - 2.5e-6)), 100.0]
 
 
 def test_a_training_whose_checkpoint_folder_another_training_writes_is_refused_at_once(site_b_dataset, tmp_path):

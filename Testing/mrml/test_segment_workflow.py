@@ -178,3 +178,32 @@ def test_predicted_segments_renamed_to_the_datasets_names_are_exported_with_thei
     assert record.provenance.changed_voxels == 0 and record.provenance.dice_prediction_vs_correction == 1.0
     _, label = Dataset.open(dataset_root).load_case("case01")
     assert set(np.unique(label.array_zyx)) == {0, 1, 2}
+
+
+def test_a_predicted_lesion_relabelled_as_liver_counts_as_a_correction(mrml_scene, segmented, tmp_path):
+    """The model's names are in the dataset's schema: a predicted segment renamed to another label is a
+    correction of every voxel of it, not a rename that the prediction follows."""
+    from deepseg_core.phantoms import PHANTOM_LABELS
+
+    result_path, _ = segmented
+    volume = oblique_sample()
+    volume_node = node_from_volume(mrml_scene, volume, "CT")
+    output = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "out")
+    apply_segmentation_file(result_path, output, volume_node, "phantom-liver:1")
+    lesion_id = segments_by_name(output)["liver lesion 1"]
+    relabelled = int(segment_mask(output, lesion_id, volume).sum())
+    assert relabelled > 0
+    output.GetSegmentation().GetSegment(lesion_id).SetName("liver")
+    Dataset.create(tmp_path / "ds", "site", PHANTOM_LABELS, ("CT",))
+    record = export_corrected_case(tmp_path / "ds", "case01", volume_node, output)
+    assert record.provenance.changed_voxels == relabelled
+
+
+def test_an_output_segmentation_under_a_transform_is_refused_before_anything_is_written(mrml_scene, segmented):
+    result_path, _ = segmented
+    volume_node = node_from_volume(mrml_scene, oblique_sample(), "CT")
+    output = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "out")
+    output.SetAndObserveTransformNodeID(mrml_scene.AddNewNodeByClass("vtkMRMLLinearTransformNode").GetID())
+    with pytest.raises(io.ImageError, match="the output segmentation is under a transform"):
+        apply_segmentation_file(result_path, output, volume_node, "phantom-liver:1")
+    assert output.GetSegmentation().GetNumberOfSegments() == 0 and output.GetAttribute(MODEL_ATTRIBUTE) is None

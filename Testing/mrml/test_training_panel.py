@@ -119,6 +119,13 @@ def test_train_compare_keep_old_promote_and_roll_back_through_the_panel(
     assert panel.view.status == "phantom-liver: active version is 1 again (was 2)."
 
 
+def test_the_comparison_of_a_model_trained_from_scratch_has_no_parent_column(mrml_scene):
+    done = {"model": "new:1", "parent": None, "validation": {"liver": {"dice": 0.8}}, "parent_validation": None}
+    table = comparison_table(mrml_scene, {**done, "validation_cases": 2}).GetTable()
+    rows = [[table.GetValue(row, column).ToString() for column in range(4)] for row in range(table.GetNumberOfRows())]
+    assert rows == [["liver", "-", "0.800", "-"], ["validation cases", "-", "2", ""]]
+
+
 def test_the_comparison_shows_a_region_models_regions_beside_its_values(mrml_scene):
     # a region-based nnU-Net model's done event (deepseg train --json) scores its multi-value region as a row of its own
     done = {

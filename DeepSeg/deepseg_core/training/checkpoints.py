@@ -179,11 +179,21 @@ def check_same_run(folder: Path, run: dict[str, Any]) -> None:
     raise ConfigError(
         "the stopped run was started with other settings than this run's",
         subject=folder.parent,
-        expected="the stopped run's: " + "; ".join(f"{key}={before.get(key)!r}" for key in differing),
-        found="; ".join(f"{key}={now.get(key)!r}" for key in differing),
+        expected="the stopped run's: " + "; ".join(_setting(key, before.get(key), now.get(key)) for key in differing),
+        found="; ".join(_setting(key, now.get(key), before.get(key)) for key in differing),
         hint="Resume with the stopped run's settings (the same base version, dataset cases and training settings), or"
         " start without resuming (untick Resume in the panel; leave out --resume) to train anew.",
     )
+
+
+def _setting(key: str, value: Any, other: Any) -> str:
+    """``key=value``; a list (the training cases) as its length and what it has that ``other`` lacks."""
+    if isinstance(value, list) and isinstance(other, list):
+        extra = [item for item in value if item not in other]
+        return f"{key}: {len(value)}" + (
+            f" ({', '.join(map(str, extra[:5]))}{', ...' if len(extra) > 5 else ''} not in the other)" if extra else ""
+        )
+    return f"{key}={value!r}"
 
 
 def _flat(run: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -283,11 +283,16 @@ def _loss_options(
     return options
 
 
+#: the largest weight :func:`class_weights_from_labels` gives a class (the median class weighs 1)
+MAX_CLASS_WEIGHT = 100.0
+
+
 def class_weights_from_labels(labels: Iterable[np.ndarray], channels: int, ignore_value: int | None = None) -> list[float]:
     """Median-frequency class weights for the weighted cross-entropy: ``median(f) / f_c`` for each of the
     ``channels`` model label values ``0 .. channels - 1``, ``f_c`` its share of the labelled voxels of
-    ``labels`` (``(Z, Y, X)`` arrays in model values; the ignore value left out). A rare lesion thus weighs
-    far more than the background; a class absent from every case gets the largest weight of those present."""
+    ``labels`` (``(Z, Y, X)`` arrays in model values; the ignore value left out), at most ``MAX_CLASS_WEIGHT``.
+    A rare lesion thus weighs far more than the background; a class absent from every case gets the largest
+    weight of those present."""
     counts = np.zeros(channels, np.float64)
     for label in labels:
         values = np.bincount(np.asarray(label, np.int64).ravel(), minlength=max(channels, 256))
@@ -299,6 +304,8 @@ def class_weights_from_labels(labels: Iterable[np.ndarray], channels: int, ignor
         return [1.0] * channels
     frequency = counts / counts.sum()
     weights = np.where(present, np.median(frequency[present]) / np.where(present, frequency, 1.0), 0.0)
+    # a class of a few voxels would weigh 1e5 and its steps swamp every other's: capped at MAX_CLASS_WEIGHT
+    weights = np.minimum(weights, MAX_CLASS_WEIGHT)
     weights[~present] = weights[present].max()
     return [float(w) for w in weights]
 
@@ -575,7 +582,7 @@ def _one_run_per_checkpoint_folder(train: Callable[..., RetrainOutcome]) -> Call
     ) -> RetrainOutcome:
         if int(os.environ.get("RANK", "0")) != 0:
             return train(dataset_dir, name, config, checkpoint_dir, **kwargs)
-        folder = Path(checkpoint_dir).absolute()
+        folder = Path(checkpoint_dir).resolve()
         folder.parent.mkdir(parents=True, exist_ok=True)
 
         with contextlib.ExitStack() as held:
@@ -739,7 +746,7 @@ def retrain(
     # what a resume must continue: the same base version, dataset cases, new model name and settings
     run = {
         "base": parent_card.ref if parent_card is not None else None,
-        "dataset": str(dataset.root.resolve()),
+        "dataset": dataset.name,  # its name, not its path: nodes of a multi-node run may mount it elsewhere
         "training_cases": list(split["train"]),
         "name": name,
         "config": to_dict(config),

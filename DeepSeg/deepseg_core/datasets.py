@@ -26,19 +26,20 @@ asks for it explicitly.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from . import io
 from .errors import DeepSegError
-from .fileutil import check_writable_folder, recover_commits, staged_commit
+from .fileutil import check_writable_folder, exclusive_lock, recover_commits, staged_commit
 from .model_card import LabelSpec, TerminologyCode
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,26 @@ SPLITS = ("train", "validation")
 
 class DatasetError(DeepSegError):
     """A dataset folder, case or label schema problem."""
+
+
+T = TypeVar("T")
+
+#: in the dataset's folder: held while a process changes its manifest (:func:`_one_writer`)
+WRITE_LOCK_NAME = ".deepseg-write.lock"
+
+
+def _one_writer(change: Callable[..., T]) -> Callable[..., T]:
+    """One process at a time changes a dataset, on what is on disk now: each change rewrites the manifest
+    from the cases it holds, so an export running beside another (two Slicer sessions) or beside a training
+    that fixes the split would have dropped the other's case from the manifest, its files left as strays."""
+
+    @functools.wraps(change)
+    def locked(self: Dataset, *args: Any, **kwargs: Any) -> T:
+        with exclusive_lock(self.root / WRITE_LOCK_NAME):
+            self._reread()
+            return change(self, *args, **kwargs)
+
+    return locked
 
 
 @dataclass(frozen=True)
@@ -405,6 +426,17 @@ class Dataset:
             labels[mask_of()] = value
         return labels
 
+    def _reread(self) -> None:
+        """Take the schema, cases and split as they are on disk now (another process may have changed them)."""
+        current = Dataset.open(self.root)
+        self.labels, self.ignore_value, self.cases, self.split_fixed = (
+            current.labels,
+            current.ignore_value,
+            current.cases,
+            current.split_fixed,
+        )
+
+    @_one_writer
     def add_label(self, label: LabelSpec) -> None:
         """Extend the schema by one label (existing cases keep their values)."""
         self._check_schema((*self.labels, label), self.ignore_value)
@@ -434,6 +466,7 @@ class Dataset:
                 hint="Choose another case id, or replace those files explicitly (overwrite=True / --overwrite).",
             )
 
+    @_one_writer
     def add_case(
         self,
         case_id: str,
@@ -528,6 +561,7 @@ class Dataset:
             raise DatasetError(f"no case {case_id!r}", subject=self.root, found=f"{len(self.cases)} cases")
         return [io.read_image(p) for p in self.image_paths(case_id)], io.read_image(self.label_path(case_id))
 
+    @_one_writer
     def ensure_split(self, validation_fraction: float = 0.2, seed: int = 0, minimum: int = 1) -> dict[str, list[str]]:
         """The fixed split, drawing it once if it was never fixed.
 

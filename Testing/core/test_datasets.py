@@ -75,6 +75,21 @@ def test_a_case_id_that_differs_only_in_letter_case_or_whose_files_are_strays_is
     assert not Dataset.open(dataset.root).load_case("b")[1].array_zyx.any()
 
 
+def test_two_writers_of_one_dataset_keep_each_others_cases(dataset):
+    """Two Slicer sessions exporting to one dataset, or an export beside a training fixing the split: each
+    rewrote the manifest from the cases it had read, so the other's case was dropped (its files left as strays)."""
+    image, labels = small_case(0)
+    first, second, training = Dataset.open(dataset.root), Dataset.open(dataset.root), Dataset.open(dataset.root)
+    first.add_case("a", [image], labels)
+    second.add_case("b", [image], labels)
+    second.add_case("c", [image], labels)
+    split = training.ensure_split()  # opened before any case was added
+    assert sorted(split["train"] + split["validation"]) == ["a", "b", "c"]
+    assert sorted(Dataset.open(dataset.root).cases) == ["a", "b", "c"] and validate_dataset(dataset.root) == []
+    with pytest.raises(DatasetError, match="'a' already exists"):
+        second.add_case("a", [image], labels)  # known from the disk, though this object never added it
+
+
 def test_bad_cases_write_nothing(dataset):
     image, labels = small_case(0)
     bad = labels.copy()

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, DeepSegError
+from ..fileutil import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +154,11 @@ def check_same_network(folder: Path, name: str, config: dict[str, Any]) -> None:
     )
 
 
-def check_same_run(folder: Path, run: dict[str, Any]) -> None:
+def check_same_run(folder: Path, run: dict[str, Any], config: dict[str, Any]) -> None:
     """Refuse to resume from ``folder`` (``last/``) a run that finished and was stored (:func:`mark_stored`), or one
-    started with another base version, dataset, training cases, new model name or settings than ``run``
-    (``{"base", "dataset", "training_cases", "name", "config"}``, as ``state.json`` stores it under ``run``).
+    started with another base version, dataset, training cases or new model name than ``run`` (``{"base",
+    "dataset", "training_cases", "name"}``, as ``state.json`` stores it under ``run``), or other settings than
+    ``config`` (``to_dict`` of the run's config, as ``state.json`` stores it under ``config``).
 
     Resuming continues the stopped run exactly; with other settings it would store a version that neither run
     describes (a finished run resumed stores its weights again as a new version). Checkpoints written before
@@ -168,10 +170,10 @@ def check_same_run(folder: Path, run: dict[str, Any]) -> None:
             subject=folder.parent,
             hint="Start without resuming (untick Resume in the panel; leave out --resume) to train anew.",
         )
-    written = state.get("run")
-    if written is None:
+    if state.get("run") is None:
         return
-    wanted = json.loads(json.dumps(run))
+    written = {**state["run"], "config": state.get("config")}
+    wanted = json.loads(json.dumps({**run, "config": config}))
     before, now = _flat(written), _flat(wanted)
     differing = [key for key in sorted({*before, *now}) if before.get(key) != now.get(key)]
     if not differing:
@@ -212,11 +214,8 @@ def mark_stored(folder: Path, ref: str) -> None:
     path = folder / "state.json"
     try:
         state = json.loads(path.read_text())
-        state["stored_as"] = ref
-        staging = path.with_name("state.json.tmp")
-        staging.write_text(json.dumps(state, indent=1))
-        os.replace(staging, path)
-    except (OSError, ValueError) as exc:
+        atomic_write_text(path, json.dumps({**state, "stored_as": ref}, indent=1))
+    except (OSError, ValueError, DeepSegError) as exc:
         log.warning("could not record in %s that the run was stored as %s (%s)", path, ref, exc)
 
 

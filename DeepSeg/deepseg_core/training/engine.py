@@ -259,13 +259,12 @@ def _loss_options(
     """``build_loss`` options: the ignore value, the weighted cross-entropy's class weights, and the Dice /
     Tversky terms' reduction when the scheme sets one and whether they count all ranks' batches."""
     options: dict[str, Any] = {"ignore_index": ignore_value} if ignore_value is not None else {}
-    weighted = [term for term in (name, *COMPOUND_LOSSES.get(name, ())) if term == "wce"]
-    if weighted and class_weights is None:
-        raise ConfigError(
-            f"loss {name!r} weighs the cross-entropy per class, and no class weights were given",
-            expected="one weight per output channel (a training run computes them from its labels)",
-        )
-    if weighted:
+    if _weighs_classes(name):
+        if class_weights is None:
+            raise ConfigError(
+                f"loss {name!r} weighs the cross-entropy per class, and no class weights were given",
+                expected="one weight per output channel (a training run computes them from its labels)",
+            )
         if name == "wce":
             options["class_weights"] = list(class_weights)
         else:
@@ -281,6 +280,11 @@ def _loss_options(
         if term in _OVERLAP_TERMS:
             options[term] = dict(overlap)
     return options
+
+
+def _weighs_classes(loss: str) -> bool:
+    """Whether ``loss`` (a registry name) is or holds the weighted cross-entropy, which needs class weights."""
+    return "wce" in (loss, *COMPOUND_LOSSES.get(loss, ()))
 
 
 #: the largest weight :func:`class_weights_from_labels` gives a class (the median class weighs 1)
@@ -685,16 +689,16 @@ def retrain(
     else:
         card, net = _scratch_card(dataset, name, config, loaded)
         value_map = {label.value: label.value for label in dataset.labels}
-    if base is not None and config.freeze_encoder_epochs > 0 and not _encoder_parameters(net):
+    if parent_card is not None and config.freeze_encoder_epochs > 0 and not _encoder_parameters(net):
         raise ConfigError(
-            f"{parent_card.ref if parent_card else base}'s network has no encoder DeepSeg can tell apart from its decoder"
+            f"{parent_card.ref}'s network has no encoder DeepSeg can tell apart from its decoder"
             f" ({card.architecture.name}), so nothing would be frozen",
             expected="--freeze-encoder-epochs 0 for this model",
             found=f"--freeze-encoder-epochs {config.freeze_encoder_epochs}",
             hint="Leave it out (the panel: Frozen encoder epochs 0); a lower --learning-rate keeps more of the base instead.",
         )
     class_weights = None
-    if "wce" in (config.loss, *COMPOUND_LOSSES.get(config.loss, ())):
+    if _weighs_classes(config.loss):
         lut = _label_lut(value_map, dataset.ignore_value)
         labels = (label.array_zyx if lut is None else lut[label.array_zyx] for _, label in loaded.values())
         class_weights = class_weights_from_labels(labels, _card_pipeline(card).output_channels, dataset.ignore_value)
@@ -743,17 +747,17 @@ def retrain(
     rng = np.random.default_rng(config.seed if world == 1 else [config.seed, rank])
     history: list[dict[str, Any]] = []
     start_epoch, best_score = 1, -1.0
-    # what a resume must continue: the same base version, dataset cases, new model name and settings
+    # what a resume must continue besides the settings (the checkpoint's config): the same base version,
+    # dataset cases and new model name
     run = {
         "base": parent_card.ref if parent_card is not None else None,
         "dataset": dataset.name,  # its name, not its path: nodes of a multi-node run may mount it elsewhere
         "training_cases": list(split["train"]),
         "name": name,
-        "config": to_dict(config),
     }
     if resume:
         check_same_network(checkpoint_dir / "last", card.architecture.name, card.architecture.config)
-        check_same_run(checkpoint_dir / "last", run)
+        check_same_run(checkpoint_dir / "last", run, to_dict(config))
         state = load_checkpoint(checkpoint_dir / "last", net, optimiser)
         schedule.load_state_dict(state["scheduler"])
         restore_random_state(checkpoint_dir / "last", state, rank, rng, device_t)

@@ -406,11 +406,14 @@ class DeepSegPanelLogic:
     def undo(self) -> None:
         """Undo last Segment: segments as before the run; its overlay and table removed."""
         from .result_review import remove_review
+        from .scene_logic import PREDICTION_ATTRIBUTE, forget_prediction
 
         if self._snapshot is None:
             return
+        undone_prediction = self._snapshot.node.GetAttribute(PREDICTION_ATTRIBUTE)
         self._snapshot.restore()
         self._snapshot = None
+        forget_prediction(self.scene, undone_prediction)
         remove_review(self.scene, self._review)
         self._review = None
         self.view.undo_enabled = self.view.next_uncertain_enabled = self.view.show_measurements_enabled = False

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import shutil
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,11 +40,80 @@ MODEL_ATTRIBUTE = "DeepSeg.Model"
 PREDICTION_ATTRIBUTE = "DeepSeg.PredictionPath"
 
 
+#: a cached prediction no segmentation of the open scene refers to is removed once this old, or sooner (oldest
+#: first) while the cache holds more than PREDICTION_CACHE_MAX_BYTES: every Segment keeps one, and without a
+#: bound the folder grew by a result file per click for ever
+PREDICTION_CACHE_MAX_AGE_DAYS = 30
+PREDICTION_CACHE_MAX_BYTES = 2 * 1024**3
+
+
 def prediction_cache_folder() -> Path:
     """Where predictions are kept so an export can measure what the user changed."""
     folder = Path.home() / ".deepseg" / "predictions"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def predictions_referenced(scene: slicer.vtkMRMLScene) -> set[Path]:
+    """The cached predictions that the scene's segmentation nodes refer to (``DeepSeg.PredictionPath``)."""
+    referenced = set()
+    nodes = scene.GetNodesByClass("vtkMRMLSegmentationNode")
+    for index in range(nodes.GetNumberOfItems()):
+        path = nodes.GetItemAsObject(index).GetAttribute(PREDICTION_ATTRIBUTE)
+        if path:
+            referenced.add(Path(path).resolve())
+    return referenced
+
+
+def prune_prediction_cache(keep: set[Path], now_s: float | None = None) -> list[Path]:
+    """Remove cached predictions not in ``keep`` that are older than PREDICTION_CACHE_MAX_AGE_DAYS, then the
+    oldest of the rest while the folder holds more than PREDICTION_CACHE_MAX_BYTES.
+
+    A removed prediction only costs the correction effort of a later export from a segmentation that still
+    refers to it (a scene saved and reopened, another Slicer session): the export goes on without it and logs
+    that. Returns the removed files.
+    """
+    folder = prediction_cache_folder()
+    now_s = time.time() if now_s is None else now_s
+    candidates = []
+    total_bytes = 0
+    for path in folder.glob("*.seg.nrrd"):
+        try:
+            stat = path.stat()
+        except FileNotFoundError:  # another session pruned it first
+            continue
+        total_bytes += stat.st_size
+        if path.resolve() not in keep:
+            candidates.append((stat.st_mtime, stat.st_size, path))
+    removed = []
+    for mtime, size, path in sorted(candidates):
+        too_old = now_s - mtime > PREDICTION_CACHE_MAX_AGE_DAYS * 86400
+        if not too_old and total_bytes <= PREDICTION_CACHE_MAX_BYTES:
+            break
+        path.unlink(missing_ok=True)
+        total_bytes -= size
+        removed.append(path)
+    if removed:
+        log.info(
+            "removed %d cached prediction(s) from %s (older than %d days, or the cache was over %.1f GB)",
+            len(removed),
+            folder,
+            PREDICTION_CACHE_MAX_AGE_DAYS,
+            PREDICTION_CACHE_MAX_BYTES / 1e9,
+        )
+    return removed
+
+
+def forget_prediction(scene: slicer.vtkMRMLScene, path: str | None) -> bool:
+    """Remove the cached prediction ``path`` (one of DeepSeg's, after an Undo) once no node of the scene refers
+    to it. Returns whether it was removed."""
+    if not path:
+        return False
+    cached = Path(path).resolve()
+    if cached.parent != prediction_cache_folder().resolve() or cached in predictions_referenced(scene):
+        return False
+    cached.unlink(missing_ok=True)
+    return True
 
 
 def apply_segmentation_file(
@@ -84,6 +154,10 @@ def apply_segmentation_file(
         kept = prediction_cache_folder() / f"{uuid.uuid4().hex}.seg.nrrd"
         shutil.copyfile(seg_path, kept)
         segmentation_node.SetAttribute(PREDICTION_ATTRIBUTE, str(kept))
+        # the one the node had before stays for Undo
+        before = snapshot.attributes.get(PREDICTION_ATTRIBUTE)
+        keep = predictions_referenced(segmentation_node.GetScene()) | ({Path(before).resolve()} if before else set())
+        prune_prediction_cache(keep)
     return ids, snapshot
 
 
@@ -174,7 +248,9 @@ def export_corrected_case(
     prediction_path = segmentation_node.GetAttribute(PREDICTION_ATTRIBUTE)
     if prediction_path:
         predicted = _prediction_labelmap(Path(prediction_path), grid, dataset, segmentation_node)
-        if predicted is not None:
+        if predicted is None:
+            log.info("the cached prediction %s is gone or on another grid: no correction effort is recorded", prediction_path)
+        else:
             effort = correction_effort(predicted, labels, [label.value for label in dataset.labels], grid.voxel_volume_ml)
             provenance = CaseProvenance(**{**provenance.__dict__, **effort})
     images = [grid, *(volume_from_node(node) for node in additional_volume_nodes)]

@@ -19,6 +19,7 @@ from deepseg_core.demo import DEFAULT_MODEL, SAMPLE_VOLUME
 from deepseg_core.phantoms import PHANTOM_LABELS
 from DeepSegLib.mrml_bridge import node_from_volume, segment_mask, segments_by_name
 from DeepSegLib.panel_logic import DeepSegPanelLogic, FoldChoice, PanelError, PanelSettings, fold_choices, progress_text
+from DeepSegLib.scene_logic import PREDICTION_ATTRIBUTE
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -169,9 +170,13 @@ def test_segment_through_the_panel_then_undo_then_export(mrml_scene, store_dir, 
     assert panel.view.export_status.startswith("Case case01 added to ") and "(0 voxels changed)" in panel.view.export_status
     np.testing.assert_array_equal(Dataset.open(dataset).load_case("case01")[1].array_zyx == 1, liver)
 
+    cached_prediction = Path(output.GetAttribute(PREDICTION_ATTRIBUTE))
+    assert cached_prediction.is_file()
     panel.undo()
     assert output.GetSegmentation().GetNumberOfSegments() == 0 and panel.measurement_table is None
     assert panel.view.status == "Last Segment undone." and not panel.view.undo_enabled
+    # the undone run's prediction went with it: no node refers to it any more
+    assert output.GetAttribute(PREDICTION_ATTRIBUTE) is None and not cached_prediction.exists()
 
 
 def test_cancel_through_the_panel_says_cancelled_and_leaves_the_scene_as_it_was(mrml_scene, store_dir, engine_python):

@@ -3,12 +3,17 @@ colours, terminology, oblique geometry), re-run and undo, export of a corrected 
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from deepseg_core import io
 from deepseg_core.datasets import Dataset, DatasetError, validate_dataset
 from deepseg_core.demo import DEFAULT_MODEL, SAMPLE_VOLUME
+from DeepSegLib import scene_logic
 from DeepSegLib.mrml_bridge import (
     SegmentSpec,
     add_segment,
@@ -20,6 +25,7 @@ from DeepSegLib.mrml_bridge import (
 )
 from DeepSegLib.scene_logic import (
     MODEL_ATTRIBUTE,
+    PREDICTION_ATTRIBUTE,
     apply_segmentation_file,
     export_corrected_case,
     labelmap_from_segments,
@@ -106,6 +112,42 @@ def test_rerun_keeps_hand_added_segments_and_snapshot_undoes_it(mrml_scene, segm
     assert list(segments_by_name(output)) == ["my marker"]
     snapshot.restore()
     assert sorted(segments_by_name(output)) == before
+
+
+def test_cached_predictions_no_node_refers_to_are_removed_when_old_or_over_the_size_bound(mrml_scene, segmented, monkeypatch):
+    """Every Segment keeps its prediction for the export's correction effort; the cache is bounded by age and
+    size, but a prediction that a segmentation of the scene, or the Undo of the latest run, needs is kept."""
+    result_path, _ = segmented
+    volume = oblique_sample()
+    volume_node = node_from_volume(mrml_scene, volume, "CT")
+    first = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "first")
+    apply_segmentation_file(result_path, first, volume_node, "phantom-liver:1")
+    output = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "out")
+    apply_segmentation_file(result_path, output, volume_node, "phantom-liver:1")
+    referenced_by_first = Path(first.GetAttribute(PREDICTION_ATTRIBUTE))
+    for_undo = Path(output.GetAttribute(PREDICTION_ATTRIBUTE))
+    folder = scene_logic.prediction_cache_folder()
+    month_ago = time.time() - 31 * 86400
+    stale = folder / "stale.seg.nrrd"  # a session long gone
+    stale.write_bytes(b"x" * 100)
+    recent = folder / "recent.seg.nrrd"  # another session's, this week
+    recent.write_bytes(b"x" * 100)
+    os.utime(recent, (time.time() - 86400,) * 2)
+    for path in (stale, referenced_by_first, for_undo):
+        os.utime(path, (month_ago,) * 2)
+
+    _, snapshot = apply_segmentation_file(result_path, output, volume_node, "phantom-liver:1")
+    newest = Path(output.GetAttribute(PREDICTION_ATTRIBUTE))
+    assert not stale.exists()
+    assert referenced_by_first.exists() and for_undo.exists() and recent.exists() and newest.exists()
+    snapshot.restore()
+    assert output.GetAttribute(PREDICTION_ATTRIBUTE) == str(for_undo)
+
+    # over the size bound the oldest go first, and never a referenced one
+    monkeypatch.setattr(scene_logic, "PREDICTION_CACHE_MAX_BYTES", 1)
+    removed = scene_logic.prune_prediction_cache(scene_logic.predictions_referenced(mrml_scene))
+    assert set(removed) == {recent, newest}
+    assert referenced_by_first.exists() and for_undo.exists()
 
 
 def test_export_corrected_case(mrml_scene, segmented, tmp_path):

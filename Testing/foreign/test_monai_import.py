@@ -386,6 +386,143 @@ def test_a_bundle_without_invertd_is_refused(bundle, work):
         import_bundle(folder, ModelStore(work / "store_refused"))
 
 
+def _mapped(bundle: Path, folder: Path, changes: dict):
+    from deepseg_core.importers.monai_bundle import map_bundle, read_bundle
+
+    return map_bundle(read_bundle(mf.variant_bundle(bundle, folder, changes)))
+
+
+def test_device_arguments_are_not_evaluated_and_do_not_block_the_import(bundle, work):
+    """wholeBody_ct_segmentation's inferer has ``"device": "$torch.device(...)"``: where a computation runs never
+    changes the labels, so such expressions are skipped rather than refused (and never evaluated)."""
+    expression = "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')"
+    mapping = _mapped(
+        bundle,
+        work / "device_bundle",
+        {
+            "inferer::device": expression,
+            "inferer::sw_device": expression,
+            "preprocessing::transforms::5::device": expression,
+            "postprocessing::transforms::1::device": expression,
+        },
+    )
+    assert mapping.pipeline_config["inferer"]["roi_size_xyz"] == [48, 48, 48]
+    # any other argument written as an expression is still refused
+    with pytest.raises(ModelError, match=r"inferer SlidingWindowInferer.overlap"):
+        _mapped(bundle, work / "device_bundle", {"inferer::overlap": "$0.5"})
+
+
+def test_postprocessing_of_other_keys_than_the_prediction_is_skipped(bundle, work):
+    """A bundle's evaluation transforms on ``label`` do not touch ``pred``: they neither block the import nor
+    change its settings."""
+    transforms = [
+        {"_target_": "AsDiscreted", "keys": "label", "to_onehot": 3},
+        {"_target_": "KeepLargestConnectedComponentd", "keys": "label", "applied_labels": [1]},
+    ]
+    mapping = _mapped(
+        bundle,
+        work / "label_keys_bundle",
+        {"postprocessing::transforms::4": transforms[0], "postprocessing::transforms::5": transforms[1]},
+    )
+    base = _mapped(bundle, work / "label_keys_base", {})
+    assert mapping.pipeline_config["postprocessing"] == base.pipeline_config["postprocessing"]
+    with pytest.raises(ModelError, match="KeepLargestConnectedComponentd"):  # on the prediction it is refused
+        _mapped(
+            bundle, work / "label_keys_bundle", {"postprocessing::transforms::4": {**transforms[1], "keys": ["pred", "label"]}}
+        )
+
+
+@pytest.mark.parametrize(
+    "discrete, refusal",
+    [
+        ({"argmax": True, "threshold": 0.5}, "argmax with a threshold"),
+        ({"threshold": 0.5}, "a 0.5 threshold after softmax activation"),
+    ],
+)
+def test_thresholds_that_monai_applies_per_channel_are_refused(bundle, work, discrete, refusal):
+    with pytest.raises(ModelError, match=refusal):
+        _mapped(
+            bundle,
+            work / "threshold_bundle",
+            {"postprocessing::transforms::2": {"_target_": "AsDiscreted", "keys": "pred", **discrete}},
+        )
+
+
+def test_invertd_without_nearest_interp_inverts_a_nearest_spacingd_with_nearest_as_monai_does(bundle, work):
+    """MONAI's inverse of Spacingd reuses the forward pass's mode; ``nearest_interp`` only forces nearest. So
+    labels taken before such an Invertd stay labels in MONAI, and DeepSeg takes them the same way."""
+    from monai.transforms import Compose, EnsureChannelFirstd, Invertd, Spacingd
+
+    image = torch.arange(4 * 5 * 6, dtype=torch.float32).reshape(4, 5, 6)
+    from monai.data import MetaTensor
+
+    data = {"image": MetaTensor(image, affine=torch.diag(torch.tensor([1.0, 1.0, 1.0, 1.0])))}
+    forward = Compose(
+        [EnsureChannelFirstd("image", channel_dim="no_channel"), Spacingd("image", (0.7, 1.3, 1.0), mode="nearest")]
+    )
+    out = forward(data)
+    labels = (out["image"] % 3).clone()
+    out["pred"] = labels
+    inverted = Invertd("pred", forward, orig_keys="image", nearest_interp=False)(out)["pred"]
+    assert set(np.unique(np.asarray(inverted))) <= {0.0, 1.0, 2.0}  # no value between labels: nearest
+
+    changes = {
+        "preprocessing::transforms::3::mode": "nearest",
+        "postprocessing::transforms": [
+            {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+            {
+                "_target_": "Invertd",
+                "keys": "pred",
+                "transform": "@preprocessing",
+                "orig_keys": "@image_key",
+                "nearest_interp": False,
+            },
+        ],
+    }
+    post = _mapped(bundle, work / "nearest_spacing_bundle", changes).pipeline_config["postprocessing"]
+    assert post == {"activation": "softmax", "argmax_before_invert": True, "invert_interpolation": "nearest"}
+    # with a bilinear Spacingd the same postprocessing would interpolate labels: refused as before
+    with pytest.raises(ModelError, match="fractional label values"):
+        _mapped(bundle, work / "nearest_spacing_bundle", {"postprocessing::transforms": changes["postprocessing::transforms"]})
+
+
+def test_a_crop_before_the_orientation_is_refused():
+    """The crop box is taken on the grid as stored; an orientation after it would reorder the cropped image
+    against the uncropped grid (labels moved in an image stored in LPS order, as Slicer's DICOM is)."""
+    config = {
+        "steps": [
+            {"op": "crop_foreground", "margin_xyz": [0, 0, 0], "allow_smaller": True},
+            {"op": "orientation", "axcodes": "RAS"},
+        ],
+        "inferer": {"roi_size_xyz": [16, 16, 16]},
+    }
+    with pytest.raises(ConfigError, match=r"crop_foreground before orientation is not reproduced"):
+        mb.parse_config(config)
+    mb.parse_config({**config, "steps": config["steps"][::-1]})
+
+
+def test_a_one_sided_clip_of_scale_intensity_range_is_monais():
+    from monai.transforms import ScaleIntensityRange
+
+    from deepseg_core.pipelines.monai_bundle.intensity import scale_intensity_range
+
+    x = torch.tensor([-1000.0, -57.0, 50.0, 164.0, 900.0])
+    for b_min, b_max in ((0.0, None), (None, 1.0), (0.0, 1.0)):
+        step = {"a_min": -57, "a_max": 164, "b_min": b_min, "b_max": b_max, "clip": True}
+        expected = ScaleIntensityRange(-57, 164, b_min, b_max, clip=True)(x)
+        torch.testing.assert_close(scale_intensity_range(x, step), torch.as_tensor(expected), rtol=0, atol=1e-6)
+
+
+def test_a_network_def_this_monai_cannot_build_is_a_clear_error(bundle, work):
+    """SwinUNETR's ``img_size`` was removed in MONAI 1.5, so the zoo's swin_unetr_btcv_segmentation cannot be built
+    by MONAI 1.6: the import says so, with MONAI's reason, instead of ending in a traceback."""
+    folder = mf.variant_bundle(bundle, work / "unbuildable_bundle", {"network_def::img_size": 96})
+    with pytest.raises(ModelError, match=r"MONAI \S+ cannot build the bundle's network_def") as caught:
+        import_bundle(folder, ModelStore(work / "store_refused"))
+    assert "img_size" in str(caught.value) and "monai_version" in str(caught.value)
+
+
 def test_a_torchscript_only_bundle_is_refused(bundle, work):
     folder = mf.variant_bundle(bundle, work / "torchscript_bundle", {})
     (folder / "models" / "model.pt").unlink()

@@ -48,7 +48,7 @@ def map_bundle(source: BundleSource) -> BundleMapping:
     walker = ConfigWalker(source)
     steps = map_preprocessing(walker)
     inferer = map_inferer(walker)
-    post = map_postprocessing(walker)
+    post = map_postprocessing(walker, steps)
     network = map_network(walker, post)
     pipeline_config: dict[str, Any] = {"steps": steps, "inferer": inferer, "postprocessing": post, "image_key": walker.image_key}
     if not walker.problems and inferer is not None and post is not None:

@@ -113,7 +113,21 @@ def loaded_network(config: MonaiNetConfig, state: dict[str, torch.Tensor], subje
     Raises:
         ModelError: parameters are missing, unexpected or of another shape (weights of another model).
     """
-    net = MonaiNetwork(config)
+    import monai
+
+    try:
+        net = MonaiNetwork(config)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        # a network_def written for another MONAI version (a renamed or removed argument, e.g. SwinUNETR's
+        # img_size since MONAI 1.5): MONAI's own message names the class and the arguments it could not take
+        detail = str(exc.__cause__ or exc).strip().splitlines()
+        raise ModelError(
+            f"MONAI {monai.__version__} cannot build the bundle's network_def",
+            subject=subject.parent.parent / "configs",
+            found=f"{str(exc).strip().splitlines()[0][:300]}" + (f" ({detail[-1][:200]})" if exc.__cause__ else ""),
+            hint="The bundle was written for another MONAI version (its metadata's monai_version): install that "
+            "version in DeepSeg's environment, or correct the network_def's arguments for this one.",
+        ) from exc
     expected = net.net.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

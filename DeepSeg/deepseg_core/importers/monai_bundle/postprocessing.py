@@ -48,10 +48,15 @@ class _Found:
     threshold_at: int | None = None
     invert_at: int | None = None
     nearest: bool = True
+    argmax_with_threshold: bool = False
 
 
-def map_postprocessing(walker: ConfigWalker) -> dict[str, Any] | None:
-    """The pipeline's ``postprocessing`` settings (activation, argmax position, inversion), or None."""
+def map_postprocessing(walker: ConfigWalker, steps: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
+    """The pipeline's ``postprocessing`` settings (activation, argmax position, inversion), or None.
+
+    ``steps``: the mapped preprocessing (:func:`.preprocessing.map_preprocessing`); ``Invertd`` undoes a
+    ``Spacingd`` with the mode of the forward pass unless ``nearest_interp`` asks for nearest.
+    """
     compose = walker.component(walker.config.get("postprocessing"), "postprocessing")
     if compose is None:
         return None
@@ -70,12 +75,21 @@ def map_postprocessing(walker: ConfigWalker) -> dict[str, Any] | None:
         name = transform_name(component.get("_target_"))
         if name in IGNORED_POSTPROCESSING:
             continue
+        if "keys" in component and not _acts_on_prediction(walker, component, where):
+            continue  # e.g. an AsDiscreted of the "label" key kept from the evaluation config
         handler = HANDLERS.get(name) if name is not None else None
         if handler is None:
             walker.problem(where, f"{name or component.get('_target_')!r} (label post-processing is not reproduced)")
             continue
         handler(walker, found, index, item, component)
-    return _settings(walker, found)
+    return _settings(walker, found, steps or [])
+
+
+def _acts_on_prediction(walker: ConfigWalker, component: dict[str, Any], where: str) -> bool:
+    """Whether a transform's ``keys`` include the prediction (``pred``): only those change DeepSeg's output."""
+    keys = walker.value(component.get("keys", []), f"{where} keys")
+    keys = [keys] if isinstance(keys, str) else list(keys or [])
+    return PRED_KEY in keys
 
 
 def _activation(walker: ConfigWalker, found: _Found, index: int, item: Any, component: dict[str, Any]) -> None:
@@ -120,6 +134,8 @@ def _as_discrete(walker: ConfigWalker, found: _Found, index: int, item: Any, com
         walker.problem(where, f"{name}: to_onehot / rounding / dim (only argmax or a 0.5 threshold)")
     elif args["argmax"]:
         found.argmax_at = index
+        # MONAI thresholds the argmax's labels: every foreground label becomes 1
+        found.argmax_with_threshold = args["threshold"] is not None
     elif args["threshold"] == 0.5:
         found.threshold_at = index
     else:
@@ -134,7 +150,7 @@ HANDLERS: dict[str, Callable[[ConfigWalker, _Found, int, Any, dict[str, Any]], N
 }
 
 
-def _settings(walker: ConfigWalker, found: _Found) -> dict[str, Any] | None:
+def _settings(walker: ConfigWalker, found: _Found, steps: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The settings once every transform was seen; None (with a problem) without an Invertd."""
     if found.invert_at is None:
         walker.problem(
@@ -144,6 +160,19 @@ def _settings(walker: ConfigWalker, found: _Found) -> dict[str, Any] | None:
     decided_at = found.argmax_at if found.argmax_at is not None else found.threshold_at
     if found.activation == "sigmoid" and found.argmax_at is not None:
         walker.problem("postprocessing", "argmax after a sigmoid (multi-label outputs are not reproduced)")
+    if found.argmax_with_threshold:
+        walker.problem("postprocessing", "AsDiscreted: argmax with a threshold (MONAI merges every label into 1)")
+    if found.threshold_at is not None and found.argmax_at is None and found.activation != "sigmoid":
+        walker.problem(
+            "postprocessing",
+            f"AsDiscreted: a 0.5 threshold after {found.activation or 'no'} activation (per-channel masks; only a"
+            " 0.5 threshold of one sigmoid output is reproduced)",
+        )
+    # Invertd(nearest_interp=False) resamples back with the mode its Spacingd used going forward; without a
+    # Spacingd nothing is interpolated
+    spacing_modes = [step.get("mode") for step in steps if step.get("op") == "spacing"]
+    if not found.nearest and all(mode == "nearest" for mode in spacing_modes):
+        found.nearest = True
     before = decided_at is not None and decided_at < found.invert_at
     if before and not found.nearest:
         walker.problem(

@@ -30,6 +30,9 @@ FLOAT_DTYPES = {
 DTYPE_ARGS = ("dtype", "output_dtype")
 #: arguments that only name keys, metadata bookkeeping or I/O details; they never change the result.
 COMMON_ARGS = frozenset({"keys", "allow_missing_keys", "meta_keys", "meta_key_postfix", "_desc_"})
+#: arguments that only say where a computation runs: often ``$torch.device(...)`` expressions, which are not
+#: evaluated, and never read, since they cannot change the result.
+PLACEMENT_ARGS = frozenset({"device", "sw_device"})
 
 
 def transform_name(target: Any) -> str | None:
@@ -116,6 +119,9 @@ class ConfigWalker:
         args: dict[str, Any] = {}
         for key, default in allowed.items():
             raw = component.get(key, default)
+            if key in PLACEMENT_ARGS:
+                args[key] = None
+                continue
             if key in DTYPE_ARGS and isinstance(raw, str) and raw.lstrip("$") in FLOAT_DTYPES:
                 args[key] = FLOAT_DTYPES[raw.lstrip("$")]
                 continue

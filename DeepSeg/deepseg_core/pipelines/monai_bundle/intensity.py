@@ -28,8 +28,8 @@ def scale_intensity_range(x: torch.Tensor, step: dict[str, Any]) -> torch.Tensor
     x = (x - a_min) / (a_max - a_min)
     if b_min is not None and b_max is not None:
         x = x * (b_max - b_min) + b_min
-    if step["clip"] and b_min is not None and b_max is not None:
-        x = torch.clamp(x, b_min, b_max)
+    if step["clip"] and (b_min is not None or b_max is not None):
+        x = torch.clamp(x, b_min, b_max)  # one bound set clips that side only, as MONAI does
     return x
 
 

@@ -124,6 +124,8 @@ def _parse_steps(config: dict[str, Any], problems: list[str]) -> list[Any]:
             problems.append(f"{where}: spacing before orientation is not reproduced (MONAI bundles orient first)")
         if op == "crop_foreground" and "spacing" not in seen and "spacing" in [s.get("op") for s in steps[index:]]:
             problems.append(f"{where}: crop_foreground before spacing is not reproduced")
+        if op == "crop_foreground" and "orientation" not in seen and "orientation" in [s.get("op") for s in steps[index:]]:
+            problems.append(f"{where}: crop_foreground before orientation is not reproduced (orient first)")
         seen.append(op)
     return steps
 

@@ -332,6 +332,7 @@ def read_image(path: str | Path, *, series_uid: str | None = None) -> Volume:
             )
         if path.name.lower().endswith((".nii", ".nii.gz")):
             _check_nifti_complete(path)
+        _refuse_dicom_segmentation(reader, path)
         image = reader.Execute()
     except ImageError:
         raise
@@ -345,6 +346,27 @@ def read_image(path: str | Path, *, series_uid: str | None = None) -> Volume:
     volume = Volume.from_sitk(image)
     validate_volume(volume, subject=path)
     return volume
+
+
+#: DICOM Segmentation and Label Map Segmentation storage: GDCM reads their frames as if they were slices
+DICOM_SEGMENTATION_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
+
+
+def _refuse_dicom_segmentation(reader: sitk.ImageFileReader, path: Path) -> None:
+    """A DICOM SEG is not an image: its frames are per segment and per position, in any order and possibly
+    sparse, and GDCM stacks them as contiguous slices (spacing and origin wrong, 0/255 values)."""
+    if not reader.HasMetaDataKey("0008|0016"):
+        return
+    sop_class = reader.GetMetaData("0008|0016").strip().rstrip("\x00")
+    if sop_class in DICOM_SEGMENTATION_SOP_CLASSES:
+        raise ImageError(
+            "is a DICOM Segmentation object, not an image",
+            subject=path,
+            expected="an image (a DICOM series folder, NRRD, NIfTI or MHA)",
+            found=f"SOP class {sop_class} (Segmentation)",
+            hint="Give the image series it segments. To use the segmentation as labels, load it in Slicer"
+            " (QuantitativeReporting) and save it as .seg.nrrd.",
+        )
 
 
 def _nifti_expected_bytes(header: bytes) -> int | None:

@@ -112,7 +112,12 @@ COLUMN_TITLES: dict[str, str] = {
 
 
 def intensity_statistics(values: np.ndarray) -> dict[str, float]:
-    """Mean, population std, min, max and :data:`PERCENTILES` of ``values`` (NaN when empty)."""
+    """Mean, standard deviation, min, max and :data:`PERCENTILES` of ``values`` (NaN when empty).
+
+    The standard deviation is the sample one (n - 1), 0 for a single value, as Slicer's Segment Statistics
+    (``vtkImageAccumulate``) gives it. Percentiles interpolate linearly between values (numpy's default);
+    Slicer's come from a histogram with unit bins, about one unit lower on integer images.
+    """
     keys = ("intensity_mean", "intensity_std", "intensity_min", "intensity_max")
     pct_keys = ("intensity_p05", "intensity_p25", "intensity_median", "intensity_p75", "intensity_p95")
     if values.size == 0:
@@ -121,7 +126,7 @@ def intensity_statistics(values: np.ndarray) -> dict[str, float]:
     pct = np.percentile(values, PERCENTILES)
     return {
         "intensity_mean": float(values.mean()),
-        "intensity_std": float(values.std()),
+        "intensity_std": float(values.std(ddof=1)) if values.size > 1 else 0.0,
         "intensity_min": float(values.min()),
         "intensity_max": float(values.max()),
         **{k: float(v) for k, v in zip(pct_keys, pct, strict=True)},
@@ -257,6 +262,12 @@ def measure_segments(
     if instance_ids_zyx is not None and instance_ids_zyx.shape != labels.shape_zyx:
         raise ImageError("instance ids and labels differ in shape", found=f"{instance_ids_zyx.shape} vs {labels.shape_zyx}")
     array = labels.array_zyx
+    if instance_ids_zyx is not None and len(thing_values):
+        # components below the instance size floor are no instance, and the instance segmentation drops their
+        # voxels: the class row measures what its instances show, so that it equals their sum
+        dropped = np.isin(array, list(thing_values)) & (instance_ids_zyx == 0)
+        if dropped.any():
+            array = np.where(dropped, 0, array).astype(array.dtype, copy=False)
     values = np.asarray(intensity.array_zyx) if intensity is not None else None
     class_shapes = _shape_rows(array, labels)
     class_boxes = ndimage.find_objects(array.astype(np.int32, copy=False))

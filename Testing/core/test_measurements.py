@@ -55,7 +55,7 @@ def test_intensity_statistics_match_numpy_on_a_phantom():
     liver = rows[0]
     assert liver.segment == "liver"
     assert liver.intensity_mean == pytest.approx(values.mean())
-    assert liver.intensity_std == pytest.approx(values.std())
+    assert liver.intensity_std == pytest.approx(values.std(ddof=1))  # the sample SD, as Slicer's Segment Statistics
     assert liver.intensity_median == pytest.approx(np.median(values))
     assert liver.intensity_p95 == pytest.approx(np.percentile(values, 95))
     assert liver.voxel_count == values.size
@@ -75,6 +75,31 @@ def test_instances_are_measured_one_by_one_largest_first():
     volumes = [r.volume_mm3 for r in instances]
     assert volumes == sorted(volumes, reverse=True)
     assert sum(r.voxel_count for r in instances) == whole.voxel_count
+
+
+def test_the_standard_deviation_is_the_sample_one_as_slicers_segment_statistics():
+    # vtkImageAccumulate (Slicer's ScalarVolumeSegmentStatisticsPlugin) gives 1.2909944487358056 for 1, 2, 3, 4
+    # and 0 for one voxel; Testing/mrml/test_measurements_vs_slicer.py runs it on a larger sample
+    stats = measurements.intensity_statistics(np.array([1.0, 2.0, 3.0, 4.0]))
+    assert stats["intensity_std"] == pytest.approx(1.2909944487358056, rel=1e-12)
+    assert measurements.intensity_statistics(np.array([5.0]))["intensity_std"] == 0.0
+
+
+def test_a_lesion_class_row_measures_only_the_voxels_its_instances_keep():
+    """Components under the instance size floor have instance id 0 and the instance segmentation drops them:
+    the class row must not count them, or the lesion burden would not equal the sum of the lesions shown."""
+    array = np.zeros((10, 20, 20), np.uint8)
+    array[2:5, 2:8, 2:5] = 2  # a 54-voxel lesion
+    array[8, 15, 15:17] = 2  # a 2-voxel speck below the floor
+    ids = np.zeros(array.shape, np.int32)
+    ids[2:5, 2:8, 2:5] = 1
+    labels = Volume(array, (1.0, 1.0, 1.0))
+    image = Volume(np.arange(array.size, dtype=np.float32).reshape(array.shape), (1.0, 1.0, 1.0))
+    segments = [SegmentInfo("liver lesion", 2, (1.0, 1.0, 0.0))]
+    rows = measurements.measure_segments(labels, segments, intensity=image, instance_ids_zyx=ids, thing_values=[2])
+    whole, lesion = rows
+    assert whole.voxel_count == lesion.voxel_count == 54 and whole.instance_count == 1
+    assert whole.intensity_max == lesion.intensity_max < image.array_zyx[8, 15, 15]
 
 
 def test_empty_segment_row_and_csv_round_trip(tmp_path):

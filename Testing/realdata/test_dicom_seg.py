@@ -89,9 +89,10 @@ def test_masks_are_the_frames_pixels(seg, dataset):
     assert [int(n) for n in (labelmap == 1).sum(axis=(1, 2))] == [36233, 35645, 35220]
 
 
-def test_simpleitk_and_read_image_agree_with_the_reader(seg, liver_seg_path):
-    """GDCM (through ``io.read_image``, no pydicom) sees the same grid and the same voxels (0/255)."""
-    volume = io.read_image(liver_seg_path)
+def test_simpleitk_agrees_with_the_reader_on_this_contiguous_seg(seg, liver_seg_path):
+    """GDCM (no pydicom) sees the same grid and the same voxels (0/255) on this SEG, whose frames are
+    contiguous and in order; it stacks frames as slices, so only such a SEG is an independent check."""
+    volume = io.Volume.from_sitk(sitk.ReadImage(str(liver_seg_path)))
     assert volume.same_grid(seg.grid, tolerance_mm=1e-6)
     np.testing.assert_array_equal(volume.array_zyx > 0, seg.labelmap().array_zyx == 1)
     raw = sitk.ReadImage(str(liver_seg_path))
@@ -105,6 +106,15 @@ def test_seg_converts_to_a_slicer_segmentation_file(seg, tmp_path):
     assert [(s.name, s.label_value) for s in back.segments] == [("Liver", 1)]
     np.testing.assert_allclose(back.segments[0].color_rgb, seg.segments[0].color_rgb, atol=1e-6)
     np.testing.assert_array_equal(back.mask("Liver"), seg.labelmap().array_zyx == 1)
+
+
+def test_a_seg_given_as_an_image_is_refused(liver_seg_path):
+    """``deepseg segment``, ``info``, ``compare`` and ``dataset add`` read images through ``io.read_image``:
+    GDCM would stack a SEG's frames as contiguous slices (sparse frames, per-segment frames and the spacing
+    lost), so a SEG is refused there, naming what it is."""
+    with pytest.raises(ImageError, match=r"is a DICOM Segmentation object, not an image") as caught:
+        io.read_image(liver_seg_path)
+    assert "1.2.840.10008.5.1.4.1.1.66.4" in str(caught.value) and "Give the image series it segments" in str(caught.value)
 
 
 def test_cielab_white_and_black():

@@ -120,11 +120,11 @@ def loaded_network(config: MonaiNetConfig, state: dict[str, torch.Tensor], subje
     except (RuntimeError, TypeError, ValueError) as exc:
         # a network_def written for another MONAI version (a renamed or removed argument, e.g. SwinUNETR's
         # img_size since MONAI 1.5): MONAI's own message names the class and the arguments it could not take
-        detail = str(exc.__cause__ or exc).strip().splitlines()
+        cause = f" ({_message_lines(exc.__cause__)[-1][:200]})" if exc.__cause__ else ""
         raise ModelError(
             f"MONAI {monai.__version__} cannot build the bundle's network_def",
             subject=subject.parent.parent / "configs",
-            found=f"{str(exc).strip().splitlines()[0][:300]}" + (f" ({detail[-1][:200]})" if exc.__cause__ else ""),
+            found=_message_lines(exc)[0][:300] + cause,
             hint="The bundle was written for another MONAI version (its metadata's monai_version): install that "
             "version in DeepSeg's environment, or correct the network_def's arguments for this one.",
         ) from exc
@@ -141,3 +141,8 @@ def loaded_network(config: MonaiNetConfig, state: dict[str, torch.Tensor], subje
         )
     net.net.load_state_dict(state, strict=True)
     return net.eval()
+
+
+def _message_lines(exc: BaseException) -> list[str]:
+    """An exception's non-empty message lines, or its type's name when it has none."""
+    return [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]

@@ -75,7 +75,7 @@ def map_postprocessing(walker: ConfigWalker, steps: list[dict[str, Any]] | None 
         name = transform_name(component.get("_target_"))
         if name in IGNORED_POSTPROCESSING:
             continue
-        if "keys" in component and not _acts_on_prediction(walker, component, where):
+        if "keys" in component and not walker.touches(component, where, PRED_KEY):
             continue  # e.g. an AsDiscreted of the "label" key kept from the evaluation config
         handler = HANDLERS.get(name) if name is not None else None
         if handler is None:
@@ -83,13 +83,6 @@ def map_postprocessing(walker: ConfigWalker, steps: list[dict[str, Any]] | None 
             continue
         handler(walker, found, index, item, component)
     return _settings(walker, found, steps or [])
-
-
-def _acts_on_prediction(walker: ConfigWalker, component: dict[str, Any], where: str) -> bool:
-    """Whether a transform's ``keys`` include the prediction (``pred``): only those change DeepSeg's output."""
-    keys = walker.value(component.get("keys", []), f"{where} keys")
-    keys = [keys] if isinstance(keys, str) else list(keys or [])
-    return PRED_KEY in keys
 
 
 def _activation(walker: ConfigWalker, found: _Found, index: int, item: Any, component: dict[str, Any]) -> None:

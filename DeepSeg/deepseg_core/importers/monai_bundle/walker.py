@@ -132,9 +132,13 @@ class ConfigWalker:
 
     def for_image(self, component: dict[str, Any], where: str) -> bool:
         """True when the transform touches the image key."""
+        return self.touches(component, where, self.image_key)
+
+    def touches(self, component: dict[str, Any], where: str, key: str) -> bool:
+        """True when the transform's ``keys`` include ``key``."""
         keys = self.value(component.get("keys", []), f"{where} keys")
         keys = [keys] if isinstance(keys, str) else list(keys or [])
-        return self.image_key in keys
+        return key in keys
 
     def per_key(self, value: Any, component: dict[str, Any], where: str) -> Any:
         """The image key's entry of a per-key argument (``mode=["bilinear", "nearest"]``)."""

@@ -120,12 +120,16 @@ def _parse_steps(config: dict[str, Any], problems: list[str]) -> list[Any]:
         problems.extend(f"{where} ({op}): {p}" for p in _step_value_problems(step))
         if op in seen and op in ("orientation", "spacing", "crop_foreground"):
             problems.append(f"{where}: a second {op} step")
-        if op == "spacing" and "orientation" not in seen and "orientation" in [s.get("op") for s in steps[index:]]:
+        later = [s.get("op") for s in steps[index + 1 :] if isinstance(s, dict)]
+        if op == "spacing" and "orientation" not in seen and "orientation" in later:
             problems.append(f"{where}: spacing before orientation is not reproduced (MONAI bundles orient first)")
-        if op == "crop_foreground" and "spacing" not in seen and "spacing" in [s.get("op") for s in steps[index:]]:
-            problems.append(f"{where}: crop_foreground before spacing is not reproduced")
-        if op == "crop_foreground" and "orientation" not in seen and "orientation" in [s.get("op") for s in steps[index:]]:
-            problems.append(f"{where}: crop_foreground before orientation is not reproduced (orient first)")
+        if op == "crop_foreground":
+            # the box is taken on the grid as it is then: a later resampling or reorientation would move it
+            problems.extend(
+                f"{where}: crop_foreground before {later_op} is not reproduced"
+                for later_op in ("spacing", "orientation")
+                if later_op not in seen and later_op in later
+            )
         seen.append(op)
     return steps
 

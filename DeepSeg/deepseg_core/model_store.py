@@ -283,6 +283,16 @@ class ModelStore:
         """Validated card (checksum checked) of ``NAME[:VERSION]``."""
         return read_model_folder(self.folder(ref))
 
+    def version_trained_by(self, name: str, run_id: str) -> str | None:
+        """``NAME:VERSION`` of the stored version whose card records training run ``run_id``
+        (``metrics.training.run_id``), or None. Cards are read without checking the weights' checksum."""
+        for version in self.versions(name):
+            card = ModelCard.read(self.root / name / str(version) / CARD_FILE)
+            training = card.metrics.get("training")
+            if isinstance(training, dict) and training.get("run_id") == run_id:
+                return card.ref
+        return None
+
     def list(self) -> list[dict]:
         """One row per stored version: name, version, parent, active, created, description."""
         rows = []

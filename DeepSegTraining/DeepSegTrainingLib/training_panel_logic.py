@@ -31,11 +31,13 @@ from .training_run import (
     TrainingCurves,
     TrainingRequest,
     comparison_table,
+    done_event_from_store,
     parse_label_mapping_text,
     preparation_outcome,
     preparation_text,
     start_training,
     status_text,
+    version_stored_by_run,
 )
 
 FROM_SCRATCH = "(from scratch)"
@@ -250,6 +252,16 @@ class TrainingPanelLogic:
             self._preparation = preparation_outcome(job.events, job.returncode, job.cancel_requested)
             self.view.status = f"{self._decided} {self._preparation}".strip()
             if settings is not None:  # the next Start trains anew: its checkpoint is of a finished, stored run
+                settings.resume = False
+        elif job.outcome == "cancelled" and (stored := version_stored_by_run(job.output, self.models_dir)) is not None:
+            # Stop's kill landed after the version was stored, before the engine said so: nothing is left to
+            # resume, and the comparison and Promote come from the stored card instead of the done event
+            self.done_event = done_event_from_store(stored, self.models_dir)
+            self.view.comparison_table = comparison_table(self.scene, self.done_event)
+            self.view.promote_enabled = self.view.keep_old_enabled = True
+            self._decided = f"Stopped after {stored} was stored (not active yet). Compare, then Promote or Keep old."
+            self.view.status = self._decided
+            if settings is not None:
                 settings.resume = False
         elif job.outcome == "cancelled":
             self.view.status = "Stopped; the last finished epoch is checkpointed. Tick Resume and Start to continue."

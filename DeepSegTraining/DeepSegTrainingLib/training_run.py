@@ -8,6 +8,7 @@ stays in the store and can be promoted later).
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -64,6 +65,41 @@ def start_training(request: TrainingRequest, python: str | None = None) -> DeepS
     if request.dropout is not None:
         arguments += ["--dropout", repr(float(request.dropout))]
     return launch(arguments, Path(tempfile.mkdtemp(prefix="deepseg-train-job-")), Path(checkpoints), python)
+
+
+def version_stored_by_run(checkpoints: Path, models_dir: str | None) -> str | None:
+    """``NAME:VERSION`` that the training run checkpointed in ``checkpoints`` stored, or None (its last finished
+    epoch is there to resume). ``last/state.json`` records the version once stored; a run killed between storing
+    it and recording that (Stop kills the tree 5 s after asking it to stop) is found by the run id its card keeps."""
+    try:
+        state = json.loads((Path(checkpoints) / "last" / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if state.get("stored_as"):
+        return str(state["stored_as"])
+    run_id, name = state.get("run_id"), (state.get("run") or {}).get("name")
+    if not run_id or not name:
+        return None
+    return ModelStore(models_dir).version_trained_by(name, run_id)
+
+
+def done_event_from_store(ref: str, models_dir: str | None) -> dict:
+    """The ``done`` event of the run that stored ``ref`` (model, parent, validation Dice per label), rebuilt from
+    its card for a run whose own event never came (:func:`version_stored_by_run`). The card keeps Dice only, so a
+    region's row has no values list."""
+    card = ModelStore(models_dir).card(ref)
+    metrics = card.metrics
+    training = metrics.get("training") or {}
+    parent = f"{card.name}:{card.parent_version}" if card.parent_version is not None else training.get("base")
+    parent_scores = (metrics.get("parent_validation") or {}).get("dice")
+    return {
+        "event": "done",
+        "model": card.ref,
+        "parent": parent,
+        "validation": {label: {"dice": dice} for label, dice in metrics["validation"]["dice"].items()},
+        "parent_validation": {label: {"dice": dice} for label, dice in parent_scores.items()} if parent_scores else None,
+        "validation_cases": len(metrics["validation"].get("cases", [])),
+    }
 
 
 def parse_label_mapping_text(text: str) -> tuple[str, ...]:

@@ -154,6 +154,82 @@ def test_a_resume_with_other_settings_or_of_a_run_already_stored_is_refused_and_
     assert again.card.ref == "m:2" and again.history[0]["epoch"] == 1
 
 
+def test_a_resume_after_a_case_was_corrected_again_is_refused_naming_the_case(site_b_dataset, tmp_path):
+    """A case replaced under the same id since the stop (a new correction exported with --overwrite) is other data:
+    the stopped run's optimiser state, schedule and best checkpoint belong to the old labels, so resuming would
+    store a version that neither the old nor the new data describes."""
+    from deepseg_core.errors import ConfigError
+
+    dataset_root = tmp_path / "data"
+    shutil.copytree(site_b_dataset, dataset_root)
+    store, checkpoints = ModelStore(tmp_path / "s"), tmp_path / "ck"
+    with pytest.raises(Stopped):
+        retrain(dataset_root, "m", CONFIG, checkpoints, base=DEFAULT_MODEL, store=store, stop_after_epoch=1)
+    written = _files(checkpoints)
+    dataset = Dataset.open(dataset_root)
+    corrected = dataset.split()["train"][0]
+    image, label = dataset.load_case(corrected)
+    relabelled = label.array_zyx.copy()
+    relabelled[relabelled == 2] = 1  # the user judged the lesion to be liver
+    dataset.add_case(corrected, image, relabelled, overwrite=True)
+    with pytest.raises(ConfigError, match="training cases changed since it started") as refused:
+        retrain(dataset_root, "m", CONFIG, checkpoints, base=DEFAULT_MODEL, store=store, resume=True)
+    message = str(refused.value)
+    assert f"{corrected} replaced or edited since" in message and "untick Resume" in message, message
+    assert _files(checkpoints) == written and store.names() == []
+    dataset.add_case(corrected, image, label.array_zyx, overwrite=True)  # the same voxels again: the same case
+    assert retrain(dataset_root, "m", CONFIG, checkpoints, base=DEFAULT_MODEL, store=store, resume=True).card.ref == "m:1"
+
+
+def test_a_kill_between_storing_the_version_and_marking_the_checkpoint_does_not_store_it_twice(
+    site_b_dataset, tmp_path, monkeypatch
+):
+    """The panel's Stop kills the process tree 5 s after asking it to stop; landing after the version was stored and
+    before the checkpoint says so, it left a run that the panel offers to resume, and the resume stored the same
+    weights again as the next version. The stored card's run id lets the resume find it."""
+    from deepseg_core.errors import ConfigError
+    from deepseg_core.training import engine
+
+    store, checkpoints = ModelStore(tmp_path / "s"), tmp_path / "ck"
+
+    def killed(folder: Path, ref: str) -> None:
+        raise SystemExit(-9)  # the process ends here; nothing after the store runs
+
+    with monkeypatch.context() as patched:
+        patched.setattr(engine, "mark_stored", killed)
+        with pytest.raises(SystemExit):
+            retrain(site_b_dataset, "m", CONFIG, checkpoints, base=DEFAULT_MODEL, store=store)
+    assert store.versions("m") == [1]
+    assert "stored_as" not in json.loads((checkpoints / "last" / "state.json").read_text())
+    with pytest.raises(ConfigError, match="finished and was stored as m:1: there is nothing to resume"):
+        retrain(site_b_dataset, "m", CONFIG, checkpoints, base=DEFAULT_MODEL, store=store, resume=True)
+    assert store.versions("m") == [1]
+    again = retrain(site_b_dataset, "m", CONFIG, checkpoints, base=DEFAULT_MODEL, store=store)  # anew: a new run id
+    assert again.card.ref == "m:2"
+    assert again.card.metrics["training"]["run_id"] != store.card("m:1").metrics["training"]["run_id"]
+
+
+def test_a_resume_continues_the_float16_loss_scale(site_b_dataset, tmp_path, monkeypatch):
+    """On CUDA the gradient scaler's scale and growth count are part of the run: a resume that restarts them at
+    65536 skips steps until the scale has fallen again. CPU training has no scaler, so this runs torch's CPU
+    GradScaler in its place (growing every step, so that the scale tells how many steps it has seen)."""
+    from deepseg_core.training import engine
+
+    monkeypatch.setattr(engine, "_grad_scaler", lambda device: torch.amp.GradScaler("cpu", init_scale=16.0, growth_interval=1))
+
+    def final_scale(checkpoints: Path) -> float:
+        return json.loads((checkpoints / "last" / "state.json").read_text())["grad_scaler"]["scale"]
+
+    retrain(site_b_dataset, "m", CONFIG, tmp_path / "whole", base=DEFAULT_MODEL, store=ModelStore(tmp_path / "a"))
+    store = ModelStore(tmp_path / "b")
+    with pytest.raises(Stopped):
+        retrain(site_b_dataset, "m", CONFIG, tmp_path / "cut", base=DEFAULT_MODEL, store=store, stop_after_epoch=1)
+    assert final_scale(tmp_path / "cut") == 16.0 * 2**CONFIG.steps_per_epoch
+    retrain(site_b_dataset, "m", CONFIG, tmp_path / "cut", base=DEFAULT_MODEL, store=store, resume=True)
+    every_step = 16.0 * 2 ** (CONFIG.epochs * CONFIG.steps_per_epoch)
+    assert final_scale(tmp_path / "cut") == final_scale(tmp_path / "whole") == every_step
+
+
 def test_an_unversioned_base_is_the_version_active_when_training_started_even_if_another_is_activated_meanwhile(
     site_b_dataset, tmp_path
 ):

@@ -3,6 +3,7 @@ table and plot nodes, Stop and Resume, the comparison table, Promote / Keep old 
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from DeepSegTrainingLib.training_run import (
     parse_label_mapping_text,
     preparation_outcome,
     start_training,
+    version_stored_by_run,
 )
 
 LABELS = [label.name for label in PHANTOM_LABELS]
@@ -184,6 +186,44 @@ def test_stop_keeps_the_checkpoint_ticks_resume_and_resume_finishes(mrml_scene, 
     assert first >= 1 and epochs == list(range(first + 1, 7))
     assert ModelStore(store_dir).versions("phantom-liver") == [1, 2]
     assert not settings.resume, "the next Start trains anew: resuming the stored run would store its weights again"
+
+
+def test_a_stop_killing_the_run_after_it_stored_the_version_offers_that_version_not_resume(
+    mrml_scene, dataset_dir, store_dir, engine_python, tmp_path
+):
+    """Stop waits 5 s for the engine, then kills it. Landing after the new version was stored but before the
+    checkpoint recorded it, the kill left the panel saying "Tick Resume", and the resume stored the same weights
+    again as the next version. The panel now finds the version by the run id its card keeps, shows its comparison
+    from the card and offers Promote; a resume is refused by the engine (Testing/core/test_retrain.py)."""
+    launcher = [engine_python, str(Path(__file__).with_name("engine_killed_after_storing.py"))]
+    panel = TrainingPanelLogic(mrml_scene, models_dir=store_dir, python=launcher, checkpoints_root=str(tmp_path))
+    settings = TrainingSettings(datasetFolder=dataset_dir, epochs=1, stepsPerEpoch=1, device="cpu")
+    panel.refresh_models(settings)
+    job = panel.start(settings)
+    checkpoints = tmp_path / "phantom-liver"
+    deadline = time.monotonic() + 300
+    while version_stored_by_run(checkpoints, store_dir) is None:
+        assert panel.poll(settings), f"training ended before it stored the version: {panel.view.status}"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    panel.stop()
+    run_panel(panel, settings, timeout_s=60)
+    assert job.outcome == "cancelled" and not any(e.get("event") == "done" for e in job.events)
+    assert "stored_as" not in json.loads((checkpoints / "last" / "state.json").read_text()), "the kill came before it"
+    assert not settings.resume
+    assert panel.view.status == "Stopped after phantom-liver:2 was stored (not active yet). Compare, then Promote or Keep old."
+    card = ModelStore(store_dir).card("phantom-liver:2")
+    compare = panel.view.comparison_table.GetTable()
+    rows = [[compare.GetValue(row, column).ToString() for column in range(3)] for row in range(compare.GetNumberOfRows())]
+    assert rows[: len(LABELS)] == [
+        [label, f"{card.metrics['parent_validation']['dice'][label]:.3f}", f"{card.metrics['validation']['dice'][label]:.3f}"]
+        for label in LABELS
+    ]
+    assert compare.GetColumnName(1) == "Dice phantom-liver:1" and rows[-1][0] == "validation cases"
+    assert panel.view.promote_enabled and panel.view.keep_old_enabled
+    assert ModelStore(store_dir).versions("phantom-liver") == [1, 2]
+    panel.promote(settings)
+    assert ModelStore(store_dir).active_version("phantom-liver") == 2
 
 
 def training_that_prepares(mrml_scene, dataset_dir, store_dir, engine_python, engine_prepares_for, tmp_path):

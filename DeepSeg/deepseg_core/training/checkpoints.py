@@ -154,38 +154,67 @@ def check_same_network(folder: Path, name: str, config: dict[str, Any]) -> None:
     )
 
 
-def check_same_run(folder: Path, run: dict[str, Any], config: dict[str, Any]) -> None:
-    """Refuse to resume from ``folder`` (``last/``) a run that finished and was stored (:func:`mark_stored`), or one
-    started with another base version, dataset, training cases or new model name than ``run`` (``{"base",
-    "dataset", "training_cases", "name"}``, as ``state.json`` stores it under ``run``), or other settings than
-    ``config`` (``to_dict`` of the run's config, as ``state.json`` stores it under ``config``).
+def check_same_run(folder: Path, run: dict[str, Any], config: dict[str, Any], stored_as: str | None = None) -> None:
+    """Refuse to resume from ``folder`` (``last/``) a run that finished and was stored, or one started with another
+    base version, dataset, training cases (their ids, and their contents by ``training_case_digests``) or new model
+    name than ``run`` (``{"base", "dataset", "training_cases", "training_case_digests", "name"}``, as ``state.json``
+    stores it under ``run``), or other settings than ``config`` (``to_dict`` of the run's config, as ``state.json``
+    stores it under ``config``).
 
-    Resuming continues the stopped run exactly; with other settings it would store a version that neither run
-    describes (a finished run resumed stores its weights again as a new version). Checkpoints written before
-    the run was recorded are not checked here."""
+    A run counts as stored when :func:`mark_stored` recorded it, or when ``stored_as`` names the version the store
+    holds from it (a kill between storing and recording leaves only that). Resuming continues the stopped run
+    exactly; with other settings or other data it would store a version that neither run describes (a finished
+    run resumed stores its weights again as a new version). Checkpoints written before the run, or before the
+    cases' digests, were recorded are not checked for what they lack."""
     state = json.loads((folder / "state.json").read_text())
-    if state.get("stored_as"):
+    stored = state.get("stored_as") or stored_as
+    if stored:
         raise ConfigError(
-            f"the run in this checkpoint folder finished and was stored as {state['stored_as']}: there is nothing to resume",
+            f"the run in this checkpoint folder finished and was stored as {stored}: there is nothing to resume",
             subject=folder.parent,
-            hint="Start without resuming (untick Resume in the panel; leave out --resume) to train anew.",
+            hint=f"{stored} is in the model store (compare, promote or roll back it there). Start without resuming"
+            " (untick Resume in the panel; leave out --resume) to train anew.",
         )
     if state.get("run") is None:
         return
     written = {**state["run"], "config": state.get("config")}
     wanted = json.loads(json.dumps({**run, "config": config}))
+    written_digests = written.pop("training_case_digests", None)
+    wanted_digests = wanted.pop("training_case_digests", None) or {}
+    # a case the other run lacks is reported by training_cases; here only cases both have
+    changed_cases = sorted(
+        case for case, digest in (written_digests or {}).items() if case in wanted_digests and wanted_digests[case] != digest
+    )
     before, now = _flat(written), _flat(wanted)
     differing = [key for key in sorted({*before, *now}) if before.get(key) != now.get(key)]
-    if not differing:
+    if not differing and not changed_cases:
         return
+    expected = [_setting(key, before.get(key), now.get(key)) for key in differing]
+    found = [_setting(key, now.get(key), before.get(key)) for key in differing]
+    if changed_cases:
+        listed = ", ".join(changed_cases[:5]) + (", ..." if len(changed_cases) > 5 else "")
+        expected.append(f"case(s) {listed} as they were when it started")
+        found.append(f"{listed} replaced or edited since (image or labels differ)")
     raise ConfigError(
-        "the stopped run was started with other settings than this run's",
+        "the stopped run was started with other settings than this run's"
+        if differing
+        else "the stopped run's training cases changed since it started",
         subject=folder.parent,
-        expected="the stopped run's: " + "; ".join(_setting(key, before.get(key), now.get(key)) for key in differing),
-        found="; ".join(_setting(key, now.get(key), before.get(key)) for key in differing),
+        expected="the stopped run's: " + "; ".join(expected),
+        found="; ".join(found),
         hint="Resume with the stopped run's settings (the same base version, dataset cases and training settings), or"
-        " start without resuming (untick Resume in the panel; leave out --resume) to train anew.",
+        " start without resuming (untick Resume in the panel; leave out --resume) to train anew"
+        + (" on the corrected cases." if changed_cases else "."),
     )
+
+
+def run_id_of(folder: Path) -> str | None:
+    """The training run id that ``folder/state.json`` (``last/``) records, or None (none there, or written before
+    run ids were recorded). The stored version's card records the same id (``metrics.training.run_id``)."""
+    try:
+        return json.loads((folder / "state.json").read_text()).get("run_id")
+    except (OSError, ValueError):
+        return None
 
 
 def _setting(key: str, value: Any, other: Any) -> str:

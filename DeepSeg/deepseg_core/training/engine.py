@@ -23,6 +23,7 @@ import logging
 import os
 import random
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,7 @@ from .checkpoints import (
     network_description,
     random_state,
     restore_random_state,
+    run_id_of,
     save_checkpoint,
 )
 from .loop import network_batch, optimisation_step
@@ -735,6 +737,7 @@ def retrain(
     context = int(card.architecture.config.get("context_slices", 1))
     train_cases = _prepare_cases(loaded, card, dataset.ignore_value, value_map)
     fingerprint = _dataset_fingerprint(dataset.name, loaded, card, parent_card)
+    case_digests = {case_id: _case_digest(case) for case_id, case in loaded.items()}
     del loaded  # the raw volumes are not needed once resampled, normalised and fingerprinted
     patch = tuple(card.inference.patch_size_zyx)
     if spatial_dims == 2:
@@ -748,22 +751,29 @@ def retrain(
     history: list[dict[str, Any]] = []
     start_epoch, best_score = 1, -1.0
     # what a resume must continue besides the settings (the checkpoint's config): the same base version,
-    # dataset cases and new model name
+    # dataset cases (also their contents: a case corrected again since the stop is another case) and new model name
     run = {
         "base": parent_card.ref if parent_card is not None else None,
         "dataset": dataset.name,  # its name, not its path: nodes of a multi-node run may mount it elsewhere
         "training_cases": list(split["train"]),
+        "training_case_digests": case_digests,
         "name": name,
     }
+    # The stored version's card records this id, so a resume finds the version even when a kill came between
+    # storing it and marking the checkpoint (mark_stored).
+    run_id = (run_id_of(checkpoint_dir / "last") if resume else None) or uuid.uuid4().hex
+    scaler = _grad_scaler(device_t)
     if resume:
         check_same_network(checkpoint_dir / "last", card.architecture.name, card.architecture.config)
-        check_same_run(checkpoint_dir / "last", run, to_dict(config))
+        check_same_run(checkpoint_dir / "last", run, to_dict(config), stored_as=store.version_trained_by(name, run_id))
         state = load_checkpoint(checkpoint_dir / "last", net, optimiser)
         schedule.load_state_dict(state["scheduler"])
         restore_random_state(checkpoint_dir / "last", state, rank, rng, device_t)
+        if scaler.is_enabled() and state.get("grad_scaler"):
+            # without it the float16 loss scale restarts at 65536 and the first steps after a resume are skipped
+            scaler.load_state_dict(state["grad_scaler"])
         start_epoch, history, best_score = state["epoch"] + 1, state["history"], state["best_score"]
         emit({"event": "resumed", "epoch": state["epoch"]})
-    scaler = torch.amp.GradScaler("cuda", enabled=device_t.type == "cuda")
     encoder_params = _encoder_parameters(net)
     started = time.perf_counter()
 
@@ -811,6 +821,8 @@ def retrain(
             "config": to_dict(config),
             "network": network_description(card.architecture.name, card.architecture.config),
             "run": run,
+            "run_id": run_id,
+            "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
         }
         rank_states = gather_random_states(rng, device_t, rank, world)
         if rank == 0:
@@ -865,6 +877,7 @@ def retrain(
                 "dropout": float(card.architecture.config.get("dropout", 0.0)),
                 "cases": train_ids,
                 "base": str(base) if base is not None else None,
+                "run_id": run_id,
             },
         },
     )
@@ -889,6 +902,23 @@ def retrain(
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return RetrainOutcome(stored, history, validation, parent_validation)
+
+
+def _grad_scaler(device: torch.device) -> torch.amp.GradScaler:
+    """float16 loss scaling for CUDA's mixed precision; disabled elsewhere (CPU training runs in float32)."""
+    return torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+
+
+def _case_digest(case: LoadedCase) -> str:
+    """SHA-256 of a training case's voxels and grids (its images, then its labels), first 16 hex digits."""
+    digest = hashlib.sha256()
+    images, label = case
+    for volume in (*images, label):
+        voxels = np.ascontiguousarray(volume.array_zyx)
+        grid = [str(voxels.dtype), voxels.shape, volume.spacing_xyz_mm, volume.origin_lps, volume.direction_lps.tolist()]
+        digest.update(json.dumps(grid).encode())
+        digest.update(memoryview(voxels).cast("B"))
+    return digest.hexdigest()[:16]
 
 
 def _weights_digest(net: nn.Module) -> str:

@@ -188,10 +188,12 @@ def network_flops(store_root: Path, ref: str, threads: int) -> dict:
     patch = segmenter.window_config(SegmentOptions()).patch_size_zyx
     shape = (1, len(segmenter.card.inputs.channels), *patch)
     cpu = torch.device("cpu")
+    ceiling, ceiling_by_runtime = sliding.float32_ceiling_gflops(cpu)
     network = {
         "gflop_per_tile": sliding.forward_flops(segmenter.net, cpu, shape) / 1e9,
         "patch_zyx": list(patch),
-        "matmul_ceiling_gflops": sliding.matmul_ceiling_gflops(cpu),
+        "matmul_ceiling_gflops": ceiling,
+        "float32_matmul_by_runtime_gflops": ceiling_by_runtime,
     }
     if importlib.util.find_spec("openvino") is not None:
         with tempfile.TemporaryDirectory() as cache:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,14 @@ import slicer
 import vtk
 
 from deepseg_core import io
-from deepseg_core.measurements import COLUMN_TITLES, SegmentMeasurement, read_measurements_csv
+from deepseg_core.measurements import (
+    COLUMN_TITLES,
+    INTENSITY_KEYS,
+    SegmentMeasurement,
+    column_title,
+    measurement_record,
+    read_measurements_csv,
+)
 from deepseg_core.uncertainty import DEFAULT_THRESHOLD, UncertainRegion, uncertain_regions
 
 from .mrml_bridge import node_from_volume, volume_from_node
@@ -109,16 +116,20 @@ def measurements_table(
 ) -> slicer.vtkMRMLTableNode:
     """A table node with one row per segment / instance; numeric columns are doubles with a unit property.
 
-    ``rows``: :class:`SegmentMeasurement` objects, or dicts keyed by its field names (a read CSV).
+    ``rows``: :class:`SegmentMeasurement` objects, or dicts keyed as :func:`measurement_record` keys them (a read
+    CSV). A multi-channel image's intensity columns are per channel (``Mean (FLAIR)``).
     """
     if replace is not None and scene.GetNodeByID(replace.GetID()) is not None:
         scene.RemoveNode(replace)
-    records = [asdict(r) if isinstance(r, SegmentMeasurement) else dict(r) for r in rows]
+    records = [measurement_record(r) if isinstance(r, SegmentMeasurement) else dict(r) for r in rows]
     table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
     table = table_node.GetTable()
-    for key, title in COLUMN_TITLES.items():
+    # every column of the table DeepSeg writes, also for rows that lack some; a multi-channel image's per-channel
+    # intensity columns (keys such as "intensity_mean (FLAIR)") stand in for the plain ones
+    by_channel = [key for key in records[0] if key not in COLUMN_TITLES] if records else []
+    for key in [key for key in COLUMN_TITLES if not (by_channel and key in INTENSITY_KEYS)] + by_channel:
         array = vtk.vtkStringArray() if key == "segment" else vtk.vtkDoubleArray()
-        array.SetName(title)
+        array.SetName(column_title(key))
         for record in records:
             value = record.get(key, "")
             if key == "segment":

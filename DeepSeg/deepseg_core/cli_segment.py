@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,7 +229,7 @@ def write_case_outputs(
     case: Case,
     batch: bool,
     result: SegmentationResult,
-    intensity: io.Volume,
+    channels: Sequence[io.Volume],
     record: dict | None = None,
 ) -> list[Path]:
     """Write a case's segmentation, probabilities, uncertainty map and table so they appear together or not at all.
@@ -248,7 +249,7 @@ def write_case_outputs(
             io.write_image(result.uncertainty, commit.stage(uncertainty_path))
         stats_path = side_output(args.stats, case, batch, "_stats.csv")
         if stats_path is not None:
-            write_measurements(commit.stage(stats_path), result, intensity)
+            write_measurements(commit.stage(stats_path), result, channels)
         if batch:
             commit.stage(record_path(out.parent, case.name)).write_text(record_text(record or {}), encoding="utf-8")
     return targets
@@ -379,7 +380,7 @@ def run_segment(args: argparse.Namespace, sink: EventSink) -> tuple[int, int]:
                 "model": segmenter.card.ref,
                 "segments": segments,
             }
-            write_case_outputs(args, case, batch, result, channels[0], record)
+            write_case_outputs(args, case, batch, result, channels, record)
         except (Cancelled, KeyboardInterrupt):
             raise
         except ModelError:

@@ -12,7 +12,8 @@ Conventions follow Slicer's Segment Statistics module so numbers can be compared
 - ``Sphericity``: ``pi^(1/3) (6 V)^(2/3) / A`` (1 for a sphere, lower for elongated or ragged shapes);
 - centroids are given both in RAS (Slicer's world coordinates) and LPS (DICOM / ITK), in mm;
 - intensity statistics are of the input image voxels inside the segment, in the image's units (HU
-  for CT); percentiles use linear interpolation.
+  for CT); percentiles use linear interpolation. An image of several channels (MR sequences) gets
+  them per channel, titled with the channel's name (``Mean (FLAIR)``).
 
 Instances of "thing" classes (lesions) are measured one by one; a class row carries the instance
 count of that class.
@@ -23,9 +24,11 @@ from __future__ import annotations
 import csv
 import io as _io
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -47,7 +50,9 @@ class SegmentMeasurement:
     several label values (a region-based nnU-Net model's "whole tumor": ``label_value`` None).
 
     Lengths in mm, areas in mm^2, volumes in mm^3 and ml; intensities in the input image's units.
-    Intensity fields are NaN when no input image was given.
+    Intensity fields are NaN when no input image was given. With several input channels the
+    ``intensity_*`` fields are the first channel's and ``channel_intensities`` holds every channel's
+    (channel name -> the same ``intensity_*`` keys); with one it is empty.
     """
 
     segment: str
@@ -75,6 +80,7 @@ class SegmentMeasurement:
     intensity_median: float
     intensity_p75: float
     intensity_p95: float
+    channel_intensities: dict[str, dict[str, float]] = field(default_factory=dict, hash=False)
 
     @property
     def centroid_ras_mm(self) -> tuple[float, float, float]:
@@ -109,6 +115,35 @@ COLUMN_TITLES: dict[str, str] = {
     "intensity_p75": "Percentile 75",
     "intensity_p95": "Percentile 95",
 }
+
+
+#: the intensity fields, in column order; with several channels each gets one column per channel.
+INTENSITY_KEYS: tuple[str, ...] = tuple(key for key in COLUMN_TITLES if key.startswith("intensity_"))
+_CHANNEL_TITLE = re.compile(r"(.+?) \((.+)\)")
+
+
+def measurement_record(row: SegmentMeasurement) -> dict[str, Any]:
+    """The row as the CSV and Slicer's table give it: field name -> value, in column order. With several channels
+    the intensity columns are per channel, keyed ``"intensity_mean (FLAIR)"``, in the channels' order."""
+    record = asdict(row)
+    by_channel = record.pop("channel_intensities")
+    if by_channel:
+        for key in INTENSITY_KEYS:
+            del record[key]
+        for name, stats in by_channel.items():
+            record.update({f"{key} ({name})": stats[key] for key in INTENSITY_KEYS})
+    return record
+
+
+def column_title(key: str) -> str:
+    """The display title of a :func:`measurement_record` key: :data:`COLUMN_TITLES`, or for a channel's
+    intensity column its title and the channel (``"intensity_mean (FLAIR)"`` -> ``"Mean (FLAIR)"``)."""
+    if key in COLUMN_TITLES:
+        return COLUMN_TITLES[key]
+    match = _CHANNEL_TITLE.fullmatch(key)
+    if match is None or match[1] not in INTENSITY_KEYS:
+        raise KeyError(f"no measurement column {key!r}")
+    return f"{COLUMN_TITLES[match[1]]} ({match[2]})"
 
 
 def intensity_statistics(values: np.ndarray) -> dict[str, float]:
@@ -231,6 +266,7 @@ def measure_segments(
     segments: Sequence[SegmentInfo],
     *,
     intensity: Volume | None = None,
+    intensity_channels: Sequence[tuple[str, Volume]] = (),
     instance_ids_zyx: np.ndarray | None = None,
     thing_values: Sequence[int] = (),
     regions: Sequence[tuple[str, Sequence[int]]] = (),
@@ -242,6 +278,9 @@ def measure_segments(
         segments: the segments to report (name and label value); a segment with no voxel gets a
             row with zero volume and NaN shape values.
         intensity: the input image on the same grid, for intensity statistics (optional).
+        intensity_channels: instead of ``intensity``, every channel of a multi-channel input as ``(name,
+            image)``, each on the same grid: the rows' ``intensity_*`` are the first's, and
+            ``channel_intensities`` holds each channel's.
         instance_ids_zyx: instance ids ``(Z, Y, X)`` (0 = none) of the thing classes, or None.
         thing_values: label values whose instances are measured one by one.
         regions: ``(name, label values)`` of regions measured as the union of their values (a region-based
@@ -252,13 +291,20 @@ def measure_segments(
         One row per segment, in ``segments`` order, each followed by its instances (largest first);
         then one row per region.
     """
-    if intensity is not None and not intensity.same_grid(labels):
-        raise ImageError(
-            "the intensity image is not on the segmentation's grid",
-            expected=f"shape {labels.shape_zyx}, spacing {labels.spacing_xyz_mm} mm",
-            found=f"shape {intensity.shape_zyx}, spacing {intensity.spacing_xyz_mm} mm",
-            hint="Measure against the image that was segmented (or resample it first).",
-        )
+    if intensity is not None and intensity_channels:
+        raise ImageError("give the intensity image or its channels, not both", hint="Pass intensity_channels alone.")
+    channels = list(intensity_channels) or ([("", intensity)] if intensity is not None else [])
+    names = [name for name, _ in channels]
+    if len(channels) > 1 and (len(set(names)) != len(names) or not all(names)):
+        raise ImageError("the intensity channels need distinct names", expected="one name per channel", found=str(names))
+    for name, image in channels:
+        if not image.same_grid(labels):
+            raise ImageError(
+                f"the intensity image{f' (channel {name})' if name else ''} is not on the segmentation's grid",
+                expected=f"shape {labels.shape_zyx}, spacing {labels.spacing_xyz_mm} mm",
+                found=f"shape {image.shape_zyx}, spacing {image.spacing_xyz_mm} mm",
+                hint="Measure against the image that was segmented (or resample it first).",
+            )
     if instance_ids_zyx is not None and instance_ids_zyx.shape != labels.shape_zyx:
         raise ImageError("instance ids and labels differ in shape", found=f"{instance_ids_zyx.shape} vs {labels.shape_zyx}")
     array = labels.array_zyx
@@ -268,7 +314,7 @@ def measure_segments(
         dropped = np.isin(array, list(thing_values)) & (instance_ids_zyx == 0)
         if dropped.any():
             array = np.where(dropped, 0, array).astype(array.dtype, copy=False)
-    values = np.asarray(intensity.array_zyx) if intensity is not None else None
+    values = [(name, np.asarray(image.array_zyx)) for name, image in channels]
     class_shapes = _shape_rows(array, labels)
     class_boxes = ndimage.find_objects(array.astype(np.int32, copy=False))
     instance_shapes = _shape_rows(instance_ids_zyx, labels) if instance_ids_zyx is not None else {}
@@ -277,13 +323,12 @@ def measure_segments(
     for seg in segments:
         box = class_boxes[seg.label_value - 1] if 0 < seg.label_value <= len(class_boxes) else None
         shape = dict(class_shapes.get(seg.label_value, _empty_shape()))
-        stats = intensity_statistics(np.empty(0))
+        stats = _intensities(values, None)
         instance_rows = []
         if box is not None:
             mask = array[box] == seg.label_value
             shape["feret_diameter_mm"] = feret_diameter_mm(mask, labels, [s.start for s in box])
-            if values is not None:
-                stats = intensity_statistics(values[box][mask])
+            stats = _intensities(values, lambda voxels, box=box, mask=mask: voxels[box][mask])
             if instance_ids_zyx is not None and seg.label_value in thing_values:
                 ids = np.unique(instance_ids_zyx[box][mask])
                 for instance_id in ids[ids > 0]:
@@ -317,19 +362,29 @@ def measure_segments(
     return rows
 
 
+ChannelVoxels = list[tuple[str, np.ndarray]]
+
+
+def _intensities(channels: ChannelVoxels, select: Callable[[np.ndarray], np.ndarray] | None) -> dict[str, Any]:
+    """The ``intensity_*`` fields (the first channel's) and ``channel_intensities`` (every channel's, when there
+    are several) of the voxels ``select`` takes from each channel's array (None: no voxel)."""
+    by_channel = {name: intensity_statistics(select(voxels) if select else np.empty(0)) for name, voxels in channels}
+    first = next(iter(by_channel.values()), None) or intensity_statistics(np.empty(0))
+    return {**first, "channel_intensities": by_channel if len(channels) > 1 else {}}
+
+
 def _region_row(
-    name: str, region_values: list[int], array: np.ndarray, grid: Volume, values: np.ndarray | None
+    name: str, region_values: list[int], array: np.ndarray, grid: Volume, values: ChannelVoxels
 ) -> SegmentMeasurement:
     """The row of the union of ``region_values`` in ``array`` (one more pass over the labels per region)."""
     mask = np.isin(array, region_values)
     shape = dict(_shape_rows(mask, grid).get(1, _empty_shape()))
-    stats = intensity_statistics(np.empty(0))
+    stats = _intensities(values, None)
     box = ndimage.find_objects(mask.astype(np.int8))
     if box:
         crop = mask[box[0]]
         shape["feret_diameter_mm"] = feret_diameter_mm(crop, grid, [s.start for s in box[0]])
-        if values is not None:
-            stats = intensity_statistics(values[box[0]][crop])
+        stats = _intensities(values, lambda voxels: voxels[box[0]][crop])
     return SegmentMeasurement(
         segment=region_title(name, region_values), label_value=None, instance=0, instance_count=0, **shape, **stats
     )
@@ -341,23 +396,25 @@ def _instance_row(
     boxes: list,
     shapes: dict[int, dict[str, float]],
     grid: Volume,
-    values: np.ndarray | None,
-) -> tuple[dict[str, float], dict[str, float]]:
+    values: ChannelVoxels,
+) -> tuple[dict[str, float], dict[str, Any]]:
     """Shape (with Feret diameter) and intensity statistics of one instance, from its bounding box."""
     box = boxes[instance_id - 1]
     mask = instance_ids_zyx[box] == instance_id
     shape = {**shapes[instance_id], "feret_diameter_mm": feret_diameter_mm(mask, grid, [s.start for s in box])}
-    stats = intensity_statistics(values[box][mask]) if values is not None else intensity_statistics(np.empty(0))
-    return shape, stats
+    return shape, _intensities(values, lambda voxels: voxels[box][mask])
 
 
 def measurements_csv(rows: Sequence[SegmentMeasurement]) -> str:
-    """CSV text with the :data:`COLUMN_TITLES` header (floats with 6 significant digits)."""
+    """CSV text with the :data:`COLUMN_TITLES` header, the intensity titles per channel with several channels
+    (:func:`column_title`); floats with 6 significant digits."""
+    records = [measurement_record(row) for row in rows]
+    keys = list(records[0]) if records else list(COLUMN_TITLES)
     buffer = _io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(COLUMN_TITLES.values())
-    for row in rows:
-        writer.writerow(_format(v) for v in asdict(row).values())
+    writer.writerow(column_title(key) for key in keys)
+    for record in records:
+        writer.writerow(_format(record[key]) for key in keys)
     return buffer.getvalue()
 
 
@@ -382,7 +439,24 @@ def write_measurements_csv(path: str | Path, rows: Sequence[SegmentMeasurement])
 
 
 def read_measurements_csv(path: str | Path) -> list[dict[str, str]]:
-    """Rows of a measurement CSV keyed by field name (the inverse of the titles), values as text."""
+    """Rows of a measurement CSV keyed as :func:`measurement_record` keys them (the inverse of the titles), values
+    as text."""
     by_title = {title: key for key, title in COLUMN_TITLES.items()}
+
+    def key_of(title: str) -> str:
+        if title in by_title:
+            return by_title[title]
+        match = _CHANNEL_TITLE.fullmatch(title)
+        if match is not None and by_title.get(match[1]) in INTENSITY_KEYS:
+            return f"{by_title[match[1]]} ({match[2]})"
+        raise ImageError(
+            f"unknown measurement column {title!r}",
+            subject=path,
+            expected="a table written by DeepSeg (deepseg segment --stats)",
+            found=title,
+        )
+
     with open(path, encoding="utf-8", newline="") as handle:
-        return [{by_title[k]: v for k, v in row.items()} for row in csv.DictReader(handle)]
+        reader = csv.DictReader(handle)
+        keys = {title: key_of(title) for title in reader.fieldnames or []}
+        return [{keys[title]: value for title, value in row.items()} for row in reader]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import colorsys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -83,15 +84,25 @@ def write_segmentation_result(path: str | Path, result: SegmentationResult) -> P
     )
 
 
-def write_measurements(path: str | Path, result: SegmentationResult, intensity: io.Volume) -> Path:
+def write_measurements(path: str | Path, result: SegmentationResult, intensity: io.Volume | Sequence[io.Volume]) -> Path:
     """Measure every label of the card (and each instance of its thing labels, when computed, and each
-    multi-value region of a region-based nnU-Net model) against ``intensity`` (the segmented image) and
-    write the table as CSV (see :mod:`.measurements`)."""
+    multi-value region of a region-based nnU-Net model) against ``intensity`` (the segmented image, or its
+    channels in the card's order: each channel's intensities then get columns of their own, named by the card)
+    and write the table as CSV (see :mod:`.measurements`)."""
     card = result.card
+    images = [intensity] if isinstance(intensity, io.Volume) else list(intensity)
+    if len(images) > 1 and len(images) != len(card.inputs.channels):
+        raise ImageError(
+            "one image per input channel of the model is needed to measure each channel",
+            expected=f"{len(card.inputs.channels)} ({', '.join(card.inputs.channels)})",
+            found=str(len(images)),
+        )
+    several = len(images) > 1
     rows = measure_segments(
         result.labels,
         [label.segment_info() for label in card.labels],
-        intensity=intensity,
+        intensity=None if several else images[0],
+        intensity_channels=list(zip(card.inputs.channels, images, strict=True)) if several else (),
         instance_ids_zyx=result.instance_ids,
         thing_values=[label.value for label in card.labels if label.thing],
         regions=[(region.row_name, region.values) for region in card.regions if len(region.values) > 1],

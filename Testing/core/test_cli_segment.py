@@ -445,6 +445,40 @@ def test_a_run_whose_wait_ends_without_the_graph_says_it_prepares_the_network_it
     assert (tmp_path / "waited.seg.nrrd").is_file() and any(compiled.glob("*.onnx"))
 
 
+def test_stats_of_a_multi_channel_model_measure_every_channel_under_its_name(tmp_path, capsys):
+    """An MR model of two sequences: the table's intensity columns are per channel, titled with the card's channel
+    names, each equal to numpy's over the written segmentation. Before, only the first channel was measured,
+    under titles that did not say which channel it was."""
+    from deepseg_core.measurements import read_measurements_csv
+
+    model = tiny_model_folder(tmp_path / "model", channels=("T1", "T2"), modality="MR")
+    phantom = io.read_image(write_case(tmp_path / "phantom.nrrd"))
+    t1_image = phantom.with_array(phantom.array_zyx.astype(np.float32) + np.float32(1100.0))  # MR-like: no air at -1000
+    t1 = io.write_image(t1_image, tmp_path / "t1.nrrd")
+    t2 = io.write_image(t1_image.with_array(np.float32(5000.0) - 3.0 * t1_image.array_zyx), tmp_path / "t2.nrrd")
+    out, stats = tmp_path / "o.seg.nrrd", tmp_path / "s.csv"
+    assert main(["segment", f"{t1},{t2}", "--model", str(model), "--output", str(out), "--stats", str(stats)]) == EXIT_OK
+    capsys.readouterr()
+    header = stats.read_text().splitlines()[0].split(",")
+    assert "Mean" not in header and header.index("Mean (T1)") < header.index("Mean (T2)")
+    assert {f"Percentile 95 ({name})" for name in ("T1", "T2")} <= set(header)
+    labels = io.read_segmentation(out).to_labelmap().array_zyx
+    assert labels.shape == t1_image.shape_zyx
+    rows = {row["segment"]: row for row in read_measurements_csv(stats)}
+    measured = 0
+    for value, name in ((1, "liver"), (2, "liver lesion")):
+        inside = labels == value
+        if not inside.any():
+            assert rows[name]["intensity_mean (T1)"] == rows[name]["intensity_mean (T2)"] == ""
+            continue
+        measured += 1
+        for channel, image in (("T1", t1_image), ("T2", io.read_image(t2))):
+            voxels = image.array_zyx[inside].astype(np.float64)
+            assert float(rows[name][f"intensity_mean ({channel})"]) == pytest.approx(voxels.mean(), rel=1e-5)
+            assert float(rows[name][f"intensity_max ({channel})"]) == pytest.approx(voxels.max(), rel=1e-5)
+    assert measured >= 1, "the random-weight model labelled nothing: the check compared empty rows only"
+
+
 def test_uncertainty_stats_and_domain_check_from_the_cli(tmp_path):
     model = tiny_model_folder(tmp_path / "model")
     image = write_case(tmp_path / "case.nrrd")

@@ -127,6 +127,22 @@ def test_bad_inputs_are_refused_and_nothing_is_written(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_channels_need_distinct_names_and_a_table_with_an_unknown_column_is_refused(tmp_path):
+    grid = Volume(np.ones((4, 4, 4), dtype=np.uint8))
+    image = grid.with_array(np.ones((4, 4, 4), dtype=np.float32))
+    with pytest.raises(ImageError, match="distinct names"):
+        measurements.measure_segments(grid, [SegmentInfo("a", 1)], intensity_channels=[("T1", image), ("T1", image)])
+    with pytest.raises(ImageError, match="not both"):
+        measurements.measure_segments(grid, [SegmentInfo("a", 1)], intensity=image, intensity_channels=[("T1", image)])
+    shifted = Volume(np.ones((4, 4, 4), dtype=np.float32), origin_lps=(0.0, 0.0, 0.0), spacing_xyz_mm=(2.0, 1.0, 1.0))
+    with pytest.raises(ImageError, match=r"image \(channel T2\) is not on the segmentation's grid"):
+        measurements.measure_segments(grid, [SegmentInfo("a", 1)], intensity_channels=[("T1", image), ("T2", shifted)])
+    table = tmp_path / "stats.csv"
+    table.write_text("Segment,Mean (T1),Colour\na,1,red\n", encoding="utf-8")
+    with pytest.raises(ImageError, match="unknown measurement column 'Colour'"):
+        measurements.read_measurements_csv(table)
+
+
 @pytest.mark.parametrize("grown_voxels", [1, 2, 3])
 def test_an_oversegmented_lesion_shifts_its_mean_by_eps_times_the_tissue_contrast(grown_voxels):
     """Design note: a fraction eps of background (mean muB) in a tumour ROI (mean muT) moves the measured

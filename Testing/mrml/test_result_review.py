@@ -148,3 +148,23 @@ def test_a_region_row_shows_with_no_label_value(mrml_scene):
     assert table.GetValue(0, 0).ToString() == "whole tumor (values 1, 2, 3)"
     assert math.isnan(table.GetColumnByName("Label value").GetValue(0))
     assert table.GetColumnByName("Volume [cm3]").GetValue(0) == 0.9
+
+
+def test_a_multi_channel_table_has_each_channels_intensities_under_its_name(mrml_scene):
+    """A two-sequence MR model's rows (``SegmentMeasurement`` with per-channel intensities, as ``deepseg segment
+    --stats`` writes them): one intensity column per statistic and channel, named with the channel, no unnamed one."""
+    from deepseg_core.io import SegmentInfo, Volume
+    from deepseg_core.measurements import measure_segments
+
+    labels = Volume(np.zeros((4, 5, 6), dtype=np.uint8))
+    labels.array_zyx[1:3, 1:4, 1:5] = 1
+    t1 = labels.with_array(np.arange(labels.array_zyx.size, dtype=np.float32).reshape(labels.shape_zyx))
+    t2 = t1.with_array(1000.0 - 2.0 * t1.array_zyx)
+    rows = measure_segments(labels, [SegmentInfo("tumour", 1)], intensity_channels=[("T1", t1), ("T2", t2)])
+    table = measurements_table(mrml_scene, rows, "m").GetTable()
+    names = [table.GetColumnName(column) for column in range(table.GetNumberOfColumns())]
+    assert "Mean" not in names and names.index("Mean (T1)") < names.index("Mean (T2)")
+    inside = labels.array_zyx == 1
+    assert table.GetColumnByName("Mean (T1)").GetValue(0) == pytest.approx(float(t1.array_zyx[inside].mean()))
+    assert table.GetColumnByName("Maximum (T2)").GetValue(0) == float(t2.array_zyx[inside].max())
+    assert table.GetColumnByName("Volume [mm3]").GetValue(0) == float(inside.sum())

@@ -67,3 +67,32 @@ def test_centroids_put_left_regions_left(aal_measured):
         if row.segment.endswith(("_L", "_R")):
             sign = -1 if row.segment.endswith("_L") else 1
             assert sign * row.centroid_r_mm > 5.0 and -sign * row.centroid_l_mm > 5.0, row
+
+
+def test_two_channels_are_measured_each_under_its_name(aal_measured, tmp_path):
+    """The real T1 and the same T1 inverted (an image whose regions' means all differ from the T1's) as two
+    channels of one image: each channel's means equal numpy's, the first channel's equal the one-channel
+    measurement, and the CSV titles each intensity column with its channel and reads back to the same numbers."""
+    from deepseg_core.measurements import measurements_csv, read_measurements_csv
+
+    atlas, t1, segments, one_channel, _ = aal_measured
+    inverted = t1.with_array(255.0 - t1.array_zyx.astype(np.float64))
+    rows = measure_segments(atlas, segments, intensity_channels=[("T1", t1), ("T1 (inverted)", inverted)])
+    labels = atlas.array_zyx.ravel()
+    counts = np.bincount(labels, minlength=117)
+    for name, image in (("T1", t1), ("T1 (inverted)", inverted)):
+        means = np.bincount(labels, weights=image.array_zyx.ravel().astype(np.float64), minlength=117) / counts
+        for row in rows:
+            assert row.channel_intensities[name]["intensity_mean"] == pytest.approx(means[row.label_value], rel=1e-12)
+    for row, single in zip(rows, one_channel, strict=True):
+        assert row.intensity_mean == single.intensity_mean and row.intensity_p95 == single.intensity_p95
+        assert row.channel_intensities["T1"]["intensity_std"] == single.intensity_std
+    header = measurements_csv(rows[:1]).splitlines()[0].split(",")
+    assert "Mean" not in header and "Mean (T1)" in header and "Mean (T1 (inverted))" in header
+    path = tmp_path / "stats.csv"
+    path.write_text(measurements_csv(rows), encoding="utf-8")
+    back = read_measurements_csv(path)
+    assert float(back[5]["intensity_mean (T1 (inverted))"]) == pytest.approx(
+        rows[5].channel_intensities["T1 (inverted)"]["intensity_mean"], rel=1e-5
+    )
+    assert float(back[5]["intensity_mean (T1)"]) == pytest.approx(rows[5].intensity_mean, rel=1e-5)

@@ -172,13 +172,79 @@ def test_a_resume_after_a_case_was_corrected_again_is_refused_naming_the_case(si
     relabelled = label.array_zyx.copy()
     relabelled[relabelled == 2] = 1  # the user judged the lesion to be liver
     dataset.add_case(corrected, image, relabelled, overwrite=True)
-    with pytest.raises(ConfigError, match="training cases changed since it started") as refused:
+    with pytest.raises(ConfigError, match="the stopped run's cases changed since it started") as refused:
         retrain(dataset_root, "m", CONFIG, checkpoints, base=DEFAULT_MODEL, store=store, resume=True)
     message = str(refused.value)
     assert f"{corrected} replaced or edited since" in message and "untick Resume" in message, message
     assert _files(checkpoints) == written and store.names() == []
     dataset.add_case(corrected, image, label.array_zyx, overwrite=True)  # the same voxels again: the same case
     assert retrain(dataset_root, "m", CONFIG, checkpoints, base=DEFAULT_MODEL, store=store, resume=True).card.ref == "m:1"
+
+
+def test_a_resume_is_refused_when_the_validation_cases_labels_or_device_changed(site_b_dataset, tmp_path):
+    """The validation cases decide the best checkpoint and draw the curves across epochs: a validation case added
+    or replaced since the stop, or another device (float16 AMP and its loss scale are CUDA's), would continue
+    another run than the stopped one. A checkpoint written before these were recorded resumes as before."""
+    from deepseg_core.errors import ConfigError
+
+    store, checkpoints = ModelStore(tmp_path / "s"), tmp_path / "ck"
+    with pytest.raises(Stopped):
+        retrain(site_b_dataset, "m", CONFIG, checkpoints, base=DEFAULT_MODEL, store=store, stop_after_epoch=1)
+    written = _files(checkpoints)
+    validation = Dataset.open(site_b_dataset).split()["validation"]
+    image, label = Dataset.open(site_b_dataset).load_case(validation[0])
+
+    def variant(name: str) -> tuple[Path, Dataset]:
+        root = tmp_path / name
+        shutil.copytree(site_b_dataset, root)
+        return root, Dataset.open(root)
+
+    added, dataset = variant("added")
+    dataset.add_case("v9", image, label.array_zyx, split="validation")
+    replaced, dataset = variant("replaced")
+    dataset.add_case(validation[0], image, np.where(label.array_zyx == 2, 1, label.array_zyx), overwrite=True)
+    for root, message in (
+        (added, r"validation_cases: 1; found validation_cases: 2 \(v9 not in the other\)"),
+        (replaced, f"{validation[0]} replaced or edited since"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            retrain(root, "m", CONFIG, checkpoints, base=DEFAULT_MODEL, store=store, resume=True)
+    assert _files(checkpoints) == written and store.names() == []
+
+    state_path = checkpoints / "last" / "state.json"
+    state = json.loads(state_path.read_text())
+    assert state["run"]["device"] == "cpu"
+    state_path.write_text(json.dumps({**state, "run": {**state["run"], "device": "cuda"}}))  # as a CUDA run writes it
+    with pytest.raises(ConfigError, match=r"device='cuda'; found device='cpu'"):
+        retrain(site_b_dataset, "m", CONFIG, checkpoints, base=DEFAULT_MODEL, store=store, resume=True)
+    recorded_since = ("validation_cases", "validation_case_digests", "device")
+    older = {key: value for key, value in state["run"].items() if key not in recorded_since}
+    state_path.write_text(json.dumps({**state, "run": older}))  # a checkpoint written before they were recorded
+    assert retrain(added, "m", CONFIG, checkpoints, base=DEFAULT_MODEL, store=store, resume=True).card.ref == "m:1"
+
+
+def test_a_new_run_forgets_the_best_checkpoint_of_the_run_before_and_a_resume_recovers_a_half_swapped_one(
+    site_b_dataset, tmp_path
+):
+    """``best/`` is what users and the correction-loop benchmark read. A new run in the same checkpoint folder that
+    had not validated yet kept the previous run's ``best/`` beside its own ``last/``; a kill between the two renames
+    of ``best/``'s swap left only ``best.old``, which the next save deleted."""
+    from deepseg_core.training.checkpoints import check_resumable
+
+    store, checkpoints = ModelStore(tmp_path / "s"), tmp_path / "ck"
+    with pytest.raises(Stopped):
+        retrain(site_b_dataset, "m", CONFIG, checkpoints, base=DEFAULT_MODEL, store=store, stop_after_epoch=1)
+    best = checkpoints / "best"
+    first_run = json.loads((best / "state.json").read_text())
+    last_run = json.loads((checkpoints / "last" / "state.json").read_text())
+    assert first_run["epoch"] == 1 and first_run["run_id"] == last_run["run_id"]
+    os.replace(best, checkpoints / "best.old")  # killed between the two renames of a swap
+    check_resumable(checkpoints / "last", 0, 1)
+    assert json.loads((best / "state.json").read_text()) == first_run
+    rarely = dataclasses.replace(CONFIG, epochs=4, validate_every=4)  # no validation before the stop below
+    with pytest.raises(Stopped):
+        retrain(site_b_dataset, "m", rarely, checkpoints, base=DEFAULT_MODEL, store=store, stop_after_epoch=1)
+    assert not best.exists() and (checkpoints / "last" / "state.json").exists()
 
 
 def test_a_kill_between_storing_the_version_and_marking_the_checkpoint_does_not_store_it_twice(

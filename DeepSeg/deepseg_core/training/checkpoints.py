@@ -59,6 +59,13 @@ def save_checkpoint(
     shutil.rmtree(old, ignore_errors=True)
 
 
+def forget_best(folder: Path) -> None:
+    """Remove ``folder`` (``best/``) and what a killed swap of it left: a new run in the checkpoint folder starts
+    without the best epoch of the run before it, which its own ``last/`` replaces too."""
+    for path in (folder, folder.with_name(folder.name + ".old"), folder.with_name(folder.name + ".tmp")):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def recover_checkpoint(folder: Path) -> None:
     """A kill between the two renames of :func:`save_checkpoint` leaves only ``<folder>.old``: put it back."""
     old = folder.with_name(folder.name + ".old")
@@ -156,10 +163,9 @@ def check_same_network(folder: Path, name: str, config: dict[str, Any]) -> None:
 
 def check_same_run(folder: Path, run: dict[str, Any], config: dict[str, Any], stored_as: str | None = None) -> None:
     """Refuse to resume from ``folder`` (``last/``) a run that finished and was stored, or one started with another
-    base version, dataset, training cases (their ids, and their contents by ``training_case_digests``) or new model
-    name than ``run`` (``{"base", "dataset", "training_cases", "training_case_digests", "name"}``, as ``state.json``
-    stores it under ``run``), or other settings than ``config`` (``to_dict`` of the run's config, as ``state.json``
-    stores it under ``config``).
+    base version, dataset, training or validation cases (their ids, and their contents by the ``*_case_digests``),
+    device type or new model name than ``run`` (as ``state.json`` stores it under ``run``), or other
+    settings than ``config`` (``to_dict`` of the run's config, as ``state.json`` stores it under ``config``).
 
     A run counts as stored when :func:`mark_stored` recorded it, or when ``stored_as`` names the version the store
     holds from it (a kill between storing and recording leaves only that). Resuming continues the stopped run
@@ -177,14 +183,16 @@ def check_same_run(folder: Path, run: dict[str, Any], config: dict[str, Any], st
         )
     if state.get("run") is None:
         return
+    # what a checkpoint written before a run entry was recorded lacks is not compared
     written = {**state["run"], "config": state.get("config")}
-    wanted = json.loads(json.dumps({**run, "config": config}))
-    written_digests = written.pop("training_case_digests", None)
-    wanted_digests = wanted.pop("training_case_digests", None) or {}
-    # a case the other run lacks is reported by training_cases; here only cases both have
-    changed_cases = sorted(
-        case for case, digest in (written_digests or {}).items() if case in wanted_digests and wanted_digests[case] != digest
-    )
+    wanted = json.loads(json.dumps({**{key: value for key, value in run.items() if key in state["run"]}, "config": config}))
+    changed_cases: list[str] = []
+    for digests in ("training_case_digests", "validation_case_digests"):
+        written_digests, wanted_digests = written.pop(digests, None) or {}, wanted.pop(digests, None) or {}
+        # a case the other run lacks is reported by training_cases / validation_cases; here only cases both have
+        changed_cases += sorted(
+            case for case, digest in written_digests.items() if case in wanted_digests and wanted_digests[case] != digest
+        )
     before, now = _flat(written), _flat(wanted)
     differing = [key for key in sorted({*before, *now}) if before.get(key) != now.get(key)]
     if not differing and not changed_cases:
@@ -198,12 +206,12 @@ def check_same_run(folder: Path, run: dict[str, Any], config: dict[str, Any], st
     raise ConfigError(
         "the stopped run was started with other settings than this run's"
         if differing
-        else "the stopped run's training cases changed since it started",
+        else "the stopped run's cases changed since it started",
         subject=folder.parent,
         expected="the stopped run's: " + "; ".join(expected),
         found="; ".join(found),
-        hint="Resume with the stopped run's settings (the same base version, dataset cases and training settings), or"
-        " start without resuming (untick Resume in the panel; leave out --resume) to train anew"
+        hint="Resume with the stopped run's settings (the same base version, dataset cases, device and training settings),"
+        " or start without resuming (untick Resume in the panel; leave out --resume) to train anew"
         + (" on the corrected cases." if changed_cases else "."),
     )
 
@@ -255,6 +263,7 @@ def check_resumable(folder: Path, rank: int, world: int) -> None:
     """
     if rank == 0:
         recover_checkpoint(folder)
+        recover_checkpoint(folder.with_name("best"))
     if world > 1:
         torch.distributed.barrier()
     if not (folder / "state.json").exists():

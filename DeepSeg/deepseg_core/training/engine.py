@@ -9,7 +9,8 @@ sampler and augmentation, torch CPU / CUDA generators of dropout, Python ``rando
 gathers the states and writes them inside the same atomic checkpoint swap, and each rank restores
 its own on resume, so resuming replays exactly the run that was interrupted, also under
 ``torchrun``: the epoch in flight at the kill is recomputed from the same random state and the
-result equals an uninterrupted run.
+result equals an uninterrupted run (bit for bit on the CPU; on CUDA, cuDNN's backward passes are
+not deterministic).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from .checkpoints import (
     check_resumable,
     check_same_network,
     check_same_run,
+    forget_best,
     gather_random_states,
     load_checkpoint,
     mark_stored,
@@ -750,13 +752,18 @@ def retrain(
     rng = np.random.default_rng(config.seed if world == 1 else [config.seed, rank])
     history: list[dict[str, Any]] = []
     start_epoch, best_score = 1, -1.0
-    # what a resume must continue besides the settings (the checkpoint's config): the same base version,
-    # dataset cases (also their contents: a case corrected again since the stop is another case) and new model name
+    # what a resume must continue besides the settings (the checkpoint's config): the same base version, dataset
+    # cases (also their contents: a case corrected again since the stop is another case), validation cases (the
+    # best checkpoint and the curves compare scores across epochs), device type (float16 AMP and its loss scale on
+    # CUDA only) and new model name
     run = {
         "base": parent_card.ref if parent_card is not None else None,
         "dataset": dataset.name,  # its name, not its path: nodes of a multi-node run may mount it elsewhere
         "training_cases": list(split["train"]),
         "training_case_digests": case_digests,
+        "validation_cases": list(split["validation"]),
+        "validation_case_digests": {case_id: _case_digest(dataset.load_case(case_id)) for case_id in split["validation"]},
+        "device": device_t.type,
         "name": name,
     }
     # The stored version's card records this id, so a resume finds the version even when a kill came between
@@ -783,6 +790,8 @@ def retrain(
         net.train()
         return result
 
+    if not resume and rank == 0:
+        forget_best(checkpoint_dir / "best")  # an earlier run's best epoch in this folder is not this run's
     for epoch in range(start_epoch, config.epochs + 1):
         frozen = base is not None and epoch <= config.freeze_encoder_epochs
         for param in encoder_params:
@@ -808,7 +817,7 @@ def retrain(
             record["mean_dice"] = score
             if score > best_score:
                 best_score = score
-                save_checkpoint(checkpoint_dir / "best", net, optimiser, {"epoch": epoch, "score": score})
+                save_checkpoint(checkpoint_dir / "best", net, optimiser, {"epoch": epoch, "score": score, "run_id": run_id})
         elapsed = time.perf_counter() - started
         record["eta_s"] = elapsed / (epoch - start_epoch + 1) * (config.epochs - epoch)
         history.append(record)

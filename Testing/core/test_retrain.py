@@ -181,7 +181,7 @@ def test_a_resume_after_a_case_was_corrected_again_is_refused_naming_the_case(si
     assert retrain(dataset_root, "m", CONFIG, checkpoints, base=DEFAULT_MODEL, store=store, resume=True).card.ref == "m:1"
 
 
-def test_a_resume_is_refused_when_the_validation_cases_labels_or_device_changed(site_b_dataset, tmp_path):
+def test_a_resume_is_refused_when_the_validation_cases_or_device_changed(site_b_dataset, tmp_path):
     """The validation cases decide the best checkpoint and draw the curves across epochs: a validation case added
     or replaced since the stop, or another device (float16 AMP and its loss scale are CUDA's), would continue
     another run than the stopped one. A checkpoint written before these were recorded resumes as before."""

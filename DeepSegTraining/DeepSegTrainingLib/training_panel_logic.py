@@ -228,9 +228,7 @@ class TrainingPanelLogic:
             if kind == "epoch_end":
                 self.view.progress_percent = round(100 * event["epoch"] / max(1, self._epochs))
             if kind == "done":
-                self.done_event = event
-                self.view.comparison_table = comparison_table(self.scene, event)
-                self.view.promote_enabled = self.view.keep_old_enabled = True
+                self._offer_decision(event)
             if kind in ("status", "prepared") and self.done_event is not None:
                 self._preparation = preparation_text(event)
                 if not job.cancel_requested:
@@ -256,9 +254,7 @@ class TrainingPanelLogic:
         elif job.outcome == "cancelled" and (stored := version_stored_by_run(job.output, self.models_dir)) is not None:
             # Stop's kill landed after the version was stored, before the engine said so: nothing is left to
             # resume, and the comparison and Promote come from the stored card instead of the done event
-            self.done_event = done_event_from_store(stored, self.models_dir)
-            self.view.comparison_table = comparison_table(self.scene, self.done_event)
-            self.view.promote_enabled = self.view.keep_old_enabled = True
+            self._offer_decision(done_event_from_store(stored, self.models_dir))
             self._decided = f"Stopped after {stored} was stored (not active yet). Compare, then Promote or Keep old."
             self.view.status = self._decided
             if settings is not None:
@@ -271,6 +267,12 @@ class TrainingPanelLogic:
             self.view.status = job.failure_text()
         self.refresh_models(settings)
         return False
+
+    def _offer_decision(self, done_event: dict) -> None:
+        """The new version is stored: show its comparison with the parent and offer Promote / Keep old."""
+        self.done_event = done_event
+        self.view.comparison_table = comparison_table(self.scene, done_event)
+        self.view.promote_enabled = self.view.keep_old_enabled = True
 
     def stop(self) -> None:
         """Stop returns at once; :meth:`poll` reports when the process tree has exited."""

@@ -27,6 +27,9 @@ TERMINOLOGY_TAG = "TerminologyEntry"
 #: node attributes (``DeepSeg.Model``, ``DeepSeg.PredictionPath``) and references DeepSeg sets on an output node
 ATTRIBUTE_PREFIX = "DeepSeg."
 INPUT_VOLUME_REFERENCE = "DeepSeg.InputVolume"
+#: the second input channel's volume (a two-channel model), beside :data:`INPUT_VOLUME_REFERENCE`
+ADDITIONAL_VOLUME_REFERENCE = "DeepSeg.AdditionalVolume"
+VOLUME_REFERENCES = (INPUT_VOLUME_REFERENCE, ADDITIONAL_VOLUME_REFERENCE)
 _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
@@ -277,7 +280,7 @@ def segments_by_name(segmentation_node: slicer.vtkMRMLSegmentationNode) -> dict[
 
 class SegmentationSnapshot:
     """A copy of a segmentation's segments and of the node's DeepSeg attributes and references (which model
-    predicted it, the cached prediction, the input volume), to restore after a cancelled or undone run: an
+    predicted it, the cached prediction, the input volumes), to restore after a cancelled or undone run: an
     export after Undo must not credit the undone run's model or measure the correction against its output."""
 
     def __init__(self, segmentation_node: slicer.vtkMRMLSegmentationNode) -> None:
@@ -287,7 +290,7 @@ class SegmentationSnapshot:
         self.attributes = {name: segmentation_node.GetAttribute(name) for name in _deepseg_attribute_names(segmentation_node)}
         self.references = {
             role: segmentation_node.GetNodeReferenceID(role)
-            for role in (INPUT_VOLUME_REFERENCE,)
+            for role in VOLUME_REFERENCES
             if segmentation_node.GetNodeReferenceID(role) is not None
         }
 
@@ -299,7 +302,7 @@ class SegmentationSnapshot:
                 self.node.RemoveAttribute(name)
         for name, value in self.attributes.items():
             self.node.SetAttribute(name, value)
-        for role in (INPUT_VOLUME_REFERENCE,):
+        for role in VOLUME_REFERENCES:
             self.node.SetNodeReferenceID(role, self.references.get(role))
         self.node.Modified()
 

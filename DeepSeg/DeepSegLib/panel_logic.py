@@ -23,6 +23,7 @@ import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import slicer
 
@@ -138,6 +139,14 @@ def progress_text(event: dict) -> tuple[int | None, str]:
     return None, ""
 
 
+class _JobNodes(NamedTuple):
+    """The nodes a running Segment was started with: the volumes it reads and the output it fills."""
+
+    volume: slicer.vtkMRMLScalarVolumeNode
+    additional_volume: slicer.vtkMRMLScalarVolumeNode | None
+    output: slicer.vtkMRMLSegmentationNode
+
+
 class DeepSegPanelLogic:
     """The DeepSeg panel's decisions and state (see the module docstring).
 
@@ -167,6 +176,7 @@ class DeepSegPanelLogic:
         self._review = None
         self._discard_result = False
         self._created_output: slicer.vtkMRMLSegmentationNode | None = None
+        self._job_nodes: _JobNodes | None = None
 
     # ------------------------------------------------------------------ models and device
     def refresh_models(self, settings: PanelSettings | None) -> None:
@@ -255,6 +265,11 @@ class DeepSegPanelLogic:
             node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{settings.inputVolume.GetName()} DeepSeg")
             node.CreateDefaultDisplayNodes()
             settings.outputSegmentation = self._created_output = node
+        # the result goes onto the volumes the run read and into the output chosen now, whatever the selectors
+        # show when it finishes: labels of one volume must not be put on another of the same grid
+        self._job_nodes = _JobNodes(
+            settings.inputVolume, settings.additionalVolume if len(channels) > 1 else None, settings.outputSegmentation
+        )
         self._discard_result = False
         self.view.segment_enabled = False
         self.view.cancel_enabled = True
@@ -354,7 +369,9 @@ class DeepSegPanelLogic:
 
         outcome = job.outcome
         created, self._created_output = self._created_output, None
-        if outcome != "succeeded" or self._discard_result or settings is None:
+        nodes, self._job_nodes = self._job_nodes, None
+        removed = nodes is not None and not all(node is None or self.scene.IsNodePresent(node) for node in nodes)
+        if outcome != "succeeded" or self._discard_result or settings is None or removed:
             if created is not None and self.scene.IsNodePresent(created):
                 displays = [created.GetNthDisplayNode(i) for i in range(created.GetNumberOfDisplayNodes())]
                 for node in [*displays, created]:  # the node made for this run goes with it
@@ -364,15 +381,23 @@ class DeepSegPanelLogic:
             self.view.progress_percent = 0
             if outcome == "cancelled" or self._discard_result or settings is None:
                 self.view.status = "Cancelled; the scene is unchanged."
+            elif removed:
+                self.view.status = (
+                    "A volume or the output segmentation of the run was removed from the scene while it ran:"
+                    " its result was not applied."
+                )
             else:
                 self.view.status = job.failure_text()
             return
         model = next((e.get("model") for e in job.events if e.get("event") == "start"), settings.model)
-        _, self._snapshot = apply_segmentation_file(job.output, settings.outputSegmentation, settings.inputVolume, model)
+        if nodes is None:
+            raise RuntimeError("a segmentation finished that start_segment did not start")
+        volume, additional, output = nodes
+        _, self._snapshot = apply_segmentation_file(job.output, output, volume, model, additional_volume_node=additional)
         self.view.undo_enabled = True
-        self.view.status += f" Segments written to {settings.outputSegmentation.GetName()}."
+        self.view.status += f" Segments written to {output.GetName()}."
         try:
-            self._review = load_review(self.scene, job.workdir, settings.inputVolume, self._review)
+            self._review = load_review(self.scene, job.workdir, volume, self._review)
         except Exception as exc:  # the segments are in; a broken overlay or table must not hide that
             self.view.status += f" The uncertainty map or measurements could not be shown: {exc}"
             self._review = None

@@ -24,6 +24,7 @@ from deepseg_core import io
 from deepseg_core.datasets import CaseProvenance, CaseRecord, Dataset, DatasetError, correction_effort
 
 from .mrml_bridge import (
+    ADDITIONAL_VOLUME_REFERENCE,
     INPUT_VOLUME_REFERENCE,
     LABEL_TAG,
     SegmentationSnapshot,
@@ -122,8 +123,13 @@ def apply_segmentation_file(
     volume_node: slicer.vtkMRMLScalarVolumeNode,
     model_ref: str,
     keep_prediction: bool = True,
+    additional_volume_node: slicer.vtkMRMLScalarVolumeNode | None = None,
 ) -> tuple[list[str], SegmentationSnapshot]:
     """Put a result file's segments into ``segmentation_node`` on ``volume_node``'s grid.
+
+    The node then refers to the volumes the run read (``volume_node``, and ``additional_volume_node`` for a
+    two-channel model), so that an export can check it pairs the labels with those volumes
+    (:func:`check_export_volumes`).
 
     Returns:
         ``(new segment ids, snapshot of the node before)``; ``snapshot.restore()`` undoes the run.
@@ -149,6 +155,9 @@ def apply_segmentation_file(
     ids = write_result_segments(segmentation_node, specs_from_segmentation(result), grid, model_ref)
     segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
     segmentation_node.SetNodeReferenceID(INPUT_VOLUME_REFERENCE, volume_node.GetID())
+    segmentation_node.SetNodeReferenceID(
+        ADDITIONAL_VOLUME_REFERENCE, additional_volume_node.GetID() if additional_volume_node is not None else None
+    )
     segmentation_node.SetAttribute(MODEL_ATTRIBUTE, model_ref)
     if keep_prediction:
         kept = prediction_cache_folder() / f"{uuid.uuid4().hex}.seg.nrrd"
@@ -223,6 +232,59 @@ def _names_of_predicted_segments(segmentation_node: slicer.vtkMRMLSegmentationNo
     return names
 
 
+def _node_label(node: slicer.vtkMRMLNode) -> str:
+    return f"'{node.GetName()}' ({node.GetID()})"
+
+
+def check_export_volumes(
+    segmentation_node: slicer.vtkMRMLSegmentationNode,
+    volume_node: slicer.vtkMRMLScalarVolumeNode,
+    additional_volume_nodes: Sequence[slicer.vtkMRMLScalarVolumeNode] = (),
+) -> None:
+    """Refuse to pair ``segmentation_node``'s labels with volumes they were not drawn on.
+
+    Two volumes of one patient often share a grid (series of one study, a copy, a filtered version), so the
+    grid check of the export cannot tell them apart: a segmentation made on one and exported with another would
+    enter the dataset as a case whose labels do not fit its image, and train every later model on it.
+    The segmentation's own volume is the one DeepSeg segmented (``DeepSeg.InputVolume``) or the one Slicer's
+    Segment Editor took its geometry from (``referenceImageGeometryRef``); ``volume_node`` must be one of
+    them, so that setting the geometry to another volume (Segmentations module, *Specify geometry*) is how
+    a user says the labels belong to that one. The second channel must be the one the run read, where the
+    node records it (``DeepSeg.AdditionalVolume``). A node that refers to no volume still in the scene
+    (a segmentation loaded from a file) is not checked.
+
+    Raises:
+        io.ImageError: naming both volumes and what to do.
+    """
+    made_on = [
+        node
+        for role in (INPUT_VOLUME_REFERENCE, segmentation_node.GetReferenceImageGeometryReferenceRole())
+        if (node := segmentation_node.GetNodeReference(role)) is not None
+    ]
+    if made_on and not any(node.GetID() == volume_node.GetID() for node in made_on):
+        raise io.ImageError(
+            "the segmentation was not made on the input volume: the case would pair that volume's voxels with"
+            " labels drawn on another",
+            subject=segmentation_node.GetName(),
+            expected=f"input volume {' or '.join(_node_label(node) for node in made_on)}",
+            found=_node_label(volume_node),
+            hint=(
+                f"Choose '{made_on[0].GetName()}' as Input volume and export again. If the labels do belong to"
+                f" '{volume_node.GetName()}', set the segmentation's geometry to it first (Segmentations module,"
+                " Specify geometry)."
+            ),
+        )
+    second = segmentation_node.GetNodeReference(ADDITIONAL_VOLUME_REFERENCE)
+    if second is not None and additional_volume_nodes and additional_volume_nodes[0].GetID() != second.GetID():
+        raise io.ImageError(
+            "the second input volume is not the one the segmentation was made from",
+            subject=segmentation_node.GetName(),
+            expected=f"second volume {_node_label(second)}",
+            found=_node_label(additional_volume_nodes[0]),
+            hint=f"Choose '{second.GetName()}' as the second input volume and export again.",
+        )
+
+
 def export_corrected_case(
     dataset_folder: str | Path,
     case_id: str,
@@ -236,9 +298,11 @@ def export_corrected_case(
 
     Provenance: the volume's name and file, the model version that predicted it (node attribute),
     and, when the prediction is still cached, the voxels changed and the Dice between prediction and
-    correction. Refuses unknown segment names (with how to add them), an existing case without
-    ``overwrite``, and images whose channel count does not match the dataset.
+    correction. Refuses volumes the segmentation was not made on (:func:`check_export_volumes`), unknown
+    segment names (with how to add them), an existing case without ``overwrite``, and images whose channel
+    count does not match the dataset.
     """
+    check_export_volumes(segmentation_node, volume_node, additional_volume_nodes)
     dataset = Dataset.open(dataset_folder)
     grid = volume_from_node(volume_node)
     labels = labelmap_from_segments(segmentation_node, grid, dataset)

@@ -4,6 +4,7 @@ the panel with a real engine process, Cancel, Undo, scene close and export."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -207,6 +208,54 @@ def test_a_scene_close_during_a_run_never_applies_its_result(mrml_scene, store_d
     panel.abandon()
     run_panel(panel, None, timeout_s=60)
     assert panel.view.status == "Cancelled; the scene is unchanged." and panel.job is None
+
+
+def test_a_run_puts_its_result_on_the_volume_it_read_even_when_the_selectors_changed_meanwhile(
+    mrml_scene, store_dir, engine_python, tmp_path
+):
+    """The user picks another volume of the same grid (a second series) and another output while Segment runs:
+    the labels still go onto the volume the run read, into the output chosen at the click, and the export
+    refuses to pair them with the other volume."""
+    volume = io.read_image(SAMPLE_VOLUME)
+    segmented = node_from_volume(mrml_scene, volume, "series 1")
+    other = node_from_volume(mrml_scene, dataclasses.replace(volume, array_zyx=-volume.array_zyx), "series 2")
+    chosen_output = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "chosen at the click")
+    other_output = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "chosen during the run")
+    panel = DeepSegPanelLogic(mrml_scene, models_dir=store_dir, python=engine_python)
+    settings = PanelSettings(inputVolume=segmented, outputSegmentation=chosen_output, device="cpu")
+    panel.refresh_models(settings)
+    panel.start_segment(settings)
+    settings.inputVolume, settings.outputSegmentation = other, other_output
+    run_panel(panel, settings)
+    assert panel.view.status.startswith("Done in ") and "Segments written to chosen at the click" in panel.view.status
+    assert other_output.GetSegmentation().GetNumberOfSegments() == 0
+    assert "liver" in segments_by_name(chosen_output)
+    assert chosen_output.GetNodeReference("DeepSeg.InputVolume") is segmented
+
+    dataset = tmp_path / "ds"
+    Dataset.create(dataset, "site", PHANTOM_LABELS, ("CT",))
+    settings.outputSegmentation, settings.datasetFolder, settings.caseId = chosen_output, dataset, "case01"
+    with pytest.raises(io.ImageError, match=r"not made on the input volume.*'series 1'.*found 'series 2'"):
+        panel.export(settings)
+    assert Dataset.open(dataset).cases == {}
+    settings.inputVolume = segmented
+    panel.export(settings)
+    assert panel.view.export_status.startswith("Case case01 added to ")
+
+
+def test_a_volume_removed_during_the_run_gets_no_result(mrml_scene, store_dir, engine_python):
+    volume_node = node_from_volume(mrml_scene, io.read_image(SAMPLE_VOLUME), "sample")
+    panel = DeepSegPanelLogic(mrml_scene, models_dir=store_dir, python=engine_python)
+    settings = PanelSettings(inputVolume=volume_node, device="cpu")
+    panel.refresh_models(settings)
+    panel.start_segment(settings)
+    created = settings.outputSegmentation
+    mrml_scene.RemoveNode(volume_node)
+    settings.inputVolume = None
+    run_panel(panel, settings)
+    assert panel.view.status.endswith("was removed from the scene while it ran: its result was not applied.")
+    assert not mrml_scene.IsNodePresent(created) and settings.outputSegmentation is None
+    assert not panel.view.undo_enabled
 
 
 def test_import_model_through_the_panel_selects_the_new_version(

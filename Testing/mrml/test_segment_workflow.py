@@ -188,6 +188,79 @@ def test_export_corrected_case(mrml_scene, segmented, tmp_path):
     assert sorted(Dataset.open(dataset_root).cases) == ["case01"]
 
 
+def test_an_export_is_refused_for_a_volume_the_segmentation_was_not_made_on(mrml_scene, segmented, tmp_path):
+    """Two volumes of one grid (series of one study): labels made on one never enter the dataset with the other,
+    whether DeepSeg made them or Slicer's Segment Editor did; Slicer's *Specify geometry* says they belong to
+    the other. Nothing is written by a refused export."""
+    import dataclasses
+
+    from deepseg_core.phantoms import PHANTOM_LABELS
+
+    result_path, _ = segmented
+    volume = oblique_sample()
+    made_on = node_from_volume(mrml_scene, volume, "CT arterial")
+    other = node_from_volume(mrml_scene, dataclasses.replace(volume, array_zyx=volume.array_zyx + 100), "CT venous")
+    dataset_root = tmp_path / "ds"
+    Dataset.create(dataset_root, "site", PHANTOM_LABELS, ("CT",))
+
+    predicted = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "predicted")
+    apply_segmentation_file(result_path, predicted, made_on, "phantom-liver:1")
+    drawn = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "drawn")
+    # what Slicer's Segment Editor does on a new segmentation with a source volume
+    drawn.SetReferenceImageGeometryParameterFromVolumeNode(made_on)
+    add_segment(
+        drawn, SegmentSpec("liver", (1, 0, 0)), segment_mask(predicted, segments_by_name(predicted)["liver"], volume), volume
+    )
+    for node in (predicted, drawn):
+        with pytest.raises(
+            io.ImageError, match=r"not made on the input volume.*'CT arterial'.*found 'CT venous'.*Specify geometry"
+        ):
+            export_corrected_case(dataset_root, "case01", other, node)
+        assert Dataset.open(dataset_root).cases == {}
+        assert not any((dataset_root / "labelsTr").iterdir()) and not any((dataset_root / "imagesTr").iterdir())
+    export_corrected_case(dataset_root, "case01", made_on, predicted)
+    drawn.SetReferenceImageGeometryParameterFromVolumeNode(other)  # Segmentations module, Specify geometry
+    record = export_corrected_case(dataset_root, "case02", other, drawn)
+    assert record.provenance.source.startswith("CT venous")
+    np.testing.assert_array_equal(Dataset.open(dataset_root).load_case("case02")[0][0].array_zyx, volume.array_zyx + 100)
+    # a segmentation that refers to no volume (loaded from a file) is not checked
+    loaded = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "loaded")
+    add_segment(
+        loaded, SegmentSpec("liver", (1, 0, 0)), segment_mask(predicted, segments_by_name(predicted)["liver"], volume), volume
+    )
+    export_corrected_case(dataset_root, "case03", other, loaded)
+    # a volume the node refers to that left the scene is no longer compared
+    mrml_scene.RemoveNode(made_on)
+    export_corrected_case(dataset_root, "case04", other, predicted)
+
+
+def test_the_second_input_volume_of_an_export_must_be_the_one_the_run_read(mrml_scene, segmented, tmp_path):
+    import dataclasses
+
+    from deepseg_core.phantoms import PHANTOM_LABELS
+
+    result_path, _ = segmented
+    volume = oblique_sample()
+    first = node_from_volume(mrml_scene, volume, "T1")
+    second = node_from_volume(mrml_scene, dataclasses.replace(volume, array_zyx=volume.array_zyx * 2), "FLAIR")
+    wrong = node_from_volume(mrml_scene, dataclasses.replace(volume, array_zyx=volume.array_zyx * 3), "FLAIR old")
+    output = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "out")
+    _, snapshot = apply_segmentation_file(result_path, output, first, "phantom-liver:1", additional_volume_node=second)
+    assert output.GetNodeReference("DeepSeg.AdditionalVolume") is second
+    dataset_root = tmp_path / "ds"
+    Dataset.create(dataset_root, "site", PHANTOM_LABELS, ("T1", "FLAIR"))
+    with pytest.raises(io.ImageError, match=r"second input volume is not the one.*'FLAIR'.*found 'FLAIR old'"):
+        export_corrected_case(dataset_root, "case01", first, output, additional_volume_nodes=[wrong])
+    assert Dataset.open(dataset_root).cases == {}
+    export_corrected_case(dataset_root, "case01", first, output, additional_volume_nodes=[second])
+    np.testing.assert_array_equal(Dataset.open(dataset_root).load_case("case01")[0][1].array_zyx, volume.array_zyx * 2)
+    # a later one-channel run forgets the second volume; its Undo brings the reference back
+    _, snapshot = apply_segmentation_file(result_path, output, first, "phantom-liver:1")
+    assert output.GetNodeReference("DeepSeg.AdditionalVolume") is None
+    snapshot.restore()
+    assert output.GetNodeReference("DeepSeg.AdditionalVolume") is second
+
+
 def test_predicted_segments_renamed_to_the_datasets_names_are_exported_with_their_correction_effort(
     mrml_scene, segmented, tmp_path
 ):

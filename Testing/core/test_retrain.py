@@ -247,6 +247,64 @@ def test_a_new_run_forgets_the_best_checkpoint_of_the_run_before_and_a_resume_re
     assert not best.exists() and (checkpoints / "last" / "state.json").exists()
 
 
+def test_best_is_swapped_in_only_after_last_holds_its_epoch_and_a_resume_finishes_or_drops_a_staged_one(
+    site_b_dataset, tmp_path, monkeypatch
+):
+    """``best/`` was swapped in before ``last/`` was saved: a kill between them made the resume replay that epoch
+    (``last/`` lacked it) while ``best/`` already held the killed run's weights of it, which a replay on CUDA
+    need not reproduce. Now ``best/`` is staged, ``last/`` saved, then ``best/`` swapped in; a resume swaps in a
+    staged ``best/`` of an epoch ``last/`` holds and drops one of a later epoch or one written in part."""
+    from deepseg_core.training import engine
+    from deepseg_core.training.checkpoints import check_resumable
+
+    scores = iter(range(1, 100))
+    monkeypatch.setattr(engine, "validation_score", lambda result: float(next(scores)))  # every validation a new best
+    store, checkpoints = ModelStore(tmp_path / "s"), tmp_path / "ck"
+    best, staged, last = checkpoints / "best", checkpoints / "best.tmp", checkpoints / "last"
+    three = dataclasses.replace(CONFIG, epochs=3)
+    with pytest.raises(Stopped):
+        retrain(site_b_dataset, "m", three, checkpoints, base=DEFAULT_MODEL, store=store, stop_after_epoch=1)
+    epoch_1 = (best / "weights.safetensors").read_bytes()
+
+    saving = engine.save_checkpoint
+
+    def killed_before_last_of_epoch_2(folder: Path, net, optimiser, state, rank_states=None) -> None:
+        if folder.name == "last" and state["epoch"] == 2:
+            raise SystemExit(-9)
+        saving(folder, net, optimiser, state, rank_states)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(engine, "save_checkpoint", killed_before_last_of_epoch_2)
+        with pytest.raises(SystemExit):
+            retrain(site_b_dataset, "m", three, checkpoints, base=DEFAULT_MODEL, store=store, resume=True)
+    assert json.loads((staged / "state.json").read_text())["epoch"] == 2
+    assert json.loads((best / "state.json").read_text())["epoch"] == 1, "best/ waits for last/"
+    check_resumable(last, 0, 1)
+    assert not staged.exists() and (best / "weights.safetensors").read_bytes() == epoch_1
+
+    def killed_after_last(folder: Path) -> None:
+        raise SystemExit(-9)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(engine, "swap_in_checkpoint", killed_after_last)
+        with pytest.raises(SystemExit):
+            retrain(site_b_dataset, "m", three, checkpoints, base=DEFAULT_MODEL, store=store, resume=True)
+    assert json.loads((last / "state.json").read_text())["epoch"] == 2
+    staged_epoch_2 = (staged / "weights.safetensors").read_bytes()
+    assert json.loads((best / "state.json").read_text())["epoch"] == 1
+    check_resumable(last, 0, 1)
+    assert not staged.exists() and json.loads((best / "state.json").read_text())["epoch"] == 2
+    assert (best / "weights.safetensors").read_bytes() == staged_epoch_2
+
+    staged.mkdir()  # a kill while staging: state.json, written last, is missing
+    (staged / "weights.safetensors").write_bytes(b"partial")
+    check_resumable(last, 0, 1)
+    assert not staged.exists() and (best / "weights.safetensors").read_bytes() == staged_epoch_2
+    outcome = retrain(site_b_dataset, "m", three, checkpoints, base=DEFAULT_MODEL, store=store, resume=True)
+    assert outcome.card.ref == "m:1" and not staged.exists()
+    assert json.loads((best / "state.json").read_text())["epoch"] == 3
+
+
 def test_a_kill_between_storing_the_version_and_marking_the_checkpoint_does_not_store_it_twice(
     site_b_dataset, tmp_path, monkeypatch
 ):

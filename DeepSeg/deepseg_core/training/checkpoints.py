@@ -40,6 +40,20 @@ def save_checkpoint(
 
     ``rank_states``: every process's random state, index = rank (:func:`random_state`).
     """
+    stage_checkpoint(folder, net, optimiser, state, rank_states)
+    swap_in_checkpoint(folder)
+
+
+def stage_checkpoint(
+    folder: Path,
+    net: nn.Module,
+    optimiser: torch.optim.Optimizer,
+    state: dict[str, Any],
+    rank_states: list[dict[str, Any]] | None = None,
+) -> None:
+    """Write a checkpoint beside ``folder`` (``<folder>.tmp``, its ``state.json`` last) without swapping it in:
+    :func:`swap_in_checkpoint` does that. Between the two another checkpoint can be saved, so that one swap
+    waits for the other (``best/`` waits for ``last/``, see :func:`recover_checkpoint`)."""
     staging = folder.with_name(folder.name + ".tmp")
     try:
         _write_checkpoint_files(staging, net, optimiser, state, rank_states or [])
@@ -51,6 +65,11 @@ def save_checkpoint(
             subject=folder,
             hint=f"{previous}. Free disk space (or choose another --checkpoints folder), then run again with --resume.",
         ) from exc
+
+
+def swap_in_checkpoint(folder: Path) -> None:
+    """Replace ``folder`` by the checkpoint :func:`stage_checkpoint` wrote beside it (two renames)."""
+    staging = folder.with_name(folder.name + ".tmp")
     old = folder.with_name(folder.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
@@ -66,9 +85,28 @@ def forget_best(folder: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def recover_checkpoint(folder: Path) -> None:
-    """A kill between the two renames of :func:`save_checkpoint` leaves only ``<folder>.old``: put it back."""
+def recover_checkpoint(folder: Path, committed_epoch: int | None = None) -> None:
+    """Finish or undo what a kill left of a checkpoint's save.
+
+    A kill between the two renames of :func:`swap_in_checkpoint` leaves only ``<folder>.old``: it is put back.
+    With ``committed_epoch`` (the epoch of ``last/``, for ``best/``): a complete staged checkpoint of that epoch
+    or an earlier one (``best/`` is staged before ``last/`` is saved and swapped in after) is swapped in, as
+    the run would have done; one of a later epoch, whose ``last/`` never came, is removed, so that ``best/``
+    never holds an epoch the resumed run replays and may score otherwise (CUDA). A partly written one goes too.
+    """
+    staging = folder.with_name(folder.name + ".tmp")
     old = folder.with_name(folder.name + ".old")
+    if committed_epoch is not None and staging.exists():
+        try:
+            staged_epoch = int(json.loads((staging / "state.json").read_text())["epoch"])
+        except (OSError, ValueError, KeyError, TypeError):
+            staged_epoch = None  # written only in part: state.json comes last
+        if staged_epoch is not None and staged_epoch <= committed_epoch:
+            log.info("%s: finishing the save of epoch %d that a stop interrupted", folder, staged_epoch)
+            swap_in_checkpoint(folder)
+            return
+        log.info("%s: dropping a checkpoint staged for epoch %s, after the last saved epoch", folder, staged_epoch)
+        shutil.rmtree(staging, ignore_errors=True)
     if not folder.exists() and (old / "state.json").exists():
         os.replace(old, folder)
 
@@ -263,7 +301,9 @@ def check_resumable(folder: Path, rank: int, world: int) -> None:
     """
     if rank == 0:
         recover_checkpoint(folder)
-        recover_checkpoint(folder.with_name("best"))
+        if (folder / "state.json").exists():
+            committed_epoch = int(json.loads((folder / "state.json").read_text())["epoch"])
+            recover_checkpoint(folder.with_name("best"), committed_epoch)
     if world > 1:
         torch.distributed.barrier()
     if not (folder / "state.json").exists():

@@ -71,6 +71,8 @@ from .checkpoints import (
     restore_random_state,
     run_id_of,
     save_checkpoint,
+    stage_checkpoint,
+    swap_in_checkpoint,
 )
 from .loop import network_batch, optimisation_step
 from .patches import PatchSampler, TrainingCase
@@ -798,6 +800,7 @@ def retrain(
             param.requires_grad_(not frozen)
         net.train()
         losses = []
+        best_staged = False
         epoch_start = time.perf_counter()
         for _ in range(config.steps_per_epoch):
             x, y = network_batch(*sampler.batch(rng, config.batch_size), spatial_dims, device_t)
@@ -817,7 +820,10 @@ def retrain(
             record["mean_dice"] = score
             if score > best_score:
                 best_score = score
-                save_checkpoint(checkpoint_dir / "best", net, optimiser, {"epoch": epoch, "score": score, "run_id": run_id})
+                # swapped in only once last/ holds this epoch: a resume replays an epoch last/ lacks, and on CUDA
+                # the replay may score otherwise, so best/ must not hold the epoch before the replay
+                stage_checkpoint(checkpoint_dir / "best", net, optimiser, {"epoch": epoch, "score": score, "run_id": run_id})
+                best_staged = True
         elapsed = time.perf_counter() - started
         record["eta_s"] = elapsed / (epoch - start_epoch + 1) * (config.epochs - epoch)
         history.append(record)
@@ -836,6 +842,9 @@ def retrain(
         rank_states = gather_random_states(rng, device_t, rank, world)
         if rank == 0:
             save_checkpoint(checkpoint_dir / "last", net, optimiser, state, rank_states)
+            if best_staged:
+                swap_in_checkpoint(checkpoint_dir / "best")
+                best_staged = False
         emit(record)
         stop = (should_stop is not None and should_stop()) or (stop_after_epoch is not None and epoch >= stop_after_epoch)
         # The agreement is also a barrier: no rank exits before rank 0's checkpoint is complete.

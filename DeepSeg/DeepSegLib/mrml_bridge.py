@@ -213,6 +213,23 @@ def add_segment(
     return segment_id
 
 
+def _labelled_box_on_grid(labelmap: slicer.vtkOrientedImageData, grid: io.Volume) -> tuple[int, ...] | None:
+    """The extent ``(x0, x1, y0, y1, z0, z1)``, in ``grid``'s voxel indices (outside the image too), of every grid
+    voxel whose centre can fall in a non-zero voxel of ``labelmap``; None when it has none."""
+    effective = [0, -1, 0, -1, 0, -1]
+    if not slicer.vtkOrientedImageDataResample.CalculateEffectiveExtent(labelmap, effective):
+        return None
+    labelmap_to_ras = vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(labelmap_to_ras)
+    labelmap_to_grid = np.linalg.inv(grid.ijk_to_ras()) @ _matrix_to_numpy(labelmap_to_ras)
+    # the corners of the labelled voxels' cells (half a voxel beyond their centres), in grid indices
+    x0, x1, y0, y1, z0, z1 = effective
+    corners = np.array([[i, j, k, 1.0] for i in (x0 - 0.5, x1 + 0.5) for j in (y0 - 0.5, y1 + 0.5) for k in (z0 - 0.5, z1 + 0.5)])
+    on_grid = (labelmap_to_grid @ corners.T)[:3]
+    low, high = np.floor(on_grid.min(axis=1)), np.ceil(on_grid.max(axis=1))
+    return tuple(int(v) for pair in zip(low, high, strict=True) for v in pair)
+
+
 def segment_mask(segmentation_node: slicer.vtkMRMLSegmentationNode, segment_id: str, grid: io.Volume) -> np.ndarray:
     """Boolean mask ``(Z, Y, X)`` of one segment resampled (nearest) onto ``grid``, in world coordinates: a
     transform above the segmentation node is applied, as Slicer's own export to a labelmap applies it.
@@ -233,11 +250,16 @@ def segment_mask(segmentation_node: slicer.vtkMRMLSegmentationNode, segment_id: 
         segmentation_node, segment_id, labelmap, True
     ):
         raise io.ImageError(f"segment {segment_id!r} has no labelmap", subject=segmentation_node.GetName())
+    labelled_box = _labelled_box_on_grid(labelmap, grid)
+    if labelled_box is None:
+        return np.zeros(grid.shape_zyx, bool)
+    lattice = reference_geometry(grid)
+    lattice.SetExtent(*labelled_box)
     resampled = slicer.vtkOrientedImageData()
-    # padded: the output spans the image and the labelmap, so that voxels beyond the image are seen, not cut off
-    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
-        labelmap, reference_geometry(grid), resampled, False, True
-    )
+    # onto the image's lattice over the labelled box, wherever it lies, so that voxels beyond the image are seen, not
+    # cut off; the box rather than the union of image and labelmap, which a far-away segment (a transform in metres)
+    # made too large to allocate
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, lattice, resampled, False, False)
     if resampled.GetPointData().GetScalars() is None:
         return np.zeros(grid.shape_zyx, bool)
     x0, x1, y0, y1, z0, z1 = resampled.GetExtent()

@@ -190,6 +190,40 @@ def test_a_transform_above_the_segmentation_is_applied_as_slicers_export_applies
     np.testing.assert_array_equal(segment_mask(node, segment_id, grid), np.roll(mask, -3, axis=1))
 
 
+def test_a_segment_moved_far_away_by_a_transform_is_refused_with_its_count_without_allocating_the_space_between(
+    mrml_scene,
+):
+    """A transform in metres where millimetres were meant puts a segment 100 m away. Resampling onto the union
+    of the image and the moved labelmap allocated the box spanning both (1e11 voxels here); the labelled box
+    alone is resampled now, so the refusal comes with the exact count, as for a segment just beyond the image.
+    Half on and half off the image, the part on it is counted inside."""
+    import resource
+
+    import vtk
+
+    grid = _grid()
+    mask = np.zeros(grid.shape_zyx, bool)
+    mask[3:6, 4:9, 10:20] = True
+    node = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    segment_id = _segment_on(node, mask, grid, "far")
+    transform = mrml_scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(0, 3, 1e5)
+    shift.SetElement(1, 3, -1e5)
+    transform.SetMatrixTransformToParent(shift)
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(io.ImageError, match=f"'far' has {int(mask.sum())} labelled voxels outside the image"):
+        segment_mask(node, segment_id, grid)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_kb < 200 * 1024, "no allocation of the space between"
+
+    shift.SetElement(1, 3, 0.0)
+    shift.SetElement(0, 3, -15.0)  # RAS -x 15 mm: LPS x + 15, image x index + 15: x 25..34 of an image of 30
+    transform.SetMatrixTransformToParent(shift)
+    with pytest.raises(io.ImageError, match=f"'far' has {3 * 5 * 5} labelled voxels outside the image"):
+        segment_mask(node, segment_id, grid)
+
+
 def test_segments_of_a_shared_layer_read_back_after_the_closed_surface_became_the_source(mrml_scene):
     """Slicer converts a segmentation without a binary labelmap one segment at a time, burning it as 1, while the
     segment keeps the label value it had in a shared layer (2 for the second segment)."""

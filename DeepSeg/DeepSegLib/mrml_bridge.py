@@ -310,11 +310,7 @@ class SegmentationSnapshot:
         self.copy = slicer.vtkSegmentation()
         self.copy.DeepCopy(segmentation_node.GetSegmentation())
         self.attributes = {name: segmentation_node.GetAttribute(name) for name in _deepseg_attribute_names(segmentation_node)}
-        self.references = {
-            role: segmentation_node.GetNodeReferenceID(role)
-            for role in VOLUME_REFERENCES
-            if segmentation_node.GetNodeReferenceID(role) is not None
-        }
+        self.references = {role: segmentation_node.GetNodeReferenceID(role) for role in _restored_references(segmentation_node)}
 
     def restore(self) -> None:
         """Put the segments, attributes and references back exactly as they were."""
@@ -324,9 +320,15 @@ class SegmentationSnapshot:
                 self.node.RemoveAttribute(name)
         for name, value in self.attributes.items():
             self.node.SetAttribute(name, value)
-        for role in VOLUME_REFERENCES:
+        for role in _restored_references(self.node):
             self.node.SetNodeReferenceID(role, self.references.get(role))
         self.node.Modified()
+
+
+def _restored_references(node: slicer.vtkMRMLSegmentationNode) -> tuple[str, ...]:
+    """The node references a run sets and Undo puts back: DeepSeg's volumes and Slicer's reference geometry (which
+    an export also reads as the volume the segmentation was made on)."""
+    return (*VOLUME_REFERENCES, node.GetReferenceImageGeometryReferenceRole())
 
 
 def _deepseg_attribute_names(node: slicer.vtkMRMLNode) -> list[str]:

@@ -145,6 +145,13 @@ class _JobNodes(NamedTuple):
     volume: slicer.vtkMRMLScalarVolumeNode
     additional_volume: slicer.vtkMRMLScalarVolumeNode | None
     output: slicer.vtkMRMLSegmentationNode
+    model: str
+
+
+def _remove_with_displays(scene: slicer.vtkMRMLScene, node: slicer.vtkMRMLDisplayableNode) -> None:
+    displays = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+    for each in [*displays, node]:
+        scene.RemoveNode(each)
 
 
 class DeepSegPanelLogic:
@@ -258,17 +265,27 @@ class DeepSegPanelLogic:
         channels = [volume_from_node(settings.inputVolume)]
         if self.view.second_channel_visible:
             channels.append(volume_from_node(settings.additionalVolume))
-        self.job = start_segmentation(channels, request, self.python)
-        self.job_kind = "segment"
-        self._created_output = None
+        created = None
         if settings.outputSegmentation is None:
-            node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{settings.inputVolume.GetName()} DeepSeg")
-            node.CreateDefaultDisplayNodes()
-            settings.outputSegmentation = self._created_output = node
+            created = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{settings.inputVolume.GetName()} DeepSeg")
+            created.CreateDefaultDisplayNodes()
+        try:
+            self.job = start_segmentation(channels, request, self.python)
+        except BaseException:
+            if created is not None:
+                _remove_with_displays(self.scene, created)
+            raise
+        self.job_kind = "segment"
+        self._created_output = created
+        if created is not None:
+            settings.outputSegmentation = created
         # the result goes onto the volumes the run read and into the output chosen now, whatever the selectors
         # show when it finishes: labels of one volume must not be put on another of the same grid
         self._job_nodes = _JobNodes(
-            settings.inputVolume, settings.additionalVolume if len(channels) > 1 else None, settings.outputSegmentation
+            settings.inputVolume,
+            settings.additionalVolume if len(channels) > 1 else None,
+            settings.outputSegmentation,
+            request.model,
         )
         self._discard_result = False
         self.view.segment_enabled = False
@@ -370,29 +387,29 @@ class DeepSegPanelLogic:
         outcome = job.outcome
         created, self._created_output = self._created_output, None
         nodes, self._job_nodes = self._job_nodes, None
-        removed = nodes is not None and not all(node is None or self.scene.IsNodePresent(node) for node in nodes)
+        removed = nodes is not None and not all(
+            node is None or self.scene.IsNodePresent(node) for node in (nodes.volume, nodes.additional_volume, nodes.output)
+        )
         if outcome != "succeeded" or self._discard_result or settings is None or removed:
             if created is not None and self.scene.IsNodePresent(created):
-                displays = [created.GetNthDisplayNode(i) for i in range(created.GetNumberOfDisplayNodes())]
-                for node in [*displays, created]:  # the node made for this run goes with it
-                    self.scene.RemoveNode(node)
-                if settings is not None and settings.outputSegmentation is created:
-                    settings.outputSegmentation = None
+                _remove_with_displays(self.scene, created)  # the node made for this run goes with it
+            if settings is not None and created is not None and settings.outputSegmentation is created:
+                settings.outputSegmentation = None
             self.view.progress_percent = 0
             if outcome == "cancelled" or self._discard_result or settings is None:
                 self.view.status = "Cancelled; the scene is unchanged."
-            elif removed:
+            elif outcome != "succeeded":
+                self.view.status = job.failure_text()
+            else:
                 self.view.status = (
                     "A volume or the output segmentation of the run was removed from the scene while it ran:"
                     " its result was not applied."
                 )
-            else:
-                self.view.status = job.failure_text()
             return
-        model = next((e.get("model") for e in job.events if e.get("event") == "start"), settings.model)
         if nodes is None:
             raise RuntimeError("a segmentation finished that start_segment did not start")
-        volume, additional, output = nodes
+        volume, additional, output, chosen_model = nodes
+        model = next((e.get("model") for e in job.events if e.get("event") == "start"), chosen_model)
         _, self._snapshot = apply_segmentation_file(job.output, output, volume, model, additional_volume_node=additional)
         self.view.undo_enabled = True
         self.view.status += f" Segments written to {output.GetName()}."
@@ -426,6 +443,7 @@ class DeepSegPanelLogic:
         if self.job is not None:
             self.job.kill_and_remove()
             self.job = None
+        self._job_nodes = self._created_output = None
 
     # ------------------------------------------------------------------ after a run
     def undo(self) -> None:

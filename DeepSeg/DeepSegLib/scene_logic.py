@@ -246,21 +246,23 @@ def check_export_volumes(
     Two volumes of one patient often share a grid (series of one study, a copy, a filtered version), so the
     grid check of the export cannot tell them apart: a segmentation made on one and exported with another would
     enter the dataset as a case whose labels do not fit its image, and train every later model on it.
-    The segmentation's own volume is the one DeepSeg segmented (``DeepSeg.InputVolume``) or the one Slicer's
-    Segment Editor took its geometry from (``referenceImageGeometryRef``); ``volume_node`` must be one of
-    them, so that setting the geometry to another volume (Segmentations module, *Specify geometry*) is how
-    a user says the labels belong to that one. The second channel must be the one the run read, where the
-    node records it (``DeepSeg.AdditionalVolume``). A node that refers to no volume still in the scene
-    (a segmentation loaded from a file) is not checked.
+    The segmentation's own volume is the one DeepSeg segmented (``DeepSeg.InputVolume``) or the one its geometry
+    comes from (``referenceImageGeometryRef``: the Segment Editor's first source volume, a DICOM SEG's referenced
+    series); ``volume_node`` must be one of them, so that setting the geometry to another volume (the Segment
+    Editor's *Specify geometry*) is how a user says the labels belong to that one. A geometry taken from a node
+    that is not a volume (a segmentation, model or ROI) names no volume. The second channel must be the one the
+    run read, where the node records it (``DeepSeg.AdditionalVolume``). A node that refers to no volume still in
+    the scene (a segmentation loaded from a ``.seg.nrrd`` file: Slicer sets no reference then) is not checked.
 
     Raises:
         io.ImageError: naming both volumes and what to do.
     """
-    made_on = [
-        node
-        for role in (INPUT_VOLUME_REFERENCE, segmentation_node.GetReferenceImageGeometryReferenceRole())
-        if (node := segmentation_node.GetNodeReference(role)) is not None
-    ]
+    made_on: list[slicer.vtkMRMLNode] = []
+    for role in (INPUT_VOLUME_REFERENCE, segmentation_node.GetReferenceImageGeometryReferenceRole()):
+        node = segmentation_node.GetNodeReference(role)
+        # Specify geometry may also take a segmentation, model or ROI: those say nothing about which volume
+        if node is not None and node.IsA("vtkMRMLVolumeNode") and all(node.GetID() != other.GetID() for other in made_on):
+            made_on.append(node)
     if made_on and not any(node.GetID() == volume_node.GetID() for node in made_on):
         raise io.ImageError(
             "the segmentation was not made on the input volume: the case would pair that volume's voxels with"
@@ -270,8 +272,8 @@ def check_export_volumes(
             found=_node_label(volume_node),
             hint=(
                 f"Choose '{made_on[0].GetName()}' as Input volume and export again. If the labels do belong to"
-                f" '{volume_node.GetName()}', set the segmentation's geometry to it first (Segmentations module,"
-                " Specify geometry)."
+                f" '{volume_node.GetName()}', make it the segmentation's geometry first: in the Segment Editor, click"
+                " 'Specify geometry' beside the source volume, choose it as the source geometry and apply."
             ),
         )
     second = segmentation_node.GetNodeReference(ADDITIONAL_VOLUME_REFERENCE)

@@ -305,6 +305,51 @@ def test_best_is_swapped_in_only_after_last_holds_its_epoch_and_a_resume_finishe
     assert json.loads((best / "state.json").read_text())["epoch"] == 3
 
 
+def test_a_staged_best_of_another_run_or_beside_a_failed_last_is_never_swapped_in(site_b_dataset, tmp_path, monkeypatch):
+    """A new run in a checkpoint folder stages its first best/ before its first last/; killed there, the folder's
+    last/ is still the previous run's, of the same epoch number: a resume of that run must not take the new
+    run's weights as its best. A last/ that cannot be written (a full disk) takes its staged best/ with it."""
+    from deepseg_core.errors import DeepSegError
+    from deepseg_core.training import engine
+    from deepseg_core.training.checkpoints import check_resumable
+
+    scores = iter(range(1, 100))
+    monkeypatch.setattr(engine, "validation_score", lambda result: float(next(scores)))
+    store, checkpoints = ModelStore(tmp_path / "s"), tmp_path / "ck"
+    staged, last = checkpoints / "best.tmp", checkpoints / "last"
+    three = dataclasses.replace(CONFIG, epochs=3)
+    with pytest.raises(Stopped):
+        retrain(site_b_dataset, "m", three, checkpoints, base=DEFAULT_MODEL, store=store, stop_after_epoch=1)
+    first_run = json.loads((last / "state.json").read_text())["run_id"]
+    saving = engine.save_checkpoint
+
+    def killed_before_last(folder: Path, net, optimiser, state, rank_states=None) -> None:
+        if folder.name == "last":
+            raise SystemExit(-9)
+        saving(folder, net, optimiser, state, rank_states)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(engine, "save_checkpoint", killed_before_last)
+        with pytest.raises(SystemExit):  # a new run (no --resume), killed in its first epoch
+            retrain(site_b_dataset, "m", three, checkpoints, base=DEFAULT_MODEL, store=store)
+    new_run = json.loads((staged / "state.json").read_text())
+    assert new_run["epoch"] == 1 and new_run["run_id"] != first_run
+    check_resumable(last, 0, 1)
+    assert not staged.exists() and not (checkpoints / "best").exists()
+
+    def disk_full(folder: Path, net, optimiser, state, rank_states=None) -> None:
+        if folder.name == "last":
+            raise DeepSegError("could not write the checkpoint (No space left on device)", subject=folder)
+        saving(folder, net, optimiser, state, rank_states)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(engine, "save_checkpoint", disk_full)
+        with pytest.raises(DeepSegError, match="No space left"):
+            retrain(site_b_dataset, "m", three, checkpoints, base=DEFAULT_MODEL, store=store, resume=True)
+    assert not staged.exists() and not (checkpoints / "best").exists()
+    assert json.loads((last / "state.json").read_text())["epoch"] == 1
+
+
 def test_a_kill_between_storing_the_version_and_marking_the_checkpoint_does_not_store_it_twice(
     site_b_dataset, tmp_path, monkeypatch
 ):

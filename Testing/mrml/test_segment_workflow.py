@@ -214,12 +214,13 @@ def test_an_export_is_refused_for_a_volume_the_segmentation_was_not_made_on(mrml
     for node in (predicted, drawn):
         with pytest.raises(
             io.ImageError, match=r"not made on the input volume.*'CT arterial'.*found 'CT venous'.*Specify geometry"
-        ):
+        ) as refused:
             export_corrected_case(dataset_root, "case01", other, node)
+        assert str(refused.value).count(f"'CT arterial' ({made_on.GetID()})") == 1, "each volume named once"
         assert Dataset.open(dataset_root).cases == {}
         assert not any((dataset_root / "labelsTr").iterdir()) and not any((dataset_root / "imagesTr").iterdir())
     export_corrected_case(dataset_root, "case01", made_on, predicted)
-    drawn.SetReferenceImageGeometryParameterFromVolumeNode(other)  # Segmentations module, Specify geometry
+    drawn.SetReferenceImageGeometryParameterFromVolumeNode(other)  # the Segment Editor's Specify geometry
     record = export_corrected_case(dataset_root, "case02", other, drawn)
     assert record.provenance.source.startswith("CT venous")
     np.testing.assert_array_equal(Dataset.open(dataset_root).load_case("case02")[0][0].array_zyx, volume.array_zyx + 100)
@@ -232,6 +233,42 @@ def test_an_export_is_refused_for_a_volume_the_segmentation_was_not_made_on(mrml
     # a volume the node refers to that left the scene is no longer compared
     mrml_scene.RemoveNode(made_on)
     export_corrected_case(dataset_root, "case04", other, predicted)
+
+
+def test_undo_puts_back_the_geometry_the_segmentation_was_drawn_on_and_a_geometry_from_an_roi_names_no_volume(
+    mrml_scene, segmented, tmp_path
+):
+    """A DeepSeg run sets Slicer's reference geometry to the volume it read; Undo put back DeepSeg's references
+    only, so a segmentation drawn on one volume, run on another and undone, was taken for the other's."""
+    import dataclasses
+
+    from deepseg_core.phantoms import PHANTOM_LABELS
+
+    result_path, _ = segmented
+    volume = oblique_sample()
+    drawn_on = node_from_volume(mrml_scene, volume, "drawn on")
+    run_on = node_from_volume(mrml_scene, dataclasses.replace(volume, array_zyx=volume.array_zyx + 7), "run on")
+    node = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    node.SetReferenceImageGeometryParameterFromVolumeNode(drawn_on)
+    liver = np.zeros(volume.shape_zyx, bool)
+    liver[10:20, 40:60, 40:60] = True
+    add_segment(node, SegmentSpec("liver", (1, 0, 0)), liver, volume)
+    _, snapshot = apply_segmentation_file(result_path, node, run_on, "phantom-liver:1")
+    assert node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole()) is run_on
+    snapshot.restore()
+    assert node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole()) is drawn_on
+    dataset_root = tmp_path / "ds"
+    Dataset.create(dataset_root, "site", PHANTOM_LABELS, ("CT",))
+    with pytest.raises(io.ImageError, match="not made on the input volume"):
+        export_corrected_case(dataset_root, "case01", run_on, node)
+    record = export_corrected_case(dataset_root, "case01", drawn_on, node)
+    assert record.provenance.predicted_by is None  # the undone run is not credited either
+
+    roi = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
+    drawn = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "geometry from an ROI")
+    add_segment(drawn, SegmentSpec("liver", (1, 0, 0)), liver, volume)
+    drawn.SetNodeReferenceID(drawn.GetReferenceImageGeometryReferenceRole(), roi.GetID())  # Specify geometry: an ROI
+    export_corrected_case(dataset_root, "case02", run_on, drawn)
 
 
 def test_the_second_input_volume_of_an_export_must_be_the_one_the_run_read(mrml_scene, segmented, tmp_path):

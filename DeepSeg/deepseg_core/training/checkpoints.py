@@ -85,28 +85,34 @@ def forget_best(folder: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def recover_checkpoint(folder: Path, committed_epoch: int | None = None) -> None:
+def forget_staged(folder: Path) -> None:
+    """Remove a checkpoint staged beside ``folder`` (:func:`stage_checkpoint`) and not swapped in."""
+    shutil.rmtree(folder.with_name(folder.name + ".tmp"), ignore_errors=True)
+
+
+def recover_checkpoint(folder: Path, committed: dict[str, Any] | None = None) -> None:
     """Finish or undo what a kill left of a checkpoint's save.
 
     A kill between the two renames of :func:`swap_in_checkpoint` leaves only ``<folder>.old``: it is put back.
-    With ``committed_epoch`` (the epoch of ``last/``, for ``best/``): a complete staged checkpoint of that epoch
-    or an earlier one (``best/`` is staged before ``last/`` is saved and swapped in after) is swapped in, as
-    the run would have done; one of a later epoch, whose ``last/`` never came, is removed, so that ``best/``
-    never holds an epoch the resumed run replays and may score otherwise (CUDA). A partly written one goes too.
+    With ``committed`` (``last/``'s state, for ``best/``): ``best/`` is staged before ``last/`` is saved and
+    swapped in after, so a complete staged checkpoint of ``last/``'s run and epoch is swapped in, as the run
+    would have done. Any other staged one is removed: one of a later epoch, whose ``last/`` never came (the
+    resume replays that epoch and, on CUDA, may score it otherwise), one of another run (a new run killed
+    before its first ``last/``, beside the previous run's), or one written in part.
     """
     staging = folder.with_name(folder.name + ".tmp")
     old = folder.with_name(folder.name + ".old")
-    if committed_epoch is not None and staging.exists():
+    if committed is not None and staging.exists():
         try:
-            staged_epoch = int(json.loads((staging / "state.json").read_text())["epoch"])
-        except (OSError, ValueError, KeyError, TypeError):
-            staged_epoch = None  # written only in part: state.json comes last
-        if staged_epoch is not None and staged_epoch <= committed_epoch:
-            log.info("%s: finishing the save of epoch %d that a stop interrupted", folder, staged_epoch)
+            staged = json.loads((staging / "state.json").read_text())
+        except (OSError, ValueError):
+            staged = {}  # written only in part: state.json comes last
+        if staged.get("epoch") == committed.get("epoch") and staged.get("run_id") == committed.get("run_id"):
+            log.info("%s: finishing the save of epoch %s that a stop interrupted", folder, staged["epoch"])
             swap_in_checkpoint(folder)
             return
-        log.info("%s: dropping a checkpoint staged for epoch %s, after the last saved epoch", folder, staged_epoch)
-        shutil.rmtree(staging, ignore_errors=True)
+        log.info("%s: dropping a checkpoint staged for epoch %s, which last/ does not hold", folder, staged.get("epoch"))
+        forget_staged(folder)
     if not folder.exists() and (old / "state.json").exists():
         os.replace(old, folder)
 
@@ -302,8 +308,7 @@ def check_resumable(folder: Path, rank: int, world: int) -> None:
     if rank == 0:
         recover_checkpoint(folder)
         if (folder / "state.json").exists():
-            committed_epoch = int(json.loads((folder / "state.json").read_text())["epoch"])
-            recover_checkpoint(folder.with_name("best"), committed_epoch)
+            recover_checkpoint(folder.with_name("best"), json.loads((folder / "state.json").read_text()))
     if world > 1:
         torch.distributed.barrier()
     if not (folder / "state.json").exists():

@@ -37,7 +37,7 @@ from torch import nn
 from .. import distributed, domain_shift, metrics
 from ..config import to_dict
 from ..datasets import Dataset, DatasetError
-from ..errors import ConfigError
+from ..errors import ConfigError, DeepSegError
 from ..fileutil import LockHeld, cancel_deferred, exclusive_lock
 from ..inference import Segmenter, SegmentOptions
 from ..inference.pipelines import Pipeline, pipeline_for
@@ -63,6 +63,7 @@ from .checkpoints import (
     check_same_network,
     check_same_run,
     forget_best,
+    forget_staged,
     gather_random_states,
     load_checkpoint,
     mark_stored,
@@ -841,7 +842,11 @@ def retrain(
         }
         rank_states = gather_random_states(rng, device_t, rank, world)
         if rank == 0:
-            save_checkpoint(checkpoint_dir / "last", net, optimiser, state, rank_states)
+            try:
+                save_checkpoint(checkpoint_dir / "last", net, optimiser, state, rank_states)
+            except DeepSegError:
+                forget_staged(checkpoint_dir / "best")  # never swapped in without its last/; frees its disk space
+                raise
             if best_staged:
                 swap_in_checkpoint(checkpoint_dir / "best")
                 best_staged = False

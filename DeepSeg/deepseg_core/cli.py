@@ -36,7 +36,7 @@ def print_json(data: object) -> None:
 def cmd_info(args: argparse.Namespace) -> int:
     from . import io
 
-    volume = io.read_image(args.image)
+    volume = io.read_image(args.image, series_uid=args.series_uid)
     array = volume.array_zyx
     print_json(
         {
@@ -246,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="show an image's geometry and intensity range")
     p.add_argument("image", help="NRRD / NIfTI / MHA file or DICOM folder")
+    p.add_argument("--series-uid", default=None, metavar="UID", help="the series to read from a DICOM folder of several")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("phantom", help="generate synthetic cases with ground truth")

@@ -305,6 +305,12 @@ def run_segment(args: argparse.Namespace, sink: EventSink) -> tuple[int, int]:
     cases whose outputs are complete, and rank 0 writes the run's summary (:mod:`.batch`).
     """
     all_cases = collect_cases(args.inputs)
+    if args.series_uid is not None and not any(path.is_dir() for case in all_cases for path in case.channels):
+        raise ImageError(
+            "--series-uid picks a series of a DICOM folder, and no input is a DICOM folder",
+            found=", ".join(args.inputs),
+            hint="Leave out --series-uid, or give the DICOM folder that holds the series.",
+        )
     batch = len(all_cases) > 1 or args.batch
     rank, world = distributed.rank_world()
     cases = shard(all_cases, rank, world)
@@ -344,7 +350,7 @@ def run_segment(args: argparse.Namespace, sink: EventSink) -> tuple[int, int]:
         try:
             for path in case_outputs(args, case, batch):  # before the work: a folder in the way would fail its commit
                 check_not_a_folder(path)
-            channels = [io.read_image(p) for p in case.channels]
+            channels = [io.read_image(p, series_uid=args.series_uid) for p in case.channels]
             if args.probabilities:  # before minutes of work that the out-of-memory killer would end silently
                 check_probabilities_fit(segmenter.pipeline.output_channels, channels[0].array_zyx.shape, args.probabilities)
 
@@ -471,6 +477,9 @@ def add_segment_parser(sub: argparse._SubParsersAction) -> None:
         help="image file, DICOM folder, folder of image files, or CHANNEL1,CHANNEL2 for multi-channel models",
     )
     p.add_argument("--model", required=True, help="NAME[:VERSION] in the store, a bundled model name, or a model folder")
+    p.add_argument(
+        "--series-uid", default=None, metavar="UID", help="the series to read from DICOM folder inputs that hold several"
+    )
     p.add_argument("--output", required=True, help="OUT.seg.nrrd / OUT.nii.gz for one case; a folder for several")
     p.add_argument("--format", default=".seg.nrrd", choices=[".seg.nrrd", *LABELMAP_SUFFIXES], help="file type of batch outputs")
     p.add_argument("--batch", action="store_true", help="treat a single input as a batch (output is a folder)")

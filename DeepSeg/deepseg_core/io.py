@@ -354,7 +354,10 @@ DICOM_SEGMENTATION_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008
 
 def _refuse_dicom_segmentation(reader: sitk.ImageFileReader, path: Path) -> None:
     """A DICOM SEG is not an image: its frames are per segment and per position, in any order and possibly
-    sparse, and GDCM stacks them as contiguous slices (spacing and origin wrong, 0/255 values)."""
+    sparse, and GDCM stacks them as contiguous slices (spacing and origin wrong, 0/255 values). An RT Dose
+    file is a dose grid, not an image to segment."""
+    from .dicom_series import NON_IMAGE_SOP_CLASSES
+
     if not reader.HasMetaDataKey("0008|0016"):
         return
     sop_class = reader.GetMetaData("0008|0016").strip().rstrip("\x00")
@@ -366,6 +369,14 @@ def _refuse_dicom_segmentation(reader: sitk.ImageFileReader, path: Path) -> None
             found=f"SOP class {sop_class} (Segmentation)",
             hint="Give the image series it segments. To use the segmentation as labels, load it in Slicer"
             " (QuantitativeReporting) and save it as .seg.nrrd.",
+        )
+    if sop_class in NON_IMAGE_SOP_CLASSES:
+        raise ImageError(
+            f"is {NON_IMAGE_SOP_CLASSES[sop_class]}, not an image",
+            subject=path,
+            expected="an image (a DICOM series folder, NRRD, NIfTI or MHA)",
+            found=f"SOP class {sop_class}",
+            hint="Give the image series it belongs to.",
         )
 
 
@@ -431,11 +442,17 @@ def _first_line(exc: BaseException) -> str:
 
 
 def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Volume:
-    """Read one DICOM series from ``folder`` as a 3D volume (slices sorted by position).
+    """Read one DICOM series from ``folder`` as a 3D volume (slices sorted by position), after checking that
+    its slices stack into one regular volume (:func:`.dicom_series.plan_series`); slices that scale their
+    values differently are read as float32, one multi-frame file as that file.
 
     Raises:
-        ImageError: no series, several series and no ``series_uid``, or an unreadable series.
+        ImageError: no series, several series and no ``series_uid``, a series that does not stack into one
+            regular volume (several orientations, images sharing a position, uneven spacing, gantry tilt), a
+            single slice, a non-image object, or an unreadable series.
     """
+    from .dicom_series import plan_series
+
     folder = Path(folder)
     if not folder.is_dir():
         raise ImageError("DICOM folder not found", subject=folder)
@@ -454,7 +471,7 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Volu
                 subject=folder,
                 expected="exactly one series, or a series UID",
                 found=", ".join(series_ids),
-                hint="Pass the series UID to read (CLI: --series-uid).",
+                hint="Pass the series UID to read (deepseg segment / info: --series-uid UID).",
             )
         series_uid = series_ids[0]
     elif series_uid not in series_ids:
@@ -465,14 +482,20 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Volu
             found=", ".join(series_ids),
         )
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid)
+    try:
+        plan = plan_series(folder, files)
+    except RuntimeError as exc:  # a header SimpleITK cannot read
+        raise ImageError("DICOM series cannot be read", subject=folder, found=_first_line(exc)) from exc
+    if plan.single_file:
+        return read_image(plan.files[0])
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
+    reader.SetFileNames(plan.files)
+    if plan.float_voxels:  # else the first slice's voxel type would truncate the others' rescaled values
+        reader.SetOutputPixelType(sitk.sitkFloat32)
     try:
         image = reader.Execute()
     except RuntimeError as exc:
         raise ImageError("DICOM series cannot be read", subject=folder, found=_first_line(exc)) from exc
-    if image.GetDimension() == 2:
-        image = sitk.JoinSeries([image])
     volume = Volume.from_sitk(image)
     validate_volume(volume, subject=folder)
     return volume

@@ -723,3 +723,27 @@ def test_a_containers_memory_limit_counts_as_what_is_available(tmp_path):
     (v1 / "memory" / "docker" / "abc" / "memory.stat").write_text("inactive_file 9\ntotal_inactive_file 500000000\n")
     assert host_memory.cgroup_room_bytes(tmp_path / "cgroup1", v1) == 1_000_000_000
     assert host_memory.cgroup_room_bytes(tmp_path / "missing", v1) is None
+
+
+def test_series_uid_picks_the_series_of_a_dicom_folder_to_segment_and_to_describe(tmp_path, capsys, caplog):
+    """A DICOM folder of two series was refused with a hint to pass --series-uid, an option that did not exist."""
+    from test_io import write_dicom_series
+
+    model = tiny_model_folder(tmp_path / "model")
+    phantom = io.read_image(write_case(tmp_path / "case.nrrd"))
+    wanted = io.Volume(phantom.array_zyx.astype(np.int16), phantom.spacing_xyz_mm, phantom.origin_lps)
+    write_dicom_series(wanted, tmp_path / "dicom", series_uid="1.2.3.4")
+    write_dicom_series(io.Volume(-wanted.array_zyx, wanted.spacing_xyz_mm), tmp_path / "other", series_uid="1.2.3.5")
+    for path in (tmp_path / "other").iterdir():
+        path.rename(tmp_path / "dicom" / f"other_{path.name}")
+    out = tmp_path / "case.seg.nrrd"
+    command = ["segment", str(tmp_path / "dicom"), "--model", str(model), "--output", str(out)]
+    assert main(command) == EXIT_INPUT and "--series-uid UID" in caplog.text and not out.exists()
+    assert main([*command, "--series-uid", "1.2.3.4"]) == EXIT_OK
+    assert io.read_segmentation(out).grid.same_grid(wanted, tolerance_mm=1e-3)
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "dicom"), "--series-uid", "1.2.3.5"]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["intensity"]["max"] == float(-wanted.array_zyx.min())
+    nrrd = ["segment", str(tmp_path / "case.nrrd"), "--model", str(model), "--output", str(tmp_path / "n.seg.nrrd")]
+    assert main([*nrrd, "--series-uid", "1.2.3.4"]) == EXIT_INPUT
+    assert "no input is a DICOM folder" in capsys.readouterr().err + caplog.text

@@ -364,3 +364,93 @@ def test_a_box_that_misses_the_image_is_refused_even_when_empty():
     grid = _rotated_grid()
     with pytest.raises(io.ImageError, match="does not overlap the image"):
         io.place_on_grid(_box_of(grid, (0, 40, 0), np.zeros((2, 3, 4), np.uint8)), grid)
+
+
+def _edit_dicom(path: Path, **values: object) -> None:
+    import pydicom
+
+    dataset = pydicom.dcmread(str(path))
+    for keyword, value in values.items():
+        setattr(dataset, keyword, value)
+    dataset.save_as(str(path))
+
+
+def test_a_dicom_series_that_does_not_stack_into_one_regular_volume_is_refused_naming_what_it_found(tmp_path):
+    """GDCM sorts and ITK stacks a series on a regular grid whatever its slices say; Slicer's DICOM module splits
+    or regularises such series. A missing slice, a gantry tilt and two echoes under one series UID each made a
+    wrong volume with at most a warning on stderr."""
+    volume = sample_volume(np.int16)  # 2.5 mm slices, oblique
+    slices = volume.shape_zyx[0]
+
+    missing = tmp_path / "missing"
+    write_dicom_series(volume, missing)
+    (missing / f"slice{slices // 2:03d}.dcm").unlink()
+    with pytest.raises(ImageError, match=r"unequally spaced slices.*gaps from 2\.5 to 5 mm"):
+        io.read_image(missing)
+
+    tilted = tmp_path / "tilted"
+    write_dicom_series(volume, tilted)
+    shift_per_slice = 2.5 * np.tan(np.radians(20.0))
+    column, normal = volume.direction_lps[:, 1], volume.direction_lps[:, 2]
+    for k in range(slices):  # a 20 degree gantry tilt: each slice moves along its column direction with its position
+        position = np.array(volume.origin_lps) + k * 2.5 * normal + k * shift_per_slice * column
+        _edit_dicom(tilted / f"slice{k:03d}.dcm", ImagePositionPatient=[float(v) for v in position])
+    with pytest.raises(ImageError, match=r"gantry tilt.*a tilt of 20\.00 degrees"):
+        io.read_image(tilted)
+
+    echoes = tmp_path / "echoes"
+    write_dicom_series(volume, echoes)
+    write_dicom_series(volume, tmp_path / "second_echo")
+    for k, path in enumerate(sorted((tmp_path / "second_echo").iterdir())):
+        _edit_dicom(path, EchoNumbers=2, SOPInstanceUID=f"1.2.826.0.1.3680043.2.1125.9.{k + 1}")
+        path.rename(echoes / f"echo2_{path.name}")
+    for path in sorted(echoes.glob("slice*.dcm")):
+        _edit_dicom(path, EchoNumbers=1)
+    with pytest.raises(
+        ImageError,
+        match=rf"several images at one slice position.*{2 * slices} slices at {slices} positions, differing in EchoNumbers",
+    ):
+        io.read_image(echoes)
+
+    # the positions as scanners write them, to a few micrometres, stack as before
+    jitter = tmp_path / "jitter"
+    write_dicom_series(volume, jitter)
+    rng = np.random.default_rng(0)
+    for k in range(slices):
+        position = np.array(volume.origin_lps) + k * 2.5 * normal + rng.uniform(-0.004, 0.004, 3)
+        _edit_dicom(jitter / f"slice{k:03d}.dcm", ImagePositionPatient=[float(v) for v in position])
+    np.testing.assert_array_equal(io.read_image(jitter).array_zyx, volume.array_zyx)
+
+
+def test_dicom_slices_that_scale_their_values_differently_are_read_as_float(tmp_path):
+    """ITK takes the voxel type from the first slice: a later slice's RescaleSlope of 0.5 lost its halves in int16."""
+    volume = sample_volume(np.int16)
+    folder = tmp_path / "dicom"
+    write_dicom_series(volume, folder)
+    _edit_dicom(folder / "slice002.dcm", RescaleSlope=0.5, RescaleIntercept=0)
+    for path in folder.iterdir():
+        if path.name != "slice002.dcm":
+            _edit_dicom(path, RescaleSlope=1, RescaleIntercept=0)
+    back = io.read_image(folder)
+    expected = volume.array_zyx.astype(np.float32)
+    expected[2] *= 0.5
+    assert back.array_zyx.dtype == np.float32 and np.any(expected[2] % 1 != 0)
+    np.testing.assert_array_equal(back.array_zyx, expected)
+
+
+def test_a_dicom_folder_of_one_slice_is_refused_and_one_multi_frame_file_is_read(tmp_path):
+    volume = sample_volume(np.int16)
+    folder = tmp_path / "one"
+    write_dicom_series(volume, folder)
+    for path in sorted(folder.iterdir())[1:]:
+        path.unlink()
+    with pytest.raises(ImageError, match="holds a single slice"):
+        io.read_image(folder)
+    frames = np.arange(5 * 6 * 7, dtype=np.uint16).reshape(5, 6, 7)
+    image = sitk.GetImageFromArray(frames)
+    image.SetSpacing((0.5, 0.6, 2.0))
+    (tmp_path / "multi").mkdir()
+    sitk.WriteImage(image, str(tmp_path / "multi" / "volume.dcm"))  # GDCM writes one file of 5 frames
+    back = io.read_image(tmp_path / "multi")
+    np.testing.assert_array_equal(back.array_zyx, frames)
+    assert back.spacing_xyz_mm == (0.5, 0.6, 2.0)

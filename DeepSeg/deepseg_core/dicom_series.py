@@ -1,0 +1,233 @@
+"""Checks of a DICOM series' slices before they are stacked into one volume.
+
+GDCM sorts a series' files by position and ITK stacks them on a regular grid whose slice spacing is the
+distance from the first to the last slice over their count, along the first slice's orientation. That is
+right for a regular series only. Several kinds of series stack into a wrong volume with at most a
+warning on stderr: slices of several orientations (a localizer, a radial MR), several images at one
+position (echoes, phases, acquisitions sharing a series UID), a missing slice or uneven spacing, gantry
+tilt (each slice shifted within its plane), or per-slice rescaling (the first slice's voxel type truncates
+the others). Slicer's DICOM module splits the first two into several volumes and warns about and
+regularises the next two (``DICOMScalarVolumePlugin``); a segmentation on a wrongly stacked volume is a
+clinical error, so DeepSeg refuses them with what it found, and reads per-slice rescaling as float32.
+
+Every file's header is read (no pixels) with SimpleITK; positions are compared along the slice normal
+(``ImageOrientationPatient``'s row x column), in LPS millimetres.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import ImageError
+
+log = logging.getLogger(__name__)
+
+#: SOP classes whose files hold no image to segment, each with what it is; GDCM stacks their frames as slices
+NON_IMAGE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.66.4": "a DICOM Segmentation object",
+    "1.2.840.10008.5.1.4.1.1.66.7": "a DICOM Label Map Segmentation object",
+    "1.2.840.10008.5.1.4.1.1.481.2": "an RT Dose object (a dose grid)",
+}
+#: tags whose values tell apart several volumes that share one series UID, named when slices share a position
+SUBSERIES_TAGS = {
+    "0018|0086": "EchoNumbers",
+    "0020|0100": "TemporalPositionIdentifier",
+    "0020|0012": "AcquisitionNumber",
+    "0008|0008": "ImageType",
+    "0018|1060": "TriggerTime",
+    "0018|9087": "DiffusionBValue",
+}
+#: largest difference between two slices' ImageOrientationPatient components that counts as one orientation
+ORIENTATION_TOLERANCE = 1e-4
+#: two slices nearer than this along the normal (mm) are at one position
+SAME_POSITION_MM = 1e-3
+#: a slice may lie this far from where the regular grid puts it, along the normal or within its plane: this
+#: fraction of the slice spacing (or of the pixel spacing, in plane), and at least POSITION_FLOOR_MM
+POSITION_TOLERANCE = 0.05
+POSITION_FLOOR_MM = 0.01
+
+
+@dataclass(frozen=True)
+class SliceHeader:
+    """What one file of a series says about where it lies and how its values scale (LPS, mm)."""
+
+    path: str
+    sop_class: str | None
+    frames: int
+    position_lps: tuple[float, ...] | None
+    orientation: tuple[float, ...] | None
+    pixel_spacing_mm: tuple[float, ...] | None
+    rescale: tuple[float, float]
+    subseries: dict[str, str]
+
+
+@dataclass(frozen=True)
+class SeriesPlan:
+    """How to read a checked series: ``single_file`` (one multi-frame file, read as one image) or the slice
+    files as GDCM sorted them; ``float_voxels`` when slices scale their values differently."""
+
+    files: tuple[str, ...]
+    single_file: bool
+    float_voxels: bool
+
+
+def read_header(path: str) -> SliceHeader:
+    """The header of one DICOM file (no pixel data read)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    reader.ReadImageInformation()
+
+    def value(tag: str) -> str | None:
+        return reader.GetMetaData(tag).strip().rstrip("\x00").strip() if reader.HasMetaDataKey(tag) else None
+
+    def numbers(tag: str) -> tuple[float, ...] | None:
+        text = value(tag)
+        try:
+            return tuple(float(part) for part in text.split("\\")) if text else None
+        except ValueError:
+            return None
+
+    slope, intercept = numbers("0028|1053"), numbers("0028|1052")
+    frames = numbers("0028|0008")
+    return SliceHeader(
+        path=path,
+        sop_class=value("0008|0016"),
+        frames=int(frames[0]) if frames else 1,
+        position_lps=numbers("0020|0032"),
+        orientation=numbers("0020|0037"),
+        pixel_spacing_mm=numbers("0028|0030"),
+        rescale=(slope[0] if slope else 1.0, intercept[0] if intercept else 0.0),
+        subseries={tag: text for tag in SUBSERIES_TAGS if (text := value(tag))},
+    )
+
+
+def plan_series(folder: Path, files: Sequence[str]) -> SeriesPlan:
+    """Check the files of one series (as GDCM sorted them) and say how to read them.
+
+    Raises:
+        ImageError: a non-image object, a single slice, several multi-frame files, missing geometry, several
+            orientations, several images at one position, uneven spacing or gantry tilt; naming what was found
+            and what to do.
+    """
+    headers = [read_header(path) for path in files]
+    for header in headers:
+        kind = NON_IMAGE_SOP_CLASSES.get(header.sop_class or "")
+        if kind is not None:
+            raise ImageError(
+                f"holds {kind}, not an image",
+                subject=folder,
+                expected="a folder of CT or MR image slices",
+                found=f"{Path(header.path).name}: SOP class {header.sop_class}",
+                hint="Give the image series it belongs to"
+                + (
+                    "; to use a segmentation as labels, load it in Slicer and save it as .seg.nrrd."
+                    if "Segmentation" in kind
+                    else "."
+                ),
+            )
+    multi_frame = [header for header in headers if header.frames > 1]
+    if len(headers) == 1:
+        if not multi_frame:
+            raise ImageError(
+                "holds a single slice",
+                subject=folder,
+                expected="a 3D series (several slices, or one multi-frame file)",
+                found=f"one file, {Path(headers[0].path).name}, of one frame",
+                hint="Segmenting needs a 3D volume: give the folder of the whole series.",
+            )
+        return SeriesPlan((headers[0].path,), single_file=True, float_voxels=False)
+    if multi_frame:
+        raise ImageError(
+            "mixes multi-frame files with other files in one series",
+            subject=folder,
+            expected="one multi-frame file, or single-frame slices",
+            found=f"{len(multi_frame)} multi-frame file(s) among {len(headers)} files",
+            hint="Put each multi-frame file in its own folder, or give the file itself.",
+        )
+    _check_geometry(folder, headers)
+    scales = {header.rescale for header in headers}
+    if len(scales) > 1:
+        log.info("%s: slices scale their values differently (%d slope/intercept pairs): read as float32", folder, len(scales))
+    return SeriesPlan(tuple(files), single_file=False, float_voxels=len(scales) > 1)
+
+
+def _check_geometry(folder: Path, headers: list[SliceHeader]) -> None:
+    missing = [h for h in headers if h.position_lps is None or h.orientation is None or len(h.orientation) != 6]
+    if missing:
+        raise ImageError(
+            "has slices without a position or orientation",
+            subject=folder,
+            expected="ImagePositionPatient (0020,0032) and ImageOrientationPatient (0020,0037) in every slice",
+            found=f"{len(missing)} of {len(headers)} slices without them, e.g. {Path(missing[0].path).name}",
+            hint="Such a series cannot be stacked safely: export it again from the scanner or PACS as a CT/MR series.",
+        )
+    orientations: list[np.ndarray] = []
+    for header in headers:
+        vector = np.asarray(header.orientation)
+        if not any(np.allclose(vector, seen, rtol=0.0, atol=ORIENTATION_TOLERANCE) for seen in orientations):
+            orientations.append(vector)
+    if len(orientations) > 1:
+        raise ImageError(
+            f"mixes slices of {len(orientations)} orientations in one series",
+            subject=folder,
+            expected="one ImageOrientationPatient for all slices",
+            found=f"{len(orientations)} orientations among {len(headers)} slices (a localizer, or a radial acquisition)",
+            hint="Load the series in Slicer's DICOM module, which splits it by orientation, and save the volume to"
+            " segment as NRRD; or move the other slices out of the folder.",
+        )
+    row, column = orientations[0][:3], orientations[0][3:]
+    normal = np.cross(row, column)
+    normal /= np.linalg.norm(normal)
+    positions = np.array([header.position_lps for header in headers], dtype=float)
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    along, positions = along[order], positions[order]
+    sorted_headers = [headers[i] for i in order]
+    same = np.flatnonzero(np.diff(along) < SAME_POSITION_MM)
+    if same.size:
+        differing = [
+            name for tag, name in SUBSERIES_TAGS.items() if len({header.subseries.get(tag) for header in sorted_headers}) > 1
+        ]
+        distinct = len(headers) - same.size
+        raise ImageError(
+            "holds several images at one slice position: several volumes share this series",
+            subject=folder,
+            expected="one slice per position",
+            found=f"{len(headers)} slices at {distinct} positions"
+            + (f", differing in {', '.join(differing)}" if differing else ""),
+            hint="Separate the volumes (Slicer's DICOM module splits such a series by these tags; save the one to"
+            " segment as NRRD), or put each volume's files in its own folder.",
+        )
+    spacing = (along[-1] - along[0]) / (len(along) - 1)
+    tolerance = max(POSITION_FLOOR_MM, POSITION_TOLERANCE * spacing)
+    off_grid = np.abs(along - (along[0] + spacing * np.arange(len(along))))
+    if off_grid.max() > tolerance:
+        gaps = np.diff(along)
+        raise ImageError(
+            "has unequally spaced slices (a missing slice, or a variable spacing)",
+            subject=folder,
+            expected=f"a slice every {spacing:.4g} mm (first to last, over {len(along)} slices)",
+            found=f"gaps from {gaps.min():.4g} to {gaps.max():.4g} mm; a slice {off_grid.max():.3g} mm from its place",
+            hint="Stacked on a regular grid, every slice past the gap would be misplaced. Load the series in Slicer"
+            " (its DICOM module regularises such a geometry) and save it as NRRD, or export the full series again.",
+        )
+    in_plane = (positions - positions[0]) - np.outer(along - along[0], normal)
+    pixel = min(sorted_headers[0].pixel_spacing_mm or (1.0,))
+    shift = float(np.linalg.norm(in_plane, axis=1).max())
+    if shift > max(POSITION_FLOOR_MM, POSITION_TOLERANCE * pixel):
+        tilt_degrees = math.degrees(math.atan2(float(np.linalg.norm(in_plane[-1])), float(along[-1] - along[0])))
+        raise ImageError(
+            "has slices shifted within their plane from one to the next (gantry tilt)",
+            subject=folder,
+            expected="each slice straight behind the previous one, along the slice normal",
+            found=f"shifts up to {shift:.3g} mm in plane, a tilt of {tilt_degrees:.2f} degrees",
+            hint="Stacked straight, the volume would be sheared. Load the series in Slicer (its DICOM module corrects"
+            " gantry tilt) and save it as NRRD, or reconstruct it without tilt.",
+        )

@@ -305,11 +305,13 @@ def run_segment(args: argparse.Namespace, sink: EventSink) -> tuple[int, int]:
     cases whose outputs are complete, and rank 0 writes the run's summary (:mod:`.batch`).
     """
     all_cases = collect_cases(args.inputs)
-    if args.series_uid is not None and not any(path.is_dir() for case in all_cases for path in case.channels):
+    dicom_folders = [path for case in all_cases for path in case.channels if path.is_dir()]
+    if args.series_uid is not None and len(dicom_folders) != 1:
         raise ImageError(
-            "--series-uid picks a series of a DICOM folder, and no input is a DICOM folder",
-            found=", ".join(args.inputs),
-            hint="Leave out --series-uid, or give the DICOM folder that holds the series.",
+            "--series-uid picks a series of one DICOM folder"
+            + (", and no input is a DICOM folder" if not dicom_folders else ": a series UID is in one folder only"),
+            found=f"{len(dicom_folders)} DICOM folder inputs",
+            hint="Leave out --series-uid, or segment the DICOM folder that holds the series on its own.",
         )
     batch = len(all_cases) > 1 or args.batch
     rank, world = distributed.rank_world()
@@ -478,7 +480,7 @@ def add_segment_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, help="NAME[:VERSION] in the store, a bundled model name, or a model folder")
     p.add_argument(
-        "--series-uid", default=None, metavar="UID", help="the series to read from DICOM folder inputs that hold several"
+        "--series-uid", default=None, metavar="UID", help="the series to read from a DICOM folder input that holds several"
     )
     p.add_argument("--output", required=True, help="OUT.seg.nrrd / OUT.nii.gz for one case; a folder for several")
     p.add_argument("--format", default=".seg.nrrd", choices=[".seg.nrrd", *LABELMAP_SUFFIXES], help="file type of batch outputs")

@@ -5,10 +5,12 @@ distance from the first to the last slice over their count, along the first slic
 right for a regular series only. Several kinds of series stack into a wrong volume with at most a
 warning on stderr: slices of several orientations (a localizer, a radial MR), several images at one
 position (echoes, phases, acquisitions sharing a series UID), a missing slice or uneven spacing, gantry
-tilt (each slice shifted within its plane), or per-slice rescaling (the first slice's voxel type truncates
-the others). Slicer's DICOM module splits the first two into several volumes and warns about and
-regularises the next two (``DICOMScalarVolumePlugin``); a segmentation on a wrongly stacked volume is a
-clinical error, so DeepSeg refuses them with what it found, and reads per-slice rescaling as float32.
+tilt (each slice shifted within its plane), slices of another matrix or pixel spacing (ITK takes them from
+the first slice), or per-slice rescaling (the first slice's voxel type truncates the others). Slicer's DICOM
+module splits a series by orientation, AcquisitionNumber and ImageType, and corrects uneven spacing and tilt
+with a regularisation transform (``DICOMScalarVolumePlugin``); a segmentation on a wrongly stacked volume is
+a clinical error, so DeepSeg refuses such series with what it found and where Slicer helps, and reads
+per-slice rescaling as float32.
 
 Every file's header is read (no pixels) with SimpleITK; positions are compared along the slice normal
 (``ImageOrientationPatient``'s row x column), in LPS millimetres.
@@ -35,6 +37,15 @@ NON_IMAGE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.66.7": "a DICOM Label Map Segmentation object",
     "1.2.840.10008.5.1.4.1.1.481.2": "an RT Dose object (a dose grid)",
 }
+#: multi-frame SOP classes whose frames are a time series of projections, not slices of a volume
+CINE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.3.1": "an ultrasound cine loop",
+    "1.2.840.10008.5.1.4.1.1.12.1": "an X-ray angiography run",
+    "1.2.840.10008.5.1.4.1.1.12.2": "an X-ray fluoroscopy run",
+    "1.2.840.10008.5.1.4.1.1.12.1.1": "an enhanced X-ray angiography run",
+    "1.2.840.10008.5.1.4.1.1.12.2.1": "an enhanced X-ray fluoroscopy run",
+    "1.2.840.10008.5.1.4.1.1.77.1.1.1": "a video endoscopy recording",
+}
 #: tags whose values tell apart several volumes that share one series UID, named when slices share a position
 SUBSERIES_TAGS = {
     "0018|0086": "EchoNumbers",
@@ -48,10 +59,19 @@ SUBSERIES_TAGS = {
 ORIENTATION_TOLERANCE = 1e-4
 #: two slices nearer than this along the normal (mm) are at one position
 SAME_POSITION_MM = 1e-3
-#: a slice may lie this far from where the regular grid puts it, along the normal or within its plane: this
-#: fraction of the slice spacing (or of the pixel spacing, in plane), and at least POSITION_FLOOR_MM
-POSITION_TOLERANCE = 0.05
-POSITION_FLOOR_MM = 0.01
+#: a slice may lie this far from where the regular grid puts it along the normal: this fraction of the slice
+#: spacing (positions written to 0.1 mm put 0.625 mm slices 0.03 mm off; a missing slice puts one half a spacing
+#: or more off), and at least POSITION_FLOOR_MM
+SPACING_TOLERANCE = 0.25
+#: a slice may lie this far from the first one's normal line within its plane: this fraction of the pixel spacing,
+#: and at least POSITION_FLOOR_MM (a gantry tilt's shift grows with every slice; rounding does not)
+IN_PLANE_TOLERANCE = 0.2
+POSITION_FLOOR_MM = 0.05
+#: what the hints tell users to set in Slicer before saving a regularised volume
+SLICER_REGULARISATION = (
+    "In Slicer, set Application Settings > DICOM > Acquisition geometry regularization to 'harden regularization"
+    " transform' (then restart), load the series in the DICOM module and save the volume as NRRD"
+)
 
 
 @dataclass(frozen=True)
@@ -60,7 +80,10 @@ class SliceHeader:
 
     path: str
     sop_class: str | None
+    sop_instance: str | None
     frames: int
+    size: tuple[int, ...]
+    pixel_type: str
     position_lps: tuple[float, ...] | None
     orientation: tuple[float, ...] | None
     pixel_spacing_mm: tuple[float, ...] | None
@@ -99,7 +122,11 @@ def read_header(path: str) -> SliceHeader:
     return SliceHeader(
         path=path,
         sop_class=value("0008|0016"),
+        sop_instance=value("0008|0018"),
         frames=int(frames[0]) if frames else 1,
+        size=tuple(reader.GetSize()[:2]),
+        # as stored (bits, signedness), not the rescaled type SimpleITK reports, which follows each slice's slope
+        pixel_type=f"{value('0028|0100') or '?'} bits, " + ("signed" if value("0028|0103") == "1" else "unsigned"),
         position_lps=numbers("0020|0032"),
         orientation=numbers("0020|0037"),
         pixel_spacing_mm=numbers("0028|0030"),
@@ -112,9 +139,10 @@ def plan_series(folder: Path, files: Sequence[str]) -> SeriesPlan:
     """Check the files of one series (as GDCM sorted them) and say how to read them.
 
     Raises:
-        ImageError: a non-image object, a single slice, several multi-frame files, missing geometry, several
-            orientations, several images at one position, uneven spacing or gantry tilt; naming what was found
-            and what to do.
+        ImageError: a non-image object or a cine loop, a single slice, multi-frame files among others, copies of
+            a slice, slices of another matrix, pixel spacing or stored voxel type, missing or degenerate geometry,
+            several orientations, several images at one position, uneven spacing or gantry tilt; naming what was
+            found and what to do.
     """
     headers = [read_header(path) for path in files]
     for header in headers:
@@ -142,6 +170,14 @@ def plan_series(folder: Path, files: Sequence[str]) -> SeriesPlan:
                 found=f"one file, {Path(headers[0].path).name}, of one frame",
                 hint="Segmenting needs a 3D volume: give the folder of the whole series.",
             )
+        cine = CINE_SOP_CLASSES.get(headers[0].sop_class or "")
+        if cine is not None:
+            raise ImageError(
+                f"holds {cine}, not a volume",
+                subject=folder,
+                expected="a CT, MR or PET volume",
+                found=f"{Path(headers[0].path).name}: SOP class {headers[0].sop_class}, {headers[0].frames} frames",
+            )
         return SeriesPlan((headers[0].path,), single_file=True, float_voxels=False)
     if multi_frame:
         raise ImageError(
@@ -151,6 +187,8 @@ def plan_series(folder: Path, files: Sequence[str]) -> SeriesPlan:
             found=f"{len(multi_frame)} multi-frame file(s) among {len(headers)} files",
             hint="Put each multi-frame file in its own folder, or give the file itself.",
         )
+    _check_copies(folder, headers)
+    _check_same_matrix(folder, headers)
     _check_geometry(folder, headers)
     scales = {header.rescale for header in headers}
     if len(scales) > 1:
@@ -158,13 +196,57 @@ def plan_series(folder: Path, files: Sequence[str]) -> SeriesPlan:
     return SeriesPlan(tuple(files), single_file=False, float_voxels=len(scales) > 1)
 
 
+def _check_copies(folder: Path, headers: list[SliceHeader]) -> None:
+    seen: dict[str, str] = {}
+    for header in headers:
+        if header.sop_instance and header.sop_instance in seen:
+            raise ImageError(
+                "holds two copies of one slice",
+                subject=folder,
+                expected="each slice (SOPInstanceUID) once",
+                found=f"{Path(seen[header.sop_instance]).name} and {Path(header.path).name} are both {header.sop_instance}",
+                hint="Remove the copies from the folder.",
+            )
+        if header.sop_instance:
+            seen[header.sop_instance] = header.path
+
+
+def _check_same_matrix(folder: Path, headers: list[SliceHeader]) -> None:
+    """Every slice of one matrix, pixel spacing and voxel type: ITK takes them from the first slice."""
+    first = headers[0]
+    for header in headers[1:]:
+        for what, mine, theirs in (
+            ("matrix (columns, rows)", header.size, first.size),
+            ("PixelSpacing (mm)", header.pixel_spacing_mm, first.pixel_spacing_mm),
+            ("voxel type", header.pixel_type, first.pixel_type),
+        ):
+            if mine != theirs:
+                raise ImageError(
+                    f"mixes slices of different {what.split(' (')[0]}",
+                    subject=folder,
+                    expected=f"the {what} of {Path(first.path).name}, {theirs}, in every slice",
+                    found=f"{mine} in {Path(header.path).name}",
+                    hint="A series stacks into one volume only when its slices share one grid: give the folder of one"
+                    " series, or separate the slices into one folder per grid.",
+                )
+
+
 def _check_geometry(folder: Path, headers: list[SliceHeader]) -> None:
-    missing = [h for h in headers if h.position_lps is None or h.orientation is None or len(h.orientation) != 6]
+    def degenerate(header: SliceHeader) -> bool:
+        if header.position_lps is None or len(header.position_lps) != 3:
+            return True
+        if header.orientation is None or len(header.orientation) != 6:
+            return True
+        row, column = np.asarray(header.orientation[:3]), np.asarray(header.orientation[3:])
+        return bool(np.linalg.norm(np.cross(row, column)) < 0.9)  # zero, or not two perpendicular unit vectors
+
+    missing = [h for h in headers if degenerate(h)]
     if missing:
         raise ImageError(
-            "has slices without a position or orientation",
+            "has slices without a usable position or orientation",
             subject=folder,
-            expected="ImagePositionPatient (0020,0032) and ImageOrientationPatient (0020,0037) in every slice",
+            expected="ImagePositionPatient (0020,0032: 3 numbers) and ImageOrientationPatient (0020,0037: two"
+            " perpendicular unit vectors) in every slice",
             found=f"{len(missing)} of {len(headers)} slices without them, e.g. {Path(missing[0].path).name}",
             hint="Such a series cannot be stacked safely: export it again from the scanner or PACS as a CT/MR series.",
         )
@@ -179,8 +261,8 @@ def _check_geometry(folder: Path, headers: list[SliceHeader]) -> None:
             subject=folder,
             expected="one ImageOrientationPatient for all slices",
             found=f"{len(orientations)} orientations among {len(headers)} slices (a localizer, or a radial acquisition)",
-            hint="Load the series in Slicer's DICOM module, which splits it by orientation, and save the volume to"
-            " segment as NRRD; or move the other slices out of the folder.",
+            hint="Move the other slices (a localizer) out of the folder; or load the series in Slicer's DICOM module,"
+            " which splits it by orientation, and save the volume to segment as NRRD.",
         )
     row, column = orientations[0][:3], orientations[0][3:]
     normal = np.cross(row, column)
@@ -201,12 +283,14 @@ def _check_geometry(folder: Path, headers: list[SliceHeader]) -> None:
             subject=folder,
             expected="one slice per position",
             found=f"{len(headers)} slices at {distinct} positions"
-            + (f", differing in {', '.join(differing)}" if differing else ""),
-            hint="Separate the volumes (Slicer's DICOM module splits such a series by these tags; save the one to"
-            " segment as NRRD), or put each volume's files in its own folder.",
+            + (f", differing in {', '.join(differing)}" if differing else ", with no tag that tells them apart"),
+            hint="Put each volume's files in its own folder"
+            + (f" (by {', '.join(differing)})" if differing else "")
+            + ". In Slicer, the DICOM module splits a series by AcquisitionNumber and ImageType, and the"
+            " MultiVolumeImporter extension by echo, phase or b-value.",
         )
     spacing = (along[-1] - along[0]) / (len(along) - 1)
-    tolerance = max(POSITION_FLOOR_MM, POSITION_TOLERANCE * spacing)
+    tolerance = max(POSITION_FLOOR_MM, SPACING_TOLERANCE * spacing)
     off_grid = np.abs(along - (along[0] + spacing * np.arange(len(along))))
     if off_grid.max() > tolerance:
         gaps = np.diff(along)
@@ -215,19 +299,18 @@ def _check_geometry(folder: Path, headers: list[SliceHeader]) -> None:
             subject=folder,
             expected=f"a slice every {spacing:.4g} mm (first to last, over {len(along)} slices)",
             found=f"gaps from {gaps.min():.4g} to {gaps.max():.4g} mm; a slice {off_grid.max():.3g} mm from its place",
-            hint="Stacked on a regular grid, every slice past the gap would be misplaced. Load the series in Slicer"
-            " (its DICOM module regularises such a geometry) and save it as NRRD, or export the full series again.",
+            hint="Stacked on a regular grid, the slices past the gap would be misplaced. Export the full series"
+            f" again, or: {SLICER_REGULARISATION}.",
         )
     in_plane = (positions - positions[0]) - np.outer(along - along[0], normal)
     pixel = min(sorted_headers[0].pixel_spacing_mm or (1.0,))
     shift = float(np.linalg.norm(in_plane, axis=1).max())
-    if shift > max(POSITION_FLOOR_MM, POSITION_TOLERANCE * pixel):
+    if shift > max(POSITION_FLOOR_MM, IN_PLANE_TOLERANCE * pixel):
         tilt_degrees = math.degrees(math.atan2(float(np.linalg.norm(in_plane[-1])), float(along[-1] - along[0])))
         raise ImageError(
             "has slices shifted within their plane from one to the next (gantry tilt)",
             subject=folder,
             expected="each slice straight behind the previous one, along the slice normal",
             found=f"shifts up to {shift:.3g} mm in plane, a tilt of {tilt_degrees:.2f} degrees",
-            hint="Stacked straight, the volume would be sheared. Load the series in Slicer (its DICOM module corrects"
-            " gantry tilt) and save it as NRRD, or reconstruct it without tilt.",
+            hint=f"Stacked straight, the volume would be sheared. Reconstruct it without tilt, or: {SLICER_REGULARISATION}.",
         )

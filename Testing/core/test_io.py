@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -454,3 +456,45 @@ def test_a_dicom_folder_of_one_slice_is_refused_and_one_multi_frame_file_is_read
     back = io.read_image(tmp_path / "multi")
     np.testing.assert_array_equal(back.array_zyx, frames)
     assert back.spacing_xyz_mm == (0.5, 0.6, 2.0)
+
+
+def test_a_dicom_series_whose_slices_differ_in_grid_or_repeat_or_lack_geometry_is_refused(tmp_path):
+    """From a review: ITK takes the matrix, pixel spacing and voxel type from the first slice (a slice of another
+    spacing was stacked silently), a zero orientation made a NaN normal that passed every check, and a copied
+    file was reported as several volumes. Positions rounded to 0.1 mm, as some scanners write them, still read."""
+    volume = sample_volume(np.int16)
+
+    def series(name: str) -> Path:
+        write_dicom_series(volume, tmp_path / name)
+        return tmp_path / name
+
+    spacing = series("spacing")
+    _edit_dicom(spacing / "slice003.dcm", PixelSpacing=[0.3, 0.3])
+    with pytest.raises(ImageError, match=r"mixes slices of different PixelSpacing.*found \(0\.3, 0\.3\) in slice003"):
+        io.read_image(spacing)
+
+    copied = series("copied")
+    shutil.copy(copied / "slice001.dcm", copied / "slice001 (copy).dcm")
+    with pytest.raises(ImageError, match=r"holds two copies of one slice.*slice001 \(copy\)\.dcm"):
+        io.read_image(copied)
+
+    flat = series("flat")
+    _edit_dicom(flat / "slice002.dcm", ImageOrientationPatient=[0, 0, 0, 0, 0, 0])
+    with pytest.raises(ImageError, match=r"without a usable position or orientation.*1 of 5 slices.*slice002"):
+        io.read_image(flat)
+
+    volume = dataclasses.replace(volume, spacing_xyz_mm=(0.7, 0.9, 0.625))  # thin slices: rounding is 8 % of one
+    rounded = series("rounded")
+    normal = volume.direction_lps[:, 2]
+    for k in range(volume.shape_zyx[0]):
+        position = np.round(np.array(volume.origin_lps) + k * 0.625 * normal, 1)
+        _edit_dicom(rounded / f"slice{k:03d}.dcm", ImagePositionPatient=[float(v) for v in position])
+    np.testing.assert_array_equal(io.read_image(rounded).array_zyx, volume.array_zyx)
+
+
+def test_a_multi_frame_cine_file_is_not_read_as_a_volume(tmp_path):
+    (tmp_path / "us").mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 6, 7), np.uint16)), str(tmp_path / "us" / "loop.dcm"))
+    _edit_dicom(tmp_path / "us" / "loop.dcm", SOPClassUID="1.2.840.10008.5.1.4.1.1.3.1")  # Ultrasound Multi-frame
+    with pytest.raises(ImageError, match=r"holds an ultrasound cine loop, not a volume.*4 frames"):
+        io.read_image(tmp_path / "us")

@@ -151,7 +151,7 @@ def intensity_statistics(values: np.ndarray) -> dict[str, float]:
 
     The standard deviation is the sample one (n - 1), 0 for a single value, as Slicer's Segment Statistics
     (``vtkImageAccumulate``) gives it. Percentiles interpolate linearly between values (numpy's default);
-    Slicer's are read from a histogram with unit-wide bins, so the two can differ.
+    Slicer's are read from a histogram with unit-wide bins, and come out about one bin lower (README: Measurements).
     """
     keys = ("intensity_mean", "intensity_std", "intensity_min", "intensity_max")
     pct_keys = ("intensity_p05", "intensity_p25", "intensity_median", "intensity_p75", "intensity_p95")

@@ -6,12 +6,16 @@ changes and its timer here. Decided here:
 - the model list and each model's labels (plain JSON: works before anything is installed);
 - what Apply captures: the segmentation node, the *segment selected at Apply*, the source volume's
   grid and the model label. The result goes into that segment even if the user selects another
-  one while the model runs; if the segment was deleted meanwhile, nothing is written;
+  one while the model runs (it is selected again for the write: the editor builds its editable area
+  around the selected segment); if the segment was deleted meanwhile, nothing is written;
 - the job (a ``deepseg segment`` process tree): progress text, Cancel (non-blocking), and what a
   deactivated or destroyed effect does (cancel, never write later);
-- the write itself: one undoable edit through the editor (``saveStateForUndo`` then
-  ``modifySegmentByLabelmap``), so the editor's editable area, intensity range and overwrite
-  settings apply as for Slicer's own effects.
+- the write itself: the result resampled (nearest) from the source volume's grid onto the segmentation's
+  reference geometry, the grid the editor's masks are made on (oversampling, *Specify geometry*, a
+  segmentation made on another series), then one undoable edit through the editor (``saveStateForUndo``
+  then ``modifySegmentByLabelmap``), so the editor's editable area, intensity range and overwrite
+  settings apply as for Slicer's own effects: on another grid the editor drops the editable area and
+  writes nothing under an intensity range.
 
 The editor is reached through an :class:`EditorTarget`: in Slicer the effect's own
 ``scriptedEffect`` methods (which forward to ``vtkSlicerSegmentEditorLogic``, Slicer >= 5.10), in
@@ -49,6 +53,9 @@ class EditorTarget(Protocol):
     ) -> None:
         """Set ``segment_id`` to ``labelmap`` (masking and overwrite settings of the editor apply)."""
 
+    def select_segment(self, segment_id: str) -> None:
+        """Make ``segment_id`` the editor's selected segment."""
+
 
 class EditorLogicTarget:
     """:class:`EditorTarget` on a ``vtkSlicerSegmentEditorLogic`` (what the effect's C++ methods call)."""
@@ -63,6 +70,9 @@ class EditorLogicTarget:
         self, segmentation_node: slicer.vtkMRMLSegmentationNode, segment_id: str, labelmap: slicer.vtkOrientedImageData
     ) -> None:
         self.logic.ModifySegmentByLabelmap(segmentation_node, segment_id, labelmap, self.logic.ModificationModeSet, False, False)
+
+    def select_segment(self, segment_id: str) -> None:
+        self.logic.GetSegmentEditorNode().SetSelectedSegmentID(segment_id)
 
 
 @dataclass
@@ -105,13 +115,19 @@ class DeepSegEffectLogic:
         self.job: DeepSegJob | None = None
         self.target: ApplyTarget | None = None
         self._stop_reason = ""
+        self._cancelled = False
 
     def refresh_models(self) -> None:
         """Re-read the model list (JSON only) and keep the chosen model when it is still there."""
         chosen = self.view.models[self.view.model_index].ref if 0 <= self.view.model_index < len(self.view.models) else None
+        chosen_label = (
+            self.view.label_names[self.view.label_index] if 0 <= self.view.label_index < len(self.view.label_names) else None
+        )
         self.view.models, problems = available_models(self.models_dir)
         refs = [entry.ref for entry in self.view.models]
         self.choose_model(refs.index(chosen) if chosen in refs else (0 if refs else -1))
+        if chosen_label in self.view.label_names:  # an activation keeps the label the user chose
+            self.view.label_index = self.view.label_names.index(chosen_label)
         if problems:
             self.view.status = "Some model folders could not be read: " + " ".join(problems)
 
@@ -121,6 +137,10 @@ class DeepSegEffectLogic:
         entry = self.view.models[index] if 0 <= index < len(self.view.models) else None
         self.view.label_names = entry.label_names if entry else ()
         self.view.label_index = 0 if self.view.label_names else -1
+
+    def choose_label(self, index: int) -> None:
+        """The user picked which of the model's labels to write."""
+        self.view.label_index = index
 
     def install_offer(self) -> dependencies.InstallOffer | None:
         """What must be installed before the model can run (None: nothing)."""
@@ -147,6 +167,13 @@ class DeepSegEffectLogic:
         segment = segmentation_node.GetSegmentation().GetSegment(segment_id) if segment_id else None
         if segment is None:
             raise EffectError("Select the segment to write into (add one with Add if there is none).")
+        if segmentation_node.GetParentTransformNode() is not None:
+            # the result is made on the source volume's grid in world coordinates; the segments live in the node's
+            # own frame, so under a transform the result would be written moved by it
+            raise EffectError(
+                f"The segmentation {segmentation_node.GetName()!r} is under a transform: harden or remove it"
+                " (Data module) before applying DeepSeg."
+            )
         dependencies.require_engine(self.python, self.find_spec, EffectError)
         entry = self.view.models[self.view.model_index]
         if len(entry.channels) != 1:
@@ -156,6 +183,7 @@ class DeepSegEffectLogic:
         self.job = start_segmentation([grid], request, self.python)
         self.target = ApplyTarget(segmentation_node, segment_id, segment.GetName(), self.view.label_names[label_index], grid)
         self._stop_reason = ""
+        self._cancelled = False
         self.view.apply_enabled = False
         self.view.cancel_enabled = True
         self.view.status = f"Running {entry.label} for segment {segment.GetName()!r}..."
@@ -178,7 +206,7 @@ class DeepSegEffectLogic:
         self.view.apply_enabled = True
         self.view.cancel_enabled = False
         try:
-            if job.outcome == "cancelled":
+            if job.outcome == "cancelled" or self._cancelled:  # a job that ended just before the cancel too
                 self.view.status = self._stop_reason or "Cancelled; nothing was written."
             elif job.outcome != "succeeded":
                 self.view.status = job.failure_text()
@@ -199,8 +227,10 @@ class DeepSegEffectLogic:
             return f"Segment {target.segment_name!r} was removed while DeepSeg ran; nothing was written."
         result = io.read_segmentation(job.output)
         mask = result.mask(target.label_name)
+        labelmap = on_reference_geometry(node, oriented_mask(np.asarray(mask, bool), target.grid))
+        editor.select_segment(target.segment_id)
         editor.save_state_for_undo()
-        editor.modify_segment(node, target.segment_id, oriented_mask(np.asarray(mask, bool), target.grid))
+        editor.modify_segment(node, target.segment_id, labelmap)
         text = f"{int(mask.sum())} voxels of {target.label_name} written into {target.segment_name!r} (masking applied)."
         if job.domain_check is not None:
             verdict, check = domain_check_text(job.domain_check)
@@ -209,9 +239,11 @@ class DeepSegEffectLogic:
         return text
 
     def cancel(self, reason: str = "") -> None:
-        """Stop the run (non-blocking); ``reason`` replaces the *Cancelled* message."""
-        if self.job is not None and not self.job.cancel_requested:
+        """Stop the run (non-blocking); ``reason`` replaces the *Cancelled* message. Nothing is written afterwards,
+        also when the job had finished before the cancel and its result was not yet read."""
+        if self.job is not None and not self._cancelled:
             self._stop_reason = reason
+            self._cancelled = True
             self.job.cancel()
             self.view.cancel_enabled = False
             self.view.status = "Cancelling..."
@@ -222,3 +254,22 @@ class DeepSegEffectLogic:
             self.job.kill_and_remove()
             self.job = None
             self.target = None
+
+
+def on_reference_geometry(
+    segmentation_node: slicer.vtkMRMLSegmentationNode, labelmap: slicer.vtkOrientedImageData
+) -> slicer.vtkOrientedImageData:
+    """``labelmap`` resampled (nearest neighbour) onto the segmentation's reference geometry, the grid the editor
+    makes its editable-area and intensity masks on; as it is where that geometry is not set or is the same."""
+    geometry = slicer.vtkSlicerSegmentEditorLogic.GetReferenceImageGeometryStringFromSegmentation(
+        segmentation_node.GetSegmentation()
+    )
+    reference = slicer.vtkOrientedImageData()
+    if not geometry or not slicer.vtkSegmentationConverter.DeserializeImageGeometry(geometry, reference, False):
+        return labelmap
+    if slicer.vtkOrientedImageDataResample.DoGeometriesMatch(labelmap, reference):
+        return labelmap
+    resampled = slicer.vtkOrientedImageData()
+    resample = slicer.vtkOrientedImageDataResample
+    resample.ResampleOrientedImageToReferenceOrientedImage(labelmap, reference, resampled, False, False)
+    return resampled

@@ -25,6 +25,9 @@ class ScriptedEffectTarget:
         mode = slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet
         self.scriptedEffect.modifySegmentByLabelmap(segmentationNode, segmentId, labelmap, mode)
 
+    def select_segment(self, segmentId):
+        self.scriptedEffect.parameterSetNode().SetSelectedSegmentID(segmentId)
+
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     """Segment Editor effect "DeepSeg"."""
@@ -63,6 +66,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.scriptedEffect.addLabeledOptionsWidget("Model:", self.modelComboBox)
         self.labelComboBox = qt.QComboBox()
+        self.labelComboBox.connect("currentIndexChanged(int)", self.onLabelChanged)
         self.scriptedEffect.addLabeledOptionsWidget("Model label:", self.labelComboBox)
         self.applyButton = qt.QPushButton("Apply")
         self.applyButton.connect("clicked()", self.onApply)
@@ -86,6 +90,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def deactivate(self):
         if self.logic is not None:
             self.logic.cancel("Cancelled because the DeepSeg effect was deactivated; nothing was written.")
+            self.render()
+
+    def sourceVolumeNodeChanged(self):
+        if self.logic is not None and self.logic.job is not None:
+            self.logic.cancel("Cancelled because the source volume changed; nothing was written.")
             self.render()
 
     def cleanup(self):
@@ -115,6 +124,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.logic.choose_model(index)
         self.render()
 
+    def onLabelChanged(self, index):
+        self.logic.choose_label(index)
+
     def onApply(self):
         if not self.scriptedEffect.confirmCurrentSegmentVisible():
             return
@@ -131,7 +143,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                     parameters.GetSourceVolumeNode(),
                     parameters.GetSegmentationNode(),
                     parameters.GetSelectedSegmentID(),
-                    self.labelComboBox.currentIndex,
+                    self.logic.view.label_index,
                 )
                 self._timer.start()
         finally:

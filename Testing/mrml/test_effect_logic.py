@@ -103,6 +103,96 @@ def test_apply_writes_into_the_segment_selected_at_apply_with_masking_overwrite_
     np.testing.assert_array_equal(segment_mask(seg, segments_by_name(seg)["other"], sample), other)
 
 
+def test_on_an_oversampled_segmentation_the_editable_area_intensity_range_and_outside_all_segments_still_apply(
+    mrml_scene, sample, reference_liver, engine_python, tmp_path
+):
+    """The result is made on the source volume's grid; the editor makes its masks on the segmentation's reference
+    geometry (here oversampled 2x, as *Specify geometry* makes it) and, on another grid, dropped the editable
+    area and wrote nothing under an intensity range. The user selects another segment while the model runs: in
+    "outside all segments" mode the editor protects the segments other than the selected one."""
+    from DeepSegLib.mrml_bridge import _numpy_to_matrix
+
+    volume_node = node_from_volume(mrml_scene, sample, "CT")
+    seg = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s")
+    fine = slicer.vtkOrientedImageData()
+    z, y, x = sample.shape_zyx
+    fine.SetExtent(0, 2 * x - 1, 0, 2 * y - 1, 0, 2 * z - 1)
+    fine_to_ras = sample.ijk_to_ras().copy()
+    fine_to_ras[:3, :3] /= 2
+    fine_to_ras[:3, 3] -= 0.25 * sample.ijk_to_ras()[:3, :3].sum(axis=1)  # the image's box at half the spacing
+    fine.SetImageToWorldMatrix(_numpy_to_matrix(fine_to_ras))
+    seg.GetSegmentation().SetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(),
+        slicer.vtkSegmentationConverter.SerializeImageGeometry(fine),
+    )
+    protected = np.zeros(sample.shape_zyx, bool)
+    protected[:, :, :60] = True  # an existing segment the liver overlaps
+    add_segment(seg, SegmentSpec("protected", (0, 0, 1)), protected, sample)
+    target = seg.GetSegmentation().AddEmptySegment("target", "target", [0, 1, 0])
+    elsewhere = seg.GetSegmentation().AddEmptySegment("elsewhere", "elsewhere", [1, 1, 0])
+    editor_node, editor_logic = editor(mrml_scene, volume_node, seg)
+    editor_node.SetSelectedSegmentID(target)
+    editor_node.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedOutsideAllSegments)
+    editor_node.SetOverwriteMode(editor_node.OverwriteNone)
+    editor_node.SetSourceVolumeIntensityMask(True)
+    editor_node.SetSourceVolumeIntensityMaskRange(-500.0, 5000.0)
+
+    logic = effect_logic(engine_python, tmp_path)
+    logic.start(volume_node, seg, target, label_index=0)
+    editor_node.SetSelectedSegmentID(elsewhere)  # the user moves on while it runs
+    # slices 20-27 of the source volume darkened below the range after the model read it: the editor's range
+    # must keep the liver out of them (the model's result still has liver there)
+    from vtk.util import numpy_support
+
+    voxels = numpy_support.vtk_to_numpy(volume_node.GetImageData().GetPointData().GetScalars()).reshape(sample.shape_zyx)
+    voxels[20:28] = -1000
+    volume_node.GetImageData().Modified()
+    run_to_end(logic, EditorLogicTarget(editor_logic))
+
+    # the editor thresholds the source volume interpolated onto the oversampled grid: a slice next to the dark
+    # slab counts by its neighbours, so the checks keep one slice away from the slab's faces
+    candidates = reference_liver & ~protected
+    actual = segment_mask(seg, target, sample)
+    assert candidates[21:27].sum() > 1000 and (reference_liver & protected).sum() > 1000
+    assert not (actual & ~candidates).any(), "written outside the editable area or over the protected segment"
+    assert not actual[21:27].any(), "the intensity range was not applied"
+    np.testing.assert_array_equal(actual[:19], candidates[:19])
+    np.testing.assert_array_equal(actual[29:], candidates[29:])
+    np.testing.assert_array_equal(segment_mask(seg, segments_by_name(seg)["protected"], sample), protected)
+    assert editor_node.GetSelectedSegmentID() == target  # selected again for the write
+
+
+def test_the_chosen_label_is_kept_when_the_effect_is_activated_again(tmp_path):
+    """The effect's label selector snapped back to the first label after every Apply and activation."""
+    logic = DeepSegEffectLogic(models_dir=str(tmp_path / "store"))
+    logic.refresh_models()
+    logic.choose_label(1)
+    logic.refresh_models()  # what activate() does
+    assert logic.view.label_names[logic.view.label_index] == "liver lesion"
+    logic.choose_model(0)  # choosing a model anew starts at its first label
+    assert logic.view.label_index == 0
+
+
+def test_a_segmentation_under_a_transform_is_refused_and_a_cancel_after_the_job_ended_writes_nothing(
+    mrml_scene, sample, engine_python, tmp_path
+):
+    volume_node = node_from_volume(mrml_scene, sample, "CT")
+    seg = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s")
+    target = seg.GetSegmentation().AddEmptySegment("target", "target", [0, 1, 0])
+    _, editor_logic = editor(mrml_scene, volume_node, seg)
+    logic = effect_logic(engine_python, tmp_path)
+    seg.SetAndObserveTransformNodeID(mrml_scene.AddNewNodeByClass("vtkMRMLLinearTransformNode").GetID())
+    with pytest.raises(EffectError, match="is under a transform"):
+        logic.start(volume_node, seg, target, label_index=0)
+    seg.SetAndObserveTransformNodeID(None)
+    job = logic.start(volume_node, seg, target, label_index=1)
+    assert job.wait(300) == 0  # finished, its result not yet read by the effect's timer
+    logic.cancel("Cancelled because the DeepSeg effect was deactivated; nothing was written.")
+    run_to_end(logic, EditorLogicTarget(editor_logic), timeout_s=60)
+    assert logic.view.status == "Cancelled because the DeepSeg effect was deactivated; nothing was written."
+    assert not segment_mask(seg, target, sample).any()
+
+
 def test_a_segment_deleted_while_the_model_runs_gets_nothing_and_says_so(mrml_scene, sample, engine_python, tmp_path):
     volume_node = node_from_volume(mrml_scene, sample, "CT")
     seg = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s")

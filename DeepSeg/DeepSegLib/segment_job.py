@@ -280,6 +280,16 @@ def start_segmentation(
         The running job; its ``output`` is the ``.seg.nrrd`` it will write.
     """
     workdir = Path(tempfile.mkdtemp(prefix="deepseg-job-"))
+    try:
+        return _start_in(workdir, channels, request, python)
+    except BaseException:  # a full disk, an interpreter that cannot start: no job, so no folder left behind
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+
+
+def _start_in(
+    workdir: Path, channels: Sequence[io.Volume], request: SegmentRequest, python: str | Sequence[str] | None
+) -> DeepSegJob:
     inputs = []
     for index, volume in enumerate(channels):
         inputs.append(io.write_image(volume, workdir / f"input_{index}.nrrd", compress=False))

@@ -108,3 +108,15 @@ def test_launch_uses_its_own_process_group_with_the_module_folder_on_pythonpath(
     out, _ = process.communicate(timeout=30)
     assert int(out.strip()) == process.pid != os.getpgid(0)
     assert process_tree.group_members(process) == []
+
+
+def test_a_job_that_cannot_start_leaves_no_folder_behind(tmp_path, monkeypatch):
+    import tempfile
+
+    import pytest
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    volume = io.read_image(SAMPLE_VOLUME)
+    with pytest.raises(OSError):
+        start_segmentation([volume], SegmentRequest(model=str(DEFAULT_MODEL)), python=str(tmp_path / "no-such-python"))
+    assert list(tmp_path.iterdir()) == []

@@ -219,19 +219,9 @@ class DeepSegEffectLogic:
     def _write(self, job: DeepSegJob, target: ApplyTarget, editor: EditorTarget) -> str:
         from deepseg_core import io
 
-        from .mrml_bridge import oriented_mask
         from .result_review import domain_check_text
 
-        node = target.segmentation_node
-        if node.GetScene() is None or node.GetSegmentation().GetSegment(target.segment_id) is None:
-            return f"Segment {target.segment_name!r} was removed while DeepSeg ran; nothing was written."
-        result = io.read_segmentation(job.output)
-        mask = result.mask(target.label_name)
-        labelmap = on_reference_geometry(node, oriented_mask(np.asarray(mask, bool), target.grid))
-        editor.select_segment(target.segment_id)
-        editor.save_state_for_undo()
-        editor.modify_segment(node, target.segment_id, labelmap)
-        text = f"{int(mask.sum())} voxels of {target.label_name} written into {target.segment_name!r} (masking applied)."
+        text = write_label(io.read_segmentation(job.output).mask(target.label_name), target, editor)
         if job.domain_check is not None:
             verdict, check = domain_check_text(job.domain_check)
             if verdict != "ok":
@@ -254,6 +244,26 @@ class DeepSegEffectLogic:
             self.job.kill_and_remove()
             self.job = None
             self.target = None
+
+
+def write_label(mask_zyx: np.ndarray, target: ApplyTarget, editor: EditorTarget) -> str:
+    """Write ``mask_zyx`` (on ``target.grid``) into the target segment through ``editor``; what to tell the user.
+
+    Nothing is written when the segment was removed meanwhile, or when the mask is empty: written in Set mode,
+    an empty result would clear what the user has in the segment.
+    """
+    from .mrml_bridge import oriented_mask
+
+    node = target.segmentation_node
+    if node.GetScene() is None or node.GetSegmentation().GetSegment(target.segment_id) is None:
+        return f"Segment {target.segment_name!r} was removed while DeepSeg ran; nothing was written."
+    if not mask_zyx.any():
+        return f"The model found no {target.label_name} in this volume; {target.segment_name!r} was left as it was."
+    labelmap = on_reference_geometry(node, oriented_mask(np.asarray(mask_zyx, bool), target.grid))
+    editor.select_segment(target.segment_id)
+    editor.save_state_for_undo()
+    editor.modify_segment(node, target.segment_id, labelmap)
+    return f"{int(mask_zyx.sum())} voxels of {target.label_name} written into {target.segment_name!r} (masking applied)."
 
 
 def on_reference_geometry(

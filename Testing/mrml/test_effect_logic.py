@@ -162,6 +162,30 @@ def test_on_an_oversampled_segmentation_the_editable_area_intensity_range_and_ou
     assert editor_node.GetSelectedSegmentID() == target  # selected again for the write
 
 
+def test_a_label_the_model_does_not_find_leaves_the_segment_and_the_undo_history_as_they_were(mrml_scene, sample):
+    """Written in Set mode, an empty result cleared the user's segment (within the editable area). The toy
+    bundled model finds both labels in any input, so the write is given the empty mask directly."""
+    from DeepSegLib.effect_logic import ApplyTarget, write_label
+
+    volume_node = node_from_volume(mrml_scene, sample, "CT")
+    seg = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s")
+    drawn = np.zeros(sample.shape_zyx, bool)
+    drawn[10:20, 30:60, 30:60] = True
+    segment_id = add_segment(seg, SegmentSpec("drawn by hand", (0, 1, 0)), drawn, sample)
+    editor_node, editor_logic = editor(mrml_scene, volume_node, seg)
+    editor_node.SetSelectedSegmentID(segment_id)
+    target = ApplyTarget(seg, segment_id, "drawn by hand", "liver lesion", sample)
+    said = write_label(np.zeros(sample.shape_zyx, bool), target, EditorLogicTarget(editor_logic))
+    assert said == "The model found no liver lesion in this volume; 'drawn by hand' was left as it was."
+    np.testing.assert_array_equal(segment_mask(seg, segment_id, sample), drawn)
+    assert not editor_logic.CanUndo()
+    found = np.zeros(sample.shape_zyx, bool)
+    found[12:14, 40:50, 40:50] = True
+    assert write_label(found, target, EditorLogicTarget(editor_logic)).startswith("200 voxels of liver lesion written")
+    np.testing.assert_array_equal(segment_mask(seg, segment_id, sample), found)  # Set mode: replaced
+    assert editor_logic.CanUndo()
+
+
 def test_the_chosen_label_is_kept_when_the_effect_is_activated_again(tmp_path):
     """The effect's label selector snapped back to the first label after every Apply and activation."""
     logic = DeepSegEffectLogic(models_dir=str(tmp_path / "store"))

@@ -263,7 +263,11 @@ def write_label(mask_zyx: np.ndarray, target: ApplyTarget, editor: EditorTarget)
     editor.select_segment(target.segment_id)
     editor.save_state_for_undo()
     editor.modify_segment(node, target.segment_id, labelmap)
-    return f"{int(mask_zyx.sum())} voxels of {target.label_name} written into {target.segment_name!r} (masking applied)."
+    # counted on the source volume's grid: an oversampled segment holds more, the editor's masking may keep fewer
+    return (
+        f"{int(mask_zyx.sum())} voxels of {target.label_name} found; written into {target.segment_name!r}"
+        " through the editor's masking."
+    )
 
 
 def on_reference_geometry(

@@ -9,6 +9,7 @@ exactly those, so segments the user added by hand survive.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,6 +28,9 @@ TERMINOLOGY_TAG = "TerminologyEntry"
 #: node attributes (``DeepSeg.Model``, ``DeepSeg.PredictionPath``) and references DeepSeg sets on an output node
 ATTRIBUTE_PREFIX = "DeepSeg."
 INPUT_VOLUME_REFERENCE = "DeepSeg.InputVolume"
+#: a segment whose labelled box on the image's lattice holds more than this many times the image's voxels is
+#: refused without being resampled (the box alone could exhaust memory)
+MAX_BOX_TO_IMAGE_VOXELS = 8
 #: the second input channel's volume (a two-channel model), beside :data:`INPUT_VOLUME_REFERENCE`
 ADDITIONAL_VOLUME_REFERENCE = "DeepSeg.AdditionalVolume"
 VOLUME_REFERENCES = (INPUT_VOLUME_REFERENCE, ADDITIONAL_VOLUME_REFERENCE)
@@ -253,6 +257,19 @@ def segment_mask(segmentation_node: slicer.vtkMRMLSegmentationNode, segment_id: 
     labelled_box = _labelled_box_on_grid(labelmap, grid)
     if labelled_box is None:
         return np.zeros(grid.shape_zyx, bool)
+    box_voxels = math.prod(high - low + 1 for low, high in zip(labelled_box[0::2], labelled_box[1::2], strict=True))
+    if box_voxels > MAX_BOX_TO_IMAGE_VOXELS * math.prod(grid.shape_zyx):
+        # a scaling transform, or a labelmap far coarser than the image: the box alone would not fit in memory
+        name = segmentation.GetSegment(segment_id).GetName()
+        raise io.ImageError(
+            f"segment {name!r} spans far more than the image",
+            subject=segmentation_node.GetName(),
+            expected=f"labels within the image's grid ({' x '.join(str(n) for n in reversed(grid.shape_zyx))} voxels)",
+            found=f"a labelled box of {box_voxels:.3g} image voxels (a transform scaling the segmentation, or moving it"
+            " far away)",
+            hint="Check the transform above the segmentation (Transforms module); or, in the Segment Editor, click"
+            " 'Specify geometry', choose the image as the source geometry and apply.",
+        )
     lattice = reference_geometry(grid)
     lattice.SetExtent(*labelled_box)
     resampled = slicer.vtkOrientedImageData()

@@ -35,7 +35,14 @@ def print_json(data: object) -> None:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from . import io
+    from .errors import ImageError
 
+    if args.series_uid is not None and not Path(args.image).is_dir():
+        raise ImageError(
+            "--series-uid picks a series of a DICOM folder, and the input is not a folder",
+            subject=args.image,
+            hint="Leave out --series-uid, or give the DICOM folder that holds the series.",
+        )
     volume = io.read_image(args.image, series_uid=args.series_uid)
     array = volume.array_zyx
     print_json(

@@ -748,6 +748,8 @@ def test_series_uid_picks_the_series_of_a_dicom_folder_to_segment_and_to_describ
     nrrd = ["segment", str(tmp_path / "case.nrrd"), "--model", str(model), "--output", str(tmp_path / "n.seg.nrrd")]
     assert main([*nrrd, "--series-uid", "1.2.3.4"]) == EXIT_INPUT
     assert "no input is a DICOM folder" in capsys.readouterr().err + caplog.text
+    assert main(["info", str(tmp_path / "case.nrrd"), "--series-uid", "1.2.3.4"]) == EXIT_INPUT
+    assert "the input is not a folder" in capsys.readouterr().err + caplog.text
     shutil.copytree(tmp_path / "dicom", tmp_path / "dicom2")
     batch = ["segment", str(tmp_path / "dicom"), str(tmp_path / "dicom2"), "--model", str(model), "--output", str(tmp_path / "b")]
     assert main([*batch, "--series-uid", "1.2.3.4"]) == EXIT_INPUT and not (tmp_path / "b").exists()

@@ -96,7 +96,7 @@ def test_apply_writes_into_the_segment_selected_at_apply_with_masking_overwrite_
         np.testing.assert_array_equal(other_now, other)
     else:
         np.testing.assert_array_equal(other_now, other & ~written)
-    assert logic.view.status.startswith(f"{int(reference_liver.sum())} voxels of liver written into 'target'")
+    assert logic.view.status.startswith(f"{int(reference_liver.sum())} voxels of liver found; written into 'target'")
     assert logic.view.apply_enabled and not logic.view.cancel_enabled
     editor_logic.Undo()  # one undo restores everything
     assert not segment_mask(seg, target, sample).any()
@@ -181,7 +181,7 @@ def test_a_label_the_model_does_not_find_leaves_the_segment_and_the_undo_history
     assert not editor_logic.CanUndo()
     found = np.zeros(sample.shape_zyx, bool)
     found[12:14, 40:50, 40:50] = True
-    assert write_label(found, target, EditorLogicTarget(editor_logic)).startswith("200 voxels of liver lesion written")
+    assert write_label(found, target, EditorLogicTarget(editor_logic)).startswith("200 voxels of liver lesion found; written")
     np.testing.assert_array_equal(segment_mask(seg, segment_id, sample), found)  # Set mode: replaced
     assert editor_logic.CanUndo()
 

@@ -223,6 +223,17 @@ def test_a_segment_moved_far_away_by_a_transform_is_refused_with_its_count_witho
     with pytest.raises(io.ImageError, match=f"'far' has {3 * 5 * 5} labelled voxels outside the image"):
         segment_mask(node, segment_id, grid)
 
+    scale = vtk.vtkMatrix4x4()  # a segmentation scaled 1000x (a transform in metres the other way round)
+    for axis in range(3):
+        scale.SetElement(axis, axis, 1000.0)
+    transform.SetMatrixTransformToParent(scale)
+    before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(
+        io.ImageError, match=r"'far' spans far more than the image.*labelled box of 1\.[0-9]+e\+1[0-9] image voxels"
+    ):
+        segment_mask(node, segment_id, grid)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_kb < 200 * 1024
+
 
 def test_segments_of_a_shared_layer_read_back_after_the_closed_surface_became_the_source(mrml_scene):
     """Slicer converts a segmentation without a binary labelmap one segment at a time, burning it as 1, while the

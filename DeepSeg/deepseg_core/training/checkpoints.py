@@ -29,6 +29,16 @@ from ..fileutil import atomic_write_text
 log = logging.getLogger(__name__)
 
 
+def _staged(folder: Path) -> Path:
+    """Where :func:`stage_checkpoint` writes ``folder``'s next checkpoint."""
+    return folder.with_name(folder.name + ".tmp")
+
+
+def _previous(folder: Path) -> Path:
+    """Where :func:`swap_in_checkpoint` keeps ``folder``'s checkpoint between its two renames."""
+    return folder.with_name(folder.name + ".old")
+
+
 def save_checkpoint(
     folder: Path,
     net: nn.Module,
@@ -54,7 +64,7 @@ def stage_checkpoint(
     """Write a checkpoint beside ``folder`` (``<folder>.tmp``, its ``state.json`` last) without swapping it in:
     :func:`swap_in_checkpoint` does that. Between the two another checkpoint can be saved, so that one swap
     waits for the other (``best/`` waits for ``last/``, see :func:`recover_checkpoint`)."""
-    staging = folder.with_name(folder.name + ".tmp")
+    staging = _staged(folder)
     try:
         _write_checkpoint_files(staging, net, optimiser, state, rank_states or [])
     except OSError as exc:
@@ -69,8 +79,7 @@ def stage_checkpoint(
 
 def swap_in_checkpoint(folder: Path) -> None:
     """Replace ``folder`` by the checkpoint :func:`stage_checkpoint` wrote beside it (two renames)."""
-    staging = folder.with_name(folder.name + ".tmp")
-    old = folder.with_name(folder.name + ".old")
+    staging, old = _staged(folder), _previous(folder)
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         os.replace(folder, old)
@@ -81,13 +90,14 @@ def swap_in_checkpoint(folder: Path) -> None:
 def forget_best(folder: Path) -> None:
     """Remove ``folder`` (``best/``) and what a killed swap of it left: a new run in the checkpoint folder starts
     without the best epoch of the run before it, which its own ``last/`` replaces too."""
-    for path in (folder, folder.with_name(folder.name + ".old"), folder.with_name(folder.name + ".tmp")):
+    for path in (folder, _previous(folder)):
         shutil.rmtree(path, ignore_errors=True)
+    forget_staged(folder)
 
 
 def forget_staged(folder: Path) -> None:
     """Remove a checkpoint staged beside ``folder`` (:func:`stage_checkpoint`) and not swapped in."""
-    shutil.rmtree(folder.with_name(folder.name + ".tmp"), ignore_errors=True)
+    shutil.rmtree(_staged(folder), ignore_errors=True)
 
 
 def recover_checkpoint(folder: Path, committed: dict[str, Any] | None = None) -> None:
@@ -100,8 +110,7 @@ def recover_checkpoint(folder: Path, committed: dict[str, Any] | None = None) ->
     resume replays that epoch and, on CUDA, may score it otherwise), one of another run (a new run killed
     before its first ``last/``, beside the previous run's), or one written in part.
     """
-    staging = folder.with_name(folder.name + ".tmp")
-    old = folder.with_name(folder.name + ".old")
+    staging, old = _staged(folder), _previous(folder)
     if committed is not None and staging.exists():
         try:
             staged = json.loads((staging / "state.json").read_text())

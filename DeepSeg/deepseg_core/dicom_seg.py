@@ -29,10 +29,11 @@ from typing import Any
 
 import numpy as np
 
+from .dicom_series import SEGMENTATION_SOP_CLASSES
 from .errors import DeepSegError, ImageError
-from .io import DICOM_SEGMENTATION_SOP_CLASSES, Segmentation, SegmentInfo, Volume, validate_volume
+from .io import Segmentation, SegmentInfo, Volume, validate_volume
 
-SEGMENTATION_STORAGE_UID = DICOM_SEGMENTATION_SOP_CLASSES[0]
+SEGMENTATION_STORAGE_UID = SEGMENTATION_SOP_CLASSES[0]
 #: Slicer's terminology context for codes taken from a DICOM SEG.
 DICOM_TERMINOLOGY_CONTEXT = "Segmentation category and type - DICOM master list"
 #: Largest distance of a frame from the computed grid, as a fraction of the voxel size along that axis.

@@ -31,13 +31,15 @@ from .errors import ImageError
 
 log = logging.getLogger(__name__)
 
+#: DICOM Segmentation and Label Map Segmentation storage: GDCM reads their frames as if they were slices
+SEGMENTATION_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
 #: SOP classes whose files hold no image to segment, each with what it is; GDCM stacks their frames as slices
 NON_IMAGE_SOP_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.66.4": "a DICOM Segmentation object",
-    "1.2.840.10008.5.1.4.1.1.66.7": "a DICOM Label Map Segmentation object",
+    SEGMENTATION_SOP_CLASSES[0]: "a DICOM Segmentation object",
+    SEGMENTATION_SOP_CLASSES[1]: "a DICOM Label Map Segmentation object",
     "1.2.840.10008.5.1.4.1.1.481.2": "an RT Dose object (a dose grid)",
 }
-#: multi-frame SOP classes whose frames are a time series of projections, not slices of a volume
+#: SOP classes whose frames are a time series of projections or video, not slices of a volume
 CINE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.3.1": "an ultrasound cine loop",
     "1.2.840.10008.5.1.4.1.1.12.1": "an X-ray angiography run",
@@ -46,6 +48,8 @@ CINE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.12.2.1": "an enhanced X-ray fluoroscopy run",
     "1.2.840.10008.5.1.4.1.1.77.1.1.1": "a video endoscopy recording",
 }
+
+
 #: tags whose values tell apart several volumes that share one series UID, named when slices share a position
 SUBSERIES_TAGS = {
     "0018|0086": "EchoNumbers",
@@ -135,6 +139,46 @@ def read_header(path: str) -> SliceHeader:
     )
 
 
+def refuse_non_volume(sop_class: str | None, *, subject: Path, file_name: str, frames: int) -> None:
+    """Refuse a DICOM object that holds no volume to segment: a segmentation, an RT Dose grid or a cine loop.
+
+    One refusal for a folder (``subject`` the folder, ``file_name`` its offending file) and for a file given
+    directly (``subject`` the file), so both paths refuse the same SOP classes with the same words.
+
+    Args:
+        sop_class: the file's SOPClassUID (0008,0016), or None when it has none.
+        subject: what the user gave: a folder or a file.
+        file_name: the offending file's name, named in the error.
+        frames: the file's number of frames.
+
+    Raises:
+        ImageError: the SOP class is in :data:`NON_IMAGE_SOP_CLASSES` or :data:`CINE_SOP_CLASSES`.
+    """
+    sop_class = (sop_class or "").strip().rstrip("\x00")
+    expected = "a folder of CT or MR image slices, or one CT/MR/PET image file (DICOM, NRRD, NIfTI or MHA)"
+    kind = NON_IMAGE_SOP_CLASSES.get(sop_class)
+    if kind is not None:
+        raise ImageError(
+            f"holds {kind}, not an image",
+            subject=subject,
+            expected=expected,
+            found=f"{file_name}: SOP class {sop_class}",
+            hint="Give the image series it segments; to use the segmentation as labels, load it in Slicer"
+            " (QuantitativeReporting) and save it as .seg.nrrd."
+            if sop_class in SEGMENTATION_SOP_CLASSES
+            else "Give the image series it belongs to.",
+        )
+    cine = CINE_SOP_CLASSES.get(sop_class)
+    if cine is not None:
+        raise ImageError(
+            f"holds {cine}, not a volume",
+            subject=subject,
+            expected=expected,
+            found=f"{file_name}: SOP class {sop_class}, {frames} frame{'s' if frames != 1 else ''}",
+            hint="Its frames are a time series, not slices; DeepSeg segments CT, MR and PET volumes.",
+        )
+
+
 def plan_series(folder: Path, files: Sequence[str]) -> SeriesPlan:
     """Check the files of one series (as GDCM sorted them) and say how to read them.
 
@@ -146,20 +190,7 @@ def plan_series(folder: Path, files: Sequence[str]) -> SeriesPlan:
     """
     headers = [read_header(path) for path in files]
     for header in headers:
-        kind = NON_IMAGE_SOP_CLASSES.get(header.sop_class or "")
-        if kind is not None:
-            raise ImageError(
-                f"holds {kind}, not an image",
-                subject=folder,
-                expected="a folder of CT or MR image slices",
-                found=f"{Path(header.path).name}: SOP class {header.sop_class}",
-                hint="Give the image series it belongs to"
-                + (
-                    "; to use a segmentation as labels, load it in Slicer and save it as .seg.nrrd."
-                    if "Segmentation" in kind
-                    else "."
-                ),
-            )
+        refuse_non_volume(header.sop_class, subject=folder, file_name=Path(header.path).name, frames=header.frames)
     multi_frame = [header for header in headers if header.frames > 1]
     if len(headers) == 1:
         if not multi_frame:
@@ -169,14 +200,6 @@ def plan_series(folder: Path, files: Sequence[str]) -> SeriesPlan:
                 expected="a 3D series (several slices, or one multi-frame file)",
                 found=f"one file, {Path(headers[0].path).name}, of one frame",
                 hint="Segmenting needs a 3D volume: give the folder of the whole series.",
-            )
-        cine = CINE_SOP_CLASSES.get(headers[0].sop_class or "")
-        if cine is not None:
-            raise ImageError(
-                f"holds {cine}, not a volume",
-                subject=folder,
-                expected="a CT, MR or PET volume",
-                found=f"{Path(headers[0].path).name}: SOP class {headers[0].sop_class}, {headers[0].frames} frames",
             )
         return SeriesPlan((headers[0].path,), single_file=True, float_voxels=False)
     if multi_frame:

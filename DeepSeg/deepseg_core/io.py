@@ -332,7 +332,7 @@ def read_image(path: str | Path, *, series_uid: str | None = None) -> Volume:
             )
         if path.name.lower().endswith((".nii", ".nii.gz")):
             _check_nifti_complete(path)
-        _refuse_dicom_segmentation(reader, path)
+        _refuse_non_volume_dicom(reader, path)
         image = reader.Execute()
     except ImageError:
         raise
@@ -348,36 +348,14 @@ def read_image(path: str | Path, *, series_uid: str | None = None) -> Volume:
     return volume
 
 
-#: DICOM Segmentation and Label Map Segmentation storage: GDCM reads their frames as if they were slices
-DICOM_SEGMENTATION_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
+def _refuse_non_volume_dicom(reader: sitk.ImageFileReader, path: Path) -> None:
+    """A DICOM SEG's frames are per segment and per position, in any order and possibly sparse, and GDCM
+    stacks them as contiguous slices (spacing and origin wrong, 0/255 values); an RT Dose file is a dose grid
+    and a cine loop's frames are times: none is a volume to segment."""
+    from .dicom_series import refuse_non_volume
 
-
-def _refuse_dicom_segmentation(reader: sitk.ImageFileReader, path: Path) -> None:
-    """A DICOM SEG is not an image: its frames are per segment and per position, in any order and possibly
-    sparse, and GDCM stacks them as contiguous slices (spacing and origin wrong, 0/255 values). An RT Dose
-    file is a dose grid, not an image to segment."""
-    from .dicom_series import NON_IMAGE_SOP_CLASSES
-
-    if not reader.HasMetaDataKey("0008|0016"):
-        return
-    sop_class = reader.GetMetaData("0008|0016").strip().rstrip("\x00")
-    if sop_class in DICOM_SEGMENTATION_SOP_CLASSES:
-        raise ImageError(
-            "is a DICOM Segmentation object, not an image",
-            subject=path,
-            expected="an image (a DICOM series folder, NRRD, NIfTI or MHA)",
-            found=f"SOP class {sop_class} (Segmentation)",
-            hint="Give the image series it segments. To use the segmentation as labels, load it in Slicer"
-            " (QuantitativeReporting) and save it as .seg.nrrd.",
-        )
-    if sop_class in NON_IMAGE_SOP_CLASSES:
-        raise ImageError(
-            f"is {NON_IMAGE_SOP_CLASSES[sop_class]}, not an image",
-            subject=path,
-            expected="an image (a DICOM series folder, NRRD, NIfTI or MHA)",
-            found=f"SOP class {sop_class}",
-            hint="Give the image series it belongs to.",
-        )
+    if reader.HasMetaDataKey("0008|0016"):
+        refuse_non_volume(reader.GetMetaData("0008|0016"), subject=path, file_name=path.name, frames=int(reader.GetSize()[2]))
 
 
 def _nifti_expected_bytes(header: bytes) -> int | None:

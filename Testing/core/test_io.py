@@ -498,3 +498,6 @@ def test_a_multi_frame_cine_file_is_not_read_as_a_volume(tmp_path):
     _edit_dicom(tmp_path / "us" / "loop.dcm", SOPClassUID="1.2.840.10008.5.1.4.1.1.3.1")  # Ultrasound Multi-frame
     with pytest.raises(ImageError, match=r"holds an ultrasound cine loop, not a volume.*4 frames"):
         io.read_image(tmp_path / "us")
+    # the same file given directly was read as a 4-slice volume: one refusal serves both paths
+    with pytest.raises(ImageError, match=r"loop\.dcm: holds an ultrasound cine loop, not a volume.*loop\.dcm: SOP class"):
+        io.read_image(tmp_path / "us" / "loop.dcm")

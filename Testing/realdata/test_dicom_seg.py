@@ -112,7 +112,7 @@ def test_a_seg_given_as_an_image_is_refused(liver_seg_path):
     """``deepseg segment``, ``info``, ``compare`` and ``dataset add`` read images through ``io.read_image``:
     GDCM would stack a SEG's frames as contiguous slices (sparse frames, per-segment frames and the spacing
     lost), so a SEG is refused there, naming what it is."""
-    with pytest.raises(ImageError, match=r"is a DICOM Segmentation object, not an image") as caught:
+    with pytest.raises(ImageError, match=r"holds a DICOM Segmentation object, not an image") as caught:
         io.read_image(liver_seg_path)
     assert "1.2.840.10008.5.1.4.1.1.66.4" in str(caught.value) and "Give the image series it segments" in str(caught.value)
 

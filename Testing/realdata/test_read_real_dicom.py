@@ -50,7 +50,7 @@ def test_a_series_of_one_slice_is_refused():
 
 def test_an_rt_dose_grid_is_not_read_as_an_image(tmp_path):
     dose = Path(get_testdata_file("rtdose.dcm"))
-    with pytest.raises(ImageError, match=r"is an RT Dose object \(a dose grid\), not an image"):
+    with pytest.raises(ImageError, match=r"rtdose\.dcm: holds an RT Dose object \(a dose grid\), not an image"):
         io.read_image(dose)
     (tmp_path / "plan").mkdir()
     shutil.copy(dose, tmp_path / "plan" / dose.name)

@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import hashlib
 import importlib.util
+import itertools
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from deepseg_core.inference.backends import (
     PHASE_STACK_BACKENDS,
     PHASE_STACK_MAX_CHANNELS,
     SPLIT_CONCAT_BACKENDS,
+    PhaseSpaceConvolution,
     PhaseStackedConvTranspose,
     PhaseStackedUpsampling,
     PooledInstanceNorm,
@@ -1008,9 +1010,11 @@ def test_only_a_norm_and_elementwise_modules_right_after_the_transposed_convolut
 
     original = block(torch.nn.InstanceNorm3d(2), torch.nn.ReLU())
     fused = exportable(original, "openvino")
-    # the norm follows the transposed convolution directly: it is fused, and the ReLU after it stays
+    # the norm follows the transposed convolution directly: it is fused; the ReLU after it, a sibling of the
+    # block, moves into it as a phase-space follower
     assert isinstance(fused[0], PhaseStackedUpsampling) and isinstance(fused[1], torch.nn.Identity)
-    assert isinstance(fused[2], torch.nn.ReLU)
+    assert [type(m) for m in fused[0].after] == [PooledInstanceNorm]
+    assert isinstance(fused[2], torch.nn.Identity) and [type(m) for m in fused[0].phase_followers] == [torch.nn.ReLU]
     x = torch.randn(1, 4, 5, 5, 5)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), original(x), atol=2e-5, rtol=1e-4)
@@ -1024,6 +1028,82 @@ def test_only_a_norm_and_elementwise_modules_right_after_the_transposed_convolut
     convolution_next = exportable(block(torch.nn.Conv3d(2, 2, 3, padding=1)), "openvino")
     assert isinstance(convolution_next[0], PhaseStackedConvTranspose) and isinstance(convolution_next[1], torch.nn.Conv3d)
     assert isinstance(exportable(block(torch.nn.InstanceNorm3d(2)), None)[0], torch.nn.ConvTranspose3d), "no backend: no rewrite"
+
+
+def _phases_of(image: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
+    """``(B, C, *size)`` -> ``(B, C * s^d, *size / s)``: space-to-depth in PhaseStackedConvTranspose's channel
+    order (class major, phases row-major), written independently of the code under test."""
+    batch, channels, *size = image.shape
+    phases = [
+        image[(slice(None), slice(None), *(slice(r[a], None, stride[a]) for a in range(len(stride))))]
+        for r in itertools.product(*(range(n) for n in stride))
+    ]
+    return torch.stack(phases, dim=2).reshape(batch, channels * len(phases), *(n // s for n, s in zip(size, stride, strict=True)))
+
+
+@pytest.mark.parametrize(
+    "kernel, stride",
+    [
+        (3, (2, 2, 2)),  # MONAI's UNet: a 3^3 convolution after its last up-sampling
+        (1, (2, 2, 2)),  # MONAI's residual projection
+        (5, (2, 2, 2)),  # reads two coarse voxels to each side
+        (3, (3, 3, 3)),
+        (3, (2, 1, 2)),  # an axis not upsampled
+        (3, (2, 2)),  # 2D
+    ],
+)
+def test_a_same_size_convolution_on_the_phases_is_the_convolution_of_the_full_resolution_image(kernel, stride):
+    torch.manual_seed(8)
+    dims = len(stride)
+    convolution = (torch.nn.Conv2d if dims == 2 else torch.nn.Conv3d)(3, 2, kernel, padding=kernel // 2)
+    image = torch.randn(2, 3, *(4 * s for s in stride)) + 1.0  # nonzero at the border, where padding matters
+    with torch.no_grad():
+        expected = _phases_of(convolution(image), stride)
+        found = PhaseSpaceConvolution(convolution, stride)(_phases_of(image, stride))
+    assert found.shape == expected.shape
+    torch.testing.assert_close(found, expected, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("output_padding", [1, 0], ids=["phases", "cropped"])
+def test_modules_after_a_phase_stacked_upsampling_run_on_the_phases_until_one_cannot(output_padding):
+    """MONAI's UNet ends in a 2 -> 2 convolution at full resolution after its last up-sampling, which OpenVINO
+    runs at a tenth of its speed: what follows the up-sampling and has a phase-space form (same-size
+    convolutions, instance norms, activations, per-channel PReLU, MONAI's ResidualUnit with a projection) runs
+    on the phases; the first module without one (a strided convolution) and everything after it stay."""
+    from monai.networks.blocks import ResidualUnit
+
+    torch.manual_seed(9)
+    inner = torch.nn.Sequential(torch.nn.ConvTranspose3d(6, 2, 3, 2, 1, output_padding), torch.nn.InstanceNorm3d(2))
+    followers = [
+        torch.nn.PReLU(2),
+        torch.nn.Conv3d(2, 3, 3, padding=1),
+        torch.nn.InstanceNorm3d(3, affine=True),
+        ResidualUnit(3, 3, 4, strides=1, subunits=2, act="PRELU", norm="INSTANCE"),  # 3 -> 4: a 1^3 projection
+        torch.nn.Conv3d(4, 2, 3, stride=2, padding=1),  # strided: no phase-space form
+        torch.nn.ReLU(),
+    ]
+    original = torch.nn.Sequential(inner, *followers).eval()
+    for module in original.modules():  # non-trivial affine and PReLU weights, different per channel
+        if isinstance(module, (torch.nn.PReLU, torch.nn.InstanceNorm3d)):
+            for parameter in module.parameters():
+                parameter.data = torch.rand_like(parameter) + 0.5
+    rewritten = exportable(original, "openvino")
+    upsampling = rewritten[0][0]
+    assert isinstance(upsampling, PhaseStackedUpsampling)
+    assert [type(m).__name__ for m in upsampling.phase_followers] == [
+        "PhaseSpacePReLU",
+        "PhaseSpaceConvolution",
+        "PhaseSpaceNorm",
+        "PhaseSpaceResidual",
+    ]
+    assert all(isinstance(rewritten[i], torch.nn.Identity) for i in range(1, 5))
+    assert isinstance(rewritten[5], torch.nn.Conv3d) and isinstance(rewritten[6], torch.nn.ReLU)
+    x = torch.randn(2, 6, 5, 6, 7) + 2.0
+    with torch.no_grad():
+        expected, found = original(x), rewritten(x)
+    assert found.shape == expected.shape
+    torch.testing.assert_close(found, expected, atol=5e-5, rtol=1e-4)
+    assert isinstance(original[1], torch.nn.PReLU), "the original is untouched"
 
 
 @pytest.mark.parametrize("backend", EXPORTED)
@@ -1061,6 +1141,9 @@ def test_narrow_transposed_convolutions_are_phase_stacked_in_openvinos_graph(tmp
     fused = exportable(net, "openvino").model[2][0]
     assert isinstance(fused.conv, PhaseStackedUpsampling) and isinstance(fused.adn, torch.nn.Identity)
     assert [type(m).__name__ for m in fused.conv.after] == ["PooledInstanceNorm", "Dropout", "PReLU"]
+    # the ResidualUnit after it (a 2 -> 2 convolution at full resolution) runs on the phases too
+    assert isinstance(exportable(net, "openvino").model[2][1], torch.nn.Identity)
+    assert [type(m).__name__ for m in fused.conv.phase_followers] == ["PhaseSpaceResidual"]
     assert isinstance(exportable(net, "onnxruntime").model[2][0].conv, torch.nn.ConvTranspose3d)
     assert isinstance(net.model[2][0].conv, torch.nn.ConvTranspose3d), "the original is untouched"
 

@@ -275,7 +275,7 @@ def export_key(weights_sha256: str, backend: str, input_shape: tuple[int, ...]) 
         "export_format": EXPORT_FORMAT
         + ("+split-concat-conv" if backend in SPLIT_CONCAT_BACKENDS else "")
         + (
-            f"+phase-stacked-upsampling-{PHASE_STACK_MAX_CHANNELS}+phase-space-followers"
+            f"+phase-stacked-upsampling-{PHASE_STACK_MAX_CHANNELS}+phase-space-followers+channels-last-depth-to-space"
             if backend in PHASE_STACK_BACKENDS
             else ""
         ),
@@ -434,10 +434,14 @@ class PhaseStackedConvTranspose(nn.Module):
         dims = len(phase_size)
         # the channels from the tensor: phase-space followers (PhaseStackedUpsampling) may change their number
         channels = int(y.shape[1]) // int(np.prod(self.stride))
+        # Channels last first: OpenVINO's CPU plugin keeps narrow tensors channels last internally, so this
+        # transpose costs nothing there, where reshaping channels first made it reorder the whole tensor to planar
+        # before transposing (4.0 ms of 5.6 for the reference MONAI UNet's batch of two 96^3 tiles on a Zen 5).
+        y = y.permute(0, *range(2, 2 + dims), 1)
         # -1, not the traced batch: the exported graph can be reshaped to another batch (one tile)
-        y = y.reshape(-1, channels, *self.stride, *phase_size)
-        # (B, C, s_0, .., s_d, m_0, .., m_d) -> (B, C, m_0, s_0, .., m_d, s_d)
-        y = y.permute(0, 1, *itertools.chain.from_iterable((2 + dims + a, 2 + a) for a in range(dims)))
+        y = y.reshape(-1, *phase_size, channels, *self.stride)
+        # (B, m_0, .., m_d, C, s_0, .., s_d) -> (B, C, m_0, s_0, .., m_d, s_d)
+        y = y.permute(0, 1 + dims, *itertools.chain.from_iterable((1 + a, 2 + dims + a) for a in range(dims)))
         y = y.reshape(-1, channels, *(phase_size[a] * self.stride[a] for a in range(dims)))
         if self.cropped(size, phase_size):
             y = y[(slice(None), slice(None), *(slice(0, n) for n in size))]

@@ -376,13 +376,17 @@ def run(argv: Sequence[str] | None = None) -> NoReturn:
     and the standard streams are flushed (a failure other than a closed pipe gives exit code 120, as
     Python's exit does); then the process ends with main's code. Skipped are the teardown of Python's
     objects (finalizers of objects still alive) and the C library's exit (native ``atexit`` handlers and
-    destructors, unflushed C ``stdio``), none of which DeepSeg's outputs depend on. A Cancel (SIGTERM) that
+    destructors, unflushed C ``stdio``), none of which DeepSeg's outputs depend on. Before :func:`main`, the
+    OpenMP spin count is shortened (:mod:`.openmp_waits`). A Cancel (SIGTERM) that
     lands while :func:`main` restores its handler ends the run as cancelled (130). Any other exception out
     of :func:`main` (a bug, ``--help``) takes Python's usual way out.
     """
     import atexit
     import threading
 
+    from .openmp_waits import shorten_openmp_spinning
+
+    shorten_openmp_spinning()  # before anything loads torch, which loads OpenMP
     try:
         code = main(argv)
     except KeyboardInterrupt:  # main restores the SIGTERM handler last, and a pending signal runs first

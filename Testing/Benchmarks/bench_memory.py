@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -122,12 +123,16 @@ def main() -> int:
         child(args.child[0], args.child[1], args)
         return 0
     rows = []
+    from deepseg_core.openmp_waits import shorten_openmp_spinning
+
+    engine_env = dict(os.environ)
+    shorten_openmp_spinning(engine_env)  # each size runs in a child process as DeepSeg's engine runs
     with tempfile.TemporaryDirectory() as tmp:
         model = make_model(Path(tmp) / "bench", args.classes, tuple(args.model_spacing))
         for size in args.sizes:
             command = [sys.executable, __file__, "--device", args.device, "--backend", args.backend, "--child", str(model), size]
             command += ["--input-spacing", *map(str, args.input_spacing)] + (["--uncertainty"] if args.uncertainty else [])
-            out = subprocess.run(command, capture_output=True, text=True, check=True)
+            out = subprocess.run(command, capture_output=True, text=True, check=True, env=engine_env)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     if args.json:
         print(json.dumps(rows))

@@ -38,10 +38,15 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "DeepSeg"))
+
+from deepseg_core.openmp_waits import shorten_openmp_spinning
+
+# as DeepSeg's engine processes do, before torch loads OpenMP; MONAI's rows run in this process too, under the same setting
+shorten_openmp_spinning()
+
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "DeepSeg"))
 
 from deepseg_core.inference import SlidingWindowConfig, gaussian_importance, sliding_window_predict
 from deepseg_core.inference.backends import choose_backend, installed, native_bfloat16, tile_function

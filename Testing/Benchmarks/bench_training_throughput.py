@@ -26,10 +26,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "DeepSeg"))
+
+from deepseg_core.openmp_waits import shorten_openmp_spinning
+
+# as DeepSeg's engine processes do, before torch loads OpenMP; MONAI's loop runs in this process too, under the same setting
+shorten_openmp_spinning()
+
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "DeepSeg"))
 
 from deepseg_core.demo import DEFAULT_MODEL, SAMPLE_SPACING_XYZ_MM
 from deepseg_core.losses import build_loss

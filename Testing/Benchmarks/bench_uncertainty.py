@@ -41,11 +41,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "DeepSeg"))
 
-from deepseg_core import metrics  # noqa: E402
-from deepseg_core.demo import DEFAULT_MODEL, SAMPLE_SPACING_XYZ_MM  # noqa: E402
-from deepseg_core.inference import Segmenter, SegmentOptions  # noqa: E402
-from deepseg_core.phantoms import PHANTOM_LABELS, PROFILES, ScannerProfile, generate_phantom, interpolate_profiles  # noqa: E402
-from deepseg_core.uncertainty import error_detection  # noqa: E402
+from deepseg_core import metrics
+from deepseg_core.demo import DEFAULT_MODEL, SAMPLE_SPACING_XYZ_MM
+from deepseg_core.inference import Segmenter, SegmentOptions
+from deepseg_core.phantoms import PHANTOM_LABELS, PROFILES, ScannerProfile, generate_phantom, interpolate_profiles
+from deepseg_core.uncertainty import error_detection
 
 SHAPE = (40, 96, 96)
 SEED0 = 1300

@@ -156,6 +156,9 @@ def run_deepseg(
     store: Path, ref: str, image: Path, output: Path, backend: str, precision: str, threads: int, device: str
 ) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    from deepseg_core.openmp_waits import shorten_openmp_spinning
+
+    shorten_openmp_spinning(env)  # as DeepSeg's engine processes do; nnU-Net runs with its own defaults
     done = subprocess.run(
         [sys.executable, __file__, "--child", str(store), ref, str(image), str(output), backend, precision, str(threads), device],
         capture_output=True,

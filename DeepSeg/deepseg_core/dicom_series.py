@@ -31,12 +31,14 @@ from .errors import ImageError
 
 log = logging.getLogger(__name__)
 
-#: DICOM Segmentation and Label Map Segmentation storage: GDCM reads their frames as if they were slices
-SEGMENTATION_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
+#: DICOM Segmentation, Label Map Segmentation and Heightmap Segmentation storage: GDCM reads their frames
+#: as if they were slices
+SEGMENTATION_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7", "1.2.840.10008.5.1.4.1.1.66.8")
 #: SOP classes whose files hold no image to segment, each with what it is; GDCM stacks their frames as slices
 NON_IMAGE_SOP_CLASSES = {
     SEGMENTATION_SOP_CLASSES[0]: "a DICOM Segmentation object",
     SEGMENTATION_SOP_CLASSES[1]: "a DICOM Label Map Segmentation object",
+    SEGMENTATION_SOP_CLASSES[2]: "a DICOM Heightmap Segmentation object",
     "1.2.840.10008.5.1.4.1.1.481.2": "an RT Dose object (a dose grid)",
 }
 #: SOP classes whose frames are a time series of projections or video, not slices of a volume
@@ -155,6 +157,7 @@ def refuse_non_volume(sop_class: str | None, *, subject: Path, file_name: str, f
         ImageError: the SOP class is in :data:`NON_IMAGE_SOP_CLASSES` or :data:`CINE_SOP_CLASSES`.
     """
     sop_class = (sop_class or "").strip().rstrip("\x00")
+    where = "" if subject.name == file_name else f"{file_name}: "
     expected = "a folder of CT or MR image slices, or one CT/MR/PET image file (DICOM, NRRD, NIfTI or MHA)"
     kind = NON_IMAGE_SOP_CLASSES.get(sop_class)
     if kind is not None:
@@ -162,7 +165,7 @@ def refuse_non_volume(sop_class: str | None, *, subject: Path, file_name: str, f
             f"holds {kind}, not an image",
             subject=subject,
             expected=expected,
-            found=f"{file_name}: SOP class {sop_class}",
+            found=f"{where}SOP class {sop_class}",
             hint="Give the image series it segments; to use the segmentation as labels, load it in Slicer"
             " (QuantitativeReporting) and save it as .seg.nrrd."
             if sop_class in SEGMENTATION_SOP_CLASSES
@@ -174,7 +177,7 @@ def refuse_non_volume(sop_class: str | None, *, subject: Path, file_name: str, f
             f"holds {cine}, not a volume",
             subject=subject,
             expected=expected,
-            found=f"{file_name}: SOP class {sop_class}, {frames} frame{'s' if frames != 1 else ''}",
+            found=f"{where}SOP class {sop_class}, {frames} frame{'s' if frames != 1 else ''}",
             hint="Its frames are a time series, not slices; DeepSeg segments CT, MR and PET volumes.",
         )
 

@@ -305,6 +305,8 @@ def read_image(path: str | Path, *, series_uid: str | None = None) -> Volume:
         dimension = reader.GetDimension()
         size = reader.GetSize()
         components = reader.GetNumberOfComponents()
+        # first: a colour cine loop or a single-frame SEG would otherwise get advice about channels or slices
+        _refuse_non_volume_dicom(reader, path, frames=int(size[2]) if dimension >= 3 else 1)
         if dimension != 3:
             raise ImageError(
                 f"is a {dimension}D image",
@@ -332,7 +334,6 @@ def read_image(path: str | Path, *, series_uid: str | None = None) -> Volume:
             )
         if path.name.lower().endswith((".nii", ".nii.gz")):
             _check_nifti_complete(path)
-        _refuse_non_volume_dicom(reader, path)
         image = reader.Execute()
     except ImageError:
         raise
@@ -348,14 +349,14 @@ def read_image(path: str | Path, *, series_uid: str | None = None) -> Volume:
     return volume
 
 
-def _refuse_non_volume_dicom(reader: sitk.ImageFileReader, path: Path) -> None:
+def _refuse_non_volume_dicom(reader: sitk.ImageFileReader, path: Path, frames: int) -> None:
     """A DICOM SEG's frames are per segment and per position, in any order and possibly sparse, and GDCM
     stacks them as contiguous slices (spacing and origin wrong, 0/255 values); an RT Dose file is a dose grid
     and a cine loop's frames are times: none is a volume to segment."""
     from .dicom_series import refuse_non_volume
 
     if reader.HasMetaDataKey("0008|0016"):
-        refuse_non_volume(reader.GetMetaData("0008|0016"), subject=path, file_name=path.name, frames=int(reader.GetSize()[2]))
+        refuse_non_volume(reader.GetMetaData("0008|0016"), subject=path, file_name=path.name, frames=frames)
 
 
 def _nifti_expected_bytes(header: bytes) -> int | None:

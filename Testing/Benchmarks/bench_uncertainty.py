@@ -41,6 +41,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "DeepSeg"))
 
+from deepseg_core.openmp_waits import shorten_openmp_spinning
+
+shorten_openmp_spinning()  # as DeepSeg's engine processes do, before torch loads OpenMP
+
 from deepseg_core import metrics
 from deepseg_core.demo import DEFAULT_MODEL, SAMPLE_SPACING_XYZ_MM
 from deepseg_core.inference import Segmenter, SegmentOptions

@@ -1068,18 +1068,19 @@ def test_a_same_size_convolution_on_the_phases_is_the_convolution_of_the_full_re
 def test_modules_after_a_phase_stacked_upsampling_run_on_the_phases_until_one_cannot(output_padding):
     """MONAI's UNet ends in a 2 -> 2 convolution at full resolution after its last up-sampling, which OpenVINO
     runs at a tenth of its speed: what follows the up-sampling and has a phase-space form (same-size
-    convolutions, instance norms, activations, per-channel PReLU, MONAI's ResidualUnit with a projection) runs
-    on the phases; the first module without one (a strided convolution) and everything after it stay."""
+    convolutions of at most 2 channels, instance norms, activations, per-channel PReLU, MONAI's ResidualUnit
+    with a projection) runs on the phases; the first module without one (a wider convolution: 8 times the
+    multiplications would not pay) and everything after it stay."""
     from monai.networks.blocks import ResidualUnit
 
     torch.manual_seed(9)
     inner = torch.nn.Sequential(torch.nn.ConvTranspose3d(6, 2, 3, 2, 1, output_padding), torch.nn.InstanceNorm3d(2))
     followers = [
         torch.nn.PReLU(2),
-        torch.nn.Conv3d(2, 3, 3, padding=1),
-        torch.nn.InstanceNorm3d(3, affine=True),
-        ResidualUnit(3, 3, 4, strides=1, subunits=2, act="PRELU", norm="INSTANCE"),  # 3 -> 4: a 1^3 projection
-        torch.nn.Conv3d(4, 2, 3, stride=2, padding=1),  # strided: no phase-space form
+        torch.nn.Conv3d(2, 2, 3, padding=1),
+        torch.nn.InstanceNorm3d(2, affine=True),
+        ResidualUnit(3, 2, 1, strides=1, subunits=2, act="PRELU", norm="INSTANCE"),  # 2 -> 1: a 1^3 projection
+        torch.nn.Conv3d(1, 8, 3, padding=1),  # 8 channels: left at full resolution
         torch.nn.ReLU(),
     ]
     original = torch.nn.Sequential(inner, *followers).eval()
@@ -1096,14 +1097,65 @@ def test_modules_after_a_phase_stacked_upsampling_run_on_the_phases_until_one_ca
         "PhaseSpaceNorm",
         "PhaseSpaceResidual",
     ]
+    # the originals, kept for a cropped output, have their norms rewritten as everywhere else in the export
+    assert type(upsampling.followers[2]) is PooledInstanceNorm
+    assert not any(isinstance(m, torch.nn.InstanceNorm3d) for m in upsampling.followers.modules())
     assert all(isinstance(rewritten[i], torch.nn.Identity) for i in range(1, 5))
-    assert isinstance(rewritten[5], torch.nn.Conv3d) and isinstance(rewritten[6], torch.nn.ReLU)
+    assert type(rewritten[5]) is torch.nn.Conv3d and isinstance(rewritten[6], torch.nn.ReLU)
     x = torch.randn(2, 6, 5, 6, 7) + 2.0
     with torch.no_grad():
         expected, found = original(x), rewritten(x)
     assert found.shape == expected.shape
     torch.testing.assert_close(found, expected, atol=5e-5, rtol=1e-4)
     assert isinstance(original[1], torch.nn.PReLU), "the original is untouched"
+
+
+def test_followers_are_taken_from_each_sequential_around_the_upsampling_in_order():
+    """The up-sampling sits two sequentials deep: it takes its parent's follower, then its grandparent's."""
+    torch.manual_seed(10)
+    block = torch.nn.Sequential(torch.nn.ConvTranspose3d(4, 2, 3, 2, 1, 1), torch.nn.InstanceNorm3d(2))
+    original = torch.nn.Sequential(
+        torch.nn.Sequential(block, torch.nn.PReLU(2)), torch.nn.Conv3d(2, 1, 3, padding=1), torch.nn.Sigmoid()
+    ).eval()
+    original[0][1].weight.data = torch.tensor([0.1, 0.7])
+    rewritten = exportable(original, "openvino")
+    upsampling = rewritten[0][0][0]
+    assert [type(m).__name__ for m in upsampling.phase_followers] == ["PhaseSpacePReLU", "PhaseSpaceConvolution", "Sigmoid"]
+    assert isinstance(rewritten[0][1], torch.nn.Identity) and isinstance(rewritten[1], torch.nn.Identity)
+    x = torch.randn(1, 4, 6, 5, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(rewritten(x), original(x), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif("openvino" not in EXPORTED, reason="OpenVINO is part of the test extra")
+def test_phase_space_followers_in_openvinos_graph_compute_the_network_for_a_batch_and_one_tile(tmp_path):
+    """The phase-space norm, PReLU and convolution through the ONNX export and OpenVINO, and the same graph
+    reshaped to one tile (partial batches), as the sliding window runs them."""
+    torch.manual_seed(11)
+    net = torch.nn.Sequential(
+        torch.nn.Sequential(torch.nn.ConvTranspose3d(4, 2, 3, 2, 1, 1), torch.nn.InstanceNorm3d(2)),
+        torch.nn.PReLU(2),
+        torch.nn.Conv3d(2, 2, 3, padding=1),
+        torch.nn.InstanceNorm3d(2, affine=True),
+        torch.nn.PReLU(2),
+    ).eval()
+    for module in net.modules():
+        if isinstance(module, (torch.nn.PReLU, torch.nn.InstanceNorm3d)):
+            for parameter in module.parameters():
+                parameter.data = torch.rand_like(parameter) + 0.5
+    assert [type(m).__name__ for m in exportable(net, "openvino")[0][0].phase_followers] == [
+        "PhaseSpacePReLU",
+        "PhaseSpaceConvolution",
+        "PhaseSpaceNorm",
+        "PhaseSpacePReLU",
+    ]
+    function, used = tile_function(net, choose_backend("openvino", torch.device("cpu")), "e" * 64, (2, 4, 8, 8, 8), tmp_path)
+    assert used.name == "openvino"
+    for count in (2, 1):
+        tiles = torch.randn(count, 4, 8, 8, 8) + 1.0
+        with torch.no_grad():
+            torch.testing.assert_close(function(tiles), net(tiles), atol=1e-4, rtol=1e-4)
+    assert function.padded_calls == 0
 
 
 @pytest.mark.parametrize("backend", EXPORTED)
@@ -1244,3 +1296,20 @@ def test_convolutions_sharing_weights_and_a_negative_concatenation_axis_are_spli
     ours = onnxruntime.InferenceSession(str(split), providers=["CPUExecutionProvider"]).run(None, feed)
     for got, want in zip(ours, expected, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_subclass_with_its_own_forward_is_not_rewritten_on_the_phases():
+    class StandardisedConv3d(torch.nn.Conv3d):  # weight standardisation: its forward is not its weights alone
+        def forward(self, x):
+            weight = (self.weight - self.weight.mean()) / (self.weight.std() + 1e-5)
+            return self._conv_forward(x, weight, self.bias)
+
+    torch.manual_seed(12)
+    original = torch.nn.Sequential(
+        torch.nn.ConvTranspose3d(4, 2, 3, 2, 1, 1), torch.nn.InstanceNorm3d(2), StandardisedConv3d(2, 2, 3, padding=1)
+    ).eval()
+    rewritten = exportable(original, "openvino")
+    assert list(rewritten[0].phase_followers) == [] and type(rewritten[2]) is StandardisedConv3d
+    x = torch.randn(1, 4, 5, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(rewritten(x), original(x), atol=2e-5, rtol=1e-4)

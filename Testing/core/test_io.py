@@ -499,5 +499,11 @@ def test_a_multi_frame_cine_file_is_not_read_as_a_volume(tmp_path):
     with pytest.raises(ImageError, match=r"holds an ultrasound cine loop, not a volume.*4 frames"):
         io.read_image(tmp_path / "us")
     # the same file given directly was read as a 4-slice volume: one refusal serves both paths
-    with pytest.raises(ImageError, match=r"loop\.dcm: holds an ultrasound cine loop, not a volume.*loop\.dcm: SOP class"):
+    with pytest.raises(ImageError, match=r"loop\.dcm: holds an ultrasound cine loop, not a volume.*found SOP class .*, 4 frames"):
         io.read_image(tmp_path / "us" / "loop.dcm")
+    # most cine loops are colour: refused as a loop, not told to split "channels" (the SOP class is checked first)
+    colour = sitk.GetImageFromArray(np.zeros((5, 6, 7, 3), np.uint8), isVector=True)
+    sitk.WriteImage(colour, str(tmp_path / "colour.dcm"))
+    _edit_dicom(tmp_path / "colour.dcm", SOPClassUID="1.2.840.10008.5.1.4.1.1.3.1")
+    with pytest.raises(ImageError, match=r"colour\.dcm: holds an ultrasound cine loop, not a volume.*5 frames"):
+        io.read_image(tmp_path / "colour.dcm")

@@ -275,7 +275,7 @@ def export_key(weights_sha256: str, backend: str, input_shape: tuple[int, ...]) 
         "export_format": EXPORT_FORMAT
         + ("+split-concat-conv" if backend in SPLIT_CONCAT_BACKENDS else "")
         + (
-            f"+phase-stacked-upsampling-{PHASE_STACK_MAX_CHANNELS}+phase-space-followers+channels-last-depth-to-space"
+            f"+phase-stacked-upsampling-{PHASE_STACK_MAX_CHANNELS}+phase-space-followers-{PHASE_STACK_MAX_CHANNELS}+channels-last-depth-to-space"
             if backend in PHASE_STACK_BACKENDS
             else ""
         ),
@@ -672,9 +672,13 @@ def _monai_residual_unit(module: nn.Module) -> bool:
 
 
 def _same_size_convolution(module: nn.Module, dims: int) -> bool:
-    """A dense stride-1 convolution with symmetric zero padding that keeps the image's size."""
+    """A dense stride-1 convolution with symmetric zero padding that keeps the image's size, of at most
+    :data:`PHASE_STACK_MAX_CHANNELS` channels in and out: on the phases it multiplies ``s^d`` times more
+    (mostly by zero), which pays only where so few channels ran badly vectorised at full resolution. The
+    exact class, not a subclass, whose forward may do more than its weights say."""
     return (
-        isinstance(module, nn.Conv2d if dims == 2 else nn.Conv3d)
+        type(module) is (nn.Conv2d if dims == 2 else nn.Conv3d)
+        and max(module.in_channels, module.out_channels) <= PHASE_STACK_MAX_CHANNELS
         and module.groups == 1
         and isinstance(module.padding, tuple)
         and module.padding_mode == "zeros"
@@ -689,13 +693,14 @@ def in_phase_space(module: nn.Module, stride: tuple[int, ...]) -> nn.Module | No
     order), or None where it has none: stride-1 "same" convolutions, own-statistics instance norms,
     :data:`ELEMENTWISE_MODULES`, plain sequentials of these and MONAI's ``ResidualUnit`` of these."""
     dims, phases = len(stride), int(np.prod(stride))
+    kind = type(module)  # exact classes: a subclass's forward may do more than its weights say
     if _same_size_convolution(module, dims):
         return PhaseSpaceConvolution(module, stride)
-    if _own_statistics_norm(module) or isinstance(module, PooledInstanceNorm):
+    if (kind in (nn.InstanceNorm2d, nn.InstanceNorm3d) and _own_statistics_norm(module)) or kind is PooledInstanceNorm:
         return PhaseSpaceNorm(module, phases)
-    if isinstance(module, nn.PReLU) and module.num_parameters > 1:
+    if kind is nn.PReLU and module.num_parameters > 1:
         return PhaseSpacePReLU(module, phases, dims)
-    if isinstance(module, ELEMENTWISE_MODULES):
+    if kind in ELEMENTWISE_MODULES:
         return module
     if _plain_sequential(module):
         parts = [in_phase_space(child, stride) for child in module.children()]

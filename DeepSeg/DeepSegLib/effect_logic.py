@@ -3,7 +3,8 @@
 The effect (``SegmentEditorDeepSegLib/SegmentEditorEffect.py``) forwards Apply, Cancel, activation
 changes and its timer here. Decided here:
 
-- the model list and each model's labels (plain JSON: works before anything is installed);
+- the model list and each model's labels (plain JSON: works before anything is installed), and the
+  chosen model and label kept on the Segment Editor node, which the scene saves;
 - what Apply captures: the segmentation node, the *segment selected at Apply*, the source volume's
   grid and the model label. The result goes into that segment even if the user selects another
   one while the model runs (it is selected again for the write: the editor builds its editable area
@@ -36,6 +37,13 @@ from . import dependencies
 from .model_choices import ModelEntry, available_models
 from .panel_logic import progress_text
 from .segment_job import DeepSegJob, SegmentRequest, start_segmentation
+
+#: Segment Editor node attributes that keep the effect's choices in the scene, named as the effect's own
+#: parameters are (``qSlicerSegmentEditorAbstractEffect::setParameter`` writes ``<effect name>.<name>``;
+#: Slicer 5.10, ``qSlicerSegmentEditorAbstractEffect.cxx:639``): the model's ``--model`` reference and the
+#: name of the model label to write
+MODEL_PARAMETER = "DeepSeg.Model"
+LABEL_PARAMETER = "DeepSeg.ModelLabel"
 
 
 class EffectError(Exception):
@@ -141,6 +149,48 @@ class DeepSegEffectLogic:
     def choose_label(self, index: int) -> None:
         """The user picked which of the model's labels to write."""
         self.view.label_index = index
+
+    def save_choices(self, editor_node: slicer.vtkMRMLSegmentEditorNode | None) -> None:
+        """Write the chosen model and label on the Segment Editor node (:data:`MODEL_PARAMETER`,
+        :data:`LABEL_PARAMETER`), which the scene saves, so a reopened scene offers them again."""
+        if editor_node is None:
+            return
+        models, labels = self.view.models, self.view.label_names
+        chosen = {
+            MODEL_PARAMETER: models[self.view.model_index].ref if 0 <= self.view.model_index < len(models) else None,
+            LABEL_PARAMETER: labels[self.view.label_index] if 0 <= self.view.label_index < len(labels) else None,
+        }
+        for name, value in chosen.items():
+            if value is None:
+                editor_node.RemoveAttribute(name)
+            elif editor_node.GetAttribute(name) != value:
+                editor_node.SetAttribute(name, value)
+
+    def restore_choices(self, editor_node: slicer.vtkMRMLSegmentEditorNode | None) -> None:
+        """Choose the model and label the Segment Editor node names (a saved scene, or the editor's last use),
+        when this model list has them; else keep the current choice and say in the status what is missing."""
+        if editor_node is None or self.job is not None:
+            return
+        ref, label = editor_node.GetAttribute(MODEL_PARAMETER), editor_node.GetAttribute(LABEL_PARAMETER)
+        if not ref:
+            return
+        refs = [entry.ref for entry in self.view.models]
+        if ref not in refs:
+            current = self.view.models[self.view.model_index].label if 0 <= self.view.model_index < len(refs) else "none"
+            self.view.status = (
+                f"This scene's DeepSeg model {ref} is not in the model list; chosen instead: {current}. "
+                "Import or install that model to use it again."
+            )
+            return
+        if refs.index(ref) != self.view.model_index:
+            self.choose_model(refs.index(ref))
+        if label in self.view.label_names:
+            self.view.label_index = self.view.label_names.index(label)
+        elif label:
+            self.view.status = (
+                f"This scene's model label {label!r} is not one of {ref}'s labels "
+                f"({', '.join(self.view.label_names)}); chosen instead: {self.view.label_names[self.view.label_index]}."
+            )
 
     def install_offer(self) -> dependencies.InstallOffer | None:
         """What must be installed before the model can run (None: nothing)."""

@@ -80,11 +80,19 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._timer.setInterval(200)
         self._timer.connect("timeout()", self.onPoll)
         self.logic.refresh_models()
+        self.logic.restore_choices(self.scriptedEffect.parameterSetNode())
         self.render()
 
     def activate(self):
         if self.logic is not None and self.logic.job is None:
             self.logic.refresh_models()
+            self.logic.restore_choices(self.scriptedEffect.parameterSetNode())
+            self.render()
+
+    def updateGUIFromMRML(self):
+        # the editor calls this when effect parameters change (a scene loaded, another editor widget)
+        if self.logic is not None:
+            self.logic.restore_choices(self.scriptedEffect.parameterSetNode())
             self.render()
 
     def deactivate(self):
@@ -122,10 +130,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def onModelChanged(self, index):
         self.logic.choose_model(index)
+        self.logic.save_choices(self.scriptedEffect.parameterSetNode())
         self.render()
 
     def onLabelChanged(self, index):
         self.logic.choose_label(index)
+        self.logic.save_choices(self.scriptedEffect.parameterSetNode())
 
     def onApply(self):
         if not self.scriptedEffect.confirmCurrentSegmentVisible():

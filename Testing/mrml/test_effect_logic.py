@@ -17,7 +17,7 @@ import slicer
 
 from deepseg_core import io
 from deepseg_core.demo import DEFAULT_MODEL, SAMPLE_VOLUME
-from DeepSegLib.effect_logic import DeepSegEffectLogic, EditorLogicTarget, EffectError
+from DeepSegLib.effect_logic import LABEL_PARAMETER, MODEL_PARAMETER, DeepSegEffectLogic, EditorLogicTarget, EffectError
 from DeepSegLib.mrml_bridge import SegmentSpec, add_segment, node_from_volume, segment_mask, segments_by_name
 from DeepSegLib.segment_job import SegmentRequest, start_segmentation
 
@@ -268,3 +268,54 @@ def test_apply_refuses_without_a_segment_or_without_the_engine_packages(mrml_sce
     with pytest.raises(EffectError, match=r"not installed yet \(torch\)"):
         no_torch.start(volume_node, seg, target, label_index=0)
     assert no_torch.job is None
+
+
+def test_the_chosen_model_and_label_are_saved_with_the_scene_and_offered_again(mrml_scene, tmp_path):
+    """As Slicer's own effects keep their settings: on the Segment Editor node, as the effect's parameters
+    (``DeepSeg.Model``, ``DeepSeg.ModelLabel``), written with the scene and read back from the file."""
+    editor_node = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    logic = DeepSegEffectLogic(models_dir=str(tmp_path / "store"))
+    logic.refresh_models()
+    logic.choose_label(1)
+    logic.save_choices(editor_node)
+    assert editor_node.GetAttribute(MODEL_PARAMETER) == logic.view.models[0].ref
+    assert editor_node.GetAttribute(LABEL_PARAMETER) == "liver lesion"
+
+    mrml_scene.SetURL(str(tmp_path / "scene.mrml"))
+    assert mrml_scene.Commit()
+    mrml_scene.Clear(0)
+    assert mrml_scene.GetNumberOfNodesByClass("vtkMRMLSegmentEditorNode") == 0
+    mrml_scene.SetURL(str(tmp_path / "scene.mrml"))
+    assert mrml_scene.Import()
+    assert mrml_scene.GetNumberOfNodesByClass("vtkMRMLSegmentEditorNode") == 1
+    saved_node = mrml_scene.GetFirstNodeByClass("vtkMRMLSegmentEditorNode")
+    fresh = DeepSegEffectLogic(models_dir=str(tmp_path / "store"))
+    fresh.refresh_models()
+    assert fresh.view.label_index == 0  # a new effect starts at the first label ...
+    fresh.restore_choices(saved_node)
+    assert fresh.view.label_names[fresh.view.label_index] == "liver lesion"  # ... and the scene's choice wins
+    assert fresh.view.status == ""
+
+
+def test_a_saved_model_or_label_this_computer_lacks_keeps_the_current_choice_and_says_so(mrml_scene, tmp_path):
+    editor_node = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    logic = DeepSegEffectLogic(models_dir=str(tmp_path / "store"))
+    logic.refresh_models()
+    editor_node.SetAttribute(MODEL_PARAMETER, "hospital-liver:7")
+    editor_node.SetAttribute(LABEL_PARAMETER, "liver lesion")
+    logic.restore_choices(editor_node)
+    assert (logic.view.model_index, logic.view.label_index) == (0, 0)
+    assert "hospital-liver:7 is not in the model list" in logic.view.status
+    assert "phantom-liver v1 (bundled)" in logic.view.status
+
+    editor_node.SetAttribute(MODEL_PARAMETER, logic.view.models[0].ref)
+    editor_node.SetAttribute(LABEL_PARAMETER, "spleen")
+    logic.view.status = ""
+    logic.restore_choices(editor_node)
+    assert logic.view.label_index == 0
+    assert "'spleen' is not one of" in logic.view.status and "liver, liver lesion" in logic.view.status
+    # nothing saved yet (a scene from before this effect, or another editor): the current choice stays, silently
+    logic.choose_label(1)
+    logic.view.status = ""
+    logic.restore_choices(mrml_scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode"))
+    assert logic.view.label_index == 1 and logic.view.status == ""

@@ -160,11 +160,18 @@ class DeepSegEffectLogic:
             MODEL_PARAMETER: models[self.view.model_index].ref if 0 <= self.view.model_index < len(models) else None,
             LABEL_PARAMETER: labels[self.view.label_index] if 0 <= self.view.label_index < len(labels) else None,
         }
-        for name, value in chosen.items():
-            if value is None:
-                editor_node.RemoveAttribute(name)
-            elif editor_node.GetAttribute(name) != value:
-                editor_node.SetAttribute(name, value)
+        # as Slicer's setCommonParameter writes a parameter: without the node's full Modified event, which
+        # would make the editor widget update everything for a setting only this effect reads
+        disabled = editor_node.GetDisableModifiedEvent()
+        editor_node.SetDisableModifiedEvent(1)
+        try:
+            for name, value in chosen.items():
+                if value is None:
+                    editor_node.RemoveAttribute(name)
+                elif editor_node.GetAttribute(name) != value:
+                    editor_node.SetAttribute(name, value)
+        finally:
+            editor_node.SetDisableModifiedEvent(disabled)
 
     def restore_choices(self, editor_node: slicer.vtkMRMLSegmentEditorNode | None) -> None:
         """Choose the model and label the Segment Editor node names (a saved scene, or the editor's last use),

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 import slicer
+import vtk
 
 from deepseg_core import io
 from deepseg_core.demo import DEFAULT_MODEL, SAMPLE_VOLUME
@@ -277,7 +278,10 @@ def test_the_chosen_model_and_label_are_saved_with_the_scene_and_offered_again(m
     logic = DeepSegEffectLogic(models_dir=str(tmp_path / "store"))
     logic.refresh_models()
     logic.choose_label(1)
+    modified = []
+    editor_node.AddObserver(vtk.vtkCommand.ModifiedEvent, lambda caller, event: modified.append(event))
     logic.save_choices(editor_node)
+    assert modified == [], "written as Slicer writes effect parameters: no full Modified event of the editor node"
     assert editor_node.GetAttribute(MODEL_PARAMETER) == logic.view.models[0].ref
     assert editor_node.GetAttribute(LABEL_PARAMETER) == "liver lesion"
 

@@ -13,7 +13,8 @@ PyTorch's sliding window slower (1.45 to 1.52 s, ad hoc).
 
 GNU OpenMP reads the variable once, when it is loaded (with torch), so it is set before torch is
 imported and only in DeepSeg's own processes (``deepseg``, ``python -m deepseg_core``, the Slicer
-panels' engine runs); importing ``deepseg_core`` changes nothing.
+panels' engine runs); importing ``deepseg_core`` changes nothing. It matters on Linux only: torch's
+macOS and Windows builds use other OpenMP runtimes, which do not read it (measured on Linux only).
 """
 
 from __future__ import annotations

@@ -275,7 +275,7 @@ def export_key(weights_sha256: str, backend: str, input_shape: tuple[int, ...]) 
         "export_format": EXPORT_FORMAT
         + ("+split-concat-conv" if backend in SPLIT_CONCAT_BACKENDS else "")
         + (
-            f"+phase-stacked-upsampling-{PHASE_STACK_MAX_CHANNELS}+phase-space-followers-{PHASE_STACK_MAX_CHANNELS}+channels-last-depth-to-space"
+            f"+phase-stacked-upsampling-{PHASE_STACK_MAX_CHANNELS}+phase-space-followers-{PHASE_STACK_MAX_CHANNELS}-grouped-means+channels-last-depth-to-space"
             if backend in PHASE_STACK_BACKENDS
             else ""
         ),
@@ -512,12 +512,17 @@ class PhaseStackedUpsampling(nn.Module):
         super().__init__()
         self.stacked = PhaseStackedConvTranspose(transposed)
         self.phases = int(np.prod(self.stacked.stride))
-        classes, dims = transposed.out_channels, len(transposed.kernel_size)
+        dims = len(transposed.kernel_size)
+        # the originals run after depth-to-space where the output is cropped, their phase-space forms otherwise
         self.after = nn.ModuleList(PooledInstanceNorm(m) if _own_statistics_norm(m) else m for m in after)
-        # averages each class's phase channels: a 1 x 1 convolution with 1 / s^d in the class's block
-        group = torch.kron(torch.eye(classes), torch.full((self.phases, self.phases), 1.0 / self.phases))
-        self.group_mean_weight = group.reshape(*group.shape, *([1] * dims))
-        self.dims = dims
+        self.phase_after = nn.ModuleList(
+            PhaseSpaceNorm(m, self.phases)
+            if isinstance(m, PooledInstanceNorm)
+            else PhaseSpacePReLU(m, self.phases, dims)
+            if isinstance(m, nn.PReLU) and m.num_parameters > 1
+            else m
+            for m in self.after
+        )
         # modules that followed this block in the network, moved here by continue_in_phase_space: the
         # originals (run after depth-to-space where the output is cropped) and their phase-space forms
         self.followers = nn.ModuleList()
@@ -540,26 +545,6 @@ class PhaseStackedUpsampling(nn.Module):
             taken += 1
         return taken
 
-    def _repeat(self, per_class: torch.Tensor) -> torch.Tensor:
-        """``(C, 1, ...)`` per-class constants -> ``(C * s^d, 1, ...)``, one per phase channel."""
-        return per_class.repeat_interleave(self.phases, dim=0)
-
-    def _class_mean(self, y: torch.Tensor) -> torch.Tensor:
-        """``(B, C * s^d, *phase_size)`` -> ``(B, C * s^d, 1, ...)``: each class's mean over all its voxels."""
-        convolution = torch.nn.functional.conv3d if self.dims == 3 else torch.nn.functional.conv2d
-        return convolution(PooledInstanceNorm.spatial_mean(y), self.group_mean_weight.to(y.dtype))
-
-    def _norm(self, norm: PooledInstanceNorm, y: torch.Tensor) -> torch.Tensor:
-        weight = None if norm.weight is None else self._repeat(norm.weight)
-        bias = None if norm.bias is None else self._repeat(norm.bias)
-        return normalised(y, self._class_mean, norm.eps, weight, bias)
-
-    def _activation(self, module: nn.Module, y: torch.Tensor) -> torch.Tensor:
-        if isinstance(module, nn.PReLU) and module.num_parameters > 1:
-            weight = self._repeat(module.weight.detach().reshape(-1, *([1] * self.dims)))
-            return torch.where(y >= 0, y, y * weight)
-        return module(y)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y, size, phase_size = self.stacked.phase_outputs(x)
         if self.stacked.cropped(size, phase_size):
@@ -567,9 +552,7 @@ class PhaseStackedUpsampling(nn.Module):
             for module in [*self.after, *self.followers]:
                 y = module(y)
             return y
-        for module in self.after:
-            y = self._norm(module, y) if isinstance(module, PooledInstanceNorm) else self._activation(module, y)
-        for module in self.phase_followers:
+        for module in [*self.phase_after, *self.phase_followers]:
             y = module(y)
         return self.stacked.depth_to_space(y, size, phase_size)
 
@@ -620,11 +603,12 @@ class PhaseSpaceConvolution(nn.Module):
 
 def phase_group_mean(y: torch.Tensor, phases: int) -> torch.Tensor:
     """``(B, C * s^d, *phase_size)`` -> ``(B, C * s^d, 1, ...)``: each class's mean over all its phases' voxels
-    (every phase has the same number of voxels), repeated on each of its phase channels."""
-    means = PooledInstanceNorm.spatial_mean(y)
-    ones = [1] * (y.dim() - 2)
-    per_class = means.reshape(-1, phases, *ones).mean(dim=1, keepdim=True)
-    return per_class.expand(-1, phases, *ones).reshape(means.shape)
+    (every phase has the same number of voxels), repeated on each of its phase channels: the phases' spatial
+    means averaged by a 1 x 1 convolution with 1 / s^d in each class's block."""
+    classes, ones = int(y.shape[1]) // phases, [1] * (y.dim() - 2)
+    group = torch.kron(torch.eye(classes), torch.full((phases, phases), 1.0 / phases)).reshape(classes * phases, -1, *ones)
+    convolution = torch.nn.functional.conv3d if y.dim() == 5 else torch.nn.functional.conv2d
+    return convolution(PooledInstanceNorm.spatial_mean(y), group.to(y.dtype))
 
 
 class PhaseSpaceNorm(nn.Module):

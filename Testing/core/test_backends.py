@@ -42,6 +42,7 @@ from deepseg_core.inference.backends import (
     choose_backend,
     exportable,
     failure_record_path,
+    fewest_taps_shift,
     graph_cached,
     graph_lock_path,
     installed,
@@ -1064,6 +1065,70 @@ def test_a_same_size_convolution_on_the_phases_is_the_convolution_of_the_full_re
     torch.testing.assert_close(found, expected, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "kernel, stride, shift",
+    [
+        (3, (2, 2, 2), (1, 1, 1)),  # MONAI's UNet: 27 coarse taps unshifted, 8 shifted
+        (3, (3, 3, 3), (1, 1, 1)),
+        (3, (2, 1, 2), (1, 0, 1)),  # an axis not upsampled is never shifted
+        (3, (2, 2), (1, 1)),
+        (5, (2, 2, 2), (0, 0, 0)),  # three coarse taps either way: shifting would read four
+        (1, (2, 2, 2), (0, 0, 0)),
+    ],
+)
+def test_the_shift_is_the_one_that_reads_the_fewest_coarse_voxels(kernel, stride, shift):
+    dims = len(stride)
+    assert fewest_taps_shift((kernel,) * dims, (kernel // 2,) * dims, stride) == shift
+
+
+@pytest.mark.parametrize("plus_identity", [False, True], ids=["convolution", "plus identity"])
+@pytest.mark.parametrize("stride", [(2, 2, 2), (3, 3, 3), (2, 1, 2), (2, 2)], ids=str)
+def test_a_convolution_on_a_shifted_phase_grid_is_the_convolution_after_depth_to_space(stride, plus_identity):
+    """On the grid shifted by one voxel (one coarse voxel longer along a shifted axis), depth-to-space and its crop
+    give the full-resolution convolution (plus its input, for a residual unit's identity branch folded in)."""
+    torch.manual_seed(12)
+    dims = len(stride)
+    convolution = (torch.nn.Conv2d if dims == 2 else torch.nn.Conv3d)(2, 2, 3, padding=1)
+    shift = fewest_taps_shift(convolution.kernel_size, convolution.padding, stride)
+    image = torch.randn(2, 2, *(4 * s for s in stride)) + 1.0  # nonzero at the border, where padding matters
+    upsampling = PhaseStackedConvTranspose(
+        (torch.nn.ConvTranspose2d if dims == 2 else torch.nn.ConvTranspose3d)(1, 2, 3, stride, 1, tuple(s - 1 for s in stride))
+    )
+    size, phase_size = list(image.shape[2:]), [n // s for n, s in zip(image.shape[2:], stride, strict=True)]
+    shifted = PhaseSpaceConvolution(convolution, stride, shift, plus_identity)
+    with torch.no_grad():
+        expected = convolution(image) + (image if plus_identity else 0)
+        phases = shifted(_phases_of(image, stride))
+        found = upsampling.depth_to_space(phases, size, phase_size, shift)
+    assert list(phases.shape[2:]) == [n + (c > 0) for n, c in zip(phase_size, shift, strict=True)]
+    taps = shifted.convolution.kernel_size
+    assert taps == tuple(2 if s > 1 else 3 for s in stride), "two coarse taps along each upsampled axis, not three"
+    torch.testing.assert_close(found, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_the_last_convolution_after_an_upsampling_runs_on_the_shifted_grid_until_something_follows_it():
+    """The up-sampling takes its parent's 2 -> 2 convolution (shifted: the last step before depth-to-space), then
+    its grandparent's PReLU, after which the convolution runs on the unshifted grid again; both compute the
+    network."""
+    torch.manual_seed(13)
+    block = torch.nn.Sequential(torch.nn.ConvTranspose3d(4, 2, 3, 2, 1, 1), torch.nn.InstanceNorm3d(2))
+    inner = torch.nn.Sequential(block, torch.nn.Sequential(torch.nn.Conv3d(2, 2, 3, padding=1)))
+    x = torch.randn(2, 4, 5, 4, 6)
+    alone = exportable(inner.eval(), "openvino")
+    upsampling = alone[0][0]
+    assert upsampling.shift == (1, 1, 1) and type(upsampling.shifted_tail[-1]) is PhaseSpaceConvolution
+    with torch.no_grad():
+        torch.testing.assert_close(alone(x), inner(x), atol=2e-5, rtol=1e-4)
+    outer = torch.nn.Sequential(inner, torch.nn.PReLU(2)).eval()
+    outer[1].weight.data = torch.tensor([0.2, 0.6])
+    rewritten = exportable(outer, "openvino")
+    upsampling = rewritten[0][0][0]
+    assert [type(m).__name__ for m in upsampling.phase_followers] == ["Sequential", "PhaseSpacePReLU"]
+    assert upsampling.shifted_tail is None and upsampling.shift is None
+    with torch.no_grad():
+        torch.testing.assert_close(rewritten(x), outer(x), atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("output_padding", [1, 0], ids=["phases", "cropped"])
 def test_modules_after_a_phase_stacked_upsampling_run_on_the_phases_until_one_cannot(output_padding):
     """MONAI's UNet ends in a 2 -> 2 convolution at full resolution after its last up-sampling, which OpenVINO
@@ -1102,6 +1167,7 @@ def test_modules_after_a_phase_stacked_upsampling_run_on_the_phases_until_one_ca
     assert not any(isinstance(m, torch.nn.InstanceNorm3d) for m in upsampling.followers.modules())
     assert all(isinstance(rewritten[i], torch.nn.Identity) for i in range(1, 5))
     assert type(rewritten[5]) is torch.nn.Conv3d and isinstance(rewritten[6], torch.nn.ReLU)
+    assert upsampling.shifted_tail is None, "a residual unit with a projection cannot fold its branch"
     x = torch.randn(2, 6, 5, 6, 7) + 2.0
     with torch.no_grad():
         expected, found = original(x), rewritten(x)
@@ -1196,6 +1262,8 @@ def test_narrow_transposed_convolutions_are_phase_stacked_in_openvinos_graph(tmp
     # the ResidualUnit after it (a 2 -> 2 convolution at full resolution) runs on the phases too
     assert isinstance(exportable(net, "openvino").model[2][1], torch.nn.Identity)
     assert [type(m).__name__ for m in fused.conv.phase_followers] == ["PhaseSpaceResidual"]
+    # it is the last step before depth-to-space, one convolution with an identity branch: folded, on the shifted grid
+    assert fused.conv.shift == (1, 1, 1) and type(fused.conv.shifted_tail) is PhaseSpaceConvolution
     assert isinstance(exportable(net, "onnxruntime").model[2][0].conv, torch.nn.ConvTranspose3d)
     assert isinstance(net.model[2][0].conv, torch.nn.ConvTranspose3d), "the original is untouched"
 

@@ -329,8 +329,11 @@ def sliding_window_predict(
                 piece = to_host(piece)
             with _named("sliding_window.on_slab"):
                 on_slab(z_start - z_before, z_end - z_before, piece)
-        with _named("sliding_window.advance"):
-            accumulator.advance(z_stop)
+        if z_stop < z_before + shape[0]:
+            # after the image's last slice nothing is emitted again: shifting and zeroing the buffer would be
+            # wasted (at 192 x 192 voxels and two classes, 4 ms of a 0.65 s run)
+            with _named("sliding_window.advance"):
+                accumulator.advance(z_stop)
         emitted = z_stop
 
     with torch.inference_mode():

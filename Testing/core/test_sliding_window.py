@@ -75,9 +75,11 @@ def test_memory_bound_is_one_patch_deep(batch_size, monkeypatch):
     net = PointwiseNet()
     config = SlidingWindowConfig(patch_size_zyx=(8, 16, 16), overlap=0.25, batch_size=batch_size)
     # 4 tiles per row of tiles, rows 6 slices apart: batches of 3 and 7 span two and three rows. A
-    # small growth is allowed (6 or 11 more slices, kilobytes here)...
+    # small growth is allowed (6 more slices, kilobytes here) while fewer than EARLY_HANDOVER_MIN_SLICES
+    # slices are finished; at a batch of 7's third row 12 are, and they leave first...
+    assert sliding_window.EARLY_HANDOVER_MIN_SLICES in range(7, 13)
     _, _, stats = run(net, image, 3, config)
-    assert stats["max_buffer_depth"] == {2: 8, 3: 14, 7: 19}[batch_size]
+    assert stats["max_buffer_depth"] == {2: 8, 3: 14, 7: 14}[batch_size]
     # ...up to the allowance in all (6 slices of 4 channels x 20 x 20 float32 here), however many
     # rows a batch spans...
     monkeypatch.setattr(sliding_window, "MAX_BUFFER_GROWTH_BYTES", 6 * 4 * 20 * 20 * 4)
@@ -89,6 +91,24 @@ def test_memory_bound_is_one_patch_deep(batch_size, monkeypatch):
     probs, slabs, stats = run(net, image, 3, config)
     assert stats["max_buffer_depth"] == 8
     assert len(slabs) > 5  # results leave in many slabs, not at the end
+    np.testing.assert_allclose(probs, direct(net, image), atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [3, 7])
+def test_many_finished_slices_leave_before_a_tile_of_the_next_row_even_where_growing_would_be_allowed(batch_size):
+    """Rows of tiles 12 slices apart (at least EARLY_HANDOVER_MIN_SLICES): the finished slices are handed over
+    before a batch's first tile of the next row, so the buffer never grows, though the growth (kilobytes here)
+    is far within MAX_BUFFER_GROWTH_BYTES."""
+    from deepseg_core.inference import sliding_window
+
+    rng = np.random.default_rng(6)
+    image = rng.normal(size=(2, 64, 20, 20)).astype(np.float32)
+    net = PointwiseNet()
+    config = SlidingWindowConfig(patch_size_zyx=(16, 16, 16), overlap=0.25, batch_size=batch_size)
+    assert np.diff(sliding_window.tile_starts(64, 16, 0.25)).min() >= sliding_window.EARLY_HANDOVER_MIN_SLICES
+    probs, slabs, stats = run(net, image, 3, config)
+    assert stats["max_buffer_depth"] == 16
+    assert len(slabs) >= 5
     np.testing.assert_allclose(probs, direct(net, image), atol=1e-5)
 
 

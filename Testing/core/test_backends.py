@@ -1072,7 +1072,7 @@ def test_a_same_size_convolution_on_the_phases_is_the_convolution_of_the_full_re
         (3, (3, 3, 3), (1, 1, 1)),
         (3, (2, 1, 2), (1, 0, 1)),  # an axis not upsampled is never shifted
         (3, (2, 2), (1, 1)),
-        (5, (2, 2, 2), (0, 0, 0)),  # three coarse taps either way: shifting would read four
+        (5, (2, 2, 2), (0, 0, 0)),  # three coarse taps unshifted, four shifted
         (1, (2, 2, 2), (0, 0, 0)),
     ],
 )
@@ -1104,6 +1104,16 @@ def test_a_convolution_on_a_shifted_phase_grid_is_the_convolution_after_depth_to
     taps = shifted.convolution.kernel_size
     assert taps == tuple(2 if s > 1 else 3 for s in stride), "two coarse taps along each upsampled axis, not three"
     torch.testing.assert_close(found, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_a_shift_outside_the_stride_or_an_identity_without_a_centre_tap_is_refused():
+    convolution = torch.nn.Conv3d(2, 2, 3, padding=1)
+    with pytest.raises(ValueError, match=r"\[0, stride\)"):
+        PhaseSpaceConvolution(convolution, (2, 2, 2), shift=(2, 0, 0))
+    with pytest.raises(ValueError, match="centre tap"):
+        PhaseSpaceConvolution(torch.nn.Conv3d(2, 2, 3, padding=0), (2, 2, 2), plus_identity=True)
+    with pytest.raises(ValueError, match="as many channels out as in"):
+        PhaseSpaceConvolution(torch.nn.Conv3d(2, 1, 3, padding=1), (2, 2, 2), plus_identity=True)
 
 
 def test_the_last_convolution_after_an_upsampling_runs_on_the_shifted_grid_until_something_follows_it():

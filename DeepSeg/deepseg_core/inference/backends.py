@@ -609,6 +609,10 @@ class PhaseSpaceConvolution(nn.Module):
         dims = len(stride)
         kernel, padding = convolution.kernel_size, convolution.padding
         self.shift = tuple(shift) if shift is not None else (0,) * dims
+        if not all(0 <= c < s for c, s in zip(self.shift, stride, strict=True)):
+            raise ValueError(f"each shift must be in [0, stride): found {self.shift} for stride {tuple(stride)}")
+        if plus_identity and any(2 * p != k - 1 for p, k in zip(padding, kernel, strict=True)):
+            raise ValueError(f"plus_identity needs the centre tap at the padding: kernel {kernel}, padding {padding}")
         phases = list(itertools.product(*(range(n) for n in stride)))
         low = [(-self.shift[a] - padding[a]) // stride[a] for a in range(dims)]
         high = [(stride[a] - 1 - self.shift[a] + kernel[a] - 1 - padding[a]) // stride[a] for a in range(dims)]

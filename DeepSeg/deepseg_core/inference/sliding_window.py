@@ -44,10 +44,10 @@ SLAB_PIECE_BYTES = 256 * 2**20
 #: the most the accumulator may hold beyond one patch depth (bytes), to keep a tile batch that spans
 #: rows of tiles; a tile that would need more hands the finished slices over first instead
 MAX_BUFFER_GROWTH_BYTES = 256 * 2**20
-#: a tile that would grow the accumulator hands the finished slices over first when there are at least this
-#: many of them, whatever the growth would cost: growing copies the whole buffer and makes the next shift
-#: longer, handing over first needs neither, but each handover has a fixed cost, which made handing a 2D
-#: network's one-slice rows over one at a time slower (MAX_BUFFER_GROWTH_BYTES)
+#: a tile that would need the accumulator deeper than one patch hands the finished slices over first when
+#: there are at least this many of them, whatever the growth would cost: growing copies the whole buffer
+#: and makes the next shift longer, handing over first needs neither, but each handover has a fixed cost,
+#: which made handing a 2D network's one-slice rows over one at a time slower (MAX_BUFFER_GROWTH_BYTES)
 EARLY_HANDOVER_MIN_SLICES = 8
 
 ProgressCallback = Callable[[int, int, float], None]
@@ -356,16 +356,16 @@ def sliding_window_predict(
                 continue
             for start, tile_probs in zip(batch, probs, strict=True):
                 # Tiles come in z order, so every tile that starts below this one is in. When this
-                # tile would grow the buffer by much (a batch that spans two rows of tiles: at 117
-                # classes and 273 x 273 voxels per slice, 48 more slices are 1.7 GB), or when many
-                # slices are finished, those slices are handed over first. Small growth is kept for a
-                # few finished slices: a 2D network's batch spans many one-slice rows, and handing
-                # each slice over alone was up to 20 % slower. For MONAI's reference UNet over
-                # 160 x 192 x 192 (rows 64 slices apart) handing over first took blending from 16.5 to
-                # 11.0 ms and shifting from 4.2 to 1.4 ms.
-                growth = accumulator.extra_bytes(start[0] + patch[0])
+                # tile needs the buffer much deeper than one patch (a batch that spans two rows of
+                # tiles: at 117 classes and 273 x 273 voxels per slice, 48 more slices are 1.7 GB), or
+                # deeper at all while many slices are finished, those slices are handed over first. A
+                # little more depth is kept for a few finished slices: a 2D network's batch spans many
+                # one-slice rows, and handing each slice over alone was up to 20 % slower. For MONAI's
+                # reference UNet over 160 x 192 x 192 (rows 64 slices apart) handing over first took
+                # blending from 16.5 to 11.0 ms and shifting from 4.2 to 1.4 ms.
+                beyond_one_patch = accumulator.extra_bytes(start[0] + patch[0])
                 finished = start[0] - accumulator.z0
-                if growth > MAX_BUFFER_GROWTH_BYTES or (growth > 0 and finished >= EARLY_HANDOVER_MIN_SLICES):
+                if beyond_one_patch > MAX_BUFFER_GROWTH_BYTES or (beyond_one_patch > 0 and finished >= EARLY_HANDOVER_MIN_SLICES):
                     emit(start[0])
                 with _named("sliding_window.blend"):
                     _add_tile(accumulator, start, tile_probs, gaussian)

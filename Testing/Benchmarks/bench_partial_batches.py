@@ -4,9 +4,10 @@
 
 The bundled model (tile batch 4) on a 24 x 64 x 64 phantom, which is one tile, segmented in one process
 with ``Segmenter.segment``: without and with test-time augmentation (8 passes of one tile each). Rows:
-OpenVINO as DeepSeg runs it (the graph reshaped to one tile), OpenVINO with that path switched off
-(the partial batch padded with copies, as before 0986003), the same two for ONNX Runtime (a second
-graph exported for one tile, since b3ffa0e; padded before), and torch. Each figure is the best of
+OpenVINO as DeepSeg runs it (a graph of one tile, one request per tile since 2026-11-29, so it never
+pads; the row with padding switched off, ``openvino_padded``, was dropped then), ONNX Runtime as DeepSeg
+runs it (a second graph exported for one tile, since b3ffa0e) and with that switched off (the partial
+batch padded with copies), and torch. Each figure is the best of
 ``--repeats`` warm runs (the first run of each row, which compiles, is not counted); ``network_s``
 is ``timings_s.network``. Another ``--device`` prints a JSON reason and nothing else.
 """
@@ -56,7 +57,6 @@ def main() -> int:
     single_tile_runner = backends.ExportedTiles._single_tile_runner
     for name, backend, padded in (
         ("openvino", "openvino", False),
-        ("openvino_padded", "openvino", True),
         ("onnxruntime", "onnxruntime", False),
         ("onnxruntime_padded", "onnxruntime", True),
         ("torch", "torch", False),

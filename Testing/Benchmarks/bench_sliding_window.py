@@ -14,8 +14,12 @@ same tile batch; ``ratio_vs_monai_same_batch_torch`` the torch backend), time pe
 of every backend against a measured matmul ceiling (the faster of torch's and OpenVINO's 2048 x 2048
 float32 matmul, both in ``float32_matmul_by_runtime_gflops``; before 2026-11-29 torch's alone), and how
 far the outputs differ (identical arithmetic when both place tiles alike and use the same weights).
-``openvino_layers``: OpenVINO's own timers per layer type over one tile batch, and the fraction of the
-ceiling reached inside the convolutions alone.
+``openvino_layers``: OpenVINO's own timers per layer type over one request of the graph DeepSeg runs (one
+tile: since 2026-11-29 DeepSeg's OpenVINO path runs each tile of a batch as its own request, while the
+sliding window still hands it ``--batch`` tiles per call as MONAI's predictor gets ``sw_batch_size``), and
+the fraction of the ceiling reached inside the convolutions alone.
+``openvino_seconds_per_tile_by_request_batch``: the same network exported for requests of 1, 2 and 3 tiles,
+seconds per tile (median of 10 calls of each, taken in turn), which is why one tile per request.
 
 On CUDA (``--device cuda``) the headline ``ratio_vs_monai_same_batch`` compares DeepSeg's default
 there, float16 autocast, with MONAI under the same autocast (the float32 pair is
@@ -300,12 +304,14 @@ def same_tiles_difference(net, device) -> float:
 def openvino_layer_times(
     net: torch.nn.Module, input_shape: tuple[int, ...], cache: Path, flops_per_tile: float, ceiling: float
 ) -> dict:
-    """OpenVINO's own per-layer timers (``PERF_COUNT``) over one float32 tile batch, best of 3:
-    seconds per layer type, and the GFLOP/s inside the convolutions alone (every FLOP counted
-    above is a convolution's), which bounds the fraction of the ceiling the whole network can reach."""
-    from deepseg_core.inference.backends import cached_onnx, openvino_core, openvino_properties
+    """OpenVINO's own per-layer timers (``PERF_COUNT``) over one request of the graph DeepSeg runs for tile
+    batches of ``input_shape`` (one tile: ``graph_input_shape``), best of 3: seconds per layer type, and the
+    GFLOP/s inside the convolutions alone (every FLOP counted above is a convolution's), which bounds the
+    fraction of the ceiling the whole network can reach."""
+    from deepseg_core.inference.backends import cached_onnx, graph_input_shape, openvino_core, openvino_properties
 
-    shape, batch = tuple(input_shape), input_shape[0]
+    shape = graph_input_shape("openvino", tuple(input_shape))
+    tiles_per_request = shape[0]
     graph = cached_onnx(net, "0" * 64, "openvino", shape, cache)
     properties = {**openvino_properties("float32"), "PERF_COUNT": True}
     request = openvino_core().compile_model(str(graph), "CPU", properties).create_infer_request()
@@ -320,15 +326,40 @@ def openvino_layer_times(
             best = by_type
     convolution_s = sum(seconds for kind, seconds in best.items() if kind.startswith("Convolution"))
     total_s = sum(best.values())
-    convolution_gflops = batch * flops_per_tile / convolution_s / 1e9
+    convolution_gflops = tiles_per_request * flops_per_tile / convolution_s / 1e9
     return {
-        "seconds_per_batch": total_s,
+        "tiles_per_request": tiles_per_request,
+        "seconds_per_request": total_s,
+        "seconds_per_tile": total_s / tiles_per_request,
         "seconds_by_layer_type": dict(sorted(best.items(), key=lambda item: -item[1])),
-        "convolution_seconds_per_tile": convolution_s / batch,
+        "convolution_seconds_per_tile": convolution_s / tiles_per_request,
         "convolution_share_of_time": convolution_s / total_s,
         "convolution_gflops": convolution_gflops,
         "convolution_fraction_of_ceiling": convolution_gflops / ceiling,
     }
+
+
+def openvino_request_batch_sweep(
+    net: torch.nn.Module, cache: Path, batches: tuple[int, ...] = (1, 2, 3), calls: int = 10
+) -> dict:
+    """Seconds per tile of one float32 OpenVINO request of ``b`` tiles, for each ``b`` in ``batches``: the network
+    exported for each, called in turn ``calls`` times (after one warm-up call each), the median per tile."""
+    from deepseg_core.inference.backends import cached_onnx, openvino_core, openvino_properties
+
+    requests = {}
+    for batch in batches:
+        graph = cached_onnx(net, "0" * 64, "openvino", (batch, 1, *PATCH), cache / f"batch{batch}")
+        request = openvino_core().compile_model(str(graph), "CPU", openvino_properties("float32")).create_infer_request()
+        tiles = np.random.default_rng(batch).normal(size=(batch, 1, *PATCH)).astype(np.float32)
+        request.infer({0: tiles})
+        requests[batch] = (request, tiles)
+    seconds: dict[int, list[float]] = {batch: [] for batch in batches}
+    for _ in range(calls):
+        for batch, (request, tiles) in requests.items():
+            start = time.perf_counter()
+            request.infer({0: tiles})
+            seconds[batch].append((time.perf_counter() - start) / batch)
+    return {str(batch): float(np.median(values)) for batch, values in seconds.items()}
 
 
 def cuda_ceilings(device: torch.device) -> dict[str, float]:
@@ -424,9 +455,10 @@ def main() -> int:
                 "max_abs_prob_diff_vs_torch": float(np.abs(probs - deepseg_probs).max()),
                 "label_agreement_vs_torch": float(((probs > 0.5) == (deepseg_probs > 0.5)).mean()),
             }
-        layers = {}
+        layers, request_batches = {}, {}
         if installed("openvino") and device.type == "cpu":
             layers = openvino_layer_times(net, (args.batch, 1, *PATCH), Path(cache), flops, ceiling)
+            request_batches = openvino_request_batch_sweep(net, Path(cache))
     ceilings = {"float32": ceiling}
     cuda: dict = {}
     default, monai_same_batch = choose_backend("auto", device).name, monai_batched
@@ -465,6 +497,7 @@ def main() -> int:
         "fraction_of_ceiling": backends[default]["fraction_of_ceiling"],
         "torch_backend_gflops": achieved,
         "openvino_layers": layers,
+        "openvino_seconds_per_tile_by_request_batch": request_batches,
         "backends": backends,
         # On 192 voxels DeepSeg spaces tiles evenly ([0, 48, 96]); MONAI steps by 72 and clamps the
         # last tile ([0, 72, 96]); MONAI also floors its Gaussian at 1e-3. With random weights the

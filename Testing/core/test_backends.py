@@ -48,6 +48,7 @@ from deepseg_core.inference.backends import (
     installed,
     native_bfloat16,
     openvino_cache_dir,
+    openvino_tiles,
     recorded_failure,
     remove_abandoned_exports,
     split_concatenated_convolutions,
@@ -294,10 +295,12 @@ def test_a_2d_network_and_a_partial_last_batch_through_an_exported_backend(tmp_p
         torch.testing.assert_close(
             function(tiles.repeat(2, 1, 1, 1)[:4]), net(tiles.repeat(2, 1, 1, 1)[:4]), atol=1e-4, rtol=1e-4
         )
-    # a partial batch runs one tile at a time: OpenVINO reshapes its graph to one tile, ONNX Runtime
-    # (whose sessions keep their batch) gets a second graph, exported for one tile when first needed
+    # a partial batch runs one tile at a time: OpenVINO's one graph is of one tile (it runs every tile as its
+    # own request), ONNX Runtime (whose sessions keep their batch) gets a second graph, exported for one tile
+    # when first needed
     assert function.padded_calls == 0
-    assert len(list(tmp_path.glob("*.onnx"))) == (1 if backend == "openvino" else 2)
+    batches = sorted(json.loads(g.with_suffix(".json").read_text())["input_shape"][0] for g in tmp_path.glob("*.onnx"))
+    assert batches == ([1] if backend == "openvino" else [1, 4])
     written = {g.name: g.stat().st_mtime_ns for g in tmp_path.glob("*.onnx")}
     function, _ = tile_function(net, choose_backend(backend, torch.device("cpu")), "a" * 64, (4, 1, 16, 16), tmp_path)
     with torch.no_grad():  # the next run finds both graphs in the cache
@@ -307,23 +310,36 @@ def test_a_2d_network_and_a_partial_last_batch_through_an_exported_backend(tmp_p
 
 
 @pytest.mark.skipif(not installed("openvino"), reason="OpenVINO not installed")
-def test_openvinos_blobs_of_the_batch_and_of_the_single_tile_are_kept_in_the_graphs_own_folder(tmp_path):
-    """The blob folder is given with each compilation (the process shares one Core), for both runners."""
+def test_openvino_runs_every_batch_through_one_graph_of_one_tile_whose_blob_is_kept_in_its_own_folder(tmp_path):
+    """One graph of one tile, compiled once, its blob in the graph's own folder (the blob folder is given with
+    the compilation: the process shares one Core); full and partial batches run one request per tile, each
+    tile's logits in its place, and a batch size the graph was not exported for needs no other graph."""
     net = build_net("unet", {"spatial_dims": 2, "in_channels": 1, "num_classes": 2, "features": [4, 8]}, seed=6).eval()
     function, used = tile_function(net, choose_backend("openvino", torch.device("cpu")), "9" * 64, (2, 1, 16, 16), tmp_path)
     (graph,) = tmp_path.glob("*.onnx")
-    assert used.name == "openvino" and len(list(openvino_cache_dir(graph).glob("*.blob"))) == 1
+    assert used.name == "openvino" and json.loads(graph.with_suffix(".json").read_text())["input_shape"] == [1, 1, 16, 16]
+    assert len(list(openvino_cache_dir(graph).glob("*.blob"))) == 1
+    tiles = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        function(torch.randn(1, 1, 16, 16))  # a partial batch: the single-tile runner is compiled now
-    assert function.padded_calls == 0 and len(list(openvino_cache_dir(graph).glob("*.blob"))) == 2
+        torch.testing.assert_close(function(tiles[:2]), net(tiles[:2]), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(function(tiles[:1]), net(tiles[:1]), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(function(tiles), net(tiles), atol=1e-4, rtol=1e-4)
+    again, _ = tile_function(net, choose_backend("openvino", torch.device("cpu")), "9" * 64, (5, 1, 16, 16), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(again(tiles), net(tiles), atol=1e-4, rtol=1e-4)
+    assert function.padded_calls == 0 and again.padded_calls == 0
+    assert list(tmp_path.glob("*.onnx")) == [graph], "one graph for every tile batch"
+    assert len(list(openvino_cache_dir(graph).glob("*.blob"))) == 1
     assert [p for p in tmp_path.rglob("*.blob") if p.parent != openvino_cache_dir(graph)] == []
+    with pytest.raises(ValueError, match="one tile per request"):
+        openvino_tiles(cached_onnx(net, "8" * 64, "openvino", (2, 1, 16, 16), tmp_path / "batch"))
 
 
 @pytest.mark.skipif(not installed("openvino"), reason="OpenVINO not installed")
-def test_the_single_tile_graph_is_never_read_from_a_graph_exported_after_the_check(tmp_path):
-    """OpenVINO reads the graph again, lazily, to make its one-tile runner. If another process has
-    exported the graph anew since this one checked and compiled it, the file now holds other weights:
-    partial batches are then padded through the checked graph, never run through the new file."""
+def test_openvino_keeps_computing_the_checked_graph_after_another_process_exports_it_again(tmp_path):
+    """OpenVINO compiles the graph once, after its check, and never reads the file again: if another process
+    has exported the graph anew since (the file then holds other weights), every batch still computes the
+    network that was checked."""
     config = {"spatial_dims": 2, "in_channels": 1, "num_classes": 3, "features": [4, 8]}
     net = build_net("unet", config, seed=1).eval()
     other = build_net("unet", config, seed=2).eval()
@@ -332,14 +348,14 @@ def test_the_single_tile_graph_is_never_read_from_a_graph_exported_after_the_che
     assert used.name == "openvino"
     (graph,) = tmp_path.glob("*.onnx")
     elsewhere = tmp_path / "other"
-    replacement = cached_onnx(other, "0" * 64, "openvino", shape, elsewhere)
+    replacement = cached_onnx(other, "0" * 64, "openvino", (1, 1, 16, 16), elsewhere)
     os.replace(replacement, graph)  # what a concurrent re-export does: a new file under the same name
     tiles = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert (net(tiles[:1]) - other(tiles[:1])).abs().max() > 1e-2, "the two networks must differ"
         torch.testing.assert_close(function(tiles[:1]), net(tiles[:1]), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(function(tiles[:2]), net(tiles[:2]), atol=1e-4, rtol=1e-4)
-    assert function.padded_calls == 1
+    assert function.padded_calls == 0
 
 
 @pytest.mark.skipif(not installed("openvino"), reason="OpenVINO not installed")
@@ -500,7 +516,7 @@ from deepseg_core.nets import build_net
 folder = pathlib.Path(sys.argv[1])
 config = {"spatial_dims": 2, "in_channels": 1, "num_classes": 2, "features": [4, 8]}
 graphs = [cached_onnx(build_net("unet", config, seed=s).eval(), str(s) * 64, "openvino", (1, 1, 16, 16), folder) for s in (1, 2)]
-first, second = (openvino_tiles(graph, 1) for graph in graphs)  # a cascade's two stages, two folds
+first, second = (openvino_tiles(graph) for graph in graphs)  # a cascade's two stages, two folds
 del first  # released in the order they were made
 gc.collect()
 del second
@@ -1250,7 +1266,12 @@ def test_narrow_transposed_convolutions_are_phase_stacked_in_openvinos_graph(tmp
         one = torch.randn(1, 1, 16, 16, 16)
         torch.testing.assert_close(function(one), net(one), atol=1e-4, rtol=1e-4)
     assert function.padded_calls == 0
-    (graph,) = [g for g in tmp_path.glob("*.onnx") if json.loads(g.with_suffix(".json").read_text())["input_shape"][0] == 2]
+    # the graph of the tile batch (OpenVINO's is of one tile: it runs a batch one request per tile)
+    (graph,) = [
+        g
+        for g in tmp_path.glob("*.onnx")
+        if json.loads(g.with_suffix(".json").read_text())["input_shape"][0] == (1 if backend == "openvino" else 2)
+    ]
     model = onnx.load(str(graph))
     initializers = {t.name: t for t in model.graph.initializer}
     left = sorted(

@@ -52,6 +52,7 @@ from .backends import (
     check_precision,
     choose_backend,
     graph_cached,
+    graph_input_shape,
     input_free_setup,
     native_bfloat16,
     recorded_failure,
@@ -320,9 +321,10 @@ class Segmenter:
         sha = network_sha256 or self.network_sha256()
         if self._tile_key(options, shape, sha) in self._tile_functions:
             return False
-        if recorded_failure(sha, backend, shape, self.cache_dir, self._cpu_precision(options)) is not None:
+        graph = graph_input_shape(backend, shape)
+        if recorded_failure(sha, backend, graph, self.cache_dir, self._cpu_precision(options)) is not None:
             return False  # the runtime could not take this network: the run goes straight to torch
-        shapes = [shape]
+        shapes = [graph]
         if backend == "onnxruntime" and tiles is not None and tiles % shape[0] != 0:
             one_tile = (1, *shape[1:])
             # unless it failed before: partial batches are then padded, with nothing to export
@@ -351,7 +353,9 @@ class Segmenter:
             channels, sha = self.pipeline.network_input_channels, self.network_sha256()
             shape = _tile_shape(self.window_config(options), channels)
             # will_export is False also where a runtime failed before, and the run then computes in torch
-            failed = recorded_failure(sha, backend, shape, self.cache_dir, self._cpu_precision(options))
+            failed = recorded_failure(
+                sha, backend, graph_input_shape(backend, shape), self.cache_dir, self._cpu_precision(options)
+            )
             if failed is None and not self.will_export(options, channels, sha, tiles=1):
                 return
         self._network.network()

@@ -7,7 +7,9 @@ are optional (``pip install deepseg[cpu-fast]``).
 
 - ``torch``: the network itself (CUDA, AMP, Monte-Carlo dropout).
 - ``onnxruntime`` / ``openvino``: the network exported once to ONNX (opset 17, the TorchScript
-  exporter) with the sliding window's fixed batch and patch, cached per model version. A cached
+  exporter) for the patch and a fixed batch, cached per model version: the sliding window's tile batch
+  (ONNX Runtime) or one tile (OpenVINO, which runs each tile of a batch as its own request: faster per
+  tile, :func:`openvino_tiles`; :func:`graph_input_shape`). A cached
   graph is used only when its key matches: the SHA-256 of the network's actual tensors
   (:func:`weights_digest`, with the model card's architecture where a Segmenter runs it), the
   patch, the batch, the input channels, the exporting torch version and the graph file's own
@@ -17,9 +19,9 @@ are optional (``pip install deepseg[cpu-fast]``).
   decoder's convolution of a concatenation is split into one convolution per part, summed, for
   OpenVINO (:func:`split_concatenated_convolutions`), and a strided transposed convolution to one
   or two classes is computed as one convolution per output phase, stacked (:class:`PhaseStackedConvTranspose`).
-  A call with fewer tiles than the fixed batch runs them one at a time: through the graph reshaped
-  to one tile (OpenVINO), or through a second graph exported for one tile when first needed and
-  cached under its own key (ONNX Runtime, which cannot reshape a session).
+  With ONNX Runtime, a call with fewer tiles than the fixed batch runs them one at a time through a
+  second graph exported for one tile when first needed and cached under its own key (it cannot reshape
+  a session).
 - ``auto``: OpenVINO, else ONNX Runtime on the CPU, torch on CUDA; any backend that cannot serve
   the run (not installed, CUDA, Monte-Carlo dropout, an export failure) falls back to torch with
   the reason logged.
@@ -458,7 +460,7 @@ class PhaseStackedConvTranspose(nn.Module):
         # transpose costs nothing there, where reshaping channels first made it reorder the whole tensor to planar
         # before transposing (4.0 ms of 5.6 for the reference MONAI UNet's batch of two 96^3 tiles on a Zen 5).
         y = y.permute(0, *range(2, 2 + dims), 1)
-        # -1, not the traced batch: the exported graph can be reshaped to another batch (one tile)
+        # -1, not the traced batch: the graph stays valid for another batch (OpenVINO's reshape)
         y = y.reshape(-1, *phase_size, channels, *self.stride)
         # (B, m_0, .., m_d, C, s_0, .., s_d) -> (B, C, m_0, s_0, .., m_d, s_d)
         y = y.permute(0, 1 + dims, *itertools.chain.from_iterable((1 + a, 2 + dims + a) for a in range(dims)))
@@ -1210,7 +1212,8 @@ def _failure_variant(backend: str, precision: str) -> dict[str, object]:
 
 
 def _failure_key(weights_sha256: str, backend: str, input_shape: tuple[int, ...], precision: str) -> dict[str, object]:
-    """What a recorded failure must match to be believed (``input_shape``: the tile batch, ``(B, C, *patch)``)."""
+    """What a recorded failure must match to be believed (``input_shape``: the graph's, ``(B, C, *patch)``,
+    :func:`graph_input_shape`)."""
     return {**export_key(weights_sha256, backend, input_shape), **_failure_variant(backend, precision)}
 
 
@@ -1218,9 +1221,9 @@ def failure_record_path(
     weights_sha256: str, backend: str, input_shape: tuple[int, ...], cache_dir: Path, precision: str = "float32"
 ) -> Path:
     """Where :func:`tile_function` records that ``backend`` could not export or compile this network
-    (``input_shape``: the tile batch, ``(B, C, *patch)``): beside its graph, named after the graph and a
-    hash of the precision, runtime version and computer, so that environments and computers sharing a
-    store keep their own records."""
+    (``input_shape``: the graph's, ``(B, C, *patch)``, :func:`graph_input_shape`): beside its graph, named after
+    the graph and a hash of the precision, runtime version and computer, so that environments and computers
+    sharing a store keep their own records."""
     graph, _, _ = _graph_paths(weights_sha256, backend, input_shape, cache_dir)
     variant = json.dumps(_failure_variant(backend, precision), sort_keys=True).encode()
     return graph.with_name(f"{graph.stem}.{hashlib.sha256(variant).hexdigest()[:8]}.failed.json")
@@ -1229,9 +1232,9 @@ def failure_record_path(
 def recorded_failure(
     weights_sha256: str, backend: str, input_shape: tuple[int, ...], cache_dir: Path, precision: str = "float32"
 ) -> str | None:
-    """Why ``backend`` could not take this network (``input_shape``: the tile batch, ``(B, C, *patch)``) when it
-    was last tried on this computer with the same torch, runtime version and precision (the error, as
-    :func:`tile_function` recorded it), or None. A run then goes straight to
+    """Why ``backend`` could not take this network (``input_shape``: the graph's, ``(B, C, *patch)``,
+    :func:`graph_input_shape`) when it was last tried on this computer with the same torch, runtime version
+    and precision (the error, as :func:`tile_function` recorded it), or None. A run then goes straight to
     torch: exporting again would cost the same seconds to a minute and fail the same way. Another torch or
     runtime version, or removing the record, tries again; so does a runtime whose version is unknown."""
     if _runtime_version(backend) is None:
@@ -1394,8 +1397,8 @@ def _cached_or_exported(
 class ExportedTiles:
     """A fixed-shape exported graph as a tile function (torch tensors in and out, on the CPU).
 
-    ``run``: the graph's runner, numpy tiles in, logits out; with ``batch`` 1 it takes any number of tiles
-    (:func:`openvino_tiles` runs one request per tile), otherwise exactly ``batch``.
+    ``run``: the graph's runner, numpy tiles in, logits out, for exactly ``batch`` tiles; :func:`openvino_tiles`'
+    runner (``batch`` 1) takes any number, one request per tile.
     ``reuses_output``: the runtime writes every call's output into the same buffer, so an output is
     valid only until the next call (callers that keep one across calls copy it first).
     ``run_one``: makes (once, when first needed) a runner of the network for one tile. A call with
@@ -1512,12 +1515,12 @@ def openvino_tiles(graph: Path, precision: str = "float32") -> ExportedTiles:
     (:func:`graph_input_shape`): a call with ``n`` tiles runs ``n`` requests, each writing its logits straight into
     its place in one output buffer, which the next call reuses (``ExportedTiles.reuses_output``).
 
-    One tile per request, not the tile batch: OpenVINO ran one 96^3 tile of MONAI's reference UNet in 31.4 ms
-    and a batch of two in 67.6 ms (33.8 per tile), the bundled model's 32 x 64 x 64 tile in 36.6 ms alone
-    and 41.4 per tile in a batch of four, a 2D 256 x 256 network's tile in 49.1 ms alone and 52.7 per tile in a
-    batch of four (AMD EPYC Zen 5, 2 threads; ad hoc, README): a batch's activations outgrow the caches. nnU-Net's
-    128^3 network ran at the same speed either way. One graph also serves every batch size and partial batches,
-    and its export traces one tile instead of a batch.
+    One tile per request, not the tile batch: on an AMD EPYC (Zen 5, 2 threads) OpenVINO ran a 96^3 tile of
+    MONAI's reference UNet in 31.6 ms alone and 34.1 ms per tile in a batch of two (``bench_sliding_window.py``,
+    ``openvino_seconds_per_tile_by_request_batch``); ad hoc, the bundled model's 32 x 64 x 64 tile in 36.6 ms
+    alone and 41.4 ms per tile in a batch of four, a 2D 256 x 256 network's tile in 49.1 and 52.7 ms (README): a
+    batch's activations outgrow the caches. nnU-Net's 128^3 network ran about as fast either way. One graph
+    also serves every batch size and partial batches, and its export traces one tile instead of a batch.
 
     OpenVINO keeps its compiled blob beside the graph (``CACHE_DIR``, :func:`openvino_cache_dir`), so
     later processes skip the compilation. The precision is always asked for explicitly: on CPUs with AMX or AVX512-BF16
@@ -1545,8 +1548,12 @@ def openvino_tiles(graph: Path, precision: str = "float32") -> ExportedTiles:
             logits = np.empty((count, *tile_outputs[1:]), np.float32)
             slots = [openvino.Tensor(logits[i : i + 1], shared_memory=True) for i in range(count)]
         for i in range(count):
+            # set before every request: after ``logits`` grows, the request's own reference to an old slot may be
+            # to freed memory, which only ``slots`` kept alive
             request.set_output_tensor(slots[i])
-            request.infer({0: tiles[i : i + 1]})
+            # share_outputs: without it OpenVINO also copies the output it wrote into the slot to a new array
+            # (for a 117-class 64 x 128 x 128 tile, 0.47 GB more peak memory and 0.04 s per tile)
+            request.infer({0: tiles[i : i + 1]}, share_outputs=True)
         return logits[:count]
 
     # shared output: no copy of the logits per call (a batch of two 64 x 128 x 128 tiles of 117

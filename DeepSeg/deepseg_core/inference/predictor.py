@@ -303,16 +303,19 @@ class Segmenter:
         return self._tile_functions[key]
 
     def _tile_key(self, options: SegmentOptions, shape: tuple[int, ...], network_sha256: str) -> tuple:
-        """Which made tile function a run with ``options`` reuses: backend, tile batch shape, weights, precision."""
-        return (self.backend_choice(options).name, shape, network_sha256, self._cpu_precision(options))
+        """Which made tile function a run with ``options`` reuses: backend, the graph's input shape (the tile batch
+        ``shape``, or one tile for OpenVINO, whose one graph serves every batch: :func:`.backends.graph_input_shape`),
+        weights, precision."""
+        backend = self.backend_choice(options).name
+        return (backend, graph_input_shape(backend, shape), network_sha256, self._cpu_precision(options))
 
     def will_export(
         self, options: SegmentOptions, input_channels: int, network_sha256: str | None = None, tiles: int | None = None
     ) -> bool:
         """Whether a run with ``options`` must first export the network for its backend (nothing cached yet for
-        these weights and tile shape): a forward pass of one tile batch, seconds to a minute on a CPU. With
-        ``tiles`` (the run's tile count), also when ONNX Runtime will need its single-tile graph for a partial
-        batch and that is not cached (it is exported only when first needed). False when the runtime could not
+        these weights and tile shape): a forward pass of one tile batch (of one tile for OpenVINO), seconds to a
+        minute on a CPU. With ``tiles`` (the run's tile count), also when ONNX Runtime will need its single-tile
+        graph for a partial batch and that is not cached (it is exported only when first needed). False when the runtime could not
         take this network before (:func:`.backends.recorded_failure`): the run goes straight to torch."""
         backend = self.backend_choice(options).name
         if backend == "torch":

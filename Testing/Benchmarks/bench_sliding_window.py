@@ -348,7 +348,8 @@ def openvino_request_batch_sweep(
 
     requests = {}
     for batch in batches:
-        graph = cached_onnx(net, "0" * 64, "openvino", (batch, 1, *PATCH), cache / f"batch{batch}")
+        # the one-tile graph is the one the sliding window and openvino_layer_times exported into ``cache``
+        graph = cached_onnx(net, "0" * 64, "openvino", (batch, 1, *PATCH), cache)
         request = openvino_core().compile_model(str(graph), "CPU", openvino_properties("float32")).create_infer_request()
         tiles = np.random.default_rng(batch).normal(size=(batch, 1, *PATCH)).astype(np.float32)
         request.infer({0: tiles})

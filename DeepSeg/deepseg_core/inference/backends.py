@@ -460,7 +460,7 @@ class PhaseStackedConvTranspose(nn.Module):
         # transpose costs nothing there, where reshaping channels first made it reorder the whole tensor to planar
         # before transposing (4.0 ms of 5.6 for the reference MONAI UNet's batch of two 96^3 tiles on a Zen 5).
         y = y.permute(0, *range(2, 2 + dims), 1)
-        # -1, not the traced batch: the graph stays valid for another batch (OpenVINO's reshape)
+        # -1, not the traced batch: the exported graph does not fix the batch it was traced with
         y = y.reshape(-1, *phase_size, channels, *self.stride)
         # (B, m_0, .., m_d, C, s_0, .., s_d) -> (B, C, m_0, s_0, .., m_d, s_d)
         y = y.permute(0, 1 + dims, *itertools.chain.from_iterable((1 + a, 2 + dims + a) for a in range(dims)))
@@ -616,8 +616,7 @@ class PhaseSpaceConvolution(nn.Module):
         if plus_identity and any(2 * p != k - 1 for p, k in zip(padding, kernel, strict=True)):
             raise ValueError(f"plus_identity needs the centre tap at the padding: kernel {kernel}, padding {padding}")
         phases = list(itertools.product(*(range(n) for n in stride)))
-        low = [(-self.shift[a] - padding[a]) // stride[a] for a in range(dims)]
-        high = [(stride[a] - 1 - self.shift[a] + kernel[a] - 1 - padding[a]) // stride[a] for a in range(dims)]
+        low, high = zip(*(_coarse_offsets(kernel[a], padding[a], stride[a], self.shift[a]) for a in range(dims)), strict=True)
         taps = [high[a] - low[a] + 1 for a in range(dims)]
         source = convolution.weight.detach().clone()  # (C_out, C_in, *kernel)
         out_channels, in_channels = source.shape[:2]
@@ -646,13 +645,19 @@ class PhaseSpaceConvolution(nn.Module):
         return self.convolution(torch.nn.functional.pad(y, self.pad))
 
 
+def _coarse_offsets(kernel: int, padding: int, stride: int, shift: int) -> tuple[int, int]:
+    """Along one axis, the lowest and highest coarse offset a :class:`PhaseSpaceConvolution` with ``shift`` reads:
+    ``floor((-c - p) / s)`` and ``floor((s - 1 - c + K - 1 - p) / s)``."""
+    return (-shift - padding) // stride, (stride - 1 - shift + kernel - 1 - padding) // stride
+
+
 def fewest_taps_shift(kernel: tuple[int, ...], padding: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, ...]:
     """Per axis, the output shift ``c`` (:class:`PhaseSpaceConvolution`) whose phase-space convolution reads the
     fewest coarse voxels; 0 where none reads fewer than no shift."""
 
     def taps(axis: int, c: int) -> int:
-        s, k, p = stride[axis], kernel[axis], padding[axis]
-        return (s - 1 - c + k - 1 - p) // s - (-c - p) // s + 1
+        low, high = _coarse_offsets(kernel[axis], padding[axis], stride[axis], c)
+        return high - low + 1
 
     return tuple(min(range(stride[a]), key=lambda c, a=a: (taps(a, c), c)) for a in range(len(stride)))
 
@@ -750,10 +755,15 @@ def in_phase_space(module: nn.Module, stride: tuple[int, ...]) -> nn.Module | No
     return None
 
 
+def _non_identity_children(module: nn.Module) -> list[nn.Module]:
+    """``module``'s children that are not ``nn.Identity`` (the places of modules moved elsewhere), in order."""
+    return [child for child in module.children() if not isinstance(child, nn.Identity)]
+
+
 def _only_module(module: nn.Module) -> nn.Module:
     """``module``, or the one non-identity child of a plain sequential that has one, at any depth."""
     while _plain_sequential(module):
-        children = [child for child in module.children() if not isinstance(child, nn.Identity)]
+        children = _non_identity_children(module)
         if len(children) != 1:
             return module
         module = children[0]
@@ -784,7 +794,7 @@ def _shifted_tail(module: nn.Module, stride: tuple[int, ...]) -> tuple[nn.Module
     if _same_size_convolution(module, dims):
         return _shifted_convolution(module, stride, plus_identity=False)
     if _plain_sequential(module):
-        children = [child for child in module.children() if not isinstance(child, nn.Identity)]
+        children = _non_identity_children(module)
         tail = _shifted_tail(children[-1], stride) if children else None
         head = [in_phase_space(child, stride) for child in children[:-1]]
         if tail is None or any(part is None for part in head):
@@ -804,7 +814,7 @@ def _trailing_upsampling(module: nn.Module) -> PhaseStackedUpsampling | None:
         return module
     if not _plain_sequential(module):
         return None
-    children = [child for child in module.children() if not isinstance(child, nn.Identity)]
+    children = _non_identity_children(module)
     return _trailing_upsampling(children[-1]) if children else None
 
 
